@@ -1,0 +1,1 @@
+"""Drivers: how roller reaches machines (SSH, IPMI, SNMP PDUs, Redfish, Xen, liveness)."""

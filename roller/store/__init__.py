@@ -1,0 +1,42 @@
+"""
+roller's persistent store: SQLite through adbapi, one component per table.
+
+    store = await open_store(path, reactor)
+    await store.machines.get(group, worker_id)
+    await store.jobs.insert(job)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from attrs import frozen
+
+from roller.store.audit import AuditEntry, AuditTable
+from roller.store.db import Database, StoreError
+from roller.store.jobs import JobTable
+from roller.store.machines import MachineTable
+
+__all__ = ["Store", "open_store", "StoreError", "AuditEntry"]
+
+
+@frozen
+class Store:
+    db: Database
+    machines: MachineTable
+    jobs: JobTable
+    audit: AuditTable
+
+    def close(self):
+        return self.db.close()
+
+
+async def open_store(path: str, reactor: Any, *, synchronous: str = "NORMAL", db: Database | None = None) -> Store:
+    """Open (creating and migrating as needed) the store at C{path}."""
+    db = db or Database.connect(path, reactor, synchronous=synchronous)
+    try:
+        await db.migrate()
+    except Exception:
+        await db.close()
+        raise
+    return Store(db=db, machines=MachineTable(db, reactor), jobs=JobTable(db), audit=AuditTable(db))

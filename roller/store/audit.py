@@ -1,0 +1,72 @@
+"""The audit table: an append-only record of every mutating action."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from attrs import frozen
+from twisted.internet.defer import Deferred
+
+from roller.jobs import iso
+from roller.store.db import Cursor, Database
+
+
+@frozen
+class AuditEntry:
+    time: float
+    actor: str
+    action: str
+    result: str
+    source_ip: str | None = None
+    target: str | None = None
+    params: dict[str, Any] | None = None
+    id: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "time": iso(self.time), "actor": self.actor, "source_ip": self.source_ip,
+            "action": self.action, "target": self.target, "params": self.params, "result": self.result,
+        }
+
+
+class AuditTable:
+    def __init__(self, db: Database):
+        self._db = db
+
+    def add(self, entry: AuditEntry) -> "Deferred[None]":
+        def run(c: Cursor) -> None:
+            c.execute(
+                "INSERT INTO audit (time, actor, source_ip, action, target, params, result)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (entry.time, entry.actor, entry.source_ip, entry.action, entry.target,
+                 None if entry.params is None else json.dumps(entry.params), entry.result),
+            )
+
+        return self._db.write(run)
+
+    def list(self, *, target: str | None = None, before: int | None = None, limit: int = 100) -> "Deferred[list[AuditEntry]]":
+        where, args = [], []
+        if target is not None:
+            where.append("target = ?")
+            args.append(target)
+        if before is not None:
+            where.append("id < ?")
+            args.append(before)
+        sql = "SELECT * FROM audit"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY id DESC LIMIT ?"
+        args.append(limit)
+
+        def q(c: Cursor) -> list[AuditEntry]:
+            return [
+                AuditEntry(
+                    id=r["id"], time=r["time"], actor=r["actor"], source_ip=r["source_ip"],
+                    action=r["action"], target=r["target"],
+                    params=json.loads(r["params"]) if r["params"] else None, result=r["result"],
+                )
+                for r in c.execute(sql, args).fetchall()
+            ]
+
+        return self._db.read(q)

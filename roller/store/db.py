@@ -1,0 +1,176 @@
+"""
+SQLite through C{twisted.enterprise.adbapi}: one connection, WAL, group commit.
+
+All statements run on the pool's single thread and connection, so there is
+exactly one writer.  Writes are queued and committed together: every write
+asked for while a transaction is in flight joins the next one, each in its
+own SAVEPOINT so one failing write fails only its own Deferred.  A write's
+Deferred fires only after COMMIT returned, which is what lets the API
+answer 201 only for a job that is on disk.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from typing import Any, Callable, TypeVar
+
+from twisted.enterprise import adbapi
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from roller.store.schema import MIGRATIONS
+
+log = Logger()
+T = TypeVar("T")
+Cursor = sqlite3.Cursor
+
+
+class StoreError(Exception):
+    """The database could not be opened or migrated; the message says why."""
+
+
+def _open_connection(conn: sqlite3.Connection, synchronous: str = "NORMAL") -> None:
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(f"PRAGMA synchronous={synchronous}")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("PRAGMA busy_timeout=5000")
+
+
+class Database:
+    """
+    An adbapi pool of one SQLite connection with batched writes.
+
+    @param pool: an L{adbapi.ConnectionPool} of C{sqlite3} connections made
+        with C{isolation_level=None} (transactions are ours).
+    """
+
+    def __init__(self, pool: adbapi.ConnectionPool):
+        self._pool = pool
+        self._pending: list[tuple[Callable[..., Any], tuple, Deferred]] = []
+        self._flushing = False
+        self._closed = False
+
+    @classmethod
+    def connect(cls, path: str, reactor: Any, *, synchronous: str = "NORMAL") -> "Database":
+        """
+        Make the pool.  C{synchronous} is SQLite's: NORMAL survives a killed
+        process (WAL), FULL also survives losing power.
+        """
+        if path != ":memory:":
+            parent = os.path.dirname(os.path.abspath(path))
+            os.makedirs(parent, exist_ok=True)
+        pool = adbapi.ConnectionPool(
+            "sqlite3",
+            path,
+            check_same_thread=False,
+            isolation_level=None,
+            cp_min=1,
+            cp_max=1,
+            cp_openfun=lambda conn: _open_connection(conn, synchronous),
+            cp_reactor=reactor,
+        )
+        return cls(pool)
+
+    def read(self, fn: Callable[..., T], *args: Any) -> "Deferred[T]":
+        """Run C{fn(cursor, *args)} on the database thread; its result."""
+
+        def run(conn: Any) -> T:
+            cursor = conn.cursor()
+            try:
+                return fn(cursor, *args)
+            finally:
+                cursor.close()
+
+        return self._pool.runWithConnection(run)
+
+    def write(self, fn: Callable[..., T], *args: Any) -> "Deferred[T]":
+        """
+        Run C{fn(cursor, *args)} in a transaction; fire once committed.
+        """
+        if self._closed:
+            return fail(StoreError("the database is closed"))
+        d: Deferred = Deferred()
+        self._pending.append((fn, args, d))
+        if not self._flushing:
+            self._flush()
+        return d
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        self._flushing = True
+
+        def run(conn: Any) -> list[tuple[bool, Any]]:
+            outcomes: list[tuple[bool, Any]] = []
+            cursor = conn.cursor()
+            cursor.execute("BEGIN IMMEDIATE")
+            try:
+                for i, (fn, args, _) in enumerate(batch):
+                    cursor.execute(f"SAVEPOINT w{i}")
+                    try:
+                        outcomes.append((True, fn(cursor, *args)))
+                    except Exception as e:
+                        cursor.execute(f"ROLLBACK TO w{i}")
+                        outcomes.append((False, e))
+                    cursor.execute(f"RELEASE w{i}")
+                cursor.execute("COMMIT")
+            except BaseException:
+                try:
+                    cursor.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+                raise
+            finally:
+                cursor.close()
+            return outcomes
+
+        def done(outcomes: Any) -> None:
+            self._flushing = False
+            if isinstance(outcomes, Failure):
+                for _, _, d in batch:
+                    d.errback(outcomes)
+            else:
+                for (_, _, d), (ok, value) in zip(batch, outcomes):
+                    if ok:
+                        d.callback(value)
+                    else:
+                        d.errback(Failure(value))
+            if self._pending:
+                self._flush()
+
+        self._pool.runWithConnection(run).addBoth(done)
+
+    def migrate(self) -> "Deferred[int]":
+        """Apply the migrations not yet applied; the resulting version."""
+
+        def run(cursor: Cursor) -> int:
+            cursor.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = cursor.execute("SELECT version FROM schema_version").fetchone()
+            if row is None:
+                cursor.execute("INSERT INTO schema_version VALUES (0)")
+                version = 0
+            else:
+                version = row[0]
+            if version > len(MIGRATIONS):
+                raise StoreError(
+                    f"the database is at schema version {version}, newer than this roller "
+                    f"knows ({len(MIGRATIONS)}); upgrade roller"
+                )
+            for n, script in enumerate(MIGRATIONS[version:], start=version + 1):
+                for statement in script.split(";"):
+                    if statement.strip():
+                        cursor.execute(statement)
+                cursor.execute("UPDATE schema_version SET version = ?", (n,))
+                log.info("Database migrated to schema version {version}", version=n)
+            return len(MIGRATIONS)
+
+        return self.write(run)
+
+    def close(self) -> "Deferred[None]":
+        if self._closed:
+            return succeed(None)
+        self._closed = True
+        self._pool.close()
+        return succeed(None)

@@ -1,0 +1,186 @@
+"""The jobs and job_events tables: job history."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Iterable
+
+from attrs import evolve
+from twisted.internet.defer import Deferred
+
+from roller.jobs import Job, JobEvent, State
+from roller.store.db import Cursor, Database
+
+_COLUMNS = (
+    "id, task_name, worker_group, worker_id, params, requester, origin_ip, reason,"
+    " priority, state, created_at, started_at, finished_at, result, error"
+)
+
+
+def _job(row: Any) -> Job:
+    return Job(
+        id=row["id"],
+        task_name=row["task_name"],
+        worker_id=row["worker_id"],
+        worker_group=row["worker_group"],
+        created_at=row["created_at"],
+        params=json.loads(row["params"]),
+        requester=row["requester"],
+        origin_ip=row["origin_ip"],
+        reason=row["reason"],
+        priority=row["priority"],
+        state=State(row["state"]),
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        result=row["result"],
+        error=row["error"],
+        seq=row["seq"],
+    )
+
+
+def _event(row: Any) -> JobEvent:
+    return JobEvent(
+        id=row["id"],
+        job_id=row["job_id"],
+        time=row["time"],
+        kind=row["kind"],
+        message=row["message"],
+        data=json.loads(row["data"]) if row["data"] else {},
+    )
+
+
+class JobTable:
+    def __init__(self, db: Database):
+        self._db = db
+
+    def insert(self, job: Job, event: JobEvent | None = None) -> "Deferred[Job]":
+        """Persist a new job (and its first event); the job with its C{seq}."""
+
+        def run(c: Cursor) -> Job:
+            c.execute(
+                f"INSERT INTO jobs ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    job.id, job.task_name, job.worker_group, job.worker_id, json.dumps(job.params),
+                    job.requester, job.origin_ip, job.reason, job.priority, job.state.value,
+                    job.created_at, job.started_at, job.finished_at, job.result, job.error,
+                ),
+            )
+            seq = c.lastrowid
+            if event is not None:
+                self._add_event(c, event)
+            return evolve(job, seq=seq)
+
+        return self._db.write(run)
+
+    def update(self, job: Job, event: JobEvent | None = None) -> "Deferred[Job]":
+        """Persist a job's state, times and outcome (and an event)."""
+
+        def run(c: Cursor) -> Job:
+            c.execute(
+                "UPDATE jobs SET state = ?, started_at = ?, finished_at = ?, result = ?, error = ?"
+                " WHERE id = ?",
+                (job.state.value, job.started_at, job.finished_at, job.result, job.error, job.id),
+            )
+            if event is not None:
+                self._add_event(c, event)
+            return job
+
+        return self._db.write(run)
+
+    def add_events(self, events: Iterable[JobEvent]) -> "Deferred[None]":
+        events = list(events)
+
+        def run(c: Cursor) -> None:
+            for e in events:
+                self._add_event(c, e)
+
+        return self._db.write(run)
+
+    @staticmethod
+    def _add_event(c: Cursor, e: JobEvent) -> None:
+        c.execute(
+            "INSERT INTO job_events (job_id, time, kind, message, data) VALUES (?, ?, ?, ?, ?)",
+            (e.job_id, e.time, e.kind, e.message, json.dumps(e.data) if e.data else None),
+        )
+
+    def get(self, job_id: str) -> "Deferred[Job | None]":
+        def q(c: Cursor) -> Job | None:
+            row = c.execute(f"SELECT seq, {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            return None if row is None else _job(row)
+
+        return self._db.read(q)
+
+    def list(
+        self,
+        *,
+        worker_id: str | None = None,
+        worker_group: str | None = None,
+        task_name: str | None = None,
+        states: Iterable[State] = (),
+        before: int | None = None,
+        limit: int = 50,
+    ) -> "Deferred[list[Job]]":
+        """Newest first; C{before} is a C{seq} cursor for the next page."""
+        where, args = [], []
+        for column, value in (("worker_id", worker_id), ("worker_group", worker_group), ("task_name", task_name)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        states = [s.value for s in states]
+        if states:
+            where.append(f"state IN ({', '.join('?' * len(states))})")
+            args += states
+        if before is not None:
+            where.append("seq < ?")
+            args.append(before)
+        sql = f"SELECT seq, {_COLUMNS} FROM jobs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY seq DESC LIMIT ?"
+        args.append(limit)
+        return self._db.read(lambda c: [_job(r) for r in c.execute(sql, args).fetchall()])
+
+    def events(self, job_id: str, after: int | None = None, limit: int = 1000) -> "Deferred[list[JobEvent]]":
+        def q(c: Cursor) -> list[JobEvent]:
+            rows = c.execute(
+                "SELECT id, job_id, time, kind, message, data FROM job_events"
+                " WHERE job_id = ? AND id > ? ORDER BY id LIMIT ?",
+                (job_id, after or 0, limit),
+            ).fetchall()
+            return [_event(r) for r in rows]
+
+        return self._db.read(q)
+
+    def recover(self, now: float) -> "Deferred[tuple[list[Job], list[Job]]]":
+        """
+        At start-up: mark jobs left C{running} as C{interrupted} and return
+        (interrupted, queued) — the queued ones in the order to run them.
+        """
+
+        def run(c: Cursor) -> tuple[list[Job], list[Job]]:
+            running = [_job(r) for r in c.execute(
+                f"SELECT seq, {_COLUMNS} FROM jobs WHERE state = 'running' ORDER BY seq").fetchall()]
+            interrupted = []
+            for job in running:
+                job = job.transition(
+                    State.interrupted, now, error="roller stopped while the job was running"
+                )
+                c.execute(
+                    "UPDATE jobs SET state = ?, finished_at = ?, error = ? WHERE id = ?",
+                    (job.state.value, job.finished_at, job.error, job.id),
+                )
+                self._add_event(c, JobEvent(job.id, now, "state", "interrupted: roller restarted",
+                                            {"state": "interrupted"}))
+                interrupted.append(job)
+            queued = [_job(r) for r in c.execute(
+                f"SELECT seq, {_COLUMNS} FROM jobs WHERE state = 'queued'"
+                " ORDER BY priority DESC, seq").fetchall()]
+            return interrupted, queued
+
+        return self._db.write(run)
+
+    def counts(self) -> "Deferred[dict[str, int]]":
+        return self._db.read(
+            lambda c: {r[0]: r[1] for r in c.execute("SELECT state, count(*) FROM jobs GROUP BY state")}
+        )
+

@@ -1,0 +1,71 @@
+"""
+Schema migrations, applied in order at start-up.
+
+Append a new string to L{MIGRATIONS} to change the schema; never edit an
+applied one.  C{schema_version} holds how many have been applied.
+"""
+
+MIGRATIONS: list[str] = [
+    # 1: the first schema
+    """
+    CREATE TABLE machines (
+        worker_group TEXT NOT NULL,
+        worker_id    TEXT NOT NULL,
+        fqdn         TEXT,
+        ip           TEXT,
+        pool         TEXT,
+        data         TEXT NOT NULL,
+        created_at   REAL NOT NULL,
+        updated_at   REAL NOT NULL,
+        PRIMARY KEY (worker_group, worker_id)
+    );
+    CREATE INDEX machines_worker_id ON machines (worker_id);
+    CREATE INDEX machines_ip ON machines (ip);
+    CREATE INDEX machines_fqdn ON machines (fqdn);
+
+    CREATE TABLE jobs (
+        seq          INTEGER PRIMARY KEY AUTOINCREMENT,
+        id           TEXT NOT NULL UNIQUE,
+        task_name    TEXT NOT NULL,
+        worker_group TEXT NOT NULL,
+        worker_id    TEXT NOT NULL,
+        params       TEXT NOT NULL DEFAULT '{}',
+        requester    TEXT NOT NULL,
+        origin_ip    TEXT,
+        reason       TEXT NOT NULL DEFAULT '',
+        priority     INTEGER NOT NULL,
+        state        TEXT NOT NULL CHECK (state IN ('queued', 'running', 'succeeded',
+                         'failed', 'cancelled', 'timed_out', 'interrupted')),
+        created_at   REAL NOT NULL,
+        started_at   REAL,
+        finished_at  REAL,
+        result       TEXT,
+        error        TEXT
+    );
+    CREATE INDEX jobs_state ON jobs (state, seq);
+    CREATE INDEX jobs_machine ON jobs (worker_id, worker_group, seq);
+    CREATE INDEX jobs_task ON jobs (task_name, seq);
+
+    CREATE TABLE job_events (
+        id      INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_id  TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+        time    REAL NOT NULL,
+        kind    TEXT NOT NULL,
+        message TEXT NOT NULL,
+        data    TEXT
+    );
+    CREATE INDEX job_events_job ON job_events (job_id, id);
+
+    CREATE TABLE audit (
+        id        INTEGER PRIMARY KEY AUTOINCREMENT,
+        time      REAL NOT NULL,
+        actor     TEXT NOT NULL,
+        source_ip TEXT,
+        action    TEXT NOT NULL,
+        target    TEXT,
+        params    TEXT,
+        result    TEXT NOT NULL
+    );
+    CREATE INDEX audit_time ON audit (time);
+    """,
+]

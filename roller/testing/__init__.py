@@ -1,0 +1,1 @@
+"""Fakes and simulators shared by the tests and the demo."""

@@ -1,0 +1,72 @@
+"""
+A synchronous adbapi pool, so store code runs on real SQLite inside
+C{task.Clock} tests and C{successResultOf} sees the result at once.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+
+from roller.store import Database, Store, open_store
+
+
+class _NonThreadPool:
+    """Runs "threaded" work right away, in the calling thread."""
+
+    def callInThreadWithCallback(self, onResult: Callable, f: Callable, *a: Any, **kw: Any) -> None:
+        try:
+            result = f(*a, **kw)
+        except Exception:
+            onResult(False, Failure())
+        else:
+            onResult(True, result)
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
+class SyncClock(Clock):
+    """A L{Clock} whose C{callFromThread} runs the call at once."""
+
+    def callFromThread(self, f: Callable, *a: Any, **kw: Any) -> None:
+        f(*a, **kw)
+
+    def callWhenRunning(self, f: Callable, *a: Any, **kw: Any) -> None:
+        f(*a, **kw)
+
+    def addSystemEventTrigger(self, *a: Any, **kw: Any) -> None:
+        pass
+
+    def removeSystemEventTrigger(self, *a: Any) -> None:
+        pass
+
+
+def sync_database(path: str, clock: SyncClock) -> Database:
+    db = Database.connect(path, clock)
+    db._pool.threadpool = _NonThreadPool()
+    db._pool.running = True
+    return db
+
+
+def sync_store(path: str = ":memory:", clock: SyncClock | None = None) -> tuple[Store, SyncClock]:
+    """A real SQLite store that answers synchronously; and its clock."""
+    clock = clock or SyncClock()
+    d = _ensure(open_store(path, clock, db=sync_database(path, clock)))
+    results: list = []
+    d.addBoth(results.append)
+    (result,) = results
+    if isinstance(result, Failure):
+        result.raiseException()
+    return result, clock
+
+
+def _ensure(coro):
+    from twisted.internet.defer import Deferred
+
+    return Deferred.fromCoroutine(coro)
