@@ -51,7 +51,10 @@ class Database:
         self._pool = pool
         self._pending: list[tuple[Callable[..., Any], tuple, Deferred]] = []
         self._flushing = False
-        self._closed = False
+        self._closed = False  # close() was called: no new work is accepted
+        self._pool_closed = False
+        self._reads = 0  # reads handed to the pool and not yet answered
+        self._close_waiters: list[Deferred] = []
 
     @classmethod
     def connect(cls, path: str, reactor: Any, *, synchronous: str = "NORMAL") -> "Database":
@@ -76,6 +79,8 @@ class Database:
 
     def read(self, fn: Callable[..., T], *args: Any) -> "Deferred[T]":
         """Run C{fn(cursor, *args)} on the database thread; its result."""
+        if self._closed:
+            return fail(StoreError("the database is closed"))
 
         def run(conn: Any) -> T:
             cursor = conn.cursor()
@@ -84,7 +89,13 @@ class Database:
             finally:
                 cursor.close()
 
-        return self._pool.runWithConnection(run)
+        def answered(result: Any) -> Any:
+            self._reads -= 1
+            self._maybe_finish_close()
+            return result
+
+        self._reads += 1
+        return self._pool.runWithConnection(run).addBoth(answered)
 
     def write(self, fn: Callable[..., T], *args: Any) -> "Deferred[T]":
         """
@@ -127,18 +138,25 @@ class Database:
             return outcomes
 
         def done(outcomes: Any) -> None:
-            self._flushing = False
-            if isinstance(outcomes, Failure):
-                for _, _, d in batch:
-                    d.errback(outcomes)
-            else:
-                for (_, _, d), (ok, value) in zip(batch, outcomes):
-                    if ok:
-                        d.callback(value)
-                    else:
-                        d.errback(Failure(value))
+            # Still "flushing" while the callbacks run: a write they ask for
+            # joins the next batch instead of starting a second transaction
+            # next to this one's follow-up.
+            try:
+                if isinstance(outcomes, Failure):
+                    for _, _, d in batch:
+                        d.errback(outcomes)
+                else:
+                    for (_, _, d), (ok, value) in zip(batch, outcomes):
+                        if ok:
+                            d.callback(value)
+                        else:
+                            d.errback(Failure(value))
+            finally:
+                self._flushing = False
             if self._pending:
                 self._flush()
+            else:
+                self._maybe_finish_close()
 
         self._pool.runWithConnection(run).addBoth(done)
 
@@ -169,8 +187,26 @@ class Database:
         return self.write(run)
 
     def close(self) -> "Deferred[None]":
-        if self._closed:
+        """
+        Stop accepting work (new reads and writes fail with L{StoreError}),
+        finish every read and write already accepted, then close the pool.
+        Fires when the connection is closed.
+        """
+        if self._pool_closed:
             return succeed(None)
         self._closed = True
+        d: Deferred = Deferred()
+        self._close_waiters.append(d)
+        self._maybe_finish_close()
+        return d
+
+    def _maybe_finish_close(self) -> None:
+        if not self._closed or self._pool_closed:
+            return
+        if self._flushing or self._pending or self._reads:
+            return
+        self._pool_closed = True
         self._pool.close()
-        return succeed(None)
+        waiters, self._close_waiters = self._close_waiters, []
+        for d in waiters:
+            d.callback(None)

@@ -38,7 +38,7 @@ class SyncClock(Clock):
         f(*a, **kw)
 
     def callWhenRunning(self, f: Callable, *a: Any, **kw: Any) -> None:
-        f(*a, **kw)
+        """Never "running": the adbapi pool must not start real threads."""
 
     def addSystemEventTrigger(self, *a: Any, **kw: Any) -> None:
         pass

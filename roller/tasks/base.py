@@ -1,0 +1,119 @@
+"""
+What a task is: a named operation with typed parameters, run on one machine.
+
+A task's C{run} is an C{async} function over a L{TaskContext}; it returns
+a one-line result for the job, or raises L{TaskFailed} with a readable
+reason.  Cancelling the job cancels the Deferred wrapping C{run}, which
+cancels whatever the task is awaiting (a process, a connection).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Awaitable, Callable, Mapping
+
+from attrs import field, frozen
+
+from roller.errors import ValidationError
+from roller.inventory import Machine
+from roller.jobs import Job
+
+
+class TaskFailed(Exception):
+    """The task ran and did not achieve its goal; the message says why."""
+
+
+_TYPES = {int: "integer", float: "number", str: "string", bool: "boolean"}
+
+
+@frozen
+class Param:
+    name: str
+    type: type
+    default: Any = None
+    description: str = ""
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple[Any, ...] = ()
+
+    def parse(self, value: Any) -> Any:
+        path = f"params.{self.name}"
+        if self.type is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if isinstance(value, bool) and self.type is not bool or not isinstance(value, self.type):
+            raise ValidationError(path, f"must be {_TYPES[self.type]}, got {value!r}"[:200])
+        if self.minimum is not None and value < self.minimum:
+            raise ValidationError(path, f"must be at least {self.minimum:g}")
+        if self.maximum is not None and value > self.maximum:
+            raise ValidationError(path, f"must be at most {self.maximum:g}")
+        if self.choices and value not in self.choices:
+            raise ValidationError(path, f"must be one of {', '.join(map(str, self.choices))}")
+        if isinstance(value, str) and len(value) > 1000:
+            raise ValidationError(path, "must be at most 1000 characters")
+        return value
+
+    def schema(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": _TYPES[self.type], "description": self.description}
+        if self.default is not None:
+            out["default"] = self.default
+        if self.minimum is not None:
+            out["minimum"] = self.minimum
+        if self.maximum is not None:
+            out["maximum"] = self.maximum
+        if self.choices:
+            out["enum"] = list(self.choices)
+        return out
+
+
+@frozen
+class TaskContext:
+    """What a running task may use."""
+
+    job: Job
+    machine: Machine
+    reactor: Any  # clock, process spawning and connecting, injected
+    log: Callable[..., None]  # log(message, **data): a job event, shown live
+    settings: Any = None
+    secrets: Any = None
+
+
+RunFunction = Callable[[TaskContext, Mapping[str, Any]], Awaitable[str]]
+
+
+@frozen
+class TaskSpec:
+    name: str
+    description: str
+    run: RunFunction
+    params: tuple[Param, ...] = ()
+    timeout: float = 300.0
+    destructive: bool = False
+    # Shared endpoints the task talks to for this machine (e.g. "pdu:host",
+    # "bmc:host"); the queue caps concurrency and spaces commands per endpoint.
+    endpoints: Callable[[Machine], tuple[str, ...]] = field(default=lambda machine: ())
+
+    def parse_params(self, raw: Any) -> dict[str, Any]:
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, Mapping):
+            raise ValidationError("params", "must be an object")
+        known = {p.name: p for p in self.params}
+        unknown = sorted(set(raw) - set(known))
+        if unknown:
+            raise ValidationError("params", f"task {self.name} has no parameter(s) {', '.join(unknown)}"[:300])
+        out = {}
+        for p in self.params:
+            if p.name in raw:
+                out[p.name] = p.parse(raw[p.name])
+            elif p.default is not None:
+                out[p.name] = p.default
+        return out
+
+    def to_json(self, allowed: bool = True) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "destructive": self.destructive,
+            "timeout_s": self.timeout,
+            "allowed": allowed,
+            "params": {p.name: p.schema() for p in self.params},
+        }

@@ -1,0 +1,541 @@
+"""
+The twisted.web server roller listens with: bounded requests, JSON errors.
+
+Every request that is too big, malformed or breaks a resource is answered
+with C{{"error": code, "message": readable}} (C{Content-Type:
+application/json}, C{Cache-Control: no-store}) and never with Twisted's HTML
+pages, a bare dropped connection or a traceback.
+
+  - L{LimitedRequest} stops storing a request body as soon as it is known to
+    be larger than C{max_body} (declared C{Content-Length} or a chunked body
+    growing past it): further data is counted and dropped, nothing is kept
+    in memory or in a temporary file.  Such a request is answered C{413
+    payload_too_large}; a request-target longer than C{max_uri} gets C{414
+    uri_too_long}.  The resource is never called for either.
+  - L{RollerHTTPChannel} makes those answers early: C{413}/C{414} go out as
+    soon as the headers (or the chunk that crosses the limit) arrive, before
+    any C{100 Continue} and without waiting for a body the client may never
+    finish.  A request line longer than C{MAX_LENGTH} gets C{414}; a header
+    line longer than C{MAX_LENGTH}, more than C{totalHeadersSize} bytes of
+    headers or more than C{maxHeaders} header lines get C{431
+    headers_too_large}; anything else Twisted refuses to parse gets C{400
+    bad_request}.  After such an answer the channel closes "lingering": it
+    half-closes (FIN after the response), keeps reading and discarding what
+    the client still sends so the response is not destroyed by a TCP reset,
+    and aborts the connection after C{lingerTimeout} seconds or
+    C{lingerBytes} discarded bytes, whichever comes first.
+  - L{LimitedRequest.processingFailed} (an exception escaping a resource,
+    Klein's default for unhandled errors too) answers C{500 internal} with a
+    short id that is also in the logged failure.
+  - L{RollerSite} puts them together::
+
+        site = RollerSite(app.resource(), max_body=1 << 20, max_uri=8192)
+        endpoint.listen(site)
+
+L{json_error} is the one place the error body is built; Klein handlers
+C{return json_error(request, 404, "not_found", "no such machine")}.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import secrets
+from typing import Optional
+
+from twisted.internet.interfaces import ITCPTransport
+from twisted.logger import Logger
+from twisted.web import http, server
+from twisted.web.iweb import IRequest
+
+__all__ = [
+    "DEFAULT_MAX_BODY",
+    "DEFAULT_MAX_URI",
+    "LimitedRequest",
+    "RollerHTTPChannel",
+    "RollerSite",
+    "json_error",
+    "json_error_body",
+    "send_json_error",
+]
+
+log = Logger()
+
+DEFAULT_MAX_BODY = 1 << 20  # 1 MiB
+DEFAULT_MAX_URI = 8192
+
+#: Reason phrases for the statuses this module writes itself.
+_REASONS = {
+    400: b"Bad Request",
+    413: b"Payload Too Large",
+    414: b"URI Too Long",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+}
+
+
+def _printable(value: object, limit: int = 200) -> str:
+    """
+    Bytes from the wire as a short str for a log line.
+    """
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    text = str(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def json_error_body(code: str, message: str) -> bytes:
+    """
+    The UTF-8 JSON error body C{{"error": code, "message": message}}.
+    """
+    return json.dumps({"error": code, "message": message}).encode("utf-8")
+
+
+def json_error(request: IRequest, status: int, code: str, message: str) -> bytes:
+    """
+    Prepare C{request} for a JSON error response and return its body.
+
+    Sets the response code, C{Content-Type: application/json},
+    C{Cache-Control: no-store} and C{Content-Length}, and returns the body
+    bytes I{without writing them}, so a Klein handler can simply
+    C{return json_error(request, 409, "conflict", "...")}.  Code that is not
+    a Klein handler writes and finishes with L{send_json_error}.
+
+    @param status: the HTTP status, e.g. C{413}.
+    @param code: the stable machine-readable code, e.g. C{"payload_too_large"}.
+    @param message: a readable sentence for the operator; never a secret.
+    @return: the encoded body.
+    """
+    body = json_error_body(code, message)
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", b"application/json")
+    request.setHeader(b"Cache-Control", b"no-store")
+    request.setHeader(b"Content-Length", b"%d" % (len(body),))
+    return body
+
+
+def send_json_error(request: IRequest, status: int, code: str, message: str) -> None:
+    """
+    L{json_error}, then write the body and finish C{request}.
+    """
+    body = json_error(request, status, code, message)
+    request.write(body)
+    request.finish()
+
+
+class LimitedRequest(server.Request):
+    """
+    A L{server.Request} that refuses bodies over C{max_body} bytes and
+    request-targets over C{max_uri} bytes without buffering them.
+
+    The limits come from the constructor keywords, else from the same-named
+    attributes of the channel's site (L{RollerSite} has them), else from the
+    class attributes.
+
+    @ivar too_large: C{True} once the body is known to exceed C{max_body};
+        from then on nothing more is stored and C{content} is empty.
+    @ivar body_received: body bytes seen so far (stored or not).
+    """
+
+    max_body: int = DEFAULT_MAX_BODY
+    max_uri: int = DEFAULT_MAX_URI
+    too_large: bool = False
+    body_received: int = 0
+
+    def __init__(
+        self,
+        channel: http.HTTPChannel,
+        *args: object,
+        max_body: Optional[int] = None,
+        max_uri: Optional[int] = None,
+        **kwargs: object,
+    ) -> None:
+        super().__init__(channel, *args, **kwargs)
+        site = getattr(channel, "site", None)
+        if max_body is None:
+            max_body = getattr(site, "max_body", None)
+        if max_uri is None:
+            max_uri = getattr(site, "max_uri", None)
+        if max_body is not None:
+            self.max_body = max_body
+        if max_uri is not None:
+            self.max_uri = max_uri
+
+    # -- body ---------------------------------------------------------------
+
+    def gotLength(self, length: Optional[int]) -> None:
+        """
+        Refuse to allocate storage for a declared body over C{max_body}.
+        """
+        if length is not None and length > self.max_body:
+            self._drop_body()
+        else:
+            super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        """
+        Store C{data} unless the body is (now) over C{max_body}.
+        """
+        self.body_received += len(data)
+        if self.too_large:
+            return
+        if self.body_received > self.max_body:
+            self._drop_body()
+            return
+        super().handleContentChunk(data)
+
+    def _drop_body(self) -> None:
+        """
+        Mark the request too large and release whatever body was stored.
+        """
+        self.too_large = True
+        old, self.content = self.content, io.BytesIO()
+        if old is not None:
+            try:
+                old.close()
+            except OSError:
+                pass
+
+    # -- limits -------------------------------------------------------------
+
+    def limit_violation(
+        self, uri: Optional[bytes] = None
+    ) -> Optional[tuple[int, str, str]]:
+        """
+        The (status, code, message) this request must be refused with, or
+        L{None} if it is within limits.
+
+        @param uri: the request-target, when C{self.uri} is not set yet.
+        """
+        if uri is None:
+            uri = self.uri
+        if len(uri) > self.max_uri:
+            return (
+                414,
+                "uri_too_long",
+                f"request URI is longer than {self.max_uri} bytes",
+            )
+        if self.too_large:
+            return (
+                413,
+                "payload_too_large",
+                f"request body is larger than {self.max_body} bytes",
+            )
+        return None
+
+    def reject(self, status: int, code: str, message: str) -> None:
+        """
+        Answer with a JSON error and C{Connection: close} without calling
+        any resource, then let the channel close the connection.
+        """
+        if self.site is None:
+            self.site = self.channel.site
+        if not self.responseHeaders.hasHeader(b"Server"):
+            self.setHeader(b"Server", server.version)
+        if not self.responseHeaders.hasHeader(b"Date"):
+            self.setHeader(b"Date", http.datetimeToString())
+        self.setHeader(b"Connection", b"close")
+        closeAfterResponse = getattr(self.channel, "closeAfterResponse", None)
+        if closeAfterResponse is not None:
+            closeAfterResponse()
+        else:
+            self.channel.persistent = False
+        log.info(
+            "Refused {method} from {peer}: {status} {code}",
+            method=_printable(self.method),
+            peer=getattr(self.client, "host", self.client),
+            status=status,
+            code=code,
+        )
+        send_json_error(self, status, code, message)
+
+    def process(self) -> None:
+        """
+        Refuse over-limit requests; hand the others to the resource tree.
+        """
+        violation = self.limit_violation()
+        if violation is not None:
+            self.reject(*violation)
+            return
+        super().process()
+
+    # -- failures -----------------------------------------------------------
+
+    def processingFailed(self, reason):  # type: ignore[no-untyped-def]
+        """
+        An exception escaped the resource: log it with a short id and answer
+        C{500} JSON naming that id.  Never a traceback in the response.
+        """
+        error_id = secrets.token_hex(4)
+        log.failure(
+            "Unhandled error in {method} {path} (id {error_id})",
+            failure=reason,
+            method=_printable(self.method),
+            path=_printable(self.path),
+            error_id=error_id,
+        )
+        if self.finished or self._disconnected:
+            return reason
+        if self.startedWriting:
+            # The status line is gone; a truncated body must not look whole.
+            self.channel.transport.abortConnection()
+            return reason
+        # Headers the resource set for the response it never produced.
+        for name in (b"Content-Disposition", b"ETag", b"Last-Modified", b"Location"):
+            self.responseHeaders.removeHeader(name)
+        send_json_error(
+            self,
+            500,
+            "internal",
+            f"internal error; see the server log (id {error_id})",
+        )
+        return reason
+
+
+class RollerHTTPChannel(http.HTTPChannel):
+    """
+    An L{http.HTTPChannel} that answers limit violations and unparsable
+    requests with JSON errors as early as possible and closes lingering.
+
+    @ivar lingerTimeout: seconds to keep discarding input after an error
+        response before aborting the connection.
+    @ivar lingerBytes: bytes to discard after an error response before
+        aborting the connection.
+    """
+
+    lingerTimeout: float = 5.0
+    lingerBytes: int = 4 << 20
+
+    _draining = False
+    _lingering = False
+    _lingerCall = None
+    discarded = 0
+
+    # -- input --------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._draining:
+            self._discard(data)
+            return
+        super().dataReceived(data)
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if self._draining:
+            self._discard(data)
+            return
+        super().rawDataReceived(data)
+        # A chunked body may just have crossed max_body.
+        if not (self._draining or self._handlingRequest) and self.requests:
+            request = self.requests[-1]
+            if getattr(request, "too_large", False) and not request.finished:
+                self._rejectEarly(
+                    request,
+                    (
+                        413,
+                        "payload_too_large",
+                        f"request body is larger than {request.max_body} bytes",
+                    ),
+                )
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._draining:
+            self._discard(line)
+            return
+        # A request exists from the request line until its response is done;
+        # in line mode that means: headers are being read.
+        if self.requests and (
+            self._receivedHeaderSize + len(line) > self.totalHeadersSize
+        ):
+            self._headersTooLarge()
+            return
+        super().lineReceived(line)
+
+    def headerReceived(self, line: bytes) -> bool:
+        if self._receivedHeaderCount >= self.maxHeaders:
+            self._headersTooLarge()
+            return False
+        return super().headerReceived(line)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        """
+        A line longer than C{MAX_LENGTH}: the request line (414) or a header
+        line (431).  Twisted would just drop the connection.
+        """
+        if self.requests:
+            self._headersTooLarge()
+        else:
+            self._respondRaw(
+                414,
+                "uri_too_long",
+                f"request line is longer than {self.MAX_LENGTH} bytes",
+            )
+
+    def allHeadersReceived(self) -> None:
+        """
+        Refuse an over-long URI or an over-long declared body now, before
+        C{100 Continue} and before the body is read.
+        """
+        request = self.requests[-1]
+        violation = None
+        limit_violation = getattr(request, "limit_violation", None)
+        if limit_violation is not None:
+            if self.length is not None and self.length > request.max_body:
+                request.too_large = True
+            violation = limit_violation(self._path)
+        if violation is None:
+            super().allHeadersReceived()
+            return
+        # Raw mode, not allContentReceived(), once lineReceived() resumes;
+        # what arrives next is drained.
+        self.length = None
+        self._rejectEarly(request, violation)
+
+    # -- error answers ------------------------------------------------------
+
+    def _rejectEarly(
+        self, request: LimitedRequest, violation: tuple[int, str, str]
+    ) -> None:
+        """
+        Answer C{request} before its body has been read.
+        """
+        request.method = self._command
+        request.uri = self._path
+        request.clientproto = self._version
+        request.path = self._path.split(b"?", 1)[0]
+        request.args = {}
+        if request.content is None:
+            request.content = io.BytesIO()
+        request.reject(*violation)
+
+    def _headersTooLarge(self) -> None:
+        self._respondRaw(
+            431,
+            "headers_too_large",
+            f"request headers are larger than {self.totalHeadersSize} bytes "
+            f"or more than {self.maxHeaders} lines",
+        )
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        """
+        Twisted's hook for anything it cannot parse: JSON 400, not a bare one.
+        """
+        self._respondRaw(400, "bad_request", "malformed HTTP request")
+
+    def _respondRaw(self, status: int, code: str, message: str) -> None:
+        """
+        Write a complete JSON error response straight to the transport (no
+        L{Request} is usable yet) and close lingering.
+        """
+        if self._draining or self.transport is None:
+            return
+        body = json_error_body(code, message)
+        self.transport.writeSequence(
+            [
+                b"HTTP/1.1 %d %s\r\n" % (status, _REASONS[status]),
+                b"Date: %s\r\n" % (http.datetimeToString(),),
+                b"Content-Type: application/json\r\n",
+                b"Cache-Control: no-store\r\n",
+                b"Content-Length: %d\r\n" % (len(body),),
+                b"Connection: close\r\n\r\n",
+                body,
+            ]
+        )
+        peer = self.transport.getPeer()
+        log.info(
+            "Refused request from {peer}: {status} {code}",
+            peer=getattr(peer, "host", peer),
+            status=status,
+            code=code,
+        )
+        self.closeAfterResponse()
+        self.loseConnection()
+
+    # -- closing ------------------------------------------------------------
+
+    def closeAfterResponse(self) -> None:
+        """
+        Stop parsing input; close the connection lingering once the current
+        response is written.
+        """
+        self._draining = True
+        self.persistent = False
+
+    def loseConnection(self) -> None:
+        if not self._draining:
+            super().loseConnection()
+            return
+        if self._lingering:
+            return
+        self._lingering = True
+        transport = self.transport
+        self.setTimeout(None)
+        self._networkProducer.unregisterProducer()
+        # HTTPChannel may have paused reading; we must read to discard.
+        self._networkProducer.resumeProducing()
+        if (
+            self.lingerTimeout
+            and ITCPTransport.providedBy(transport)
+            and hasattr(transport, "loseWriteConnection")
+        ):
+            self._lingerCall = self.callLater(self.lingerTimeout, self._abortLinger)
+            transport.loseWriteConnection()
+        else:
+            transport.loseConnection()
+
+    def _discard(self, data: bytes) -> None:
+        self.discarded += len(data)
+        if self._lingering and self.discarded > self.lingerBytes:
+            self._abortLinger()
+
+    def _abortLinger(self) -> None:
+        if self._lingerCall is not None and self._lingerCall.active():
+            self._lingerCall.cancel()
+        self._lingerCall = None
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    def connectionLost(self, reason) -> None:  # type: ignore[no-untyped-def]
+        if self._lingerCall is not None and self._lingerCall.active():
+            self._lingerCall.cancel()
+        self._lingerCall = None
+        super().connectionLost(reason)
+
+
+class RollerSite(server.Site):
+    """
+    roller's L{server.Site}: L{LimitedRequest}s on L{RollerHTTPChannel}s,
+    JSON errors, no tracebacks.
+
+    @param resource: the root resource, e.g. C{app.resource()} of a Klein app.
+    @param max_body: largest request body accepted, in bytes.
+    @param max_uri: longest request-target accepted, in bytes.
+    @param kwargs: anything L{server.Site} takes (C{requestFactory},
+        C{timeout}, C{logPath}, C{logFormatter}, C{reactor},
+        C{parsePOSTFormSubmission}).
+    """
+
+    protocol = RollerHTTPChannel  # type: ignore[assignment]
+    requestFactory = LimitedRequest
+    displayTracebacks = False
+
+    def __init__(
+        self,
+        resource: object,
+        *,
+        max_body: int = DEFAULT_MAX_BODY,
+        max_uri: int = DEFAULT_MAX_URI,
+        **kwargs: object,
+    ) -> None:
+        for name, value in (("max_body", max_body), ("max_uri", max_uri)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int, not {value!r}")
+        super().__init__(resource, **kwargs)
+        self.max_body = max_body
+        self.max_uri = max_uri
+
+    def acceptableProtocols(self) -> list[bytes]:
+        """
+        HTTP/1.1 only: the limits live in L{RollerHTTPChannel}, which an
+        ALPN-negotiated HTTP/2 connection would bypass.
+        """
+        return [b"http/1.1"]
