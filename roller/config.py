@@ -1,0 +1,271 @@
+"""
+Settings: embedded defaults < TOML file < ROLLER_* environment < options.
+
+Every key has a dotted name (C{queue.max_running}); its environment
+variable is C{ROLLER_} plus the name upper-cased with dots as underscores
+(C{ROLLER_QUEUE_MAX_RUNNING}).  A bad value raises L{ConfigError} naming
+the key and the reason; the entry points print that one line and exit.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from typing import Any, Callable, Mapping
+
+from attrs import field, frozen
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.testing import MemoryReactor
+
+
+class ConfigError(Exception):
+    def __init__(self, key: str, reason: str, source: str = ""):
+        where = f" (from {source})" if source else ""
+        super().__init__(f"configuration error: {key}{where}: {reason}")
+        self.key = key
+        self.reason = reason
+
+
+# -- value parsers: (raw value, from_text) -> clean value; raise ValueError(reason)
+
+
+def _text(value: Any, from_text: bool) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"must be a string, got {value!r}")
+    return value
+
+
+def _int(low: int, high: int | None = None) -> Callable[[Any, bool], int]:
+    def parse(value: Any, from_text: bool) -> int:
+        if from_text:
+            try:
+                value = int(value.strip())
+            except ValueError:
+                raise ValueError(f"must be an integer, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"must be an integer, got {value!r}")
+        if value < low or (high is not None and value > high):
+            bound = f"from {low} to {high}" if high is not None else f"at least {low}"
+            raise ValueError(f"must be {bound}, got {value}")
+        return value
+
+    return parse
+
+
+def _float(low: float) -> Callable[[Any, bool], float]:
+    def parse(value: Any, from_text: bool) -> float:
+        if from_text:
+            try:
+                value = float(value.strip())
+            except ValueError:
+                raise ValueError(f"must be a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low:
+            raise ValueError(f"must be a number of at least {low:g}, got {value!r}")
+        return float(value)
+
+    return parse
+
+
+def _bool(value: Any, from_text: bool) -> bool:
+    if from_text:
+        lowered = value.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError(f"must be true or false, got {value!r}")
+    if not isinstance(value, bool):
+        raise ValueError(f"must be true or false, got {value!r}")
+    return value
+
+
+def _choice(*choices: str) -> Callable[[Any, bool], str]:
+    def parse(value: Any, from_text: bool) -> str:
+        if from_text:
+            value = value.strip().lower()
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    return parse
+
+
+def _str_list(value: Any, from_text: bool) -> tuple[str, ...]:
+    if from_text:
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"must be a list of strings, got {value!r}")
+    return tuple(value)
+
+
+def _endpoints(value: Any, from_text: bool) -> tuple[str, ...]:
+    if from_text:
+        # endpoint strings contain commas only escaped; split on whitespace or ';'
+        value = [v for v in value.replace(";", " ").split() if v]
+    items = _str_list(value, False)
+    if not items:
+        raise ValueError("needs at least one endpoint")
+    for desc in items:
+        try:
+            serverFromString(MemoryReactor(), desc)
+        except Exception as e:
+            raise ValueError(f"{desc!r} is not a Twisted server endpoint: {e}") from None
+    return items
+
+
+def _timeouts(value: Any, from_text: bool) -> dict[str, float]:
+    if from_text:
+        pairs = [p.split("=", 1) for p in value.split(",") if p.strip()]
+        if any(len(p) != 2 for p in pairs):
+            raise ValueError("must look like ping=30,reboot=900")
+        value = {k.strip(): v.strip() for k, v in pairs}
+    if not isinstance(value, Mapping):
+        raise ValueError("must be a table of task name = seconds")
+    out = {}
+    for name, seconds in value.items():
+        out[name] = _float(0.001)(seconds, isinstance(seconds, str))
+    return out
+
+
+# key -> (attribute, parser, default); "{state_dir}" in a default is filled in.
+KEYS: dict[str, tuple[str, Callable[[Any, bool], Any], Any]] = {
+    "state_dir": ("state_dir", _text, "state"),
+    "secrets_file": ("secrets_file", _text, "{state_dir}/secrets.toml"),
+    "demo": ("demo", _bool, False),
+    "server.listen": ("listen", _endpoints, ("tcp:8000:interface=127.0.0.1",)),
+    "server.max_body": ("max_body", _int(1024, 64 << 20), 1 << 20),
+    "server.cors_origins": ("cors_origins", _str_list, ("https://firefox-ci-tc.services.mozilla.com",)),
+    "database.path": ("db_path", _text, "{state_dir}/roller.db"),
+    "database.synchronous": ("db_synchronous", _choice("normal", "full"), "normal"),
+    "auth.mode": ("auth_mode", _choice("none", "taskcluster"), "taskcluster"),
+    "auth.root_url": ("auth_root_url", _text, ""),
+    "auth.scope_prefix": ("scope_prefix", _text, "project:releng:roller:"),
+    "queue.max_running": ("max_running", _int(1, 100_000), 200),
+    "queue.endpoint_max_running": ("endpoint_max_running", _int(1, 1000), 1),
+    "queue.endpoint_min_interval": ("endpoint_min_interval", _float(0), 0.0),
+    "tasks.allowed": ("allowed_tasks", _str_list, ("ping",)),
+    "tasks.timeouts": ("task_timeouts", _timeouts, {}),
+    "log.format": ("log_format", _choice("text", "json"), "text"),
+}
+
+
+@frozen
+class Settings:
+    state_dir: str
+    secrets_file: str
+    demo: bool
+    listen: tuple[str, ...]
+    max_body: int
+    cors_origins: tuple[str, ...]
+    db_path: str
+    db_synchronous: str
+    auth_mode: str
+    auth_root_url: str
+    scope_prefix: str
+    max_running: int
+    endpoint_max_running: int
+    endpoint_min_interval: float
+    allowed_tasks: tuple[str, ...]
+    task_timeouts: dict[str, float] = field(hash=False)
+    log_format: str
+    config_file: str | None = None
+
+    def listeners_on_loopback(self) -> bool:
+        return all(endpoint_is_local(desc) for desc in self.listen)
+
+
+def endpoint_is_local(desc: str) -> bool:
+    """True if the server endpoint C{desc} only accepts local connections."""
+    endpoint = serverFromString(MemoryReactor(), desc)
+    if type(endpoint).__name__.startswith("UNIX"):
+        return True
+    interface = getattr(endpoint, "_interface", "")
+    if interface in ("", "::", "0.0.0.0"):
+        return False
+    if interface == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(interface).is_loopback
+    except ValueError:
+        return False
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and key != "tasks.timeouts":
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def env_name(key: str) -> str:
+    return "ROLLER_" + key.replace(".", "_").upper()
+
+
+def load_settings(
+    config_file: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """
+    Resolve the settings.  C{overrides} (from command-line options) hold
+    dotted keys with text values; C{None} values are ignored.
+    """
+    environ = os.environ if environ is None else environ
+    config_file = config_file or environ.get("ROLLER_CONFIG") or None
+    layers: list[tuple[str, dict[str, Any], bool]] = []
+    if config_file:
+        try:
+            with open(config_file, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError("config", f"file {config_file} does not exist") from None
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError("config", f"cannot read {config_file}: {e}") from None
+        layers.append((config_file, _flatten(data), False))
+    layers.append(("environment", {k: environ[env_name(k)] for k in KEYS if env_name(k) in environ}, True))
+    layers.append(("command line", {k: v for k, v in (overrides or {}).items() if v is not None}, True))
+
+    values: dict[str, Any] = {}
+    for source, layer, from_text in layers:
+        for key, raw in layer.items():
+            if key not in KEYS:
+                raise ConfigError(key, f"unknown setting (known: {', '.join(sorted(KEYS))})", source)
+            attr, parse, _ = KEYS[key]
+            try:
+                values[attr] = parse(raw, from_text and isinstance(raw, str))
+            except ValueError as e:
+                raise ConfigError(key, str(e), source) from None
+    for key, (attr, parse, default) in KEYS.items():
+        if attr not in values:
+            values[attr] = default
+    for key, (attr, _, default) in KEYS.items():
+        if isinstance(values[attr], str) and "{state_dir}" in values[attr]:
+            values[attr] = values[attr].replace("{state_dir}", values["state_dir"])
+    settings = Settings(config_file=config_file, **values)
+    _check(settings)
+    return settings
+
+
+def _check(s: Settings) -> None:
+    if s.auth_mode == "none" and not s.listeners_on_loopback():
+        raise ConfigError(
+            "auth.mode",
+            "'none' is accepted only when every listener is on loopback "
+            f"(interface=127.0.0.1 or ::1); server.listen is {', '.join(s.listen)}",
+        )
+    from roller.tasks import builtin_tasks
+
+    known = builtin_tasks().names()
+    for name in s.allowed_tasks:
+        if name not in known:
+            raise ConfigError("tasks.allowed", f"unknown task {name!r} (known: {', '.join(known)})")
+    for name in s.task_timeouts:
+        if name not in known:
+            raise ConfigError("tasks.timeouts", f"unknown task {name!r}")

@@ -1,0 +1,426 @@
+"""
+The REST API (Klein): the contract Taskcluster action buttons, hooks and
+scripts call.  See C{roller/web/openapi.py} for the published document.
+
+Every error is C{{"error": code, "message": ...}} with its status.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Awaitable, Callable
+from urllib.parse import quote
+
+from attrs import define, field
+from klein import Klein
+from twisted.logger import Logger
+from twisted.web.iweb import IRequest
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
+from werkzeug.exceptions import NotFound as RouteNotFound
+
+from roller import __version__
+from roller.auth import IAuthenticator, Principal
+from roller.errors import BadRequest, Conflict, Forbidden, NotFound, RollerError, Unauthorized
+from roller.inventory import Machine, valid_worker_id
+from roller.jobs import PRIORITY_DEFAULT, PRIORITY_MAX, PRIORITY_MIN, State
+from roller.queue import JobQueue
+from roller.store import AuditEntry, Store
+from roller.tasks import TaskRegistry
+from roller.web.http import json_error
+from roller.web.openapi import openapi_document
+
+log = Logger()
+
+JSON_TYPES = ("application/json",)
+CORS_METHODS = "GET, POST, PUT, DELETE, OPTIONS"
+CORS_HEADERS = "Authorization, Content-Type"
+
+
+def _json(request: IRequest, body: Any, status: int = 200) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", b"application/json")
+    request.setHeader(b"Cache-Control", b"no-store")
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def _arg(request: IRequest, name: str) -> str | None:
+    values = request.args.get(name.encode())
+    if not values:
+        return None
+    try:
+        return values[-1].decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest(f"query parameter {name} is not valid UTF-8", code="invalid_query") from None
+
+
+def _int_arg(request: IRequest, name: str, default: int, low: int, high: int) -> int:
+    raw = _arg(request, name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadRequest(f"{name} must be an integer, got {raw[:40]!r}", code="invalid_query") from None
+    if not low <= value <= high:
+        raise BadRequest(f"{name} must be from {low} to {high}, got {value}", code="invalid_query")
+    return value
+
+
+def _worker_id(value: str | None, what: str = "worker_id") -> str:
+    if value is None or value == "":
+        raise BadRequest(f"{what} is required", code="missing_parameter")
+    if not valid_worker_id(value):
+        raise BadRequest(
+            f"{what} {value[:140]!r} must be 1-128 characters of letters, digits, '-' and '_'",
+            code="invalid_worker_id",
+        )
+    return value
+
+
+def _body(request: IRequest, *, required: bool = False) -> Any:
+    raw = request.content.read() if request.content is not None else b""
+    if not raw.strip():
+        if required:
+            raise BadRequest("a JSON body is required", code="missing_body")
+        return None
+    ctype = (request.getHeader(b"content-type") or b"application/json").split(b";")[0].strip().lower()
+    if ctype.decode("latin-1") not in JSON_TYPES:
+        raise BadRequest("the body must be JSON (Content-Type: application/json)", code="unsupported_media_type",
+                         status=415)
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadRequest(f"the body is not valid JSON: {e}"[:200], code="invalid_json") from None
+
+
+def _client_ip(request: IRequest) -> str | None:
+    peer = request.getClientAddress()
+    return getattr(peer, "host", None)
+
+
+@define
+class Api:
+    store: Store
+    queue: JobQueue
+    tasks: TaskRegistry
+    authenticator: IAuthenticator
+    allowed_tasks: tuple[str, ...]
+    scope_prefix: str = "project:releng:roller:"
+    cors_origins: tuple[str, ...] = ()
+    clock: Any = None
+    openapi: dict = field(factory=dict)
+
+    app = Klein()
+
+    def __attrs_post_init__(self) -> None:
+        if not self.openapi:
+            self.openapi = openapi_document(self.tasks, self.allowed_tasks, __version__)
+
+    # -- plumbing
+
+    @app.handle_errors(RollerError)
+    def _roller_error(self, request: IRequest, failure: Any) -> bytes:
+        e = failure.value
+        if isinstance(e, Unauthorized):
+            request.setHeader(b"WWW-Authenticate", b"Hawk")
+        return json_error(request, e.status, e.code, e.message)
+
+    @app.handle_errors(MethodNotAllowed)
+    def _method_not_allowed(self, request: IRequest, failure: Any) -> bytes:
+        allowed = sorted(set(failure.value.valid_methods or ()))
+        request.setHeader(b"Allow", ", ".join(allowed).encode())
+        method = request.method.decode("latin-1", "replace")
+        return json_error(request, 405, "method_not_allowed",
+                          f"{method} is not allowed here; allowed: {', '.join(allowed)}")
+
+    @app.handle_errors(RouteNotFound)
+    def _route_not_found(self, request: IRequest, failure: Any) -> bytes:
+        return json_error(request, 404, "not_found", f"no such resource: {request.path.decode('latin-1')[:200]}")
+
+    @app.handle_errors(HTTPException)
+    def _http_exception(self, request: IRequest, failure: Any) -> bytes:
+        e = failure.value
+        return json_error(request, e.code or 400, "bad_request", e.description or e.name)
+
+    def _cors(self, request: IRequest) -> bool:
+        origin = request.getHeader(b"origin")
+        request.setHeader(b"Vary", b"Origin")
+        if origin is None:
+            return False
+        origin_s = origin.decode("latin-1")
+        if origin_s in self.cors_origins:
+            request.setHeader(b"Access-Control-Allow-Origin", origin)
+            return True
+        return False
+
+    def _preflight(self, request: IRequest) -> bytes:
+        if self._cors(request):
+            request.setHeader(b"Access-Control-Allow-Methods", CORS_METHODS.encode())
+            request.setHeader(b"Access-Control-Allow-Headers", CORS_HEADERS.encode())
+            request.setHeader(b"Access-Control-Max-Age", b"600")
+        request.setResponseCode(204)
+        return b""
+
+    async def _authorize(self, request: IRequest, scope: str) -> Principal:
+        principal = await self.authenticator.authenticate(request)
+        if not principal.has_scope(scope):
+            raise Forbidden(f"{principal.id} lacks the scope {scope}", code="insufficient_scope")
+        return principal
+
+    async def _audit(self, principal: Principal, request: IRequest, action: str, target: str,
+                     result: str, params: dict | None = None) -> None:
+        await self.store.audit.add(AuditEntry(
+            time=self.clock.seconds(), actor=principal.id, source_ip=_client_ip(request),
+            action=action, target=target, params=params, result=result,
+        ))
+
+    # -- jobs
+
+    @app.route("/api/v1/workers/<worker_id>/group/<worker_group>/jobs", methods=["POST"])
+    async def post_worker_job(self, request: IRequest, worker_id: str, worker_group: str) -> bytes:
+        self._cors(request)
+        _worker_id(worker_id, "worker_id")
+        _worker_id(worker_group, "worker_group")
+
+        async def find() -> Machine:
+            machine = await self.store.machines.get(worker_group, worker_id)
+            if machine is None:
+                raise NotFound(f"no machine {worker_id} in worker group {worker_group}", code="unknown_machine")
+            return machine
+
+        return await self._submit(request, find, {})
+
+    @app.route("/api/v1/workers/<worker_id>/group/<worker_group>/jobs", methods=["OPTIONS"])
+    def options_worker_job(self, request: IRequest, worker_id: str, worker_group: str) -> bytes:
+        return self._preflight(request)
+
+    @app.route("/api/v1/jobs", methods=["POST"])
+    async def post_job(self, request: IRequest) -> bytes:
+        self._cors(request)
+        worker_id = _worker_id(_arg(request, "tc_worker_id"), "tc_worker_id")
+
+        async def find() -> Machine:
+            machines = await self.store.machines.by_worker_id(worker_id)
+            if not machines:
+                raise NotFound(f"no machine has worker id {worker_id}", code="unknown_machine")
+            if len(machines) > 1:
+                groups = ", ".join(m.worker_group for m in machines)
+                raise Conflict(
+                    f"worker id {worker_id} is in several worker groups ({groups}); use "
+                    f"POST /api/v1/workers/{worker_id}/group/<worker_group>/jobs",
+                    code="ambiguous_worker",
+                )
+            return machines[0]
+
+        return await self._submit(request, find, {"tc_worker_id": worker_id})
+
+    @app.route("/api/v1/jobs", methods=["OPTIONS"])
+    def options_jobs(self, request: IRequest) -> bytes:
+        return self._preflight(request)
+
+    async def _submit(self, request: IRequest, find: Callable[[], Awaitable[Machine]], extra: dict) -> bytes:
+        task_name = _arg(request, "task_name")
+        if not task_name:
+            raise BadRequest("task_name is required", code="missing_parameter")
+        spec = self.tasks.get(task_name)
+        if spec is None:
+            raise BadRequest(f"unknown task {task_name[:64]!r}; see GET /api/v1/tasks", code="unknown_task")
+        if task_name not in self.allowed_tasks:
+            raise BadRequest(f"task {task_name} is not allowed on this roller", code="task_not_allowed")
+        priority = _int_arg(request, "priority", PRIORITY_DEFAULT, PRIORITY_MIN, PRIORITY_MAX)
+        reason = _arg(request, "reason") or ""
+        body = _body(request)
+        params = None
+        if body is not None:
+            if not isinstance(body, dict):
+                raise BadRequest("the body must be a JSON object", code="invalid_body")
+            unknown = sorted(set(body) - {"params", "reason", "priority"})
+            if unknown:
+                raise BadRequest(f"unknown body field(s): {', '.join(unknown)}"[:200], code="invalid_body")
+            params = body.get("params")
+            if "reason" in body:
+                if not isinstance(body["reason"], str):
+                    raise BadRequest("reason must be a string", code="invalid_body")
+                reason = body["reason"]
+            if "priority" in body:
+                p = body["priority"]
+                if isinstance(p, bool) or not isinstance(p, int) or not PRIORITY_MIN <= p <= PRIORITY_MAX:
+                    raise BadRequest(f"priority must be an integer from {PRIORITY_MIN} to {PRIORITY_MAX}",
+                                     code="invalid_body")
+                priority = p
+        if len(reason) > 1000:
+            raise BadRequest("reason must be at most 1000 characters", code="invalid_body")
+        principal = await self._authorize(request, self.scope_prefix + task_name)
+        machine = await find()
+        job, created = await self.queue.submit(
+            task_name, machine, params=params, requester=principal.id,
+            origin_ip=_client_ip(request), reason=reason, priority=priority,
+        )
+        if created:
+            await self._audit(principal, request, f"job.create:{task_name}",
+                              f"{machine.worker_group}/{machine.worker_id}", f"queued {job.id}",
+                              {"params": job.params, "priority": priority, "reason": reason})
+        request.setHeader(b"Location", f"/api/v1/jobs/{job.id}".encode())
+        body = {"task_name": task_name, "worker_id": machine.worker_id,
+                "worker_group": machine.worker_group, "task_id": job.id, **extra,
+                "state": job.state.value}
+        return _json(request, body, 201 if created else 200)
+
+    @app.route("/api/v1/jobs/<task_id>", methods=["GET"])
+    async def get_job(self, request: IRequest, task_id: str) -> bytes:
+        self._cors(request)
+        job = self.queue.active(task_id) or await self.store.jobs.get(task_id)
+        if job is None:
+            raise NotFound(f"no job {task_id[:64]}", code="unknown_job")
+        events = await self.store.jobs.events(task_id, limit=1000)
+        return _json(request, {**job.to_json(), "events": [e.to_json() for e in events]})
+
+    @app.route("/api/v1/jobs/<task_id>", methods=["DELETE"])
+    async def delete_job(self, request: IRequest, task_id: str) -> bytes:
+        self._cors(request)
+        principal = await self._authorize(request, self.scope_prefix + "jobs:cancel")
+        job = await self.queue.cancel(task_id, by=principal.id)
+        await self._audit(principal, request, "job.cancel", f"{job.worker_group}/{job.worker_id}",
+                          f"{job.state.value} {job.id}")
+        return _json(request, job.to_json())
+
+    @app.route("/api/v1/jobs/<task_id>", methods=["OPTIONS"])
+    def options_job(self, request: IRequest, task_id: str) -> bytes:
+        return self._preflight(request)
+
+    @app.route("/api/v1/jobs", methods=["GET"])
+    async def list_jobs(self, request: IRequest) -> bytes:
+        self._cors(request)
+        states = []
+        for raw in (_arg(request, "state") or "").split(","):
+            if raw:
+                try:
+                    states.append(State(raw))
+                except ValueError:
+                    raise BadRequest(
+                        f"state {raw[:40]!r} is not one of {', '.join(s.value for s in State)}",
+                        code="invalid_query") from None
+        worker_id = _arg(request, "worker_id")
+        worker_group = _arg(request, "worker_group")
+        if worker_id is not None:
+            _worker_id(worker_id)
+        if worker_group is not None:
+            _worker_id(worker_group, "worker_group")
+        task_name = _arg(request, "task_name")
+        limit = _int_arg(request, "limit", 50, 1, 1000)
+        before = _arg(request, "before")
+        before_seq = None
+        if before:
+            before_seq = _int_arg(request, "before", 0, 1, 2**62)
+        jobs = await self.store.jobs.list(
+            worker_id=worker_id, worker_group=worker_group, task_name=task_name,
+            states=states, before=before_seq, limit=limit,
+        )
+        live = [self.queue.active(j.id) or j for j in jobs]
+        next_before = jobs[-1].seq if len(jobs) == limit else None
+        return _json(request, {"jobs": [j.to_json() for j in live], "next_before": next_before})
+
+    # -- tasks
+
+    @app.route("/api/v1/tasks", methods=["GET"])
+    def list_tasks(self, request: IRequest) -> bytes:
+        self._cors(request)
+        return _json(request, {"tasks": [t.to_json(t.name in self.allowed_tasks) for t in self.tasks]})
+
+    # -- machines
+
+    @app.route("/api/v1/machines", methods=["GET"])
+    async def list_machines(self, request: IRequest) -> bytes:
+        self._cors(request)
+        group = _arg(request, "worker_group")
+        if group is not None:
+            _worker_id(group, "worker_group")
+        limit = _int_arg(request, "limit", 100, 1, 1000)
+        offset = _int_arg(request, "offset", 0, 0, 10**9)
+        machines = await self.store.machines.list(
+            worker_group=group, pool=_arg(request, "pool"), q=_arg(request, "q"), limit=limit, offset=offset,
+        )
+        return _json(request, {"machines": [m.to_json() for m in machines], "offset": offset, "limit": limit})
+
+    @app.route("/api/v1/machines", methods=["POST"])
+    async def create_machine(self, request: IRequest) -> bytes:
+        self._cors(request)
+        principal = await self._authorize(request, self.scope_prefix + "inventory:write")
+        machine = Machine.from_json(_body(request, required=True))
+        await self.store.machines.insert(machine)
+        await self._audit(principal, request, "machine.create", f"{machine.worker_group}/{machine.worker_id}",
+                          "created", machine.to_json())
+        request.setHeader(b"Location", self._machine_url(machine))
+        return _json(request, machine.to_json(), 201)
+
+    @app.route("/api/v1/machines/<worker_group>/<worker_id>", methods=["GET"])
+    async def get_machine(self, request: IRequest, worker_group: str, worker_id: str) -> bytes:
+        self._cors(request)
+        machine = await self._machine(worker_group, worker_id)
+        return _json(request, machine.to_json())
+
+    @app.route("/api/v1/machines/<worker_group>/<worker_id>", methods=["PUT"])
+    async def put_machine(self, request: IRequest, worker_group: str, worker_id: str) -> bytes:
+        self._cors(request)
+        _worker_id(worker_group, "worker_group")
+        _worker_id(worker_id)
+        principal = await self._authorize(request, self.scope_prefix + "inventory:write")
+        machine = Machine.from_json(_body(request, required=True), worker_id=worker_id, worker_group=worker_group)
+        created = await self.store.machines.put(machine)
+        await self._audit(principal, request, "machine.put", f"{worker_group}/{worker_id}",
+                          "created" if created else "updated", machine.to_json())
+        return _json(request, machine.to_json(), 201 if created else 200)
+
+    @app.route("/api/v1/machines/<worker_group>/<worker_id>", methods=["DELETE"])
+    async def delete_machine(self, request: IRequest, worker_group: str, worker_id: str) -> bytes:
+        self._cors(request)
+        _worker_id(worker_group, "worker_group")
+        _worker_id(worker_id)
+        principal = await self._authorize(request, self.scope_prefix + "inventory:write")
+        if not await self.store.machines.delete(worker_group, worker_id):
+            raise NotFound(f"no machine {worker_id} in worker group {worker_group}", code="unknown_machine")
+        await self._audit(principal, request, "machine.delete", f"{worker_group}/{worker_id}", "deleted")
+        request.setResponseCode(204)
+        return b""
+
+    async def _machine(self, worker_group: str, worker_id: str) -> Machine:
+        _worker_id(worker_group, "worker_group")
+        _worker_id(worker_id)
+        machine = await self.store.machines.get(worker_group, worker_id)
+        if machine is None:
+            raise NotFound(f"no machine {worker_id} in worker group {worker_group}", code="unknown_machine")
+        return machine
+
+    @staticmethod
+    def _machine_url(m: Machine) -> bytes:
+        return f"/api/v1/machines/{quote(m.worker_group)}/{quote(m.worker_id)}".encode()
+
+    # -- the document and operations
+
+    @app.route("/api/v1/openapi.json", methods=["GET"])
+    def openapi_json(self, request: IRequest) -> bytes:
+        self._cors(request)
+        request.setHeader(b"Content-Type", b"application/json")
+        return json.dumps(self.openapi).encode()
+
+    @app.route("/__lbheartbeat__", methods=["GET"])
+    def lbheartbeat(self, request: IRequest) -> bytes:
+        return _json(request, {"status": "ok"})
+
+    @app.route("/__heartbeat__", methods=["GET"])
+    async def heartbeat(self, request: IRequest) -> bytes:
+        checks: dict[str, str] = {}
+        try:
+            await self.store.jobs.counts()
+            checks["database"] = "ok"
+        except Exception as e:  # the check reports any failure
+            log.failure("Heartbeat database check failed")
+            checks["database"] = f"error: {type(e).__name__}"
+        ok = all(v == "ok" for v in checks.values())
+        return _json(request, {"status": "ok" if ok else "error", "checks": checks,
+                               "queue": {"running": len(self.queue.running()), "queued": self.queue.depth}},
+                     200 if ok else 500)
+
+    @app.route("/__version__", methods=["GET"])
+    def version(self, request: IRequest) -> bytes:
+        return _json(request, {"name": "roller", "version": __version__, "source": "", "commit": ""})
