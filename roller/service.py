@@ -1,0 +1,131 @@
+"""
+RollerService: the store, the job queue and the web listeners, started and
+stopped in order on one reactor.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import ILogObserver, Logger
+from twisted.python.components import Componentized
+
+from roller.auth import AnonymousAuthenticator, IAuthenticator, UnconfiguredAuthenticator
+from roller.config import Settings
+from roller.demo import seed_demo_fleet
+from roller.logs import observer_for
+from roller.queue import JobQueue, QueueLimits
+from roller.secrets import Secrets, load_secrets
+from roller.store import Store, open_store
+from roller.tasks import builtin_tasks
+from roller.web.api import Api
+from roller.web.http import RollerSite
+
+log = Logger()
+
+
+def make_authenticator(settings: Settings) -> IAuthenticator:
+    if settings.auth_mode == "none":
+        return AnonymousAuthenticator()
+    return UnconfiguredAuthenticator(
+        "Taskcluster authentication is not available yet on this roller: "
+        "no request can be authenticated (set auth.mode = \"none\" on a loopback-only roller to develop)"
+    )
+
+
+def queue_limits(settings: Settings) -> QueueLimits:
+    return QueueLimits(
+        max_running=settings.max_running,
+        endpoint_max_running=settings.endpoint_max_running,
+        endpoint_min_interval=settings.endpoint_min_interval,
+        timeouts=dict(settings.task_timeouts),
+    )
+
+
+class RollerService(MultiService):
+    """
+    Opens the store, recovers and starts the queue, then listens.
+
+    @ivar ready: fires once roller is listening (with this service), or
+        fails if it could not start.
+    """
+
+    name = "roller"
+
+    def __init__(self, settings: Settings, reactor: Any):
+        super().__init__()
+        self.settings = settings
+        self.reactor = reactor
+        self.store: Store | None = None
+        self.queue: JobQueue | None = None
+        self.secrets: Secrets | None = None
+        self.ready: Deferred = Deferred()
+        self._starting: Deferred | None = None
+        self.ports: list[Any] = []
+        self.failed = False
+
+    def setServiceParent(self, parent: Any) -> None:
+        # twistd starts its logger after building the application, and uses
+        # an ILogObserver component of the application when there is one:
+        # that is how log.format = "json" reaches twistd.
+        if isinstance(parent, Componentized) and self.settings.log_format == "json":
+            parent.setComponent(ILogObserver, observer_for("json", sys.stdout))
+        super().setServiceParent(parent)
+
+    def startService(self) -> None:
+        super().startService()
+        self._starting = ensureDeferred(self._start())
+        self._starting.addCallbacks(lambda _: self.ready.callback(self), self._failed)
+
+    async def _start(self) -> None:
+        s = self.settings
+        self.secrets = load_secrets(s.secrets_file)
+        self.store = await open_store(s.db_path, self.reactor, synchronous=s.db_synchronous.upper())
+        if s.demo:
+            added = await seed_demo_fleet(self.store)
+            if added:
+                log.info("Demo fleet: added {count} loopback machines in worker group 'demo'", count=added)
+        tasks = builtin_tasks()
+        self.queue = JobQueue(self.store, tasks, self.reactor, limits=queue_limits(s),
+                              settings=s, secrets=self.secrets)
+        interrupted, requeued = await self.queue.start()
+        api = Api(
+            store=self.store, queue=self.queue, tasks=tasks, authenticator=make_authenticator(s),
+            allowed_tasks=s.allowed_tasks, scope_prefix=s.scope_prefix, cors_origins=s.cors_origins,
+            clock=self.reactor,
+        )
+        site = RollerSite(api.app.resource(), max_body=s.max_body, reactor=self.reactor)
+        site.noisy = False
+        for desc in s.listen:
+            self.ports.append(await serverFromString(self.reactor, desc).listen(site))
+            log.info("roller listening on {endpoint} (auth: {auth})", endpoint=desc, auth=s.auth_mode)
+
+    def _failed(self, failure: Any) -> None:
+        log.critical("roller could not start: {why}", why=failure.getErrorMessage())
+        self.failed = True
+        self.ready.errback(failure)
+        self.ready.addErrback(lambda f: None)
+        if getattr(self.reactor, "running", False):
+            self.reactor.stop()
+
+    async def _stop(self) -> None:
+        if self._starting is not None and not self._starting.called:
+            try:
+                await self._starting
+            except Exception:
+                pass
+        for port in self.ports:
+            await port.stopListening()
+        self.ports = []
+        await super().stopService()
+        if self.queue is not None:
+            await self.queue.stop()
+        if self.store is not None:
+            await self.store.close()
+
+    def stopService(self) -> Deferred:
+        return ensureDeferred(self._stop())

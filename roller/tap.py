@@ -1,0 +1,81 @@
+"""
+The twistd plugin's options and service: C{twistd -n roller --help}.
+
+With C{roller.tac}, the only place that picks the global reactor.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from twisted.python import usage
+
+from roller.config import ConfigError, Settings, load_settings
+from roller.secrets import SecretsError, load_secrets
+from roller.service import RollerService
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "roller, the Release Operations Controller: a REST API and job queue that pings, "
+        "reboots and power-cycles CI machines. Settings come from the TOML file given with "
+        "--config (or $ROLLER_CONFIG), then ROLLER_* environment variables, then these options."
+    )
+    optParameters = [
+        ["config", "c", None, "TOML configuration file."],
+        ["listen", "l", None,
+         "Twisted server endpoint to listen on (default tcp:8000:interface=127.0.0.1); "
+         "repeat or separate with spaces for several."],
+        ["db", "d", None, "SQLite database file (default STATE_DIR/roller.db)."],
+        ["state-dir", "s", None, "Directory for the database and secrets (default ./state)."],
+        ["auth", "a", None, "Authentication mode: taskcluster (default) or none (loopback only)."],
+    ]
+    optFlags = [
+        ["demo", None, "Add a small demo fleet of loopback machines and allow everything on loopback."],
+    ]
+
+    def overrides(self) -> dict[str, Any]:
+        return {
+            "server.listen": self["listen"],
+            "database.path": self["db"],
+            "state_dir": self["state-dir"],
+            "auth.mode": self["auth"],
+            "demo": "true" if self["demo"] else None,
+        }
+
+
+def settings_from_options(options: Options, environ: Any = None) -> Settings:
+    overrides = options.overrides()
+    env = os.environ if environ is None else environ
+    if options["demo"] and overrides["auth.mode"] is None and "ROLLER_AUTH_MODE" not in env:
+        overrides["auth.mode"] = "none"
+    return load_settings(options["config"], env, overrides)
+
+
+def exit_with(message: str) -> None:
+    """Print one readable line and exit non-zero: no traceback."""
+    sys.stderr.write(f"roller: {message}\n")
+    sys.stderr.flush()
+    raise SystemExit(2)
+
+
+def makeService(options: Options) -> RollerService:
+    from twisted.internet import reactor
+
+    try:
+        settings = settings_from_options(options)
+        load_secrets(settings.secrets_file)  # refuse a readable secrets file before starting
+    except (ConfigError, SecretsError) as e:
+        exit_with(str(e))
+    service = RollerService(settings, reactor)
+
+    def exit_if_failed() -> None:
+        if service.failed:
+            sys.stderr.flush()
+            os._exit(1)
+
+    reactor.addSystemEventTrigger("after", "shutdown", exit_if_failed)
+    return service

@@ -1,0 +1,37 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="roller",
+    version="0.1.0",
+    description="roller, the Release Operations Controller: one Twisted process that pings, "
+    "reboots, power-cycles and re-images CI machines",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["roller", "roller.*"]) + ["twisted.plugins"],
+    package_data={"twisted": ["plugins/roller_plugin.py"]},
+    include_package_data=True,
+    install_requires=[
+        "twisted[tls,conch]>=24.7,<27",
+        "klein>=24.8,<25",
+        "treq>=24.9,<27",
+        "pysnmp>=7.1,<8",
+        "jinja2>=3.1,<4",
+        "attrs>=23.2",
+        "zope.interface>=6",
+        "werkzeug>=3",
+        "tomli-w>=1.0,<2",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-twisted>=1.14",
+            "schemathesis>=4,<5",
+            "openapi-spec-validator>=0.7",
+            "mohawk>=1.1",
+            "psutil>=5.9",
+        ],
+    },
+    entry_points={"console_scripts": ["roller = roller.cli:main"]},
+    classifiers=["Framework :: Twisted", "Programming Language :: Python :: 3"],
+)
