@@ -21,14 +21,13 @@ from typing import Any, Callable
 import pytest
 import pytest_twisted
 from attrs import evolve
-from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.python.failure import Failure
 
 from roller.errors import Conflict
 from roller.inventory import Machine
 from roller.jobs import Job, JobEvent, State, new_job_id
 from roller.store import AuditEntry, Store, StoreError, open_store
-from roller.store.db import Database
 from roller.store.schema import MIGRATIONS
 from roller.testing.syncdb import SyncClock, sync_database, sync_store
 

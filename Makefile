@@ -1,0 +1,36 @@
+# Two commands set up everything on a fresh Debian machine:
+#   make run    roller with a demo fleet on http://127.0.0.1:8000
+#   make test   the test suite (what CI runs)
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+# Debian packages roller and its tests drive for real.
+APT_PACKAGES := python3-venv iputils-ping
+SOURCES := $(shell find roller twisted -name '*.py') setup.py roller.tac
+
+.PHONY: run test system-deps venv clean
+
+run: system-deps venv
+	$(VENV)/bin/twistd -n --pidfile= roller --demo $(ARGS)
+
+test: system-deps venv
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: $(SOURCES)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -U pip
+	$(PY) -m pip install -q --disable-pip-version-check '.[test]'
+	@touch $@
+
+system-deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q $$missing; \
+	fi
+
+clean:
+	rm -rf $(VENV) build *.egg-info

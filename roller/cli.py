@@ -1,0 +1,218 @@
+"""
+The C{roller} command: run a task now, import legacy inventory, list
+machines and jobs.  It works on the same database and secrets file as the
+daemon (settings resolved the same way: --config, ROLLER_*, options).
+
+    roller run ping demo-1              # the seed's `manage.py ping host`
+    roller import ipmi.json --group mdc1
+    roller machines --group mdc1
+    roller jobs --state failed
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Sequence
+
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.task import react
+
+from roller.config import ConfigError, Settings, load_settings
+from roller.errors import RollerError
+from roller.jobs import JobEvent, State, iso
+from roller.legacy_import import ImportFormatError, plan_import
+from roller.queue import JobQueue
+from roller.secrets import SecretsError, load_secrets, write_secrets
+from roller.store import Store, StoreError, open_store
+from roller.tasks import builtin_tasks
+
+
+class CliError(Exception):
+    """A readable message; exit status 2."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="roller", description="roller, the Release Operations Controller")
+    p.add_argument("--config", help="TOML configuration file (default $ROLLER_CONFIG)")
+    p.add_argument("--db", help="SQLite database (default STATE_DIR/roller.db)")
+    p.add_argument("--state-dir", help="state directory (default ./state)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run one task on one machine now, in this process, and show its log")
+    run.add_argument("task")
+    run.add_argument("worker_id")
+    run.add_argument("--group", help="worker group (needed when the worker id is in several)")
+    run.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                     help="task parameter (VALUE parsed as JSON when it can be)")
+    run.add_argument("--reason", default="", help="why (recorded with the job)")
+
+    imp = sub.add_parser("import", help="import a legacy inventory file (ipmi.json, xen.json, WORKER_CONFIG)")
+    imp.add_argument("file")
+    imp.add_argument("--group", default="legacy", help="worker group for new machines (default legacy)")
+    imp.add_argument("--dry-run", action="store_true", help="report what would change; change nothing")
+    imp.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    m = sub.add_parser("machines", help="list machines")
+    m.add_argument("--group")
+    m.add_argument("--pool")
+    m.add_argument("--search", "-q")
+    m.add_argument("--limit", type=int, default=1000)
+    m.add_argument("--json", action="store_true")
+
+    j = sub.add_parser("jobs", help="list jobs, newest first")
+    j.add_argument("--state", help="comma-separated states: " + ",".join(s.value for s in State))
+    j.add_argument("--worker")
+    j.add_argument("--task")
+    j.add_argument("--limit", type=int, default=50)
+    j.add_argument("--json", action="store_true")
+    return p
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config, None, {"database.path": args.db, "state_dir": args.state_dir})
+
+
+def _param(text: str) -> tuple[str, Any]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise CliError(f"--param {text!r}: expected NAME=VALUE")
+    try:
+        return name, json.loads(value)
+    except ValueError:
+        return name, value
+
+
+async def _with_store(reactor: Any, settings: Settings, fn: Any) -> int:
+    store = await open_store(settings.db_path, reactor, synchronous=settings.db_synchronous.upper())
+    try:
+        return await fn(store)
+    finally:
+        await store.close()
+
+
+async def cmd_run(reactor: Any, settings: Settings, args: argparse.Namespace, out: Any) -> int:
+    params = dict(_param(p) for p in args.param)
+
+    async def go(store: Store) -> int:
+        if args.group:
+            machine = await store.machines.get(args.group, args.worker_id)
+            machines = [machine] if machine else []
+        else:
+            machines = await store.machines.by_worker_id(args.worker_id)
+        if not machines:
+            raise CliError(f"no machine {args.worker_id}" + (f" in group {args.group}" if args.group else ""))
+        if len(machines) > 1:
+            raise CliError(f"{args.worker_id} is in several groups "
+                           f"({', '.join(m.worker_group for m in machines)}): pass --group")
+        tasks = builtin_tasks()
+        if args.task not in tasks:
+            raise CliError(f"unknown task {args.task!r} (known: {', '.join(tasks.names())})")
+        queue = JobQueue(store, tasks, reactor, secrets=load_secrets(settings.secrets_file))
+
+        def show(job: Any, event: JobEvent) -> None:
+            if event.kind == "log":
+                out.write(f"  {event.message}\n")
+            else:
+                out.write(f"[{job.state.value}] {event.message}\n")
+            out.flush()
+
+        queue.subscribe(show)
+        job, _ = await queue.submit(args.task, machines[0], params=params, requester="cli", reason=args.reason)
+        final = await queue.wait(job.id)
+        out.write(f"job {final.id}: {final.state.value}\n")
+        return 0 if final.state is State.succeeded else 1
+
+    return await _with_store(reactor, settings, go)
+
+
+async def cmd_import(reactor: Any, settings: Settings, args: argparse.Namespace, out: Any) -> int:
+    try:
+        with open(args.file, encoding="utf-8") as f:
+            data = json.load(f)
+    except OSError as e:
+        raise CliError(f"cannot read {args.file}: {e.strerror}") from None
+    except ValueError as e:
+        raise CliError(f"{args.file} is not valid JSON: {e}") from None
+
+    async def go(store: Store) -> int:
+        existing = {m.key: m for m in await store.machines.list(limit=10**9)}
+        plan = plan_import(data, existing, args.group)
+        secrets = load_secrets(settings.secrets_file)
+        merged = secrets.merged(plan.credentials) if plan.credentials else secrets
+        if not args.dry_run:
+            if plan.credentials:
+                write_secrets(settings.secrets_file, merged)
+            await store.machines.put_many(list(plan.machines()))
+        if args.json:
+            out.write(json.dumps(plan.to_json(), indent=2) + "\n")
+        else:
+            for e in plan.entries:
+                name = f"{e.machine.worker_group}/{e.machine.worker_id}" if e.machine else ""
+                out.write(f"{e.action:<10} {e.source_key:<40} {name}{'  ' if name else ''}{e.reason}\n")
+            out.write(("(dry run) " if args.dry_run else "") + plan.summary() + "\n")
+        return 1 if any(e.action == "rejected" for e in plan.entries) else 0
+
+    return await _with_store(reactor, settings, go)
+
+
+async def cmd_machines(reactor: Any, settings: Settings, args: argparse.Namespace, out: Any) -> int:
+    async def go(store: Store) -> int:
+        machines = await store.machines.list(worker_group=args.group, pool=args.pool, q=args.search,
+                                             limit=args.limit)
+        if args.json:
+            out.write(json.dumps([m.to_json() for m in machines], indent=2) + "\n")
+            return 0
+        for m in machines:
+            methods = ",".join(k for k in ("ssh", "ipmi", "pdu", "redfish", "xen") if getattr(m, k))
+            out.write(f"{m.worker_group:<16} {m.worker_id:<32} {m.address or '-':<24} "
+                      f"{m.pool or '-':<16} {methods or '-'}\n")
+        out.write(f"{len(machines)} machine(s)\n")
+        return 0
+
+    return await _with_store(reactor, settings, go)
+
+
+async def cmd_jobs(reactor: Any, settings: Settings, args: argparse.Namespace, out: Any) -> int:
+    try:
+        states = [State(s) for s in (args.state or "").split(",") if s]
+    except ValueError as e:
+        raise CliError(f"--state: {e}") from None
+
+    async def go(store: Store) -> int:
+        jobs = await store.jobs.list(worker_id=args.worker, task_name=args.task, states=states, limit=args.limit)
+        if args.json:
+            out.write(json.dumps([j.to_json() for j in jobs], indent=2) + "\n")
+            return 0
+        for j in jobs:
+            outcome = j.result if j.error is None else j.error
+            out.write(f"{iso(j.created_at)}  {j.id}  {j.task_name:<12} {j.worker_group}/{j.worker_id:<24} "
+                      f"{j.state.value:<11} {outcome or ''}\n")
+        out.write(f"{len(jobs)} job(s)\n")
+        return 0
+
+    return await _with_store(reactor, settings, go)
+
+
+COMMANDS = {"run": cmd_run, "import": cmd_import, "machines": cmd_machines, "jobs": cmd_jobs}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+
+    async def run(reactor: Any) -> None:
+        try:
+            settings = _settings(args)
+            code = await COMMANDS[args.command](reactor, settings, args, sys.stdout)
+        except (CliError, ConfigError, SecretsError, StoreError, ImportFormatError, RollerError) as e:
+            sys.stderr.write(f"roller {args.command}: {getattr(e, 'message', None) or e}\n")
+            code = 2
+        if code:
+            raise SystemExit(code)
+
+    react(lambda reactor: ensureDeferred(run(reactor)))
+
+
+if __name__ == "__main__":
+    main()
