@@ -175,10 +175,12 @@ async def cmd_machines(reactor: Any, settings: Settings, args: argparse.Namespac
 
 
 async def cmd_jobs(reactor: Any, settings: Settings, args: argparse.Namespace, out: Any) -> int:
-    try:
-        states = [State(s) for s in (args.state or "").split(",") if s]
-    except ValueError as e:
-        raise CliError(f"--state: {e}") from None
+    states = []
+    for name in (args.state or "").split(","):
+        if name and name not in State.__members__:
+            raise CliError(f"--state: {name!r} is not one of {', '.join(State.__members__)}")
+        if name:
+            states.append(State(name))
 
     async def go(store: Store) -> int:
         jobs = await store.jobs.list(worker_id=args.worker, task_name=args.task, states=states, limit=args.limit)

@@ -1,0 +1,111 @@
+"""Settings: defaults < TOML < ROLLER_* < options, and clear errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from roller.config import ConfigError, endpoint_is_local, env_name, load_settings
+
+
+def write(tmp_path, text: str) -> str:
+    path = tmp_path / "roller.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_defaults_just_work():
+    s = load_settings(None, {}, {})
+    assert s.listen == ("tcp:8000:interface=127.0.0.1",)
+    assert s.db_path == "state/roller.db"
+    assert s.secrets_file == "state/secrets.toml"
+    assert s.auth_mode == "taskcluster"
+    assert s.allowed_tasks == ("ping",)
+
+
+def test_precedence_file_env_options(tmp_path):
+    path = write(tmp_path, '[queue]\nmax_running = 5\nendpoint_min_interval = 2.5\n'
+                           '[database]\npath = "/tmp/from-file.db"\n')
+    s = load_settings(path, {}, {})
+    assert (s.max_running, s.endpoint_min_interval, s.db_path) == (5, 2.5, "/tmp/from-file.db")
+    s = load_settings(path, {"ROLLER_QUEUE_MAX_RUNNING": "7"}, {})
+    assert s.max_running == 7
+    s = load_settings(path, {"ROLLER_DATABASE_PATH": "/tmp/env.db"}, {"database.path": "/tmp/opt.db"})
+    assert s.db_path == "/tmp/opt.db"
+
+
+def test_config_file_from_environment(tmp_path):
+    path = write(tmp_path, 'state_dir = "/srv/roller"\n')
+    s = load_settings(None, {"ROLLER_CONFIG": path}, {})
+    assert s.db_path == "/srv/roller/roller.db"
+    assert s.config_file == path
+
+
+@pytest.mark.parametrize(
+    "source, key",
+    [
+        ({"ROLLER_QUEUE_MAX_RUNNING": "abc"}, "queue.max_running"),
+        ({"ROLLER_QUEUE_MAX_RUNNING": "0"}, "queue.max_running"),
+        ({"ROLLER_QUEUE_ENDPOINT_MIN_INTERVAL": "-1"}, "queue.endpoint_min_interval"),
+        ({"ROLLER_AUTH_MODE": "open"}, "auth.mode"),
+        ({"ROLLER_DEMO": "maybe"}, "demo"),
+        ({"ROLLER_SERVER_LISTEN": "carrier-pigeon:1"}, "server.listen"),
+        ({"ROLLER_TASKS_ALLOWED": "ping,nuke"}, "tasks.allowed"),
+        ({"ROLLER_TASKS_TIMEOUTS": "ping"}, "tasks.timeouts"),
+    ],
+)
+def test_bad_environment_value_names_key(source, key):
+    with pytest.raises(ConfigError) as e:
+        load_settings(None, source, {})
+    assert e.value.key == key
+    assert str(e.value).startswith(f"configuration error: {key}")
+    assert "\n" not in str(e.value)
+
+
+def test_bad_file_values(tmp_path):
+    with pytest.raises(ConfigError, match=r"queue.max_running .*must be an integer"):
+        load_settings(write(tmp_path, '[queue]\nmax_running = "many"\n'), {}, {})
+    with pytest.raises(ConfigError, match="unknown setting"):
+        load_settings(write(tmp_path, '[queue]\nmax_runing = 3\n'), {}, {})
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_settings(write(tmp_path, '[queue\n'), {}, {})
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(str(tmp_path / "missing.toml"), {}, {})
+
+
+def test_timeouts_table(tmp_path):
+    s = load_settings(write(tmp_path, '[tasks]\ntimeouts = { ping = 12 }\n'), {}, {})
+    assert s.task_timeouts == {"ping": 12.0}
+    assert load_settings(None, {"ROLLER_TASKS_TIMEOUTS": "ping=3"}, {}).task_timeouts == {"ping": 3.0}
+
+
+def test_auth_none_only_on_loopback():
+    assert load_settings(None, {}, {"auth.mode": "none"}).auth_mode == "none"
+    with pytest.raises(ConfigError) as e:
+        load_settings(None, {}, {"auth.mode": "none", "server.listen": "tcp:8000"})
+    assert e.value.key == "auth.mode"
+    with pytest.raises(ConfigError):
+        load_settings(None, {}, {"auth.mode": "none",
+                                 "server.listen": "tcp:8000:interface=127.0.0.1 tcp:8001:interface=10.1.2.3"})
+    s = load_settings(None, {}, {"auth.mode": "none", "server.listen": "tcp:8000:interface=\\:\\:1"})
+    assert s.listen == ("tcp:8000:interface=\\:\\:1",)
+
+
+@pytest.mark.parametrize(
+    "desc, local",
+    [
+        ("tcp:80:interface=127.0.0.1", True),
+        ("tcp:80:interface=127.1.2.3", True),
+        ("tcp6:80:interface=\\:\\:1", True),
+        ("unix:/tmp/roller.sock", True),
+        ("tcp:80", False),
+        ("tcp:80:interface=0.0.0.0", False),
+        ("tcp:80:interface=192.0.2.1", False),
+    ],
+)
+def test_endpoint_is_local(desc, local):
+    assert endpoint_is_local(desc) is local
+
+
+def test_env_name():
+    assert env_name("queue.max_running") == "ROLLER_QUEUE_MAX_RUNNING"
+    assert env_name("state_dir") == "ROLLER_STATE_DIR"
