@@ -1,29 +1,62 @@
 """
 Log observers: human-readable text by default, one JSON object per line
-when C{log.format = "json"}.
+when C{log.format = "json"} (time, level, namespace, message and the
+event's own structured fields, ready for a log pipeline).
 """
 
 from __future__ import annotations
 
-from typing import IO
+import json
+from datetime import datetime, timezone
+from typing import IO, Any
 
 from twisted.logger import (
     FilteringLogObserver,
     ILogObserver,
     LogLevel,
     LogLevelFilterPredicate,
-    jsonFileLogObserver,
+    formatEvent,
     textFileLogObserver,
 )
+from zope.interface import implementer
+
+
+def _plain(value: Any) -> Any:
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return str(value)
+
+
+def event_as_json(event: dict) -> str:
+    out: dict[str, Any] = {
+        "time": datetime.fromtimestamp(event.get("log_time", 0), timezone.utc).isoformat(timespec="milliseconds"),
+        "level": getattr(event.get("log_level"), "name", "info"),
+        "namespace": event.get("log_namespace", "-"),
+        "message": formatEvent(event),
+    }
+    for key, value in event.items():
+        if not key.startswith("log_") and key not in out and not key.startswith("_"):
+            out[key] = _plain(value)
+    failure = event.get("log_failure")
+    if failure is not None:
+        out["failure"] = failure.getTraceback()
+    return json.dumps(out, separators=(",", ":"))
+
+
+@implementer(ILogObserver)
+class JsonLinesObserver:
+    def __init__(self, out: IO[str]):
+        self._out = out
+
+    def __call__(self, event: dict) -> None:
+        self._out.write(event_as_json(event) + "\n")
+        self._out.flush()
 
 
 def observer_for(fmt: str, out: IO[str], level: LogLevel = LogLevel.info) -> ILogObserver:
-    base = jsonFileLogObserver(out, recordSeparator="") if fmt == "json" else textFileLogObserver(out)
+    base = JsonLinesObserver(out) if fmt == "json" else textFileLogObserver(out)
     return FilteringLogObserver(base, [LogLevelFilterPredicate(defaultLogLevel=level)])
-
-
-def json_observer() -> ILogObserver:
-    """For C{twistd --logger roller.logs.json_observer}."""
-    import sys
-
-    return observer_for("json", sys.stdout)

@@ -317,7 +317,10 @@ class RollerProcess:
         return self.process is not None and self.process.poll() is None
 
     def stop(self, timeout: float = 10.0) -> int | None:
-        """SIGTERM, then SIGKILL after C{timeout}; its exit status."""
+        """
+        SIGTERM, then SIGKILL after C{timeout}; its exit status (after a
+        clean SIGTERM shutdown twistd re-raises the signal: C{-SIGTERM}).
+        """
         if self.process is None:
             return None
         if self.process.poll() is None:
@@ -415,5 +418,5 @@ class RollerProcess:
             last.update(self.json("GET", f"/api/v1/jobs/{task_id}"))
             return dict(last) if last.get("state") in final else None
 
-        return wait_for(done, timeout, f"job {task_id} to reach {sorted(final)}", interval=0.1,
+        return wait_for(done, timeout, f"job {task_id} to reach {sorted(final)}", interval=0.2,
                         describe=lambda: f"last seen: {json.dumps(last)[:2000]}\n{self.log_tail()}")

@@ -262,7 +262,7 @@ class Api:
                               {"params": job.params, "priority": priority, "reason": reason})
         request.setHeader(b"Location", f"/api/v1/jobs/{job.id}".encode())
         body = {"task_name": task_name, "worker_id": machine.worker_id,
-                "worker_group": machine.worker_group, "task_id": job.id,
+                "worker_group": machine.worker_group, "task_id": job.id, **extra,
                 "state": job.state.value}
         return _json(request, body, 201 if created else 200)
 

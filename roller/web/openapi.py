@@ -414,7 +414,7 @@ def _job_schemas(tasks: Any, allowed: tuple[str, ...]) -> dict[str, Schema]:
     task_names = sorted({t.name for t in tasks} | set(allowed))
     nullable_str = {"type": ["string", "null"]}
     ts = {"type": "string", "format": "date-time"}
-    job = _object({
+    job_properties: dict[str, Schema] = {
         "task_id": {"type": "string", "format": "uuid"},
         "task_name": {"type": "string", "enum": task_names} if task_names else {"type": "string"},
         "worker_id": {"type": "string"},
@@ -433,8 +433,8 @@ def _job_schemas(tasks: Any, allowed: tuple[str, ...]) -> dict[str, Schema]:
         "duration_s": {"type": ["number", "null"], "minimum": 0},
         "result": nullable_str,
         "error": nullable_str,
-    }, ["task_id", "task_name", "worker_id", "worker_group", "state", "priority", "params", "requester",
-        "origin_ip", "reason", "created", "started", "finished", "duration_s", "result", "error"])
+    }
+    job_required = list(job_properties)
     event = _object({
         "id": {"type": "integer"},
         "time": ts,
@@ -451,15 +451,13 @@ def _job_schemas(tasks: Any, allowed: tuple[str, ...]) -> dict[str, Schema]:
     }
     created_req = ["task_name", "worker_id", "worker_group", "task_id", "state"]
     return {
-        "Job": job,
+        "Job": _object(job_properties, job_required, description="One run of a task on a machine."),
         "JobEvent": event,
-        "JobWithEvents": {
-            "allOf": [_ref("Job")],
-            "type": "object",
-            "properties": {"events": {"type": "array", "items": _ref("JobEvent"), "maxItems": 1000}},
-            "required": ["events"],
-            "unevaluatedProperties": False,
-        },
+        "JobWithEvents": _object(
+            {**job_properties,
+             "events": {"type": "array", "items": _ref("JobEvent"), "maxItems": 1000,
+                        "description": "state changes and log lines, oldest first"}},
+            [*job_required, "events"], description="A job and its first 1000 events."),
         "JobList": _object({
             "jobs": {"type": "array", "items": _ref("Job")},
             "next_before": {"type": ["integer", "null"], "minimum": 1,
@@ -767,7 +765,6 @@ def openapi_document(tasks: Any, allowed: tuple[str, ...], version: str) -> dict
             "summary": "Release Operations Controller: ping, reboot, power and re-image RelOps machines.",
             "description": "Errors are `{\"error\": code, \"message\": text}` with the status. Operations "
                            "that change anything need Hawk credentials; reads are open.",
-            "license": {"name": "MPL-2.0", "identifier": "MPL-2.0"},
         },
         "tags": [
             {"name": "jobs", "description": "Running tasks on machines."},

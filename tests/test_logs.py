@@ -1,0 +1,31 @@
+import io
+import json
+
+from twisted.logger import Logger, LogPublisher
+
+from roller.logs import observer_for
+
+
+def test_json_lines_carry_message_and_fields():
+    out = io.StringIO()
+    pub = LogPublisher(observer_for("json", out))
+    log = Logger(namespace="roller.test", observer=pub)
+    log.info("Job {job_id} queued for {worker}", job_id="j1", worker="w1")
+    log.debug("hidden at the default level")
+    try:
+        1 / 0
+    except ZeroDivisionError:
+        log.failure("Job {job_id} crashed", job_id="j2")
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2
+    first, second = map(json.loads, lines)
+    assert first["message"] == "Job j1 queued for w1"
+    assert (first["level"], first["namespace"], first["job_id"], first["worker"]) == ("info", "roller.test", "j1", "w1")
+    assert second["level"] == "critical" and "ZeroDivisionError" in second["failure"]
+
+
+def test_text_is_human_readable():
+    out = io.StringIO()
+    log = Logger(namespace="roller.test", observer=LogPublisher(observer_for("text", out)))
+    log.info("Job {job_id} queued", job_id="j1")
+    assert "[roller.test#info] Job j1 queued" in out.getvalue()
