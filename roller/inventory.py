@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from attrs import asdict, evolve, field, frozen
 
@@ -52,7 +52,7 @@ NOTES_MAX = 4000
 
 
 def valid_worker_id(value: str) -> bool:
-    return isinstance(value, str) and WORKER_ID_RE.match(value) is not None
+    return isinstance(value, str) and WORKER_ID_RE.fullmatch(value) is not None
 
 
 # -- small field parsers: each takes (path, value) and returns the clean value
@@ -61,7 +61,7 @@ def valid_worker_id(value: str) -> bool:
 def _str(path: str, value: Any, pattern: re.Pattern | None = None, what: str = "") -> str:
     if not isinstance(value, str):
         raise ValidationError(path, f"must be a string, got {_typename(value)}")
-    if pattern is not None and not pattern.match(value):
+    if pattern is not None and not pattern.fullmatch(value):
         raise ValidationError(path, f"{what or 'value'} {value[:80]!r} is not valid")
     return value
 
@@ -76,7 +76,7 @@ def _host(path: str, value: Any) -> str:
         return str(ipaddress.ip_address(value))
     except ValueError:
         pass
-    if not HOSTNAME_RE.match(value):
+    if not HOSTNAME_RE.fullmatch(value):
         raise ValidationError(path, f"{value[:80]!r} is neither an IP address nor a host name")
     return value.lower()
 
@@ -188,7 +188,7 @@ class IpmiAccess:
         d = _section(path, data, {"host", "port", "credential", "interface", "bridge"})
         bridge = d.get("bridge") or ()
         if not isinstance(bridge, (list, tuple)) or not all(
-            isinstance(a, str) and re.match(r"^(-[BbTt]|0x[0-9a-fA-F]{1,2}|[0-9]{1,3})$", a) for a in bridge
+            isinstance(a, str) and re.fullmatch(r"(-[BbTt]|0x[0-9a-fA-F]{1,2}|[0-9]{1,3})", a) for a in bridge
         ):
             raise ValidationError(f"{path}.bridge", "must be a list of ipmitool bridge arguments (-B/-b/-T/-t and values)")
         return cls(
@@ -408,4 +408,3 @@ def _listify(inst: Any, attribute: Any, value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-MachineFilter = Callable[[Machine], bool]

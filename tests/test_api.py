@@ -10,8 +10,7 @@ wants.  No reactor is run and nothing sleeps.
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
-from urllib.parse import quote
+from typing import Any
 
 import attrs
 import pytest
@@ -764,9 +763,6 @@ def test_bad_job_post(env: Env, url: str, body: bytes | None, status: int, code:
     _assert_nothing_queued(env)
 
 
-@pytest.mark.xfail(reason="roller/inventory.py WORKER_ID_RE ends in '$', which also matches before a "
-                          "trailing newline: 'm1\\n' passes valid_worker_id (use \\Z or fullmatch)",
-                   strict=False)
 @pytest.mark.parametrize("url", [
     tc_url("m1%0A", "g1", "task_name=reboot"),
     "/api/v1/jobs?tc_worker_id=m1%0A&task_name=reboot",
