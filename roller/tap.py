@@ -26,9 +26,6 @@ class Options(usage.Options):
     )
     optParameters = [
         ["config", "c", None, "TOML configuration file."],
-        ["listen", "l", None,
-         "Twisted server endpoint to listen on (default tcp:8000:interface=127.0.0.1); "
-         "repeat or separate with spaces for several."],
         ["db", "d", None, "SQLite database file (default STATE_DIR/roller.db)."],
         ["state-dir", "s", None, "Directory for the database and secrets (default ./state)."],
         ["auth", "a", None, "Authentication mode: taskcluster (default) or none (loopback only)."],
@@ -37,9 +34,22 @@ class Options(usage.Options):
         ["demo", None, "Add a small demo fleet of loopback machines and allow everything on loopback."],
     ]
 
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+
+    def opt_listen(self, endpoint: str) -> None:
+        """
+        Twisted server endpoint to listen on (default
+        tcp:8000:interface=127.0.0.1); repeat for several.
+        """
+        self["listen"].append(endpoint)
+
+    opt_l = opt_listen
+
     def overrides(self) -> dict[str, Any]:
         return {
-            "server.listen": self["listen"],
+            "server.listen": " ".join(self["listen"]) or None,
             "database.path": self["db"],
             "state_dir": self["state-dir"],
             "auth.mode": self["auth"],

@@ -14,8 +14,6 @@ import pytest
 
 from roller.testing.process import REPO_ROOT, RollerProcess, free_port, run_twistd
 
-FINAL = {"succeeded", "failed", "cancelled", "timed_out", "interrupted"}
-
 needs_ping = pytest.mark.skipif(
     shutil.which("ping", path="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin") is None,
     reason="needs the ping binary (iputils-ping)",

@@ -189,8 +189,8 @@ class RollerProcess:
     One roller child process.
 
     @param args: Arguments after C{roller} (e.g. C{["--auth", "none"]});
-        C{--listen} (unless C{listen} is false) and C{--state-dir} (unless
-        C{state_dir} is C{None} and C{tac} is given) are added.
+        C{--listen tcp:PORT:interface=127.0.0.1 --state-dir STATE_DIR} come
+        before them.  (L{db_path} assumes no C{--db} among them.)
     @param state_dir: Its state directory; a fresh temporary one if C{None}.
     @param port: The loopback port; a free one if C{None}.
     @param env: Extra environment variables.
@@ -335,12 +335,17 @@ class RollerProcess:
         return self.process.returncode
 
     def kill(self) -> int | None:
-        """C{kill -9} roller itself (not its children); its exit status."""
+        """
+        C{kill -9} roller itself; its exit status.  What it had spawned is
+        then killed too (by process group), rather than left to run on.
+        """
         if self.process is None:
             return None
         if self.process.poll() is None:
             self.process.kill()
         self.process.wait(10)
+        self._reap_group()
+        self._close_log()
         return self.process.returncode
 
     def _reap_group(self) -> None:
