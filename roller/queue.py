@@ -56,6 +56,7 @@ class JobQueue:
         limits: QueueLimits = QueueLimits(),
         settings: Any = None,
         secrets: Any = None,
+        drivers: Any = None,
     ):
         self._store = store
         self._tasks = tasks
@@ -63,6 +64,7 @@ class JobQueue:
         self._limits = limits
         self._settings = settings
         self._secrets = secrets
+        self._drivers = drivers
         self._accepting = True
         self._jobs: dict[str, Job] = {}  # queued and running
         self._machines: dict[str, Machine] = {}  # job id -> machine snapshot
@@ -165,13 +167,15 @@ class JobQueue:
         origin_ip: str | None = None,
         reason: str = "",
         priority: int = 50,
+        audit: Callable[[Job], Any] | None = None,
     ) -> tuple[Job, bool]:
         """
         Queue C{task_name} on C{machine}; (job, created).
 
         If the machine already has this task queued or running, that job is
         returned with C{created} False instead of a duplicate.  The job is
-        committed to the store before this returns.
+        committed to the store before this returns, with the audit entry
+        C{audit(job)} makes, if given, in the same transaction.
         """
         if not self._accepting:
             raise UnavailableError("roller is shutting down and not accepting jobs", code="shutting_down")
@@ -196,7 +200,7 @@ class JobQueue:
         event = JobEvent(job.id, now, "state", f"queued by {requester}", {"state": "queued"})
         self._submitting[key] = []
         try:
-            job = await self._store.jobs.insert(job, event)
+            job = await self._store.jobs.insert(job, event, audit(job) if audit else None)
         except BaseException:
             for d in self._submitting.pop(key):
                 d.errback()
@@ -325,7 +329,7 @@ class JobQueue:
         ctx = TaskContext(
             job=job, machine=machine, reactor=self._reactor,
             log=lambda message, **data: self._log(job.id, message, data),
-            settings=self._settings, secrets=self._secrets,
+            settings=self._settings, secrets=self._secrets, drivers=self._drivers,
         )
         d = Deferred.fromCoroutine(spec.run(ctx, job.params))
         d.addTimeout(self._limits.timeouts.get(spec.name, spec.timeout), self._reactor)

@@ -928,3 +928,25 @@ async def test_threaded_read_and_write_after_close_fail(tmp_path: Path) -> None:
         d.addTimeout(10, reactor)
         with pytest.raises(StoreError):
             await d
+
+
+# -- the in-memory inventory and changes made by another process
+
+
+def test_machines_written_elsewhere_appear_after_refresh(tmp_path: Path) -> None:
+    path = str(tmp_path / "shared.db")
+    daemon, _ = sync_store(path)
+    cli, _ = sync_store(path)  # e.g. `roller import` in another process
+    assert result_of(daemon.machines.refresh()) is False
+    result_of(cli.machines.put(machine("w9")))
+    assert result_of(daemon.machines.get("mdc1", "w9")) is None
+    assert result_of(daemon.machines.refresh()) is True
+    assert result_of(daemon.machines.get("mdc1", "w9")).worker_id == "w9"
+    assert [m.worker_id for m in result_of(daemon.machines.by_worker_id("w9"))] == ["w9"]
+    result_of(cli.machines.delete("mdc1", "w9"))
+    assert result_of(daemon.machines.refresh()) is True
+    assert result_of(daemon.machines.get("mdc1", "w9")) is None
+    # its own writes need no refresh, and do not trigger a reload
+    result_of(daemon.machines.put(machine("w10")))
+    assert result_of(daemon.machines.get("mdc1", "w10")) is not None
+    assert result_of(daemon.machines.refresh()) is False

@@ -39,4 +39,10 @@ async def open_store(path: str, reactor: Any, *, synchronous: str = "NORMAL", db
     except Exception:
         await db.close()
         raise
-    return Store(db=db, machines=MachineTable(db, reactor), jobs=JobTable(db), audit=AuditTable(db))
+    store = Store(db=db, machines=MachineTable(db, reactor), jobs=JobTable(db), audit=AuditTable(db))
+    try:
+        await store.machines.load()
+    except Exception:
+        await db.close()
+        raise
+    return store

@@ -30,20 +30,22 @@ class AuditEntry:
         }
 
 
+def add_audit(c: Cursor, entry: AuditEntry) -> None:
+    """Write C{entry} with cursor C{c} (inside another write's transaction)."""
+    c.execute(
+        "INSERT INTO audit (time, actor, source_ip, action, target, params, result)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (entry.time, entry.actor, entry.source_ip, entry.action, entry.target,
+         None if entry.params is None else json.dumps(entry.params), entry.result),
+    )
+
+
 class AuditTable:
     def __init__(self, db: Database):
         self._db = db
 
     def add(self, entry: AuditEntry) -> "Deferred[None]":
-        def run(c: Cursor) -> None:
-            c.execute(
-                "INSERT INTO audit (time, actor, source_ip, action, target, params, result)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (entry.time, entry.actor, entry.source_ip, entry.action, entry.target,
-                 None if entry.params is None else json.dumps(entry.params), entry.result),
-            )
-
-        return self._db.write(run)
+        return self._db.write(add_audit, entry)
 
     def list(self, *, target: str | None = None, before: int | None = None, limit: int = 100) -> "Deferred[list[AuditEntry]]":
         where, args = [], []

@@ -77,6 +77,10 @@ class Database:
         )
         return cls(pool)
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def read(self, fn: Callable[..., T], *args: Any) -> "Deferred[T]":
         """Run C{fn(cursor, *args)} on the database thread; its result."""
         if self._closed:
@@ -116,16 +120,22 @@ class Database:
         def run(conn: Any) -> list[tuple[bool, Any]]:
             outcomes: list[tuple[bool, Any]] = []
             cursor = conn.cursor()
+            single = len(batch) == 1  # a lone write needs no savepoint of its own
             cursor.execute("BEGIN IMMEDIATE")
             try:
                 for i, (fn, args, _) in enumerate(batch):
-                    cursor.execute(f"SAVEPOINT w{i}")
+                    if not single:
+                        cursor.execute(f"SAVEPOINT w{i}")
                     try:
                         outcomes.append((True, fn(cursor, *args)))
                     except Exception as e:
+                        if single:
+                            cursor.execute("ROLLBACK")
+                            return [(False, e)]
                         cursor.execute(f"ROLLBACK TO w{i}")
                         outcomes.append((False, e))
-                    cursor.execute(f"RELEASE w{i}")
+                    if not single:
+                        cursor.execute(f"RELEASE w{i}")
                 cursor.execute("COMMIT")
             except BaseException:
                 try:

@@ -9,6 +9,7 @@ from attrs import evolve
 from twisted.internet.defer import Deferred
 
 from roller.jobs import Job, JobEvent, State
+from roller.store.audit import AuditEntry, add_audit
 from roller.store.db import Cursor, Database
 
 _COLUMNS = (
@@ -53,8 +54,11 @@ class JobTable:
     def __init__(self, db: Database):
         self._db = db
 
-    def insert(self, job: Job, event: JobEvent | None = None) -> "Deferred[Job]":
-        """Persist a new job (and its first event); the job with its C{seq}."""
+    def insert(self, job: Job, event: JobEvent | None = None, audit: "AuditEntry | None" = None) -> "Deferred[Job]":
+        """
+        Persist a new job (and its first event, and the audit entry of its
+        request, in the same transaction); the job with its C{seq}.
+        """
 
         def run(c: Cursor) -> Job:
             c.execute(
@@ -68,6 +72,8 @@ class JobTable:
             seq = c.lastrowid
             if event is not None:
                 self._add_event(c, event)
+            if audit is not None:
+                add_audit(c, audit)
             return evolve(job, seq=seq)
 
         return self._db.write(run)

@@ -1,15 +1,24 @@
-"""The machines table: the inventory."""
+"""
+The machines table: the inventory.
+
+Every machine is also kept in memory (a few KB each), so the lookups a job
+submission makes cost no trip to the database thread.  Writes through this
+table update the cache once committed; writes by another process (the
+C{roller import} command) are picked up by L{MachineTable.refresh}, which
+the service calls every few seconds and which reloads only when SQLite's
+C{data_version} says another connection committed.
+"""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, succeed
 
 from roller.errors import Conflict
 from roller.inventory import Machine
-from roller.store.db import Cursor, Database
+from roller.store.db import Cursor, Database, StoreError
 
 
 def _row(row: Any) -> Machine:
@@ -20,25 +29,60 @@ class MachineTable:
     def __init__(self, db: Database, clock: Any):
         self._db = db
         self._clock = clock
+        self._cache: dict[tuple[str, str], Machine] = {}
+        self._by_worker: dict[str, dict[str, Machine]] = {}
+        self._data_version: int | None = None
+
+    def load(self) -> "Deferred[int]":
+        """(Re)load the cache from the database; how many machines."""
+        return Deferred.fromCoroutine(self._load())
+
+    def refresh(self) -> "Deferred[bool]":
+        """Reload if another process changed the table since; True if it did."""
+        return Deferred.fromCoroutine(self._refresh())
+
+    async def _load(self) -> int:
+
+        def q(c: Cursor) -> tuple[int, list[Machine]]:
+            version = c.execute("PRAGMA data_version").fetchone()[0]
+            return version, [_row(r) for r in c.execute("SELECT data FROM machines").fetchall()]
+
+        version, machines = await self._db.read(q)
+        self._cache = {}
+        self._by_worker = {}
+        for m in machines:
+            self._remember(m)
+        self._data_version = version
+        return len(machines)
+
+    async def _refresh(self) -> bool:
+        version = await self._db.read(lambda c: c.execute("PRAGMA data_version").fetchone()[0])
+        if version == self._data_version:
+            return False
+        await self._load()
+        return True
+
+    def _remember(self, m: Machine) -> None:
+        self._cache[m.key] = m
+        self._by_worker.setdefault(m.worker_id, {})[m.worker_group] = m
+
+    def _forget(self, worker_group: str, worker_id: str) -> None:
+        self._cache.pop((worker_group, worker_id), None)
+        groups = self._by_worker.get(worker_id, {})
+        groups.pop(worker_group, None)
+        if not groups:
+            self._by_worker.pop(worker_id, None)
 
     def get(self, worker_group: str, worker_id: str) -> "Deferred[Machine | None]":
-        def q(c: Cursor) -> Machine | None:
-            row = c.execute(
-                "SELECT data FROM machines WHERE worker_group = ? AND worker_id = ?",
-                (worker_group, worker_id),
-            ).fetchone()
-            return None if row is None else _row(row)
-
-        return self._db.read(q)
+        if self._db.closed:
+            return fail(StoreError("the database is closed"))
+        return succeed(self._cache.get((worker_group, worker_id)))
 
     def by_worker_id(self, worker_id: str) -> "Deferred[list[Machine]]":
-        def q(c: Cursor) -> list[Machine]:
-            rows = c.execute(
-                "SELECT data FROM machines WHERE worker_id = ? ORDER BY worker_group", (worker_id,)
-            ).fetchall()
-            return [_row(r) for r in rows]
-
-        return self._db.read(q)
+        if self._db.closed:
+            return fail(StoreError("the database is closed"))
+        groups = self._by_worker.get(worker_id, {})
+        return succeed([groups[g] for g in sorted(groups)])
 
     def list(
         self,
@@ -74,7 +118,7 @@ class MachineTable:
         return self._db.read(run)
 
     def count(self) -> "Deferred[int]":
-        return self._db.read(lambda c: c.execute("SELECT count(*) FROM machines").fetchone()[0])
+        return succeed(len(self._cache))
 
     def insert(self, machine: Machine) -> "Deferred[Machine]":
         """Add a new machine; L{Conflict} if one with its key exists."""
@@ -92,7 +136,7 @@ class MachineTable:
             self._upsert(c, machine, now)
             return machine
 
-        return self._db.write(run)
+        return self._db.write(run).addCallback(self._committed)
 
     def put(self, machine: Machine) -> "Deferred[bool]":
         """Insert or replace; True if it was created."""
@@ -105,7 +149,7 @@ class MachineTable:
             self._upsert(c, machine, now)
             return existed is None
 
-        return self._db.write(run)
+        return self._db.write(run).addCallback(lambda created: (self._remember(machine), created)[1])
 
     def put_many(self, machines: list[Machine]) -> "Deferred[int]":
         now = self._clock.seconds()
@@ -115,7 +159,12 @@ class MachineTable:
                 self._upsert(c, m, now)
             return len(machines)
 
-        return self._db.write(run)
+        def committed(count: int) -> int:
+            for m in machines:
+                self._remember(m)
+            return count
+
+        return self._db.write(run).addCallback(committed)
 
     @staticmethod
     def _upsert(c: Cursor, m: Machine, now: float) -> None:
@@ -135,4 +184,12 @@ class MachineTable:
             )
             return c.rowcount > 0
 
-        return self._db.write(run)
+        def committed(deleted: bool) -> bool:
+            self._forget(worker_group, worker_id)
+            return deleted
+
+        return self._db.write(run).addCallback(committed)
+
+    def _committed(self, machine: Machine) -> Machine:
+        self._remember(machine)
+        return machine

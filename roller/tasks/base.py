@@ -9,7 +9,8 @@ cancels whatever the task is awaiting (a process, a connection).
 
 from __future__ import annotations
 
-from typing import Any, Awaitable, Callable, Mapping
+from collections.abc import Mapping
+from typing import Any, Awaitable, Callable
 
 from attrs import field, frozen
 
@@ -34,6 +35,8 @@ class Param:
     minimum: float | None = None
     maximum: float | None = None
     choices: tuple[Any, ...] = ()
+    # a further check: returns the clean value or raises ValueError(reason)
+    check: Callable[[Any], Any] | None = None
 
     def parse(self, value: Any) -> Any:
         path = f"params.{self.name}"
@@ -49,6 +52,11 @@ class Param:
             raise ValidationError(path, f"must be one of {', '.join(map(str, self.choices))}")
         if isinstance(value, str) and len(value) > 1000:
             raise ValidationError(path, "must be at most 1000 characters")
+        if self.check is not None:
+            try:
+                value = self.check(value)
+            except ValueError as e:
+                raise ValidationError(path, str(e)) from None
         return value
 
     def schema(self) -> dict[str, Any]:
@@ -74,6 +82,7 @@ class TaskContext:
     log: Callable[..., None]  # log(message, **data): a job event, shown live
     settings: Any = None
     secrets: Any = None
+    drivers: Any = None  # roller.drivers.registry.Drivers
 
 
 RunFunction = Callable[[TaskContext, Mapping[str, Any]], Awaitable[str]]
