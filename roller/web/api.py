@@ -8,6 +8,7 @@ Every error is C{{"error": code, "message": ...}} with its status.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Awaitable, Callable
 from urllib.parse import quote
 
@@ -53,11 +54,16 @@ def _arg(request: IRequest, name: str) -> str | None:
         raise BadRequest(f"query parameter {name} is not valid UTF-8", code="invalid_query") from None
 
 
+_INTEGER = re.compile(r"-?[0-9]+")
+
+
 def _int_arg(request: IRequest, name: str, default: int, low: int, high: int) -> int:
     raw = _arg(request, name)
     if raw is None or raw == "":
         return default
     try:
+        if not _INTEGER.fullmatch(raw):  # int() alone also takes " 7", "+7", "1_0" and "٧"
+            raise ValueError(raw)
         value = int(raw)
     except ValueError:
         raise BadRequest(f"{name} must be an integer, got {raw[:40]!r}", code="invalid_query") from None
@@ -77,6 +83,16 @@ def _worker_id(value: str | None, what: str = "worker_id") -> str:
     return value
 
 
+def _json_number(text: str) -> int | float:
+    """
+    A JSON number written with a fraction or exponent: an C{int} when its
+    value is integral.  JSON (and JSON Schema's C{integer}) does not tell
+    C{1.0} from C{1}, so neither do the validators behind the API.
+    """
+    value = float(text)
+    return int(value) if value.is_integer() else value
+
+
 def _body(request: IRequest, *, required: bool = False) -> Any:
     raw = request.content.read() if request.content is not None else b""
     if not raw.strip():
@@ -88,7 +104,7 @@ def _body(request: IRequest, *, required: bool = False) -> Any:
         raise BadRequest("the body must be JSON (Content-Type: application/json)", code="unsupported_media_type",
                          status=415)
     try:
-        return json.loads(raw)
+        return json.loads(raw, parse_float=_json_number)
     except (ValueError, UnicodeDecodeError) as e:
         raise BadRequest(f"the body is not valid JSON: {e}"[:200], code="invalid_json") from None
 
@@ -229,6 +245,8 @@ class Api:
             raise BadRequest(f"task {task_name} is not allowed on this roller", code="task_not_allowed")
         priority = _int_arg(request, "priority", PRIORITY_DEFAULT, PRIORITY_MIN, PRIORITY_MAX)
         reason = _arg(request, "reason") or ""
+        if len(reason) > 1000:  # checked here too, as the body's reason may replace it
+            raise BadRequest("reason must be at most 1000 characters", code="invalid_body")
         body = _body(request)
         params = None
         if body is not None:
@@ -250,16 +268,22 @@ class Api:
                 priority = p
         if len(reason) > 1000:
             raise BadRequest("reason must be at most 1000 characters", code="invalid_body")
+        # Validate params here too: when the machine already has this task
+        # queued or running, queue.submit returns that job without looking
+        # at them, and invalid params would be answered 200.
+        spec.parse_params(params)
         principal = await self._authorize(request, self.scope_prefix + task_name)
         machine = await find()
+        target = f"{machine.worker_group}/{machine.worker_id}"
         job, created = await self.queue.submit(
             task_name, machine, params=params, requester=principal.id,
             origin_ip=_client_ip(request), reason=reason, priority=priority,
+            audit=lambda job: AuditEntry(
+                time=job.created_at, actor=principal.id, source_ip=job.origin_ip,
+                action=f"job.create:{task_name}", target=target, result=f"queued {job.id}",
+                params={"params": job.params, "priority": priority, "reason": reason},
+            ),
         )
-        if created:
-            await self._audit(principal, request, f"job.create:{task_name}",
-                              f"{machine.worker_group}/{machine.worker_id}", f"queued {job.id}",
-                              {"params": job.params, "priority": priority, "reason": reason})
         request.setHeader(b"Location", f"/api/v1/jobs/{job.id}".encode())
         body = {"task_name": task_name, "worker_id": machine.worker_id,
                 "worker_group": machine.worker_group, "task_id": job.id, **extra,

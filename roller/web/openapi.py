@@ -37,14 +37,41 @@ WORKER_ID_PATTERN = WORKER_ID_RE.pattern  # ^[-_0-9a-zA-Z]{1,128}$
 STATES = [s.value for s in State]
 REASON_MAX = 1000
 
+def _space_class() -> str:
+    """
+    Python's C{\\s} for str patterns (and C{str.strip}'s whitespace): every
+    character whose C{isspace()} is true, as ranges for a character class.
+    ECMA-262's C{\\s}, which OpenAPI patterns use, is a different set (it
+    has U+FEFF, lacks U+001C-U+001F and U+0085), so the patterns below spell
+    Python's out.  None is above U+3000.
+    """
+    spaces = [c for c in range(0x3001) if chr(c).isspace()]
+    runs: list[list[int]] = []
+    for c in spaces:
+        if runs and c == runs[-1][1] + 1:
+            runs[-1][1] = c
+        else:
+            runs.append([c, c])
+    return "".join(f"\\u{a:04x}" if a == b else f"\\u{a:04x}-\\u{b:04x}" for a, b in runs)
+
+
+PY_SPACE = _space_class()
+_NOT_SPACE = f"[^{PY_SPACE}]"
+
 # The same regular expressions roller.inventory validates with (kept here
-# as strings because they are private to their parsers there).
+# as strings because they are private to their parsers there), with Python's
+# \s and \S written out.
 SSH_USER_PATTERN = r"^[-_.a-zA-Z0-9]{1,64}$"
 BRIDGE_ARG_PATTERN = r"^(-[BbTt]|0x[0-9a-fA-F]{1,2}|[0-9]{1,3})$"
 OUTLET_PATTERN = r"^[A-Za-z]{0,2}[0-9]{1,4}$"
-REDFISH_URL_PATTERN = r"^https?://[^\s/]+(/\S*)?$"
-XEN_URL_PATTERN = r"^https?://\S+$"
+REDFISH_URL_PATTERN = rf"^https?://[^{PY_SPACE}/]+(/{_NOT_SPACE}*)?$"  # ^https?://[^\s/]+(/\S*)?$
+XEN_URL_PATTERN = rf"^https?://{_NOT_SPACE}+$"  # ^https?://\S+$
 VM_UUID_PATTERN = r"^[-_.0-9a-zA-Z]{1,128}$"
+EMAIL_PATTERN = EMAIL_RE.pattern.replace(r"\s", PY_SPACE)  # ^[^@\s,]{1,64}@[^@\s,]{1,255}$
+
+#: Values C{Machine.from_json} treats as "empty" where it reads C{value or
+#: default} (C{notes}, C{ipmi.bridge}): every JSON value Python finds false.
+FALSY: list[Any] = [None, False, 0, "", [], {}]
 
 
 # ----------------------------------------------------------------- helpers
@@ -106,7 +133,7 @@ def _list_or_csv(item_pattern: str, description: str, item_enum: list[str] | Non
         core = "(?:" + "|".join(item_enum) + ")"
     else:
         core = f"(?:{core})"
-    ws = r"[ \t\n\r\f\v]*"
+    ws = f"[{PY_SPACE}]*"  # str.strip()
     csv = rf"^{ws}(?:{core}{ws})?(?:,{ws}(?:{core}{ws})?)*$"
     return {
         "description": description,
@@ -128,11 +155,36 @@ def _json_content(schema: Schema) -> Schema:
     return {"application/json": {"schema": schema}}
 
 
-def _json_response(description: str, schema: Schema, headers: dict[str, Schema] | None = None) -> Schema:
+def _json_response(description: str, schema: Schema, headers: dict[str, Schema] | None = None,
+                   links: dict[str, Schema] | None = None) -> Schema:
     out: Schema = {"description": description, "content": _json_content(schema)}
     if headers:
         out["headers"] = headers
+    if links:
+        out["links"] = links
     return out
+
+
+def _links(pointer: str, targets: dict[str, tuple[str, tuple[str, ...]]]) -> dict[str, Schema]:
+    """
+    Links from a response body to other operations: C{{name: (operationId,
+    path parameters)}}, each parameter read from C{pointer}/<name> in the body.
+    """
+    return {
+        name: {"operationId": op_id,
+               "parameters": {p: f"$response.body#{pointer}/{p}" for p in params}}
+        for name, (op_id, params) in targets.items()
+    }
+
+
+_JOB_LINKS = {"GetJob": ("getJob", ("task_id",)), "CancelJob": ("cancelJob", ("task_id",))}
+_MACHINE = ("worker_group", "worker_id")
+_MACHINE_LINKS = {
+    "GetMachine": ("getMachine", _MACHINE),
+    "PutMachine": ("putMachine", _MACHINE),
+    "DeleteMachine": ("deleteMachine", _MACHINE),
+    "CreateWorkerJob": ("createWorkerJob", _MACHINE),
+}
 
 
 def _header(description: str, schema: Schema | None = None, *, required: bool = False) -> Schema:
@@ -143,7 +195,7 @@ def _header(description: str, schema: Schema | None = None, *, required: bool = 
 #: request with before the route is reached.
 _TRANSPORT = ("400", "413", "414", "431")
 
-#: (name, status, description, error codes) of the shared error responses.
+#: The shared error responses: {status: (component name, description with the error codes)}.
 _ERRORS: dict[str, tuple[str, str]] = {
     "400": ("BadRequest", "Bad input (`missing_parameter`, `invalid_query`, `invalid_worker_id`, "
             "`unknown_task`, `task_not_allowed`, `invalid_body`, `invalid_json`, `missing_body`, "
@@ -265,8 +317,8 @@ def _access_input_schemas() -> dict[str, Schema]:
                 "description": "extra ipmitool bridging arguments, e.g. a Moonshot cartridge: "
                                "`[\"-B\",\"0\",\"-b\",\"7\",\"-T\",\"0x82\",\"-t\",\"0x72\"]`; "
                                "null or an empty list for none",
-                "anyOf": [{"type": "null"},
-                          {"type": "array", "items": _string(BRIDGE_ARG_PATTERN)}],
+                "anyOf": [{"type": "array", "items": _string(BRIDGE_ARG_PATTERN)},
+                          {"enum": FALSY, "description": "none (any false value)"}],
             },
         }, ["host"], description="How to reach the machine's BMC over IPMI."),
         "PduAccessInput": _object({
@@ -367,7 +419,7 @@ def _machine_schemas() -> dict[str, Schema]:
         "liveness": _ref("Liveness"),
         "reboot_methods": {"type": ["array", "null"], "items": {"type": "string", "enum": list(REBOOT_METHODS)},
                            "description": "null: the default order for the machine's access methods"},
-        "bug_cc": {"type": "array", "items": _string(EMAIL_RE.pattern)},
+        "bug_cc": {"type": "array", "items": _string(EMAIL_PATTERN)},
         "notes": {"type": "string", "maxLength": NOTES_MAX},
         **{name: _nullable(_ref(_ACCESS_NAMES[name])) for name in _ACCESS},
     }, ["worker_id", "worker_group", "fqdn", "ip", "pool", "tags", "liveness", "reboot_methods",
@@ -385,8 +437,9 @@ def _machine_schemas() -> dict[str, Schema]:
             "tags": _list_or_csv(TAG_RE.pattern, "tags"),
             "liveness": _nullable(_ref("LivenessInput")),
             "reboot_methods": _list_or_csv("", "reboot methods to try in order", list(REBOOT_METHODS)),
-            "bug_cc": _list_or_csv(EMAIL_RE.pattern, "e-mail addresses to CC on bugs"),
-            "notes": {"type": ["string", "null"], "maxLength": NOTES_MAX},
+            "bug_cc": _list_or_csv(EMAIL_PATTERN, "e-mail addresses to CC on bugs"),
+            "notes": {"description": "free text; any false value (null, false, 0, [], {}) means none",
+                      "anyOf": [{"type": "string", "maxLength": NOTES_MAX}, {"enum": FALSY}]},
             **{name: _nullable(_ref(_ACCESS_NAMES[name] + "Input")) for name in _ACCESS},
         }
 
@@ -411,12 +464,12 @@ def _machine_schemas() -> dict[str, Schema]:
 
 
 def _job_schemas(tasks: Any, allowed: tuple[str, ...]) -> dict[str, Schema]:
-    task_names = sorted({t.name for t in tasks} | set(allowed))
     nullable_str = {"type": ["string", "null"]}
     ts = {"type": "string", "format": "date-time"}
     job_properties: dict[str, Schema] = {
         "task_id": {"type": "string", "format": "uuid"},
-        "task_name": {"type": "string", "enum": task_names} if task_names else {"type": "string"},
+        # Not an enum: history keeps jobs of tasks that may no longer exist.
+        "task_name": {"type": "string"},
         "worker_id": {"type": "string"},
         "worker_group": {"type": "string"},
         "state": {"type": "string", "enum": STATES,
@@ -430,7 +483,7 @@ def _job_schemas(tasks: Any, allowed: tuple[str, ...]) -> dict[str, Schema]:
         "created": ts,
         "started": {**ts, "type": ["string", "null"]},
         "finished": {**ts, "type": ["string", "null"]},
-        "duration_s": {"type": ["number", "null"], "minimum": 0},
+        "duration_s": {"type": ["number", "null"], "description": "finished - started, in seconds"},
         "result": nullable_str,
         "error": nullable_str,
     }
@@ -466,25 +519,35 @@ def _job_schemas(tasks: Any, allowed: tuple[str, ...]) -> dict[str, Schema]:
         "JobCreated": _object(created_props, created_req),
         "JobCreatedByWorkerId": _object(
             {**created_props, "tc_worker_id": _string(WORKER_ID_PATTERN)}, [*created_req, "tc_worker_id"]),
-        "JobRequest": {
-            **_object({
-                "params": {
-                    "description": "the task's parameters (see GET /api/v1/tasks); null for the defaults",
-                    **_params_schema(tasks, allowed),
-                },
-                "reason": {"type": "string", "maxLength": REASON_MAX, "description": "overrides the query's"},
-                "priority": _integer(PRIORITY_MIN, PRIORITY_MAX, "overrides the query's"),
-            }, nullable=True, description="Optional; Taskcluster sends no body. A `null` body is no body."),
-        },
+        "JobRequest": _object({
+            "params": {
+                "description": "the task's parameters (see GET /api/v1/tasks); null for the defaults",
+                **_params_schema(tasks, allowed),
+            },
+            "reason": {"type": "string", "maxLength": REASON_MAX, "description": "overrides the query's"},
+            "priority": _integer(PRIORITY_MIN, PRIORITY_MAX, "overrides the query's"),
+        }, nullable=True, description="Optional; Taskcluster sends no body. A `null` body is no body."),
     }
 
 
+def _param_schema(param: Any) -> Schema:
+    """L{roller.tasks.base.Param.schema}, plus the length limit C{Param.parse} enforces on strings."""
+    out = param.schema()
+    if out.get("type") == "string":
+        out.setdefault("maxLength", 1000)
+    return out
+
+
 def _params_schema(tasks: Any, allowed: tuple[str, ...]) -> Schema:
-    """The union of the allowed tasks' parameter objects (or null)."""
+    """
+    The union of the allowed tasks' parameter objects (or null).  The task
+    is named in the query, so with several allowed tasks a body valid for
+    one may be refused (400) for another.
+    """
     variants = []
     for spec in tasks:
         if spec.name in allowed:
-            variants.append(_object({p.name: p.schema() for p in spec.params}))
+            variants.append(_object({p.name: _param_schema(p) for p in spec.params}))
     if not variants:
         return {"type": ["object", "null"]}
     if len(variants) == 1:
@@ -560,15 +623,17 @@ def _task_id_param() -> Schema:
 
 
 def _int_query(name: str, low: int, high: int, default: int | None, description: str) -> Schema:
-    schema = _integer(low, high)
+    """An integer query parameter; like absent, an empty value means the default."""
+    schema: Schema = {"anyOf": [_integer(low, high), {"const": "", "description": "the default"}]}
     if default is not None:
         schema["default"] = default
-    return _param(name, "query", schema, description + f" ({low}-{high}; 400 `invalid_query` otherwise; "
-                  "an empty value means the default)")
+    return _param(name, "query", schema, description + f" ({low}-{high}, decimal digits; 400 "
+                  "`invalid_query` otherwise; an empty value means the default)")
 
 
-def _submit_params(allowed: tuple[str, ...]) -> list[Schema]:
-    task_schema: Schema = {"type": "string", "enum": list(allowed)} if allowed else {"type": "string"}
+def _submit_params(tasks: Any, allowed: tuple[str, ...]) -> list[Schema]:
+    runnable = [name for name in allowed if name in tasks]
+    task_schema: Schema = {"type": "string", "enum": runnable} if runnable else {"type": "string"}
     return [
         _param("task_name", "query", task_schema,
                "The task to run. Required; a name that is not a task, or not allowed on this roller, "
@@ -580,14 +645,15 @@ def _submit_params(allowed: tuple[str, ...]) -> list[Schema]:
     ]
 
 
-def _submit_responses(created: str) -> dict[str, Schema]:
+def _submit_responses(created: str, *extra: str) -> dict[str, Schema]:
     location = {"Location": _header("The job: `/api/v1/jobs/{task_id}`.",
                                     {"type": "string", "pattern": "^/api/v1/jobs/"}, required=True)}
     return {
         "200": _json_response("The machine already has this task queued or running: that job.",
-                              _ref(created), location),
-        "201": _json_response("Queued (persisted before this answer).", _ref(created), location),
-        **_errors("400", "401", "403", "404", "409", "415", "503"),
+                              _ref(created), location, _links("", _JOB_LINKS)),
+        "201": _json_response("Queued (persisted before this answer).", _ref(created), location,
+                              _links("", _JOB_LINKS)),
+        **_errors("400", "401", "403", "404", "415", "503", *extra),
     }
 
 
@@ -616,7 +682,7 @@ def openapi_document(tasks: Any, allowed: tuple[str, ...], version: str) -> dict
             "post": _op(
                 "createWorkerJob", "Run a task on a machine (Taskcluster form)", "jobs",
                 _submit_responses("JobCreated"),
-                parameters=[*_worker_path_params(True), *_submit_params(allowed)],
+                parameters=[*_worker_path_params(True), *_submit_params(tasks, allowed)],
                 body=_job_body(), secured=True,
                 description="Queue `task_name` on the machine `worker_group`/`worker_id`. " + secured_note
                             + " Scope: `<prefix><task_name>`. A `Location` header names the job.",
@@ -640,12 +706,12 @@ def openapi_document(tasks: Any, allowed: tuple[str, ...], version: str) -> dict
             ),
             "post": _op(
                 "createJob", "Run a task on a machine by worker id", "jobs",
-                _submit_responses("JobCreatedByWorkerId"),
+                _submit_responses("JobCreatedByWorkerId", "409"),
                 parameters=[
                     _param("tc_worker_id", "query", _string(WORKER_ID_PATTERN),
                            "The machine's worker id; 409 `ambiguous_worker` if it is in several "
                            "worker groups.", required=True),
-                    *_submit_params(allowed),
+                    *_submit_params(tasks, allowed),
                 ],
                 body=_job_body(), secured=True,
                 description="The original roller form. " + secured_note + " Scope: `<prefix><task_name>`.",
@@ -692,7 +758,8 @@ def openapi_document(tasks: Any, allowed: tuple[str, ...], version: str) -> dict
                 "createMachine", "Add a machine", "machines",
                 {"201": _json_response("Added.", _ref("Machine"), {"Location": _header(
                     "The machine: `/api/v1/machines/{worker_group}/{worker_id}`.",
-                    {"type": "string", "pattern": "^/api/v1/machines/"}, required=True)}),
+                    {"type": "string", "pattern": "^/api/v1/machines/"}, required=True)},
+                    _links("", _MACHINE_LINKS)),
                  **_errors("400", "401", "403", "409", "415")},
                 body={"required": True, "content": _json_content(_ref("MachineInput"))},
                 secured=True,
@@ -708,8 +775,8 @@ def openapi_document(tasks: Any, allowed: tuple[str, ...], version: str) -> dict
             ),
             "put": _op(
                 "putMachine", "Replace or create a machine", "machines",
-                {"200": _json_response("Replaced.", _ref("Machine")),
-                 "201": _json_response("Created.", _ref("Machine")),
+                {"200": _json_response("Replaced.", _ref("Machine"), links=_links("", _MACHINE_LINKS)),
+                 "201": _json_response("Created.", _ref("Machine"), links=_links("", _MACHINE_LINKS)),
                  **_errors("400", "401", "403", "415")},
                 parameters=_machine_path_params(),
                 body={"required": True, "content": _json_content(_ref("MachineReplace"))},

@@ -1,0 +1,648 @@
+"""
+Submission throughput and queue memory of roller, side by side with a bare
+Klein app, on this machine.  Manual; not part of CI.  See bench/README.md.
+
+    python bench/submit.py [--seconds N] [--warmup S] [--concurrency C] [--rounds R] [--quick] [--keep]
+
+1. Throughput: roller (this source tree, via twistd, auth none, SQLite in a
+   temporary state dir; its machines written to the database first through
+   roller's own store) gets C keep-alive connections POSTing the Taskcluster
+   form /api/v1/workers/<id>/group/bench/jobs?task_name=ping, each to a
+   distinct machine so every request persists a new job (201).  The bare
+   Klein app (bench/bare_klein.py) gets the same load.  Requests/s counted
+   over N seconds after S seconds of warm-up, R interleaved rounds, the best
+   kept; every roller answer must be 201 and the jobs table must hold one
+   row per 201.  Server CPU per request (from /proc) is printed too: it
+   does not depend on how busy the machine is.
+2. Memory: a fresh roller's VmRSS idle (10 000 machines POSTed) and holding
+   10 000 queued jobs (max_running = 1, ping count 10: one runs, the rest wait).
+
+The load generator is this file run as a separate process (--loadgen): stdlib
+asyncio, raw HTTP/1.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+ROLLER_CONFIG = """\
+# bench/submit.py: one job runs at a time, the others stay queued; jobs are
+# pings to 127.0.0.x (loopback only).
+[queue]
+max_running = 1
+
+[tasks]
+allowed = ["ping"]
+"""
+
+MACHINE_BODY = '{"worker_id": "{id}", "worker_group": "bench", "ip": "{ip}"}'
+SUBMIT_PATH = "/api/v1/workers/{id}/group/bench/jobs?task_name=ping"
+
+
+# -- /proc
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def cpu_seconds(stat_path: str) -> float:
+    """utime + stime of a /proc/.../stat file, in seconds."""
+    try:
+        with open(stat_path) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def machine_busy() -> float:
+    """CPU seconds all CPUs of the machine have spent not idle since boot."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / CLK_TCK
+
+
+def cpu_sample(pid: int) -> tuple[float, float]:
+    """(whole process, main thread) CPU seconds; the main thread is the reactor's."""
+    return cpu_seconds(f"/proc/{pid}/stat"), cpu_seconds(f"/proc/{pid}/task/{pid}/stat")
+
+
+# -- the load generator (runs in its own process)
+
+
+def ip_for(i: int) -> str:
+    return f"127.0.{(i // 250) % 250}.{i % 250 + 1}"
+
+
+def parse_response(buf: bytes | bytearray) -> tuple[int, bytes, int, bool] | None:
+    """(status, body, bytes consumed, close) of the first complete response in buf, or None."""
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    lines = bytes(buf[:end]).decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ", 2)[1])
+    length, chunked, close = 0, False, False
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        name, value = name.strip().lower(), value.strip().lower()
+        if name == "content-length":
+            length = int(value)
+        elif name == "transfer-encoding" and "chunked" in value:
+            chunked = True
+        elif name == "connection" and value == "close":
+            close = True
+    pos = end + 4
+    if not chunked:
+        if len(buf) < pos + length:
+            return None
+        return status, bytes(buf[pos:pos + length]), pos + length, close
+    parts = []
+    while True:
+        nl = buf.find(b"\r\n", pos)
+        if nl < 0:
+            return None
+        size = int(bytes(buf[pos:nl]).split(b";")[0], 16)
+        pos = nl + 2
+        if size == 0:
+            while True:  # trailers, up to an empty line
+                nl = buf.find(b"\r\n", pos)
+                if nl < 0:
+                    return None
+                if nl == pos:
+                    return status, b"".join(parts), nl + 2, close
+                pos = nl + 2
+        if len(buf) < pos + size + 2:
+            return None
+        parts.append(bytes(buf[pos:pos + size]))
+        pos += size + 2
+
+
+class Load:
+    """Shared state of one load run: indexes to hand out, the window, the tallies."""
+
+    def __init__(self, spec: dict[str, Any], loop: asyncio.AbstractEventLoop):
+        self.spec = spec
+        self.loop = loop
+        self.next = spec["first"]
+        self.end = spec["first"] + spec["count"]
+        self.stopping = False
+        self.connections = 0
+        self.done = loop.create_future()
+        self.started = time.monotonic()
+        seconds = spec.get("seconds")
+        self.window = None if seconds is None else (self.started + spec["warmup"],
+                                                    self.started + spec["warmup"] + seconds)
+        self.window_end = None
+        self.measured = 0
+        self.statuses: dict[int, int] = {}
+        self.window_statuses: dict[int, int] = {}
+        self.latencies: list[float] = []
+        self.errors: list[str] = []
+        self.exhausted = False
+        self.reconnects = 0
+        self.cpu: dict[str, tuple[float, float]] = {}
+        host = f"{spec['host']}:{spec['port']}".encode()
+        self.head = b"\r\nHost: " + host + b"\r\nUser-Agent: roller-bench\r\n"
+        if self.window is not None:
+            loop.call_at(loop.time() + spec["warmup"], self.sample_cpu, "start")
+            loop.call_at(loop.time() + spec["warmup"] + seconds, self.stop, "time")
+
+    def sample_cpu(self, which: str) -> None:
+        pid = self.spec.get("pid")
+        server = cpu_sample(pid) if pid else (0.0, 0.0)
+        self.cpu[which] = (*server, time.process_time(), machine_busy())
+
+    def stop(self, why: str) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        self.window_end = time.monotonic()
+        if why == "exhausted":
+            self.exhausted = True
+        if self.window is not None:
+            self.sample_cpu("end")
+
+    def request(self) -> bytes | None:
+        if self.stopping:
+            return None
+        if self.next >= self.end:
+            self.stop("exhausted")
+            return None
+        i = self.next
+        self.next += 1
+        ident = f"{self.spec['prefix']}{i}"
+        path = self.spec["path"].replace("{id}", ident)
+        body = self.spec.get("body")
+        out = self.spec["method"].encode() + b" " + path.encode() + b" HTTP/1.1" + self.head
+        if body is None:
+            return out + b"Content-Length: 0\r\n\r\n"
+        data = body.replace("{id}", ident).replace("{ip}", ip_for(i)).encode()
+        return (out + b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(data)) + data
+
+    def record(self, status: int, body: bytes, sent: float) -> None:
+        now = time.monotonic()
+        self.statuses[status] = self.statuses.get(status, 0) + 1
+        if status >= 300 and len(self.errors) < 5:
+            self.errors.append(f"{status} {body[:200]!r}")
+        if self.window is None or (self.window[0] <= now and not (self.stopping and now > self.window_end)):
+            self.measured += 1
+            self.window_statuses[status] = self.window_statuses.get(status, 0) + 1
+            self.latencies.append(now - sent)
+
+    def closed(self) -> None:
+        self.connections -= 1
+        if self.connections == 0 and not self.done.done():
+            self.done.set_result(None)
+
+
+class Client(asyncio.Protocol):
+    def __init__(self, load: Load):
+        self.load = load
+        self.buf = bytearray()
+        self.sent = 0.0
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.send()
+
+    def send(self) -> None:
+        req = self.load.request()
+        if req is None:
+            self.transport.close()
+            return
+        self.sent = time.monotonic()
+        self.transport.write(req)
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        parsed = parse_response(self.buf)
+        if parsed is None:
+            return
+        status, body, used, close = parsed
+        del self.buf[:used]
+        self.load.record(status, body, self.sent)
+        if close:
+            self.transport.close()
+            return
+        self.send()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        load = self.load
+        if not load.stopping:
+            # The server closed on us: note it and open another connection.
+            load.reconnects += 1
+            if len(load.errors) < 5:
+                load.errors.append(f"connection lost: {exc!r}")
+            load.connections += 1
+            load.loop.create_task(connect(load))
+        load.closed()
+
+
+async def connect(load: Load) -> None:
+    """Open one connection; the caller has counted it in C{load.connections}."""
+    try:
+        await load.loop.create_connection(lambda: Client(load), load.spec["host"], load.spec["port"])
+    except OSError as e:
+        load.errors.append(f"connect: {e!r}")
+        load.closed()
+
+
+async def loadgen(spec: dict[str, Any]) -> dict[str, Any]:
+    loop = asyncio.get_running_loop()
+    cpu0 = time.process_time()
+    load = Load(spec, loop)
+    load.connections = spec["concurrency"]
+    for _ in range(spec["concurrency"]):
+        await connect(load)
+    await load.done
+    wall = time.monotonic() - load.started
+    if load.window is not None:
+        seconds = (load.window_end or load.window[1]) - load.window[0]
+    else:
+        seconds = wall
+    lat = sorted(load.latencies)
+    out: dict[str, Any] = {
+        "measured": load.measured,
+        "seconds": seconds,
+        "rate": load.measured / seconds if seconds > 0 else 0.0,
+        "statuses": load.statuses,
+        "window_statuses": load.window_statuses,
+        "sent": load.next - spec["first"],
+        "exhausted": load.exhausted,
+        "reconnects": load.reconnects,
+        "errors": load.errors,
+        "p50_ms": 1000 * lat[len(lat) // 2] if lat else None,
+        "p99_ms": 1000 * lat[int(len(lat) * 0.99)] if lat else None,
+        "client_cpu": (time.process_time() - cpu0) / wall if wall else 0.0,
+    }
+    if "start" in load.cpu and "end" in load.cpu and seconds > 0:
+        (t0, m0, c0, b0), (t1, m1, c1, b1) = load.cpu["start"], load.cpu["end"]
+        out["server_cpu"] = (t1 - t0) / seconds
+        out["server_main_cpu"] = (m1 - m0) / seconds
+        out["client_cpu"] = (c1 - c0) / seconds
+        # CPU the rest of the machine used meanwhile (other people's work).
+        out["other_cpu"] = max(0.0, (b1 - b0) / seconds - out["server_cpu"] - out["client_cpu"])
+    return out
+
+
+def run_loadgen(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run the load generator in its own process; its result."""
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--loadgen", json.dumps(spec)],
+        stdout=subprocess.PIPE, check=True,
+    )
+    result = json.loads(proc.stdout)
+    result["statuses"] = {int(k): v for k, v in result["statuses"].items()}
+    result["window_statuses"] = {int(k): v for k, v in result["window_statuses"].items()}
+    return result
+
+
+# -- servers
+
+
+class Servers:
+    """Child processes, each stopped (TERM, then KILL) by its own pid."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, argv: list[str], log_path: str, cwd: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+        log = open(log_path, "wb")
+        try:
+            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env=env,
+                                    stdin=subprocess.DEVNULL)
+        finally:
+            log.close()
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc in self.procs:
+            self.procs.remove(proc)
+
+    def stop_all(self) -> None:
+        for proc in list(self.procs):
+            self.stop(proc)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(proc: subprocess.Popen, port: int, path: str, log_path: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}; see {log_path}:\n{tail(log_path)}")
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            conn.request("GET", path)
+            conn.getresponse().read()
+            conn.close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"server not ready on port {port} after {timeout:g} s; see {log_path}")
+
+
+def tail(path: str, lines: int = 20) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def get_json(port: int, path: str) -> Any:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", path)
+    data = conn.getresponse().read()
+    conn.close()
+    return json.loads(data)
+
+
+SEED_CODE = """
+import sys
+from twisted.internet import task
+from twisted.internet.defer import ensureDeferred
+from roller.inventory import Machine
+from roller.store import open_store
+
+async def seed(reactor, path, prefix, count, ips):
+    store = await open_store(path, reactor)
+    try:
+        machines = [Machine.from_json({"worker_id": f"{prefix}{i}", "worker_group": "bench", "ip": ips[i]})
+                    for i in range(count)]
+        await store.machines.put_many(machines)
+    finally:
+        await store.close()
+
+path, prefix, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+ips = [f"127.0.{(i // 250) % 250}.{i % 250 + 1}" for i in range(count)]
+task.react(lambda reactor: ensureDeferred(seed(reactor, path, prefix, count, ips)))
+"""
+
+
+def roller_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    for key in list(env):
+        if key.startswith("ROLLER_"):
+            del env[key]
+    return env
+
+
+def start_roller(servers: Servers, workdir: str, name: str, seed: int = 0, prefix: str = "bt"
+                 ) -> tuple[subprocess.Popen, int, str]:
+    """
+    A roller from the source tree on a fresh state dir; C{seed} machines
+    C{prefix}0.. written to its database first, through roller's own store.
+    """
+    state = os.path.join(workdir, name)
+    os.makedirs(state)
+    config = os.path.join(state, "bench.toml")
+    with open(config, "w") as f:
+        f.write(ROLLER_CONFIG)
+    db_path = os.path.join(state, "roller.db")
+    env = roller_env()
+    if seed:
+        subprocess.run([sys.executable, "-c", SEED_CODE, db_path, prefix, str(seed)], env=env, cwd=state,
+                       check=True)
+    port = free_port()
+    log_path = os.path.join(state, "roller.log")
+    proc = servers.start(
+        [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+         "-n", "--pidfile=", "roller", "--auth", "none", "--listen", f"tcp:{port}:interface=127.0.0.1",
+         "--state-dir", state, "--config", config],
+        log_path, cwd=state, env=env,
+    )
+    wait_ready(proc, port, "/__lbheartbeat__", log_path)
+    return proc, port, db_path
+
+
+def db_counts(db_path: str) -> dict[str, int]:
+    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10)
+    try:
+        return {state: n for state, n in conn.execute("SELECT state, count(*) FROM jobs GROUP BY state")}
+    finally:
+        conn.close()
+
+
+def create_machines(port: int, prefix: str, first: int, count: int, concurrency: int) -> dict[str, Any]:
+    result = run_loadgen({
+        "host": "127.0.0.1", "port": port, "concurrency": concurrency, "method": "POST",
+        "path": "/api/v1/machines", "body": MACHINE_BODY, "prefix": prefix,
+        "first": first, "count": count,
+    })
+    if result["statuses"] != {201: count}:
+        raise SystemExit(f"creating machines: expected {count} x 201, got {result['statuses']}; {result['errors']}")
+    return result
+
+
+# -- the measurements
+
+
+def us_per_request(r: dict[str, Any], key: str = "server_cpu") -> float:
+    """Server CPU time per request, in microseconds: what a request costs, however busy the machine."""
+    return 1e6 * r[key] / r["rate"] if r["rate"] else float("nan")
+
+
+def describe(name: str, r: dict[str, Any]) -> str:
+    return (f"  {name:<7} {r['rate']:6.0f} req/s  p50 {r['p50_ms']:5.1f} ms  p99 {r['p99_ms']:6.1f} ms  "
+            f"server CPU {us_per_request(r):4.0f} us/req (reactor thread {us_per_request(r, 'server_main_cpu'):4.0f})"
+            f"  cores used: server {r['server_cpu']:.2f}  client {r['client_cpu']:.2f}  others {r['other_cpu']:.2f}")
+
+
+def bench_throughput(servers: Servers, workdir: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Rounds of (bare klein, roller) or (roller, bare klein), same load; every figure kept."""
+    port = free_port()
+    log_path = os.path.join(workdir, "bare_klein.log")
+    bare = servers.start([sys.executable, os.path.join(HERE, "bare_klein.py"), "--port", str(port)],
+                         log_path, cwd=workdir)
+    wait_ready(bare, port, "/", log_path)
+    machines = args.machines or args.rounds * (8_000 if args.quick else 40_000)
+    t = time.monotonic()
+    roller, roller_port, db_path = start_roller(servers, workdir, "throughput", seed=machines, prefix="bt")
+    print(f"  {machines} machines written to roller's database and roller started in "
+          f"{time.monotonic() - t:.1f} s", flush=True)
+    out: dict[str, Any] = {"bare": [], "roller": [], "machines": machines, "db_path": db_path}
+    next_machine = 0
+    sent = created = 0
+    before = db_counts(db_path)
+    try:
+        for n in range(args.rounds):
+            order = ("bare", "roller") if n % 2 == 0 else ("roller", "bare")
+            for which in order:
+                spec = {"host": "127.0.0.1", "concurrency": args.concurrency, "method": "POST",
+                        "path": SUBMIT_PATH, "prefix": "bt", "warmup": args.warmup, "seconds": args.seconds}
+                if which == "bare":
+                    spec.update(port=port, pid=bare.pid, first=0, count=10**9)
+                else:
+                    spec.update(port=roller_port, pid=roller.pid, first=next_machine,
+                                count=machines - next_machine)
+                r = run_loadgen(spec)
+                if which == "roller":
+                    next_machine += r["sent"]
+                    sent += r["sent"]
+                    created += r["statuses"].get(201, 0)
+                print(describe(which, r), flush=True)
+                out[which].append(r)
+        out["bare_rss_mb"] = rss_mb(bare.pid)
+        out["roller_rss_mb"] = rss_mb(roller.pid)
+        after = db_counts(db_path)
+        out["sent"], out["created"] = sent, created
+        out["db_jobs"] = sum(after.values()) - sum(before.values())
+        out["db_states"] = after
+        out["queue"] = get_json(roller_port, "/__heartbeat__").get("queue")
+    finally:
+        servers.stop(roller)
+        servers.stop(bare)
+    return out
+
+
+def bench_memory(servers: Servers, workdir: str, args: argparse.Namespace) -> dict[str, Any]:
+    jobs = args.jobs
+    settle = 0.3 if args.quick else 1.0
+    proc, port, db_path = start_roller(servers, workdir, "memory")
+    try:
+        out: dict[str, Any] = {"jobs": jobs, "start_mb": rss_mb(proc.pid)}
+        made = create_machines(port, "bm", 0, jobs, args.concurrency)
+        out["machine_rate"] = made["rate"]
+        time.sleep(settle)
+        out["idle_mb"] = rss_mb(proc.pid)
+        result = run_loadgen({
+            "host": "127.0.0.1", "port": port, "concurrency": args.concurrency, "method": "POST",
+            "path": SUBMIT_PATH, "body": '{"params": {"count": 10}}', "prefix": "bm", "first": 0, "count": jobs,
+        })
+        if result["statuses"] != {201: jobs}:
+            raise SystemExit(f"memory: expected {jobs} x 201, got {result['statuses']}: {result['errors']}")
+        time.sleep(settle)
+        out["loaded_mb"] = rss_mb(proc.pid)
+        out["queue"] = get_json(port, "/__heartbeat__").get("queue")
+        out["db_states"] = db_counts(db_path)
+        out["submit_rate"] = result["rate"]
+    finally:
+        servers.stop(proc)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per server and round (10)")
+    parser.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds before measuring (1)")
+    parser.add_argument("--concurrency", "-c", type=int, default=32, help="keep-alive connections (32)")
+    parser.add_argument("--rounds", type=int, default=0, help="rounds of bare+roller; best kept (3, quick 1)")
+    parser.add_argument("--jobs", type=int, default=10_000, help="queued jobs for the memory figure (10000)")
+    parser.add_argument("--machines", type=int, default=0, help="machines for the throughput runs (40000/round)")
+    parser.add_argument("--quick", action="store_true", help="smoke run, about 10 s: 1.5 s windows, 1000 jobs")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, databases)")
+    parser.add_argument("--loadgen", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.loadgen:
+        json.dump(asyncio.run(loadgen(json.loads(args.loadgen))), sys.stdout)
+        return
+    if args.quick:
+        args.seconds, args.warmup = min(args.seconds, 1.5), min(args.warmup, 0.5)
+        args.jobs = min(args.jobs, 1000)
+    args.rounds = args.rounds or (1 if args.quick else 3)
+
+    workdir = tempfile.mkdtemp(prefix="roller-bench-")
+    servers = Servers()
+    print(f"roller bench: {os.cpu_count()} CPUs, C={args.concurrency}, {args.rounds} round(s) of "
+          f"{args.warmup:g} s warm-up + {args.seconds:g} s per server; work dir {workdir}", flush=True)
+    try:
+        thr = bench_throughput(servers, workdir, args)
+        print(f"  roller: {thr['sent']} job POSTs, {thr['created']} answered 201; {thr['db_jobs']} new rows in "
+              f"jobs {thr['db_states']}; queue {thr['queue']}", flush=True)
+        memory = bench_memory(servers, workdir, args)
+        print(f"  memory: start {memory['start_mb']:.1f} MB; {memory['jobs']} machines POSTed "
+              f"({memory['machine_rate']:.0f}/s) {memory['idle_mb']:.1f} MB; {memory['jobs']} jobs POSTed "
+              f"({memory['submit_rate']:.0f}/s) {memory['loaded_mb']:.1f} MB; queue {memory['queue']}",
+              flush=True)
+    finally:
+        servers.stop_all()
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    problems = []
+    statuses: dict[int, int] = {}
+    for r in thr["roller"]:
+        for k, v in r["statuses"].items():
+            statuses[k] = statuses.get(k, 0) + v
+        if r["exhausted"]:
+            problems.append(f"ran out of machines after {thr['sent']} jobs: a window was cut short "
+                            "(use --machines)")
+        if r["reconnects"]:
+            problems.append(f"roller dropped {r['reconnects']} connection(s): {r['errors']}")
+    if set(statuses) != {201}:
+        problems.append(f"roller answered {statuses}, not only 201: {thr['roller'][-1]['errors']}")
+    if thr["db_jobs"] != thr["created"]:
+        problems.append(f"{thr['created']} x 201 but {thr['db_jobs']} new rows in jobs")
+    states = memory["db_states"]
+    if sum(states.values()) != memory["jobs"] or set(states) - {"queued", "running", "succeeded"}:
+        problems.append(f"memory run: jobs table {states}, expected {memory['jobs']} jobs queued (a few done)")
+
+    best_roller = max(thr["roller"], key=lambda r: r["rate"])
+    best_bare = max(thr["bare"], key=lambda r: r["rate"])
+    ratio = best_roller["rate"] / best_bare["rate"]
+    cpu_roller = min(us_per_request(r) for r in thr["roller"])
+    cpu_bare = min(us_per_request(r) for r in thr["bare"])
+    grow = memory["loaded_mb"] - memory["idle_mb"]
+    scale = 10_000 / memory["jobs"]
+    print()
+    rounds = "" if args.rounds == 1 else f" (best of {args.rounds})"
+    print(f"submit throughput   roller {best_roller['rate']:.0f} req/s   bare klein {best_bare['rate']:.0f} req/s   "
+          f"ratio {ratio:.2f}x (target >= 0.5x){rounds}")
+    print(f"CPU per request     roller {cpu_roller:.0f} us   bare klein {cpu_bare:.0f} us   "
+          f"ratio {cpu_bare / cpu_roller:.2f}x")
+    line = (f"memory              idle {memory['idle_mb']:.1f} MB   {memory['jobs']} queued "
+            f"{memory['loaded_mb']:.1f} MB   +{grow:.1f} MB")
+    if scale != 1:
+        line += f" (~{grow * scale:.0f} MB per 10000)"
+    print(line + " (target < 60 MB for 10000)")
+    others = max(r["other_cpu"] for r in thr["roller"] + thr["bare"])
+    if others > 0.25:
+        print(f"NOTE: other processes used up to {others:.2f} of {os.cpu_count()} CPUs during the windows: "
+              "the figures are noisy (more --rounds, or a quiet machine)")
+    for p in problems:
+        print(f"PROBLEM: {p}")
+    if problems:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
