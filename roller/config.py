@@ -135,6 +135,8 @@ KEYS: dict[str, tuple[str, Callable[[Any, bool], Any], Any]] = {
     "state_dir": ("state_dir", _text, "state"),
     "secrets_file": ("secrets_file", _text, "{state_dir}/secrets.toml"),
     "demo": ("demo", _bool, False),
+    "demo_fleet_size": ("demo_fleet_size", _int(0, 2000), 5),
+    "demo_ssh_port": ("demo_ssh_port", _int(1, 65535), 2222),
     "server.listen": ("listen", _endpoints, ("tcp:8000:interface=127.0.0.1",)),
     "server.max_body": ("max_body", _int(1024, 64 << 20), 1 << 20),
     "server.cors_origins": ("cors_origins", _str_list, ("https://firefox-ci-tc.services.mozilla.com",)),
@@ -146,9 +148,21 @@ KEYS: dict[str, tuple[str, Callable[[Any, bool], Any], Any]] = {
     "queue.max_running": ("max_running", _int(1, 100_000), 200),
     "queue.endpoint_max_running": ("endpoint_max_running", _int(1, 1000), 1),
     "queue.endpoint_min_interval": ("endpoint_min_interval", _float(0), 0.0),
-    "tasks.allowed": ("allowed_tasks", _str_list, ("ping",)),
+    "tasks.allowed": ("allowed_tasks", _str_list, ("ping", "ssh_reboot", "reboot")),
     "tasks.timeouts": ("task_timeouts", _timeouts, {}),
     "log.format": ("log_format", _choice("text", "json"), "text"),
+    "ssh.known_hosts": ("ssh_known_hosts", _text, "{state_dir}/known_hosts"),
+    "ssh.user": ("ssh_user", _text, "root"),
+    "ssh.credential": ("ssh_credential", _text, ""),
+    "ssh.host_key_policy": ("ssh_host_key_policy", _choice("strict", "accept-new"), "strict"),
+    "ssh.connect_timeout": ("ssh_connect_timeout", _float(0.1), 15.0),
+    "ssh.command_timeout": ("ssh_command_timeout", _float(0.1), 60.0),
+    "reboot.methods": ("reboot_methods", _str_list, (
+        "ssh_reboot", "ipmi_reset", "ipmi_cycle", "snmp_reboot", "redfish_reboot", "xenapi_reboot",
+        "file_bugzilla_bug")),
+    "reboot.down_timeout": ("reboot_down_timeout", _float(1), 300.0),
+    "reboot.up_timeout": ("reboot_up_timeout", _float(1), 900.0),
+    "reboot.poll_interval": ("reboot_poll_interval", _float(0.05), 5.0),
 }
 
 
@@ -157,6 +171,8 @@ class Settings:
     state_dir: str
     secrets_file: str
     demo: bool
+    demo_fleet_size: int
+    demo_ssh_port: int
     listen: tuple[str, ...]
     max_body: int
     cors_origins: tuple[str, ...]
@@ -171,6 +187,16 @@ class Settings:
     allowed_tasks: tuple[str, ...]
     task_timeouts: dict[str, float] = field(hash=False)
     log_format: str
+    ssh_known_hosts: str
+    ssh_user: str
+    ssh_credential: str
+    ssh_host_key_policy: str
+    ssh_connect_timeout: float
+    ssh_command_timeout: float
+    reboot_methods: tuple[str, ...]
+    reboot_down_timeout: float
+    reboot_up_timeout: float
+    reboot_poll_interval: float
     config_file: str | None = None
 
     def listeners_on_loopback(self) -> bool:
@@ -266,6 +292,11 @@ def _check(s: Settings) -> None:
     for name in s.allowed_tasks:
         if name not in known:
             raise ConfigError("tasks.allowed", f"unknown task {name!r} (known: {', '.join(known)})")
+    from roller.inventory import REBOOT_METHODS
+
+    for name in s.reboot_methods:
+        if name not in REBOOT_METHODS:
+            raise ConfigError("reboot.methods", f"unknown method {name!r} (known: {', '.join(REBOOT_METHODS)})")
     for name in s.task_timeouts:
         if name not in known:
             raise ConfigError("tasks.timeouts", f"unknown task {name!r}")

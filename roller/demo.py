@@ -1,11 +1,24 @@
 """
-The demo fleet: a few machines on loopback addresses, so a newcomer who
-starts roller with C{--demo} sees jobs run at once.
+The demo fleet, so a newcomer who runs roller with C{--demo} sees jobs work:
+
+- C{demo-1} .. C{demo-3} on 127.0.0.2-4 answer ICMP (ping succeeds);
+- C{demo-closed} fails its liveness check (TCP to a closed port);
+- C{sim-001} .. C{sim-NNN}: simulated machines (L{roller.testing.fleet}) on
+  127.0.1.x, served by this same process, with an SSH server that accepts
+  C{reboot} and then really goes down and comes back: C{reboot} works on
+  them end to end.  Their key, known_hosts and credential are written to
+  C{STATE_DIR/demo/} and used only by this process.
 """
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
+from attrs import frozen
+
 from roller.inventory import Machine
+from roller.secrets import Secrets, load_secrets
 from roller.store import Store
 
 DEMO_MACHINES = [
@@ -19,12 +32,29 @@ DEMO_MACHINES = [
 ]
 
 
-async def seed_demo_fleet(store: Store) -> int:
-    """Add the demo machines that are missing; how many were added."""
+@frozen
+class DemoFleet:
+    fleet: Any
+    secrets: Secrets
+    known_hosts: str
+
+
+async def seed_demo_fleet(store: Store, extra: list[dict] = ()) -> int:
+    """Add (or refresh) the demo machines; how many were new."""
     added = 0
-    for data in DEMO_MACHINES:
+    for data in [*DEMO_MACHINES, *extra]:
         machine = Machine.from_json(data)
-        if await store.machines.get(*machine.key) is None:
-            await store.machines.put(machine)
+        if await store.machines.put(machine):
             added += 1
     return added
+
+
+async def start_demo_fleet(reactor: Any, state_dir: str, *, count: int, ssh_port: int,
+                           down_for: float = 8.0, reboot_delay: float = 1.0) -> DemoFleet:
+    from roller.testing.fleet import Fleet
+
+    fleet = Fleet(reactor, count, "127.0.1.", ssh_port, reboot_delay=reboot_delay, down_for=down_for,
+                  worker_prefix="sim", credential="demo-fleet-ssh")
+    await fleet.start()
+    files = fleet.write_client_files(os.path.join(state_dir, "demo"))
+    return DemoFleet(fleet=fleet, secrets=load_secrets(files.secrets), known_hosts=files.known_hosts_openssh)

@@ -8,15 +8,18 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from attrs import evolve
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.task import LoopingCall
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 
 from roller.auth import AnonymousAuthenticator, IAuthenticator, UnconfiguredAuthenticator
 from roller.config import Settings
-from roller.demo import seed_demo_fleet
+from roller.demo import seed_demo_fleet, start_demo_fleet
+from roller.drivers.registry import make_drivers
 from roller.logs import observer_for
 from roller.queue import JobQueue, QueueLimits
 from roller.secrets import Secrets, load_secrets
@@ -26,6 +29,7 @@ from roller.web.api import Api
 from roller.web.http import RollerSite
 
 log = Logger()
+INVENTORY_REFRESH_S = 2.0
 
 
 def make_authenticator(settings: Settings) -> IAuthenticator:
@@ -66,6 +70,8 @@ class RollerService(MultiService):
         self.ready: Deferred = Deferred()
         self._starting: Deferred | None = None
         self.ports: list[Any] = []
+        self.demo: Any = None
+        self._refresh: LoopingCall | None = None
         self.failed = False
 
     def setServiceParent(self, parent: Any) -> None:
@@ -86,13 +92,16 @@ class RollerService(MultiService):
         self.secrets = load_secrets(s.secrets_file)
         self.store = await open_store(s.db_path, self.reactor, synchronous=s.db_synchronous.upper())
         if s.demo:
-            added = await seed_demo_fleet(self.store)
-            if added:
-                log.info("Demo fleet: added {count} loopback machines in worker group 'demo'", count=added)
+            await self._start_demo()
+            s = self.settings
         tasks = builtin_tasks()
         self.queue = JobQueue(self.store, tasks, self.reactor, limits=queue_limits(s),
-                              settings=s, secrets=self.secrets)
+                              settings=s, secrets=self.secrets, drivers=make_drivers(self.reactor, s))
         interrupted, requeued = await self.queue.start()
+        # pick up inventory changes other processes (roller import) commit
+        self._refresh = LoopingCall(self._refresh_inventory)
+        self._refresh.clock = self.reactor
+        self._refresh.start(INVENTORY_REFRESH_S, now=False)
         api = Api(
             store=self.store, queue=self.queue, tasks=tasks, authenticator=make_authenticator(s),
             allowed_tasks=s.allowed_tasks, scope_prefix=s.scope_prefix, cors_origins=s.cors_origins,
@@ -103,6 +112,27 @@ class RollerService(MultiService):
         for desc in s.listen:
             self.ports.append(await serverFromString(self.reactor, desc).listen(site))
             log.info("roller listening on {endpoint} (auth: {auth})", endpoint=desc, auth=s.auth_mode)
+
+    async def _start_demo(self) -> None:
+        s = self.settings
+        extra: list[dict] = []
+        if s.demo_fleet_size:
+            self.demo = await start_demo_fleet(self.reactor, s.state_dir, count=s.demo_fleet_size,
+                                               ssh_port=s.demo_ssh_port)
+            self.secrets = self.secrets.merged(self.demo.secrets.as_dict(), replace=True)
+            self.settings = evolve(s, ssh_known_hosts=self.demo.known_hosts)
+            extra = self.demo.fleet.inventory_json("demo")
+            log.info("Demo fleet: {count} simulated machines with SSH on 127.0.1.x port {port}",
+                     count=s.demo_fleet_size, port=s.demo_ssh_port)
+        added = await seed_demo_fleet(self.store, extra)
+        log.info("Demo machines in worker group 'demo': {added} new", added=added)
+
+    async def _refresh_inventory(self) -> None:
+        try:
+            if await self.store.machines.refresh():
+                log.info("Inventory changed by another process: reloaded")
+        except Exception:
+            log.failure("Could not refresh the inventory")
 
     def _failed(self, failure: Any) -> None:
         log.critical("roller could not start: {why}", why=failure.getErrorMessage())
@@ -118,6 +148,8 @@ class RollerService(MultiService):
                 await self._starting
             except Exception:
                 pass
+        if self._refresh is not None and self._refresh.running:
+            self._refresh.stop()
         for port in self.ports:
             await port.stopListening()
         self.ports = []
@@ -126,6 +158,8 @@ class RollerService(MultiService):
             await self.queue.stop()
         if self.store is not None:
             await self.store.close()
+        if self.demo is not None:
+            await self.demo.fleet.stop()
 
     def stopService(self) -> Deferred:
         return ensureDeferred(self._stop())

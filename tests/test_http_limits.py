@@ -360,6 +360,17 @@ async def test_long_uri_is_414(serve, pool):
 
 
 @pytest_twisted.ensureDeferred
+async def test_non_utf8_path_is_400_json(serve, pool):
+    echo = Echo()
+    _, url, _ = serve(echo)
+    response = await treq.get(url + "/api/v1/machines/%FF/x", pool=pool)
+    code, payload = await treq_json(response)
+    assert code == 400
+    assert payload == {"error": "bad_request", "message": "the request path is not valid UTF-8"}
+    assert echo.calls == []
+
+
+@pytest_twisted.ensureDeferred
 async def test_uri_limit_is_configurable(serve, pool):
     echo = Echo()
     _, url, _ = serve(echo, max_uri=100)

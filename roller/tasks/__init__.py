@@ -39,6 +39,6 @@ class TaskRegistry:
 
 
 def builtin_tasks() -> TaskRegistry:
-    from roller.tasks import ping
+    from roller.tasks import ping, reboot, ssh_reboot
 
-    return TaskRegistry([ping.TASK])
+    return TaskRegistry([ping.TASK, ssh_reboot.TASK, reboot.TASK])

@@ -84,6 +84,8 @@ def roller_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     C{PYTHONPATH}, unbuffered output, plus C{extra}.
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith("ROLLER_")}
+    # a demo fleet of its own for every roller, so rollers side by side never clash
+    env["ROLLER_DEMO_SSH_PORT"] = str(free_port("127.0.1.1"))
     path = env.get("PYTHONPATH")
     env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + path if path else "")
     env["PYTHONUNBUFFERED"] = "1"

@@ -42,9 +42,11 @@ import io
 import json
 import secrets
 from typing import Optional
+from urllib.parse import unquote_to_bytes
 
 from twisted.internet.interfaces import ITCPTransport
 from twisted.logger import Logger
+
 from twisted.web import http, server
 from twisted.web.iweb import IRequest
 
@@ -256,6 +258,11 @@ class LimitedRequest(server.Request):
         violation = self.limit_violation()
         if violation is not None:
             self.reject(*violation)
+            return
+        try:
+            unquote_to_bytes(self.path).decode("utf-8")
+        except UnicodeDecodeError:
+            self.reject(400, "bad_request", "the request path is not valid UTF-8")
             return
         super().process()
 

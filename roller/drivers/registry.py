@@ -1,0 +1,33 @@
+"""
+The drivers a running task may use, built once per process from the
+settings and handed to tasks through their context.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from attrs import frozen
+
+from roller.drivers.liveness import ILiveness, liveness_for
+from roller.inventory import Machine
+
+
+@frozen
+class Drivers:
+    shell: Any  # roller.drivers.ssh.IRemoteShell
+    liveness: Callable[[Machine], ILiveness]  # a quick liveness probe for a machine
+
+
+def make_drivers(reactor: Any, settings: Any) -> Drivers:
+    from roller.drivers.ssh import ConchShell
+
+    shell = ConchShell(reactor, settings.ssh_known_hosts, connect_timeout=settings.ssh_connect_timeout,
+                       command_timeout=settings.ssh_command_timeout)
+
+    def liveness(machine: Machine) -> ILiveness:
+        if machine.liveness.method == "tcp":
+            return liveness_for("tcp", reactor, port=machine.liveness.port, timeout=3.0)
+        return liveness_for("icmp", reactor, count=1, timeout=3.0)
+
+    return Drivers(shell=shell, liveness=liveness)

@@ -1,0 +1,125 @@
+"""
+C{reboot}: reboot a machine and prove it cycled, escalating through methods.
+
+For each method in order (the task's C{methods} parameter, else the
+machine's C{reboot_methods}, else the configured list): skip it, with the
+reason logged, when the machine has no settings for it or roller does not
+implement it yet; otherwise initiate it, then verify the machine went down
+within C{reboot.down_timeout} and came back within C{reboot.up_timeout}.
+The first verified method ends the job; every attempt is logged as a job
+event with its method, outcome and reason.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Awaitable, Callable, Mapping
+
+from attrs import frozen
+
+from roller.inventory import REBOOT_METHODS, Machine
+from roller.tasks import ssh_reboot
+from roller.tasks.base import Param, TaskContext, TaskFailed, TaskSpec
+from roller.tasks.verify import wait_for_state
+
+
+@frozen
+class Method:
+    name: str
+    not_applicable: Callable[[Machine], str | None]
+    initiate: Callable[[TaskContext], Awaitable[str]]
+
+
+METHODS: dict[str, Method] = {
+    "ssh_reboot": Method("ssh_reboot", ssh_reboot.not_applicable, ssh_reboot.initiate),
+}
+
+
+@frozen
+class Attempt:
+    method: str
+    outcome: str  # "skipped", "failed", "succeeded"
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.method} {self.outcome}: {self.reason}"
+
+
+def _methods(ctx: TaskContext, params: Mapping[str, Any]) -> tuple[str, ...]:
+    if params.get("methods"):
+        return tuple(m.strip() for m in params["methods"].split(",") if m.strip())
+    return ctx.machine.reboot_methods or tuple(ctx.settings.reboot_methods)
+
+
+async def run(ctx: TaskContext, params: Mapping[str, Any]) -> str:
+    s = ctx.settings
+    machine = ctx.machine
+    clock = ctx.reactor
+    address = machine.address
+    if address is None:
+        raise TaskFailed(f"machine {machine.worker_id} has neither an ip nor an fqdn")
+    checker = ctx.drivers.liveness(machine)
+    started = clock.seconds()
+    attempts: list[Attempt] = []
+
+    def record(attempt: Attempt) -> None:
+        attempts.append(attempt)
+        ctx.log(str(attempt), method=attempt.method, outcome=attempt.outcome)
+
+    for name in _methods(ctx, params):
+        method = METHODS.get(name)
+        if method is None:
+            record(Attempt(name, "skipped", "not implemented in this roller yet"))
+            continue
+        reason = method.not_applicable(machine)
+        if reason:
+            record(Attempt(name, "skipped", reason))
+            continue
+        ctx.log(f"{name}: starting", method=name, step="initiate")
+        try:
+            detail = await method.initiate(ctx)
+        except TaskFailed as e:
+            record(Attempt(name, "failed", str(e)))
+            continue
+        ctx.log(f"{name}: {detail}; waiting for down (up to {s.reboot_down_timeout:g} s)",
+                method=name, step="waiting_for_down")
+        down = await wait_for_state(ctx, checker, address, alive=False,
+                                    timeout=s.reboot_down_timeout, interval=s.reboot_poll_interval)
+        if down is None:
+            record(Attempt(name, "failed", f"{detail}, but the host did not go down within "
+                                            f"{s.reboot_down_timeout:g} s"))
+            continue
+        ctx.log(f"down after {down:.0f} s; waiting for up (up to {s.reboot_up_timeout:g} s)",
+                method=name, step="waiting_for_up")
+        up = await wait_for_state(ctx, checker, address, alive=True,
+                                  timeout=s.reboot_up_timeout, interval=s.reboot_poll_interval)
+        if up is None:
+            record(Attempt(name, "failed", f"{detail}; down after {down:.0f} s but not up again within "
+                                            f"{s.reboot_up_timeout:g} s"))
+            continue
+        ctx.log(f"up after {up:.0f} s", method=name, step="up")
+        record(Attempt(name, "succeeded", f"down after {down:.0f} s, up after {up:.0f} s"))
+        return f"{name}: {detail}. Completed in {clock.seconds() - started:.0f} seconds"
+    if not attempts:
+        raise TaskFailed("failed: no reboot method configured")
+    raise TaskFailed("failed: " + "; ".join(str(a) for a in attempts))
+
+
+def _check_methods(value: str) -> str:
+    names = [m.strip() for m in value.split(",") if m.strip()]
+    unknown = [m for m in names if m not in REBOOT_METHODS]
+    if not names or unknown:
+        raise ValueError(f"must be a comma-separated list of {', '.join(REBOOT_METHODS)}")
+    return ",".join(names)
+
+
+TASK = TaskSpec(
+    name="reboot",
+    description="Reboot the machine and verify it went down and came back, escalating through the "
+                "configured methods (ssh_reboot, ipmi_reset, ipmi_cycle, snmp_reboot, ...).",
+    run=run,
+    params=(Param("methods", str, None,
+                  "comma-separated methods to try instead of the configured order: "
+                  + ", ".join(REBOOT_METHODS), check=_check_methods),),
+    timeout=3600.0,
+    destructive=True,
+)

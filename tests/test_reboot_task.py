@@ -1,0 +1,193 @@
+"""
+The reboot escalation on a task.Clock: fake shell and liveness whose
+answers follow a simulated machine's power state.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from attrs import evolve
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+
+from roller.config import load_settings
+from roller.drivers.liveness import LivenessResult
+from roller.drivers.registry import Drivers
+from roller.drivers.ssh import CommandResult, SshAuthFailed, SshConnectionLost
+from roller.errors import ValidationError
+from roller.inventory import Machine
+from roller.jobs import Job
+from roller.secrets import Credential, Secrets
+from roller.tasks import TaskContext, TaskFailed
+from roller.tasks import reboot, ssh_reboot
+
+
+class Host:
+    """A machine whose liveness and SSH answers follow its power state."""
+
+    def __init__(self, clock: Clock, *, down_after: float | None = 2.0, up_after: float | None = 30.0,
+                 answers: dict[str, Any] | None = None):
+        self.clock = clock
+        self.alive = True
+        self.down_after = down_after
+        self.up_after = up_after
+        self.answers = answers or {}
+        self.commands: list[str] = []
+
+    def run(self, target, command, on_line=None) -> Deferred:
+        self.commands.append(command)
+        answer = self.answers.get(command, CommandResult(0, "", "", None))
+        if isinstance(answer, SshConnectionLost):
+            self._reboot()
+        if isinstance(answer, Exception):
+            return fail(answer)
+        if answer.exit_status == 0:
+            self._reboot()
+        return succeed(answer)
+
+    def _reboot(self) -> None:
+        if self.down_after is None:
+            return
+
+        def down():
+            self.alive = False
+            if self.up_after is not None:
+                self.clock.callLater(self.up_after, setattr, self, "alive", True)
+
+        self.clock.callLater(self.down_after, down)
+
+    def check(self, address: str) -> Deferred:
+        return succeed(LivenessResult(alive=self.alive, detail="", lines=()))
+
+
+def context(clock: Clock, host: Host, machine: Machine | None = None, **settings: Any):
+    s = load_settings(None, {}, {})
+    s = evolve(s, reboot_down_timeout=60.0, reboot_up_timeout=300.0, reboot_poll_interval=1.0,
+               ssh_credential="key", **settings)
+    machine = machine or Machine.from_json({"worker_id": "w1", "worker_group": "g", "ip": "127.0.0.9",
+                                            "ssh": {"user": "u", "port": 2222}})
+    events: list[tuple[str, dict]] = []
+    secrets = Secrets({"key": Credential(name="key", kind="ssh-key", path="/dev/null")})
+    drivers = Drivers(shell=host, liveness=lambda m: host)
+    job = Job(id="j", task_name="reboot", worker_id=machine.worker_id, worker_group=machine.worker_group,
+              created_at=0.0)
+    ctx = TaskContext(job=job, machine=machine, reactor=clock, log=lambda m, **d: events.append((m, d)),
+                      settings=s, secrets=secrets, drivers=drivers)
+    return ctx, events
+
+
+def start(ctx, params=None) -> Deferred:
+    return Deferred.fromCoroutine(reboot.run(ctx, params or {}))
+
+
+def outcome(d: Deferred) -> Any:
+    out: list = []
+    d.addBoth(out.append)
+    assert out, "not finished"
+    return out[0]
+
+
+def test_ssh_reboot_verified_down_and_up():
+    clock = Clock()
+    host = Host(clock)
+    ctx, events = context(clock, host, reboot_methods=("ssh_reboot",))
+    d = start(ctx)
+    assert host.commands == ["reboot"]
+    clock.pump([1.0] * 40)
+    result = outcome(d)
+    assert result == "ssh_reboot: ssh reboot sent (`reboot` accepted). Completed in 32 seconds"
+    messages = [m for m, _ in events]
+    assert any(m.startswith("ssh_reboot: ssh reboot sent") and "waiting for down" in m for m in messages)
+    assert "down after 2 s; waiting for up (up to 300 s)" in messages
+    assert "up after 30 s" in messages
+    assert events[-1][1] == {"method": "ssh_reboot", "outcome": "succeeded"}
+
+
+def test_dropped_connection_counts_as_initiated():
+    clock = Clock()
+    host = Host(clock, answers={"reboot": SshConnectionLost("dropped", command_sent=True, confirmed=True)})
+    ctx, _ = context(clock, host, reboot_methods=("ssh_reboot",))
+    d = start(ctx)
+    clock.pump([1.0] * 40)
+    assert "connection dropped" in outcome(d)
+
+
+def test_refused_commands_fall_through_to_next_command():
+    clock = Clock()
+    host = Host(clock, answers={"reboot": CommandResult(1, "", "reboot: must be superuser", None)})
+    ctx, _ = context(clock, host, reboot_methods=("ssh_reboot",))
+    d = start(ctx)
+    assert host.commands == ["reboot", "sudo reboot"]
+    clock.pump([1.0] * 40)
+    assert "`sudo reboot` accepted" in outcome(d)
+
+
+def test_unimplemented_and_inapplicable_methods_are_skipped_with_reasons():
+    clock = Clock()
+    host = Host(clock)
+    machine = Machine.from_json({"worker_id": "w1", "worker_group": "g", "ip": "127.0.0.9"})
+    ctx, events = context(clock, host, machine, reboot_methods=("ssh_reboot", "ipmi_reset"))
+    failure = outcome(start(ctx))
+    assert failure.check(TaskFailed)
+    assert str(failure.value) == ("failed: ssh_reboot skipped: the machine has no ssh settings; "
+                                  "ipmi_reset skipped: not implemented in this roller yet")
+
+
+def test_host_never_goes_down_then_next_method():
+    clock = Clock()
+    host = Host(clock, down_after=None)
+    ctx, events = context(clock, host, reboot_methods=("ssh_reboot", "snmp_reboot"))
+    d = start(ctx)
+    clock.pump([1.0] * 70)
+    failure = outcome(d)
+    assert "host did not go down within 60 s" in str(failure.value)
+    assert "snmp_reboot skipped" in str(failure.value)
+
+
+def test_host_down_but_never_up():
+    clock = Clock()
+    host = Host(clock, up_after=None)
+    ctx, _ = context(clock, host, reboot_methods=("ssh_reboot",))
+    d = start(ctx)
+    clock.pump([1.0] * 400)
+    assert "down after 2 s but not up again within 300 s" in str(outcome(d).value)
+
+
+def test_ssh_failure_is_recorded_and_escalates():
+    clock = Clock()
+    host = Host(clock, answers={"reboot": SshAuthFailed("the key was refused")})
+    ctx, _ = context(clock, host, reboot_methods=("ssh_reboot", "ipmi_cycle"))
+    failure = outcome(start(ctx))
+    assert str(failure.value).startswith("failed: ssh_reboot failed: the key was refused; ipmi_cycle skipped")
+
+
+def test_cancel_while_waiting_for_up():
+    clock = Clock()
+    host = Host(clock)
+    ctx, events = context(clock, host, reboot_methods=("ssh_reboot",))
+    d = start(ctx)
+    clock.pump([1.0] * 10)
+    assert any(m.startswith("down after") for m, _ in events)
+    d.cancel()
+    from twisted.internet.defer import CancelledError
+
+    assert outcome(d).check(CancelledError)
+    # the poll timer is gone: only the simulated host's own "power back on" remains
+    assert [c.func for c in clock.getDelayedCalls()] == [setattr]
+
+
+def test_methods_parameter_is_validated():
+    spec = reboot.TASK
+    assert spec.parse_params({"methods": "ssh_reboot, ipmi_reset"}) == {"methods": "ssh_reboot,ipmi_reset"}
+    with pytest.raises(ValidationError):
+        spec.parse_params({"methods": "ssh_reboot,format_disk"})
+
+
+def test_ssh_reboot_task_alone_does_not_wait():
+    clock = Clock()
+    host = Host(clock)
+    ctx, _ = context(clock, host)
+    result = outcome(Deferred.fromCoroutine(ssh_reboot.run(ctx, {})))
+    assert result == "ssh reboot sent (`reboot` accepted)"
