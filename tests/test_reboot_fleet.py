@@ -1,0 +1,171 @@
+"""
+`reboot` end to end: the real RollerService on the real reactor, its REST
+API over HTTP, the Conch SSH driver, and a fleet of simulated machines that
+really stop listening while "down".  Short simulated delays keep it quick.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from typing import Any
+
+import pytest_twisted
+import treq
+from attrs import evolve
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+
+from roller.config import load_settings
+from roller.inventory import Machine
+from roller.secrets import load_secrets, write_secrets
+from roller.service import RollerService
+from roller.testing.fleet import Fleet
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class Harness:
+    def __init__(self, service: RollerService, fleet: Fleet):
+        self.service = service
+        self.fleet = fleet
+        self.url = f"http://127.0.0.1:{service.ports[0].getHost().port}"
+
+    async def post(self, worker_id: str, task: str = "reboot", body: dict | None = None) -> dict:
+        r = await treq.post(f"{self.url}/api/v1/workers/{worker_id}/group/sim/jobs?task_name={task}",
+                            json=body)
+        payload = json.loads(await r.content())
+        assert r.code == 201, payload
+        return payload
+
+    async def job(self, task_id: str) -> dict:
+        r = await treq.get(f"{self.url}/api/v1/jobs/{task_id}")
+        return json.loads(await r.content())
+
+    async def wait(self, task_id: str, deadline: float = 30.0, until=lambda j: j["state"] not in ("queued", "running")) -> dict:
+        end = reactor.seconds() + deadline
+        while True:
+            job = await self.job(task_id)
+            if until(job):
+                return job
+            assert reactor.seconds() < end, f"job still {job['state']}: {job['events'][-3:]}"
+            await deferLater(reactor, 0.05, lambda: None)
+
+
+async def start(tmp_path, count: int, overrides: dict | None = None, **settings: Any) -> Harness:
+    base = "127.0.4."
+    fleet = Fleet(reactor, count, base, _free_port(base + "1"), reboot_delay=0.1, down_for=0.6,
+                  overrides=overrides)
+    await fleet.start()
+    files = fleet.write_client_files(str(tmp_path / "fleet"))
+    secrets_file = tmp_path / "secrets.toml"
+    write_secrets(secrets_file, load_secrets(files.secrets))
+    s = load_settings(None, {}, {"auth.mode": "none", "server.listen": "tcp:0:interface=127.0.0.1",
+                                 "state_dir": str(tmp_path / "state")})
+    s = evolve(s, secrets_file=str(secrets_file), ssh_known_hosts=files.known_hosts_openssh,
+               reboot_down_timeout=3.0, reboot_up_timeout=5.0, reboot_poll_interval=0.05,
+               ssh_connect_timeout=1.0, ssh_command_timeout=2.0, **settings)
+    service = RollerService(s, reactor)
+    service.startService()
+    await service.ready
+    for m in fleet.inventory_json("sim"):
+        await service.store.machines.put(Machine.from_json(m))
+    return Harness(service, fleet)
+
+
+async def stop(h: Harness) -> None:
+    await h.service.stopService()
+    await h.fleet.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_reboot_over_ssh_is_verified_down_and_up(tmp_path):
+    h = await start(tmp_path, 2)
+    try:
+        created = await h.post("sim-001")
+        job = await h.wait(created["task_id"])
+        assert job["state"] == "succeeded", job
+        assert job["result"].startswith("ssh_reboot: ssh reboot sent (`reboot` accepted). Completed in")
+        messages = [e["message"] for e in job["events"]]
+        assert any("waiting for down" in m for m in messages)
+        assert any(m.startswith("down after") and "waiting for up" in m for m in messages)
+        assert any(m.startswith("up after") for m in messages)
+        machine = h.fleet.machine("sim-001")
+        assert [e for _, e in machine.power.transitions()] == ["down", "up"]
+        assert [c[1] for c in machine.commands][:1] == ["reboot"]
+        # the other machine was not touched
+        assert h.fleet.machine("sim-002").power.transitions() == []
+    finally:
+        await stop(h)
+
+
+@pytest_twisted.ensureDeferred
+async def test_escalation_cases(tmp_path):
+    h = await start(tmp_path, 4, overrides={1: {"behaviour": "refuse-reboot"},
+                                            2: {"behaviour": "never-down"},
+                                            3: {"behaviour": "hang"}})
+    try:
+        ids = {}
+        for n in (2, 3, 4):
+            ids[n] = (await h.post(f"sim-00{n}", body={"params": {"methods": "ssh_reboot,ipmi_reset"}}))["task_id"]
+        refused = await h.wait(ids[2])
+        assert refused["state"] == "failed"
+        assert refused["error"].startswith("failed: ssh_reboot failed: no reboot command was accepted: "
+                                           "`reboot` exited 1")
+        assert "ipmi_reset skipped: not implemented in this roller yet" in refused["error"]
+        never_down = await h.wait(ids[3])
+        assert never_down["state"] == "failed"
+        assert "did not go down within 3 s" in never_down["error"]
+        hung = await h.wait(ids[4])
+        assert hung["state"] == "failed"
+        assert hung["error"].startswith("failed: ssh_reboot failed: timed out after 1 s connecting to roller@127.0.4.4")
+    finally:
+        await stop(h)
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_host_key_is_refused_and_never_commanded(tmp_path):
+    h = await start(tmp_path, 1)
+    try:
+        # forget the fleet's host keys: strict policy must refuse to talk
+        open(h.service.settings.ssh_known_hosts, "w").close()
+        job = await h.wait((await h.post("sim-001", body={"params": {"methods": "ssh_reboot"}}))["task_id"])
+        assert job["state"] == "failed"
+        assert "not in" in job["error"] and "known_hosts" in job["error"]
+        assert h.fleet.machine("sim-001").commands == []
+    finally:
+        await stop(h)
+
+
+@pytest_twisted.ensureDeferred
+async def test_cancel_while_waiting_for_up(tmp_path):
+    h = await start(tmp_path, 1)
+    h.fleet.machine("sim-001").down_for = 30.0
+    try:
+        task_id = (await h.post("sim-001"))["task_id"]
+        await h.wait(task_id, until=lambda j: any(e["message"].startswith("down after") for e in j["events"]))
+        r = await treq.delete(f"{h.url}/api/v1/jobs/{task_id}")
+        assert r.code == 200
+        job = await h.job(task_id)
+        assert job["state"] == "cancelled"
+        assert job["error"] == "cancelled by anonymous"
+    finally:
+        h.fleet.machine("sim-001").power.power_on()
+        await stop(h)
+
+
+@pytest_twisted.ensureDeferred
+async def test_many_machines_rebooted_at_once(tmp_path):
+    count = 60
+    h = await start(tmp_path, count)
+    try:
+        ids = [(await h.post(f"sim-{n:03d}"))["task_id"] for n in range(1, count + 1)]
+        jobs = [await h.wait(i) for i in ids]
+        assert [j["state"] for j in jobs] == ["succeeded"] * count
+        assert all([e for _, e in m.power.transitions()] == ["down", "up"] for m in h.fleet.machines)
+    finally:
+        await stop(h)
