@@ -61,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--limit", type=int, default=1000)
     m.add_argument("--json", action="store_true")
 
+    sub.add_parser("simulate", help="run a fleet of simulated machines (SSH servers that really reboot); "
+                                    "see `roller simulate --help`")
+
     j = sub.add_parser("jobs", help="list jobs, newest first")
     j.add_argument("--state", help="comma-separated states: " + ",".join(s.value for s in State))
     j.add_argument("--worker")
@@ -201,6 +204,11 @@ COMMANDS = {"run": cmd_run, "import": cmd_import, "machines": cmd_machines, "job
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["simulate"]:
+        from roller.testing.fleet import main as fleet_main
+
+        raise SystemExit(fleet_main(argv[1:]))
     args = _parser().parse_args(argv)
 
     async def run(reactor: Any) -> None:
