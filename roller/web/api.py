@@ -33,7 +33,7 @@ from roller.web.openapi import openapi_document
 log = Logger()
 
 JSON_TYPES = ("application/json",)
-CORS_METHODS = "GET, POST, PUT, DELETE, OPTIONS"
+CORS_METHODS = "GET, POST, DELETE, OPTIONS"
 CORS_HEADERS = "Authorization, Content-Type"
 
 
@@ -123,7 +123,7 @@ class Api:
     allowed_tasks: tuple[str, ...]
     scope_prefix: str = "project:releng:roller:"
     cors_origins: tuple[str, ...] = ()
-    clock: Any = None
+    clock: Any = field(kw_only=True)
     openapi: dict = field(factory=dict)
 
     app = Klein()
