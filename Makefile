@@ -11,7 +11,7 @@ SOURCES := $(shell find roller twisted -name '*.py') setup.py roller.tac
 .PHONY: run test system-deps venv clean
 
 run: system-deps venv
-	$(VENV)/bin/twistd -n --pidfile= roller --demo $(ARGS)
+	$(VENV)/bin/twistd -n --pidfile= --logger roller.logs.observer roller --demo $(ARGS)
 
 test: system-deps venv
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests

@@ -60,3 +60,16 @@ class JsonLinesObserver:
 def observer_for(fmt: str, out: IO[str], level: LogLevel = LogLevel.info) -> ILogObserver:
     base = JsonLinesObserver(out) if fmt == "json" else textFileLogObserver(out)
     return FilteringLogObserver(base, [LogLevelFilterPredicate(defaultLogLevel=level)])
+
+
+def observer() -> ILogObserver:
+    """
+    For C{twistd --logger roller.logs.observer}: roller's own observer on
+    standard output, C{info} and above, text unless C{ROLLER_LOG_FORMAT=json}
+    (twistd's default observer also prints every C{debug} event).
+    """
+    import os
+    import sys
+
+    fmt = "json" if os.environ.get("ROLLER_LOG_FORMAT", "").strip().lower() == "json" else "text"
+    return observer_for(fmt, sys.stdout)

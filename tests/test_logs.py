@@ -29,3 +29,14 @@ def test_text_is_human_readable():
     log = Logger(namespace="roller.test", observer=LogPublisher(observer_for("text", out)))
     log.info("Job {job_id} queued", job_id="j1")
     assert "[roller.test#info] Job j1 queued" in out.getvalue()
+
+
+def test_twistd_logger_factory_filters_debug(monkeypatch, capsys):
+    from roller.logs import observer
+
+    monkeypatch.setenv("ROLLER_LOG_FORMAT", "json")
+    log = Logger(namespace="roller.test", observer=LogPublisher(observer()))
+    log.debug("noise")
+    log.info("signal {n}", n=1)
+    (line,) = capsys.readouterr().out.splitlines()
+    assert json.loads(line)["message"] == "signal 1"
