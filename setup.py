@@ -21,6 +21,7 @@ setup(
         "zope.interface>=6",
         "werkzeug>=3",
         "tomli-w>=1.0,<2",
+        "mohawk>=1.1,<2",
     ],
     extras_require={
         "test": [
@@ -29,6 +30,7 @@ setup(
             "schemathesis>=4,<5",
             "openapi-spec-validator>=0.7",
             "mohawk>=1.1",
+            "taskcluster>=60",
             "psutil>=5.9",
         ],
     },

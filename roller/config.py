@@ -116,6 +116,26 @@ def _endpoints(value: Any, from_text: bool) -> tuple[str, ...]:
     return items
 
 
+def _networks(value: Any, from_text: bool) -> tuple[str, ...]:
+    """IP addresses or CIDR networks, normalised (C{"10.1.2.3/8"} -> C{"10.0.0.0/8"})."""
+    out = []
+    for item in _str_list(value, from_text):
+        try:
+            out.append(str(ipaddress.ip_network(item.strip(), strict=False)))
+        except ValueError:
+            raise ValueError(f"{item[:60]!r} is not an IP address or CIDR network") from None
+    return tuple(out)
+
+
+def _root_url(value: Any, from_text: bool) -> str:
+    """A Taskcluster root URL (C{https://tc.example.com}), or C{""} for none."""
+    url = _text(value, from_text).strip().rstrip("/")
+    if url and (not url.startswith(("http://", "https://")) or len(url) <= len("https://")
+                or any(c.isspace() for c in url)):
+        raise ValueError(f"must be an http(s) URL such as https://firefox-ci-tc.services.mozilla.com, got {url!r}")
+    return url
+
+
 def _timeouts(value: Any, from_text: bool) -> dict[str, float]:
     if from_text:
         pairs = [p.split("=", 1) for p in value.split(",") if p.strip()]
@@ -140,10 +160,13 @@ KEYS: dict[str, tuple[str, Callable[[Any, bool], Any], Any]] = {
     "server.listen": ("listen", _endpoints, ("tcp:8000:interface=127.0.0.1",)),
     "server.max_body": ("max_body", _int(1024, 64 << 20), 1 << 20),
     "server.cors_origins": ("cors_origins", _str_list, ("https://firefox-ci-tc.services.mozilla.com",)),
+    "server.trusted_proxies": ("trusted_proxies", _networks, ()),
     "database.path": ("db_path", _text, "{state_dir}/roller.db"),
     "database.synchronous": ("db_synchronous", _choice("normal", "full"), "normal"),
-    "auth.mode": ("auth_mode", _choice("none", "taskcluster"), "taskcluster"),
-    "auth.root_url": ("auth_root_url", _text, ""),
+    "auth.mode": ("auth_mode", _choice("none", "taskcluster", "local"), "taskcluster"),
+    "auth.root_url": ("auth_root_url", _root_url, ""),
+    "auth.timeout": ("auth_timeout", _float(0.1), 5.0),
+    "auth.timestamp_skew": ("auth_timestamp_skew", _float(1), 60.0),
     "auth.scope_prefix": ("scope_prefix", _text, "project:releng:roller:"),
     "queue.max_running": ("max_running", _int(1, 100_000), 200),
     "queue.endpoint_max_running": ("endpoint_max_running", _int(1, 1000), 1),
@@ -176,10 +199,13 @@ class Settings:
     listen: tuple[str, ...]
     max_body: int
     cors_origins: tuple[str, ...]
+    trusted_proxies: tuple[str, ...]
     db_path: str
     db_synchronous: str
     auth_mode: str
     auth_root_url: str
+    auth_timeout: float
+    auth_timestamp_skew: float
     scope_prefix: str
     max_running: int
     endpoint_max_running: int

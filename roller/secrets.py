@@ -30,6 +30,14 @@ The file is TOML with one table per credential::
     type = "token"
     value = "..."
 
+Hawk clients that roller verifies itself (C{auth.mode = "local"}), one
+table per Taskcluster-style client id; the access token is a secret, the
+scopes are not::
+
+    [clients."project/releng/roller-ci"]
+    access_token = "..."          # at least 16 printable ASCII characters
+    scopes = ["project:releng:roller:*"]
+
 Credential names may contain dots (C{ipmi-10.49.16.17}); in TOML such a
 name must be quoted (C{[credentials."ipmi-10.49.16.17"]}), otherwise the
 dots make nested tables.  L{write_secrets} quotes them.
@@ -44,6 +52,7 @@ any text (logs, command output, error messages from peers).
 from __future__ import annotations
 
 import os
+import re
 import stat
 import tempfile
 import tomllib
@@ -78,6 +87,11 @@ _KIND_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 
 # SNMPv3 (RFC 3414 / net-snmp) refuses pass phrases shorter than 8 characters.
 SNMP_V3_MIN_KEY = 8
+
+# Taskcluster's clientId characters; every one is valid in a Hawk header.
+CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9!@/:.+|_-]{1,128}$")
+CLIENT_TOKEN_MIN = 16
+_CLIENT_KEYS = ("access_token", "scopes")
 
 
 class SecretsError(Exception):
@@ -241,6 +255,78 @@ class Credential:
     __str__ = __repr__
 
 
+def _printable(value: str) -> bool:
+    return all(0x20 <= ord(c) <= 0x7E for c in value)
+
+
+@frozen(repr=False)
+class HawkClient:
+    """
+    A Hawk client of C{auth.mode = "local"}: the table C{[clients.ID]}.
+
+    Construction validates, raising L{ValidationError} whose field is
+    C{clients.ID.KEY} and whose reason never shows the token.
+    """
+
+    id: str
+    access_token: str = field(repr=False)
+    scopes: tuple[str, ...] = ()
+
+    def __attrs_post_init__(self) -> None:
+        if not isinstance(self.id, str) or not CLIENT_ID_RE.match(self.id):
+            shown = self.id[:80] if isinstance(self.id, str) else _typename(self.id)
+            raise ValidationError("clients", f"client id {shown!r} is not valid (letters, digits and "
+                                  "!@/:.+|_- ; at most 128)")
+        where = f"clients.{self.id}"
+        token = self.access_token
+        if not isinstance(token, str):
+            raise ValidationError(f"{where}.access_token", f"must be a string, got {_typename(token)}")
+        if len(token) < CLIENT_TOKEN_MIN or not _printable(token) or " " in token:
+            raise ValidationError(f"{where}.access_token", f"must be at least {CLIENT_TOKEN_MIN} printable "
+                                  "ASCII characters without spaces")
+        if not isinstance(self.scopes, tuple) or not all(isinstance(v, str) and _printable(v) for v in self.scopes):
+            raise ValidationError(f"{where}.scopes", "must be a list of scopes (printable ASCII strings)")
+
+    @classmethod
+    def from_toml(cls, client_id: str, table: Any) -> "HawkClient":
+        """
+        Parse the table C{[clients.ID]}.
+
+        @raise ValidationError: unknown keys, a missing or ill-typed field.
+        """
+        where = f"clients.{client_id}"
+        if not isinstance(table, Mapping):
+            raise ValidationError(where, f"must be a table, got {_typename(table)}")
+        if "access_token" not in table:
+            if table and all(isinstance(v, Mapping) for v in table.values()):
+                raise ValidationError(where, "has no access_token; a client id containing dots must be "
+                                      f'quoted, e.g. [clients."{client_id}.{next(iter(table))}"]')
+            raise ValidationError(f"{where}.access_token", "is required")
+        unknown = sorted(set(table) - set(_CLIENT_KEYS))
+        if unknown:
+            raise ValidationError(where, f"unknown key(s): {', '.join(unknown)} (expected "
+                                  f"{', '.join(_CLIENT_KEYS)})")
+        scopes = table.get("scopes", [])
+        if not isinstance(scopes, list):
+            raise ValidationError(f"{where}.scopes", f"must be a list of scopes, got {_typename(scopes)}")
+        return cls(id=client_id, access_token=table["access_token"], scopes=tuple(scopes))
+
+    def to_toml(self) -> dict[str, Any]:
+        return {"access_token": self.access_token, "scopes": list(self.scopes)}
+
+    def public_json(self) -> dict[str, Any]:
+        """What may be shown: the id and the scopes, never the token."""
+        return {"id": self.id, "scopes": list(self.scopes)}
+
+    def secret_values(self) -> frozenset[str]:
+        return frozenset({self.access_token})
+
+    def __repr__(self) -> str:
+        return f"HawkClient(id={self.id!r}, access_token={REDACTED}, scopes={self.scopes!r})"
+
+    __str__ = __repr__
+
+
 def _field_names() -> tuple[str, ...]:
     """The value fields of L{Credential} (everything but name and kind)."""
     return tuple(a.name for a in fields(Credential)[2:])
@@ -282,11 +368,16 @@ class Secrets:
 
     _credentials: Mapping[str, Credential] = field(factory=dict, converter=dict)
     path: str | None = None
+    #: The Hawk clients of C{auth.mode = "local"}, by id.
+    clients: Mapping[str, HawkClient] = field(factory=dict, converter=dict)
 
     def __attrs_post_init__(self) -> None:
         for name, cred in self._credentials.items():
             if not isinstance(cred, Credential) or cred.name != name:
                 raise ValueError(f"credential registered as {name!r} is not a Credential named {name!r}")
+        for cid, client in self.clients.items():
+            if not isinstance(client, HawkClient) or client.id != cid:
+                raise ValueError(f"client registered as {cid!r} is not a HawkClient with id {cid!r}")
 
     def get(self, name: str) -> Credential:
         """
@@ -314,7 +405,8 @@ class Secrets:
         return iter(self.names())
 
     def __repr__(self) -> str:
-        return f"Secrets(path={self.path!r}, names={list(self.names())!r})"
+        clients = f", clients={sorted(self.clients)!r}" if self.clients else ""
+        return f"Secrets(path={self.path!r}, names={list(self.names())!r}{clients})"
 
     __str__ = __repr__
 
@@ -323,8 +415,9 @@ class Secrets:
         return dict(self._credentials)
 
     def secret_values(self) -> set[str]:
-        """Every secret string of every credential."""
-        return {v for cred in self._credentials.values() for v in cred.secret_values()}
+        """Every secret string of every credential and client."""
+        values = {v for cred in self._credentials.values() for v in cred.secret_values()}
+        return values | {v for client in self.clients.values() for v in client.secret_values()}
 
     def redact(self, text: str) -> str:
         """
@@ -370,7 +463,7 @@ class Secrets:
             raise CredentialConflict(clashes)
         merged = dict(self._credentials)
         merged.update(new)
-        return Secrets(merged, path=self.path)
+        return Secrets(merged, path=self.path, clients=self.clients)
 
 
 def parse_secrets(data: Mapping[str, Any], path: str | None = None) -> Secrets:
@@ -380,10 +473,10 @@ def parse_secrets(data: Mapping[str, Any], path: str | None = None) -> Secrets:
     @raise SecretsError: unknown top-level keys, unknown type, missing or
         ill-typed fields.
     """
-    unknown = sorted(set(data) - {"credentials"})
+    unknown = sorted(set(data) - {"credentials", "clients"})
     if unknown:
         raise SecretsError(f"unknown top-level key(s) {', '.join(unknown)}; "
-                           "expected only [credentials.NAME] tables", path)
+                           "expected only [credentials.NAME] and [clients.ID] tables", path)
     tables = data.get("credentials", {})
     if not isinstance(tables, Mapping):
         raise SecretsError(f"credentials must be a table, got {_typename(tables)}", path)
@@ -393,7 +486,16 @@ def parse_secrets(data: Mapping[str, Any], path: str | None = None) -> Secrets:
             creds[name] = Credential.from_toml(name, table)
         except ValidationError as e:
             raise SecretsError(e.message, path) from None
-    return Secrets(creds, path=path)
+    client_tables = data.get("clients", {})
+    if not isinstance(client_tables, Mapping):
+        raise SecretsError(f"clients must be a table, got {_typename(client_tables)}", path)
+    clients = {}
+    for cid, table in client_tables.items():
+        try:
+            clients[cid] = HawkClient.from_toml(cid, table)
+        except ValidationError as e:
+            raise SecretsError(e.message, path) from None
+    return Secrets(creds, path=path, clients=clients)
 
 
 def load_secrets(path: str | os.PathLike) -> Secrets:
@@ -457,12 +559,16 @@ def write_secrets(path: str | os.PathLike, secrets: Secrets | Mapping[str, Crede
     is fsynced so the rename survives a crash.  Readers see the old file or
     the new one, never a mix.  The whole file is rewritten: comments and
     formatting of the previous file are not kept.  A symlink at C{path} is
-    replaced by the regular file.
+    replaced by the regular file.  The C{[clients.ID]} tables written are
+    those of C{secrets} (none when it is a plain mapping of credentials).
     """
     path = os.fspath(path)
     creds = secrets.as_dict() if isinstance(secrets, Secrets) else dict(secrets)
-    Secrets(creds)  # validates that keys match names
-    document = {"credentials": {name: creds[name].to_toml() for name in sorted(creds)}}
+    clients = dict(secrets.clients) if isinstance(secrets, Secrets) else {}
+    Secrets(creds, clients=clients)  # validates that keys match names
+    document: dict[str, Any] = {"credentials": {name: creds[name].to_toml() for name in sorted(creds)}}
+    if clients:
+        document["clients"] = {cid: clients[cid].to_toml() for cid in sorted(clients)}
     payload = tomli_w.dumps(document).encode("utf-8")
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")

@@ -17,6 +17,8 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 
 from roller.auth import AnonymousAuthenticator, IAuthenticator, UnconfiguredAuthenticator
+from roller.auth.hawk import LocalHawkAuthenticator
+from roller.auth.taskcluster import TaskclusterAuthenticator
 from roller.config import Settings
 from roller.demo import seed_demo_fleet, start_demo_fleet
 from roller.drivers.registry import make_drivers
@@ -32,13 +34,33 @@ log = Logger()
 INVENTORY_REFRESH_S = 2.0
 
 
-def make_authenticator(settings: Settings) -> IAuthenticator:
-    if settings.auth_mode == "none":
+def make_authenticator(settings: Settings, reactor: Any, secrets: Secrets | None = None) -> IAuthenticator:
+    """
+    The authenticator for C{auth.mode}: C{none} lets everyone in (loopback
+    only); C{taskcluster} asks C{auth.root_url}'s auth service; C{local}
+    verifies Hawk itself for the C{[clients.ID]} of the secrets file.  A mode
+    missing its configuration refuses every request, saying what to set.
+    """
+    mode = settings.auth_mode
+    if mode == "none":
         return AnonymousAuthenticator()
-    return UnconfiguredAuthenticator(
-        "Taskcluster authentication is not available yet on this roller: "
-        "no request can be authenticated (set auth.mode = \"none\" on a loopback-only roller to develop)"
-    )
+    if mode == "local":
+        clients = secrets.clients if secrets is not None else {}
+        if not clients:
+            return UnconfiguredAuthenticator(
+                f"auth.mode is \"local\" but the secrets file {settings.secrets_file} has no [clients.ID] "
+                "tables: no request can be authenticated")
+        return LocalHawkAuthenticator(
+            reactor, {cid: (c.access_token, c.scopes) for cid, c in clients.items()},
+            skew=settings.auth_timestamp_skew, trusted_proxies=settings.trusted_proxies)
+    if not settings.auth_root_url:
+        return UnconfiguredAuthenticator(
+            "auth.root_url is not set, so roller cannot ask Taskcluster to verify Hawk credentials: no request "
+            "can be authenticated (set auth.root_url, e.g. https://firefox-ci-tc.services.mozilla.com; or "
+            "auth.mode = \"local\" with [clients.ID] in the secrets file; or \"none\" on a loopback-only "
+            "roller to develop)")
+    return TaskclusterAuthenticator(reactor, settings.auth_root_url, timeout=settings.auth_timeout,
+                                    trusted_proxies=settings.trusted_proxies)
 
 
 def queue_limits(settings: Settings) -> QueueLimits:
@@ -67,6 +89,7 @@ class RollerService(MultiService):
         self.store: Store | None = None
         self.queue: JobQueue | None = None
         self.secrets: Secrets | None = None
+        self.authenticator: IAuthenticator | None = None
         self.ready: Deferred = Deferred()
         self._starting: Deferred | None = None
         self.ports: list[Any] = []
@@ -102,10 +125,11 @@ class RollerService(MultiService):
         self._refresh = LoopingCall(self._refresh_inventory)
         self._refresh.clock = self.reactor
         self._refresh.start(INVENTORY_REFRESH_S, now=False)
+        self.authenticator = make_authenticator(s, self.reactor, self.secrets)
         api = Api(
-            store=self.store, queue=self.queue, tasks=tasks, authenticator=make_authenticator(s),
+            store=self.store, queue=self.queue, tasks=tasks, authenticator=self.authenticator,
             allowed_tasks=s.allowed_tasks, scope_prefix=s.scope_prefix, cors_origins=s.cors_origins,
-            clock=self.reactor,
+            clock=self.reactor, trusted_proxies=s.trusted_proxies,
         )
         site = RollerSite(api.app.resource(), max_body=s.max_body, reactor=self.reactor)
         site.noisy = False
@@ -153,6 +177,9 @@ class RollerService(MultiService):
         for port in self.ports:
             await port.stopListening()
         self.ports = []
+        close = getattr(self.authenticator, "close", None)
+        if close is not None:
+            await close()  # idle connections to Taskcluster's auth service
         await super().stopService()
         if self.queue is not None:
             await self.queue.stop()

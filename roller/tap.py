@@ -28,7 +28,8 @@ class Options(usage.Options):
         ["config", "c", None, "TOML configuration file."],
         ["db", "d", None, "SQLite database file (default STATE_DIR/roller.db)."],
         ["state-dir", "s", None, "Directory for the database and secrets (default ./state)."],
-        ["auth", "a", None, "Authentication mode: taskcluster (default) or none (loopback only)."],
+        ["auth", "a", None, "Authentication mode: taskcluster (default), local (Hawk clients in the "
+         "secrets file) or none (loopback only)."],
     ]
     optFlags = [
         ["demo", None, "Add a small demo fleet of loopback machines and allow everything on loopback."],

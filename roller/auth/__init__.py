@@ -19,8 +19,15 @@ __all__ = ["IAuthenticator", "Principal", "AnonymousAuthenticator", "Unconfigure
 
 @frozen
 class Principal:
+    """
+    @ivar id: the client id (Taskcluster C{clientId}) or user.
+    @ivar scopes: what it may do (Taskcluster scope rules, L{satisfies}).
+    @ivar expires: when its credentials expire (ISO 8601), if known.
+    """
+
     id: str
     scopes: tuple[str, ...] = ()
+    expires: str | None = None
 
     def has_scope(self, required: str) -> bool:
         return satisfies(self.scopes, required)

@@ -21,6 +21,7 @@ from werkzeug.exceptions import NotFound as RouteNotFound
 
 from roller import __version__
 from roller.auth import IAuthenticator, Principal
+from roller.auth.hawk import client_ip, parse_trusted_proxies
 from roller.errors import BadRequest, Conflict, Forbidden, NotFound, RollerError, Unauthorized
 from roller.inventory import Machine, valid_worker_id
 from roller.jobs import PRIORITY_DEFAULT, PRIORITY_MAX, PRIORITY_MIN, State
@@ -109,11 +110,6 @@ def _body(request: IRequest, *, required: bool = False) -> Any:
         raise BadRequest(f"the body is not valid JSON: {e}"[:200], code="invalid_json") from None
 
 
-def _client_ip(request: IRequest) -> str | None:
-    peer = request.getClientAddress()
-    return getattr(peer, "host", None)
-
-
 @define
 class Api:
     store: Store
@@ -125,6 +121,8 @@ class Api:
     cors_origins: tuple[str, ...] = ()
     clock: Any = field(kw_only=True)
     openapi: dict = field(factory=dict)
+    #: Peers (IPs/CIDRs) whose X-Forwarded-For names the client (origin_ip, audit).
+    trusted_proxies: tuple = field(default=(), converter=parse_trusted_proxies)
 
     app = Klein()
 
@@ -177,6 +175,9 @@ class Api:
         request.setResponseCode(204)
         return b""
 
+    def _client_ip(self, request: IRequest) -> str | None:
+        return client_ip(request, self.trusted_proxies)
+
     async def _authorize(self, request: IRequest, scope: str) -> Principal:
         principal = await self.authenticator.authenticate(request)
         if not principal.has_scope(scope):
@@ -186,7 +187,7 @@ class Api:
     async def _audit(self, principal: Principal, request: IRequest, action: str, target: str,
                      result: str, params: dict | None = None) -> None:
         await self.store.audit.add(AuditEntry(
-            time=self.clock.seconds(), actor=principal.id, source_ip=_client_ip(request),
+            time=self.clock.seconds(), actor=principal.id, source_ip=self._client_ip(request),
             action=action, target=target, params=params, result=result,
         ))
 
@@ -277,7 +278,7 @@ class Api:
         target = f"{machine.worker_group}/{machine.worker_id}"
         job, created = await self.queue.submit(
             task_name, machine, params=params, requester=principal.id,
-            origin_ip=_client_ip(request), reason=reason, priority=priority,
+            origin_ip=self._client_ip(request), reason=reason, priority=priority,
             audit=lambda job: AuditEntry(
                 time=job.created_at, actor=principal.id, source_ip=job.origin_ip,
                 action=f"job.create:{task_name}", target=target, result=f"queued {job.id}",

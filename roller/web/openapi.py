@@ -209,7 +209,9 @@ _ERRORS: dict[str, tuple[str, str]] = {
     "414": ("UriTooLong", "The request target is longer than the configured maximum (`uri_too_long`)."),
     "415": ("UnsupportedMediaType", "A request body that is not `application/json` (`unsupported_media_type`)."),
     "431": ("HeadersTooLarge", "Request headers too large or too many (`headers_too_large`)."),
-    "503": ("Unavailable", "roller is shutting down and accepts no new jobs (`shutting_down`)."),
+    "503": ("Unavailable", "roller is shutting down and accepts no new jobs (`shutting_down`), or cannot "
+            "verify credentials now: the Taskcluster auth service is unreachable, too slow or answers "
+            "wrongly (`auth_unavailable`). Nothing was done; retry later."),
 }
 
 
@@ -727,7 +729,8 @@ def openapi_document(tasks: Any, allowed: tuple[str, ...], version: str) -> dict
             ),
             "delete": _op(
                 "cancelJob", "Cancel a job", "jobs",
-                {"200": _json_response("The job, cancelled.", _ref("Job")), **_errors("401", "403", "404", "409")},
+                {"200": _json_response("The job, cancelled.", _ref("Job")),
+                 **_errors("401", "403", "404", "409", "503")},
                 parameters=[_task_id_param()], secured=True,
                 description="A queued job is dropped; a running one is stopped. 409 `job_finished` if it "
                             "already ended. " + secured_note + " Scope: `<prefix>jobs:cancel`.",
@@ -760,7 +763,7 @@ def openapi_document(tasks: Any, allowed: tuple[str, ...], version: str) -> dict
                     "The machine: `/api/v1/machines/{worker_group}/{worker_id}`.",
                     {"type": "string", "pattern": "^/api/v1/machines/"}, required=True)},
                     _links("", _MACHINE_LINKS)),
-                 **_errors("400", "401", "403", "409", "415")},
+                 **_errors("400", "401", "403", "409", "415", "503")},
                 body={"required": True, "content": _json_content(_ref("MachineInput"))},
                 secured=True,
                 description="409 `machine_exists` if it is already there. " + secured_note
@@ -777,7 +780,7 @@ def openapi_document(tasks: Any, allowed: tuple[str, ...], version: str) -> dict
                 "putMachine", "Replace or create a machine", "machines",
                 {"200": _json_response("Replaced.", _ref("Machine"), links=_links("", _MACHINE_LINKS)),
                  "201": _json_response("Created.", _ref("Machine"), links=_links("", _MACHINE_LINKS)),
-                 **_errors("400", "401", "403", "415")},
+                 **_errors("400", "401", "403", "415", "503")},
                 parameters=_machine_path_params(),
                 body={"required": True, "content": _json_content(_ref("MachineReplace"))},
                 secured=True,
@@ -785,7 +788,7 @@ def openapi_document(tasks: Any, allowed: tuple[str, ...], version: str) -> dict
             ),
             "delete": _op(
                 "deleteMachine", "Remove a machine", "machines",
-                {"204": {"description": "Removed."}, **_errors("400", "401", "403", "404")},
+                {"204": {"description": "Removed."}, **_errors("400", "401", "403", "404", "503")},
                 parameters=_machine_path_params(), secured=True,
                 description="Its job history is kept. " + secured_note + " Scope: `<prefix>inventory:write`.",
             ),
@@ -852,9 +855,10 @@ def openapi_document(tasks: Any, allowed: tuple[str, ...], version: str) -> dict
                     "name": "Authorization",
                     "description": "Hawk (`Authorization: Hawk id=\"...\", ts=\"...\", nonce=\"...\", "
                                    "mac=\"...\"`), as the Taskcluster clients sign requests; roller checks "
-                                   "it with Taskcluster's `authenticate-hawk` and requires the operation's "
-                                   "scope. (`http` with scheme `hawk` is not a registered HTTP "
-                                   "authentication scheme, hence `apiKey`.)",
+                                   "it with Taskcluster's `authenticate-hawk` (or itself, for the clients "
+                                   "in its secrets file) and requires the operation's scope. (`http` with "
+                                   "scheme `hawk` is not a registered HTTP authentication scheme, hence "
+                                   "`apiKey`.)",
                 },
             },
         },
