@@ -31,6 +31,7 @@ setup(
             "openapi-spec-validator>=0.7",
             "mohawk>=1.1",
             "taskcluster>=60",
+            "sushy-tools>=2.2,<3",
             "psutil>=5.9",
         ],
     },

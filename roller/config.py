@@ -171,7 +171,8 @@ KEYS: dict[str, tuple[str, Callable[[Any, bool], Any], Any]] = {
     "queue.max_running": ("max_running", _int(1, 100_000), 200),
     "queue.endpoint_max_running": ("endpoint_max_running", _int(1, 1000), 1),
     "queue.endpoint_min_interval": ("endpoint_min_interval", _float(0), 0.0),
-    "tasks.allowed": ("allowed_tasks", _str_list, ("ping", "ssh_reboot", "reboot")),
+    "tasks.allowed": ("allowed_tasks", _str_list, ("ping", "ssh_reboot", "reboot", "redfish_reboot",
+                                                   "xenapi_reboot")),
     "tasks.timeouts": ("task_timeouts", _timeouts, {}),
     "log.format": ("log_format", _choice("text", "json"), "text"),
     "ssh.known_hosts": ("ssh_known_hosts", _text, "{state_dir}/known_hosts"),
@@ -183,6 +184,17 @@ KEYS: dict[str, tuple[str, Callable[[Any, bool], Any], Any]] = {
     "reboot.methods": ("reboot_methods", _str_list, (
         "ssh_reboot", "ipmi_reset", "ipmi_cycle", "snmp_reboot", "redfish_reboot", "xenapi_reboot",
         "file_bugzilla_bug")),
+    "redfish.credential": ("redfish_credential", _text, ""),
+    "redfish.request_timeout": ("redfish_request_timeout", _float(0.1), 20.0),
+    "redfish.power_timeout": ("redfish_power_timeout", _float(1), 120.0),
+    "redfish.poll_interval": ("redfish_poll_interval", _float(0.05), 2.0),
+    "xen.url": ("xen_url", _text, ""),
+    "xen.credential": ("xen_credential", _text, ""),
+    "xen.ca_file": ("xen_ca_file", _text, ""),
+    "xen.verify_tls": ("xen_verify_tls", _bool, True),
+    "xen.timeout": ("xen_timeout", _float(0.1), 30.0),
+    "xen.shutdown_timeout": ("xen_shutdown_timeout", _float(1), 120.0),
+    "xen.start_delay": ("xen_start_delay", _float(0), 5.0),
     "reboot.down_timeout": ("reboot_down_timeout", _float(1), 300.0),
     "reboot.up_timeout": ("reboot_up_timeout", _float(1), 900.0),
     "reboot.poll_interval": ("reboot_poll_interval", _float(0.05), 5.0),
@@ -220,6 +232,17 @@ class Settings:
     ssh_connect_timeout: float
     ssh_command_timeout: float
     reboot_methods: tuple[str, ...]
+    redfish_credential: str
+    redfish_request_timeout: float
+    redfish_power_timeout: float
+    redfish_poll_interval: float
+    xen_url: str
+    xen_credential: str
+    xen_ca_file: str
+    xen_verify_tls: bool
+    xen_timeout: float
+    xen_shutdown_timeout: float
+    xen_start_delay: float
     reboot_down_timeout: float
     reboot_up_timeout: float
     reboot_poll_interval: float

@@ -17,6 +17,8 @@ from roller.inventory import Machine
 class Drivers:
     shell: Any  # roller.drivers.ssh.IRemoteShell
     liveness: Callable[[Machine], ILiveness]  # a quick liveness probe for a machine
+    redfish: Any = None  # roller.drivers.redfish.RedfishDriver
+    xen: Any = None  # roller.drivers.xen.XenApiDriver
 
 
 def make_drivers(reactor: Any, settings: Any) -> Drivers:
@@ -30,4 +32,12 @@ def make_drivers(reactor: Any, settings: Any) -> Drivers:
             return liveness_for("tcp", reactor, port=machine.liveness.port, timeout=3.0)
         return liveness_for("icmp", reactor, count=1, timeout=3.0)
 
-    return Drivers(shell=shell, liveness=liveness)
+    from roller.drivers.redfish import RedfishDriver
+    from roller.drivers.xen import XenApiDriver
+
+    redfish = RedfishDriver(reactor, request_timeout=settings.redfish_request_timeout,
+                            power_timeout=settings.redfish_power_timeout,
+                            poll_interval=settings.redfish_poll_interval)
+    xen = XenApiDriver(reactor, timeout=settings.xen_timeout, shutdown_timeout=settings.xen_shutdown_timeout,
+                       start_delay=settings.xen_start_delay)
+    return Drivers(shell=shell, liveness=liveness, redfish=redfish, xen=xen)

@@ -39,6 +39,6 @@ class TaskRegistry:
 
 
 def builtin_tasks() -> TaskRegistry:
-    from roller.tasks import ping, reboot, ssh_reboot
+    from roller.tasks import ping, reboot, redfish, ssh_reboot, xen
 
-    return TaskRegistry([ping.TASK, ssh_reboot.TASK, reboot.TASK])
+    return TaskRegistry([ping.TASK, ssh_reboot.TASK, reboot.TASK, redfish.TASK, redfish.POWER_TASK, xen.TASK])

@@ -17,7 +17,9 @@ from typing import Any, Awaitable, Callable, Mapping
 from attrs import frozen
 
 from roller.inventory import REBOOT_METHODS, Machine
+from roller.tasks import redfish as redfish_task
 from roller.tasks import ssh_reboot
+from roller.tasks import xen as xen_task
 from roller.tasks.base import Param, TaskContext, TaskFailed, TaskSpec
 from roller.tasks.verify import wait_for_state
 
@@ -31,6 +33,8 @@ class Method:
 
 METHODS: dict[str, Method] = {
     "ssh_reboot": Method("ssh_reboot", ssh_reboot.not_applicable, ssh_reboot.initiate),
+    "redfish_reboot": Method("redfish_reboot", redfish_task.not_applicable, redfish_task.initiate),
+    "xenapi_reboot": Method("xenapi_reboot", xen_task.not_applicable, xen_task.initiate),
 }
 
 

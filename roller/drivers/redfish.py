@@ -1,0 +1,1174 @@
+"""
+Redfish: power and boot control of a machine through its BMC, over treq.
+
+L{RedfishDriver} acts on one L{RedfishTarget} per call.  Every call is
+one short conversation with the BMC:
+
+  1. C{GET /redfish/v1/} (the service root, unauthenticated by the spec).
+     If it advertises a session collection (C{Links.Sessions}, or a
+     C{SessionService}), roller logs in there (C{POST} C{UserName} and
+     C{Password}) and sends the returned C{X-Auth-Token}; a BMC that
+     refuses the credential fails the call, one that answers anything else
+     (404, 405, 501, no token) falls back to HTTP basic auth.  Without
+     sessions (sushy-emulator) every request carries basic auth.
+  2. Find the system: the target's C{system} (an Id, a name the BMC
+     redirects, or a path C{/redfish/v1/Systems/...}), else the only member
+     of C{/redfish/v1/Systems}.  A BMC with several systems and no
+     C{system} configured is refused, naming them: picking one would power
+     off whichever blade happened to be listed first.
+  3. Act: C{ComputerSystem.Reset} with a C{ResetType} chosen among the
+     system's C{ResetType@Redfish.AllowableValues} (inline, or from its
+     C{@Redfish.ActionInfo}), or a C{PATCH} of C{Boot}.
+  4. Read back: C{PowerState} is polled on the injected clock every
+     C{poll_interval} until it is what the action should give or
+     C{power_timeout} passes (L{RedfishPowerTimeout}).  BMCs apply power
+     changes after a while (sushy-emulator's fake driver after 1-11 s).
+  5. Log out (C{DELETE} the session), also after a failure or a
+     cancellation, and close the connections.
+
+The power verbs are those of C{IPowerDriver} (as in
+L{roller.drivers.ipmi}): C{verb(target, on_event=None)} returning a
+Deferred that fires with a one-line summary; C{on_event(message)} (a
+job's C{ctx.log}) gets progress lines.  L{RedfishDriver.power} and
+L{RedfishDriver.boot_override} do the same and fire with a L{PowerResult}
+or L{BootResult} instead.
+
+  - L{RedfishDriver.reset}: a reboot.  C{ForceRestart}, else
+    C{GracefulRestart}, else C{PowerCycle}, else C{ForceOff} then C{On};
+    a system that is off is powered on.  An explicit C{reset_type} is sent
+    as is (after checking it is allowed).
+  - L{RedfishDriver.cycle}: C{PowerCycle}, else C{ForceOff}, wait for
+    C{Off}, C{On}; a system that is off is powered on.
+  - L{RedfishDriver.on}: C{On} (else C{ForceOn}); nothing if already on.
+  - L{RedfishDriver.off}: C{ForceOff} (else C{GracefulShutdown}), or with
+    C{graceful=True} C{GracefulShutdown} and, if the system is not off
+    within C{power_timeout}, C{ForceOff}; nothing if already off.
+  - L{RedfishDriver.status}: the power state, lower-cased (C{"on"},
+    C{"off"}, C{"powering on"}, ...).
+  - L{RedfishDriver.set_boot_device}: a one-time (C{Once}) or persistent
+    boot override (C{pxe} by default; C{efi} also sets the UEFI mode),
+    read back; a BMC that reports C{Continuous} after a C{Once} request
+    (sushy-emulator does) is accepted and the summary says so.
+
+TLS is verified against the system's trust store, or the target's
+C{ca_file} alone.  Only an explicit C{verify_tls = false} turns
+verification off, and the driver then logs a warning (once per machine).
+
+Errors
+======
+
+Every failure is a L{RedfishError} with one line an operator can act on,
+naming the BMC URL, the system and the credential, never the password (a
+password echoed by the peer is masked) or a session token:
+
+  - L{RedfishConfigError}: the target cannot be built (no url, no or
+    unknown credential, wrong credential type, unreadable CA file), or
+    several systems and none chosen.
+  - L{RedfishAuthFailed}: HTTP 401 or 403.
+  - L{RedfishNotFound}: the system (or another resource) is not there
+    (HTTP 404); the message lists the systems the BMC has.
+  - L{RedfishUnsupported}: the ResetType or boot target is not allowed
+    by the BMC, or it answered HTTP 501.
+  - L{RedfishHttpError}: any other unexpected status.
+  - L{RedfishProtocolError}: an answer that is not the JSON expected.
+  - L{RedfishConnectFailed}: refused, unreachable, unresolvable, TLS
+    verification failed, or the connection closed early (C{reason}).
+  - L{RedfishTimeout}: no answer to a request within C{request_timeout}.
+  - L{RedfishPowerTimeout}: the power state did not follow in time.
+
+Cancelling the Deferred of any call aborts the request in flight (its
+connection is closed); request timeouts are such cancellations on the
+injected clock.
+
+The HTTP plumbing (L{tls_policy}, L{HttpConversation}, L{transport_error})
+is shared with L{roller.drivers.xen}.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from urllib.parse import urljoin, urlsplit
+
+from attrs import field, frozen
+from OpenSSL import SSL
+from twisted.internet import error, ssl
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import TimeoutError as DeferredTimeout
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import (
+    Agent,
+    BrowserLikePolicyForHTTPS,
+    HTTPConnectionPool,
+    ResponseDone,
+)
+from twisted.web.http import PotentialDataLoss
+from twisted.web.iweb import IPolicyForHTTPS
+from treq.client import HTTPClient
+from zope.interface import implementer
+
+from roller.secrets import UnknownCredential
+
+try:  # the power-driver interface, when roller has it
+    from roller.drivers.power import IPowerDriver  # type: ignore[import-not-found]
+except ImportError:  # pragma: no cover - depends on the checkout
+    IPowerDriver = None
+
+log = Logger()
+
+__all__ = [
+    "BootResult",
+    "HttpConversation",
+    "HttpReply",
+    "PowerResult",
+    "RedfishAuthFailed",
+    "RedfishConfigError",
+    "RedfishConnectFailed",
+    "RedfishDriver",
+    "RedfishError",
+    "RedfishHttpError",
+    "RedfishNotFound",
+    "RedfishPowerTimeout",
+    "RedfishProtocolError",
+    "RedfishTarget",
+    "RedfishTimeout",
+    "RedfishUnsupported",
+    "choose_reset_type",
+    "redfish_target",
+    "tls_policy",
+    "transport_error",
+]
+
+#: Largest response body read (bytes); a BMC answer is a few kB.
+MAX_BODY = 4 * 1024 * 1024
+
+#: Same-origin redirects followed per GET.
+MAX_REDIRECTS = 5
+
+SERVICE_ROOT = "/redfish/v1/"
+SYSTEMS = "/redfish/v1/Systems"
+
+#: ResetTypes that leave the system on / off; others (Nmi,
+#: PushPowerButton, Suspend, ...) are not waited for.
+ENDS_ON = frozenset({"On", "ForceOn", "ForceRestart", "GracefulRestart", "PowerCycle"})
+ENDS_OFF = frozenset({"ForceOff", "GracefulShutdown"})
+
+#: Names accepted for boot targets when the BMC does not list its own.
+_BOOT_NAMES = {"pxe": "Pxe", "hdd": "Hdd", "disk": "Hdd", "cd": "Cd", "usb": "Usb", "bios": "BiosSetup",
+               "biossetup": "BiosSetup", "none": "None", "uefihttp": "UefiHttp"}
+
+#: Preferences per action, best first.
+REBOOT_TYPES = ("ForceRestart", "GracefulRestart", "PowerCycle")
+CYCLE_TYPES = ("PowerCycle",)
+ON_TYPES = ("On", "ForceOn")
+OFF_TYPES = ("ForceOff", "GracefulShutdown")
+
+EventCallback = Callable[..., object]  # on_event(message, **data), e.g. a job's ctx.log
+
+
+# ---------------------------------------------------------------- errors
+
+
+class RedfishError(Exception):
+    """
+    A Redfish call failed; the message says why in one line.
+
+    @ivar message: The line (also C{str(error)}).
+    @ivar url: The BMC's base URL, when known.
+    @ivar status: The HTTP status, when there was one.
+    """
+
+    def __init__(self, message: str, *, url: str | None = None, status: int | None = None):
+        super().__init__(message)
+        self.message = message
+        self.url = url
+        self.status = status
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class RedfishConfigError(RedfishError):
+    """The target cannot be built from inventory and secrets, or is ambiguous."""
+
+
+class RedfishAuthFailed(RedfishError):
+    """The BMC refused the credential (HTTP 401) or the operation (403)."""
+
+
+class RedfishNotFound(RedfishError):
+    """HTTP 404: the system (or another resource) is not there."""
+
+
+class RedfishUnsupported(RedfishError):
+    """The BMC does not offer the ResetType or boot target (or answered 501)."""
+
+
+class RedfishHttpError(RedfishError):
+    """Another unexpected HTTP status."""
+
+
+class RedfishProtocolError(RedfishError):
+    """The answer is not the JSON expected."""
+
+
+class RedfishConnectFailed(RedfishError):
+    """
+    No answer could be had.
+
+    @ivar reason: C{"refused"}, C{"unreachable"}, C{"dns"}, C{"tls"},
+        C{"closed"} or C{"connect"}.
+    """
+
+    def __init__(self, message: str, *, reason: str, **kw: Any):
+        super().__init__(message, **kw)
+        self.reason = reason
+
+
+class RedfishTimeout(RedfishError):
+    """A request got no answer within the request timeout; roller hung up."""
+
+
+class RedfishPowerTimeout(RedfishError):
+    """
+    The power state did not become what the action should give in time.
+
+    @ivar last_state: The last C{PowerState} read.
+    """
+
+    def __init__(self, message: str, *, last_state: str | None, **kw: Any):
+        super().__init__(message, **kw)
+        self.last_state = last_state
+
+
+# ---------------------------------------------------------------- target
+
+
+def _base_url(url: str) -> str:
+    """C{scheme://host[:port]} of a BMC URL (a trailing C{/redfish/v1} is dropped)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc or "@" in parts.netloc:
+        raise RedfishConfigError(f"Redfish URL {url[:200]!r} is not http(s)://host[:port]")
+    path = parts.path.rstrip("/")
+    if path not in ("", "/redfish", "/redfish/v1"):
+        raise RedfishConfigError(f"Redfish URL {url[:200]!r}: give the BMC's address "
+                                 "(https://host[:port]); the path must be empty or /redfish/v1")
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+@frozen(kw_only=True)
+class RedfishTarget:
+    """
+    A BMC and the system to act on.
+
+    @ivar url: The BMC's base URL, C{https://host[:port]}.
+    @ivar system: The system's Id, name or path; C{None} for the only one.
+    @ivar username: The Redfish user.
+    @ivar password: Its password; never shown in C{repr}.
+    @ivar credential: The credential's name, for messages.
+    @ivar ca_file: A PEM file of the CA(s) to trust instead of the system's.
+    @ivar verify_tls: C{False} only when the inventory says so explicitly.
+    @ivar name: The machine (C{group/worker}), for messages and the
+        once-per-machine warning.
+    """
+
+    url: str = field(converter=_base_url)
+    system: str | None = None
+    username: str
+    password: str = field(repr=False)
+    credential: str | None = None
+    ca_file: str | None = None
+    verify_tls: bool = True
+    name: str = ""
+
+    @property
+    def secure(self) -> bool:
+        return self.url.startswith("https:")
+
+    def who(self) -> str:
+        """C{"credential 'NAME' (user 'U')"} for messages."""
+        cred = f"credential {self.credential!r} " if self.credential else ""
+        return f"{cred}(user {self.username!r})"
+
+    def scrub(self, text: str) -> str:
+        """C{text} with the password masked."""
+        if self.password and self.password in text:
+            text = text.replace(self.password, "***")
+        return text
+
+
+def redfish_target(machine: Any, secrets: Any, default_credential: str | None = None) -> RedfishTarget:
+    """
+    The L{RedfishTarget} for a L{roller.inventory.Machine}.
+
+    @param secrets: A L{roller.secrets.Secrets}.
+    @param default_credential: Used when the machine's C{redfish} section
+        names none.
+    @raise RedfishConfigError: No C{redfish} section, no credential, a
+        credential missing from the secrets file or not of type
+        C{password}, or a bad URL.
+    """
+    name = f"{machine.worker_group}/{machine.worker_id}"
+    access = machine.redfish
+    if access is None:
+        raise RedfishConfigError(f"machine {name} has no redfish settings")
+    cred_name = access.credential or default_credential
+    if not cred_name:
+        raise RedfishConfigError(f"machine {name}: no Redfish credential "
+                                 "(set redfish.credential on the machine or a default)")
+    try:
+        cred = secrets.get(cred_name)
+    except UnknownCredential as e:
+        raise RedfishConfigError(f"machine {name}: Redfish {e}") from None
+    if cred.kind != "password":
+        raise RedfishConfigError(f"machine {name}: Redfish credential {cred_name!r} is of type "
+                                 f"{cred.kind}, not password")
+    return RedfishTarget(url=access.url, system=access.system, username=cred.username,
+                         password=cred.password, credential=cred_name, ca_file=access.ca_file,
+                         verify_tls=access.verify_tls, name=name)
+
+
+# ---------------------------------------------------------------- HTTP plumbing
+
+
+@implementer(IPolicyForHTTPS)
+class _NoVerification:
+    """TLS without any certificate check: only for an explicit C{verify_tls = false}."""
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
+        return ssl.CertificateOptions(verify=False)
+
+
+_PEM_RE = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
+
+
+def tls_policy(ca_file: str | None, verify_tls: bool, what: str = "") -> IPolicyForHTTPS:
+    """
+    The HTTPS policy for a peer: the system trust store, the CAs of
+    C{ca_file} alone, or (C{verify_tls} false) none.
+
+    @raise RedfishConfigError: The CA file cannot be read or holds no
+        certificate.
+    """
+    if not verify_tls:
+        return _NoVerification()
+    if not ca_file:
+        return BrowserLikePolicyForHTTPS()
+    label = f"{what}: " if what else ""
+    try:
+        with open(ca_file, "rb") as f:
+            pem = f.read()
+    except OSError as e:
+        raise RedfishConfigError(f"{label}cannot read CA file {ca_file}: {e.strerror or e}") from None
+    try:
+        certs = [ssl.Certificate.loadPEM(block) for block in _PEM_RE.findall(pem)]
+    except Exception as e:
+        raise RedfishConfigError(f"{label}CA file {ca_file} holds a certificate that cannot be "
+                                 f"loaded: {e}") from None
+    if not certs:
+        raise RedfishConfigError(f"{label}CA file {ca_file} holds no PEM certificate")
+    return BrowserLikePolicyForHTTPS(trustRoot=ssl.trustRootFromCertificates(certs))
+
+
+def _reasons(failure: Failure) -> list[Failure]:
+    """The failure and those wrapped in ResponseFailed & co, flattened."""
+    out = [failure]
+    for inner in getattr(failure.value, "reasons", None) or ():
+        if isinstance(inner, Failure):
+            out.extend(_reasons(inner))
+    return out
+
+
+def transport_error(failure: Failure, *, where: str, request: str, timeout: float,
+                    make: Callable[..., Exception], timeout_error: Callable[..., Exception],
+                    url: str, tls_hint: str = "") -> Exception:
+    """
+    A readable error for a request that got no HTTP answer.
+
+    @param where: The peer, e.g. C{"Redfish https://bmc:443"}.
+    @param request: What was asked, e.g. C{"GET /redfish/v1/"}.
+    @param make: Builds the connection error: C{make(message, reason=...,
+        url=...)}.
+    @param timeout_error: Builds the timeout error: C{timeout_error(message,
+        url=...)}.
+    @param tls_hint: What to do about a certificate that is not trusted.
+    """
+    if failure.check(DeferredTimeout):
+        return timeout_error(f"{where} did not answer {request} within {timeout:g} s", url=url)
+    for f in _reasons(failure):
+        if f.check(error.ConnectionRefusedError):
+            return make(f"cannot connect to {where}: connection refused", reason="refused", url=url)
+        if f.check(error.DNSLookupError):
+            return make(f"cannot connect to {where}: host name does not resolve", reason="dns", url=url)
+        if f.check(error.NoRouteError):
+            return make(f"cannot connect to {where}: no route to host", reason="unreachable", url=url)
+        if f.check(error.TimeoutError, error.TCPTimedOutError):
+            return make(f"cannot connect to {where}: no connection within {timeout:g} s",
+                        reason="connect", url=url)
+        if f.check(SSL.Error):
+            detail = _ssl_detail(f.value)
+            hint = f" ({tls_hint})" if tls_hint else ""
+            return make(f"TLS with {where} failed: {detail}{hint}", reason="tls", url=url)
+        if f.check(error.ConnectError):
+            return make(f"cannot connect to {where}: {f.getErrorMessage()}", reason="connect", url=url)
+    for f in _reasons(failure):
+        if f.check(error.ConnectionLost, error.ConnectionDone, ResponseDone, PotentialDataLoss):
+            return make(f"{where} closed the connection during {request} without an answer",
+                        reason="closed", url=url)
+    return make(f"{where}: {request} failed: {failure.getErrorMessage()[:300]}", reason="closed", url=url)
+
+
+def _ssl_detail(value: Any) -> str:
+    try:
+        parts = [p[2] for p in value.args[0] if isinstance(p, tuple) and len(p) >= 3]
+    except (IndexError, TypeError):
+        parts = []
+    return "; ".join(parts) or str(value)[:200] or "handshake failed"
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class _BodyReader(Protocol):
+    """Collects a response body up to a limit; cancelling its Deferred hangs up."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.deferred: Deferred[bytes] = Deferred(self._cancel)
+
+    def _cancel(self, d: Deferred) -> None:
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.deferred.called:
+            return
+        self.size += len(data)
+        if self.size > self.limit:
+            self.deferred.errback(_BodyTooLarge(f"answer larger than {self.limit} bytes"))
+            self.transport.stopProducing()
+            return
+        self.chunks.append(data)
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self.deferred.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.deferred.callback(b"".join(self.chunks))
+        else:
+            self.deferred.errback(reason)
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    return (parts.scheme, (parts.hostname or "").lower(), port)
+
+
+@frozen
+class HttpReply:
+    """An HTTP answer: status, headers (lower-case names, first value) and body."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body.decode("utf-8")) if self.body.strip() else {}
+
+
+class HttpConversation:
+    """
+    Requests to one peer for one operation over one persistent connection
+    (a pool of one per host, closed by L{close}), each bounded by
+    C{timeout} seconds on C{clock}.
+
+    @ivar sent: C{"METHOD PATH"} of every request sent, in order.
+    """
+
+    def __init__(self, reactor: Any, clock: Any, base_url: str, policy: IPolicyForHTTPS, *,
+                 timeout: float, where: str, make_error: Callable[..., Exception],
+                 timeout_error: Callable[..., Exception], limit: int = MAX_BODY, tls_hint: str = ""):
+        self.clock = clock
+        self.base_url = base_url
+        self.timeout = timeout
+        self.where = where
+        self.limit = limit
+        self._make_error = make_error
+        self._timeout_error = timeout_error
+        self.tls_hint = tls_hint
+        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool.maxPersistentPerHost = 1
+        self.pool.retryAutomatically = True
+        agent = Agent(reactor, contextFactory=policy, connectTimeout=timeout, pool=self.pool)
+        self.client = HTTPClient(agent)
+        self.sent: list[str] = []
+
+    def url(self, path: str) -> str:
+        if path.startswith(("http://", "https://")):
+            return path
+        if not path.startswith("/"):
+            path = "/" + path
+        return self.base_url + path
+
+    async def request(self, method: str, path: str, *, body: bytes | None = None,
+                      headers: Mapping[str, str] | None = None, timeout: float | None = None,
+                      label: str | None = None) -> HttpReply:
+        """
+        Send one request; its L{HttpReply} whatever the status.  No answer
+        raises the error L{transport_error} picks; cancelling hangs up.
+        """
+        timeout = self.timeout if timeout is None else timeout
+        label = label or f"{method} {path}"
+        self.sent.append(f"{method} {path}")
+
+        async def exchange() -> HttpReply:
+            url = self.url(path)
+            for _ in range(MAX_REDIRECTS + 1):
+                response = await self.client.request(method, url, data=body, headers=dict(headers or {}),
+                                                     unbuffered=True, allow_redirects=False)
+                reader = _BodyReader(self.limit)
+                response.deliverBody(reader)
+                payload = await reader.deferred
+                hdrs = {k.decode("latin-1").lower(): v[0].decode("latin-1")
+                        for k, v in response.headers.getAllRawHeaders() if v}
+                reply = HttpReply(response.code, hdrs, payload)
+                # Follow redirects of reads on the same origin only: the
+                # credentials (basic auth, X-Auth-Token) go with them.
+                target = urljoin(url, hdrs.get("location", ""))
+                if (reply.status not in (301, 302, 303, 307, 308) or method not in ("GET", "HEAD")
+                        or not hdrs.get("location") or _origin(target) != _origin(self.base_url)):
+                    return reply
+                url = target
+            return reply
+
+        def timed_out(result: Any, seconds: float) -> Failure:
+            # Agent wraps the cancellation (ResponseNeverReceived), which
+            # addTimeout's default would not recognise.
+            if isinstance(result, Failure) and not any(f.check(CancelledError) for f in _reasons(result)):
+                return result
+            return Failure(DeferredTimeout(f"{label} timed out after {seconds:g} s"))
+
+        d = Deferred.fromCoroutine(exchange())
+        d.addTimeout(timeout, self.clock, onTimeoutCancel=timed_out)
+        try:
+            return await d
+        except CancelledError:
+            raise
+        except _BodyTooLarge as e:
+            raise self._make_error(f"{self.where}: {label}: {e}", reason="closed",
+                                   url=self.base_url) from None
+        except Exception:
+            failure = Failure()
+            if any(f.check(CancelledError) for f in _reasons(failure)):
+                raise CancelledError() from None  # the caller cancelled
+            raise transport_error(failure, where=self.where, request=label, timeout=timeout,
+                                  make=self._make_error, timeout_error=self._timeout_error,
+                                  url=self.base_url, tls_hint=self.tls_hint) from None
+
+    def close(self) -> None:
+        """Close the cached connection (not waited for)."""
+        self.pool.closeCachedConnections().addErrback(lambda f: None)
+
+
+# ---------------------------------------------------------------- results
+
+
+@frozen
+class PowerResult:
+    """
+    What a power action did.
+
+    @ivar action: C{"on"}, C{"off"}, C{"cycle"}, C{"reset"}.
+    @ivar reset_types: The ResetTypes sent, in order (empty if nothing
+        had to be done).
+    @ivar state: The C{PowerState} read back at the end.
+    @ivar system: The system's path on the BMC.
+    @ivar elapsed: Seconds the action took (on the driver's clock).
+    @ivar detail: One line for the job log.
+    """
+
+    action: str
+    reset_types: tuple[str, ...]
+    state: str | None
+    system: str
+    elapsed: float
+    detail: str
+
+    def __str__(self) -> str:
+        return self.detail
+
+
+@frozen
+class BootResult:
+    """
+    A boot override, as read back.
+
+    @ivar target: C{BootSourceOverrideTarget} read back.
+    @ivar enabled: C{BootSourceOverrideEnabled} read back (C{"Once"}, or
+        C{"Continuous"} on BMCs that do not keep C{Once}).
+    @ivar detail: One line for the job log.
+    """
+
+    target: str
+    enabled: str | None
+    system: str
+    detail: str
+
+    def __str__(self) -> str:
+        return self.detail
+
+
+def choose_reset_type(allowed: Sequence[str] | None, preferences: Iterable[str]) -> str | None:
+    """
+    The first of C{preferences} the BMC allows.  With no list advertised
+    (C{allowed} is C{None}) the first preference is tried.
+    """
+    preferences = list(preferences)
+    if allowed is None:
+        return preferences[0] if preferences else None
+    for p in preferences:
+        if p in allowed:
+            return p
+    return None
+
+
+def _state_word(state: str | None) -> str:
+    """C{"PoweringOn"} -> C{"powering on"}."""
+    if not state:
+        return "unknown"
+    return re.sub(r"(?<=[a-z])(?=[A-Z])", " ", state).lower()
+
+
+# ---------------------------------------------------------------- the driver
+
+
+class _Session:
+    """One conversation with a BMC: authentication, requests, error mapping."""
+
+    def __init__(self, driver: "RedfishDriver", target: RedfishTarget, on_event: Optional[EventCallback]):
+        self.driver = driver
+        self.target = target
+        self.on_event = on_event
+        self.where = f"Redfish {target.url}"
+        policy = tls_policy(target.ca_file, target.verify_tls, self.where)
+        self.http = HttpConversation(
+            driver.reactor, driver.clock, target.url, policy, timeout=driver.request_timeout,
+            where=self.where, make_error=RedfishConnectFailed, timeout_error=RedfishTimeout,
+            tls_hint="trust its CA with redfish.ca_file, or set redfish.verify_tls = false on the "
+                     "machine to skip verification")
+        self.token: str | None = None
+        self.session_uri: str | None = None
+        self.auth_mode = "basic"
+
+    def say(self, line: str) -> None:
+        if self.on_event is not None:
+            try:
+                self.on_event(line)
+            except Exception:
+                log.failure("on_event callback failed")
+
+    # -- requests
+
+    def _auth_headers(self) -> dict[str, str]:
+        if self.token is not None:
+            return {"X-Auth-Token": self.token}
+        raw = f"{self.target.username}:{self.target.password}".encode("utf-8")
+        return {"Authorization": "Basic " + base64.b64encode(raw).decode("ascii")}
+
+    async def send(self, method: str, path: str, payload: Any = None, *, auth: bool = True,
+                   headers: Mapping[str, str] | None = None, timeout: float | None = None) -> HttpReply:
+        hdrs = {"Accept": "application/json", "OData-Version": "4.0"}
+        if auth:
+            hdrs.update(self._auth_headers())
+        body = None
+        if payload is not None:
+            body = json.dumps(payload).encode("utf-8")
+            hdrs["Content-Type"] = "application/json"
+        hdrs.update(headers or {})
+        return await self.http.request(method, path, body=body, headers=hdrs, timeout=timeout)
+
+    def peer_message(self, reply: HttpReply) -> str:
+        """The BMC's own error text (Redfish error body, or the start of the body)."""
+        text = ""
+        try:
+            data = reply.json()
+        except ValueError:
+            data = None
+        if isinstance(data, Mapping) and isinstance(data.get("error"), Mapping):
+            err = data["error"]
+            parts = [str(err.get("message") or err.get("code") or "")]
+            for info in err.get("@Message.ExtendedInfo") or ():
+                if isinstance(info, Mapping) and info.get("Message") and info["Message"] not in parts:
+                    parts.append(str(info["Message"]))
+            text = "; ".join(p for p in parts if p)
+        elif data is None or not isinstance(data, Mapping):
+            text = re.sub(r"<[^>]*>", " ", reply.body.decode("utf-8", "replace"))
+        text = " ".join(text.split())[:300]
+        return self.target.scrub(text)
+
+    def fail(self, reply: HttpReply, request: str, *, not_found: str | None = None,
+             unsupported: str | None = None) -> RedfishError:
+        """The error for an unexpected status."""
+        said = self.peer_message(reply)
+        status = f"HTTP {reply.status}" + (f": {said}" if said else "")
+        url = self.target.url
+        if reply.status == 401:
+            return RedfishAuthFailed(f"{self.where}: {self.target.who()} was refused ({status})",
+                                     url=url, status=401)
+        if reply.status == 403:
+            return RedfishAuthFailed(f"{self.where}: {self.target.who()} may not {request} ({status})",
+                                     url=url, status=403)
+        if reply.status == 404:
+            return RedfishNotFound(f"{self.where}: {not_found or request + ' not found'} ({status})",
+                                   url=url, status=404)
+        if reply.status == 501:
+            return RedfishUnsupported(f"{self.where}: {unsupported or request + ' is not implemented'} "
+                                      f"({status})", url=url, status=501)
+        return RedfishHttpError(f"{self.where}: {request} failed ({status})", url=url, status=reply.status)
+
+    async def get_json(self, path: str, *, what: str | None = None, not_found: str | None = None,
+                       auth: bool = True) -> dict:
+        reply = await self.send("GET", path, auth=auth)
+        if reply.status != 200:
+            raise self.fail(reply, f"GET {path}", not_found=not_found or (f"{what} not found" if what else None))
+        return self._decode(reply, f"GET {path}")
+
+    def _decode(self, reply: HttpReply, request: str) -> dict:
+        try:
+            data = reply.json()
+        except (ValueError, UnicodeDecodeError):
+            raise RedfishProtocolError(f"{self.where}: {request} did not answer JSON "
+                                       f"(HTTP {reply.status})", url=self.target.url,
+                                       status=reply.status) from None
+        if not isinstance(data, dict):
+            raise RedfishProtocolError(f"{self.where}: {request} answered JSON that is not an object",
+                                       url=self.target.url, status=reply.status)
+        return data
+
+    # -- authentication
+
+    async def open(self) -> None:
+        reply = await self.send("GET", SERVICE_ROOT, auth=False)
+        if reply.status in (401, 403):
+            # Not per the spec, but seen: the root wants credentials too.
+            reply = await self.send("GET", SERVICE_ROOT)
+            if reply.status != 200:
+                raise self.fail(reply, f"GET {SERVICE_ROOT}")
+        elif reply.status != 200:
+            raise self.fail(reply, f"GET {SERVICE_ROOT}",
+                            not_found=f"no Redfish service at {SERVICE_ROOT}")
+        root = self._decode(reply, f"GET {SERVICE_ROOT}")
+        sessions = _odata_id((root.get("Links") or {}).get("Sessions"))
+        if sessions is None and _odata_id(root.get("SessionService")):
+            sessions = _odata_id(root.get("SessionService")).rstrip("/") + "/Sessions"
+        if sessions is None:
+            self.say(f"{self.where}: basic auth ({self.target.who()})")
+            return
+        reply = await self.send("POST", sessions, {"UserName": self.target.username,
+                                                   "Password": self.target.password}, auth=False)
+        if reply.status in (401, 403):
+            raise self.fail(reply, f"POST {sessions}")
+        token = reply.headers.get("x-auth-token")
+        if reply.status in (200, 201) and token:
+            self.token = token
+            self.auth_mode = "session"
+            location = reply.headers.get("location")
+            if not location:
+                try:
+                    location = _odata_id(reply.json())
+                except ValueError:
+                    location = None
+            if location:
+                self.session_uri = urlsplit(location).path or location
+            self.say(f"{self.where}: session opened ({self.target.who()})")
+            return
+        log.debug("{where}: session login answered HTTP {status}; using basic auth",
+                  where=self.where, status=reply.status)
+        self.say(f"{self.where}: no session (HTTP {reply.status}); basic auth ({self.target.who()})")
+
+    async def close(self) -> None:
+        try:
+            if self.token is not None and self.session_uri:
+                try:
+                    reply = await self.send("DELETE", self.session_uri, timeout=min(
+                        self.driver.request_timeout, 10.0))
+                    if reply.status not in (200, 202, 204, 404):
+                        log.info("{where}: logout answered HTTP {status}", where=self.where,
+                                 status=reply.status)
+                except RedfishError as e:
+                    log.info("{where}: logout failed: {error}", where=self.where, error=e)
+        finally:
+            self.token = None
+            self.http.close()
+
+    # -- systems
+
+    async def system(self) -> tuple[str, dict]:
+        """The system resource: C{(path, body)}."""
+        wanted = self.target.system
+        if wanted:
+            path = wanted if wanted.startswith("/") else f"{SYSTEMS}/{wanted}"
+            reply = await self.send("GET", path)
+            if reply.status == 404:
+                members = await self._members(quiet=True)
+                has = ", ".join(m.rsplit("/", 1)[-1] for m in members) if members else "none listed"
+                raise self.fail(reply, f"GET {path}",
+                                not_found=f"system {wanted!r} not found (the BMC has: {has})")
+            if reply.status != 200:
+                raise self.fail(reply, f"GET {path}")
+            body = self._decode(reply, f"GET {path}")
+            return _odata_id(body) or path, body
+        members = await self._members()
+        if not members:
+            raise RedfishNotFound(f"{self.where}: {SYSTEMS} lists no system", url=self.target.url)
+        if len(members) > 1:
+            names = ", ".join(m.rsplit("/", 1)[-1] for m in members[:20])
+            raise RedfishConfigError(f"{self.where} has {len(members)} systems ({names}); set "
+                                     f"redfish.system on the machine to choose one",
+                                     url=self.target.url)
+        body = await self.get_json(members[0], what=f"system {members[0]}")
+        return _odata_id(body) or members[0], body
+
+    async def _members(self, quiet: bool = False) -> list[str]:
+        try:
+            data = await self.get_json(SYSTEMS)
+        except RedfishError:
+            if quiet:
+                return []
+            raise
+        return [m for m in (_odata_id(x) for x in data.get("Members") or ()) if m]
+
+    async def power_state(self, path: str) -> str | None:
+        body = await self.get_json(path, what=f"system {path}")
+        return body.get("PowerState")
+
+    async def allowed_reset_types(self, system: dict) -> tuple[str, tuple[str, ...] | None]:
+        """The Reset action's target and its allowed ResetTypes (C{None}: not advertised)."""
+        path = _odata_id(system) or ""
+        action = ((system.get("Actions") or {}).get("#ComputerSystem.Reset"))
+        if not isinstance(action, Mapping):
+            raise RedfishUnsupported(f"{self.where}: system {path} has no ComputerSystem.Reset action",
+                                     url=self.target.url)
+        target = action.get("target") or f"{path}/Actions/ComputerSystem.Reset"
+        allowed = action.get("ResetType@Redfish.AllowableValues")
+        if allowed is None and action.get("@Redfish.ActionInfo"):
+            try:
+                info = await self.get_json(action["@Redfish.ActionInfo"])
+                for p in info.get("Parameters") or ():
+                    if isinstance(p, Mapping) and p.get("Name") == "ResetType":
+                        allowed = p.get("AllowableValues")
+            except RedfishError as e:
+                log.debug("{where}: ActionInfo unreadable: {error}", where=self.where, error=e)
+        if isinstance(allowed, list):
+            return target, tuple(str(a) for a in allowed)
+        return target, None
+
+    async def send_reset(self, system_path: str, action_target: str, reset_type: str) -> None:
+        reply = await self.send("POST", action_target, {"ResetType": reset_type})
+        self.say(f"{self.where}: {system_path} ComputerSystem.Reset {reset_type} -> HTTP {reply.status}")
+        if reply.status not in (200, 202, 204):
+            raise self.fail(reply, f"ComputerSystem.Reset {reset_type} on {system_path}",
+                            unsupported=f"the BMC does not support ResetType {reset_type!r} on "
+                                        f"{system_path}",
+                            not_found=f"no Reset action at {action_target}")
+
+
+def _odata_id(value: Any) -> str | None:
+    if isinstance(value, Mapping):
+        v = value.get("@odata.id")
+        return v if isinstance(v, str) and v else None
+    return None
+
+
+class RedfishDriver:
+    """
+    Power and boot control over Redfish (see the module docstring).
+
+    @param reactor: For connections (C{IReactorTCP}, C{IReactorTime}).
+    @param clock: For timeouts and polling; the reactor by default.
+    @param request_timeout: Seconds for each HTTP request (connect included).
+    @param power_timeout: Seconds the power state may take to follow.
+    @param poll_interval: Seconds between power-state reads.
+    """
+
+    def __init__(self, reactor: Any, *, clock: Any = None, request_timeout: float = 20.0,
+                 power_timeout: float = 120.0, poll_interval: float = 2.0):
+        for name, value in (("request_timeout", request_timeout), ("power_timeout", power_timeout),
+                            ("poll_interval", poll_interval)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(f"{name} must be a positive number, not {value!r}")
+        self.reactor = reactor
+        self.clock = clock if clock is not None else reactor
+        self.request_timeout = float(request_timeout)
+        self.power_timeout = float(power_timeout)
+        self.poll_interval = float(poll_interval)
+        self._warned: set[str] = set()
+
+    # -- the power verbs (IPowerDriver): each returns a Deferred firing with a
+    # -- one-line summary; cancelling it hangs up.
+
+    def status(self, target: RedfishTarget, on_event: Optional[EventCallback] = None) -> "Deferred[str]":
+        """The system's power state, lower-cased: C{"on"}, C{"off"}, C{"powering on"}, ..."""
+
+        async def act(s: _Session, path: str, system: dict) -> str:
+            state = system.get("PowerState")
+            s.say(f"{s.where}: {path} PowerState {state}")
+            return _state_word(state)
+
+        return self._run(target, on_event, act)
+
+    def on(self, target: RedfishTarget, on_event: Optional[EventCallback] = None) -> "Deferred[str]":
+        """Power on (C{On}, else C{ForceOn}) and read back C{On}; nothing if already on."""
+        return self.power(target, "on", on_event).addCallback(str)
+
+    def off(self, target: RedfishTarget, on_event: Optional[EventCallback] = None, *,
+            graceful: bool = False) -> "Deferred[str]":
+        """
+        Power off (C{ForceOff}, else C{GracefulShutdown}) and read back
+        C{Off}; nothing if already off.  C{graceful} asks the OS first
+        (C{GracefulShutdown}) and forces it off if it is not off within
+        C{power_timeout}.
+        """
+        return self.power(target, "off", on_event, graceful=graceful).addCallback(str)
+
+    def cycle(self, target: RedfishTarget, on_event: Optional[EventCallback] = None) -> "Deferred[str]":
+        """Power cycle (C{PowerCycle}, else C{ForceOff}, C{Off}, C{On}) and read back C{On}."""
+        return self.power(target, "cycle", on_event).addCallback(str)
+
+    def reset(self, target: RedfishTarget, on_event: Optional[EventCallback] = None, *,
+              reset_type: str | None = None) -> "Deferred[str]":
+        """
+        Reboot (C{ForceRestart}, else C{GracefulRestart}, else C{PowerCycle},
+        else C{ForceOff} and C{On}; a system that is off is powered on) and
+        read back C{On}.  With C{reset_type}, send exactly that.
+        """
+        return self.power(target, "reset", on_event, reset_type=reset_type).addCallback(str)
+
+    def set_boot_device(self, target: RedfishTarget, device: str = "pxe", efi: bool = False,
+                        on_event: Optional[EventCallback] = None, *, once: bool = True) -> "Deferred[str]":
+        """A boot override for the next boot (C{once}) or for good, read back."""
+        return self.boot_override(target, device, on_event, once=once, efi=efi).addCallback(str)
+
+    # -- the same with structured results
+
+    def power(self, target: RedfishTarget, action: str, on_event: Optional[EventCallback] = None, *,
+              graceful: bool = False, reset_type: str | None = None) -> "Deferred[PowerResult]":
+        """
+        C{action} (C{"on"}, C{"off"}, C{"cycle"}, C{"reset"}) as the verbs
+        above, firing with a L{PowerResult}.  C{graceful} applies to
+        C{"off"}, C{reset_type} to C{"reset"}: that ResetType exactly,
+        refused before sending if the BMC advertises a list without it,
+        then the state it implies is waited for.
+        """
+        if action not in ("on", "off", "cycle", "reset"):
+            raise ValueError(f"unknown power action {action!r}")
+
+        async def act(s: _Session, path: str, system: dict) -> PowerResult:
+            if action == "on":
+                return await self._power(s, path, system, "on", ON_TYPES, "On")
+            if action == "off":
+                if graceful:
+                    return await self._graceful_off(s, path, system)
+                return await self._power(s, path, system, "off", OFF_TYPES, "Off")
+            if action == "cycle":
+                return await self._restart(s, path, system, "cycle", CYCLE_TYPES)
+            if reset_type is None:
+                return await self._restart(s, path, system, "reset", REBOOT_TYPES)
+            return await self._explicit_reset(s, path, system, reset_type)
+
+        return self._run(target, on_event, act)
+
+    def boot_override(self, target: RedfishTarget, device: str = "pxe",
+                      on_event: Optional[EventCallback] = None, *, once: bool = True,
+                      efi: bool = False) -> "Deferred[BootResult]":
+        """
+        Set C{Boot.BootSourceOverrideTarget} (C{pxe}, C{hdd}, C{cd}, ...;
+        matched case-insensitively against what the BMC offers) with
+        C{BootSourceOverrideEnabled} C{Once} (or C{Continuous}), and
+        C{BootSourceOverrideMode} C{UEFI} if C{efi}; read it back.
+        """
+
+        async def act(s: _Session, path: str, system: dict) -> BootResult:
+            boot = system.get("Boot") or {}
+            offered = boot.get("BootSourceOverrideTarget@Redfish.AllowableValues")
+            wanted = device
+            if isinstance(offered, list):
+                match = [o for o in offered if isinstance(o, str) and o.lower() == device.lower()]
+                if not match:
+                    raise RedfishUnsupported(f"{s.where}: boot target {device!r} is not offered for "
+                                             f"{path} (allowed: {', '.join(map(str, offered))})",
+                                             url=target.url)
+                wanted = match[0]
+            elif device.lower() in _BOOT_NAMES:
+                wanted = _BOOT_NAMES[device.lower()]
+            enabled = "Once" if once else "Continuous"
+            patch: dict[str, str] = {"BootSourceOverrideTarget": wanted, "BootSourceOverrideEnabled": enabled}
+            if efi:
+                patch["BootSourceOverrideMode"] = "UEFI"
+            headers = {}
+            reply = await s.send("GET", path)
+            if reply.status == 200 and reply.headers.get("etag"):
+                headers["If-Match"] = reply.headers["etag"]
+            reply = await s.send("PATCH", path, {"Boot": patch}, headers=headers)
+            s.say(f"{s.where}: {path} Boot override {wanted} ({enabled}) -> HTTP {reply.status}")
+            if reply.status not in (200, 202, 204):
+                raise s.fail(reply, f"PATCH Boot of {path}",
+                             unsupported=f"the BMC cannot set the boot override of {path}")
+            after = (await s.get_json(path, what=f"system {path}")).get("Boot") or {}
+            got, got_enabled = after.get("BootSourceOverrideTarget"), after.get("BootSourceOverrideEnabled")
+            if got != wanted:
+                raise RedfishProtocolError(f"{s.where}: boot override of {path} reads back {got!r}, "
+                                           f"not {wanted!r}", url=target.url)
+            if efi and after.get("BootSourceOverrideMode") not in (None, "UEFI"):
+                raise RedfishProtocolError(f"{s.where}: boot mode of {path} reads back "
+                                           f"{after.get('BootSourceOverrideMode')!r}, not 'UEFI'",
+                                           url=target.url)
+            detail = f"boot override {wanted} ({enabled}{', UEFI' if efi else ''}) set on {path}"
+            if got_enabled != enabled:
+                detail += f"; the BMC reports {got_enabled}"
+            return BootResult(target=got, enabled=got_enabled, system=path, detail=detail)
+
+        return self._run(target, on_event, act)
+
+    # -- internals
+
+    def _run(self, target: RedfishTarget, on_event: Optional[EventCallback],
+             act: Callable[[_Session, str, dict], Any]) -> Deferred:
+        async def conversation() -> Any:
+            if not target.verify_tls and target.secure:
+                key = target.name or target.url
+                if key not in self._warned:
+                    self._warned.add(key)
+                    log.warn("Redfish {url} ({machine}): TLS certificate verification is disabled "
+                             "(verify_tls = false)", url=target.url, machine=target.name or "?")
+            s = _Session(self, target, on_event)
+            try:
+                await s.open()
+                path, system = await s.system()
+                return await act(s, path, system)
+            finally:
+                await s.close()
+
+        return Deferred.fromCoroutine(conversation())
+
+    def _result(self, action: str, sent: tuple[str, ...], state: str | None, path: str,
+                started: float, detail: str) -> PowerResult:
+        return PowerResult(action=action, reset_types=sent, state=state, system=path,
+                           elapsed=self.clock.seconds() - started, detail=detail)
+
+    async def _graceful_off(self, s: _Session, path: str, system: dict) -> PowerResult:
+        started = self.clock.seconds()
+        if system.get("PowerState") == "Off":
+            s.say(f"{s.where}: {path} is already Off")
+            return self._result("off", (), "Off", path, started, f"{path} was already Off")
+        target_path, allowed = await s.allowed_reset_types(system)
+        if choose_reset_type(allowed, ("GracefulShutdown",)) is None:
+            s.say(f"{s.where}: GracefulShutdown is not offered; forcing it off")
+            return await self._power(s, path, system, "off", OFF_TYPES, "Off")
+        await s.send_reset(path, target_path, "GracefulShutdown")
+        try:
+            state = await self._wait(s, path, "Off", "GracefulShutdown")
+            return self._result("off", ("GracefulShutdown",), state, path, started,
+                                f"GracefulShutdown sent; {path} is {state}")
+        except RedfishPowerTimeout as e:
+            s.say(f"{e}; forcing it off")
+        forced = choose_reset_type(allowed, ("ForceOff",))
+        if forced is None:
+            raise RedfishUnsupported(f"{s.where}: {path} did not shut down and ForceOff is not "
+                                     f"offered (allowed: {', '.join(allowed or ())})", url=s.target.url)
+        await s.send_reset(path, target_path, forced)
+        state = await self._wait(s, path, "Off", forced)
+        return self._result("off", ("GracefulShutdown", forced), state, path, started,
+                            f"GracefulShutdown did not finish in {self.power_timeout:g} s; "
+                            f"{forced} sent; {path} is {state}")
+
+    async def _explicit_reset(self, s: _Session, path: str, system: dict, reset_type: str) -> PowerResult:
+        started = self.clock.seconds()
+        target_path, allowed = await s.allowed_reset_types(system)
+        if allowed is not None and reset_type not in allowed:
+            raise RedfishUnsupported(
+                f"{s.where}: ResetType {reset_type!r} is not offered for {path} "
+                f"(allowed: {', '.join(allowed) or 'none'})", url=s.target.url)
+        await s.send_reset(path, target_path, reset_type)
+        want = "On" if reset_type in ENDS_ON else "Off" if reset_type in ENDS_OFF else None
+        state = await self._wait(s, path, want, reset_type) if want else system.get("PowerState")
+        return self._result("reset", (reset_type,), state, path, started,
+                            f"{reset_type} sent; {path} is {state}")
+
+    async def _power(self, s: _Session, path: str, system: dict, action: str,
+                     preferences: Sequence[str], want: str) -> PowerResult:
+        started = self.clock.seconds()
+        if system.get("PowerState") == want:
+            s.say(f"{s.where}: {path} is already {want}")
+            return self._result(action, (), want, path, started, f"{path} was already {want}")
+        target_path, allowed = await s.allowed_reset_types(system)
+        reset_type = choose_reset_type(allowed, preferences)
+        if reset_type is None:
+            raise RedfishUnsupported(f"{s.where}: none of {', '.join(preferences)} is offered for "
+                                     f"{path} (allowed: {', '.join(allowed or ())})", url=s.target.url)
+        await s.send_reset(path, target_path, reset_type)
+        state = await self._wait(s, path, want, reset_type)
+        return self._result(action, (reset_type,), state, path, started,
+                            f"{reset_type} sent; {path} is {state}")
+
+    async def _restart(self, s: _Session, path: str, system: dict, action: str,
+                       preferences: Sequence[str]) -> PowerResult:
+        started = self.clock.seconds()
+        target_path, allowed = await s.allowed_reset_types(system)
+        if system.get("PowerState") == "Off":
+            on = choose_reset_type(allowed, ON_TYPES)
+            if on is None:
+                raise RedfishUnsupported(f"{s.where}: {path} is off and On is not offered",
+                                         url=s.target.url)
+            s.say(f"{s.where}: {path} is off; powering it on")
+            await s.send_reset(path, target_path, on)
+            state = await self._wait(s, path, "On", on)
+            return self._result(action, (on,), state, path, started,
+                                f"{path} was off; {on} sent; {path} is {state}")
+        reset_type = choose_reset_type(allowed, preferences)
+        if reset_type is not None:
+            await s.send_reset(path, target_path, reset_type)
+            state = await self._wait(s, path, "On", reset_type)
+            return self._result(action, (reset_type,), state, path, started,
+                                f"{reset_type} sent; {path} is {state}")
+        off = choose_reset_type(allowed, ("ForceOff",))
+        on = choose_reset_type(allowed, ON_TYPES)
+        if off is None or on is None:
+            raise RedfishUnsupported(f"{s.where}: neither {', '.join(preferences)} nor ForceOff and On "
+                                     f"are offered for {path} (allowed: {', '.join(allowed or ())})",
+                                     url=s.target.url)
+        await s.send_reset(path, target_path, off)
+        await self._wait(s, path, "Off", off)
+        await s.send_reset(path, target_path, on)
+        state = await self._wait(s, path, "On", on)
+        return self._result(action, (off, on), state, path, started,
+                            f"{off} then {on} sent; {path} is {state}")
+
+    async def _wait(self, s: _Session, path: str, want: str, after: str) -> str:
+        """Poll C{PowerState} until it is C{want}; L{RedfishPowerTimeout} after C{power_timeout}."""
+        started = self.clock.seconds()
+        deadline = started + self.power_timeout
+        while True:
+            state = await s.power_state(path)
+            now = self.clock.seconds()
+            if state == want:
+                s.say(f"{s.where}: {path} PowerState {state} after {now - started:.1f} s")
+                return state
+            if now >= deadline:
+                raise RedfishPowerTimeout(
+                    f"{s.where}: {path} is still {state} {self.power_timeout:g} s after {after} "
+                    f"(wanted {want})", last_state=state, url=s.target.url)
+            await deferLater(self.clock, min(self.poll_interval, max(deadline - now, 0.0)), lambda: None)
+
+
+if IPowerDriver is not None:  # pragma: no branch
+    RedfishDriver = implementer(IPowerDriver)(RedfishDriver)

@@ -1,0 +1,90 @@
+"""
+C{xenapi_reboot}: reboot a Xen VM through its pool's XenAPI (seed parity).
+
+The seed kept C{xen.json}: worker FQDN -> C{{"xen_uuid": ...}}; the legacy
+import turns that into the machine's C{xen.vm_uuid}.  The pool URL and the
+credential come from the machine's C{xen} section, else from the settings.
+
+The driver (L{roller.drivers.xen}) logs in, shuts the VM down cleanly
+(hard if that fails or takes longer than C{xen.shutdown_timeout}), waits
+C{xen.start_delay}, starts it, reads its power state back and logs out.
+As a method of the C{reboot} task (L{initiate}) this is the initiation:
+C{reboot} then verifies through liveness that the guest went down and
+came back.
+
+Settings (with these defaults while roller's settings lack them):
+C{xen.url} (""), C{xen.credential} (""), C{xen.ca_file} (""),
+C{xen.verify_tls} (true), C{xen.timeout} (30 s),
+C{xen.shutdown_timeout} (120 s), C{xen.start_delay} (5 s).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from roller.drivers.xen import XenApiDriver, XenError, XenTarget, xen_target
+from roller.tasks.base import TaskContext, TaskFailed, TaskSpec
+
+
+def _setting(settings: Any, name: str, default: Any) -> Any:
+    value = getattr(settings, name, None)
+    return default if value is None else value
+
+
+def driver(ctx: TaskContext) -> XenApiDriver:
+    """The process's XenAPI driver (C{ctx.drivers.xen}), else one built from the settings."""
+    existing = getattr(ctx.drivers, "xen", None)
+    if existing is not None:
+        return existing
+    s = ctx.settings
+    return XenApiDriver(ctx.reactor,
+                        timeout=_setting(s, "xen_timeout", 30.0),
+                        shutdown_timeout=_setting(s, "xen_shutdown_timeout", 120.0),
+                        start_delay=_setting(s, "xen_start_delay", 5.0))
+
+
+def target(ctx: TaskContext) -> XenTarget:
+    """The machine's L{XenTarget}; L{TaskFailed} if it cannot be built."""
+    s = ctx.settings
+    try:
+        return xen_target(ctx.machine, ctx.secrets,
+                          default_url=_setting(s, "xen_url", "") or None,
+                          default_credential=_setting(s, "xen_credential", "") or None,
+                          ca_file=_setting(s, "xen_ca_file", "") or None,
+                          verify_tls=_setting(s, "xen_verify_tls", True))
+    except XenError as e:
+        raise TaskFailed(str(e)) from None
+
+
+def not_applicable(machine: Any) -> str | None:
+    if machine.xen is None:
+        return "the machine has no xen settings"
+    return None
+
+
+async def initiate(ctx: TaskContext) -> str:
+    """Shut the VM down and start it again; a line saying how.  L{TaskFailed} otherwise."""
+    t = target(ctx)
+    ctx.log(f"xenapi reboot of VM {t.vm_uuid} on {t.host}")
+    try:
+        result = await driver(ctx).reboot(t, ctx.log)
+    except XenError as e:
+        raise TaskFailed(str(e)) from None
+    return f"xenapi reboot: {result}"
+
+
+async def run(ctx: TaskContext, params: Mapping[str, Any]) -> str:
+    reason = not_applicable(ctx.machine)
+    if reason:
+        raise TaskFailed(f"cannot reboot through XenAPI: {reason}")
+    return await initiate(ctx)
+
+
+TASK = TaskSpec(
+    name="xenapi_reboot",
+    description="Reboot a Xen VM through its pool's XenAPI: clean shutdown (hard shutdown if that fails "
+                "or hangs), a short pause, start; does not wait for the guest OS.",
+    run=run,
+    timeout=600.0,
+    destructive=True,
+)
