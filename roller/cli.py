@@ -16,7 +16,7 @@ import json
 import sys
 from typing import Any, Sequence
 
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import react
 
 from roller.config import ConfigError, Settings, load_settings

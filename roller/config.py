@@ -171,8 +171,9 @@ KEYS: dict[str, tuple[str, Callable[[Any, bool], Any], Any]] = {
     "queue.max_running": ("max_running", _int(1, 100_000), 200),
     "queue.endpoint_max_running": ("endpoint_max_running", _int(1, 1000), 1),
     "queue.endpoint_min_interval": ("endpoint_min_interval", _float(0), 0.0),
-    "tasks.allowed": ("allowed_tasks", _str_list, ("ping", "ssh_reboot", "reboot", "redfish_reboot",
-                                                   "xenapi_reboot")),
+    "tasks.allowed": ("allowed_tasks", _str_list, (
+        "ping", "ssh_reboot", "reboot", "redfish_reboot", "xenapi_reboot",
+        "ipmi_on", "ipmi_off", "ipmi_cycle", "ipmi_reset", "ipmi_status", "ipmi_list")),
     "tasks.timeouts": ("task_timeouts", _timeouts, {}),
     "log.format": ("log_format", _choice("text", "json"), "text"),
     "ssh.known_hosts": ("ssh_known_hosts", _text, "{state_dir}/known_hosts"),
@@ -184,6 +185,17 @@ KEYS: dict[str, tuple[str, Callable[[Any, bool], Any], Any]] = {
     "reboot.methods": ("reboot_methods", _str_list, (
         "ssh_reboot", "ipmi_reset", "ipmi_cycle", "snmp_reboot", "redfish_reboot", "xenapi_reboot",
         "file_bugzilla_bug")),
+    "ipmi.ipmitool": ("ipmi_ipmitool", _text, "ipmitool"),
+    "ipmi.credential": ("ipmi_credential", _text, ""),
+    "ipmi.cipher_suite": ("ipmi_cipher_suite", _int(-1, 255), 3),
+    "ipmi.timeout": ("ipmi_timeout", _float(0.1), 30.0),
+    "ipmi.request_timeout": ("ipmi_request_timeout", _int(1, 60), 1),
+    "ipmi.request_retries": ("ipmi_request_retries", _int(1, 10), 2),
+    "ipmi.retries": ("ipmi_retries", _int(0, 20), 3),
+    "ipmi.retry_delay": ("ipmi_retry_delay", _float(0), 5.0),
+    "ipmi.min_interval": ("ipmi_min_interval", _float(0), 5.0),
+    "ipmi.power_wait": ("ipmi_power_wait", _float(0), 60.0),
+    "ipmi.power_poll": ("ipmi_power_poll", _float(0.05), 2.0),
     "redfish.credential": ("redfish_credential", _text, ""),
     "redfish.request_timeout": ("redfish_request_timeout", _float(0.1), 20.0),
     "redfish.power_timeout": ("redfish_power_timeout", _float(1), 120.0),
@@ -232,6 +244,17 @@ class Settings:
     ssh_connect_timeout: float
     ssh_command_timeout: float
     reboot_methods: tuple[str, ...]
+    ipmi_ipmitool: str
+    ipmi_credential: str
+    ipmi_cipher_suite: int
+    ipmi_timeout: float
+    ipmi_request_timeout: int
+    ipmi_request_retries: int
+    ipmi_retries: int
+    ipmi_retry_delay: float
+    ipmi_min_interval: float
+    ipmi_power_wait: float
+    ipmi_power_poll: float
     redfish_credential: str
     redfish_request_timeout: float
     redfish_power_timeout: float

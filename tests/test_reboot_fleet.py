@@ -111,12 +111,12 @@ async def test_escalation_cases(tmp_path):
     try:
         ids = {}
         for n in (2, 3, 4):
-            ids[n] = (await h.post(f"sim-00{n}", body={"params": {"methods": "ssh_reboot,ipmi_reset"}}))["task_id"]
+            ids[n] = (await h.post(f"sim-00{n}", body={"params": {"methods": "ssh_reboot,file_bugzilla_bug"}}))["task_id"]
         refused = await h.wait(ids[2])
         assert refused["state"] == "failed"
         assert refused["error"].startswith("failed: ssh_reboot failed: no reboot command was accepted: "
                                            "`reboot` exited 1")
-        assert "ipmi_reset skipped: not implemented in this roller yet" in refused["error"]
+        assert "file_bugzilla_bug skipped: not implemented in this roller yet" in refused["error"]
         never_down = await h.wait(ids[3])
         assert never_down["state"] == "failed"
         assert "did not go down within 3 s" in never_down["error"]

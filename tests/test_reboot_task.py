@@ -128,11 +128,12 @@ def test_unimplemented_and_inapplicable_methods_are_skipped_with_reasons():
     clock = Clock()
     host = Host(clock)
     machine = Machine.from_json({"worker_id": "w1", "worker_group": "g", "ip": "127.0.0.9"})
-    ctx, events = context(clock, host, machine, reboot_methods=("ssh_reboot", "ipmi_reset"))
+    ctx, events = context(clock, host, machine, reboot_methods=("ssh_reboot", "ipmi_reset", "file_bugzilla_bug"))
     failure = outcome(start(ctx))
     assert failure.check(TaskFailed)
     assert str(failure.value) == ("failed: ssh_reboot skipped: the machine has no ssh settings; "
-                                  "ipmi_reset skipped: not implemented in this roller yet")
+                                  "ipmi_reset skipped: the machine has no ipmi settings; "
+                                  "file_bugzilla_bug skipped: not implemented in this roller yet")
 
 
 def test_host_never_goes_down_then_next_method():

@@ -605,13 +605,6 @@ def test_power_verbs_shape():
     assert verifyObject(_IPowerVerbs, driver)
 
 
-def test_power_driver_interface():
-    power = pytest.importorskip("roller.drivers.power", reason="roller.drivers.power is not there yet")
-    from zope.interface.verify import verifyObject
-
-    assert verifyObject(power.IPowerDriver, _driver())
-
-
 # ---------------------------------------------------------------- tasks
 
 

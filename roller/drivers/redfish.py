@@ -114,11 +114,6 @@ from zope.interface import implementer
 
 from roller.secrets import UnknownCredential
 
-try:  # the power-driver interface, when roller has it
-    from roller.drivers.power import IPowerDriver  # type: ignore[import-not-found]
-except ImportError:  # pragma: no cover - depends on the checkout
-    IPowerDriver = None
-
 log = Logger()
 
 __all__ = [
@@ -1170,5 +1165,5 @@ class RedfishDriver:
             await deferLater(self.clock, min(self.poll_interval, max(deadline - now, 0.0)), lambda: None)
 
 
-if IPowerDriver is not None:  # pragma: no branch
-    RedfishDriver = implementer(IPowerDriver)(RedfishDriver)
+# RedfishDriver's verbs take a target; the per-machine IPowerDriver adapter
+# (as IpmiPower is for IPMI) comes with the generic power tasks.

@@ -17,6 +17,7 @@ from roller.inventory import Machine
 class Drivers:
     shell: Any  # roller.drivers.ssh.IRemoteShell
     liveness: Callable[[Machine], ILiveness]  # a quick liveness probe for a machine
+    ipmi: Any = None  # roller.drivers.ipmi.IpmiTool
     redfish: Any = None  # roller.drivers.redfish.RedfishDriver
     xen: Any = None  # roller.drivers.xen.XenApiDriver
 
@@ -40,4 +41,7 @@ def make_drivers(reactor: Any, settings: Any) -> Drivers:
                             poll_interval=settings.redfish_poll_interval)
     xen = XenApiDriver(reactor, timeout=settings.xen_timeout, shutdown_timeout=settings.xen_shutdown_timeout,
                        start_delay=settings.xen_start_delay)
-    return Drivers(shell=shell, liveness=liveness, redfish=redfish, xen=xen)
+    from roller.drivers.ipmi import ipmitool_from_settings
+
+    return Drivers(shell=shell, liveness=liveness, ipmi=ipmitool_from_settings(reactor, settings),
+                   redfish=redfish, xen=xen)

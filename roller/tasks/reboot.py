@@ -17,6 +17,7 @@ from typing import Any, Awaitable, Callable, Mapping
 from attrs import frozen
 
 from roller.inventory import REBOOT_METHODS, Machine
+from roller.tasks import ipmi as ipmi_task
 from roller.tasks import redfish as redfish_task
 from roller.tasks import ssh_reboot
 from roller.tasks import xen as xen_task
@@ -33,6 +34,8 @@ class Method:
 
 METHODS: dict[str, Method] = {
     "ssh_reboot": Method("ssh_reboot", ssh_reboot.not_applicable, ssh_reboot.initiate),
+    "ipmi_reset": Method("ipmi_reset", ipmi_task.not_applicable, ipmi_task.initiate_reset),
+    "ipmi_cycle": Method("ipmi_cycle", ipmi_task.not_applicable, ipmi_task.initiate_cycle),
     "redfish_reboot": Method("redfish_reboot", redfish_task.not_applicable, redfish_task.initiate),
     "xenapi_reboot": Method("xenapi_reboot", xen_task.not_applicable, xen_task.initiate),
 }

@@ -1,0 +1,104 @@
+"""
+Power control of one machine, whatever carries it: a PDU outlet over SNMP
+today, a BMC over IPMI or Redfish later.
+
+The generic tasks (C{power_on}, C{power_off}, C{power_cycle},
+C{power_status}) only see L{IPowerDriver}; each kind of power method
+provides it (L{roller.drivers.snmp.pdu.PduOutletPower} for PDU outlets).
+Every action returns a Deferred that fires once the new state has been
+I{read back} from the device (or fails with L{PowerError}), and cancelling
+it cancels what the driver is waiting for.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from attrs import frozen
+from twisted.internet.defer import Deferred
+from zope.interface import Attribute, Interface
+
+__all__ = ["IPowerDriver", "PowerError", "PowerResult", "PowerTimeout", "POWER_STATES"]
+
+#: What L{PowerResult.state} can be.
+POWER_STATES = ("on", "off", "changing", "unknown")
+
+
+@frozen
+class PowerResult:
+    """
+    The outcome of a power action or status query.
+
+    @ivar state: C{"on"}, C{"off"}, C{"changing"} or C{"unknown"}, as read
+        from the device.
+    @ivar detail: One readable line for the job log (what was sent, what
+        was read, how long it took).
+    @ivar raw: The device's own word for the state (C{"offWait"},
+        C{"outletStatusOn"}), if any.
+    """
+
+    state: str
+    detail: str
+    raw: Optional[str] = None
+
+
+class PowerError(Exception):
+    """
+    A power action failed: the device refused it, did not answer, or did
+    not reach the requested state.  The message is one line for the job
+    log; it never holds a secret.
+
+    @ivar kind: C{"timeout"}, C{"auth"}, C{"refused"}, C{"config"},
+        C{"unreached"} (commanded, but the state was not read back in time)
+        or C{"protocol"}.
+    @ivar sent: Whether a command may have reached the device (so the
+        machine may have changed state even though this failed).
+    """
+
+    def __init__(self, message: str, kind: str = "protocol", sent: bool = False):
+        super().__init__(message)
+        self.message = message
+        self.kind = kind
+        self.sent = sent
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class PowerTimeout(PowerError):
+    """The device did not answer at all."""
+
+    def __init__(self, message: str, sent: bool = False):
+        super().__init__(message, kind="timeout", sent=sent)
+
+
+class IPowerDriver(Interface):
+    """
+    Switches one machine's power and reads it back.
+    """
+
+    description = Attribute("One line naming the device and outlet/BMC, for logs (no secrets).")
+
+    def status() -> "Deferred[PowerResult]":
+        """Read the current power state."""
+
+    def on() -> "Deferred[PowerResult]":
+        """Power on; fires when the device reads back on."""
+
+    def off() -> "Deferred[PowerResult]":
+        """Power off; fires when the device reads back off."""
+
+    def cycle(off_for: Optional[float] = None) -> "Deferred[PowerResult]":
+        """
+        Power off then on.  With C{off_for=None} the device's own cycle is
+        used where it has one (a PDU's reboot command, IPMI chassis power
+        cycle); with a number of seconds, roller switches off, waits that
+        long and switches on, reading back both.  Fires when the device
+        reads back on.
+        """
+
+    def reset() -> "Deferred[PowerResult]":
+        """
+        A hard reset.  For a BMC: chassis reset (power stays on).  For a PDU
+        outlet, which has no reset line: the same as C{cycle()}.
+        """
