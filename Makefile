@@ -5,7 +5,7 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 # Debian packages roller and its tests drive for real.
-APT_PACKAGES := python3-venv iputils-ping openssh-server openssh-client openipmi ipmitool
+APT_PACKAGES := python3-venv iputils-ping openssh-server openssh-client openipmi ipmitool snmpd snmp
 SOURCES := $(shell find roller twisted -name '*.py') setup.py roller.tac
 
 .PHONY: run test system-deps venv clean

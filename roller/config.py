@@ -173,7 +173,8 @@ KEYS: dict[str, tuple[str, Callable[[Any, bool], Any], Any]] = {
     "queue.endpoint_min_interval": ("endpoint_min_interval", _float(0), 0.0),
     "tasks.allowed": ("allowed_tasks", _str_list, (
         "ping", "ssh_reboot", "reboot", "redfish_reboot", "xenapi_reboot",
-        "ipmi_on", "ipmi_off", "ipmi_cycle", "ipmi_reset", "ipmi_status", "ipmi_list")),
+        "ipmi_on", "ipmi_off", "ipmi_cycle", "ipmi_reset", "ipmi_status", "ipmi_list",
+        "snmp_reboot", "power_on", "power_off", "power_cycle", "power_status")),
     "tasks.timeouts": ("task_timeouts", _timeouts, {}),
     "log.format": ("log_format", _choice("text", "json"), "text"),
     "ssh.known_hosts": ("ssh_known_hosts", _text, "{state_dir}/known_hosts"),
@@ -196,6 +197,15 @@ KEYS: dict[str, tuple[str, Callable[[Any, bool], Any], Any]] = {
     "ipmi.min_interval": ("ipmi_min_interval", _float(0), 5.0),
     "ipmi.power_wait": ("ipmi_power_wait", _float(0), 60.0),
     "ipmi.power_poll": ("ipmi_power_poll", _float(0.05), 2.0),
+    "snmp.credential": ("snmp_credential", _text, ""),
+    "snmp.timeout": ("snmp_timeout", _float(0.05), 2.0),
+    "snmp.retries": ("snmp_retries", _int(0, 20), 2),
+    "snmp.min_interval": ("snmp_min_interval", _float(0), 1.0),
+    "snmp.settle_timeout": ("snmp_settle_timeout", _float(0.1), 30.0),
+    "snmp.reboot_timeout": ("snmp_reboot_timeout", _float(0.1), 90.0),
+    "snmp.poll_interval": ("snmp_poll_interval", _float(0.01), 1.0),
+    "snmp.off_for": ("snmp_off_for", _float(0), 5.0),
+    "snmp.community_version": ("snmp_community_version", _choice("model", "1", "2c"), "model"),
     "redfish.credential": ("redfish_credential", _text, ""),
     "redfish.request_timeout": ("redfish_request_timeout", _float(0.1), 20.0),
     "redfish.power_timeout": ("redfish_power_timeout", _float(1), 120.0),
@@ -255,6 +265,15 @@ class Settings:
     ipmi_min_interval: float
     ipmi_power_wait: float
     ipmi_power_poll: float
+    snmp_credential: str
+    snmp_timeout: float
+    snmp_retries: int
+    snmp_min_interval: float
+    snmp_settle_timeout: float
+    snmp_reboot_timeout: float
+    snmp_poll_interval: float
+    snmp_off_for: float
+    snmp_community_version: str
     redfish_credential: str
     redfish_request_timeout: float
     redfish_power_timeout: float

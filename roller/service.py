@@ -94,6 +94,7 @@ class RollerService(MultiService):
         self._starting: Deferred | None = None
         self.ports: list[Any] = []
         self.demo: Any = None
+        self.drivers: Any = None
         self._refresh: LoopingCall | None = None
         self.failed = False
 
@@ -118,8 +119,9 @@ class RollerService(MultiService):
             await self._start_demo()
             s = self.settings
         tasks = builtin_tasks()
+        self.drivers = make_drivers(self.reactor, s)
         self.queue = JobQueue(self.store, tasks, self.reactor, limits=queue_limits(s),
-                              settings=s, secrets=self.secrets, drivers=make_drivers(self.reactor, s))
+                              settings=s, secrets=self.secrets, drivers=self.drivers)
         interrupted, requeued = await self.queue.start()
         # pick up inventory changes other processes (roller import) commit
         self._refresh = LoopingCall(self._refresh_inventory)
@@ -183,6 +185,9 @@ class RollerService(MultiService):
         await super().stopService()
         if self.queue is not None:
             await self.queue.stop()
+        pdus = getattr(self.drivers, "pdus", None)
+        if pdus is not None:
+            pdus.client.close()
         if self.store is not None:
             await self.store.close()
         if self.demo is not None:

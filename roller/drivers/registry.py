@@ -18,6 +18,7 @@ class Drivers:
     shell: Any  # roller.drivers.ssh.IRemoteShell
     liveness: Callable[[Machine], ILiveness]  # a quick liveness probe for a machine
     ipmi: Any = None  # roller.drivers.ipmi.IpmiTool
+    pdus: Any = None  # roller.drivers.snmp.SnmpPdus (.client is the process's SnmpClient)
     redfish: Any = None  # roller.drivers.redfish.RedfishDriver
     xen: Any = None  # roller.drivers.xen.XenApiDriver
 
@@ -42,6 +43,7 @@ def make_drivers(reactor: Any, settings: Any) -> Drivers:
     xen = XenApiDriver(reactor, timeout=settings.xen_timeout, shutdown_timeout=settings.xen_shutdown_timeout,
                        start_delay=settings.xen_start_delay)
     from roller.drivers.ipmi import ipmitool_from_settings
+    from roller.drivers.snmp import make_pdus
 
     return Drivers(shell=shell, liveness=liveness, ipmi=ipmitool_from_settings(reactor, settings),
-                   redfish=redfish, xen=xen)
+                   pdus=make_pdus(reactor, settings), redfish=redfish, xen=xen)

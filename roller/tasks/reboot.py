@@ -18,6 +18,7 @@ from attrs import frozen
 
 from roller.inventory import REBOOT_METHODS, Machine
 from roller.tasks import ipmi as ipmi_task
+from roller.tasks import pdu as pdu_task
 from roller.tasks import redfish as redfish_task
 from roller.tasks import ssh_reboot
 from roller.tasks import xen as xen_task
@@ -36,6 +37,7 @@ METHODS: dict[str, Method] = {
     "ssh_reboot": Method("ssh_reboot", ssh_reboot.not_applicable, ssh_reboot.initiate),
     "ipmi_reset": Method("ipmi_reset", ipmi_task.not_applicable, ipmi_task.initiate_reset),
     "ipmi_cycle": Method("ipmi_cycle", ipmi_task.not_applicable, ipmi_task.initiate_cycle),
+    "snmp_reboot": Method("snmp_reboot", pdu_task.not_applicable, pdu_task.initiate),
     "redfish_reboot": Method("redfish_reboot", redfish_task.not_applicable, redfish_task.initiate),
     "xenapi_reboot": Method("xenapi_reboot", xen_task.not_applicable, xen_task.initiate),
 }
