@@ -5,8 +5,8 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 # Debian packages roller and its tests drive for real.
-APT_PACKAGES := python3-venv iputils-ping openssh-server openssh-client openipmi ipmitool snmpd snmp
-SOURCES := $(shell find roller twisted -name '*.py') setup.py roller.tac
+APT_PACKAGES := python3-venv iputils-ping openssh-server openssh-client openipmi ipmitool snmpd snmp chromium
+SOURCES := $(shell find roller twisted templates static -type f -not -name '*.pyc') setup.py roller.tac
 
 .PHONY: run test system-deps venv clean
 

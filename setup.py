@@ -1,4 +1,13 @@
+import os
+
 from setuptools import find_packages, setup
+
+
+def _tree(top):
+    """data_files installing the top-level directory top as <prefix>/share/roller/<top>."""
+    return [(os.path.join("share", "roller", path), [os.path.join(path, f) for f in sorted(files)])
+            for path, _, files in sorted(os.walk(top)) if files]
+
 
 setup(
     name="roller",
@@ -11,6 +20,7 @@ setup(
     packages=find_packages(include=["roller", "roller.*"]) + ["twisted.plugins"],
     package_data={"twisted": ["plugins/roller_plugin.py"]},
     include_package_data=True,
+    data_files=_tree("templates") + _tree("static"),
     install_requires=[
         "twisted[tls,conch]>=24.7,<27",
         "klein>=24.8,<25",
@@ -32,6 +42,7 @@ setup(
             "mohawk>=1.1",
             "taskcluster>=60",
             "sushy-tools>=2.2,<3",
+            "playwright>=1.40",  # drives Debian's chromium; never `playwright install`
             "psutil>=5.9",
         ],
     },

@@ -28,7 +28,10 @@ from roller.secrets import Secrets, load_secrets
 from roller.store import Store, open_store
 from roller.tasks import builtin_tasks
 from roller.web.api import Api
+from roller.web.dashboard import Dashboard, LoopbackDashboardAuth
+from roller.web.events import EventHub
 from roller.web.http import RollerSite
+from roller.web.site import root_resource
 
 log = Logger()
 INVENTORY_REFRESH_S = 2.0
@@ -95,6 +98,7 @@ class RollerService(MultiService):
         self.ports: list[Any] = []
         self.demo: Any = None
         self.drivers: Any = None
+        self.hub: EventHub | None = None
         self._refresh: LoopingCall | None = None
         self.failed = False
 
@@ -122,6 +126,8 @@ class RollerService(MultiService):
         self.drivers = make_drivers(self.reactor, s)
         self.queue = JobQueue(self.store, tasks, self.reactor, limits=queue_limits(s),
                               settings=s, secrets=self.secrets, drivers=self.drivers)
+        self.hub = EventHub(self.queue, self.reactor)
+        self.hub.start()  # before queue.start(): it also sees the jobs queued again at start-up
         interrupted, requeued = await self.queue.start()
         # pick up inventory changes other processes (roller import) commit
         self._refresh = LoopingCall(self._refresh_inventory)
@@ -133,7 +139,11 @@ class RollerService(MultiService):
             allowed_tasks=s.allowed_tasks, scope_prefix=s.scope_prefix, cors_origins=s.cors_origins,
             clock=self.reactor, trusted_proxies=s.trusted_proxies,
         )
-        site = RollerSite(api.app.resource(), max_body=s.max_body, reactor=self.reactor)
+        dashboard = Dashboard(
+            self.store, self.queue, tasks, s.allowed_tasks, clock=self.reactor, hub=self.hub,
+            auth=LoopbackDashboardAuth(), scope_prefix=s.scope_prefix, trusted_proxies=s.trusted_proxies,
+        )
+        site = RollerSite(root_resource(api, dashboard, self.hub), max_body=s.max_body, reactor=self.reactor)
         site.noisy = False
         for desc in s.listen:
             self.ports.append(await serverFromString(self.reactor, desc).listen(site))
@@ -176,6 +186,8 @@ class RollerService(MultiService):
                 pass
         if self._refresh is not None and self._refresh.running:
             self._refresh.stop()
+        if self.hub is not None:
+            self.hub.stop()  # ends the live-event streams
         for port in self.ports:
             await port.stopListening()
         self.ports = []

@@ -1,0 +1,959 @@
+"""
+The staff dashboard (Klein + Jinja2): fleet, machine, job, queue and audit
+pages, and the POST routes behind their buttons.
+
+    dashboard = Dashboard(store, queue, tasks, allowed_tasks, clock=reactor, hub=hub)
+    resource = root_resource(api, dashboard, hub)      # roller.web.site
+
+Who is looking comes from an L{IDashboardAuth}: every page gets its
+L{Viewer} (shown in the header; its id is recorded as the requester of the
+jobs and the actor of the audit entries it causes; its scopes decide which
+buttons it may press).  Until accounts and sessions exist,
+L{LoopbackDashboardAuth} lets in anyone connecting over loopback and nobody
+else.
+
+Every mutating request is a POST of a form carrying C{csrf_token}
+(L{CsrfProtection}: a signed double-submit token; the secret comes from
+C{os.urandom} at start).  A POST without a valid token is refused with 403
+and a page saying why, and nothing is done.
+
+Templates live in the top-level C{templates/} directory and the CSS and
+JavaScript in C{static/} (L{find_asset_dir} says where they are looked for).
+Every template is autoescaped.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import ipaddress
+import json
+import os
+import re
+import secrets
+import sys
+import sysconfig
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, quote, urlencode, urlsplit
+
+from attrs import define, field, frozen
+from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+from klein import Klein
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.logger import Logger
+from twisted.web.iweb import IRequest
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
+from werkzeug.exceptions import NotFound as RouteNotFound
+from zope.interface import Interface, implementer
+
+import roller
+from roller import __version__
+from roller.auth.hawk import client_ip, parse_trusted_proxies
+from roller.auth.scopes import satisfies
+from roller.errors import BadRequest, Forbidden, NotFound, RollerError
+from roller.inventory import TAG_RE, Machine, valid_worker_id
+from roller.jobs import Job, JobEvent, State, iso
+from roller.queue import JobQueue
+from roller.store import AuditEntry, Store
+from roller.store.db import Cursor
+from roller.tasks import TaskRegistry
+from roller.web.events import EventHub
+
+__all__ = [
+    "CsrfError",
+    "CsrfProtection",
+    "Dashboard",
+    "FleetFilter",
+    "FleetPage",
+    "FleetQueries",
+    "IDashboardAuth",
+    "LoopbackDashboardAuth",
+    "Viewer",
+    "find_asset_dir",
+]
+
+log = Logger()
+
+#: what each asset directory must hold to be taken for roller's
+_MARKERS = {"templates": "base.html", "static": "roller.css"}
+
+
+def find_asset_dir(name: str, override: str | os.PathLike | None = None) -> Path:
+    """
+    Where roller's top-level C{templates/} or C{static/} directory is.
+
+    With C{override}, that directory (it must exist).  Otherwise the first
+    of: next to the C{roller} package (a source checkout, an editable
+    install, C{PYTHONPATH=checkout}); C{<prefix>/share/roller/<name>} (where
+    C{setup.py}'s C{data_files} install them with C{pip install .}).
+    """
+    if override is not None:
+        path = Path(override)
+        if not path.is_dir():
+            raise FileNotFoundError(f"roller's {name} directory {path} does not exist")
+        return path
+    marker = _MARKERS.get(name, "")
+    candidates = [Path(roller.__file__).resolve().parent.parent / name]
+    for prefix in (sys.prefix, sysconfig.get_path("data"), sys.base_prefix):
+        candidates.append(Path(prefix) / "share" / "roller" / name)
+    for path in candidates:
+        if (path / marker).is_file():
+            return path
+    raise FileNotFoundError(
+        f"cannot find roller's {name}/ directory (looked in {', '.join(map(str, dict.fromkeys(candidates)))}); "
+        f"reinstall roller or pass its location"
+    )
+
+
+# -- who is looking ------------------------------------------------------------
+
+
+@frozen
+class Viewer:
+    """
+    Who is looking at the dashboard.
+
+    @ivar id: recorded as the requester of jobs and the actor in the audit log.
+    @ivar name: shown in the page header.
+    @ivar scopes: what they may do, with the API's scope rules
+        (C{<prefix><task>}, C{<prefix>jobs:cancel}).
+    @ivar session: what CSRF tokens are bound to (a session id once sessions
+        exist; empty for now).
+    @ivar note: one line shown next to the name (how they were let in).
+    """
+
+    id: str
+    name: str
+    scopes: tuple[str, ...] = ()
+    session: str = ""
+    note: str = ""
+
+    def may(self, scope: str) -> bool:
+        return satisfies(self.scopes, scope)
+
+
+class IDashboardAuth(Interface):
+    """How the dashboard learns who is looking (sessions plug in here)."""
+
+    def viewer(request: IRequest) -> "Deferred[Viewer]":
+        """
+        The L{Viewer} behind C{request}; or fail with L{roller.errors.Unauthorized}
+        or L{Forbidden}, whose message the dashboard shows as the page.
+        """
+
+
+_FORWARDING_HEADERS = (b"forwarded", b"x-forwarded-for", b"x-real-ip")
+
+
+@implementer(IDashboardAuth)
+class LoopbackDashboardAuth:
+    """
+    No accounts yet: anyone connecting over loopback (or a UNIX socket) is
+    the local operator and may do everything; anyone else is refused.  A
+    request relayed by a proxy (C{Forwarded}, C{X-Forwarded-For}) is
+    refused too: behind a proxy every client would look local.
+    """
+
+    def viewer(self, request: IRequest) -> "Deferred[Viewer]":
+        for name in _FORWARDING_HEADERS:
+            if request.getHeader(name) is not None:
+                return fail(Forbidden(
+                    "this roller's dashboard has no login yet and cannot be used through a proxy; "
+                    "open it on the roller host itself (http://127.0.0.1:…)", code="dashboard_local_only"))
+        peer = request.getClientAddress()
+        host = getattr(peer, "host", None)
+        if host is not None:
+            try:
+                local = ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+            except ValueError:
+                local = False
+            if not local:
+                return fail(Forbidden(
+                    f"this roller's dashboard has no login yet and answers only on loopback "
+                    f"(127.0.0.1, ::1); you connected from {host}", code="dashboard_local_only"))
+        return succeed(Viewer(id="dashboard:local", name="local operator", scopes=("*",),
+                              note="loopback, no login"))
+
+
+# -- CSRF ----------------------------------------------------------------------
+
+
+class CsrfError(Forbidden):
+    code = "csrf"
+
+
+_NONCE = re.compile(r"[A-Za-z0-9_-]{43}")
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+@define
+class CsrfProtection:
+    """
+    Signed double-submit tokens.
+
+    The browser holds a random nonce in an C{HttpOnly; SameSite=Strict}
+    cookie; every form carries C{v1.<time>.<HMAC-SHA256(secret, nonce |
+    viewer session | viewer id | time)>}.  Another site can neither read
+    the cookie nor compute the signature, so it cannot forge a form; a
+    token is good for C{max_age} seconds and only with its cookie, for its
+    viewer, until roller restarts (the secret is made at start).  The
+    C{Origin} header, when sent, must also name this host.
+    """
+
+    secret: bytes = field(factory=lambda: os.urandom(32), repr=False)
+    max_age: float = 12 * 3600.0
+    cookie_name: str = "roller_csrf"
+    field_name: str = "csrf_token"
+
+    def nonce(self, request: IRequest) -> str:
+        """This browser's nonce, setting the cookie if it has none yet."""
+        cached = getattr(request, "_roller_csrf_nonce", None)
+        if cached is not None:
+            return cached
+        raw = request.getCookie(self.cookie_name.encode())
+        value = raw.decode("ascii", "replace") if raw else ""
+        if not _NONCE.fullmatch(value):
+            value = _b64(os.urandom(32))
+            request.addCookie(self.cookie_name.encode(), value.encode(), path=b"/", httpOnly=True,
+                              sameSite="strict", secure=request.isSecure())
+        request._roller_csrf_nonce = value
+        return value
+
+    def _sign(self, nonce: str, viewer: Viewer, issued: int) -> str:
+        msg = f"{nonce}|{viewer.session}|{viewer.id}|{issued}".encode()
+        return _b64(hmac.new(self.secret, msg, hashlib.sha256).digest())
+
+    def token(self, request: IRequest, viewer: Viewer, now: float) -> str:
+        issued = int(now)
+        return f"v1.{issued}.{self._sign(self.nonce(request), viewer, issued)}"
+
+    def verify(self, request: IRequest, form: dict[str, str], viewer: Viewer, now: float) -> None:
+        """Raise L{CsrfError} (403) with a readable reason unless the POST is genuine."""
+        reload = "Reload the page and try again."
+        origin = request.getHeader(b"origin")
+        if origin is not None:
+            host = (request.getHeader(b"host") or b"").decode("latin-1").lower()
+            netloc = urlsplit(origin.decode("latin-1")).netloc.lower()
+            if not netloc or netloc != host:
+                raise CsrfError(f"This form was sent from another site ({origin.decode('latin-1')[:100]}); "
+                                "roller only accepts its own forms.")
+        site = request.getHeader(b"sec-fetch-site")
+        if site is not None and site.lower() == b"cross-site":
+            raise CsrfError("This form was sent from another site; roller only accepts its own forms.")
+        token = form.get(self.field_name, "")
+        if not token:
+            raise CsrfError(f"The form has no security token (csrf_token), so it cannot be trusted. {reload}")
+        raw = request.getCookie(self.cookie_name.encode())
+        nonce = raw.decode("ascii", "replace") if raw else ""
+        if not _NONCE.fullmatch(nonce):
+            raise CsrfError("Your browser did not send roller's security cookie with the form; cookies "
+                            f"must be enabled for this site. {reload}")
+        parts = token.split(".")
+        if len(parts) != 3 or parts[0] != "v1" or not parts[1].isdigit() or len(parts[1]) > 12:
+            raise CsrfError(f"The form's security token is malformed. {reload}")
+        issued = int(parts[1])
+        if not hmac.compare_digest(parts[2], self._sign(nonce, viewer, issued)):
+            raise CsrfError("The form's security token is not valid (roller restarted since the page was "
+                            f"loaded, or the form came from elsewhere). {reload}")
+        if now - issued > self.max_age or issued - now > 300:
+            raise CsrfError(f"The page is too old (its form expired after {self.max_age / 3600:g} h). {reload}")
+
+
+# -- fleet queries -----------------------------------------------------------------
+
+#: the state filter value for machines that never had a job
+NEVER = "none"
+
+#: the newest job of machine m, through the jobs_machine index (worker_id, worker_group, seq)
+_LAST_SEQ = (
+    "(SELECT j.seq FROM jobs j WHERE j.worker_id = m.worker_id AND j.worker_group = m.worker_group"
+    " ORDER BY j.seq DESC LIMIT 1)"
+)
+_WHEN = "COALESCE(j.finished_at, j.started_at, j.created_at)"
+_STATE_RANK = (
+    "CASE j.state WHEN 'failed' THEN 0 WHEN 'timed_out' THEN 1 WHEN 'interrupted' THEN 2"
+    " WHEN 'running' THEN 3 WHEN 'queued' THEN 4 WHEN 'cancelled' THEN 5 WHEN 'succeeded' THEN 6 ELSE 7 END"
+)
+#: sort name -> (label, primary ordering with {d} for the direction, default direction)
+SORTS: dict[str, tuple[str, str, str]] = {
+    "name": ("name", "f.worker_group {d}, f.worker_id {d}", "asc"),
+    "pool": ("pool", "f.pool IS NULL, f.pool {d}", "asc"),
+    "state": ("last job state (problems first)", _STATE_RANK + " {d}", "asc"),
+    "last": ("last job time", f"{_WHEN} IS NULL, {_WHEN} {{d}}", "desc"),
+}
+FILTER_STATES = (*(s.value for s in State), NEVER)
+
+
+@frozen
+class FleetFilter:
+    q: str | None = None
+    group: str | None = None
+    pool: str | None = None
+    state: str | None = None  # a State value or NEVER
+
+
+@frozen
+class LastJob:
+    id: str
+    task_name: str
+    state: str
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    error: str | None
+    result: str | None
+    requester: str
+
+    @property
+    def when(self) -> float:
+        return self.finished_at or self.started_at or self.created_at
+
+
+@frozen
+class FleetRow:
+    worker_group: str
+    worker_id: str
+    fqdn: str | None
+    ip: str | None
+    pool: str | None
+    last: LastJob | None
+
+
+@frozen
+class FleetPage:
+    rows: list[FleetRow]
+    total: int  # machines matching the filter (all states when no state filter)
+    counts: dict[str, int]  # last-job state -> machines, for the filter without its state
+    groups: list[str]
+    pools: list[str]
+
+
+def _like(q: str) -> str:
+    return "%" + q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+class FleetQueries:
+    """
+    Read-only queries the dashboard needs and the store does not offer:
+    every machine with its newest job in one statement (an index lookup per
+    machine, not a scan of the job history), counts by state, filter values.
+    """
+
+    def __init__(self, store: Store):
+        self.db = store.db
+
+    def page(self, f: FleetFilter, *, sort: str = "name", direction: str | None = None,
+             limit: int = 200, offset: int = 0) -> "Deferred[FleetPage]":
+        if sort not in SORTS:
+            raise ValueError(f"unknown sort {sort!r}")
+        _, primary, default_dir = SORTS[sort]
+        d = (direction or default_dir).upper()
+        if d not in ("ASC", "DESC"):
+            raise ValueError(f"unknown direction {direction!r}")
+        where, args = [], []
+        if f.group is not None:
+            where.append("m.worker_group = ?")
+            args.append(f.group)
+        if f.pool is not None:
+            where.append("m.pool = ?")
+            args.append(f.pool)
+        if f.q:
+            where.append("(m.worker_id LIKE ? ESCAPE '\\' OR m.fqdn LIKE ? ESCAPE '\\' OR m.ip LIKE ? ESCAPE '\\')")
+            args += [_like(f.q)] * 3
+        base = (f"SELECT m.worker_group, m.worker_id, m.fqdn, m.ip, m.pool, {_LAST_SEQ} AS last_seq"
+                " FROM machines m" + (" WHERE " + " AND ".join(where) if where else ""))
+        state_where, state_args = "", []
+        if f.state == NEVER:
+            state_where = " WHERE j.seq IS NULL"
+        elif f.state is not None:
+            state_where = " WHERE j.state = ?"
+            state_args = [f.state]
+        order = primary.format(d=d) + ", f.worker_group, f.worker_id"
+
+        def run(c: Cursor) -> FleetPage:
+            counts = {
+                r[0]: r[1] for r in c.execute(
+                    f"SELECT COALESCE(j.state, '{NEVER}'), count(*) FROM ({base}) f"
+                    " LEFT JOIN jobs j ON j.seq = f.last_seq GROUP BY 1", args)
+            }
+            total = counts.get(f.state, 0) if f.state is not None else sum(counts.values())
+            rows = [
+                FleetRow(
+                    worker_group=r["worker_group"], worker_id=r["worker_id"], fqdn=r["fqdn"], ip=r["ip"],
+                    pool=r["pool"],
+                    last=None if r["job_id"] is None else LastJob(
+                        id=r["job_id"], task_name=r["task_name"], state=r["state"],
+                        created_at=r["created_at"], started_at=r["started_at"], finished_at=r["finished_at"],
+                        error=r["error"], result=r["result"], requester=r["requester"],
+                    ),
+                )
+                for r in c.execute(
+                    f"SELECT f.*, j.id AS job_id, j.task_name, j.state, j.created_at, j.started_at,"
+                    f" j.finished_at, j.error, j.result, j.requester FROM ({base}) f"
+                    f" LEFT JOIN jobs j ON j.seq = f.last_seq{state_where}"
+                    f" ORDER BY {order} LIMIT ? OFFSET ?",
+                    [*args, *state_args, limit, offset],
+                )
+            ]
+            groups = [r[0] for r in c.execute("SELECT DISTINCT worker_group FROM machines ORDER BY 1")]
+            pools = [r[0] for r in c.execute(
+                "SELECT DISTINCT pool FROM machines WHERE pool IS NOT NULL ORDER BY 1")]
+            return FleetPage(rows=rows, total=total, counts=counts, groups=groups, pools=pools)
+
+        return self.db.read(run)
+
+    def explain(self, f: FleetFilter = FleetFilter()) -> "Deferred[list[str]]":
+        """The query plan of the fleet page's row query (for tests and curiosity)."""
+        base = f"SELECT m.worker_group, m.worker_id, {_LAST_SEQ} AS last_seq FROM machines m"
+        sql = (f"EXPLAIN QUERY PLAN SELECT f.*, j.state FROM ({base}) f LEFT JOIN jobs j ON j.seq = f.last_seq"
+               " ORDER BY f.worker_group, f.worker_id LIMIT 200")
+        return self.db.read(lambda c: [r["detail"] for r in c.execute(sql)])
+
+
+# -- presentation helpers -----------------------------------------------------------
+
+
+def ago(ts: float | None, now: float) -> str:
+    if ts is None:
+        return "never"
+    delta = now - ts
+    future = delta < 0
+    delta = abs(delta)
+    if delta < 1:
+        return "just now"
+    if delta < 90:
+        text = f"{delta:.0f} s"
+    elif delta < 90 * 60:
+        text = f"{delta / 60:.0f} min"
+    elif delta < 36 * 3600:
+        text = f"{delta / 3600:.0f} h"
+    else:
+        text = f"{delta / 86400:.0f} days"
+    return f"in {text}" if future else f"{text} ago"
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    if seconds < 90:
+        return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def outcome(job: Job, position: int | None = None, queued: int = 0) -> str:
+    """What happened to a job, in one plain sentence."""
+    s = job.state
+    if s is State.queued:
+        where = f" (position {position} of {queued})" if position else ""
+        return f"Waiting in the queue{where}: it starts when the machine and its power/BMC endpoints are free."
+    if s is State.running:
+        return "Running now; the log below updates live."
+    if s is State.succeeded:
+        return f"Succeeded: {job.result}" if job.result else "Succeeded."
+    if s is State.failed:
+        return f"Failed: {job.error}" if job.error else "Failed, without a reason recorded."
+    if s is State.timed_out:
+        return f"Gave up: the job {job.error or 'timed out'}, and was stopped."
+    if s is State.cancelled:
+        return f"Cancelled ({job.error})." if job.error else "Cancelled."
+    if s is State.interrupted:
+        return ("Interrupted: roller stopped while this job was running, so its outcome is unknown. "
+                "Check the machine and run the task again if needed.")
+    return s.value
+
+
+def machine_url(worker_group: str, worker_id: str) -> str:
+    return f"/machines/{quote(worker_group, safe='')}/{quote(worker_id, safe='')}"
+
+
+def _event_key(e: JobEvent) -> tuple[float, str, str]:
+    return (round(e.time, 6), e.kind, e.message)
+
+
+def merge_events(stored: list[JobEvent], live: list[JobEvent]) -> list[JobEvent]:
+    """
+    A job's timeline: the stored events plus those only the hub has seen
+    yet (the queue announces an event before its write commits).  Events
+    are matched by (time, kind, message), counting repeats.
+    """
+    have: dict[tuple, int] = {}
+    for e in stored:
+        k = _event_key(e)
+        have[k] = have.get(k, 0) + 1
+    extra = []
+    for e in live:
+        k = _event_key(e)
+        if have.get(k, 0) > 0:
+            have[k] -= 1
+        else:
+            extra.append(e)
+    if not extra:
+        return stored
+    return sorted([*stored, *extra], key=lambda e: e.time)
+
+
+_JOB_ID = re.compile(r"[-0-9A-Za-z]{1,64}")
+_NEXT = re.compile(r"/(queue|jobs/[-0-9A-Za-z]{1,64}|machines/[-_0-9A-Za-z]{1,128}/[-_0-9A-Za-z]{1,128})?")
+_INT = re.compile(r"[0-9]{1,9}")
+_FORM_MAX = 64 * 1024
+
+_CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+
+_TITLES = {400: "Bad request", 401: "Sign-in needed", 403: "Not allowed", 404: "Not found",
+           405: "Method not allowed", 409: "Conflict", 413: "Too large", 500: "Internal error",
+           503: "Unavailable"}
+
+
+def _arg(request: IRequest, name: str) -> str | None:
+    values = request.args.get(name.encode())
+    if not values:
+        return None
+    try:
+        value = values[-1].decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise BadRequest(f"the {name} parameter is not valid UTF-8", code="invalid_query") from None
+    return value or None
+
+
+def _form(request: IRequest) -> dict[str, str]:
+    """
+    The urlencoded form body (never the query string).  Anything that is
+    not a urlencoded form reads as an empty form, which then lacks its
+    CSRF token.
+    """
+    ctype = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
+    if ctype != b"application/x-www-form-urlencoded" or request.content is None:
+        return {}
+    request.content.seek(0)
+    raw = request.content.read(_FORM_MAX + 1)
+    if len(raw) > _FORM_MAX:
+        raise BadRequest(f"the form is larger than {_FORM_MAX} bytes", code="payload_too_large", status=413)
+    try:
+        parsed = parse_qs(raw.decode("utf-8"), keep_blank_values=True, max_num_fields=50)
+    except (UnicodeDecodeError, ValueError):
+        raise BadRequest("the form is not valid UTF-8 form data", code="invalid_form") from None
+    return {k: v[-1] for k, v in parsed.items()}
+
+
+@frozen
+class TaskButton:
+    name: str
+    description: str
+    destructive: bool
+    permitted: bool
+
+
+@define
+class Dashboard:
+    """
+    @param store: the store (machines, jobs, audit; and its C{db} for
+        L{FleetQueries}).
+    @param queue: where buttons submit and cancel jobs.
+    @param tasks: the task registry.
+    @param allowed_tasks: the task names offered (the API's allow-list).
+    @param clock: the injected clock.
+    @param hub: the L{roller.web.events.EventHub} (for the job page's live
+        log); without one the pages are static.
+    @param auth: an L{IDashboardAuth}.
+    @param csrf: the L{CsrfProtection} (a fresh random secret by default).
+    @param scope_prefix: as the API's: a viewer needs C{prefix + task} to
+        run a task and C{prefix + "jobs:cancel"} to cancel.
+    @param templates_dir: overrides L{find_asset_dir}C{("templates")}.
+    @param page_size: machines per fleet page.
+    @param trusted_proxies: as the API's: whose C{X-Forwarded-For} names the
+        client recorded with jobs and audit entries.
+    """
+
+    store: Store
+    queue: JobQueue
+    tasks: TaskRegistry
+    allowed_tasks: tuple[str, ...]
+    clock: Any = field(kw_only=True)
+    hub: EventHub | None = field(default=None, kw_only=True)
+    auth: Any = field(factory=LoopbackDashboardAuth, kw_only=True)
+    csrf: CsrfProtection = field(factory=CsrfProtection, kw_only=True)
+    scope_prefix: str = field(default="project:releng:roller:", kw_only=True)
+    templates_dir: str | None = field(default=None, kw_only=True)
+    page_size: int = field(default=200, kw_only=True)
+    trusted_proxies: tuple = field(default=(), converter=parse_trusted_proxies, kw_only=True)
+    fleet: FleetQueries = field(init=False, default=None)
+    env: Environment = field(init=False, default=None)
+
+    app = Klein()
+
+    def __attrs_post_init__(self) -> None:
+        self.fleet = FleetQueries(self.store)
+        self.env = Environment(
+            loader=FileSystemLoader(str(find_asset_dir("templates", self.templates_dir))),
+            autoescape=select_autoescape(default=True, default_for_string=True),
+            undefined=StrictUndefined,
+            trim_blocks=True,
+            lstrip_blocks=True,
+        )
+        self.env.filters["iso"] = iso
+        self.env.filters["duration"] = duration
+        self.env.filters["hms"] = lambda ts: datetime.fromtimestamp(ts, timezone.utc).strftime("%H:%M:%S")
+        self.env.filters["compact_json"] = lambda v: json.dumps(v, sort_keys=True, separators=(", ", ": "))
+        self.env.globals["machine_url"] = machine_url
+        self.env.globals["job_url"] = lambda job_id: f"/jobs/{quote(job_id, safe='')}"
+        self.env.globals["version"] = __version__
+
+    def authorize(self, request: IRequest) -> "Deferred[Viewer]":
+        """The viewer behind C{request} (for other resources, e.g. the event stream)."""
+        return self.auth.viewer(request)
+
+    # -- rendering
+
+    def _headers(self, request: IRequest) -> None:
+        request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
+        request.setHeader(b"Cache-Control", b"no-store")
+        request.setHeader(b"Content-Security-Policy", _CSP.encode())
+        request.setHeader(b"X-Frame-Options", b"DENY")
+        request.setHeader(b"X-Content-Type-Options", b"nosniff")
+        request.setHeader(b"Referrer-Policy", b"same-origin")
+
+    def render(self, request: IRequest, template: str, viewer: Viewer | None, *, status: int = 200,
+               **context: Any) -> bytes:
+        now = self.clock.seconds()
+        self._headers(request)
+        request.setResponseCode(status)
+        token = self.csrf.token(request, viewer, now) if viewer is not None else ""
+        path = request.path.decode("utf-8", "replace")
+        html = self.env.get_template(template).render(
+            viewer=viewer, csrf_token=token, csrf_field_name=self.csrf.field_name, now=now, path=path,
+            ago=lambda ts: ago(ts, now), section=context.pop("section", ""), **context,
+        )
+        return html.encode("utf-8")
+
+    def _error_page(self, request: IRequest, status: int, message: str, viewer: Viewer | None = None,
+                    csrf: bool = False) -> bytes:
+        return self.render(request, "error.html", viewer, status=status, title=_TITLES.get(status, "Error"),
+                           status_code=status, message=message, csrf=csrf)
+
+    # -- errors as pages
+
+    @app.handle_errors(RollerError)
+    def _roller_error(self, request: IRequest, failure: Any) -> bytes:
+        e = failure.value
+        return self._error_page(request, e.status, e.message, getattr(request, "_roller_viewer", None),
+                                csrf=isinstance(e, CsrfError))
+
+    @app.handle_errors(MethodNotAllowed)
+    def _method_not_allowed(self, request: IRequest, failure: Any) -> bytes:
+        allowed = sorted(set(failure.value.valid_methods or ()))
+        request.setHeader(b"Allow", ", ".join(allowed).encode())
+        return self._error_page(request, 405, f"{request.method.decode('latin-1')} is not allowed here.")
+
+    @app.handle_errors(RouteNotFound)
+    def _route_not_found(self, request: IRequest, failure: Any) -> bytes:
+        return self._error_page(request, 404, "There is no such page in roller's dashboard.")
+
+    @app.handle_errors(HTTPException)
+    def _http_exception(self, request: IRequest, failure: Any) -> bytes:
+        e = failure.value
+        return self._error_page(request, e.code or 400, e.description or e.name)
+
+    @app.handle_errors(Exception)
+    def _internal(self, request: IRequest, failure: Any) -> bytes:
+        error_id = secrets.token_hex(4)
+        log.failure("Dashboard error in {method} {path} (id {error_id})", failure,
+                    method=request.method.decode("latin-1"), path=request.path.decode("latin-1")[:200],
+                    error_id=error_id)
+        return self._error_page(request, 500, f"Something went wrong inside roller; the server log has the "
+                                              f"details under id {error_id}.")
+
+    # -- plumbing
+
+    async def _viewer(self, request: IRequest) -> Viewer:
+        viewer = await self.auth.viewer(request)
+        request._roller_viewer = viewer
+        return viewer
+
+    async def _post(self, request: IRequest) -> tuple[Viewer, dict[str, str]]:
+        """Viewer and form of a POST whose CSRF token checked out."""
+        viewer = await self._viewer(request)
+        form = _form(request)
+        self.csrf.verify(request, form, viewer, self.clock.seconds())
+        return viewer, form
+
+    @staticmethod
+    def _redirect(request: IRequest, location: str) -> bytes:
+        request.setResponseCode(303)
+        request.setHeader(b"Location", location.encode("utf-8"))
+        request.setHeader(b"Cache-Control", b"no-store")
+        return b""
+
+    def _buttons(self, viewer: Viewer) -> list[TaskButton]:
+        out = []
+        for name in self.allowed_tasks:
+            spec = self.tasks.get(name)
+            if spec is not None:
+                out.append(TaskButton(name, spec.description, spec.destructive,
+                                      viewer.may(self.scope_prefix + name)))
+        return out
+
+    def _live(self, job: Job) -> Job:
+        return self.queue.active(job.id) or job
+
+    # -- pages
+
+    @app.route("/", methods=["GET"])
+    async def fleet_page(self, request: IRequest) -> bytes:
+        viewer = await self._viewer(request)
+        group, pool, state = _arg(request, "group"), _arg(request, "pool"), _arg(request, "state")
+        q = _arg(request, "q")
+        if group is not None and not valid_worker_id(group):
+            raise BadRequest("group must be a worker group name (letters, digits, '-' and '_')")
+        if pool is not None and not TAG_RE.fullmatch(pool):
+            raise BadRequest("pool must be a pool name (letters, digits and -_.:/)")
+        if state is not None and state not in FILTER_STATES:
+            raise BadRequest(f"state must be one of {', '.join(FILTER_STATES)}")
+        if q is not None and len(q) > 200:
+            raise BadRequest("the search text must be at most 200 characters")
+        sort = _arg(request, "sort") or "name"
+        if sort not in SORTS:
+            raise BadRequest(f"sort must be one of {', '.join(SORTS)}")
+        direction = _arg(request, "dir") or SORTS[sort][2]
+        if direction not in ("asc", "desc"):
+            raise BadRequest("dir must be asc or desc")
+        raw_page = _arg(request, "page") or "1"
+        if not _INT.fullmatch(raw_page) or int(raw_page) < 1:
+            raise BadRequest("page must be a number from 1")
+        page_no = int(raw_page)
+        filt = FleetFilter(q=q, group=group, pool=pool, state=state)
+        page = await self.fleet.page(filt, sort=sort, direction=direction, limit=self.page_size,
+                                     offset=(page_no - 1) * self.page_size)
+        rows = []
+        for row in page.rows:
+            state_now = row.last.state if row.last else None
+            if row.last is not None and state_now in ("queued", "running"):
+                active = self.queue.active(row.last.id)
+                if active is not None:
+                    state_now = active.state.value
+            rows.append((row, state_now))
+        params = {k: v for k, v in (("q", q), ("group", group), ("pool", pool), ("state", state),
+                                    ("sort", None if sort == "name" else sort),
+                                    ("dir", None if direction == SORTS[sort][2] else direction)) if v}
+
+        def link(**changes: Any) -> str:
+            merged = {**params, **changes}
+            merged = {k: v for k, v in merged.items() if v not in (None, "", 1)}
+            return "/" + ("?" + urlencode(merged) if merged else "")
+
+        def sort_link(key: str) -> str:
+            default = SORTS[key][2]
+            new = ("desc" if direction == "asc" else "asc") if key == sort else default
+            return link(sort=None if key == "name" else key, dir=None if new == default else new, page=None)
+
+        def aria_sort(key: str) -> str | None:
+            return None if key != sort else ("ascending" if direction == "asc" else "descending")
+
+        pages = max(1, -(-page.total // self.page_size))
+        return self.render(
+            request, "fleet.html", viewer, section="fleet", rows=rows, page=page, filt=filt, sort=sort,
+            direction=direction, sorts=SORTS, states=FILTER_STATES, page_no=page_no, pages=pages,
+            page_size=self.page_size, link=link, sort_link=sort_link, aria_sort=aria_sort,
+            running=len(self.queue.running()), queued=self.queue.depth,
+            machine_total=sum(page.counts.values()),
+        )
+
+    @app.route("/machines/<worker_group>/<worker_id>", methods=["GET"])
+    async def machine_page(self, request: IRequest, worker_group: str, worker_id: str) -> bytes:
+        viewer = await self._viewer(request)
+        machine = await self._machine(worker_group, worker_id)
+        jobs = [self._live(j) for j in await self.store.jobs.list(
+            worker_id=worker_id, worker_group=worker_group, limit=25)]
+        audit = await self.store.audit.list(target=f"{worker_group}/{worker_id}", limit=50)
+        return self.render(
+            request, "machine.html", viewer, section="fleet", machine=machine, jobs=jobs, audit=audit,
+            buttons=self._buttons(viewer), credentials=sorted(machine.credentials()),
+            access=_access_rows(machine),
+        )
+
+    async def _machine(self, worker_group: str, worker_id: str) -> Machine:
+        machine = None
+        if valid_worker_id(worker_group) and valid_worker_id(worker_id):
+            machine = await self.store.machines.get(worker_group, worker_id)
+        if machine is None:
+            raise NotFound(f"There is no machine {worker_id} in worker group {worker_group}.",
+                           code="unknown_machine")
+        return machine
+
+    @app.route("/machines/<worker_group>/<worker_id>/jobs", methods=["POST"])
+    async def submit_job(self, request: IRequest, worker_group: str, worker_id: str) -> bytes:
+        viewer, form = await self._post(request)
+        machine = await self._machine(worker_group, worker_id)
+        task_name = form.get("task", "")
+        spec = self.tasks.get(task_name) if task_name in self.allowed_tasks else None
+        if spec is None:
+            raise BadRequest(f"{task_name[:64]!r} is not a task this roller runs from the dashboard.",
+                             code="unknown_task")
+        if not viewer.may(self.scope_prefix + task_name):
+            raise Forbidden(f"{viewer.name} may not run {task_name} (needs {self.scope_prefix + task_name}).",
+                            code="insufficient_scope")
+        reason = form.get("reason", "").strip()
+        if len(reason) > 1000:
+            raise BadRequest("the reason must be at most 1000 characters", code="invalid_form")
+        if spec.destructive and form.get("confirm") != "yes":
+            return self.render(request, "confirm.html", viewer, section="fleet", machine=machine, spec=spec,
+                               reason=reason)
+        target = f"{machine.worker_group}/{machine.worker_id}"
+        ip = client_ip(request, self.trusted_proxies)
+        job, created = await self.queue.submit(
+            task_name, machine, requester=viewer.id, origin_ip=ip, reason=reason,
+            audit=lambda job: AuditEntry(
+                time=job.created_at, actor=viewer.id, source_ip=ip, action=f"job.create:{task_name}",
+                target=target, result=f"queued {job.id}",
+                params={"params": job.params, "priority": job.priority, "reason": reason, "via": "dashboard"},
+            ),
+        )
+        location = f"/jobs/{quote(job.id, safe='')}"
+        return self._redirect(request, location if created else location + "?existing=1")
+
+    @app.route("/jobs/<job_id>", methods=["GET"])
+    async def job_page(self, request: IRequest, job_id: str) -> bytes:
+        viewer = await self._viewer(request)
+        job = await self._job(job_id)
+        stored = await self.store.jobs.events(job_id, limit=1000)
+        # Everything the hub numbered up to now is either stored or in its
+        # buffer; the page's stream resumes after it.
+        job = self._live(job)
+        stream_url, timeline = None, stored
+        if self.hub is not None:
+            upto = self.hub.last_number
+            if len(stored) < 1000:
+                timeline = merge_events(stored, [e.event for e in self.hub.recent(job_id, upto=upto)])
+            if not job.state.final:
+                stream_url = "/events?" + urlencode({"job": job.id, "after": self.hub.wire_id(upto)})
+        position = None
+        queued = self.queue.queued() if job.state is State.queued else []
+        for i, j in enumerate(queued, 1):
+            if j.id == job.id:
+                position = i
+                break
+        try:
+            machine = await self.store.machines.get(job.worker_group, job.worker_id)
+        except Exception:
+            machine = None
+        return self.render(
+            request, "job.html", viewer, section="queue", job=job, events=timeline, stream_url=stream_url,
+            truncated=len(stored) >= 1000, outcome=outcome(job, position, len(queued)), machine=machine,
+            may_cancel=viewer.may(self.scope_prefix + "jobs:cancel"),
+            existing=_arg(request, "existing") == "1", cancelled=_arg(request, "cancelled") == "1",
+        )
+
+    async def _job(self, job_id: str) -> Job:
+        job = None
+        if _JOB_ID.fullmatch(job_id):
+            job = self.queue.active(job_id) or await self.store.jobs.get(job_id)
+        if job is None:
+            raise NotFound(f"There is no job {job_id[:64]}.", code="unknown_job")
+        return job
+
+    @app.route("/jobs/<job_id>/cancel", methods=["POST"])
+    async def cancel_job(self, request: IRequest, job_id: str) -> bytes:
+        viewer, form = await self._post(request)
+        if not viewer.may(self.scope_prefix + "jobs:cancel"):
+            raise Forbidden(f"{viewer.name} may not cancel jobs (needs {self.scope_prefix}jobs:cancel).",
+                            code="insufficient_scope")
+        await self._job(job_id)
+        job = await self.queue.cancel(job_id, by=viewer.id)
+        await self.store.audit.add(AuditEntry(
+            time=self.clock.seconds(), actor=viewer.id, source_ip=client_ip(request, self.trusted_proxies),
+            action="job.cancel",
+            target=f"{job.worker_group}/{job.worker_id}", result=f"{job.state.value} {job.id}",
+            params={"via": "dashboard"},
+        ))
+        back = form.get("next", "")
+        if not _NEXT.fullmatch(back):
+            back = f"/jobs/{quote(job.id, safe='')}"
+        if back == "/queue":
+            return self._redirect(request, "/queue?" + urlencode({"cancelled": job.id}))
+        if back.startswith("/jobs/"):
+            return self._redirect(request, back + "?cancelled=1")
+        return self._redirect(request, back)
+
+    @app.route("/queue", methods=["GET"])
+    async def queue_page(self, request: IRequest) -> bytes:
+        viewer = await self._viewer(request)
+        running = sorted(self.queue.running(), key=lambda j: j.started_at or 0)
+        queued = self.queue.queued()
+        limit = 500
+        notice = None
+        cancelled = _arg(request, "cancelled")
+        if cancelled and _JOB_ID.fullmatch(cancelled):
+            job = await self.store.jobs.get(cancelled)
+            if job is not None:
+                notice = (f"Cancelled job {job.id[:8]}… ({job.task_name} on {job.worker_id}): "
+                          f"it is now {job.state.value}.")
+        stream_url = None
+        if self.hub is not None:
+            stream_url = "/events?" + urlencode({"kinds": "state", "after": self.hub.last_id})
+        return self.render(
+            request, "queue.html", viewer, section="queue", running=running[:limit], queued=queued[:limit],
+            stream_url=stream_url,
+            running_total=len(running), queued_total=len(queued), limit=limit, notice=notice,
+            may_cancel=viewer.may(self.scope_prefix + "jobs:cancel"),
+        )
+
+    @app.route("/audit", methods=["GET"])
+    async def audit_page(self, request: IRequest) -> bytes:
+        viewer = await self._viewer(request)
+        target = _arg(request, "target")
+        if target is not None and len(target) > 300:
+            raise BadRequest("target must be at most 300 characters")
+        raw = _arg(request, "before")
+        before = None
+        if raw is not None:
+            if not _INT.fullmatch(raw):
+                raise BadRequest("before must be an audit entry number")
+            before = int(raw)
+        limit = 100
+        entries = await self.store.audit.list(target=target, before=before, limit=limit)
+        older = None
+        if len(entries) == limit:
+            older = "/audit?" + urlencode({k: v for k, v in (("target", target), ("before", entries[-1].id)) if v})
+        return self.render(request, "audit.html", viewer, section="audit", entries=entries, target=target,
+                           older=older, newest=before is not None)
+
+
+def _access_rows(machine: Machine) -> list[tuple[str, str]]:
+    """How roller reaches the machine, one line per method; credentials by name only."""
+    rows = []
+    if machine.ssh is not None:
+        s = machine.ssh
+        rows.append(("SSH", f"user {s.user or '(default)'}, port {s.port}"
+                     + (f", credential {s.credential}" if s.credential else "")
+                     + (f", host keys {s.host_key_policy}" if s.host_key_policy else "")))
+    if machine.ipmi is not None:
+        i = machine.ipmi
+        rows.append(("IPMI", f"{i.host}:{i.port} ({i.interface})"
+                     + (f", credential {i.credential}" if i.credential else "")
+                     + (f", bridge {' '.join(i.bridge)}" if i.bridge else "")))
+    if machine.pdu is not None:
+        p = machine.pdu
+        rows.append(("PDU", f"{p.host}:{p.port} outlet {p.outlet} ({p.model})"
+                     + (f", credential {p.credential}" if p.credential else "")))
+    if machine.redfish is not None:
+        r = machine.redfish
+        rows.append(("Redfish", f"{r.url}" + (f" system {r.system}" if r.system else "")
+                     + (f", credential {r.credential}" if r.credential else "")
+                     + ("" if r.verify_tls else ", TLS not verified")))
+    if machine.xen is not None:
+        x = machine.xen
+        rows.append(("Xen", f"VM {x.vm_uuid}" + (f" at {x.url}" if x.url else "")
+                     + (f", credential {x.credential}" if x.credential else "")))
+    lv = machine.liveness
+    rows.append(("Liveness", "ICMP ping" if lv.method == "icmp" else f"TCP connect to port {lv.port}"))
+    return rows

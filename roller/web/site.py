@@ -1,0 +1,148 @@
+"""
+One resource for everything roller serves over HTTP:
+
+    /api/...              the REST API (roller.web.api)
+    /__heartbeat__, /__lbheartbeat__, /__version__ (any /__*__), /metrics
+                          the API's operational endpoints
+    /static/...           CSS and JavaScript from the top-level static/ dir
+    /events               live job events (Server-Sent Events, roller.web.events)
+    anything else         the dashboard (roller.web.dashboard)
+
+    site = RollerSite(root_resource(api, dashboard, hub), max_body=..., reactor=reactor)
+
+The API and dashboard are Klein apps that route on the whole path, so
+L{root_resource} hands them the request without consuming a segment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any
+
+from twisted.python.filepath import FilePath, InsecurePath
+from twisted.web import resource
+from twisted.web.iweb import IRequest
+
+from roller.web.http import json_error
+
+__all__ = ["root_resource", "StaticFiles"]
+
+#: first path segments that belong to the API
+API_SEGMENTS = frozenset({b"api", b"metrics"})
+
+
+#: the only kinds of file served from static/
+CONTENT_TYPES = {
+    ".css": b"text/css; charset=utf-8",
+    ".js": b"text/javascript; charset=utf-8",
+    ".svg": b"image/svg+xml",
+    ".png": b"image/png",
+    ".ico": b"image/x-icon",
+    ".woff2": b"font/woff2",
+    ".txt": b"text/plain; charset=utf-8",
+}
+MAX_STATIC_BYTES = 4 << 20
+
+
+class StaticFiles(resource.Resource):
+    """
+    Small hand-written assets from one directory: no listings, no dot
+    files, only the types in L{CONTENT_TYPES}, C{ETag} revalidation
+    (C{Cache-Control: no-cache}: never stale after an upgrade).  Files are
+    read whole (they are a few KB) and kept until their mtime or size
+    changes; nothing here uses the global reactor.
+    """
+
+    isLeaf = True
+
+    def __init__(self, directory: str | os.PathLike):
+        super().__init__()
+        self.root = FilePath(os.fspath(directory))
+        self._cache: dict[str, tuple[tuple[float, int], bytes, bytes]] = {}
+
+    def _not_found(self, request: IRequest) -> bytes:
+        return json_error(request, 404, "not_found", "no such static file")
+
+    def render_GET(self, request: IRequest) -> bytes:
+        segments = request.postpath
+        try:
+            names = [s.decode("utf-8") for s in segments]
+        except UnicodeDecodeError:
+            return self._not_found(request)
+        if not names or any(n == "" or n.startswith(".") or "/" in n or "\\" in n for n in names):
+            return self._not_found(request)
+        try:
+            path = self.root.descendant(names)
+        except InsecurePath:
+            return self._not_found(request)
+        ctype = CONTENT_TYPES.get(os.path.splitext(names[-1])[1].lower())
+        if ctype is None or not path.isfile():
+            return self._not_found(request)
+        stat = (path.getModificationTime(), path.getsize())
+        cached = self._cache.get(path.path)
+        if cached is None or cached[0] != stat:
+            if stat[1] > MAX_STATIC_BYTES:
+                return self._not_found(request)
+            body = path.getContent()
+            etag = b'"' + hashlib.sha256(body).hexdigest()[:20].encode() + b'"'
+            cached = (stat, etag, body)
+            self._cache[path.path] = cached
+        _, etag, body = cached
+        request.setHeader(b"Content-Type", ctype)
+        request.setHeader(b"Cache-Control", b"no-cache")
+        request.setHeader(b"X-Content-Type-Options", b"nosniff")
+        request.setHeader(b"ETag", etag)
+        if etag in [t.strip() for t in (request.getHeader(b"if-none-match") or b"").split(b",")]:
+            request.setResponseCode(304)
+            return b""
+        request.setHeader(b"Content-Length", str(len(body)).encode())
+        return body
+
+    def render_HEAD(self, request: IRequest) -> bytes:
+        self.render_GET(request)
+        return b""
+
+
+class _Root(resource.Resource):
+    """
+    Dispatch on the first path segment; the chosen Klein app sees the whole
+    path (the segment is put back before it routes).
+    """
+
+    def __init__(self, api: resource.Resource, dashboard: resource.Resource,
+                 static_files: resource.Resource, events: resource.Resource):
+        super().__init__()
+        self.api = api
+        self.dashboard = dashboard
+        self.static_files = static_files
+        self.events = events
+
+    def getChildWithDefault(self, name: bytes, request: IRequest) -> resource.Resource:
+        if name == b"static":
+            return self.static_files
+        if name == b"events" and not request.postpath:
+            return self.events
+        target = self.api if name in API_SEGMENTS or (name.startswith(b"__") and name.endswith(b"__")) \
+            else self.dashboard
+        # Undo the traversal step: Klein matches request.postpath against its routes.
+        request.postpath.insert(0, request.prepath.pop())
+        return target
+
+    def render(self, request: IRequest) -> bytes:  # only reached for an empty path
+        return self.dashboard.render(request)
+
+
+def root_resource(api: Any, dashboard: Any, hub: Any, *, static_dir: str | os.PathLike | None = None
+                  ) -> resource.Resource:
+    """
+    @param api: the L{roller.web.api.Api}.
+    @param dashboard: the L{roller.web.dashboard.Dashboard}.
+    @param hub: the L{roller.web.events.EventHub} (streams are authorized
+        like dashboard pages).
+    @param static_dir: overrides L{roller.web.dashboard.find_asset_dir}C{("static")}.
+    """
+    from roller.web.dashboard import find_asset_dir
+
+    files = StaticFiles(str(find_asset_dir("static", static_dir)))
+    return _Root(api.app.resource(), dashboard.app.resource(), files, hub.resource(dashboard.authorize))
