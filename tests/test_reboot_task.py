@@ -192,3 +192,26 @@ def test_ssh_reboot_task_alone_does_not_wait():
     ctx, _ = context(clock, host)
     result = outcome(Deferred.fromCoroutine(ssh_reboot.run(ctx, {})))
     assert result == "ssh reboot sent (`reboot` accepted)"
+
+
+def test_ssh_fails_then_next_method_is_verified(monkeypatch):
+    clock = Clock()
+    host = Host(clock, answers={cmd: CommandResult(1, "", "permission denied", None)
+                                for cmd in ssh_reboot.COMMANDS})
+    calls = []
+
+    async def power_cycle(ctx):
+        calls.append(ctx.machine.worker_id)
+        host._reboot()
+        return "chassis power cycle sent"
+
+    monkeypatch.setitem(reboot.METHODS, "ipmi_cycle",
+                        reboot.Method("ipmi_cycle", lambda machine: None, power_cycle))
+    ctx, events = context(clock, host, reboot_methods=("ssh_reboot", "ipmi_cycle"))
+    d = start(ctx)
+    assert host.commands == list(ssh_reboot.COMMANDS)
+    clock.pump([1.0] * 40)
+    assert outcome(d) == "ipmi_cycle: chassis power cycle sent. Completed in 32 seconds"
+    assert calls == ["w1"]
+    outcomes = [(d["method"], d["outcome"]) for _, d in events if "outcome" in d]
+    assert outcomes == [("ssh_reboot", "failed"), ("ipmi_cycle", "succeeded")]
