@@ -53,15 +53,15 @@ import os
 import secrets as _secrets
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+
+from roller.testing.daemon import DaemonProcess, free_udp_port
 
 log = Logger()
 
@@ -149,13 +149,6 @@ def skip_reason(ipmi_sim: str = IPMI_SIM, ipmitool: str = IPMITOOL) -> str | Non
     return None
 
 
-def free_udp_port(host: str = "127.0.0.1") -> int:
-    """A UDP port nobody is bound to right now on C{host}."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 #: An RMCP/ASF presence ping (message tag 0x01).
 _PING = bytes([0x06, 0x00, 0xFF, 0x06, 0x00, 0x00, 0x11, 0xBE, 0x80, 0x01, 0x00, 0x00])
 
@@ -240,7 +233,7 @@ class ChassisControlServer(Factory):
         return ""
 
 
-class IpmiSim:
+class IpmiSim(DaemonProcess):
     """
     One C{ipmi_sim} child process on 127.0.0.1.
 
@@ -260,6 +253,7 @@ class IpmiSim:
     """
 
     host = "127.0.0.1"
+    name = "ipmi_sim"
 
     def __init__(self, *, workdir: str | os.PathLike | None = None, port: int | None = None,
                  username: str = "admin", password: str | None = None, on: bool = False,
@@ -279,10 +273,8 @@ class IpmiSim:
         self.power_state = power
         self.reactor = reactor
         self.reset_down_for = reset_down_for
-        self.process: subprocess.Popen | None = None
         self.control: ChassisControlServer | None = None
         self._listening: Any = None
-        self._log = None
         self.state_dir = self.dir / "state"
         self.config_path = self.dir / "lan.conf"
         self.emu_path = self.dir / "bmc.emu"
@@ -388,12 +380,6 @@ class IpmiSim:
     def clear_calls(self) -> None:
         self.calls_path.write_text("")
 
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return "(no log)"
-
     # -- for roller
 
     def target(self, **overrides: Any) -> Any:
@@ -438,47 +424,12 @@ class IpmiSim:
         self.config_path.write_text(self._config())
         shutil.rmtree(self.state_dir, ignore_errors=True)
         self.state_dir.mkdir()
-        self._close_log()
-        self._log = open(self.log_path, "ab", buffering=0)
-        self.process = subprocess.Popen(
-            [self.ipmi_sim, "-c", str(self.config_path), "-f", str(self.emu_path),
-             "-s", str(self.state_dir), "-n"],
-            stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-            cwd=str(self.dir), start_new_session=True,
-        )
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.process.poll() is not None:
-                raise IpmiSimStartError(f"ipmi_sim exited with status {self.process.returncode}:\n"
-                                        f"{self.log_text()}")
-            if rmcp_ping(self.host, self.port, 0.05):
-                return self
-            if time.monotonic() > deadline:
-                self._kill()
-                raise IpmiSimStartError(f"ipmi_sim did not answer on {self.host}:{self.port} within "
-                                        f"{timeout:g} s:\n{self.log_text()}")
-
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process else None
-
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def _kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-
-    def _close_log(self) -> None:
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        self._spawn([self.ipmi_sim, "-c", str(self.config_path), "-f", str(self.emu_path),
+                     "-s", str(self.state_dir), "-n"], cwd=str(self.dir))
+        # No sleep between probes: the ping itself waits 0.05 s for a pong.
+        return self._wait_ready(lambda: rmcp_ping(self.host, self.port, 0.05), timeout,
+                                IpmiSimStartError, where=f"{self.host}:{self.port}", poll=0,
+                                cleanup=self._kill)
 
     def stop(self, *, remove: bool = True) -> None:
         """

@@ -48,6 +48,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+from roller.testing.daemon import DaemonProcess, free_udp_port
+
 __all__ = [
     "BENCH_OID",
     "SNMPD",
@@ -99,14 +101,6 @@ def skip_reason() -> Optional[str]:
         if not os.access(binary, os.X_OK):
             return f"{binary} is not installed (apt-get install {package})"
     return None
-
-
-def free_udp_port(host: str = "127.0.0.1") -> int:
-    """A UDP port nobody is bound to right now on C{host}."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_DGRAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def agent_credentials() -> dict[str, Any]:
@@ -165,7 +159,7 @@ class SilentAgent:
         self.close()
 
 
-class SnmpAgent:
+class SnmpAgent(DaemonProcess):
     """
     One snmpd child on 127.0.0.1 (and [::1] with C{ipv6=True}).
 
@@ -176,6 +170,7 @@ class SnmpAgent:
     """
 
     host = "127.0.0.1"
+    name = "snmpd"
 
     def __init__(self, *, sys_object_id: str = "1.3.6.1.4.1.8072.3.2.10", settle: float = 0.05,
                  reboot_off: float = 0.2, pdus: bool = True, ipv6: bool = False,
@@ -190,8 +185,6 @@ class SnmpAgent:
         self.dir = Path(workdir or tempfile.mkdtemp(prefix="roller-snmpd-"))
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_udp_port(self.host)
-        self.process: Optional[subprocess.Popen] = None
-        self._log: Any = None
         self.config_path = self.dir / "snmpd.conf"
         self.log_path = self.dir / "snmpd.log"
         self.pid_path = self.dir / "snmpd.pid"
@@ -292,28 +285,12 @@ class SnmpAgent:
         self.state_dir.mkdir(parents=True)
         self.persist_dir.mkdir(parents=True)
         self.config_path.write_text(self._config())
-        self._close_log()
-        self._log = open(self.log_path, "ab", buffering=0)
         env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "SNMP_PERSISTENT_DIR": str(self.persist_dir),
                "MIBS": "", "HOME": str(self.dir)}
-        self.process = subprocess.Popen(
-            [self.snmpd, "-f", "-C", "-c", str(self.config_path), "-p", str(self.pid_path),
-             "-Lf", str(self.log_path), "-M", "/dev/null"],
-            stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=env,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.process.poll() is not None:
-                raise SnmpdStartError(f"snmpd exited with status {self.process.returncode}:\n"
-                                      f"{self.log_text()}")
-            if self._answers():
-                return self
-            if time.monotonic() > deadline:
-                self.stop()
-                raise SnmpdStartError(f"snmpd did not answer on {self.host}:{self.port} within "
-                                      f"{timeout:g} s:\n{self.log_text()}")
-            time.sleep(0.02)
+        self._spawn([self.snmpd, "-f", "-C", "-c", str(self.config_path), "-p", str(self.pid_path),
+                     "-Lf", str(self.log_path), "-M", "/dev/null"], env=env)
+        return self._wait_ready(self._answers, timeout, SnmpdStartError,
+                                where=f"{self.host}:{self.port}")
 
     def _answers(self) -> bool:
         r = subprocess.run([SNMPGET, "-v2c", "-c", READ_COMMUNITY, "-t", "0.2", "-r", "0", "-On",
@@ -321,23 +298,9 @@ class SnmpAgent:
                            capture_output=True, text=True, env={"MIBS": "", "PATH": "/usr/bin:/bin"})
         return r.returncode == 0 and self.sys_object_id in r.stdout
 
-    @property
-    def pid(self) -> Optional[int]:
-        return self.process.pid if self.process else None
-
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
     def stop(self) -> None:
         """Kill snmpd by PID (its pass_persist children get EOF and exit)."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        self._kill()
         self._close_log()
 
     def pause(self) -> None:
@@ -349,22 +312,11 @@ class SnmpAgent:
         if self.running:
             os.kill(self.process.pid, signal.SIGCONT)
 
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return "(no log)"
-
     def close(self) -> None:
         self.resume()
         self.stop()
         if self._own_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
-
-    def _close_log(self) -> None:
-        if self._log is not None:
-            self._log.close()
-            self._log = None
 
     def __enter__(self) -> "SnmpAgent":
         return self.start()

@@ -55,11 +55,10 @@ import signal
 import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 from typing import Iterable, NamedTuple
 
-from roller.testing.process import free_port
+from roller.testing.daemon import DaemonProcess, free_port
 
 __all__ = [
     "SSHD",
@@ -181,7 +180,7 @@ def _write(path: Path, text: str, mode: int = 0o644) -> None:
     os.replace(tmp, path)
 
 
-class SshServer:
+class SshServer(DaemonProcess):
     """
     One sshd child process on 127.0.0.1.
 
@@ -193,6 +192,7 @@ class SshServer:
     """
 
     host = "127.0.0.1"
+    name = "sshd"
 
     def __init__(self, *, workdir: str | os.PathLike | None = None, port: int | None = None,
                  extra_config: Iterable[str] = (), sshd: str = SSHD):
@@ -204,8 +204,6 @@ class SshServer:
         self._port_given = port is not None
         self.port = port or free_port(self.host)
         self.extra_config = list(extra_config)
-        self.process: subprocess.Popen | None = None
-        self._log = None
         if os.geteuid() == 0:
             entry = _ensure_user(TEST_USER)
         else:
@@ -294,12 +292,6 @@ class SshServer:
             return False
         return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
 
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return "(no log)"
-
     def known_hosts_line(self) -> str:
         """This server's known_hosts line (C{[127.0.0.1]:PORT ssh-ed25519 AAAA...})."""
         key_type, b64 = self.host_public_key.split()[:2]
@@ -355,25 +347,9 @@ class SshServer:
 
     def _start(self, timeout: float) -> "SshServer":
         _write(self.config_path, self._config())
-        self._close_log()
-        self._log = open(self.log_path, "ab", buffering=0)
-        self.process = subprocess.Popen(
-            [self.sshd, "-D", "-e", "-f", str(self.config_path)],
-            stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.process.poll() is not None:
-                raise SshdStartError(f"sshd exited with status {self.process.returncode}:\n"
-                                     f"{self.log_text()}")
-            if self._banner():
-                return self
-            if time.monotonic() > deadline:
-                self.stop()
-                raise SshdStartError(f"sshd did not answer on {self.host}:{self.port} within "
-                                     f"{timeout:g} s:\n{self.log_text()}")
-            time.sleep(0.01)
+        self._spawn([self.sshd, "-D", "-e", "-f", str(self.config_path)])
+        return self._wait_ready(self._banner, timeout, SshdStartError,
+                                where=f"{self.host}:{self.port}", poll=0.01)
 
     def _banner(self) -> bool:
         try:
@@ -382,23 +358,9 @@ class SshServer:
         except OSError:
             return False
 
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process else None
-
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
     def stop(self) -> None:
         """Kill sshd (by PID) and any session it left behind; remove the directory."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        self._kill()
         # Sessions outlive the listener; end those still running (their
         # PIDs were recorded by our ForceCommand, which they run).
         try:
@@ -425,11 +387,6 @@ class SshServer:
         self.stop()
         if self._own_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
-
-    def _close_log(self) -> None:
-        if self._log is not None:
-            self._log.close()
-            self._log = None
 
     def __enter__(self) -> "SshServer":
         return self.start()

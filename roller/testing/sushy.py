@@ -41,18 +41,17 @@ import json
 import os
 import re
 import shutil
-import signal
 import ssl
-import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 import uuid as uuidlib
 from base64 import b64encode
 from pathlib import Path
 from typing import Any, Iterable, Mapping
+
+from roller.testing.daemon import DaemonProcess, free_port
 
 __all__ = [
     "SushyEmulator",
@@ -87,14 +86,6 @@ def skip_reason() -> str | None:
     except ImportError:
         return "bcrypt is not installed (it comes with sushy-tools)"
     return None
-
-
-def free_port(host: str = HOST) -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def fake_system(name: str, power_state: str = "On", uuid: str | None = None) -> dict:
@@ -188,7 +179,7 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _ACCESS = re.compile(r'"([A-Z]+) (\S+) HTTP/[0-9.]+" (\d{3})')
 
 
-class SushyEmulator:
+class SushyEmulator(DaemonProcess):
     """
     One sushy-emulator child process on 127.0.0.1.
 
@@ -204,6 +195,7 @@ class SushyEmulator:
     """
 
     host = HOST
+    name = "sushy-emulator"
 
     def __init__(self, systems: Iterable[Mapping[str, Any]] | None = None, *,
                  users: Mapping[str, str] | None = None, tls: bool = False, delay: int = 0,
@@ -228,8 +220,6 @@ class SushyEmulator:
         self.key_file: str | None = None
         if tls:
             self.ca_file, self.cert_file, self.key_file = make_tls_files(self.dir / "tls")
-        self.process: subprocess.Popen | None = None
-        self._log: Any = None
         self.set_delay(delay)
 
     # -- addresses and identities
@@ -288,60 +278,27 @@ class SushyEmulator:
 
     def _start(self, timeout: float) -> "SushyEmulator":
         self._write_files()
-        self._close_log()
-        self._log = open(self.log_path, "ab", buffering=0)
         env = {k: v for k, v in os.environ.items() if not k.startswith("SUSHY_")}
         env["PYTHONUNBUFFERED"] = "1"
         env["NO_COLOR"] = "1"
-        self.process = subprocess.Popen(
-            [self.executable, "--config", str(self.config_path)],
-            stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-            cwd=self.dir, env=env, start_new_session=True,
-        )
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.process.poll() is not None:
-                raise SushyStartError(f"sushy-emulator exited with status {self.process.returncode}:\n"
-                                      f"{self.log_text()}")
-            try:
-                if self.get("/redfish/v1/", auth=False, timeout=1)[0] == 200:
-                    return self
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise SushyStartError(f"sushy-emulator did not answer on {self.url} within "
-                                      f"{timeout:g} s:\n{self.log_text()}")
-            time.sleep(0.02)
+        self._spawn([self.executable, "--config", str(self.config_path)], cwd=self.dir, env=env)
+        return self._wait_ready(self._answers, timeout, SushyStartError, where=self.url)
 
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process else None
-
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
+    def _answers(self) -> bool:
+        try:
+            return self.get("/redfish/v1/", auth=False, timeout=1)[0] == 200
+        except OSError:
+            return False
 
     def stop(self) -> None:
         """Stop the emulator (SIGTERM, then SIGKILL), by its PID."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        self._kill()
         self._close_log()
 
     def close(self) -> None:
         self.stop()
         if self._own_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
-
-    def _close_log(self) -> None:
-        if self._log is not None:
-            self._log.close()
-            self._log = None
 
     def __enter__(self) -> "SushyEmulator":
         return self.start()
