@@ -12,7 +12,9 @@ daemon (settings resolved the same way: --config, ROLLER_*, options).
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
+import os
 import sys
 from typing import Any, Sequence
 
@@ -25,7 +27,7 @@ from roller.jobs import JobEvent, State, iso
 from roller.legacy_import import ImportFormatError, plan_import
 from roller.queue import JobQueue
 from roller.secrets import SecretsError, load_secrets, write_secrets
-from roller.store import Store, StoreError, open_store
+from roller.store import AuditEntry, Store, StoreError, open_store
 from roller.tasks import builtin_tasks
 
 
@@ -64,6 +66,11 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("simulate", help="run a fleet of simulated machines (SSH servers that really reboot); "
                                     "see `roller simulate --help`")
 
+    a = sub.add_parser("audit", help="the audit log, newest first")
+    a.add_argument("--target", help="only entries about GROUP/WORKER_ID")
+    a.add_argument("--limit", type=int, default=50)
+    a.add_argument("--json", action="store_true")
+
     j = sub.add_parser("jobs", help="list jobs, newest first")
     j.add_argument("--state", help="comma-separated states: " + ",".join(s.value for s in State))
     j.add_argument("--worker")
@@ -75,6 +82,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(args.config, None, {"database.path": args.db, "state_dir": args.state_dir})
+
+
+def _cli_actor() -> str:
+    try:
+        return f"cli:{getpass.getuser()}"
+    except Exception:  # no user name for this uid
+        return f"cli:uid-{os.getuid()}"
 
 
 def _param(text: str) -> tuple[str, Any]:
@@ -148,6 +162,12 @@ async def cmd_import(reactor: Any, settings: Settings, args: argparse.Namespace,
             if plan.credentials:
                 write_secrets(settings.secrets_file, merged)
             await store.machines.put_many(list(plan.machines()))
+            await store.audit.add(AuditEntry(
+                time=reactor.seconds(), actor=_cli_actor(), action="machines.import", target=None,
+                params={"file": os.path.basename(args.file), "group": args.group, "counts": plan.counts(),
+                        "credentials": sorted(plan.credentials)},
+                result=plan.summary(),
+            ))
         if args.json:
             out.write(json.dumps(plan.to_json(), indent=2) + "\n")
         else:
@@ -200,7 +220,23 @@ async def cmd_jobs(reactor: Any, settings: Settings, args: argparse.Namespace, o
     return await _with_store(reactor, settings, go)
 
 
-COMMANDS = {"run": cmd_run, "import": cmd_import, "machines": cmd_machines, "jobs": cmd_jobs}
+async def cmd_audit(reactor: Any, settings: Settings, args: argparse.Namespace, out: Any) -> int:
+    async def go(store: Store) -> int:
+        entries = await store.audit.list(target=args.target, limit=args.limit)
+        if args.json:
+            out.write(json.dumps([e.to_json() for e in entries], indent=2) + "\n")
+            return 0
+        for e in entries:
+            out.write(f"{iso(e.time)}  {e.actor:<24} {e.source_ip or '-':<15} {e.action:<22} "
+                      f"{e.target or '-':<32} {e.result}\n")
+        out.write(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}\n")
+        return 0
+
+    return await _with_store(reactor, settings, go)
+
+
+COMMANDS = {"run": cmd_run, "import": cmd_import, "machines": cmd_machines, "jobs": cmd_jobs,
+            "audit": cmd_audit}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

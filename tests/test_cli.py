@@ -87,3 +87,16 @@ def test_errors_are_one_line(tmp_path):
     env_bad = roller(tmp_path / "state", "--config", str(tmp_path / "nope.toml"), "machines")
     assert env_bad.returncode == 2 and "does not exist" in env_bad.stderr
     assert all("Traceback" not in x for x in (r.stderr, env_bad.stderr))
+
+
+def test_audit_lists_imports_and_jobs(tmp_path):
+    state = tmp_path / "state"
+    (tmp_path / "wc.json").write_text(json.dumps({"servers": {"lo1": {"ip": "127.0.0.1"}}}))
+    assert roller(state, "import", str(tmp_path / "wc.json"), "--group", "g").returncode == 0
+    r = roller(state, "audit", "--json")
+    assert r.returncode == 0, r.stderr
+    (entry,) = json.loads(r.stdout)
+    assert entry["action"] == "machines.import" and entry["actor"].startswith("cli:")
+    assert entry["params"]["counts"]["imported"] == 1 and entry["params"]["file"] == "wc.json"
+    r = roller(state, "audit")
+    assert "machines.import" in r.stdout and r.stdout.rstrip().endswith("1 entry")

@@ -345,6 +345,20 @@ class Api:
         next_before = jobs[-1].seq if len(jobs) == limit else None
         return _json(request, {"jobs": [j.to_json() for j in live], "next_before": next_before})
 
+    # -- audit
+
+    @app.route("/api/v1/audit", methods=["GET"])
+    async def list_audit(self, request: IRequest) -> bytes:
+        self._cors(request)
+        target = _arg(request, "target")
+        limit = _int_arg(request, "limit", 100, 1, 1000)
+        before = _arg(request, "before")
+        before_id = _int_arg(request, "before", 0, 1, 2**62) if before else None
+        await self._authorize(request, self.scope_prefix + "audit:read")
+        entries = await self.store.audit.list(target=target, before=before_id, limit=limit)
+        next_before = entries[-1].id if len(entries) == limit else None
+        return _json(request, {"entries": [e.to_json() for e in entries], "next_before": next_before})
+
     # -- tasks
 
     @app.route("/api/v1/tasks", methods=["GET"])

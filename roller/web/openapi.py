@@ -577,6 +577,20 @@ def _task_schemas() -> dict[str, Schema]:
             "params": {"type": "object", "additionalProperties": _ref("TaskParam")},
         }, ["name", "description", "destructive", "timeout_s", "allowed", "params"]),
         "TaskList": _object({"tasks": {"type": "array", "items": _ref("Task")}}, ["tasks"]),
+        "AuditEntry": _object({
+            "id": {"type": "integer"},
+            "time": {"type": "string", "format": "date-time"},
+            "actor": {"type": "string", "description": "Client id or user."},
+            "source_ip": _nullable({"type": "string"}),
+            "action": {"type": "string", "description": "e.g. `job.create:reboot`, `job.cancel`, `machine.put`."},
+            "target": _nullable({"type": "string", "description": "`worker_group/worker_id`."}),
+            "params": {"description": "What was asked, without secrets."},
+            "result": {"type": "string"},
+        }, ["id", "time", "actor", "source_ip", "action", "target", "params", "result"]),
+        "AuditList": _object({
+            "entries": {"type": "array", "items": _ref("AuditEntry")},
+            "next_before": _nullable({"type": "integer", "description": "Cursor for the next page."}),
+        }, ["entries", "next_before"]),
     }
 
 
@@ -737,6 +751,21 @@ def openapi_document(tasks: Any, allowed: tuple[str, ...], version: str) -> dict
             ),
             "options": _preflight("preflightJob", [_param("task_id", "path", {"type": "string"},
                                                           "The job's id (not validated by the preflight).")]),
+        },
+        "/api/v1/audit": {
+            "get": _op(
+                "listAudit", "The audit log, newest first", "audit",
+                {"200": _json_response("A page of audit entries.", _ref("AuditList")),
+                 **_errors("400", "401", "403", "503")},
+                parameters=[
+                    _param("target", "query", {"type": "string"}, "Only entries about this `worker_group/worker_id`."),
+                    _int_query("limit", 1, 1000, 100, "Page size"),
+                    _int_query("before", 1, 2**62, None, "Entries older than this cursor (`next_before`)"),
+                ],
+                secured=True,
+                description="Every mutating action: who, from where, what, on what, with which result. "
+                            "Scope: `<prefix>audit:read`.",
+            ),
         },
         "/api/v1/tasks": {
             "get": _op("listTasks", "The tasks roller knows", "tasks",
