@@ -1044,6 +1044,25 @@ def test_mutations_write_audit_entries(env: Env) -> None:
     assert times == sorted(times)
 
 
+def test_audit_api_needs_its_scope_and_pages(env: Env) -> None:
+    env.use(ScopedAuthenticator("relops/alice", ("*",)))
+    job_id = env.post(tc_url("m1", "g1", "task_name=reboot")).json()["task_id"]
+    env.delete(f"/api/v1/jobs/{job_id}")
+    env.post("/api/v1/machines", json_body={"worker_id": "a1", "worker_group": "gx"})
+    r = env.get("/api/v1/audit?limit=2")
+    assert r.code == 200
+    page = r.json()
+    assert [e["action"] for e in page["entries"]] == ["machine.create", "job.cancel"]
+    assert page["entries"][0]["actor"] == "relops/alice"
+    older = env.get(f"/api/v1/audit?before={page['next_before']}").json()
+    assert [e["action"] for e in older["entries"]] == ["job.create:reboot"] and older["next_before"] is None
+    only = env.get("/api/v1/audit?target=g1/m1").json()
+    assert [e["action"] for e in only["entries"]] == ["job.cancel", "job.create:reboot"]
+    env.use(ScopedAuthenticator("sheriff", ("project:releng:roller:reboot",)))
+    r = env.get("/api/v1/audit")
+    assert r.code == 403 and "project:releng:roller:audit:read" in r.json()["message"]
+
+
 def test_audit_time_comes_from_the_injected_clock(env: Env) -> None:
     env.clock.advance(1234.5)
     env.submit("reboot", "m1")
