@@ -84,6 +84,10 @@ class JobQueue:
         self._listeners: list[Listener] = []
         self._arrival = 0
 
+    def set_secrets(self, secrets: Any) -> None:
+        """Use these secrets for jobs started from now on (SIGHUP reload)."""
+        self._secrets = secrets
+
     # -- observation
 
     def subscribe(self, listener: Listener) -> Callable[[], None]:

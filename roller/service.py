@@ -24,7 +24,7 @@ from roller.demo import seed_demo_fleet, start_demo_fleet
 from roller.drivers.registry import make_drivers
 from roller.logs import observer_for
 from roller.queue import JobQueue, QueueLimits
-from roller.secrets import Secrets, load_secrets
+from roller.secrets import Secrets, SecretsError, load_secrets
 from roller.store import Store, open_store
 from roller.tasks import builtin_tasks
 from roller.web.api import Api
@@ -99,6 +99,7 @@ class RollerService(MultiService):
         self.demo: Any = None
         self.drivers: Any = None
         self.hub: EventHub | None = None
+        self.api: Api | None = None
         self._refresh: LoopingCall | None = None
         self.failed = False
 
@@ -134,7 +135,7 @@ class RollerService(MultiService):
         self._refresh.clock = self.reactor
         self._refresh.start(INVENTORY_REFRESH_S, now=False)
         self.authenticator = make_authenticator(s, self.reactor, self.secrets)
-        api = Api(
+        self.api = api = Api(
             store=self.store, queue=self.queue, tasks=tasks, authenticator=self.authenticator,
             allowed_tasks=s.allowed_tasks, scope_prefix=s.scope_prefix, cors_origins=s.cors_origins,
             clock=self.reactor, trusted_proxies=s.trusted_proxies,
@@ -169,6 +170,29 @@ class RollerService(MultiService):
                 log.info("Inventory changed by another process: reloaded")
         except Exception:
             log.failure("Could not refresh the inventory")
+
+    def reload_secrets(self) -> bool:
+        """
+        Read the secrets file again (SIGHUP): new jobs and, in local mode,
+        new requests use it.  A refused file (readable by others, invalid)
+        keeps the secrets in force and logs why; True if reloaded.
+        """
+        try:
+            secrets = load_secrets(self.settings.secrets_file)
+        except SecretsError as e:
+            log.error("Secrets not reloaded, keeping the ones in force: {why}", why=str(e))
+            return False
+        if self.demo is not None:
+            secrets = secrets.merged(self.demo.secrets.as_dict(), replace=True)
+        self.secrets = secrets
+        if self.queue is not None:
+            self.queue.set_secrets(secrets)
+        if self.api is not None:
+            self.authenticator = make_authenticator(self.settings, self.reactor, secrets)
+            self.api.authenticator = self.authenticator
+        log.info("Secrets reloaded from {path}: {count} credential(s), {clients} Hawk client(s)",
+                 path=self.settings.secrets_file, count=len(secrets.names()), clients=len(secrets.clients))
+        return True
 
     def _failed(self, failure: Any) -> None:
         log.critical("roller could not start: {why}", why=failure.getErrorMessage())

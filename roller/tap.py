@@ -7,6 +7,7 @@ With C{roller.tac}, the only place that picks the global reactor.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import Any
 
@@ -89,4 +90,6 @@ def makeService(options: Options) -> RollerService:
             os._exit(1)
 
     reactor.addSystemEventTrigger("after", "shutdown", exit_if_failed)
+    # SIGHUP: read the secrets file again, on the reactor thread
+    signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(service.reload_secrets))
     return service

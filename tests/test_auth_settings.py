@@ -234,3 +234,23 @@ async def test_service_taskcluster_mode(tmp_path: Any) -> None:
         await port.stopListening()
     principal = Principal("c", ("*",), expires="3000-01-01T00:00:00.000Z")
     assert principal.expires == "3000-01-01T00:00:00.000Z"
+
+
+@pytest_twisted.ensureDeferred
+async def test_secrets_reload_rotates_a_token(tmp_path: Any) -> None:
+    service, base = await _service(tmp_path, auth_mode="local")
+    new_token = "tok-Rotated-0123456789abcdef"
+    try:
+        assert (await _submit(base, new_token))[0] == 401
+        # a file others may read is refused: the secrets in force stay
+        path = write(tmp_path, CLIENTS_TOML.replace(TOKEN, new_token))
+        os.chmod(path, 0o644)
+        assert service.reload_secrets() is False
+        assert (await _submit(base))[0] == 201
+        os.chmod(path, 0o600)
+        assert service.reload_secrets() is True
+        code, body = await _submit(base, new_token)
+        assert code in (200, 201), body
+        assert (await _submit(base))[0] == 401
+    finally:
+        await service.stopService()
