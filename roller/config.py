@@ -172,7 +172,7 @@ KEYS: dict[str, tuple[str, Callable[[Any, bool], Any], Any]] = {
     "queue.endpoint_max_running": ("endpoint_max_running", _int(1, 1000), 1),
     "queue.endpoint_min_interval": ("endpoint_min_interval", _float(0), 0.0),
     "tasks.allowed": ("allowed_tasks", _str_list, (
-        "ping", "ssh_reboot", "reboot", "redfish_reboot", "xenapi_reboot",
+        "ping", "ssh_reboot", "reboot", "reimage", "redfish_reboot", "xenapi_reboot",
         "ipmi_on", "ipmi_off", "ipmi_cycle", "ipmi_reset", "ipmi_status", "ipmi_list",
         "snmp_reboot", "power_on", "power_off", "power_cycle", "power_status")),
     "tasks.timeouts": ("task_timeouts", _timeouts, {}),

@@ -7,9 +7,11 @@ really stop listening while "down".  Short simulated delays keep it quick.
 from __future__ import annotations
 
 import json
+import os
 import socket
 from typing import Any
 
+import pytest
 import pytest_twisted
 import treq
 from attrs import evolve
@@ -17,8 +19,9 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
 from roller.config import load_settings
-from roller.inventory import Machine
-from roller.secrets import load_secrets, write_secrets
+from roller.inventory import IpmiAccess, Machine
+from roller.testing import ipmisim
+from roller.secrets import Credential, load_secrets, write_secrets
 from roller.service import RollerService
 from roller.testing.fleet import Fleet
 
@@ -56,14 +59,15 @@ class Harness:
             await deferLater(reactor, 0.05, lambda: None)
 
 
-async def start(tmp_path, count: int, overrides: dict | None = None, **settings: Any) -> Harness:
+async def start(tmp_path, count: int, overrides: dict | None = None, extra_credentials: dict | None = None,
+                **settings: Any) -> Harness:
     base = "127.0.4."
     fleet = Fleet(reactor, count, base, _free_port(base + "1"), reboot_delay=0.1, down_for=0.6,
                   overrides=overrides)
     await fleet.start()
     files = fleet.write_client_files(str(tmp_path / "fleet"))
     secrets_file = tmp_path / "secrets.toml"
-    write_secrets(secrets_file, load_secrets(files.secrets))
+    write_secrets(secrets_file, {**load_secrets(files.secrets).as_dict(), **(extra_credentials or {})})
     s = load_settings(None, {}, {"auth.mode": "none", "server.listen": "tcp:0:interface=127.0.0.1",
                                  "state_dir": str(tmp_path / "state")})
     s = evolve(s, secrets_file=str(secrets_file), ssh_known_hosts=files.known_hosts_openssh,
@@ -168,4 +172,34 @@ async def test_many_machines_rebooted_at_once(tmp_path):
         assert [j["state"] for j in jobs] == ["succeeded"] * count
         assert all([e for _, e in m.power.transitions()] == ["down", "up"] for m in h.fleet.machines)
     finally:
+        await stop(h)
+
+
+@pytest_twisted.ensureDeferred
+async def test_reimage_sets_pxe_and_cycles_through_a_real_bmc(tmp_path):
+    sim_skip = ipmisim.skip_reason()
+    if sim_skip:
+        pytest.skip(sim_skip)
+    h = await start(tmp_path, 1, extra_credentials={"bmc": Credential(
+        name="bmc", kind="password", username="admin", password="bmc-" + os.urandom(4).hex())},
+        ipmi_min_interval=0.0, ipmi_retry_delay=0.05, ipmi_power_wait=5.0, ipmi_power_poll=0.1, ipmi_timeout=5.0)
+    machine = h.fleet.machine("sim-001")
+    password = load_secrets(h.service.settings.secrets_file).get("bmc").password
+    bmc = ipmisim.IpmiSim(workdir=tmp_path / "bmc", power=machine.power, reactor=reactor, password=password)
+    bmc.start()
+    try:
+        m = await h.service.store.machines.get("sim", "sim-001")
+        await h.service.store.machines.put(m.replace(ipmi=IpmiAccess(host="127.0.0.1", port=bmc.port,
+                                                                     credential="bmc")))
+        created = await h.post("sim-001", task="reimage")
+        job = await h.wait(created["task_id"])
+        assert job["state"] == "succeeded", job
+        assert job["result"].startswith("ipmi: PXE boot set and ipmi power cycle sent")
+        steps = [e["message"] for e in job["events"] if e["message"].startswith("step ")]
+        assert [m.split(":")[0] for m in steps] == ["step 1/3", "step 2/3", "step 3/3"]
+        assert bmc.boot_device == "pxe"
+        assert [e for _, e in machine.power.transitions()][:2] == ["down", "up"]
+        assert password not in json.dumps(job)
+    finally:
+        bmc.stop()
         await stop(h)
