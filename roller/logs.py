@@ -57,9 +57,17 @@ class JsonLinesObserver:
         self._out.flush()
 
 
+# Libraries that narrate every connection at info level: one reboot of a
+# thousand machines would otherwise log tens of thousands of lines.
+QUIET_NAMESPACES = ("twisted.conch", "twisted.internet.endpoints", "roller.testing.fleet")
+
+
 def observer_for(fmt: str, out: IO[str], level: LogLevel = LogLevel.info) -> ILogObserver:
     base = JsonLinesObserver(out) if fmt == "json" else textFileLogObserver(out)
-    return FilteringLogObserver(base, [LogLevelFilterPredicate(defaultLogLevel=level)])
+    predicate = LogLevelFilterPredicate(defaultLogLevel=level)
+    for namespace in QUIET_NAMESPACES:
+        predicate.setLogLevelForNamespace(namespace, LogLevel.warn)
+    return FilteringLogObserver(base, [predicate])
 
 
 def observer() -> ILogObserver:

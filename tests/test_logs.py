@@ -40,3 +40,13 @@ def test_twistd_logger_factory_filters_debug(monkeypatch, capsys):
     log.info("signal {n}", n=1)
     (line,) = capsys.readouterr().out.splitlines()
     assert json.loads(line)["message"] == "signal 1"
+
+
+def test_chatty_library_namespaces_only_warn(capsys):
+    out = io.StringIO()
+    pub = LogPublisher(observer_for("text", out))
+    Logger(namespace="twisted.conch.ssh.transport", observer=pub).info("kex alg=curve25519")
+    Logger(namespace="twisted.conch.ssh.transport", observer=pub).warn("host key mismatch")
+    Logger(namespace="roller.queue", observer=pub).info("job queued")
+    text = out.getvalue()
+    assert "kex alg" not in text and "host key mismatch" in text and "job queued" in text

@@ -135,6 +135,22 @@ class KnownHostsTests(SynchronousTestCase):
     def test_missing_file_is_unknown(self) -> None:
         self.assertEqual(self.lookup("127.0.0.1").status, kh.UNKNOWN)
 
+    def test_edits_take_effect_on_the_next_lookup(self) -> None:
+        """The parsed file is kept, but an edit (another size or mtime) is seen at once."""
+        self.path.write_text(_line("127.0.0.1", self.key))
+        self.assertEqual(self.lookup("127.0.0.1").status, kh.KNOWN)
+        self.assertEqual(self.lookup("127.0.0.2").status, kh.UNKNOWN)
+        self.path.write_text(_line("127.0.0.1", self.other) + "\n" + _line("127.0.0.2", self.key) + "\n")
+        self.assertEqual(self.lookup("127.0.0.1").status, kh.CHANGED)
+        self.assertEqual(self.lookup("127.0.0.2").status, kh.KNOWN)
+        self.path.unlink()
+        self.assertEqual(self.lookup("127.0.0.2").status, kh.UNKNOWN)
+
+    def test_wildcards_still_match_among_literal_lines(self) -> None:
+        self.path.write_text(_line("10.0.0.1", self.other) + "\n" + _line("127.0.0.*", self.key) + "\n")
+        self.assertEqual(self.lookup("127.0.0.9").status, kh.KNOWN)
+        self.assertEqual(self.lookup("10.0.0.1", key=self.key).status, kh.CHANGED)
+
     def test_ports_are_distinct(self) -> None:
         """
         C{[HOST]:PORT} lines are per port, and a bare C{HOST} line is port

@@ -53,6 +53,7 @@ accept-new) and the errors operators see are in L{roller.drivers.ssh}.
 from __future__ import annotations
 
 import base64
+import functools
 import binascii
 import fcntl
 import hashlib
@@ -117,6 +118,7 @@ def _pattern_matches(pattern: str, name: str) -> bool:
     return _glob(pattern.lower()).fullmatch(name) is not None
 
 
+@functools.lru_cache(maxsize=4096)
 def _glob(pattern: str) -> "re.Pattern[str]":
     """OpenSSH host patterns: C{*} and C{?} are wildcards, all else literal (C{[} too)."""
     return re.compile("".join(".*" if c == "*" else "." if c == "?" else re.escape(c)
@@ -251,17 +253,49 @@ def parse_text(text: str, path: str = "known_hosts") -> list[KnownHostEntry]:
     return entries
 
 
+@frozen
+class _Parsed:
+    """A file's lines as parsed at one identity, literal patterns indexed."""
+
+    ident: tuple[int, int, int, int]
+    entries: tuple[KnownHostEntry, ...]
+    literal: dict[str, list[KnownHostEntry]]
+    other: tuple[KnownHostEntry, ...]  # wildcard, negated or hashed patterns: always scanned
+
+    @classmethod
+    def of(cls, ident: tuple[int, int, int, int], entries: list[KnownHostEntry]) -> "_Parsed":
+        literal: dict[str, list[KnownHostEntry]] = {}
+        other = []
+        for e in entries:
+            if all(not (set(p) & set("*?!|")) for p in e.patterns):
+                for p in e.patterns:
+                    literal.setdefault(p.lower(), []).append(e)
+            else:
+                other.append(e)
+        return cls(ident, tuple(entries), literal, tuple(other))
+
+    def candidates(self, name: str) -> list[KnownHostEntry]:
+        """The lines that may match C{name}, in file order."""
+        found = self.literal.get(name.lower(), [])
+        if not self.other:
+            return found
+        return sorted([*found, *self.other], key=lambda e: e.line_number)
+
+
 class KnownHosts:
     """
-    One known_hosts file.  Holds no state but its path: every lookup reads
-    the file afresh, so an operator's edit takes effect on the next
-    connection.
+    One known_hosts file.  Every lookup checks the file's identity (one
+    C{stat}: device, inode, mtime, size), so an operator's edit takes effect
+    on the next connection; the parsed lines are kept until it changes,
+    with literal host patterns indexed (a fleet of thousands of hosts costs
+    a dict lookup per handshake, not a parse).
 
     @ivar path: The file.
     """
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
+        self._parsed: _Parsed | None = None
 
     def __repr__(self) -> str:
         return f"KnownHosts({self.path!r})"
@@ -269,18 +303,29 @@ class KnownHosts:
     def exists(self) -> bool:
         return os.path.exists(self.path)
 
+    def _current(self) -> "_Parsed | None":
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        ident = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+        if self._parsed is None or self._parsed.ident != ident:
+            try:
+                with open(self.path, "rb") as f:
+                    data = f.read()
+            except FileNotFoundError:
+                return None
+            self._parsed = _Parsed.of(ident, parse_text(data.decode("utf-8", "replace"), self.path))
+        return self._parsed
+
     def entries(self) -> list[KnownHostEntry]:
         """
         The parsed lines; none if the file does not exist.
 
         @raise OSError: It exists but cannot be read.
         """
-        try:
-            with open(self.path, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            return []
-        return parse_text(data.decode("utf-8", "replace"), self.path)
+        parsed = self._current()
+        return [] if parsed is None else list(parsed.entries)
 
     def lookup(self, host: str, port: int, key_type: str, blob: bytes) -> Lookup:
         """
@@ -288,7 +333,9 @@ class KnownHosts:
 
         @raise OSError: The file exists but cannot be read.
         """
-        return lookup_in(self.entries(), host_name(host, port), key_type, blob)
+        name = host_name(host, port)
+        parsed = self._current()
+        return lookup_in(() if parsed is None else parsed.candidates(name), name, key_type, blob)
 
     def add(self, host: str, port: int, key_type: str, blob: bytes, comment: str = "") -> Lookup:
         """

@@ -533,7 +533,9 @@ class TcpConnect:
         d: Deferred[LivenessResult] = Deferred(cancel)
         started = self.reactor.seconds()
         say(f"connecting to {where}")
-        attempt = self.endpoint(address).connect(Factory.forProtocol(Protocol))
+        factory = Factory.forProtocol(Protocol)
+        factory.noisy = False  # no "Starting factory" line per probe
+        attempt = self.endpoint(address).connect(factory)
 
         def connected(protocol: Protocol) -> LivenessResult:
             protocol.transport.loseConnection()
