@@ -183,6 +183,7 @@ KEYS: dict[str, tuple[str, Callable[[Any, bool], Any], Any]] = {
     "ssh.host_key_policy": ("ssh_host_key_policy", _choice("strict", "accept-new"), "strict"),
     "ssh.connect_timeout": ("ssh_connect_timeout", _float(0.1), 15.0),
     "ssh.command_timeout": ("ssh_command_timeout", _float(0.1), 60.0),
+    "ssh.max_sessions": ("ssh_max_sessions", _int(1, 10_000), 100),
     "reboot.methods": ("reboot_methods", _str_list, (
         "ssh_reboot", "ipmi_reset", "ipmi_cycle", "snmp_reboot", "redfish_reboot", "xenapi_reboot",
         "file_bugzilla_bug")),
@@ -253,6 +254,7 @@ class Settings:
     ssh_host_key_policy: str
     ssh_connect_timeout: float
     ssh_command_timeout: float
+    ssh_max_sessions: int
     reboot_methods: tuple[str, ...]
     ipmi_ipmitool: str
     ipmi_credential: str

@@ -459,6 +459,34 @@ class MemoryReactorRunTests(SynchronousTestCase):
         self.assertTrue(self.reactor.connectors[0].stoppedConnecting)
         self.assertEqual(self.reactor.getDelayedCalls(), [])
 
+    def test_sessions_beyond_the_limit_wait_for_a_slot(self) -> None:
+        """The connect timeout of a waiting run starts only when it gets its slot."""
+        shell = ConchShell(self.reactor, self.dir / "known_hosts", connect_timeout=5.0, max_sessions=2)
+        first, second = shell.run(self.target, "reboot"), shell.run(self.target, "reboot")
+        third = shell.run(self.target, "reboot")
+        self.assertEqual(len(self.reactor.tcpClients), 2)
+        self.assertEqual(shell.sessions_waiting, 1)
+        self.reactor.advance(5)  # the first two time out; the third starts connecting now
+        self.failureResultOf(first, SshConnectFailed)
+        self.failureResultOf(second, SshConnectFailed)
+        self.assertEqual(len(self.reactor.tcpClients), 3)
+        self.assertNoResult(third)
+        self.reactor.advance(5)
+        self.failureResultOf(third, SshConnectFailed)
+
+    def test_cancel_while_waiting_for_a_slot_takes_none(self) -> None:
+        shell = ConchShell(self.reactor, self.dir / "known_hosts", connect_timeout=5.0, max_sessions=1)
+        running = shell.run(self.target, "reboot")
+        waiting = shell.run(self.target, "reboot")
+        waiting.cancel()
+        self.failureResultOf(waiting, CancelledError)
+        self.assertEqual(shell.sessions_waiting, 0)
+        running.cancel()
+        self.failureResultOf(running, CancelledError)
+        after = shell.run(self.target, "reboot")  # the slot is free again
+        self.assertEqual(len(self.reactor.tcpClients), 2)
+        after.cancel()
+
     def test_timeout_when_server_never_speaks(self) -> None:
         """Connected, but no SSH banner: the deadline aborts the connection."""
         d = self.shell.run(self.target, "reboot")

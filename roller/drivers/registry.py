@@ -27,7 +27,7 @@ def make_drivers(reactor: Any, settings: Any) -> Drivers:
     from roller.drivers.ssh import ConchShell
 
     shell = ConchShell(reactor, settings.ssh_known_hosts, connect_timeout=settings.ssh_connect_timeout,
-                       command_timeout=settings.ssh_command_timeout)
+                       command_timeout=settings.ssh_command_timeout, max_sessions=settings.ssh_max_sessions)
 
     def liveness(machine: Machine) -> ILiveness:
         if machine.liveness.method == "tcp":

@@ -106,7 +106,7 @@ from twisted.conch.ssh.common import getNS
 from twisted.conch.ssh.connection import EXTENDED_DATA_STDERR
 from twisted.conch.ssh.keys import BadKeyError, EncryptedKeyError, Key
 from twisted.internet import error
-from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, fail, succeed
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -855,7 +855,7 @@ class ConchShell:
     """
 
     def __init__(self, reactor: Any, known_hosts_path: str | os.PathLike,
-                 connect_timeout: float = 10.0, command_timeout: float = 60.0):
+                 connect_timeout: float = 10.0, command_timeout: float = 60.0, max_sessions: int = 100):
         for name, value in (("connect_timeout", connect_timeout),
                             ("command_timeout", command_timeout)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
@@ -864,6 +864,12 @@ class ConchShell:
         self.known_hosts = KnownHosts(known_hosts_path)
         self.connect_timeout = float(connect_timeout)
         self.command_timeout = float(command_timeout)
+        if isinstance(max_sessions, bool) or not isinstance(max_sessions, int) or max_sessions < 1:
+            raise ValueError(f"max_sessions must be a positive integer, not {max_sessions!r}")
+        # At most this many SSH sessions at once: a thousand simultaneous key
+        # exchanges would hold the reactor for seconds.  The connect timeout
+        # starts when a session gets its slot, not while it waits for one.
+        self._sessions = DeferredSemaphore(max_sessions)
         # Parsed keys by (file identity, passphrase): decrypting an OpenSSH
         # key costs ~0.1 s of bcrypt; stat()ing it again notices a new file.
         self._keys: dict[tuple, Key] = {}
@@ -883,7 +889,20 @@ class ConchShell:
             key = self.load_key(target)
         except SshKeyError:
             return fail()
-        return _Run(self, target, command, key, on_line).start()
+        return Deferred.fromCoroutine(self._run_in_slot(target, command, key, on_line))
+
+    async def _run_in_slot(self, target: SshTarget, command: str, key: Key,
+                           on_line: Optional[LineCallback]) -> CommandResult:
+        await self._sessions.acquire()  # cancelled while waiting: no slot was taken
+        try:
+            return await _Run(self, target, command, key, on_line).start()
+        finally:
+            self._sessions.release()
+
+    @property
+    def sessions_waiting(self) -> int:
+        """Runs waiting for a session slot."""
+        return len(self._sessions.waiting)
 
     def load_key(self, target: SshTarget) -> Key:
         """
