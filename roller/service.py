@@ -187,7 +187,7 @@ class RollerService(MultiService):
         self.secrets = secrets
         if self.queue is not None:
             self.queue.set_secrets(secrets)
-        if self.api is not None:
+        if self.api is not None and self.settings.auth_mode == "local":  # the Hawk clients live in it
             self.authenticator = make_authenticator(self.settings, self.reactor, secrets)
             self.api.authenticator = self.authenticator
         log.info("Secrets reloaded from {path}: {count} credential(s), {clients} Hawk client(s)",

@@ -727,7 +727,7 @@ async def test_forged_forwarded_headers_from_untrusted_peer_are_ignored(
     # signed for the forged scheme/port: refused
     code, headers, body = await served.post(
         "/api/v1/workers/m2/group/g1/jobs?task_name=ping",
-        headers={"Authorization": sign(f"https://127.0.0.1:443/api/v1/workers/m2/group/g1/jobs?task_name=ping"),
+        headers={"Authorization": sign("https://127.0.0.1:443/api/v1/workers/m2/group/g1/jobs?task_name=ping"),
                  **forged})
     assert code == 401, body
     if mode == "local":
