@@ -38,6 +38,9 @@ class QueueLimits:
     endpoint_max_running: int = 1
     endpoint_min_interval: float = 0.0
     timeouts: dict[str, float] = field(factory=dict)
+    # Jobs started per reactor turn: a burst of a thousand starts in one turn
+    # would keep the API waiting; the rest start on the next turns.
+    starts_per_turn: int = 50
 
 
 class JobQueue:
@@ -77,6 +80,7 @@ class JobQueue:
         self._endpoint_running: Counter[str] = Counter()
         self._endpoint_last: dict[str, float] = {}
         self._wakeup: Any = None
+        self._next_turn: Any = None
         self._pumping = False
         self._pump_again = False
         self._cancel_reason: dict[str, tuple[State, str]] = {}
@@ -149,8 +153,9 @@ class JobQueue:
     async def stop(self, reason: str = "roller is shutting down") -> None:
         """Stop accepting jobs; interrupt the running ones and persist that."""
         self._accepting = False
-        if self._wakeup is not None and self._wakeup.active():
-            self._wakeup.cancel()
+        for call in (self._wakeup, self._next_turn):
+            if call is not None and call.active():
+                call.cancel()
         running = list(self._running)
         waits = [self.wait(i) for i in running]
         for job_id in running:
@@ -291,7 +296,12 @@ class JobQueue:
         now = self._reactor.seconds()
         blocked: list[tuple[int, int, str]] = []
         soonest = float("inf")
+        started = 0
         while self._heap and len(self._running) < self._limits.max_running:
+            if started >= self._limits.starts_per_turn:
+                if self._next_turn is None or not self._next_turn.active():
+                    self._next_turn = self._reactor.callLater(0, self._pump)
+                break
             entry = heapq.heappop(self._heap)
             job = self._jobs.get(entry[2])
             if job is None or job.state is not State.queued:
@@ -308,6 +318,7 @@ class JobQueue:
                 blocked.append(entry)
                 continue
             self._start(job, spec, machine, endpoints, now)
+            started += 1
         for entry in blocked:
             heapq.heappush(self._heap, entry)
         if soonest != float("inf") and (self._wakeup is None or not self._wakeup.active()):

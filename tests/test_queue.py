@@ -262,3 +262,22 @@ def test_listeners_see_events(env):
         ("running", "log", "a starting on m1"),
         ("succeeded", "state", "succeeded: ok"),
     ]
+
+
+def test_a_burst_starts_over_several_reactor_turns(env):
+    """120 jobs recovered at start-up start 50 per reactor turn, not all in one."""
+    store, clock, ctl, _ = env
+    for n in range(1, 121):
+        result_of(store.machines.put(machine(n)))
+    # queue 120 jobs without starting them: a queue that runs one, then stops
+    filler = JobQueue(store, TaskRegistry([ctl.task("a")]), clock, limits=QueueLimits(max_running=1))
+    for n in range(1, 121):
+        run(filler.submit("a", machine(n)))
+    run(filler.stop())  # the one running is interrupted; 119 stay queued
+    recovered = Controlled()
+    q = JobQueue(store, TaskRegistry([recovered.task("a")]), clock,
+                 limits=QueueLimits(max_running=500, starts_per_turn=50))
+    assert run(q.start()) == (0, 119)  # (interrupted at start-up, queued again)
+    assert len(recovered.running_ids()) == 50  # the rest wait for the next turns
+    clock.advance(0)  # task.Clock runs every turn that is due at once
+    assert len(recovered.running_ids()) == 119
