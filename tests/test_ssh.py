@@ -486,6 +486,7 @@ class MemoryReactorRunTests(SynchronousTestCase):
         after = shell.run(self.target, "reboot")  # the slot is free again
         self.assertEqual(len(self.reactor.tcpClients), 2)
         after.cancel()
+        self.failureResultOf(after, CancelledError)
 
     def test_timeout_when_server_never_speaks(self) -> None:
         """Connected, but no SSH banner: the deadline aborts the connection."""
