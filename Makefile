@@ -4,15 +4,18 @@
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
-# Debian packages roller and its tests drive for real.
-APT_PACKAGES := python3-venv iputils-ping openssh-server openssh-client openipmi ipmitool snmpd snmp chromium
+# Debian packages roller uses at run time, and the real peers its tests drive.
+RUN_PACKAGES := python3-venv iputils-ping ipmitool
+TEST_PACKAGES := $(RUN_PACKAGES) openssh-server openssh-client openipmi snmpd snmp chromium
 SOURCES := $(shell find roller twisted templates static -type f -not -name '*.pyc') setup.py roller.tac
 
 .PHONY: run test system-deps venv clean
 
+run: APT_PACKAGES = $(RUN_PACKAGES)
 run: system-deps venv
 	$(VENV)/bin/twistd -n --pidfile= --logger roller.logs.observer roller --demo $(ARGS)
 
+test: APT_PACKAGES = $(TEST_PACKAGES)
 test: system-deps venv
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
