@@ -191,6 +191,7 @@ class JobQueue:
         spec = self._tasks.get(task_name)
         if spec is None:
             raise NotFound(f"unknown task {task_name!r}", code="unknown_task")
+        clean = spec.parse_params(params)  # bad parameters are refused even for a duplicate
         key = (machine.worker_group, machine.worker_id, task_name)
         existing = self._active_key.get(key)
         if existing is not None:
@@ -199,7 +200,6 @@ class JobQueue:
             d: Deferred = Deferred()
             self._submitting[key].append(d)
             return await d, False
-        clean = spec.parse_params(params)
         now = self._reactor.seconds()
         job = Job(
             id=new_job_id(), task_name=task_name, worker_id=machine.worker_id,

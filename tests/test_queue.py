@@ -218,6 +218,10 @@ def test_bad_params_rejected(env):
         run(q.submit("a", machine(1), params={"n": 9}))
     with pytest.raises(ValidationError):
         run(q.submit("a", machine(1), params={"nope": 1}))
+    # also when the machine already has the task: no 200 for a bad request
+    run(q.submit("a", machine(1)))
+    with pytest.raises(ValidationError):
+        run(q.submit("a", machine(1), params={"n": 9}))
 
 
 def test_restart_interrupts_running_and_requeues_queued(env, tmp_path):
