@@ -32,6 +32,7 @@ setup(
         "werkzeug>=3",
         "tomli-w>=1.0,<2",
         "mohawk>=1.1,<2",
+        "prometheus_client>=0.17",
     ],
     extras_require={
         "test": [

@@ -23,6 +23,7 @@ from roller.config import Settings
 from roller.demo import seed_demo_fleet, start_demo_fleet
 from roller.drivers.registry import make_drivers
 from roller.logs import observer_for
+from roller.metrics import Metrics
 from roller.queue import JobQueue, QueueLimits
 from roller.secrets import Secrets, SecretsError, load_secrets
 from roller.store import Store, open_store
@@ -100,6 +101,7 @@ class RollerService(MultiService):
         self.drivers: Any = None
         self.hub: EventHub | None = None
         self.api: Api | None = None
+        self.metrics: Metrics | None = None
         self._refresh: LoopingCall | None = None
         self.failed = False
 
@@ -129,6 +131,8 @@ class RollerService(MultiService):
                               settings=s, secrets=self.secrets, drivers=self.drivers)
         self.hub = EventHub(self.queue, self.reactor)
         self.hub.start()  # before queue.start(): it also sees the jobs queued again at start-up
+        self.metrics = Metrics(self.queue, self.reactor)
+        self.metrics.start()  # the reactor lag loop
         interrupted, requeued = await self.queue.start()
         # pick up inventory changes other processes (roller import) commit
         self._refresh = LoopingCall(self._refresh_inventory)
@@ -138,7 +142,7 @@ class RollerService(MultiService):
         self.api = api = Api(
             store=self.store, queue=self.queue, tasks=tasks, authenticator=self.authenticator,
             allowed_tasks=s.allowed_tasks, scope_prefix=s.scope_prefix, cors_origins=s.cors_origins,
-            clock=self.reactor, trusted_proxies=s.trusted_proxies,
+            clock=self.reactor, trusted_proxies=s.trusted_proxies, metrics=self.metrics,
         )
         dashboard = Dashboard(
             self.store, self.queue, tasks, s.allowed_tasks, clock=self.reactor, hub=self.hub,
@@ -212,6 +216,8 @@ class RollerService(MultiService):
             self._refresh.stop()
         if self.hub is not None:
             self.hub.stop()  # ends the live-event streams
+        if self.metrics is not None:
+            self.metrics.stop()
         for port in self.ports:
             await port.stopListening()
         self.ports = []

@@ -25,6 +25,8 @@ from roller.auth.hawk import client_ip, parse_trusted_proxies
 from roller.errors import BadRequest, Conflict, Forbidden, NotFound, RollerError, Unauthorized
 from roller.inventory import Machine, valid_worker_id
 from roller.jobs import PRIORITY_DEFAULT, PRIORITY_MAX, PRIORITY_MIN, State
+from roller.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from roller.metrics import Metrics
 from roller.queue import JobQueue
 from roller.store import AuditEntry, Store
 from roller.tasks import TaskRegistry
@@ -123,12 +125,17 @@ class Api:
     openapi: dict = field(factory=dict)
     #: Peers (IPs/CIDRs) whose X-Forwarded-For names the client (origin_ip, audit).
     trusted_proxies: tuple = field(default=(), converter=parse_trusted_proxies)
+    #: What GET /metrics serves; by default one of its own, observing C{queue}
+    #: (without the reactor lag loop, which whoever owns the reactor starts).
+    metrics: Metrics | None = field(default=None, kw_only=True)
 
     app = Klein()
 
     def __attrs_post_init__(self) -> None:
         if not self.openapi:
             self.openapi = openapi_document(self.tasks, self.allowed_tasks, __version__)
+        if self.metrics is None:
+            self.metrics = Metrics(self.queue, self.clock)
 
     # -- plumbing
 
@@ -455,6 +462,12 @@ class Api:
         return _json(request, {"status": "ok" if ok else "error", "checks": checks,
                                "queue": {"running": len(self.queue.running()), "queued": self.queue.depth}},
                      200 if ok else 500)
+
+    @app.route("/metrics", methods=["GET"])
+    def prometheus_metrics(self, request: IRequest) -> bytes:
+        request.setHeader(b"Content-Type", METRICS_CONTENT_TYPE.encode())
+        request.setHeader(b"Cache-Control", b"no-store")
+        return self.metrics.exposition()
 
     @app.route("/__version__", methods=["GET"])
     def version(self, request: IRequest) -> bytes:

@@ -836,6 +836,14 @@ def openapi_document(tasks: Any, allowed: tuple[str, ...], version: str) -> dict
                         "500": _json_response("A dependency check failed (`status: error`).", _ref("Heartbeat")),
                         **_errors()}),
         },
+        "/metrics": {
+            "get": _op("metrics", "Prometheus metrics", "ops",
+                       {"200": {"description": "The metrics in the Prometheus text exposition format "
+                                               "(`roller_jobs_total`, `roller_jobs_queued`, `roller_jobs_running`, "
+                                               "`roller_job_duration_seconds`, `roller_reactor_lag_seconds`).",
+                                "content": {"text/plain": {"schema": {"type": "string"}}}},
+                        **_errors()}),
+        },
         "/__version__": {
             "get": _op("version", "The running version (Dockerflow)", "ops",
                        {"200": _json_response("The version.", _ref("Version")), **_errors()}),
@@ -871,7 +879,7 @@ def openapi_document(tasks: Any, allowed: tuple[str, ...], version: str) -> dict
             {"name": "tasks", "description": "What can be run."},
             {"name": "cors", "description": "CORS preflights."},
             {"name": "meta", "description": "This document."},
-            {"name": "ops", "description": "Dockerflow endpoints."},
+            {"name": "ops", "description": "Dockerflow endpoints and Prometheus metrics."},
         ],
         "paths": paths,
         "components": {
