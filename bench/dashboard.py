@@ -1,0 +1,414 @@
+"""
+Fleet page (GET /) of roller with 5000 machines, side by side with a static
+file of the same size served by plain twisted.web.static.File.  Manual; not
+part of CI.  See bench/README.md.
+
+    python bench/dashboard.py [--machines N] [--requests N] [--walks N] [--concurrency C] [--quick] [--keep]
+
+roller (this source tree, twistd, --auth none, a temporary state dir) gets
+N machines and one finished ping job per machine (every 10th failed, the
+rest succeeded) written to its database first, through roller's own store.
+The fleet page has no "all" option: it shows 200 machines a page (the
+Dashboard's page_size, which neither the query string nor the config
+changes), so what is timed is
+
+- page 1 (`/`: 200 rows, plus the state counts over all N machines),
+- the last page (`/?page=LAST`: the same work, with OFFSET N-200),
+- a walk of every page (`/?page=1` .. `/?page=LAST`, one after the other on
+  one connection): what seeing all N machines costs,
+
+each against the same bytes (roller's answer, saved to files) served by
+`twistd -n web --path DIR` (twisted.web.static.File), its own process.
+Sequential keep-alive requests (one connection) and, for page 1, C
+concurrent connections.  Rounds alternate roller and static.
+
+The client is this file run as a separate process (--client): stdlib
+http.client, one thread per connection.  127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import resource
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE_SIZE = 200  # roller.web.dashboard.Dashboard.page_size (not configurable)
+
+ROLLER_CONFIG = """\
+# bench/dashboard.py: nothing runs; the jobs in the database are all finished.
+[tasks]
+allowed = ["ping"]
+"""
+
+SEED_CODE = """
+import sys, time
+from twisted.internet import task
+from twisted.internet.defer import ensureDeferred
+from roller.inventory import Machine
+from roller.jobs import Job, State, new_job_id
+from roller.store import open_store
+
+async def seed(reactor, path, prefix, count):
+    store = await open_store(path, reactor)
+    try:
+        machines = [Machine.from_json({"worker_id": f"{prefix}{i}", "worker_group": "bench",
+                                       "ip": f"127.0.{(i // 250) % 250}.{i % 250 + 1}"})
+                    for i in range(count)]
+        await store.machines.put_many(machines)
+        now = time.time()
+        for i, m in enumerate(machines):
+            created = now - 3600 + i * 0.5
+            failed = i % 10 == 0
+            job = Job(id=new_job_id(), task_name="ping", worker_id=m.worker_id, worker_group=m.worker_group,
+                      created_at=created, params={"count": 3}, requester="bench", origin_ip="127.0.0.1",
+                      state=State.failed if failed else State.succeeded, started_at=created + 0.05,
+                      finished_at=created + 2.1,
+                      result=None if failed else "3/3 replies, rtt 0.05 ms",
+                      error=f"no reply from {m.ip} (3 pings)" if failed else None)
+            await store.jobs.insert(job)
+    finally:
+        await store.close()
+
+path, prefix, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+task.react(lambda reactor: ensureDeferred(seed(reactor, path, prefix, count)))
+"""
+
+
+# -- /proc
+
+
+def cpu_seconds(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def machine_busy() -> float:
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / CLK_TCK
+
+
+# -- the client (its own process)
+
+
+def client(spec: dict[str, Any]) -> dict[str, Any]:
+    """
+    C{iterations} times: GET every path of C{paths} in turn on one keep-alive
+    connection; C{concurrency} connections (threads) share the iterations.
+    The latency of an iteration is the time for all its paths.
+    """
+    port, paths, total = spec["port"], spec["paths"], spec["iterations"]
+    lock = threading.Lock()
+    state = {"next": 0}
+    lat: list[float] = []
+    statuses: dict[int, int] = {}
+    sizes: set[int] = set()
+    errors: list[str] = []
+
+    def worker() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        mine, st, sz = [], {}, set()
+        try:
+            while True:
+                with lock:
+                    if state["next"] >= total:
+                        break
+                    state["next"] += 1
+                t0 = time.perf_counter()
+                for p in paths:
+                    conn.request("GET", p)
+                    r = conn.getresponse()
+                    body = r.read()
+                    st[r.status] = st.get(r.status, 0) + 1
+                    sz.add(len(body))
+                mine.append(time.perf_counter() - t0)
+        except Exception as e:  # noqa: BLE001 - reported, the run then fails
+            errors.append(repr(e))
+        finally:
+            conn.close()
+        with lock:
+            lat.extend(mine)
+            for k, v in st.items():
+                statuses[k] = statuses.get(k, 0) + v
+            sizes.update(sz)
+
+    threads = [threading.Thread(target=worker) for _ in range(spec["concurrency"])]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    return {"latencies": lat, "wall": wall, "requests": len(lat) * len(paths),
+            "statuses": statuses, "sizes": sorted(sizes), "errors": errors}
+
+
+def run_client(spec: dict[str, Any], pid: int) -> dict[str, Any]:
+    """The client in its own process; its result, with the server's CPU and everybody else's."""
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu0, busy0, t0 = cpu_seconds(pid), machine_busy(), time.monotonic()
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--client", json.dumps(spec)],
+                          stdout=subprocess.PIPE, check=True)
+    cpu1, busy1, t1 = cpu_seconds(pid), machine_busy(), time.monotonic()
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    client_cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+    r = json.loads(proc.stdout)
+    r["statuses"] = {int(k): v for k, v in r["statuses"].items()}
+    r["server_cpu"] = cpu1 - cpu0
+    r["client_cores"] = client_cpu / (t1 - t0)
+    r["others"] = max(0.0, (busy1 - busy0 - (cpu1 - cpu0) - client_cpu) / (t1 - t0))
+    return r
+
+
+# -- servers
+
+
+class Servers:
+    """Child processes, each stopped (TERM, then KILL) by its own pid."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, argv: list[str], log_path: str, cwd: str, env: dict[str, str]) -> subprocess.Popen:
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env=env,
+                                    stdin=subprocess.DEVNULL)
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc in self.procs:
+            self.procs.remove(proc)
+
+    def stop_all(self) -> None:
+        for proc in list(self.procs):
+            self.stop(proc)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tail(path: str, lines: int = 20) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def fetch(port: int, path: str, timeout: float = 60) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        r = conn.getresponse()
+        return r.status, r.read()
+    finally:
+        conn.close()
+
+
+def wait_ready(proc: subprocess.Popen, port: int, path: str, log_path: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}; see {log_path}:\n{tail(log_path)}")
+        try:
+            fetch(port, path, timeout=2)
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"server not ready on port {port} after {timeout:g} s; see {log_path}")
+
+
+def child_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ROLLER_")}
+    env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile="]
+
+
+def start_roller(servers: Servers, workdir: str, machines: int) -> tuple[subprocess.Popen, int]:
+    state = os.path.join(workdir, "roller")
+    os.makedirs(state)
+    config = os.path.join(state, "bench.toml")
+    with open(config, "w") as f:
+        f.write(ROLLER_CONFIG)
+    env = child_env()
+    subprocess.run([sys.executable, "-c", SEED_CODE, os.path.join(state, "roller.db"), "bd", str(machines)],
+                   env=env, cwd=state, check=True)
+    port = free_port()
+    log_path = os.path.join(state, "roller.log")
+    proc = servers.start([*TWISTD, "roller", "--auth", "none", "--listen", f"tcp:{port}:interface=127.0.0.1",
+                          "--state-dir", state, "--config", config], log_path, cwd=state, env=env)
+    wait_ready(proc, port, "/__lbheartbeat__", log_path)
+    return proc, port
+
+
+def start_static(servers: Servers, workdir: str, docroot: str) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    log_path = os.path.join(workdir, "static.log")
+    proc = servers.start([*TWISTD, "web", "--listen", f"tcp:{port}:interface=127.0.0.1", "--path", docroot],
+                         log_path, cwd=workdir, env=child_env())
+    wait_ready(proc, port, "/page1.html", log_path)
+    return proc, port
+
+
+# -- the measurements
+
+
+def pct(values: list[float], p: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
+
+
+def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """All rounds of one server and case, pooled; req/s from the best round."""
+    lat = [x for r in runs for x in r["latencies"]]
+    requests = sum(r["requests"] for r in runs)
+    return {
+        "p50": statistics.median(lat) * 1000, "p95": pct(lat, 95) * 1000,
+        "rate": max(r["requests"] / r["wall"] for r in runs),
+        # /proc counts CPU in ticks (10 ms): meaningful only over many requests
+        "cpu_ms": 1000 * sum(r["server_cpu"] for r in runs) / requests,
+        "others": max(r["others"] for r in runs),
+        "statuses": {k: sum(r["statuses"].get(k, 0) for r in runs) for k in {k for r in runs for k in r["statuses"]}},
+        "sizes": sorted({s for r in runs for s in r["sizes"]}),
+        "errors": [e for r in runs for e in r["errors"]],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--machines", type=int, default=5000, help="machines (and finished jobs) in the database (5000)")
+    parser.add_argument("--requests", type=int, default=200, help="sequential GETs of one page per round (200)")
+    parser.add_argument("--walks", type=int, default=10, help="walks of every page per round (10)")
+    parser.add_argument("--concurrency", "-c", type=int, default=8, help="connections for the concurrent case (8)")
+    parser.add_argument("--rounds", type=int, default=0, help="rounds, alternating roller and static (3, quick 1)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 20 requests, 2 walks, 1 round")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, database, pages)")
+    parser.add_argument("--client", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.client:
+        json.dump(client(json.loads(args.client)), sys.stdout)
+        return
+    if args.quick:
+        args.requests, args.walks = min(args.requests, 20), min(args.walks, 2)
+    args.rounds = args.rounds or (1 if args.quick else 3)
+    pages = max(1, -(-args.machines // PAGE_SIZE))
+
+    workdir = tempfile.mkdtemp(prefix="roller-bench-dash-")
+    docroot = os.path.join(workdir, "static")
+    os.makedirs(docroot)
+    servers = Servers()
+    print(f"roller dashboard bench: {os.cpu_count()} CPUs, {args.machines} machines ({pages} pages of "
+          f"{PAGE_SIZE}), {args.rounds} round(s); work dir {workdir}", flush=True)
+    problems: list[str] = []
+    results: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    try:
+        t = time.monotonic()
+        roller, rport = start_roller(servers, workdir, args.machines)
+        print(f"  {args.machines} machines + {args.machines} finished jobs written and roller started in "
+              f"{time.monotonic() - t:.1f} s", flush=True)
+        # roller's answers, saved as the static server's files
+        sizes = {}
+        for n in range(1, pages + 1):
+            status, body = fetch(rport, f"/?page={n}")
+            if status != 200:
+                raise SystemExit(f"GET /?page={n}: {status} {body[:300]!r}")
+            with open(os.path.join(docroot, f"page{n}.html"), "wb") as f:
+                f.write(body)
+            sizes[n] = len(body)
+        first = open(os.path.join(docroot, "page1.html"), encoding="utf-8").read()
+        if f"of {args.machines}." not in first or first.count('<tr') < PAGE_SIZE:
+            problems.append(f"page 1 does not show {PAGE_SIZE} rows 'of {args.machines}'")
+        static, sport = start_static(servers, workdir, docroot)
+        print(f"  page 1: {sizes[1]} bytes, last page ({pages}): {sizes[pages]} bytes, all {pages} pages: "
+              f"{sum(sizes.values())} bytes", flush=True)
+
+        cases = [
+            ("page 1, sequential", ["/"], ["/page1.html"], args.requests, 1),
+            (f"page {pages} (last), sequential", [f"/?page={pages}"], [f"/page{pages}.html"], args.requests, 1),
+            (f"page 1, {args.concurrency} concurrent", ["/"], ["/page1.html"], args.requests, args.concurrency),
+            (f"all {pages} pages, walk", [f"/?page={n}" for n in range(1, pages + 1)],
+             [f"/page{n}.html" for n in range(1, pages + 1)], args.walks, 1),
+        ]
+        for rnd in range(args.rounds):
+            for name, rpaths, spaths, iterations, conc in cases:
+                order = ("roller", "static") if rnd % 2 == 0 else ("static", "roller")
+                for which in order:
+                    port, pid, paths = (rport, roller.pid, rpaths) if which == "roller" else (sport, static.pid, spaths)
+                    r = run_client({"port": port, "paths": paths, "iterations": iterations, "concurrency": conc},
+                                   pid)
+                    results.setdefault((name, which), []).append(r)
+                    print(f"  round {rnd + 1} {name:<28} {which:<6} p50 {statistics.median(r['latencies']) * 1000:8.1f} ms"
+                          f"  {r['requests'] / r['wall']:7.1f} req/s  server CPU "
+                          f"{1000 * r['server_cpu'] / r['requests']:6.2f} ms/req", flush=True)
+    finally:
+        servers.stop_all()
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    print()
+    print(f"fleet page, {args.machines} machines       server   p50 ms   p95 ms    req/s  CPU ms/req"
+          "   ratio p50  ratio CPU")
+    worst = 0.0
+    others = 0.0
+    for name, *_ in cases:
+        ro, st = summary(results[(name, "roller")]), summary(results[(name, "static")])
+        for which, s in (("roller", ro), ("static", st)):
+            if set(s["statuses"]) != {200} or s["errors"]:
+                problems.append(f"{name} {which}: statuses {s['statuses']} errors {s['errors'][:3]}")
+        others = max(others, ro["others"], st["others"])
+        ratio = ro["p50"] / st["p50"]
+        worst = max(worst, ratio)
+        unit = "walk" if "walk" in name else "req"
+        print(f"{name:<32} roller {ro['p50']:8.1f} {ro['p95']:8.1f} {ro['rate']:8.1f} {ro['cpu_ms']:11.2f}"
+              f"   {ratio:8.1f}x  " + (f"{ro['cpu_ms'] / st['cpu_ms']:8.1f}x" if st["cpu_ms"] else "     n/a"))
+        print(f"{'':<32} static {st['p50']:8.1f} {st['p95']:8.1f} {st['rate']:8.1f} {st['cpu_ms']:11.2f}"
+              + (f"   (p50/p95 per {unit} of {pages} GETs)" if unit == "walk" else ""))
+    walk = summary(results[(cases[3][0], "roller")])
+    print(f"per-page cost (roller, walk p50 / {pages})  {walk['p50'] / pages:.1f} ms;  "
+          f"worst p50 ratio roller/static {worst:.1f}x (target <= 5x)")
+    if others > 0.25:
+        print(f"NOTE: other processes (not roller, static or the client) used up to {others:.2f} of {os.cpu_count()} CPUs: noisy figures")
+    if worst > 5:
+        problems.append(f"roller's fleet page is {worst:.1f}x the static file's time (target <= 5x)")
+    for p in problems:
+        print(f"PROBLEM: {p}")
+    if problems:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
