@@ -34,8 +34,6 @@ import json
 import resource
 import os
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -44,9 +42,9 @@ import threading
 import time
 from typing import Any
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-CLK_TCK = os.sysconf("SC_CLK_TCK")
+from common import (TWISTD, Procs, child_mode, cpu_seconds, fetch, free_port, machine_busy, report, roller_env,
+                    seed_db, wait_ready)
+
 PAGE_SIZE = 200  # roller.web.dashboard.Dashboard.page_size (not configurable)
 
 ROLLER_CONFIG = """\
@@ -54,57 +52,6 @@ ROLLER_CONFIG = """\
 [tasks]
 allowed = ["ping"]
 """
-
-SEED_CODE = """
-import sys, time
-from twisted.internet import task
-from twisted.internet.defer import ensureDeferred
-from roller.inventory import Machine
-from roller.jobs import Job, State, new_job_id
-from roller.store import open_store
-
-async def seed(reactor, path, prefix, count):
-    store = await open_store(path, reactor)
-    try:
-        machines = [Machine.from_json({"worker_id": f"{prefix}{i}", "worker_group": "bench",
-                                       "ip": f"127.0.{(i // 250) % 250}.{i % 250 + 1}"})
-                    for i in range(count)]
-        await store.machines.put_many(machines)
-        now = time.time()
-        for i, m in enumerate(machines):
-            created = now - 3600 + i * 0.5
-            failed = i % 10 == 0
-            job = Job(id=new_job_id(), task_name="ping", worker_id=m.worker_id, worker_group=m.worker_group,
-                      created_at=created, params={"count": 3}, requester="bench", origin_ip="127.0.0.1",
-                      state=State.failed if failed else State.succeeded, started_at=created + 0.05,
-                      finished_at=created + 2.1,
-                      result=None if failed else "3/3 replies, rtt 0.05 ms",
-                      error=f"no reply from {m.ip} (3 pings)" if failed else None)
-            await store.jobs.insert(job)
-    finally:
-        await store.close()
-
-path, prefix, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
-task.react(lambda reactor: ensureDeferred(seed(reactor, path, prefix, count)))
-"""
-
-
-# -- /proc
-
-
-def cpu_seconds(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def machine_busy() -> float:
-    with open("/proc/stat") as f:
-        fields = [int(v) for v in f.readline().split()[1:]]
-    return (sum(fields[:8]) - fields[3] - fields[4]) / CLK_TCK
 
 
 # -- the client (its own process)
@@ -182,90 +129,14 @@ def run_client(spec: dict[str, Any], pid: int) -> dict[str, Any]:
 # -- servers
 
 
-class Servers:
-    """Child processes, each stopped (TERM, then KILL) by its own pid."""
-
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen] = []
-
-    def start(self, argv: list[str], log_path: str, cwd: str, env: dict[str, str]) -> subprocess.Popen:
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env=env,
-                                    stdin=subprocess.DEVNULL)
-        self.procs.append(proc)
-        return proc
-
-    def stop(self, proc: subprocess.Popen) -> None:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if proc in self.procs:
-            self.procs.remove(proc)
-
-    def stop_all(self) -> None:
-        for proc in list(self.procs):
-            self.stop(proc)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def tail(path: str, lines: int = 20) -> str:
-    try:
-        with open(path, errors="replace") as f:
-            return "".join(f.readlines()[-lines:])
-    except OSError:
-        return ""
-
-
-def fetch(port: int, path: str, timeout: float = 60) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request("GET", path)
-        r = conn.getresponse()
-        return r.status, r.read()
-    finally:
-        conn.close()
-
-
-def wait_ready(proc: subprocess.Popen, port: int, path: str, log_path: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}; see {log_path}:\n{tail(log_path)}")
-        try:
-            fetch(port, path, timeout=2)
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"server not ready on port {port} after {timeout:g} s; see {log_path}")
-
-
-def child_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ROLLER_")}
-    env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
-
-
-TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile="]
-
-
-def start_roller(servers: Servers, workdir: str, machines: int) -> tuple[subprocess.Popen, int]:
+def start_roller(servers: Procs, workdir: str, machines: int) -> tuple[subprocess.Popen, int]:
     state = os.path.join(workdir, "roller")
     os.makedirs(state)
     config = os.path.join(state, "bench.toml")
     with open(config, "w") as f:
         f.write(ROLLER_CONFIG)
-    env = child_env()
-    subprocess.run([sys.executable, "-c", SEED_CODE, os.path.join(state, "roller.db"), "bd", str(machines)],
-                   env=env, cwd=state, check=True)
+    env = roller_env()
+    seed_db(os.path.join(state, "roller.db"), "bd", machines, jobs=True, env=env, cwd=state)
     port = free_port()
     log_path = os.path.join(state, "roller.log")
     proc = servers.start([*TWISTD, "roller", "--auth", "none", "--listen", f"tcp:{port}:interface=127.0.0.1",
@@ -274,11 +145,11 @@ def start_roller(servers: Servers, workdir: str, machines: int) -> tuple[subproc
     return proc, port
 
 
-def start_static(servers: Servers, workdir: str, docroot: str) -> tuple[subprocess.Popen, int]:
+def start_static(servers: Procs, workdir: str, docroot: str) -> tuple[subprocess.Popen, int]:
     port = free_port()
     log_path = os.path.join(workdir, "static.log")
     proc = servers.start([*TWISTD, "web", "--listen", f"tcp:{port}:interface=127.0.0.1", "--path", docroot],
-                         log_path, cwd=workdir, env=child_env())
+                         log_path, cwd=workdir, env=roller_env())
     wait_ready(proc, port, "/page1.html", log_path)
     return proc, port
 
@@ -319,8 +190,7 @@ def main() -> None:
     parser.add_argument("--client", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    if args.client:
-        json.dump(client(json.loads(args.client)), sys.stdout)
+    if child_mode(args.client, client):
         return
     if args.quick:
         args.requests, args.walks = min(args.requests, 20), min(args.walks, 2)
@@ -330,7 +200,7 @@ def main() -> None:
     workdir = tempfile.mkdtemp(prefix="roller-bench-dash-")
     docroot = os.path.join(workdir, "static")
     os.makedirs(docroot)
-    servers = Servers()
+    servers = Procs()
     print(f"roller dashboard bench: {os.cpu_count()} CPUs, {args.machines} machines ({pages} pages of "
           f"{PAGE_SIZE}), {args.rounds} round(s); work dir {workdir}", flush=True)
     problems: list[str] = []
@@ -404,10 +274,7 @@ def main() -> None:
         print(f"NOTE: other processes (not roller, static or the client) used up to {others:.2f} of {os.cpu_count()} CPUs: noisy figures")
     if worst > 5:
         problems.append(f"roller's fleet page is {worst:.1f}x the static file's time (target <= 5x)")
-    for p in problems:
-        print(f"PROBLEM: {p}")
-    if problems:
-        raise SystemExit(1)
+    report(problems)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,6 @@ import math
 import os
 import random
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -57,13 +56,12 @@ import time
 from datetime import datetime
 from typing import Any
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
+from common import REPO, Procs, child_mode, cpu_seconds, free_port, machine_busy, percentile, report, tail
+
 sys.path.insert(0, REPO)
 
-from roller.testing.process import RollerProcess, free_port  # noqa: E402
+from roller.testing.process import RollerProcess  # noqa: E402
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 FINAL = ("succeeded", "failed", "cancelled", "timed_out", "interrupted")
 
 ROLLER_CONFIG = """\
@@ -94,22 +92,6 @@ poll_interval = {poll}
 # -- processes and /proc
 
 
-def cpu_seconds(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def machine_busy() -> float:
-    """CPU seconds all CPUs of the machine have spent not idle since boot."""
-    with open("/proc/stat") as f:
-        fields = [int(v) for v in f.readline().split()[1:]]
-    return (sum(fields[:8]) - fields[3] - fields[4]) / CLK_TCK
-
-
 def peak_rss_mb(pid: int) -> float:
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -119,42 +101,6 @@ def peak_rss_mb(pid: int) -> float:
     except OSError:
         pass
     return float("nan")
-
-
-def tail(path: str, lines: int = 20) -> str:
-    try:
-        with open(path, errors="replace") as f:
-            return "".join(f.readlines()[-lines:])
-    except OSError:
-        return ""
-
-
-class Procs:
-    """Child processes, each stopped (TERM, then KILL) by its own pid."""
-
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen] = []
-
-    def start(self, argv: list[str], log_path: str, **kw: Any) -> subprocess.Popen:
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, **kw)
-        self.procs.append(proc)
-        return proc
-
-    def stop(self, proc: subprocess.Popen) -> None:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if proc in self.procs:
-            self.procs.remove(proc)
-
-    def stop_all(self) -> None:
-        for proc in list(self.procs):
-            self.stop(proc)
 
 
 class Fleet:
@@ -286,13 +232,6 @@ def sampler(spec: dict[str, Any]) -> dict[str, Any]:
     slowest = sorted(zip(lat, when), reverse=True)[:5]
     return {"latencies": lat, "statuses": statuses, "late": late, "errors": errors[:5], "cpu": time.process_time(),
             "slowest": [(round(t, 1), round(1000 * v)) for v, t in slowest]}
-
-
-def percentile(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    return values[min(len(values) - 1, int(len(values) * p))]
 
 
 # -- scenarios
@@ -514,8 +453,7 @@ def main() -> None:
     parser.add_argument("--sampler", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    if args.sampler:
-        json.dump(sampler(json.loads(args.sampler)), sys.stdout)
+    if child_mode(args.sampler, sampler):
         return
     if args.quick:
         args.count = min(args.count, 100)
@@ -529,7 +467,7 @@ def main() -> None:
     target = args.down_for + args.reboot_delay + 20
 
     workdir = tempfile.mkdtemp(prefix="roller-fanout-")
-    procs = Procs()
+    procs = Procs(stop_timeout=20)
     print(f"roller fan-out bench: {os.cpu_count()} CPUs, {args.count} machines, down {args.down_for:g} s "
           f"after {args.reboot_delay:g} s, poll {args.poll:g} s; work dir {workdir}", flush=True)
     results: dict[str, Any] = {}
@@ -601,10 +539,7 @@ def main() -> None:
     if others > 0.25:
         print(f"NOTE: other processes used up to {others:.2f} of {os.cpu_count()} CPUs during the runs: "
               "the figures are noisy (a quiet machine, or run again)")
-    for p in problems:
-        print(f"PROBLEM: {p}")
-    if problems:
-        raise SystemExit(1)
+    report(problems)
 
 
 if __name__ == "__main__":

@@ -43,27 +43,9 @@ import tempfile
 import time
 from typing import Any
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
+from common import REPO, child_mode, machine_busy, report, tree_cpu
+
 sys.path.insert(0, REPO)
-
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def tree_cpu(pid: int) -> float:
-    """CPU seconds of a process plus its reaped children (utime, stime, cutime, cstime)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return sum(int(v) for v in fields[11:15]) / CLK_TCK
-
-
-def machine_busy() -> float:
-    with open("/proc/stat") as f:
-        fields = [int(v) for v in f.readline().split()[1:]]
-    return (sum(fields[:8]) - fields[3] - fields[4]) / CLK_TCK
 
 
 # -- the Conch client (its own process)
@@ -180,8 +162,7 @@ def main() -> None:
     parser.add_argument("--conch", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    if args.conch:
-        json.dump(conch_client(json.loads(args.conch)), sys.stdout)
+    if child_mode(args.conch, conch_client):
         return
     if args.quick:
         args.commands = min(args.commands, 100)
@@ -269,10 +250,7 @@ def main() -> None:
     if others > 0.25:
         print(f"NOTE: other processes used up to {others:.2f} of {os.cpu_count()} CPUs during the rounds: "
               "the figures are noisy (more --rounds, or a quiet machine)")
-    for p in problems:
-        print(f"PROBLEM: {p}")
-    if problems:
-        raise SystemExit(1)
+    report(problems)
 
 
 if __name__ == "__main__":

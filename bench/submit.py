@@ -25,11 +25,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import http.client
 import json
 import os
 import shutil
-import signal
 import socket
 import sqlite3
 import subprocess
@@ -38,9 +36,8 @@ import tempfile
 import time
 from typing import Any
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-CLK_TCK = os.sysconf("SC_CLK_TCK")
+from common import (HERE, TWISTD, Procs, bench_ip, child_mode, cpu_seconds, fetch, free_port, machine_busy, percentile,
+                    report, roller_env, seed_db, wait_ready)
 
 ROLLER_CONFIG = """\
 # bench/submit.py: one job runs at a time, the others stay queued; jobs are
@@ -67,33 +64,12 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-def cpu_seconds(stat_path: str) -> float:
-    """utime + stime of a /proc/.../stat file, in seconds."""
-    try:
-        with open(stat_path) as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def machine_busy() -> float:
-    """CPU seconds all CPUs of the machine have spent not idle since boot."""
-    with open("/proc/stat") as f:
-        fields = [int(v) for v in f.readline().split()[1:]]
-    return (sum(fields[:8]) - fields[3] - fields[4]) / CLK_TCK
-
-
 def cpu_sample(pid: int) -> tuple[float, float]:
     """(whole process, main thread) CPU seconds; the main thread is the reactor's."""
-    return cpu_seconds(f"/proc/{pid}/stat"), cpu_seconds(f"/proc/{pid}/task/{pid}/stat")
+    return cpu_seconds(pid), cpu_seconds(pid, pid)
 
 
 # -- the load generator (runs in its own process)
-
-
-def ip_for(i: int) -> str:
-    return f"127.0.{(i // 250) % 250}.{i % 250 + 1}"
 
 
 def parse_response(buf: bytes | bytearray) -> tuple[int, bytes, int, bool] | None:
@@ -198,7 +174,7 @@ class Load:
         out = self.spec["method"].encode() + b" " + path.encode() + b" HTTP/1.1" + self.head
         if body is None:
             return out + b"Content-Length: 0\r\n\r\n"
-        data = body.replace("{id}", ident).replace("{ip}", ip_for(i)).encode()
+        data = body.replace("{id}", ident).replace("{ip}", bench_ip(i)).encode()
         return (out + b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(data)) + data
 
     def record(self, status: int, body: bytes, sent: float) -> None:
@@ -295,8 +271,8 @@ async def loadgen(spec: dict[str, Any]) -> dict[str, Any]:
         "exhausted": load.exhausted,
         "reconnects": load.reconnects,
         "errors": load.errors,
-        "p50_ms": 1000 * lat[len(lat) // 2] if lat else None,
-        "p99_ms": 1000 * lat[int(len(lat) * 0.99)] if lat else None,
+        "p50_ms": 1000 * percentile(lat, 0.5) if lat else None,
+        "p99_ms": 1000 * percentile(lat, 0.99) if lat else None,
         "client_cpu": (time.process_time() - cpu0) / wall if wall else 0.0,
     }
     if "start" in load.cpu and "end" in load.cpu and seconds > 0:
@@ -324,108 +300,11 @@ def run_loadgen(spec: dict[str, Any]) -> dict[str, Any]:
 # -- servers
 
 
-class Servers:
-    """Child processes, each stopped (TERM, then KILL) by its own pid."""
-
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen] = []
-
-    def start(self, argv: list[str], log_path: str, cwd: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-        log = open(log_path, "wb")
-        try:
-            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env=env,
-                                    stdin=subprocess.DEVNULL)
-        finally:
-            log.close()
-        self.procs.append(proc)
-        return proc
-
-    def stop(self, proc: subprocess.Popen) -> None:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if proc in self.procs:
-            self.procs.remove(proc)
-
-    def stop_all(self) -> None:
-        for proc in list(self.procs):
-            self.stop(proc)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(proc: subprocess.Popen, port: int, path: str, log_path: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}; see {log_path}:\n{tail(log_path)}")
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            conn.request("GET", path)
-            conn.getresponse().read()
-            conn.close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"server not ready on port {port} after {timeout:g} s; see {log_path}")
-
-
-def tail(path: str, lines: int = 20) -> str:
-    try:
-        with open(path, errors="replace") as f:
-            return "".join(f.readlines()[-lines:])
-    except OSError:
-        return ""
-
-
 def get_json(port: int, path: str) -> Any:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    conn.request("GET", path)
-    data = conn.getresponse().read()
-    conn.close()
-    return json.loads(data)
+    return json.loads(fetch(port, path, timeout=10)[1])
 
 
-SEED_CODE = """
-import sys
-from twisted.internet import task
-from twisted.internet.defer import ensureDeferred
-from roller.inventory import Machine
-from roller.store import open_store
-
-async def seed(reactor, path, prefix, count, ips):
-    store = await open_store(path, reactor)
-    try:
-        machines = [Machine.from_json({"worker_id": f"{prefix}{i}", "worker_group": "bench", "ip": ips[i]})
-                    for i in range(count)]
-        await store.machines.put_many(machines)
-    finally:
-        await store.close()
-
-path, prefix, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
-ips = [f"127.0.{(i // 250) % 250}.{i % 250 + 1}" for i in range(count)]
-task.react(lambda reactor: ensureDeferred(seed(reactor, path, prefix, count, ips)))
-"""
-
-
-def roller_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    for key in list(env):
-        if key.startswith("ROLLER_"):
-            del env[key]
-    return env
-
-
-def start_roller(servers: Servers, workdir: str, name: str, seed: int = 0, prefix: str = "bt"
+def start_roller(servers: Procs, workdir: str, name: str, seed: int = 0, prefix: str = "bt"
                  ) -> tuple[subprocess.Popen, int, str]:
     """
     A roller from the source tree on a fresh state dir; C{seed} machines
@@ -439,13 +318,11 @@ def start_roller(servers: Servers, workdir: str, name: str, seed: int = 0, prefi
     db_path = os.path.join(state, "roller.db")
     env = roller_env()
     if seed:
-        subprocess.run([sys.executable, "-c", SEED_CODE, db_path, prefix, str(seed)], env=env, cwd=state,
-                       check=True)
+        seed_db(db_path, prefix, seed, env=env, cwd=state)
     port = free_port()
     log_path = os.path.join(state, "roller.log")
     proc = servers.start(
-        [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-         "-n", "--pidfile=", "roller", "--auth", "none", "--listen", f"tcp:{port}:interface=127.0.0.1",
+        [*TWISTD, "roller", "--auth", "none", "--listen", f"tcp:{port}:interface=127.0.0.1",
          "--state-dir", state, "--config", config],
         log_path, cwd=state, env=env,
     )
@@ -486,7 +363,7 @@ def describe(name: str, r: dict[str, Any]) -> str:
             f"  cores used: server {r['server_cpu']:.2f}  client {r['client_cpu']:.2f}  others {r['other_cpu']:.2f}")
 
 
-def bench_throughput(servers: Servers, workdir: str, args: argparse.Namespace) -> dict[str, Any]:
+def bench_throughput(servers: Procs, workdir: str, args: argparse.Namespace) -> dict[str, Any]:
     """Rounds of (bare klein, roller) or (roller, bare klein), same load; every figure kept."""
     port = free_port()
     log_path = os.path.join(workdir, "bare_klein.log")
@@ -533,7 +410,7 @@ def bench_throughput(servers: Servers, workdir: str, args: argparse.Namespace) -
     return out
 
 
-def bench_memory(servers: Servers, workdir: str, args: argparse.Namespace) -> dict[str, Any]:
+def bench_memory(servers: Procs, workdir: str, args: argparse.Namespace) -> dict[str, Any]:
     jobs = args.jobs
     settle = 0.3 if args.quick else 1.0
     proc, port, db_path = start_roller(servers, workdir, "memory")
@@ -572,8 +449,7 @@ def main() -> None:
     parser.add_argument("--loadgen", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    if args.loadgen:
-        json.dump(asyncio.run(loadgen(json.loads(args.loadgen))), sys.stdout)
+    if child_mode(args.loadgen, lambda spec: asyncio.run(loadgen(spec))):
         return
     if args.quick:
         args.seconds, args.warmup = min(args.seconds, 1.5), min(args.warmup, 0.5)
@@ -581,7 +457,7 @@ def main() -> None:
     args.rounds = args.rounds or (1 if args.quick else 3)
 
     workdir = tempfile.mkdtemp(prefix="roller-bench-")
-    servers = Servers()
+    servers = Procs()
     print(f"roller bench: {os.cpu_count()} CPUs, C={args.concurrency}, {args.rounds} round(s) of "
           f"{args.warmup:g} s warm-up + {args.seconds:g} s per server; work dir {workdir}", flush=True)
     try:
@@ -638,10 +514,7 @@ def main() -> None:
     if others > 0.25:
         print(f"NOTE: other processes used up to {others:.2f} of {os.cpu_count()} CPUs during the windows: "
               "the figures are noisy (more --rounds, or a quiet machine)")
-    for p in problems:
-        print(f"PROBLEM: {p}")
-    if problems:
-        raise SystemExit(1)
+    report(problems)
 
 
 if __name__ == "__main__":
