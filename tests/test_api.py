@@ -16,7 +16,6 @@ import attrs
 import pytest
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, succeed
-from twisted.python.failure import Failure
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
@@ -25,7 +24,7 @@ from roller.inventory import Machine
 from roller.jobs import State
 from roller.queue import JobQueue
 from roller.tasks import Param, TaskRegistry, TaskSpec, ping
-from roller.testing.syncdb import sync_store
+from roller.testing.syncdb import result_of, run, sync_store
 from roller.web.api import Api
 
 ORIGIN = "https://tc.example"
@@ -37,18 +36,6 @@ NOT_CONFIGURED = "auth.mode is not set in roller.toml"
 # -- synchronous Deferreds --------------------------------------------------
 
 
-def result_of(d: Deferred) -> Any:
-    """The result of a Deferred that has already fired (raise its failure)."""
-    out: list = []
-    d.addBoth(out.append)
-    assert out, "Deferred has not fired"
-    if isinstance(out[0], Failure):
-        out[0].raiseException()
-    return out[0]
-
-
-def run(coro: Any) -> Any:
-    return result_of(Deferred.fromCoroutine(coro))
 
 
 # -- fakes -------------------------------------------------------------------

@@ -46,7 +46,7 @@ from roller.queue import JobQueue
 from roller.store import AuditEntry
 from roller.tasks import TaskRegistry, TaskSpec
 from roller.tasks.base import TaskFailed
-from roller.testing.syncdb import sync_store
+from roller.testing.syncdb import result_of, run, sync_store
 from roller.web.api import Api
 from roller.web.dashboard import (
     CsrfProtection, Dashboard, FleetFilter, IDashboardAuth, LoopbackDashboardAuth, Viewer, find_asset_dir,
@@ -63,17 +63,6 @@ REPO = Path(__file__).resolve().parent.parent
 # -- synchronous Deferreds ------------------------------------------------------
 
 
-def result_of(d: Deferred) -> Any:
-    out: list = []
-    d.addBoth(out.append)
-    assert out, "Deferred has not fired"
-    if isinstance(out[0], Failure):
-        out[0].raiseException()
-    return out[0]
-
-
-def run(coro: Any) -> Any:
-    return result_of(Deferred.fromCoroutine(coro))
 
 
 # -- fakes ------------------------------------------------------------------------

@@ -16,26 +16,17 @@ from prometheus_client.parser import text_string_to_metric_families
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.python.failure import Failure
 
 from roller.auth import AnonymousAuthenticator
 from roller.inventory import Machine
 from roller.metrics import Metrics
 from roller.queue import JobQueue
 from roller.tasks import TaskFailed, TaskRegistry, TaskSpec
-from roller.testing.syncdb import sync_store
+from roller.testing.syncdb import result_of, sync_store
 from roller.web.api import Api
 
 BASE = "http://roller.test"
 
-
-def result_of(d: Deferred) -> Any:
-    out: list = []
-    d.addBoth(out.append)
-    assert out, "Deferred has not fired"
-    if isinstance(out[0], Failure):
-        out[0].raiseException()
-    return out[0]
 
 
 class Env:

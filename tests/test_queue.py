@@ -8,27 +8,15 @@ from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred
-from twisted.python.failure import Failure
 
 from roller.errors import Conflict, NotFound, UnavailableError
 from roller.inventory import Machine
 from roller.jobs import State
 from roller.queue import JobQueue, QueueLimits
 from roller.tasks import Param, TaskFailed, TaskRegistry, TaskSpec
-from roller.testing.syncdb import sync_store
+from roller.testing.syncdb import result_of, run, sync_store
 
 
-def result_of(d: Deferred) -> Any:
-    out: list = []
-    d.addBoth(out.append)
-    assert out, "Deferred has not fired"
-    if isinstance(out[0], Failure):
-        out[0].raiseException()
-    return out[0]
-
-
-def run(coro) -> Any:
-    return result_of(Deferred.fromCoroutine(coro))
 
 
 class Controlled:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
@@ -54,19 +55,22 @@ def sync_database(path: str, clock: SyncClock) -> Database:
     return db
 
 
+def result_of(d: Deferred) -> Any:
+    """The result a Deferred already has (its failure raised); fails if it has none yet."""
+    out: list = []
+    d.addBoth(out.append)
+    assert out, "Deferred has not fired"
+    if isinstance(out[0], Failure):
+        out[0].raiseException()
+    return out[0]
+
+
+def run(coro: Any) -> Any:
+    """Run a coroutine that completes synchronously (on a sync store and clock); its result."""
+    return result_of(Deferred.fromCoroutine(coro))
+
+
 def sync_store(path: str = ":memory:", clock: SyncClock | None = None) -> tuple[Store, SyncClock]:
     """A real SQLite store that answers synchronously; and its clock."""
     clock = clock or SyncClock()
-    d = _ensure(open_store(path, clock, db=sync_database(path, clock)))
-    results: list = []
-    d.addBoth(results.append)
-    (result,) = results
-    if isinstance(result, Failure):
-        result.raiseException()
-    return result, clock
-
-
-def _ensure(coro):
-    from twisted.internet.defer import Deferred
-
-    return Deferred.fromCoroutine(coro)
+    return run(open_store(path, clock, db=sync_database(path, clock))), clock
