@@ -347,8 +347,12 @@ class JobQueue:
             settings=self._settings, secrets=self._secrets, drivers=self._drivers,
         )
         d = Deferred.fromCoroutine(spec.run(ctx, job.params))
-        d.addTimeout(self._limits.timeouts.get(spec.name, spec.timeout), self._reactor)
+        d.addTimeout(self._timeout(spec), self._reactor)
         return await d
+
+    def _timeout(self, spec: TaskSpec) -> float:
+        """A task's timeout: the configured one (tasks.timeouts), else its own."""
+        return self._limits.timeouts.get(spec.name, spec.timeout)
 
     def _finished(self, outcome: Any, job_id: str) -> None:
         job = self._jobs[job_id]
@@ -359,8 +363,7 @@ class JobQueue:
             state, result = State.succeeded, str(outcome)
         elif outcome.check(TimeoutError):
             state = State.timed_out
-            timeout = self._limits.timeouts.get(job.task_name) or self._tasks.get(job.task_name).timeout
-            error = f"timed out after {timeout:g} s"
+            error = f"timed out after {self._timeout(self._tasks.get(job.task_name)):g} s"
         elif outcome.check(CancelledError):
             state, error = self._cancel_reason.pop(job_id, (State.cancelled, "cancelled"))
         elif outcome.check(TaskFailed):
