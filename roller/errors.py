@@ -23,9 +23,6 @@ class RollerError(Exception):
         if status is not None:
             self.status = status
 
-    def as_json(self) -> dict:
-        return {"error": self.code, "message": self.message}
-
 
 class BadRequest(RollerError):
     status = 400
@@ -50,11 +47,6 @@ class NotFound(RollerError):
 class Conflict(RollerError):
     status = 409
     code = "conflict"
-
-
-class PayloadTooLarge(RollerError):
-    status = 413
-    code = "payload_too_large"
 
 
 class UnavailableError(RollerError):
