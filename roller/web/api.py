@@ -112,6 +112,12 @@ def _body(request: IRequest, *, required: bool = False) -> Any:
         raise BadRequest(f"the body is not valid JSON: {e}"[:200], code="invalid_json") from None
 
 
+def _check_reason(reason: str) -> str:
+    if len(reason) > 1000:
+        raise BadRequest("reason must be at most 1000 characters", code="invalid_body")
+    return reason
+
+
 @define
 class Api:
     store: Store
@@ -253,8 +259,7 @@ class Api:
             raise BadRequest(f"task {task_name} is not allowed on this roller", code="task_not_allowed")
         priority = _int_arg(request, "priority", PRIORITY_DEFAULT, PRIORITY_MIN, PRIORITY_MAX)
         reason = _arg(request, "reason") or ""
-        if len(reason) > 1000:  # checked here too, as the body's reason may replace it
-            raise BadRequest("reason must be at most 1000 characters", code="invalid_body")
+        _check_reason(reason)
         body = _body(request)
         params = None
         if body is not None:
@@ -267,15 +272,13 @@ class Api:
             if "reason" in body:
                 if not isinstance(body["reason"], str):
                     raise BadRequest("reason must be a string", code="invalid_body")
-                reason = body["reason"]
+                reason = _check_reason(body["reason"])
             if "priority" in body:
                 p = body["priority"]
                 if isinstance(p, bool) or not isinstance(p, int) or not PRIORITY_MIN <= p <= PRIORITY_MAX:
                     raise BadRequest(f"priority must be an integer from {PRIORITY_MIN} to {PRIORITY_MAX}",
                                      code="invalid_body")
                 priority = p
-        if len(reason) > 1000:
-            raise BadRequest("reason must be at most 1000 characters", code="invalid_body")
         principal = await self._authorize(request, self.scope_prefix + task_name)
         machine = await find()
         target = f"{machine.worker_group}/{machine.worker_id}"
