@@ -27,6 +27,8 @@ REPO = os.path.dirname(HERE)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 #: C{twistd -n} from this interpreter, no pid file; a plugin and its options follow.
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile="]
+#: roller as the README's C{make run} starts it (its own log observer: info and above).
+ROLLER_TWISTD = [*TWISTD, "--logger", "roller.logs.observer", "roller"]
 
 
 # -- child processes

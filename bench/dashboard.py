@@ -42,7 +42,7 @@ import threading
 import time
 from typing import Any
 
-from common import (TWISTD, Procs, child_mode, cpu_seconds, fetch, free_port, machine_busy, report, roller_env,
+from common import (ROLLER_TWISTD, TWISTD, Procs, child_mode, cpu_seconds, fetch, free_port, machine_busy, report, roller_env,
                     seed_db, wait_ready)
 
 PAGE_SIZE = 200  # roller.web.dashboard.Dashboard.page_size (not configurable)
@@ -139,7 +139,7 @@ def start_roller(servers: Procs, workdir: str, machines: int) -> tuple[subproces
     seed_db(os.path.join(state, "roller.db"), "bd", machines, jobs=True, env=env, cwd=state)
     port = free_port()
     log_path = os.path.join(state, "roller.log")
-    proc = servers.start([*TWISTD, "roller", "--auth", "none", "--listen", f"tcp:{port}:interface=127.0.0.1",
+    proc = servers.start([*ROLLER_TWISTD, "--auth", "none", "--listen", f"tcp:{port}:interface=127.0.0.1",
                           "--state-dir", state, "--config", config], log_path, cwd=state, env=env)
     wait_ready(proc, port, "/__lbheartbeat__", log_path)
     return proc, port

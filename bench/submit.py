@@ -36,7 +36,7 @@ import tempfile
 import time
 from typing import Any
 
-from common import (HERE, TWISTD, Procs, bench_ip, child_mode, cpu_seconds, fetch, free_port, machine_busy, percentile,
+from common import (HERE, ROLLER_TWISTD, TWISTD, Procs, bench_ip, child_mode, cpu_seconds, fetch, free_port, machine_busy, percentile,
                     report, roller_env, seed_db, wait_ready)
 
 ROLLER_CONFIG = """\
@@ -322,7 +322,7 @@ def start_roller(servers: Procs, workdir: str, name: str, seed: int = 0, prefix:
     port = free_port()
     log_path = os.path.join(state, "roller.log")
     proc = servers.start(
-        [*TWISTD, "roller", "--auth", "none", "--listen", f"tcp:{port}:interface=127.0.0.1",
+        [*ROLLER_TWISTD, "--auth", "none", "--listen", f"tcp:{port}:interface=127.0.0.1",
          "--state-dir", state, "--config", config],
         log_path, cwd=state, env=env,
     )

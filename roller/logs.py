@@ -11,12 +11,14 @@ from datetime import datetime, timezone
 from typing import IO, Any
 
 from twisted.logger import (
+    FileLogObserver,
     FilteringLogObserver,
     ILogObserver,
     LogLevel,
     LogLevelFilterPredicate,
     formatEvent,
-    textFileLogObserver,
+    formatEventAsClassicLogText,
+    formatTime,
 )
 from zope.interface import implementer
 
@@ -38,9 +40,11 @@ def event_as_json(event: dict) -> str:
         "namespace": event.get("log_namespace", "-"),
         "message": formatEvent(event),
     }
+    message = out["message"]
     for key, value in event.items():
-        if not key.startswith("log_") and key not in out and not key.startswith("_"):
-            out[key] = _plain(value)
+        if key.startswith(("log_", "_")) or key in out or (isinstance(value, str) and value == message):
+            continue  # (a field that is the whole message is not repeated)
+        out[key] = _plain(value)
     failure = event.get("log_failure")
     if failure is not None:
         out["failure"] = failure.getTraceback()
@@ -57,13 +61,38 @@ class JsonLinesObserver:
         self._out.flush()
 
 
+class _SecondsCache:
+    """
+    L{formatTime} (RFC 3339, local offset), worked out once per second:
+    a busy API logs thousands of access lines a second.
+    """
+
+    def __init__(self) -> None:
+        self._second: int | None = None
+        self._text = "-"
+
+    def __call__(self, when: float | None) -> str:
+        if when is None:
+            return "-"
+        second = int(when)
+        if second != self._second:
+            self._second, self._text = second, formatTime(second)
+        return self._text
+
+
+def text_observer(out: IO[str]) -> ILogObserver:
+    """Twisted's classic text lines (C{textFileLogObserver}'s format)."""
+    cached = _SecondsCache()
+    return FileLogObserver(out, lambda event: formatEventAsClassicLogText(event, formatTime=cached))
+
+
 # Libraries that narrate every connection at info level: one reboot of a
 # thousand machines would otherwise log tens of thousands of lines.
 QUIET_NAMESPACES = ("twisted.conch", "twisted.internet.endpoints", "roller.testing.fleet")
 
 
 def observer_for(fmt: str, out: IO[str], level: LogLevel = LogLevel.info) -> ILogObserver:
-    base = JsonLinesObserver(out) if fmt == "json" else textFileLogObserver(out)
+    base = JsonLinesObserver(out) if fmt == "json" else text_observer(out)
     predicate = LogLevelFilterPredicate(defaultLogLevel=level)
     for namespace in QUIET_NAMESPACES:
         predicate.setLogLevelForNamespace(namespace, LogLevel.warn)

@@ -14,6 +14,7 @@ from typing import Any
 from twisted.python import usage
 
 from roller.config import ConfigError, Settings, load_settings
+from roller.gctune import settle_heap
 from roller.secrets import SecretsError, load_secrets
 from roller.service import RollerService
 
@@ -90,6 +91,7 @@ def makeService(options: Options) -> RollerService:
             os._exit(1)
 
     reactor.addSystemEventTrigger("after", "shutdown", exit_if_failed)
+    service.ready.addCallback(lambda _: settle_heap())
     # SIGHUP: read the secrets file again, on the reactor thread
     signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(service.reload_secrets))
     return service

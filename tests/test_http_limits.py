@@ -563,3 +563,33 @@ def test_limits_from_constructor_override_site():
     assert request.too_large and request.content.tell() == 0
     request.handleContentChunk(b"more")
     assert request.content.tell() == 0 and request.body_received == 10
+
+
+# ------------------------------------------------------------ access log
+
+
+def test_access_event_is_structured_and_escaped():
+    """
+    One C{roller.access} event per request: the fields for a JSON log and
+    one line for a text log, where a crafted URI or header cannot start a
+    new line or break out of its quotes.
+    """
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        channel, transport, _ = connected_channel()
+        channel.dataReceived(
+            b'POST /x?a="b"%0A HTTP/1.1\r\nHost: t\r\nUser-Agent: evil" \x01agent\r\n'
+            b"Content-Length: 2\r\n\r\nhi"
+        )
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    [status] = [s for s, _, _ in parse_responses(transport.value())]
+    (event,) = [e for e in events if e.get("log_namespace") == "roller.access"]
+    assert (event["method"], event["uri"], event["status"]) == ("POST", '/x?a=\\"b\\"%0A', status)
+    client = transport.getPeer().host
+    assert event["bytes"] > 0 and event["client"] == client
+    assert event["agent"] == 'evil\\" \\x01agent' and event["referer"] == "-"
+    line = event["access_line"]
+    assert line == f'{client} "POST /x?a=\\"b\\"%0A HTTP/1.1" {status} {event["bytes"]} "-" "evil\\" \\x01agent"'
+    assert "\n" not in line and "\x01" not in line

@@ -1,7 +1,7 @@
 import io
 import json
 
-from twisted.logger import Logger, LogPublisher
+from twisted.logger import Logger, LogLevel, LogPublisher
 
 from roller.logs import observer_for
 
@@ -50,3 +50,25 @@ def test_chatty_library_namespaces_only_warn(capsys):
     Logger(namespace="roller.queue", observer=pub).info("job queued")
     text = out.getvalue()
     assert "kex alg" not in text and "host key mismatch" in text and "job queued" in text
+
+
+def test_text_time_prefix_matches_twisted_and_follows_the_clock():
+    from twisted.logger import formatTime
+
+    out = io.StringIO()
+    pub = LogPublisher(observer_for("text", out))
+    for when in (1_700_000_000.25, 1_700_000_000.75, 1_700_000_001.0, 1_600_000_000.0):
+        pub({"log_format": "at {n}", "n": when, "log_time": when, "log_namespace": "roller.test",
+             "log_level": LogLevel.info})
+    stamps = [line.split(" ", 1)[0] for line in out.getvalue().splitlines()]
+    assert stamps == [formatTime(t) for t in (1_700_000_000, 1_700_000_000, 1_700_000_001, 1_600_000_000)]
+    assert stamps[1] != stamps[2] and stamps[2] != stamps[3]
+
+
+def test_json_does_not_repeat_a_field_that_is_the_message():
+    out = io.StringIO()
+    log = Logger(namespace="roller.access", observer=LogPublisher(observer_for("json", out)))
+    log.info("{access_line}", access_line='127.0.0.1 "GET / HTTP/1.1" 200 5', status=200)
+    (record,) = map(json.loads, out.getvalue().splitlines())
+    assert record["message"] == '127.0.0.1 "GET / HTTP/1.1" 200 5' and record["status"] == 200
+    assert "access_line" not in record

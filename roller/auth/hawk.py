@@ -56,6 +56,7 @@ import json
 import math
 import time
 from datetime import datetime, timezone
+from functools import lru_cache
 from typing import Any, Iterable, Mapping, Sequence
 from urllib.parse import urlparse
 
@@ -186,7 +187,17 @@ def client_ip(request: Any, trusted_proxies: Sequence[Network] = ()) -> str | No
     The address of the client: the TCP peer, or, when the peer is a trusted
     proxy, the address it forwarded in C{X-Forwarded-For}.
     """
-    return _forwarded_for(request, _address(_peer_ip(request)), trusted_proxies)
+    peer, shown = _peer(_peer_ip(request))
+    if not trusted_proxies or not _trusted(peer, trusted_proxies):
+        return shown
+    return _forwarded_for(request, peer, trusted_proxies)
+
+
+@lru_cache(maxsize=4096)
+def _peer(text: str | None) -> tuple[Address | None, str | None]:
+    """A TCP peer's address and how it is shown (remembered: a few hosts make every request)."""
+    addr = _address(text)
+    return addr, (str(addr) if addr is not None else text)
 
 
 def _split_host(value: str) -> tuple[str, int | None]:

@@ -44,6 +44,7 @@ import json
 import re
 import secrets
 from collections import deque
+from functools import cached_property
 from typing import Any, Callable, Iterable
 
 from attrs import frozen
@@ -72,12 +73,20 @@ _WIRE_ID = re.compile(r"([0-9a-f]{1,32})-([0-9]{1,18})")
 
 @frozen
 class HubEvent:
-    """One event as the hub keeps it: its number, the job and event, the encoded frame."""
+    """
+    One event as the hub keeps it: its number, the job and event, and the
+    encoded frame, made when a stream first needs it (most events are
+    published with no dashboard watching).
+    """
 
     id: int
     job: Job
     event: JobEvent
-    frame: bytes
+    wire_id: str
+
+    @cached_property
+    def frame(self) -> bytes:
+        return sse_frame({"job": job_summary(self.job), "event": _event_json(self.event)}, event_id=self.wire_id)
 
     @property
     def job_id(self) -> str:
@@ -219,8 +228,7 @@ class EventHub:
         """Number, keep and fan out one event (the queue listener)."""
         self._last += 1
         n = self._last
-        frame = sse_frame({"job": job_summary(job), "event": _event_json(event)}, event_id=self.wire_id(n))
-        hub_event = HubEvent(n, job, event, frame)
+        hub_event = HubEvent(n, job, event, self.wire_id(n))
         self._buffer.append(hub_event)
         for client in list(self._everything):
             client.offer(hub_event)
