@@ -8,6 +8,8 @@ The job model: one run of a task on a machine, and its state machine.
 
 from __future__ import annotations
 
+import os
+import time
 import uuid
 from datetime import datetime, timezone
 from enum import Enum
@@ -52,7 +54,18 @@ def iso(ts: float | None) -> str | None:
 
 
 def new_job_id() -> str:
-    return str(uuid.uuid4())
+    """
+    A UUID version 7 (RFC 9562): 48 bits of Unix time in milliseconds, then
+    74 random bits.  Ids made later sort later, so the database's indexes
+    on job ids grow at their end; random (version 4) ids scattered every
+    insert across the whole index, and submitting got slower as the
+    history grew.  Still unguessable.
+    """
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")  # 80 bits; 74 used
+    value = ((ms & 0xFFFF_FFFF_FFFF) << 80 | 0x7 << 76 | (rand >> 68 & 0xFFF) << 64
+             | 0b10 << 62 | rand & ((1 << 62) - 1))
+    return str(uuid.UUID(int=value))
 
 
 @frozen

@@ -742,6 +742,56 @@ def test_one_failing_write_fails_only_itself(held) -> None:
     assert result_of(read) == 1
 
 
+def test_a_burst_of_submissions_is_one_insert_per_table(held) -> None:
+    store, pool = held
+    statements: list[str] = []
+    traced = store.db.read(lambda c: c.connection.set_trace_callback(statements.append))
+    pool.run_all()
+    result_of(traced)
+    blocker = store.audit.add(AuditEntry(time=1.0, actor="a", action="first", result="ok"))
+    jobs = [job(f"w{i}") for i in range(5)]
+    inserts = [
+        store.jobs.insert(j, JobEvent(j.id, 2.0, "state", "queued", {"state": "queued"}),
+                          AuditEntry(time=2.0, actor="a", action="job.create", target=j.worker_id, result=j.id))
+        for j in jobs
+    ]
+    pool.run_one()
+    result_of(blocker)
+    del statements[:]
+    pool.run_one()
+    inserted = [result_of(d) for d in inserts]
+    assert [s.split(" (")[0] for s in statements if s.startswith("INSERT")] == [
+        "INSERT INTO jobs", "INSERT INTO job_events", "INSERT INTO audit"]
+    # each job got its own row's seq, in submission order
+    assert [j.id for j in inserted] == [j.id for j in jobs]
+    stored = store.db.read(lambda c: dict(c.execute("SELECT id, seq FROM jobs").fetchall()))
+    pool.run_all()
+    assert {j.id: j.seq for j in inserted} == result_of(stored)
+    assert [j.seq for j in inserted] == sorted(j.seq for j in inserted)
+    events = [store.jobs.events(j.id) for j in jobs]
+    audit = store.audit.list()
+    pool.run_all()
+    assert [[e.message for e in result_of(d)] for d in events] == [["queued"]] * 5
+    assert sorted(e.result for e in result_of(audit) if e.action == "job.create") == sorted(j.id for j in jobs)
+
+
+def test_combined_inserts_keep_their_order_around_other_writes(held) -> None:
+    store, pool = held
+    blocker = store.audit.add(AuditEntry(time=1.0, actor="a", action="first", result="ok"))
+    a, b, c = job("wa"), job("wb"), job("wc")
+    da, db_ = store.jobs.insert(a), store.jobs.insert(b)
+    moved = store.jobs.update(a.transition(State.running, 5.0))  # after a's insert, before c's
+    dc = store.jobs.insert(c)
+    pool.run_all()
+    result_of(blocker)
+    assert result_of(moved).state is State.running
+    ja, jb, jc = result_of(da), result_of(db_), result_of(dc)
+    assert ja.seq < jb.seq < jc.seq
+    read = store.jobs.get(a.id)
+    pool.run_all()
+    assert result_of(read).state is State.running
+
+
 def test_a_write_issued_from_a_write_callback_runs(held) -> None:
     store, pool = held
     seen: list = []
@@ -950,3 +1000,21 @@ def test_machines_written_elsewhere_appear_after_refresh(tmp_path: Path) -> None
     result_of(daemon.machines.put(machine("w10")))
     assert result_of(daemon.machines.get("mdc1", "w10")) is not None
     assert result_of(daemon.machines.refresh()) is False
+
+
+def test_job_ids_are_uuid7_time_ordered_and_unguessable(monkeypatch):
+    import uuid as uuid_module
+
+    from roller import jobs as jobs_module
+
+    now = [1_700_000_000_000_000_000]
+    monkeypatch.setattr(jobs_module.time, "time_ns", lambda: now[0])
+    same_ms = [new_job_id() for _ in range(200)]
+    now[0] += 1_000_000  # one millisecond later
+    later = new_job_id()
+    for text in same_ms + [later]:
+        parsed = uuid_module.UUID(text)
+        assert str(parsed) == text and parsed.version == 7 and parsed.variant == uuid_module.RFC_4122
+        assert parsed.int >> 80 == now[0] // 1_000_000 - (text != later)
+    assert len(set(same_ms)) == 200  # the 74 random bits differ
+    assert max(same_ms) < later

@@ -9,7 +9,7 @@ from attrs import frozen
 from twisted.internet.defer import Deferred
 
 from roller.jobs import iso
-from roller.store.db import Cursor, Database
+from roller.store.db import Cursor, Database, insert_rows
 
 
 @frozen
@@ -32,12 +32,17 @@ class AuditEntry:
 
 def add_audit(c: Cursor, entry: AuditEntry) -> None:
     """Write C{entry} with cursor C{c} (inside another write's transaction)."""
-    c.execute(
-        "INSERT INTO audit (time, actor, source_ip, action, target, params, result)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (entry.time, entry.actor, entry.source_ip, entry.action, entry.target,
-         None if entry.params is None else json.dumps(entry.params), entry.result),
-    )
+    add_audits(c, [entry])
+
+
+def add_audits(c: Cursor, entries: list[AuditEntry]) -> None:
+    """Write C{entries} (multi-row C{INSERT}s)."""
+    if entries:
+        insert_rows(c, "audit (time, actor, source_ip, action, target, params, result)", [
+            (e.time, e.actor, e.source_ip, e.action, e.target,
+             None if e.params is None else json.dumps(e.params), e.result)
+            for e in entries
+        ])
 
 
 class AuditTable:

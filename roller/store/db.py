@@ -15,6 +15,7 @@ import os
 import sqlite3
 from typing import Any, Callable, TypeVar
 
+from attrs import define
 from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
@@ -24,7 +25,80 @@ from roller.store.schema import MIGRATIONS
 
 log = Logger()
 T = TypeVar("T")
+A = TypeVar("A")
 Cursor = sqlite3.Cursor
+
+
+@define
+class _Write:
+    fn: Callable[..., Any]
+    rows: bool  # made by write_rows: combines with its neighbours of the same fn
+    args: Any  # write(): the arguments; write_rows(): the item
+    d: Deferred
+
+
+def _units(pending: list[_Write]) -> list[list[_Write]]:
+    """Pending writes in order, neighbouring L{Database.write_rows} of one fn together."""
+    units: list[list[_Write]] = []
+    for w in pending:
+        last = units[-1] if units else None
+        if w.rows and last is not None and last[0].rows and last[0].fn is w.fn:
+            last.append(w)
+        else:
+            units.append([w])
+    return units
+
+
+def _call(cursor: Cursor, unit: list[_Write]) -> list[Any]:
+    """Run one unit: a plain write, or combined rows; one result per write."""
+    first = unit[0]
+    if not first.rows:
+        return [first.fn(cursor, *first.args)]
+    results = first.fn(cursor, [w.args for w in unit])
+    if len(results) != len(unit):
+        raise StoreError(f"{first.fn!r} returned {len(results)} results for {len(unit)} rows")
+    return results
+
+
+def _in_savepoint(cursor: Cursor, unit: list[_Write]) -> list[tuple[bool, Any]]:
+    """
+    Run C{unit} in a savepoint: on failure its changes are undone and, for
+    combined rows, each row is tried alone so only the bad ones fail.
+    """
+    cursor.execute("SAVEPOINT w")
+    try:
+        try:
+            return [(True, r) for r in _call(cursor, unit)]
+        except Exception as e:
+            cursor.execute("ROLLBACK TO w")
+            if len(unit) == 1:
+                return [(False, e)]
+        return [outcome for w in unit for outcome in _in_savepoint(cursor, [w])]
+    finally:
+        cursor.execute("RELEASE w")
+
+
+#: rows per multi-row INSERT (16 parameters a row stays far below SQLite's 32766)
+ROWS_PER_INSERT = 256
+
+
+def insert_rows(c: Cursor, into: str, rows: list[tuple], returning: str = "") -> list[Any]:
+    """
+    C{INSERT INTO <into> VALUES (...), (...)}: one statement per
+    L{ROWS_PER_INSERT} rows; the C{RETURNING} rows if asked for (in no
+    promised order).
+    """
+    out: list[Any] = []
+    for i in range(0, len(rows), ROWS_PER_INSERT):
+        chunk = rows[i:i + ROWS_PER_INSERT]
+        row = "(" + ", ".join("?" * len(chunk[0])) + ")"
+        sql = f"INSERT INTO {into} VALUES {', '.join([row] * len(chunk))}"
+        args = [value for r in chunk for value in r]
+        if returning:
+            out += c.execute(f"{sql} RETURNING {returning}", args).fetchall()
+        else:
+            c.execute(sql, args)
+    return out
 
 
 class StoreError(Exception):
@@ -49,7 +123,7 @@ class Database:
 
     def __init__(self, pool: adbapi.ConnectionPool):
         self._pool = pool
-        self._pending: list[tuple[Callable[..., Any], tuple, Deferred]] = []
+        self._pending: list[_Write] = []
         self._flushing = False
         self._closed = False  # close() was called: no new work is accepted
         self._pool_closed = False
@@ -70,6 +144,7 @@ class Database:
             path,
             check_same_thread=False,
             isolation_level=None,
+            cached_statements=512,  # multi-row INSERTs come in many sizes
             cp_min=1,
             cp_max=1,
             cp_openfun=lambda conn: _open_connection(conn, synchronous),
@@ -105,37 +180,48 @@ class Database:
         """
         Run C{fn(cursor, *args)} in a transaction; fire once committed.
         """
+        return self._add(fn, False, args)
+
+    def write_rows(self, fn: Callable[[Cursor, list[A]], list[T]], item: A) -> "Deferred[T]":
+        """
+        Like L{write}, for writes that combine: consecutive pending writes
+        made with the same C{fn} run as one call C{fn(cursor, items)}, which
+        returns one result per item (e.g. one multi-row C{INSERT} for a burst
+        of submissions instead of a statement per job).  If that call fails,
+        each item is tried again alone, in its own savepoint, so a bad item
+        fails only its own Deferred.
+        """
+        return self._add(fn, True, item)
+
+    def _add(self, fn: Callable[..., Any], rows: bool, args: Any) -> Deferred:
         if self._closed:
             return fail(StoreError("the database is closed"))
         d: Deferred = Deferred()
-        self._pending.append((fn, args, d))
+        self._pending.append(_Write(fn, rows, args, d))
         if not self._flushing:
             self._flush()
         return d
 
     def _flush(self) -> None:
-        batch, self._pending = self._pending, []
+        units = _units(self._pending)
+        self._pending = []
         self._flushing = True
 
         def run(conn: Any) -> list[tuple[bool, Any]]:
             outcomes: list[tuple[bool, Any]] = []
             cursor = conn.cursor()
-            single = len(batch) == 1  # a lone write needs no savepoint of its own
+            single = len(units) == 1 and len(units[0]) == 1  # a lone write needs no savepoint
             cursor.execute("BEGIN IMMEDIATE")
             try:
-                for i, (fn, args, _) in enumerate(batch):
-                    if not single:
-                        cursor.execute(f"SAVEPOINT w{i}")
+                if single:
                     try:
-                        outcomes.append((True, fn(cursor, *args)))
+                        outcomes.append((True, _call(cursor, units[0])[0]))
                     except Exception as e:
-                        if single:
-                            cursor.execute("ROLLBACK")
-                            return [(False, e)]
-                        cursor.execute(f"ROLLBACK TO w{i}")
-                        outcomes.append((False, e))
-                    if not single:
-                        cursor.execute(f"RELEASE w{i}")
+                        cursor.execute("ROLLBACK")
+                        return [(False, e)]
+                else:
+                    for unit in units:
+                        outcomes.extend(_in_savepoint(cursor, unit))
                 cursor.execute("COMMIT")
             except BaseException:
                 try:
@@ -147,20 +233,22 @@ class Database:
                 cursor.close()
             return outcomes
 
+        writes = [w for unit in units for w in unit]
+
         def done(outcomes: Any) -> None:
             # Still "flushing" while the callbacks run: a write they ask for
             # joins the next batch instead of starting a second transaction
             # next to this one's follow-up.
             try:
                 if isinstance(outcomes, Failure):
-                    for _, _, d in batch:
-                        d.errback(outcomes)
+                    for w in writes:
+                        w.d.errback(outcomes)
                 else:
-                    for (_, _, d), (ok, value) in zip(batch, outcomes):
+                    for w, (ok, value) in zip(writes, outcomes):
                         if ok:
-                            d.callback(value)
+                            w.d.callback(value)
                         else:
-                            d.errback(Failure(value))
+                            w.d.errback(Failure(value))
             finally:
                 self._flushing = False
             if self._pending:

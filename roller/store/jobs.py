@@ -9,8 +9,8 @@ from attrs import evolve
 from twisted.internet.defer import Deferred
 
 from roller.jobs import Job, JobEvent, State
-from roller.store.audit import AuditEntry, add_audit
-from roller.store.db import Cursor, Database
+from roller.store.audit import AuditEntry, add_audits
+from roller.store.db import Cursor, Database, insert_rows
 
 _COLUMNS = (
     "id, task_name, worker_group, worker_id, params, requester, origin_ip, reason,"
@@ -50,6 +50,27 @@ def _event(row: Any) -> JobEvent:
     )
 
 
+def add_events(c: Cursor, events: list[JobEvent]) -> None:
+    """Insert C{events} (multi-row C{INSERT}s)."""
+    if events:
+        insert_rows(c, "job_events (job_id, time, kind, message, data)", [
+            (e.job_id, e.time, e.kind, e.message, json.dumps(e.data) if e.data else None) for e in events
+        ])
+
+
+def _insert_jobs(c: Cursor, items: list[tuple[Job, JobEvent | None, AuditEntry | None]]) -> list[Job]:
+    """New jobs, their first events and audit entries; the jobs with their C{seq}."""
+    seqs = dict(insert_rows(c, f"jobs ({_COLUMNS})", [
+        (job.id, job.task_name, job.worker_group, job.worker_id, json.dumps(job.params),
+         job.requester, job.origin_ip, job.reason, job.priority, job.state.value,
+         job.created_at, job.started_at, job.finished_at, job.result, job.error)
+        for job, _, _ in items
+    ], returning="id, seq"))
+    add_events(c, [event for _, event, _ in items if event is not None])
+    add_audits(c, [audit for _, _, audit in items if audit is not None])
+    return [evolve(job, seq=seqs[job.id]) for job, _, _ in items]
+
+
 class JobTable:
     def __init__(self, db: Database):
         self._db = db
@@ -57,26 +78,10 @@ class JobTable:
     def insert(self, job: Job, event: JobEvent | None = None, audit: "AuditEntry | None" = None) -> "Deferred[Job]":
         """
         Persist a new job (and its first event, and the audit entry of its
-        request, in the same transaction); the job with its C{seq}.
+        request, in the same transaction); the job with its C{seq}.  A burst
+        of submissions is written with one multi-row C{INSERT} per table.
         """
-
-        def run(c: Cursor) -> Job:
-            c.execute(
-                f"INSERT INTO jobs ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    job.id, job.task_name, job.worker_group, job.worker_id, json.dumps(job.params),
-                    job.requester, job.origin_ip, job.reason, job.priority, job.state.value,
-                    job.created_at, job.started_at, job.finished_at, job.result, job.error,
-                ),
-            )
-            seq = c.lastrowid
-            if event is not None:
-                self._add_event(c, event)
-            if audit is not None:
-                add_audit(c, audit)
-            return evolve(job, seq=seq)
-
-        return self._db.write(run)
+        return self._db.write_rows(_insert_jobs, (job, event, audit))
 
     def update(self, job: Job, event: JobEvent | None = None) -> "Deferred[Job]":
         """Persist a job's state, times and outcome (and an event)."""
@@ -97,17 +102,13 @@ class JobTable:
         events = list(events)
 
         def run(c: Cursor) -> None:
-            for e in events:
-                self._add_event(c, e)
+            add_events(c, events)
 
         return self._db.write(run)
 
     @staticmethod
     def _add_event(c: Cursor, e: JobEvent) -> None:
-        c.execute(
-            "INSERT INTO job_events (job_id, time, kind, message, data) VALUES (?, ?, ?, ?, ?)",
-            (e.job_id, e.time, e.kind, e.message, json.dumps(e.data) if e.data else None),
-        )
+        add_events(c, [e])
 
     def get(self, job_id: str) -> "Deferred[Job | None]":
         def q(c: Cursor) -> Job | None:
