@@ -593,3 +593,14 @@ def test_access_event_is_structured_and_escaped():
     line = event["access_line"]
     assert line == f'{client} "POST /x?a=\\"b\\"%0A HTTP/1.1" {status} {event["bytes"]} "-" "evil\\" \\x01agent"'
     assert "\n" not in line and "\x01" not in line
+
+
+def test_channel_asks_the_socket_for_its_address_once():
+    channel, transport, _ = connected_channel()
+    asked = []
+    real = transport.getHost
+    transport.getHost = lambda: asked.append(1) or real()
+    for _ in range(3):
+        channel.dataReceived(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\nhi")
+    assert [s for s, _, _ in parse_responses(transport.value())] == [200, 200, 200]
+    assert len(asked) == 1 and channel.getHost() == real()

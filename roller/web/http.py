@@ -331,6 +331,17 @@ class RollerHTTPChannel(http.HTTPChannel):
     _lingerCall = None
     discarded = 0
 
+    _host = None
+
+    def getHost(self) -> object:
+        """
+        The local address, asked of the socket once: every request reads it
+        (twisted.web and Klein both), and a connection's never changes.
+        """
+        if self._host is None:
+            self._host = super().getHost()
+        return self._host
+
     # -- input --------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
