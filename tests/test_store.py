@@ -157,7 +157,8 @@ def held_store(path: str) -> tuple[Store, HeldThreadPool, SyncClock]:
     clock = SyncClock()
     db = sync_database(path, clock)
     pool = HeldThreadPool()
-    db._pool.threadpool = pool
+    for each in db.pools:
+        each.threadpool = pool
     d = Deferred.fromCoroutine(open_store(path, clock, db=db))
     pool.run_all()
     return result_of(d), pool, clock
@@ -210,8 +211,9 @@ def file_opened(tmp_path: Path):
     result_of(o.store.close())
 
 
-def pragma(store: Store, name: str) -> Any:
-    return result_of(store.db.read(lambda c: c.execute(f"PRAGMA {name}").fetchone()[0]))
+def pragma(store: Store, name: str, *, reader: bool = False) -> Any:
+    read = store.db.read if reader else store.db.read_on_writer
+    return result_of(read(lambda c: c.execute(f"PRAGMA {name}").fetchone()[0]))
 
 
 def schema_version(store: Store) -> int:
@@ -284,6 +286,38 @@ def test_connection_pragmas(opened: Opened) -> None:
     assert pragma(store, "foreign_keys") == 1
     assert pragma(store, "synchronous") == 1  # NORMAL
     assert pragma(store, "busy_timeout") == 5000
+    # reads: their own connection on a file (never queued behind writes), read-only
+    assert len(store.db.pools) == (2 if opened.is_file else 1)
+    if opened.is_file:
+        assert pragma(store, "query_only", reader=True) == 1
+        assert pragma(store, "journal_mode", reader=True) == "wal"
+        failure_of(store.db.read(lambda c: c.execute("DELETE FROM jobs")), sqlite3.OperationalError)
+
+
+def test_a_read_is_not_queued_behind_writes(tmp_path: Path) -> None:
+    path = str(tmp_path / "two.db")
+    clock = SyncClock()
+    db = sync_database(path, clock)
+    writer, reader = HeldThreadPool(), HeldThreadPool()
+    db.pools[0].threadpool, db.pools[1].threadpool = writer, reader
+    opening = Deferred.fromCoroutine(open_store(path, clock, db=db))
+    writer.run_all()
+    store = result_of(opening)
+    inserted = store.jobs.insert(job("w0"))
+    assert len(writer.queue) == 1  # in flight, not run
+    counted = store.jobs.counts()
+    assert len(reader.queue) == 1
+    reader.run_one()  # answered while the write is still in flight: it sees the last commit
+    assert result_of(counted) == {}
+    writer.run_all()
+    assert result_of(inserted).seq is not None
+    counted = store.jobs.counts()
+    reader.run_one()
+    assert result_of(counted) == {"queued": 1}
+    closing = store.close()
+    writer.run_all()
+    reader.run_all()
+    result_of(closing)
 
 
 def test_foreign_keys_are_enforced(store: Store) -> None:
@@ -745,7 +779,7 @@ def test_one_failing_write_fails_only_itself(held) -> None:
 def test_a_burst_of_submissions_is_one_insert_per_table(held) -> None:
     store, pool = held
     statements: list[str] = []
-    traced = store.db.read(lambda c: c.connection.set_trace_callback(statements.append))
+    traced = store.db.read_on_writer(lambda c: c.connection.set_trace_callback(statements.append))
     pool.run_all()
     result_of(traced)
     blocker = store.audit.add(AuditEntry(time=1.0, actor="a", action="first", result="ok"))
@@ -854,7 +888,8 @@ async def test_threaded_open_pragmas_and_reopen(tmp_path: Path) -> None:
     store = await open_store(path, _real_reactor())
     try:
         assert await store.db.read(lambda c: c.execute("PRAGMA journal_mode").fetchone()[0]) == "wal"
-        assert await store.db.read(lambda c: c.execute("PRAGMA foreign_keys").fetchone()[0]) == 1
+        assert await store.db.read_on_writer(lambda c: c.execute("PRAGMA foreign_keys").fetchone()[0]) == 1
+        assert await store.db.read(lambda c: c.execute("PRAGMA query_only").fetchone()[0]) == 1
         assert await store.machines.put(Machine.from_json(FULL_MACHINE_JSON)) is True
     finally:
         await store.close()

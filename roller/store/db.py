@@ -78,6 +78,11 @@ def _in_savepoint(cursor: Cursor, unit: list[_Write]) -> list[tuple[bool, Any]]:
         cursor.execute("RELEASE w")
 
 
+#: Writes committed together at most.  Their Deferreds fire in one reactor
+#: turn: a thousand submissions answered at once would hold the reactor
+#: (and every other request) for a quarter of a second.
+MAX_BATCH = 64
+
 #: rows per multi-row INSERT (16 parameters a row stays far below SQLite's 32766)
 ROWS_PER_INSERT = 256
 
@@ -113,16 +118,28 @@ def _open_connection(conn: sqlite3.Connection, synchronous: str = "NORMAL") -> N
     conn.execute("PRAGMA busy_timeout=5000")
 
 
+def _open_reader(conn: sqlite3.Connection) -> None:
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA query_only=ON")
+    conn.execute("PRAGMA busy_timeout=5000")
+
+
 class Database:
     """
-    An adbapi pool of one SQLite connection with batched writes.
+    An adbapi pool of one SQLite connection with batched writes, and
+    optionally a second, read-only one for reads.
 
     @param pool: an L{adbapi.ConnectionPool} of C{sqlite3} connections made
         with C{isolation_level=None} (transactions are ours).
+    @param readers: the pool L{read} uses, if not C{pool}.  With WAL a
+        reader sees every transaction committed before its read began and
+        never waits for the writer: a status query is not queued behind a
+        burst of a thousand job updates.
     """
 
-    def __init__(self, pool: adbapi.ConnectionPool):
+    def __init__(self, pool: adbapi.ConnectionPool, readers: adbapi.ConnectionPool | None = None):
         self._pool = pool
+        self._readers = readers
         self._pending: list[_Write] = []
         self._flushing = False
         self._closed = False  # close() was called: no new work is accepted
@@ -139,25 +156,45 @@ class Database:
         if path != ":memory:":
             parent = os.path.dirname(os.path.abspath(path))
             os.makedirs(parent, exist_ok=True)
-        pool = adbapi.ConnectionPool(
-            "sqlite3",
-            path,
-            check_same_thread=False,
-            isolation_level=None,
-            cached_statements=512,  # multi-row INSERTs come in many sizes
-            cp_min=1,
-            cp_max=1,
-            cp_openfun=lambda conn: _open_connection(conn, synchronous),
-            cp_reactor=reactor,
-        )
-        return cls(pool)
+        def pool(openfun: Callable[[sqlite3.Connection], None]) -> adbapi.ConnectionPool:
+            return adbapi.ConnectionPool(
+                "sqlite3",
+                path,
+                check_same_thread=False,
+                isolation_level=None,
+                cached_statements=512,  # multi-row INSERTs come in many sizes
+                cp_min=1,
+                cp_max=1,
+                cp_openfun=openfun,
+                cp_reactor=reactor,
+            )
+
+        writer = pool(lambda conn: _open_connection(conn, synchronous))
+        if path == ":memory:":  # one connection is the whole database
+            return cls(writer)
+        return cls(writer, pool(_open_reader))
+
+    @property
+    def pools(self) -> list[adbapi.ConnectionPool]:
+        """The writer's pool, then the readers' if there is one."""
+        return [self._pool] + ([self._readers] if self._readers is not None else [])
 
     @property
     def closed(self) -> bool:
         return self._closed
 
     def read(self, fn: Callable[..., T], *args: Any) -> "Deferred[T]":
-        """Run C{fn(cursor, *args)} on the database thread; its result."""
+        """Run C{fn(cursor, *args)} on the readers' connection; its result."""
+        return self._read(self._readers or self._pool, fn, args)
+
+    def read_on_writer(self, fn: Callable[..., T], *args: Any) -> "Deferred[T]":
+        """
+        Like L{read}, on the writer's connection: for C{PRAGMA data_version},
+        which counts commits by I{other} connections.
+        """
+        return self._read(self._pool, fn, args)
+
+    def _read(self, pool: adbapi.ConnectionPool, fn: Callable[..., T], args: tuple) -> "Deferred[T]":
         if self._closed:
             return fail(StoreError("the database is closed"))
 
@@ -174,7 +211,7 @@ class Database:
             return result
 
         self._reads += 1
-        return self._pool.runWithConnection(run).addBoth(answered)
+        return pool.runWithConnection(run).addBoth(answered)
 
     def write(self, fn: Callable[..., T], *args: Any) -> "Deferred[T]":
         """
@@ -203,8 +240,8 @@ class Database:
         return d
 
     def _flush(self) -> None:
-        units = _units(self._pending)
-        self._pending = []
+        batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+        units = _units(batch)
         self._flushing = True
 
         def run(conn: Any) -> list[tuple[bool, Any]]:
@@ -304,7 +341,8 @@ class Database:
         if self._flushing or self._pending or self._reads:
             return
         self._pool_closed = True
-        self._pool.close()
+        for pool in self.pools:
+            pool.close()
         waiters, self._close_waiters = self._close_waiters, []
         for d in waiters:
             d.callback(None)

@@ -47,7 +47,7 @@ class MachineTable:
             version = c.execute("PRAGMA data_version").fetchone()[0]
             return version, [_row(r) for r in c.execute("SELECT data FROM machines").fetchall()]
 
-        version, machines = await self._db.read(q)
+        version, machines = await self._db.read_on_writer(q)
         self._cache = {}
         self._by_worker = {}
         for m in machines:
@@ -56,7 +56,7 @@ class MachineTable:
         return len(machines)
 
     async def _refresh(self) -> bool:
-        version = await self._db.read(lambda c: c.execute("PRAGMA data_version").fetchone()[0])
+        version = await self._db.read_on_writer(lambda c: c.execute("PRAGMA data_version").fetchone()[0])
         if version == self._data_version:
             return False
         await self._load()

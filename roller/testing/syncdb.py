@@ -50,8 +50,9 @@ class SyncClock(Clock):
 
 def sync_database(path: str, clock: SyncClock) -> Database:
     db = Database.connect(path, clock)
-    db._pool.threadpool = _NonThreadPool()
-    db._pool.running = True
+    for pool in db.pools:
+        pool.threadpool = _NonThreadPool()
+        pool.running = True
     return db
 
 
