@@ -18,7 +18,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["roller", "roller.*"]) + ["twisted.plugins"],
-    package_data={"twisted": ["plugins/roller_plugin.py"]},
+    package_data={"twisted": ["plugins/roller_plugin.py"], "roller": ["version.json"]},
     include_package_data=True,
     data_files=_tree("templates") + _tree("static"),
     install_requires=[

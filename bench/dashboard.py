@@ -7,7 +7,10 @@ part of CI.  See bench/README.md.
 
 roller (this source tree, twistd, --auth none, a temporary state dir) gets
 N machines and one finished ping job per machine (every 10th failed, the
-rest succeeded) written to its database first, through roller's own store.
+rest succeeded) written to its database first, through roller's own store,
+and a dashboard account (role viewer, made with `roller user add`); the
+client signs in once (POST /login) and sends its session cookie with every
+request, as a browser does.  The static server gets the same cookie.
 The fleet page has no "all" option: it shows 200 machines a page (the
 Dashboard's page_size, which neither the query string nor the config
 changes), so what is timed is
@@ -33,6 +36,7 @@ import http.client
 import json
 import resource
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -41,8 +45,9 @@ import tempfile
 import threading
 import time
 from typing import Any
+from urllib.parse import urlencode
 
-from common import (ROLLER_TWISTD, TWISTD, Procs, child_mode, cpu_seconds, fetch, free_port, machine_busy, report, roller_env,
+from common import (ROLLER_TWISTD, TWISTD, Procs, child_mode, cpu_seconds, free_port, machine_busy, report, roller_env,
                     seed_db, wait_ready)
 
 PAGE_SIZE = 200  # roller.web.dashboard.Dashboard.page_size (not configurable)
@@ -64,6 +69,7 @@ def client(spec: dict[str, Any]) -> dict[str, Any]:
     The latency of an iteration is the time for all its paths.
     """
     port, paths, total = spec["port"], spec["paths"], spec["iterations"]
+    headers = spec.get("headers", {})
     lock = threading.Lock()
     state = {"next": 0}
     lat: list[float] = []
@@ -82,7 +88,7 @@ def client(spec: dict[str, Any]) -> dict[str, Any]:
                     state["next"] += 1
                 t0 = time.perf_counter()
                 for p in paths:
-                    conn.request("GET", p)
+                    conn.request("GET", p, headers=headers)
                     r = conn.getresponse()
                     body = r.read()
                     st[r.status] = st.get(r.status, 0) + 1
@@ -128,6 +134,43 @@ def run_client(spec: dict[str, Any], pid: int) -> dict[str, Any]:
 
 # -- servers
 
+BENCH_USER, BENCH_PASSWORD = "bench", "bench-dashboard-password"
+
+
+def sign_in(port: int) -> str:
+    """Sign in to roller's dashboard as the bench account; the Cookie header to send."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request("GET", "/login")
+        r = conn.getresponse()
+        page = r.read().decode("utf-8")
+        cookies = {c.split("=", 1)[0]: c.split(";", 1)[0] for c in r.headers.get_all("Set-Cookie") or []}
+        m = re.search(r'name="csrf_token" value="([^"]+)"', page)
+        if r.status != 200 or m is None:
+            raise SystemExit(f"GET /login: {r.status}, no sign-in form")
+        body = urlencode({"csrf_token": m.group(1), "user": BENCH_USER, "password": BENCH_PASSWORD})
+        conn.request("POST", "/login", body=body, headers={
+            "Content-Type": "application/x-www-form-urlencoded", "Cookie": "; ".join(cookies.values())})
+        r = conn.getresponse()
+        r.read()
+        for c in r.headers.get_all("Set-Cookie") or []:
+            cookies[c.split("=", 1)[0]] = c.split(";", 1)[0]
+        if r.status != 303 or "roller_session" not in cookies:
+            raise SystemExit(f"POST /login: {r.status}, not signed in")
+        return "; ".join(cookies.values())
+    finally:
+        conn.close()
+
+
+def fetch_page(port: int, path: str, cookie: str) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request("GET", path, headers={"Cookie": cookie})
+        r = conn.getresponse()
+        return r.status, r.read()
+    finally:
+        conn.close()
+
 
 def start_roller(servers: Procs, workdir: str, machines: int) -> tuple[subprocess.Popen, int]:
     state = os.path.join(workdir, "roller")
@@ -137,6 +180,9 @@ def start_roller(servers: Procs, workdir: str, machines: int) -> tuple[subproces
         f.write(ROLLER_CONFIG)
     env = roller_env()
     seed_db(os.path.join(state, "roller.db"), "bd", machines, jobs=True, env=env, cwd=state)
+    subprocess.run([sys.executable, "-m", "roller.cli", "--state-dir", state, "--config", config, "user", "add",
+                    BENCH_USER, "--role", "viewer", "--password-stdin"], input=BENCH_PASSWORD + "\n", text=True,
+                   env=env, cwd=state, check=True, stdout=subprocess.DEVNULL)
     port = free_port()
     log_path = os.path.join(state, "roller.log")
     proc = servers.start([*ROLLER_TWISTD, "--auth", "none", "--listen", f"tcp:{port}:interface=127.0.0.1",
@@ -210,10 +256,11 @@ def main() -> None:
         roller, rport = start_roller(servers, workdir, args.machines)
         print(f"  {args.machines} machines + {args.machines} finished jobs written and roller started in "
               f"{time.monotonic() - t:.1f} s", flush=True)
+        cookie = sign_in(rport)
         # roller's answers, saved as the static server's files
         sizes = {}
         for n in range(1, pages + 1):
-            status, body = fetch(rport, f"/?page={n}")
+            status, body = fetch_page(rport, f"/?page={n}", cookie)
             if status != 200:
                 raise SystemExit(f"GET /?page={n}: {status} {body[:300]!r}")
             with open(os.path.join(docroot, f"page{n}.html"), "wb") as f:
@@ -238,8 +285,8 @@ def main() -> None:
                 order = ("roller", "static") if rnd % 2 == 0 else ("static", "roller")
                 for which in order:
                     port, pid, paths = (rport, roller.pid, rpaths) if which == "roller" else (sport, static.pid, spaths)
-                    r = run_client({"port": port, "paths": paths, "iterations": iterations, "concurrency": conc},
-                                   pid)
+                    r = run_client({"port": port, "paths": paths, "iterations": iterations, "concurrency": conc,
+                                    "headers": {"Cookie": cookie}}, pid)
                     results.setdefault((name, which), []).append(r)
                     print(f"  round {rnd + 1} {name:<28} {which:<6} p50 {statistics.median(r['latencies']) * 1000:8.1f} ms"
                           f"  {r['requests'] / r['wall']:7.1f} req/s  server CPU "

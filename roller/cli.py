@@ -7,6 +7,8 @@ daemon (settings resolved the same way: --config, ROLLER_*, options).
     roller import ipmi.json --group mdc1
     roller machines --group mdc1
     roller jobs --state failed
+    roller user add alice --role operator   # dashboard accounts: add, passwd, remove, list
+    roller actions --url https://roller.example.com   # Taskcluster worker action definitions
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any, Sequence
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import react
 
+from roller.auth.accounts import ROLES, check_password_policy, check_user_name, hash_password
 from roller.config import ConfigError, Settings, load_settings
 from roller.errors import RollerError
 from roller.jobs import JobEvent, State, iso
@@ -28,6 +31,7 @@ from roller.legacy_import import ImportFormatError, plan_import
 from roller.queue import JobQueue
 from roller.secrets import SecretsError, load_secrets, write_secrets
 from roller.store import AuditEntry, Store, StoreError, open_store
+from roller.store.users import NoSuchUser, UserExists
 from roller.tasks import builtin_tasks
 
 
@@ -70,6 +74,28 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--target", help="only entries about GROUP/WORKER_ID")
     a.add_argument("--limit", type=int, default=50)
     a.add_argument("--json", action="store_true")
+
+    u = sub.add_parser("user", help="dashboard accounts: add, passwd, remove, list")
+    usub = u.add_subparsers(dest="user_command", required=True, metavar="ACTION")
+    ua = usub.add_parser("add", help="add an account (asks for the password twice)")
+    ua.add_argument("name")
+    ua.add_argument("--role", required=True, choices=ROLES,
+                    help="viewer: read; operator: also run tasks and cancel jobs; admin: everything")
+    ua.add_argument("--password-stdin", action="store_true", help="read the password from one line of stdin")
+    up = usub.add_parser("passwd", help="set an account's password (ends its sessions, clears its lock)")
+    up.add_argument("name")
+    up.add_argument("--password-stdin", action="store_true", help="read the password from one line of stdin")
+    ur = usub.add_parser("remove", help="remove an account (and end its sessions)")
+    ur.add_argument("name")
+    ul = usub.add_parser("list", help="list accounts (names, roles; never password hashes)")
+    ul.add_argument("--json", action="store_true")
+
+    ac = sub.add_parser("actions", help="print the Taskcluster worker actions (JSON) for the allowed tasks")
+    ac.add_argument("--url", help="roller's public URL for the action URLs (default server.public_url)")
+    ac.add_argument("--register", metavar="PROVISIONER_ID",
+                    help="also declare them with queue.declareProvisioner (gone since Taskcluster v107)")
+    ac.add_argument("--credential", default="taskcluster",
+                    help="secrets file credential (type password: client id, access token) for --register")
 
     j = sub.add_parser("jobs", help="list jobs, newest first")
     j.add_argument("--state", help="comma-separated states: " + ",".join(s.value for s in State))
@@ -235,8 +261,110 @@ async def cmd_audit(reactor: Any, settings: Settings, args: argparse.Namespace, 
     return await _with_store(reactor, settings, go)
 
 
+def _read_password(args: argparse.Namespace, stdin: Any) -> str:
+    if args.password_stdin:
+        password = stdin.readline().rstrip("\r\n")
+    else:
+        try:
+            password = getpass.getpass(f"Password for {args.name}: ")
+            if getpass.getpass("The same password again: ") != password:
+                raise CliError("the two passwords differ; nothing changed")
+        except (EOFError, KeyboardInterrupt):
+            raise CliError("no password given; nothing changed") from None
+    try:
+        return check_password_policy(password)
+    except RollerError as e:
+        raise CliError(e.message) from None
+
+
+async def cmd_user(reactor: Any, settings: Settings, args: argparse.Namespace, out: Any,
+                   stdin: Any = None) -> int:
+    stdin = sys.stdin if stdin is None else stdin
+    action = args.user_command
+    if action != "list":
+        try:
+            check_user_name(args.name)
+        except RollerError as e:
+            raise CliError(e.message) from None
+    password = _read_password(args, stdin) if action in ("add", "passwd") else None
+
+    async def go(store: Store) -> int:
+        now = reactor.seconds()
+        if action == "list":
+            users = await store.users.list()
+            if args.json:
+                out.write(json.dumps([{"name": u.name, "role": u.role, "created": iso(u.created_at),
+                                       "updated": iso(u.updated_at),
+                                       "locked_until": iso(u.locked_until) if u.locked_until > now else None}
+                                      for u in users], indent=2) + "\n")
+                return 0
+            for u in users:
+                lock = f"  locked until {iso(u.locked_until)}" if u.locked_until > now else ""
+                out.write(f"{u.name:<32} {u.role:<9} created {iso(u.created_at)}{lock}\n")
+            out.write(f"{len(users)} user(s)\n")
+            return 0
+        target = f"user:{args.name}"
+        if action == "add":
+            try:
+                await store.users.add(args.name, args.role, hash_password(password), now)
+            except UserExists:
+                raise CliError(f"user {args.name} exists already (change its password with "
+                               f"`roller user passwd {args.name}`)") from None
+            params, result = {"role": args.role}, f"created {args.role}"
+        elif action == "passwd":
+            try:
+                await store.users.set_password(args.name, hash_password(password), now)
+            except NoSuchUser:
+                raise CliError(f"no user {args.name}") from None
+            params, result = {}, "password changed, sessions ended"
+        else:
+            try:
+                await store.users.remove(args.name)
+            except NoSuchUser:
+                raise CliError(f"no user {args.name}") from None
+            params, result = {}, "removed"
+        await store.audit.add(AuditEntry(time=now, actor=_cli_actor(), action=f"user.{action}", target=target,
+                                         params=params or None, result=result))
+        out.write(f"user {args.name}: {result}\n")
+        return 0
+
+    return await _with_store(reactor, settings, go)
+
+
+async def cmd_actions(reactor: Any, settings: Settings, args: argparse.Namespace, out: Any) -> int:
+    from roller.actions import ActionsError, action_definitions, register
+
+    try:
+        actions = action_definitions(builtin_tasks(), settings.allowed_tasks, args.url or settings.public_url)
+        out.write(json.dumps(actions, indent=2) + "\n")
+        if args.register:
+            if not settings.auth_root_url:
+                raise CliError("--register needs auth.root_url (the Taskcluster deployment)")
+            cred = load_secrets(settings.secrets_file).get(args.credential)
+            if not cred.username or not cred.password:
+                raise CliError(f"credential {args.credential!r} must be of type password "
+                               "(username = client id, password = access token)")
+            out.write(await register(reactor, settings.auth_root_url, args.register, actions,
+                                     cred.username, cred.password) + "\n")
+    except ActionsError as e:
+        raise CliError(str(e)) from None
+    except KeyError as e:  # UnknownCredential
+        raise CliError(str(e)) from None
+    return 0
+
+
 COMMANDS = {"run": cmd_run, "import": cmd_import, "machines": cmd_machines, "jobs": cmd_jobs,
-            "audit": cmd_audit}
+            "audit": cmd_audit, "user": cmd_user, "actions": cmd_actions}
+
+
+async def execute(reactor: Any, args: argparse.Namespace, out: Any, err: Any) -> int:
+    """Run the parsed command on a running reactor; its exit status (errors as one line on C{err})."""
+    try:
+        settings = _settings(args)
+        return await COMMANDS[args.command](reactor, settings, args, out)
+    except (CliError, ConfigError, SecretsError, StoreError, ImportFormatError, RollerError) as e:
+        err.write(f"roller {args.command}: {getattr(e, 'message', None) or e}\n")
+        return 2
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -248,12 +376,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
 
     async def run(reactor: Any) -> None:
-        try:
-            settings = _settings(args)
-            code = await COMMANDS[args.command](reactor, settings, args, sys.stdout)
-        except (CliError, ConfigError, SecretsError, StoreError, ImportFormatError, RollerError) as e:
-            sys.stderr.write(f"roller {args.command}: {getattr(e, 'message', None) or e}\n")
-            code = 2
+        code = await execute(reactor, args, sys.stdout, sys.stderr)
         if code:
             raise SystemExit(code)
 

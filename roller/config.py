@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import string
 import tomllib
 from typing import Any, Callable, Mapping
 
@@ -150,6 +151,41 @@ def _timeouts(value: Any, from_text: bool) -> dict[str, float]:
     return out
 
 
+def _http_url(value: Any, from_text: bool) -> str:
+    """An http(s) base URL, or C{""} for none."""
+    url = _text(value, from_text).strip().rstrip("/")
+    if url and (not url.startswith(("http://", "https://")) or len(url) <= len("https://")
+                or any(c.isspace() for c in url)):
+        raise ValueError(f"must be an http(s) URL such as https://host.example.com, got {url[:100]!r}")
+    return url
+
+
+#: The fields a Bugzilla template may use (see L{roller.tasks.bugzilla}).
+TEMPLATE_FIELDS = ("host", "fqdn", "ip", "worker_id", "worker_group", "requester", "reason", "job_id",
+                   "attempts")
+
+
+def _template(value: Any, from_text: bool) -> str:
+    """A C{str.format} template using only L{TEMPLATE_FIELDS}."""
+    text = _text(value, from_text)
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(text) if name is not None]
+    except ValueError as e:
+        raise ValueError(f"is not a valid template ({e}); write {{{{ and }}}} for literal braces") from None
+    unknown = sorted({n for n in names if n not in TEMPLATE_FIELDS})
+    if unknown or "" in names:
+        raise ValueError(f"uses unknown field(s) {', '.join(unknown) or '{}'} "
+                         f"(known: {', '.join(TEMPLATE_FIELDS)})")
+    return text
+
+
+def _notify_rules(value: Any, from_text: bool) -> tuple[Any, ...]:
+    """C{[[notify.rules]]}: see L{roller.notify.parse_rules}."""
+    from roller.notify import parse_rules
+
+    return parse_rules(value, from_text)
+
+
 # key -> (attribute, parser, default); "{state_dir}" in a default is filled in.
 KEYS: dict[str, tuple[str, Callable[[Any, bool], Any], Any]] = {
     "state_dir": ("state_dir", _text, "state"),
@@ -161,6 +197,10 @@ KEYS: dict[str, tuple[str, Callable[[Any, bool], Any], Any]] = {
     "server.max_body": ("max_body", _int(1024, 64 << 20), 1 << 20),
     "server.cors_origins": ("cors_origins", _str_list, ("https://firefox-ci-tc.services.mozilla.com",)),
     "server.trusted_proxies": ("trusted_proxies", _networks, ()),
+    "server.shutdown_grace": ("shutdown_grace", _float(0), 30.0),
+    "server.heartbeat_max_lag": ("heartbeat_max_lag", _float(0.01), 5.0),
+    "server.version_file": ("version_file", _text, ""),
+    "server.public_url": ("public_url", _http_url, ""),
     "database.path": ("db_path", _text, "{state_dir}/roller.db"),
     "database.synchronous": ("db_synchronous", _choice("normal", "full"), "normal"),
     "auth.mode": ("auth_mode", _choice("none", "taskcluster", "local"), "taskcluster"),
@@ -221,6 +261,36 @@ KEYS: dict[str, tuple[str, Callable[[Any, bool], Any], Any]] = {
     "reboot.down_timeout": ("reboot_down_timeout", _float(1), 300.0),
     "reboot.up_timeout": ("reboot_up_timeout", _float(1), 900.0),
     "reboot.poll_interval": ("reboot_poll_interval", _float(0.05), 5.0),
+    "bugzilla.url": ("bugzilla_url", _http_url, ""),
+    "bugzilla.credential": ("bugzilla_credential", _text, "bugzilla"),
+    "bugzilla.timeout": ("bugzilla_timeout", _float(0.1), 30.0),
+    "bugzilla.product": ("bugzilla_product", _text, "Infrastructure & Operations"),
+    "bugzilla.component": ("bugzilla_component", _text, "DCOps"),
+    "bugzilla.version": ("bugzilla_version", _text, "unspecified"),
+    "bugzilla.summary": ("bugzilla_summary", _template, "{host} is unreachable"),
+    "bugzilla.description": ("bugzilla_description", _template, (
+        "{host} ({ip}) could not be rebooted by roller.\n\n"
+        "Requested by {requester} (job {job_id}){reason}.\n\n"
+        "Attempts:\n{attempts}\n")),
+    "bugzilla.comment": ("bugzilla_comment", _template, (
+        "{host} ({ip}) could not be rebooted by roller again.\n\n"
+        "Requested by {requester} (job {job_id}){reason}.\n\n"
+        "Attempts:\n{attempts}\n")),
+    "bugzilla.cc": ("bugzilla_cc", _str_list, ()),
+    "bugzilla.tracker_product": ("bugzilla_tracker_product", _text, "Infrastructure & Operations"),
+    "bugzilla.tracker_component": ("bugzilla_tracker_component", _text, "CIDuty"),
+    "bugzilla.tracker_summary": ("bugzilla_tracker_summary", _template, "{host} problem tracking"),
+    "bugzilla.reopen_status": ("bugzilla_reopen_status", _text, "REOPENED"),
+    "notify.rules": ("notify_rules", _notify_rules, ()),
+    "notify.root_url": ("notify_root_url", _root_url, ""),
+    "notify.credential": ("notify_credential", _text, "taskcluster-notify"),
+    "notify.webhook_credential": ("notify_webhook_credential", _text, "webhook"),
+    "notify.timeout": ("notify_timeout", _float(0.1), 10.0),
+    "dashboard.session_idle": ("session_idle", _float(60), 12 * 3600.0),
+    "dashboard.session_max": ("session_max", _float(60), 7 * 86400.0),
+    "dashboard.login_max_failures": ("login_max_failures", _int(1, 1000), 5),
+    "dashboard.login_ip_max_failures": ("login_ip_max_failures", _int(1, 100_000), 20),
+    "dashboard.login_lockout": ("login_lockout", _float(1), 900.0),
 }
 
 
@@ -235,6 +305,10 @@ class Settings:
     max_body: int
     cors_origins: tuple[str, ...]
     trusted_proxies: tuple[str, ...]
+    shutdown_grace: float
+    heartbeat_max_lag: float
+    version_file: str
+    public_url: str
     db_path: str
     db_synchronous: str
     auth_mode: str
@@ -290,6 +364,30 @@ class Settings:
     reboot_down_timeout: float
     reboot_up_timeout: float
     reboot_poll_interval: float
+    bugzilla_url: str
+    bugzilla_credential: str
+    bugzilla_timeout: float
+    bugzilla_product: str
+    bugzilla_component: str
+    bugzilla_version: str
+    bugzilla_summary: str
+    bugzilla_description: str
+    bugzilla_comment: str
+    bugzilla_cc: tuple[str, ...]
+    bugzilla_tracker_product: str
+    bugzilla_tracker_component: str
+    bugzilla_tracker_summary: str
+    bugzilla_reopen_status: str
+    notify_rules: tuple[Any, ...]
+    notify_root_url: str
+    notify_credential: str
+    notify_webhook_credential: str
+    notify_timeout: float
+    session_idle: float
+    session_max: float
+    login_max_failures: int
+    login_ip_max_failures: int
+    login_lockout: float
     config_file: str | None = None
 
     def listeners_on_loopback(self) -> bool:

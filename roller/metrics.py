@@ -6,8 +6,11 @@ default one), so several can live in one process (tests, several APIs):
 
   - C{roller_jobs_total{state,task}}: jobs that reached a final state;
   - C{roller_job_duration_seconds{task}}: running -> final, in seconds;
-  - C{roller_jobs_queued}, C{roller_jobs_running}: read from the queue at
+  - C{roller_jobs_queued}, C{roller_jobs_running},
+    C{roller_endpoint_jobs_running{endpoint}}: read from the queue at
     scrape time;
+  - C{roller_driver_errors_total{kind}}: failed attempts by method (the
+    job log events carrying C{outcome="failed"} and a C{method});
   - C{roller_reactor_lag_seconds}: how late the last tick of a 1 s
     C{LoopingCall} on the injected clock fired (L{Metrics.start}/L{Metrics.stop}).
 
@@ -49,10 +52,19 @@ class _QueueCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         yield GaugeMetricFamily("roller_jobs_queued", "Jobs waiting in the queue.", value=self._queue.depth)
         yield GaugeMetricFamily("roller_jobs_running", "Jobs running now.", value=len(self._queue.running()))
+        endpoints = GaugeMetricFamily("roller_endpoint_jobs_running",
+                                      "Jobs running now per shared endpoint (a PDU or BMC host).",
+                                      labels=("endpoint",))
+        load = getattr(self._queue, "endpoint_load", None)
+        for endpoint, count in sorted((load() if load else {}).items()):
+            endpoints.add_metric((endpoint,), count)
+        yield endpoints
 
     def describe(self) -> Iterator[GaugeMetricFamily]:
         yield GaugeMetricFamily("roller_jobs_queued", "Jobs waiting in the queue.")
         yield GaugeMetricFamily("roller_jobs_running", "Jobs running now.")
+        yield GaugeMetricFamily("roller_endpoint_jobs_running",
+                                "Jobs running now per shared endpoint (a PDU or BMC host).", labels=("endpoint",))
 
 
 class Metrics:
@@ -73,6 +85,11 @@ class Metrics:
         self.reactor_lag = Gauge(
             "roller_reactor_lag_seconds", f"How late the last {lag_interval:g} s reactor tick fired.",
             registry=self.registry)
+        self.driver_errors = Counter(
+            "roller_driver_errors", "Failed attempts to act on a machine, by method (ssh_reboot, ipmi_reset, ...).",
+            ("kind",), registry=self.registry)
+        #: The last measured reactor lag in seconds (None before the first tick).
+        self.lag: float | None = None
         self.registry.register(_QueueCollector(queue))
         self._unsubscribe: Callable[[], None] | None = queue.subscribe(self._job_event)
         self._loop: LoopingCall | None = None
@@ -81,6 +98,11 @@ class Metrics:
     # -- jobs
 
     def _job_event(self, job: Job, event: JobEvent) -> None:
+        if event.kind == "log":
+            data = event.data or {}
+            if data.get("outcome") == "failed" and isinstance(data.get("method"), str):
+                self.driver_errors.labels(kind=data["method"]).inc()
+            return
         if event.kind != "state" or not job.state.final:
             return
         self.jobs_total.labels(state=job.state.value, task=job.task_name).inc()
@@ -97,7 +119,8 @@ class Metrics:
     def _tick(self) -> None:
         now = self.clock.seconds()
         if self._expected is not None:
-            self.reactor_lag.set(max(0.0, now - self._expected))
+            self.lag = max(0.0, now - self._expected)
+            self.reactor_lag.set(self.lag)
         self._expected = self._next_tick(now)
 
     def start(self) -> None:

@@ -17,7 +17,7 @@ from collections import Counter
 from typing import Any, Callable
 
 from attrs import field, frozen
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, gatherResults
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -111,6 +111,10 @@ class JobQueue:
     def running(self) -> list[Job]:
         return [self._jobs[i] for i in self._running]
 
+    def endpoint_load(self) -> dict[str, int]:
+        """Jobs running now per shared endpoint (C{"pdu:host"}, C{"bmc:host"})."""
+        return dict(self._endpoint_running)
+
     @property
     def depth(self) -> int:
         return len(self._jobs) - len(self._running)
@@ -150,12 +154,53 @@ class JobQueue:
         self._pump()
         return len(interrupted), requeued
 
-    async def stop(self, reason: str = "roller is shutting down") -> None:
-        """Stop accepting jobs; interrupt the running ones and persist that."""
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    def stop_accepting(self) -> None:
+        """
+        Refuse new jobs (L{UnavailableError} C{shutting_down}) and start no
+        more; queued jobs stay queued in the store and run after a restart.
+        """
         self._accepting = False
         for call in (self._wakeup, self._next_turn):
             if call is not None and call.active():
                 call.cancel()
+
+    async def drain(self, grace: float) -> int:
+        """
+        Stop accepting, let the running jobs finish for up to C{grace}
+        seconds on the injected clock, then interrupt those still running.
+        The number interrupted.
+        """
+        self.stop_accepting()
+        running = list(self._running)
+        if running and grace > 0:
+            log.info("Shutting down: waiting up to {grace} s for {count} running job(s)",
+                     grace=grace, count=len(running))
+            done: Deferred = Deferred()
+
+            def end(_: Any = None) -> None:
+                if not done.called:
+                    done.callback(None)
+
+            timer = self._reactor.callLater(grace, end)
+            gatherResults([self.wait(i) for i in running], consumeErrors=True).addBoth(end)
+            await done
+            if timer.active():
+                timer.cancel()
+        left = len(self._running)
+        if left:
+            log.warn("Shutting down: interrupting {count} job(s) still running after {grace} s",
+                     count=left, grace=grace)
+        await self.stop(f"roller was shutting down and the job was still running after the {grace:g} s "
+                        "grace period (server.shutdown_grace)")
+        return left
+
+    async def stop(self, reason: str = "roller is shutting down") -> None:
+        """Stop accepting jobs; interrupt the running ones and persist that."""
+        self.stop_accepting()
         running = list(self._running)
         waits = [self.wait(i) for i in running]
         for job_id in running:

@@ -17,6 +17,7 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 
 from roller.auth import AnonymousAuthenticator, IAuthenticator, UnconfiguredAuthenticator
+from roller.auth.accounts import AccountAuth, PasswordHasher
 from roller.auth.hawk import LocalHawkAuthenticator
 from roller.auth.taskcluster import TaskclusterAuthenticator
 from roller.config import Settings
@@ -24,12 +25,15 @@ from roller.demo import seed_demo_fleet, start_demo_fleet
 from roller.drivers.registry import make_drivers
 from roller.logs import observer_for
 from roller.metrics import Metrics
+from roller.notify import Notifier, notifier_from_settings
 from roller.queue import JobQueue, QueueLimits
 from roller.secrets import Secrets, SecretsError, load_secrets
 from roller.store import Store, open_store
 from roller.tasks import builtin_tasks
+from roller.version import load_version
 from roller.web.api import Api
-from roller.web.dashboard import Dashboard, LoopbackDashboardAuth
+from roller.web.admin import InventoryAdmin
+from roller.web.dashboard import Dashboard
 from roller.web.events import EventHub
 from roller.web.http import RollerSite
 from roller.web.site import root_resource
@@ -67,6 +71,21 @@ def make_authenticator(settings: Settings, reactor: Any, secrets: Secrets | None
                                     trusted_proxies=settings.trusted_proxies)
 
 
+def make_dashboard_auth(settings: Settings, store: Any, reactor: Any) -> AccountAuth:
+    """
+    The dashboard's accounts and sessions.  Only C{--demo} with C{auth.mode
+    = "none"} on loopback listeners also lets loopback visitors in without
+    signing in (as the admin C{demo}), so the demo works at once.
+    """
+    s = settings
+    return AccountAuth(
+        store.users, reactor, PasswordHasher(reactor, reactor.getThreadPool()), scope_prefix=s.scope_prefix,
+        tasks=s.allowed_tasks, session_idle=s.session_idle, session_max=s.session_max,
+        max_failures=s.login_max_failures, ip_max_failures=s.login_ip_max_failures, lockout=s.login_lockout,
+        demo_loopback=s.demo and s.auth_mode == "none" and s.listeners_on_loopback(),
+    )
+
+
 def queue_limits(settings: Settings) -> QueueLimits:
     return QueueLimits(
         max_running=settings.max_running,
@@ -92,6 +111,7 @@ class RollerService(MultiService):
         self.reactor = reactor
         self.store: Store | None = None
         self.queue: JobQueue | None = None
+        self.dashboard_auth: AccountAuth | None = None
         self.secrets: Secrets | None = None
         self.authenticator: IAuthenticator | None = None
         self.ready: Deferred = Deferred()
@@ -102,6 +122,7 @@ class RollerService(MultiService):
         self.hub: EventHub | None = None
         self.api: Api | None = None
         self.metrics: Metrics | None = None
+        self.notifier: Notifier | None = None
         self._refresh: LoopingCall | None = None
         self.failed = False
 
@@ -129,6 +150,9 @@ class RollerService(MultiService):
         self.drivers = make_drivers(self.reactor, s)
         self.queue = JobQueue(self.store, tasks, self.reactor, limits=queue_limits(s),
                               settings=s, secrets=self.secrets, drivers=self.drivers)
+        self.notifier = notifier_from_settings(s, self.reactor, lambda: self.secrets)
+        if self.notifier is not None:
+            self.notifier.start(self.queue)  # job start and end notifications (roller.notify)
         self.hub = EventHub(self.queue, self.reactor)
         self.hub.start()  # before queue.start(): it also sees the jobs queued again at start-up
         self.metrics = Metrics(self.queue, self.reactor)
@@ -143,16 +167,27 @@ class RollerService(MultiService):
             store=self.store, queue=self.queue, tasks=tasks, authenticator=self.authenticator,
             allowed_tasks=s.allowed_tasks, scope_prefix=s.scope_prefix, cors_origins=s.cors_origins,
             clock=self.reactor, trusted_proxies=s.trusted_proxies, metrics=self.metrics,
+            max_lag=s.heartbeat_max_lag, version_info=load_version(s.version_file),
         )
+        self.dashboard_auth = dashboard_auth = make_dashboard_auth(s, self.store, self.reactor)
         dashboard = Dashboard(
             self.store, self.queue, tasks, s.allowed_tasks, clock=self.reactor, hub=self.hub,
-            auth=LoopbackDashboardAuth(), scope_prefix=s.scope_prefix, trusted_proxies=s.trusted_proxies,
+            auth=dashboard_auth, scope_prefix=s.scope_prefix, trusted_proxies=s.trusted_proxies,
         )
-        site = RollerSite(root_resource(api, dashboard, self.hub), max_body=s.max_body, reactor=self.reactor)
+        admin = InventoryAdmin(dashboard, self.store, secrets_file=s.secrets_file)
+        site = RollerSite(root_resource(api, dashboard, self.hub, admin=admin), max_body=s.max_body,
+                          reactor=self.reactor)
         site.noisy = False
         for desc in s.listen:
             self.ports.append(await serverFromString(self.reactor, desc).listen(site))
             log.info("roller listening on {endpoint} (auth: {auth})", endpoint=desc, auth=s.auth_mode)
+        if dashboard_auth.demo_loopback:
+            log.info("Demo mode: the dashboard lets loopback visitors in as the admin \"demo\" without "
+                     "signing in; accounts (roller user add) can still sign in")
+        await dashboard_auth.start(lambda path: log.warn(
+            "No dashboard account exists yet. Create the first admin by opening {path} on this roller "
+            "({endpoints}); the link works once, until an admin exists. Or run "
+            "`roller user add NAME --role admin`.", path=path, endpoints=", ".join(s.listen)))
 
     async def _start_demo(self) -> None:
         s = self.settings
@@ -214,6 +249,13 @@ class RollerService(MultiService):
                 pass
         if self._refresh is not None and self._refresh.running:
             self._refresh.stop()
+        if self.queue is not None:
+            # still listening: new submissions get 503 shutting_down while the
+            # running jobs finish (up to server.shutdown_grace); queued jobs
+            # stay queued in the store for the next start
+            await self.queue.drain(self.settings.shutdown_grace)
+        if self.notifier is not None:
+            await self.notifier.stop()  # the notifications of the jobs that just ended go out
         if self.hub is not None:
             self.hub.stop()  # ends the live-event streams
         if self.metrics is not None:

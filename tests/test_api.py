@@ -1066,7 +1066,7 @@ def test_heartbeat(env: Env) -> None:
     r = env.get("/__heartbeat__")
     assert r.code == 200
     body = r.json()
-    assert body["status"] == "ok" and body["checks"] == {"database": "ok"}
+    assert body["status"] == "ok" and body["checks"] == {"database": "ok", "reactor_lag": "ok"}
     assert body["queue"] == {"running": 1, "queued": 1}
 
 

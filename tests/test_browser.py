@@ -10,6 +10,11 @@ plus the dashboard, event hub and C{root_resource}, composed exactly as the
 integration snippet does.  Once C{roller.service} imports C{root_resource}
 the test runs C{twistd -n roller --demo} itself (L{RollerProcess}).
 
+Accounts (an operator, a viewer and an admin) are added to the database
+before roller starts; the browser signs in through the sign-in form (demo
+mode would let loopback in as "demo" without it, and the test checks that
+the page says so).
+
 Screenshots go to C{test-artifacts/} (git-ignored).  Skipped, saying why,
 when C{/usr/bin/chromium} or the C{playwright} package is missing; never
 runs C{playwright install}.
@@ -189,6 +194,23 @@ class StandaloneRoller:
         self.tmp.cleanup()
 
 
+#: dashboard accounts made before roller starts (as `roller user add` would)
+USERS = {"olga": "operator", "vic": "viewer", "ada": "admin"}
+PASSWORD = "browser-test password"
+
+
+def add_users(db_path: Path) -> None:
+    from roller.auth.accounts import hash_password
+    from roller.testing.syncdb import result_of, sync_store
+
+    store, clock = sync_store(str(db_path))
+    try:
+        for name, role in USERS.items():
+            result_of(store.users.add(name, role, hash_password(PASSWORD, ln=10), 0.0))
+    finally:
+        result_of(store.close())
+
+
 @contextlib.contextmanager
 def roller_with_dashboard() -> Iterator[Any]:
     if dashboard_is_wired():
@@ -196,6 +218,7 @@ def roller_with_dashboard() -> Iterator[Any]:
 
         roller = RollerProcess(["--auth", "none", "--demo"], env={
             "ROLLER_DEMO_FLEET_SIZE": "3", "ROLLER_REBOOT_POLL_INTERVAL": "0.2"})
+        add_users(roller.db_path)
     else:
         roller = StandaloneRoller()
     roller.start()
@@ -233,11 +256,35 @@ def test_dashboard_in_chromium() -> None:
             context = browser.new_context(viewport={"width": 1280, "height": 900})
             page = context.new_page()
             problems: list[str] = []
-            expected = "the server responded with a status of 403"  # the refused forgery below
+            expected = ("the server responded with a status of 403",  # the refused forgery below
+                        "the server responded with a status of 401")  # the wrong password
             page.on("console", lambda m: problems.append(m.text)
-                    if m.type == "error" and expected not in m.text else None)
+                    if m.type == "error" and not any(x in m.text for x in expected) else None)
             page.on("pageerror", lambda e: problems.append(str(e)))
             page.set_default_timeout(15_000)
+
+            def sign_in(name: str, password: str = PASSWORD) -> None:
+                if page.get_by_role("button", name="Sign out").count():
+                    page.get_by_role("button", name="Sign out").click()
+                    expect(page.get_by_text("You are signed out.")).to_be_visible()
+                else:
+                    page.goto(base + "/login")
+                page.get_by_label("User name").fill(name)
+                page.get_by_label("Password").fill(password)
+                page.get_by_role("button", name="Sign in").click()
+                expect(page.locator(".viewer-name")).to_have_text(name)
+
+            # -- demo mode lets loopback in as "demo" and says so; the operator signs in
+            page.goto(base + "/")
+            expect(page.locator("header .viewer")).to_contain_text("demo mode")
+            page.goto(base + "/login")
+            page.get_by_label("User name").fill("olga")
+            page.get_by_label("Password").fill("not the password")
+            page.get_by_role("button", name="Sign in").click()
+            expect(page.get_by_role("alert")).to_contain_text("Wrong user name or password.")
+            page.screenshot(path=str(ARTIFACTS / "login-refused.png"), full_page=True)
+            sign_in("olga")
+            expect(page.locator("header .viewer")).to_contain_text("(operator)")
 
             # -- the fleet: find sim-001 by search, with the keyboard
             page.goto(base + "/")
@@ -326,6 +373,14 @@ def test_dashboard_in_chromium() -> None:
             page.goto(base + "/machines/demo/xss-1")
             expect(page.locator("dd.notes")).to_have_text(evil_note)
             assert alerts == [] and page.locator("dd.notes img, dd.notes script").count() == 0
+
+            # -- a viewer sees no task buttons; only an admin reads the audit log
+            sign_in("vic")
+            page.goto(base + "/machines/demo/sim-003")
+            expect(page.locator("#no-tasks")).to_contain_text("vic (viewer) may not run tasks")
+            expect(page.get_by_role("button", name="Run reboot")).to_have_count(0)
+            page.screenshot(path=str(ARTIFACTS / "machine-as-viewer.png"), full_page=True)
+            sign_in("ada")
 
             # -- audit, and a phone-sized fleet page
             page.goto(base + "/audit")

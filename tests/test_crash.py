@@ -105,9 +105,9 @@ def test_kill_9_loses_no_accepted_job(tmp_path):
 
 
 def test_sigterm_interrupts_running_and_keeps_queued(tmp_path):
-    """The graceful counterpart: SIGTERM records the running job as interrupted at once."""
+    """The graceful counterpart: SIGTERM records the job still running after the grace (1 s) as interrupted."""
     roller = RollerProcess(["--auth", "none"], state_dir=tmp_path / "state",
-                           env={"ROLLER_QUEUE_MAX_RUNNING": "1"})
+                           env={"ROLLER_QUEUE_MAX_RUNNING": "1", "ROLLER_SERVER_SHUTDOWN_GRACE": "1"})
     try:
         roller.start()
         for n, worker_id in enumerate(("term-1", "term-2"), start=1):

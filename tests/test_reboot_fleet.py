@@ -120,7 +120,7 @@ async def test_escalation_cases(tmp_path):
         assert refused["state"] == "failed"
         assert refused["error"].startswith("failed: ssh_reboot failed: no reboot command was accepted: "
                                            "`reboot` exited 1")
-        assert "file_bugzilla_bug skipped: not implemented in this roller yet" in refused["error"]
+        assert "file_bugzilla_bug skipped: bugzilla.url is not configured" in refused["error"]
         never_down = await h.wait(ids[3])
         assert never_down["state"] == "failed"
         assert "did not go down within 3 s" in never_down["error"]

@@ -133,7 +133,7 @@ def test_unimplemented_and_inapplicable_methods_are_skipped_with_reasons():
     assert failure.check(TaskFailed)
     assert str(failure.value) == ("failed: ssh_reboot skipped: the machine has no ssh settings; "
                                   "ipmi_reset skipped: the machine has no ipmi settings; "
-                                  "file_bugzilla_bug skipped: not implemented in this roller yet")
+                                  "file_bugzilla_bug skipped: bugzilla.url is not configured")
 
 
 def test_host_never_goes_down_then_next_method():

@@ -286,6 +286,52 @@ def test_bad_input_fails_before_sending(clock, client):
     assert normalize_oid(".1.3.6.1") == "1.3.6.1"
 
 
+def test_prepared_varbinds_are_reused_but_every_attempt_is_a_fresh_request(clock, client):
+    d = client.get(target(), [BENCH_OID])
+    d.addErrback(lambda f: f.trap(CancelledError))
+    d.cancel()
+    # a GET's cached Null varbind must not turn an invalid SET into a valid one
+    assert result_of(client.set(target(), [(BENCH_OID, None)])).check(SnmpConfigError)
+    ds = [client.set(target(), [(BENCH_OID, 7), ("." + BENCH_OID, "seven")]) for _ in range(3)]
+    sent = [request_info(data) for data, _ in clock.ports[0].written[1:]]
+    assert [i["varbinds"] for i in sent] == [[(BENCH_OID, rfc1902.Integer32(7)),
+                                              (BENCH_OID, rfc1902.OctetString(b"seven"))]] * 3
+    assert len({i["request_id"] for i in sent}) == 3
+    for data, addr in clock.ports[0].written[1:]:
+        deliver(clock, response(data, {}), addr)
+    assert [[(v.oid, v.value) for v in result_of(d)] for d in ds] == [
+        [(BENCH_OID, 7), (BENCH_OID, b"seven")]] * 3
+    assert idle(client)
+
+
+@pytest.mark.parametrize("data", [
+    b"", b"\x30", b"\x30\x03\x02\x01\x01", b"\x30\x03\x02\x01\x01\x00", b"\x30\x04\x02\x01\x01",
+    b"\x30\x03\x02\x01\xff", b"\x30\x02\x02\x00", b"\x30\x81\x03\x02\x01\x01", b"\x30\x80\x02\x01\x01\x00\x00",
+    b"\x30\x04\x02\x02\x00\x03", b"\x31\x03\x02\x01\x01", b"\x30\x03\x04\x01\x01",
+    b"\x30\x81\x83\x02\x01\x03" + b"\x04\x7e" + b"x" * 126, b"\x30\x82\x00\x83\x02\x01\x03" + b"x" * 128,
+])
+def test_version_peek_answers_exactly_like_pysnmp(data, client):
+    from pysnmp.proto.api import verdec
+
+    from roller.drivers.snmp.client import _decode_message_version, _peek_message_version
+
+    def outcome(fn: Any) -> Any:
+        try:
+            return int(fn(data))
+        except Exception as e:
+            return type(e)
+    assert outcome(_peek_message_version) == outcome(_decode_message_version)
+    assert verdec.decode_message_version is _peek_message_version  # installed by SnmpClient
+    for mod, version in ((api.PROTOCOL_MODULES[0], 0), (api.PROTOCOL_MODULES[1], 1)):
+        msg = mod.Message()
+        mod.apiMessage.set_defaults(msg)
+        mod.apiMessage.set_community(msg, b"c" * 200)
+        pdu = mod.GetRequestPDU()
+        mod.apiPDU.set_defaults(pdu)
+        mod.apiMessage.set_pdu(msg, pdu)
+        assert int(_peek_message_version(encoder.encode(msg))) == version
+
+
 def test_one_user_name_cannot_have_two_sets_of_keys(clock, client):
     a = Credential(name="a", kind="snmp-v3", user="roller", auth_protocol="SHA", auth_key="k" * 8,
                    priv_protocol="AES", priv_key="p" * 8)

@@ -400,7 +400,7 @@ async def test_snmp_reboot_task_native_and_delayed(agent, pdus):
 async def test_tasks_fail_clearly(agent, pdus):
     ctx, _ = _context(agent, pdus, None)
     assert "no pdu settings" in pdu_tasks.not_applicable(ctx.machine)
-    with pytest.raises(TaskFailed, match="neither pdu nor ipmi settings"):
+    with pytest.raises(TaskFailed, match="none of pdu, ipmi, redfish or xen settings"):
         await pdu_tasks.POWER_ON.run(ctx, {})
     with pytest.raises(TaskFailed, match="cannot reboot through a PDU"):
         await pdu_tasks.SNMP_REBOOT.run(ctx, {"delay": 0})

@@ -1,10 +1,14 @@
 """
-Power control of one machine, whatever carries it: a PDU outlet over SNMP
-today, a BMC over IPMI or Redfish later.
+Power control of one machine, whatever carries it: a PDU outlet over SNMP,
+a BMC over IPMI or Redfish, or a Xen VM through its pool's XenAPI.
 
 The generic tasks (C{power_on}, C{power_off}, C{power_cycle},
 C{power_status}) only see L{IPowerDriver}; each kind of power method
-provides it (L{roller.drivers.snmp.pdu.PduOutletPower} for PDU outlets).
+provides it through its driver's C{for_machine(machine, secrets,
+on_progress=...)}: L{roller.drivers.snmp.pdu.PduOutletPower} for PDU
+outlets, L{roller.drivers.ipmi.IpmiPower}, L{roller.drivers.redfish.RedfishPower}
+and L{roller.drivers.xen.XenPower}.  Which one a machine uses is decided
+by L{roller.tasks.pdu.power_driver}.
 Every action returns a Deferred that fires once the new state has been
 I{read back} from the device (or fails with L{PowerError}), and cancelling
 it cancels what the driver is waiting for.

@@ -95,7 +95,7 @@ from urllib.parse import urljoin, urlsplit
 from attrs import field, frozen
 from OpenSSL import SSL
 from twisted.internet import error, ssl
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
@@ -112,6 +112,8 @@ from twisted.web.iweb import IPolicyForHTTPS
 from treq.client import HTTPClient
 from zope.interface import implementer
 
+from roller.drivers.power import IPowerDriver, PowerError, PowerTimeout
+from roller.drivers.power import PowerResult as PowerIResult
 from roller.secrets import UnknownCredential
 
 log = Logger()
@@ -133,6 +135,8 @@ __all__ = [
     "RedfishTarget",
     "RedfishTimeout",
     "RedfishUnsupported",
+    "RedfishPower",
+    "as_power_error",
     "choose_reset_type",
     "redfish_target",
     "tls_policy",
@@ -896,7 +900,8 @@ class RedfishDriver:
     """
 
     def __init__(self, reactor: Any, *, clock: Any = None, request_timeout: float = 20.0,
-                 power_timeout: float = 120.0, poll_interval: float = 2.0):
+                 power_timeout: float = 120.0, poll_interval: float = 2.0,
+                 default_credential: str | None = None):
         for name, value in (("request_timeout", request_timeout), ("power_timeout", power_timeout),
                             ("poll_interval", poll_interval)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
@@ -906,7 +911,22 @@ class RedfishDriver:
         self.request_timeout = float(request_timeout)
         self.power_timeout = float(power_timeout)
         self.poll_interval = float(poll_interval)
+        self.default_credential = default_credential or None
         self._warned: set[str] = set()
+
+    def for_machine(self, machine: Any, secrets: Any, *,
+                    on_progress: Optional[EventCallback] = None) -> "RedfishPower":
+        """
+        The L{IPowerDriver} of C{machine}'s Redfish BMC (with this driver's
+        C{default_credential} when the machine names none).
+
+        @raise PowerError: (kind C{"config"}) the target cannot be built.
+        """
+        try:
+            target = redfish_target(machine, secrets, self.default_credential)
+        except RedfishError as e:
+            raise as_power_error(e) from None
+        return RedfishPower(self, target, on_progress)
 
     # -- the power verbs (IPowerDriver): each returns a Deferred firing with a
     # -- one-line summary; cancelling it hangs up.
@@ -1165,5 +1185,110 @@ class RedfishDriver:
             await deferLater(self.clock, min(self.poll_interval, max(deadline - now, 0.0)), lambda: None)
 
 
-# RedfishDriver's verbs take a target; the per-machine IPowerDriver adapter
-# (as IpmiPower is for IPMI) comes with the generic power tasks.
+# ---------------------------------------------------------------- as an IPowerDriver
+
+
+def as_power_error(e: RedfishError) -> PowerError:
+    """The L{PowerError} (same one-line message) for a L{RedfishError}."""
+    if isinstance(e, RedfishConfigError):
+        return PowerError(e.message, kind="config")
+    if isinstance(e, RedfishAuthFailed):
+        return PowerError(e.message, kind="auth")
+    if isinstance(e, RedfishTimeout):
+        return PowerTimeout(e.message, sent=True)
+    if isinstance(e, RedfishConnectFailed):
+        return PowerError(e.message, kind="timeout" if e.reason == "closed" else "refused",
+                          sent=e.reason == "closed")
+    if isinstance(e, RedfishPowerTimeout):
+        return PowerError(e.message, kind="unreached", sent=True)
+    if isinstance(e, (RedfishUnsupported, RedfishNotFound)):
+        return PowerError(e.message, kind="refused")
+    return PowerError(e.message, kind="protocol", sent=True)
+
+
+def _translate(failure: Failure) -> Failure:
+    if failure.check(RedfishError):
+        return Failure(as_power_error(failure.value))
+    return failure
+
+
+def power_word(state: str | None) -> str:
+    """A Redfish C{PowerState} (or its lower-cased word) as one of L{POWER_STATES}."""
+    word = _state_word(state)
+    if word in ("on", "off"):
+        return word
+    if word in ("powering on", "powering off", "paused"):
+        return "changing"
+    return "unknown"
+
+
+@implementer(IPowerDriver)
+class RedfishPower:
+    """
+    One machine's system on its Redfish BMC as an L{IPowerDriver}: the
+    L{RedfishDriver} verbs bound to one L{RedfishTarget}, firing with
+    L{roller.drivers.power.PowerResult}s once the C{PowerState} is read
+    back, failing with L{PowerError}s.  Build it with
+    L{RedfishDriver.for_machine}.
+
+    @ivar description: C{"Redfish URL system S (credential 'C' (user 'U'))"}; no secret.
+    """
+
+    def __init__(self, driver: RedfishDriver, target: RedfishTarget,
+                 on_progress: Optional[EventCallback] = None):
+        self.driver = driver
+        self.target = target
+        self.on_progress = on_progress
+        system = f" system {target.system}" if target.system else ""
+        self.description = f"Redfish {target.url}{system} ({target.who()})"
+
+    def __repr__(self) -> str:
+        return f"<RedfishPower {self.description}>"
+
+    def status(self) -> "Deferred[PowerIResult]":
+        """See L{IPowerDriver.status}."""
+        def done(word: str) -> PowerIResult:
+            return PowerIResult(power_word(word), f"{self.target.url}: PowerState is {word}", raw=word)
+
+        return self.driver.status(self.target, self.on_progress).addCallbacks(done, _translate)
+
+    def _power(self, action: str) -> "Deferred[PowerIResult]":
+        def done(r: PowerResult) -> PowerIResult:
+            return PowerIResult(power_word(r.state), r.detail, raw=r.state)
+
+        return self.driver.power(self.target, action, self.on_progress).addCallbacks(done, _translate)
+
+    def on(self) -> "Deferred[PowerIResult]":
+        """See L{IPowerDriver.on}: C{On} (else C{ForceOn}), read back On."""
+        return self._power("on")
+
+    def off(self) -> "Deferred[PowerIResult]":
+        """See L{IPowerDriver.off}: C{ForceOff} (else C{GracefulShutdown}), read back Off."""
+        return self._power("off")
+
+    def reset(self) -> "Deferred[PowerIResult]":
+        """See L{IPowerDriver.reset}: C{ForceRestart} (or the best restart offered), read back On."""
+        return self._power("reset")
+
+    def cycle(self, off_for: Optional[float] = None) -> "Deferred[PowerIResult]":
+        """
+        See L{IPowerDriver.cycle}: C{PowerCycle} (else C{ForceOff}, C{On}),
+        or with C{off_for}: off (read back), C{off_for} seconds, on (read back).
+        """
+        if off_for is None:
+            return self._power("cycle")
+        if isinstance(off_for, bool) or not isinstance(off_for, (int, float)) or off_for < 0:
+            return fail(ValueError(f"off_for must be a non-negative number of seconds, not {off_for!r}"))
+
+        async def go() -> PowerIResult:
+            await self.driver.power(self.target, "off", self.on_progress)
+            await deferLater(self.driver.clock, off_for, lambda: None)
+            r = await self.driver.power(self.target, "on", self.on_progress)
+            return PowerIResult(power_word(r.state), f"{self.target.url}: cycled (off, {off_for:g} s, on); "
+                                                      f"{r.detail}", raw=r.state)
+
+        return Deferred.fromCoroutine(go()).addErrback(_translate)
+
+    def set_boot_device(self, device: str = "pxe", efi: bool = False) -> "Deferred[str]":
+        """A one-time boot override (C{pxe} by default), read back; L{PowerError} on failure."""
+        return self.driver.set_boot_device(self.target, device, efi, self.on_progress).addErrback(_translate)

@@ -21,6 +21,7 @@ class Drivers:
     pdus: Any = None  # roller.drivers.snmp.SnmpPdus (.client is the process's SnmpClient)
     redfish: Any = None  # roller.drivers.redfish.RedfishDriver
     xen: Any = None  # roller.drivers.xen.XenApiDriver
+    bugzilla: Any = None  # roller.bugzilla.BugzillaClient; else built per job from the settings
 
 
 def make_drivers(reactor: Any, settings: Any) -> Drivers:
@@ -39,9 +40,12 @@ def make_drivers(reactor: Any, settings: Any) -> Drivers:
 
     redfish = RedfishDriver(reactor, request_timeout=settings.redfish_request_timeout,
                             power_timeout=settings.redfish_power_timeout,
-                            poll_interval=settings.redfish_poll_interval)
+                            poll_interval=settings.redfish_poll_interval,
+                            default_credential=settings.redfish_credential or None)
     xen = XenApiDriver(reactor, timeout=settings.xen_timeout, shutdown_timeout=settings.xen_shutdown_timeout,
-                       start_delay=settings.xen_start_delay)
+                       start_delay=settings.xen_start_delay, default_url=settings.xen_url or None,
+                       default_credential=settings.xen_credential or None,
+                       ca_file=settings.xen_ca_file or None, verify_tls=settings.xen_verify_tls)
     from roller.drivers.ipmi import ipmitool_from_settings
     from roller.drivers.snmp import make_pdus
 

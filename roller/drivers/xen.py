@@ -46,10 +46,13 @@ from urllib.parse import urlsplit, urlunsplit
 from xml.parsers.expat import ExpatError
 
 from attrs import field, frozen
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
+from roller.drivers.power import IPowerDriver, PowerError, PowerResult, PowerTimeout
 from roller.drivers.redfish import HttpConversation, RedfishConfigError, tls_policy
 from roller.secrets import UnknownCredential
 
@@ -62,7 +65,10 @@ __all__ = [
     "XenConfigError",
     "XenConnectFailed",
     "XenError",
+    "XenPower",
     "XenProtocolError",
+    "XenStateMismatch",
+    "as_power_error",
     "XenRebootResult",
     "XenTarget",
     "XenTimeout",
@@ -144,6 +150,38 @@ class XenApiFailure(XenError):
 
 class XenAuthFailed(XenApiFailure):
     """C{SESSION_AUTHENTICATION_FAILED}: the pool refused the credential."""
+
+
+class XenStateMismatch(XenError):
+    """The VM's power state read back is not what the action should give."""
+
+
+def as_power_error(e: XenError) -> PowerError:
+    """The L{PowerError} (same one-line message) for a L{XenError}."""
+    if isinstance(e, XenConfigError):
+        return PowerError(e.message, kind="config")
+    if isinstance(e, XenAuthFailed):
+        return PowerError(e.message, kind="auth")
+    if isinstance(e, XenTimeout):
+        return PowerTimeout(e.message, sent=True)
+    if isinstance(e, XenConnectFailed):
+        return PowerError(e.message, kind="refused", sent=e.reason == "closed")
+    if isinstance(e, XenStateMismatch):
+        return PowerError(e.message, kind="unreached", sent=True)
+    if isinstance(e, XenApiFailure):
+        return PowerError(e.message, kind="refused", sent=e.method not in ("session.login_with_password",
+                                                                          "VM.get_by_uuid"))
+    return PowerError(e.message, kind="protocol", sent=True)
+
+
+def _translate(failure: Failure) -> Failure:
+    if failure.check(XenError):
+        return Failure(as_power_error(failure.value))
+    return failure
+
+
+#: XenAPI power states as L{roller.drivers.power.POWER_STATES}.
+POWER_WORDS = {"Running": "on", "Halted": "off", "Paused": "unknown", "Suspended": "off"}
 
 
 # ---------------------------------------------------------------- target
@@ -374,7 +412,9 @@ class XenApiDriver:
     """
 
     def __init__(self, reactor: Any, *, clock: Any = None, timeout: float = 30.0,
-                 shutdown_timeout: float = 120.0, start_delay: float = 5.0, logout_timeout: float = 10.0):
+                 shutdown_timeout: float = 120.0, start_delay: float = 5.0, logout_timeout: float = 10.0,
+                 default_url: str | None = None, default_credential: str | None = None,
+                 ca_file: str | None = None, verify_tls: bool = True):
         for name, value in (("timeout", timeout), ("shutdown_timeout", shutdown_timeout),
                             ("logout_timeout", logout_timeout)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
@@ -387,7 +427,30 @@ class XenApiDriver:
         self.shutdown_timeout = float(shutdown_timeout)
         self.start_delay = float(start_delay)
         self.logout_timeout = float(logout_timeout)
+        self.default_url = default_url or None
+        self.default_credential = default_credential or None
+        self.ca_file = ca_file or None
+        self.verify_tls = verify_tls
         self._warned: set[str] = set()
+
+    def target(self, machine: Any, secrets: Any) -> XenTarget:
+        """L{xen_target} with this driver's defaults (pool URL, credential, TLS)."""
+        return xen_target(machine, secrets, default_url=self.default_url,
+                          default_credential=self.default_credential, ca_file=self.ca_file,
+                          verify_tls=self.verify_tls)
+
+    def for_machine(self, machine: Any, secrets: Any, *,
+                    on_progress: Optional[EventCallback] = None) -> "XenPower":
+        """
+        The L{IPowerDriver} of C{machine}'s VM.
+
+        @raise PowerError: (kind C{"config"}) the target cannot be built.
+        """
+        try:
+            target = self.target(machine, secrets)
+        except XenError as e:
+            raise as_power_error(e) from None
+        return XenPower(self, target, on_progress)
 
     def _with_session(self, target: XenTarget, on_event: Optional[EventCallback],
                       act: Callable[[_Pool, str], Any]) -> Deferred:
@@ -458,6 +521,49 @@ class XenApiDriver:
 
         return self._with_session(target, on_event, act)
 
+    def power(self, target: XenTarget, action: str, on_event: Optional[EventCallback] = None, *,
+              off_for: float = 0.0) -> "Deferred[tuple[str, str]]":
+        """
+        A hard power action on the VM, read back: C{"on"} (C{VM.start};
+        a paused or suspended VM is hard-shut down first), C{"off"}
+        (C{VM.hard_shutdown}), C{"reset"} (C{VM.hard_shutdown}, C{off_for}
+        seconds, C{VM.start}).  Nothing is sent when the VM already is in
+        the wanted state.  Fires with C{(power_state, detail)}; a state
+        read back other than the wanted one fails with L{XenStateMismatch}.
+        """
+        if action not in ("on", "off", "reset"):
+            raise ValueError(f"unknown power action {action!r}")
+        uuid = target.vm_uuid
+        want = "Halted" if action == "off" else "Running"
+
+        async def act(pool: _Pool, vm: str) -> tuple[str, str]:
+            s = pool.session
+            state = await pool.call("VM.get_power_state", s, vm)
+            pool.say(f"{pool.where}: VM {uuid} is {state}")
+            if state == want and action != "reset":
+                return state, f"VM {uuid} was already {state}"
+            done = []
+            if state != "Halted":
+                pool.say(f"{pool.where}: VM.hard_shutdown {uuid}")
+                await self._hard_shutdown(pool, vm, self.shutdown_timeout)
+                done.append("hard shutdown")
+            if action != "off":
+                if action == "reset" and off_for > 0:
+                    pool.say(f"{pool.where}: waiting {off_for:g} s before VM.start")
+                    await deferLater(self.clock, off_for, lambda: None)
+                    done.append(f"{off_for:g} s off")
+                pool.say(f"{pool.where}: VM.start {uuid}")
+                await pool.call("VM.start", s, vm, False, False, timeout=self.shutdown_timeout)
+                done.append("started")
+            after = await pool.call("VM.get_power_state", s, vm)
+            if after != want:
+                raise XenStateMismatch(f"{pool.where}: VM {uuid} reads back {after} after "
+                                       f"{', '.join(done)} (wanted {want})", url=pool.url)
+            pool.say(f"{pool.where}: VM {uuid} is {after}")
+            return after, f"VM {uuid}: {', '.join(done)}; read back {after}"
+
+        return self._with_session(target, on_event, act)
+
     async def _hard_shutdown(self, pool: _Pool, vm: str, timeout: float) -> None:
         try:
             await pool.call("VM.hard_shutdown", pool.session, vm, timeout=timeout)
@@ -470,3 +576,63 @@ class XenApiDriver:
             if state != "Halted":
                 raise
             pool.say(f"{pool.where}: {e}, but the VM is halted")
+
+
+@implementer(IPowerDriver)
+class XenPower:
+    """
+    One Xen VM as an L{IPowerDriver}: hard power actions through the
+    pool's XenAPI, each in its own session, read back with
+    C{VM.get_power_state}.  C{cycle()} is L{XenApiDriver.reboot} (clean
+    shutdown, falling back to hard; C{start_delay}; start); C{cycle(off_for)}
+    and C{reset()} are a hard shutdown, a pause and C{VM.start}.  Build it
+    with L{XenApiDriver.for_machine}.
+
+    @ivar description: C{"XenAPI HOST VM UUID (credential 'C' (user 'U'))"}; no secret.
+    """
+
+    def __init__(self, driver: XenApiDriver, target: XenTarget, on_progress: Optional[EventCallback] = None):
+        self.driver = driver
+        self.target = target
+        self.on_progress = on_progress
+        self.description = f"XenAPI {target.host} VM {target.vm_uuid} ({target.who()})"
+
+    def __repr__(self) -> str:
+        return f"<XenPower {self.description}>"
+
+    @staticmethod
+    def _result(state_detail: tuple[str, str]) -> PowerResult:
+        state, detail = state_detail
+        return PowerResult(POWER_WORDS.get(state, "unknown"), detail, raw=state)
+
+    def status(self) -> "Deferred[PowerResult]":
+        """See L{IPowerDriver.status}."""
+        return self.driver.power_state(self.target, self.on_progress).addCallbacks(
+            lambda state: self._result((state, f"VM {self.target.vm_uuid} is {state}")), _translate)
+
+    def on(self) -> "Deferred[PowerResult]":
+        """See L{IPowerDriver.on}: C{VM.start}, read back Running."""
+        return self.driver.power(self.target, "on", self.on_progress).addCallbacks(self._result, _translate)
+
+    def off(self) -> "Deferred[PowerResult]":
+        """See L{IPowerDriver.off}: C{VM.hard_shutdown}, read back Halted."""
+        return self.driver.power(self.target, "off", self.on_progress).addCallbacks(self._result, _translate)
+
+    def reset(self) -> "Deferred[PowerResult]":
+        """See L{IPowerDriver.reset}: C{VM.hard_shutdown} then C{VM.start}, read back Running."""
+        return self.driver.power(self.target, "reset", self.on_progress).addCallbacks(self._result, _translate)
+
+    def cycle(self, off_for: Optional[float] = None) -> "Deferred[PowerResult]":
+        """See L{IPowerDriver.cycle} and the class docstring."""
+        if off_for is None:
+            def done(r: XenRebootResult) -> PowerResult:
+                if r.state != "Running":
+                    raise PowerError(f"XenAPI {self.target.host}: {r.detail}, but it reads back {r.state} "
+                                     "(wanted Running)", kind="unreached", sent=True)
+                return PowerResult("on", r.detail, raw=r.state)
+
+            return self.driver.reboot(self.target, self.on_progress).addErrback(_translate).addCallback(done)
+        if isinstance(off_for, bool) or not isinstance(off_for, (int, float)) or off_for < 0:
+            return fail(ValueError(f"off_for must be a non-negative number of seconds, not {off_for!r}"))
+        return self.driver.power(self.target, "reset", self.on_progress, off_for=float(off_for)).addCallbacks(
+            self._result, _translate)

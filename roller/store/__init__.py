@@ -16,6 +16,7 @@ from roller.store.audit import AuditEntry, AuditTable
 from roller.store.db import Database, StoreError
 from roller.store.jobs import JobTable
 from roller.store.machines import MachineTable
+from roller.store.users import UserTable
 
 __all__ = ["Store", "open_store", "StoreError", "AuditEntry"]
 
@@ -26,6 +27,7 @@ class Store:
     machines: MachineTable
     jobs: JobTable
     audit: AuditTable
+    users: UserTable
 
     def close(self):
         return self.db.close()
@@ -39,7 +41,8 @@ async def open_store(path: str, reactor: Any, *, synchronous: str = "NORMAL", db
     except Exception:
         await db.close()
         raise
-    store = Store(db=db, machines=MachineTable(db, reactor), jobs=JobTable(db), audit=AuditTable(db))
+    store = Store(db=db, machines=MachineTable(db, reactor), jobs=JobTable(db), audit=AuditTable(db),
+                  users=UserTable(db))
     try:
         await store.machines.load()
     except Exception:

@@ -68,4 +68,26 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX audit_time ON audit (time);
     """,
+    # 2: dashboard accounts and their sessions (roller.store.users)
+    """
+    CREATE TABLE users (
+        name          TEXT PRIMARY KEY,
+        role          TEXT NOT NULL CHECK (role IN ('viewer', 'operator', 'admin')),
+        password_hash TEXT NOT NULL,
+        created_at    REAL NOT NULL,
+        updated_at    REAL NOT NULL,
+        failed_logins INTEGER NOT NULL DEFAULT 0,
+        locked_until  REAL NOT NULL DEFAULT 0
+    );
+
+    CREATE TABLE sessions (
+        id_hash    TEXT PRIMARY KEY,
+        user_name  TEXT NOT NULL REFERENCES users (name) ON DELETE CASCADE,
+        created_at REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        last_seen  REAL NOT NULL
+    );
+    CREATE INDEX sessions_user ON sessions (user_name);
+    CREATE INDEX sessions_expires ON sessions (expires_at);
+    """,
 ]

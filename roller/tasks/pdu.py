@@ -3,20 +3,26 @@ Power tasks: C{snmp_reboot} (seed parity) and the generic C{power_on},
 C{power_off}, C{power_cycle}, C{power_status}.
 
 The generic tasks work on whatever L{IPowerDriver} L{power_driver} finds
-for the machine: its PDU outlet (C{pdu} settings, over SNMP) or its BMC
-(C{ipmi} settings, through the IPMI driver's C{for_machine}), chosen by
-the C{via} parameter (C{auto}: the PDU if there is one).  A Redfish
-provider slots into L{VIA} the same way.  Every action reads the state back from the device before the task
-succeeds; progress lines (SET sent, states read) are job events.
+for the machine, through each driver's C{for_machine}: its PDU outlet
+(C{pdu} settings, over SNMP), its BMC over IPMI (C{ipmi}) or Redfish
+(C{redfish}), or its VM's pool over XenAPI (C{xen}).  The C{via}
+parameter names one; C{auto} (the default) takes the first the machine
+has settings for, in the order of L{VIA}: pdu, ipmi, redfish, xen (the
+inventory has no per-machine power-method field; the outlet comes first
+because it works whatever state the BMC or OS is in).  Every action reads
+the state back from the device before the task succeeds; progress lines
+(commands sent, states read) are job events.
 
-The tasks declare their PDU (and BMC) as shared endpoints (C{pdu:HOST},
-C{bmc:HOST}) so the queue serialises jobs per device; the driver itself also paces the requests
+The tasks declare their PDU and BMC (IPMI host, Redfish URL host) as
+shared endpoints (C{pdu:HOST}, C{bmc:HOST}) so the queue serialises jobs
+per device; the driver itself also paces the requests
 it sends to one PDU (see L{roller.drivers.snmp.pdu}).
 """
 
 from __future__ import annotations
 
 from typing import Any, Mapping
+from urllib.parse import urlsplit
 
 from roller.drivers.power import IPowerDriver, PowerError, PowerResult
 from roller.inventory import Machine
@@ -48,6 +54,10 @@ def power_endpoints(machine: Machine) -> tuple[str, ...]:
     whichever it has (the task may use either, so it holds both).
     """
     bmc = (f"bmc:{machine.ipmi.host}",) if getattr(machine, "ipmi", None) is not None else ()
+    redfish = getattr(machine, "redfish", None)
+    host = urlsplit(redfish.url).hostname if redfish is not None else None
+    if host and f"bmc:{host}" not in bmc:
+        bmc += (f"bmc:{host}",)
     return pdu_endpoints(machine) + bmc
 
 
@@ -60,14 +70,15 @@ def not_applicable(machine: Machine) -> str | None:
 
 #: Power methods the generic tasks can use, in the order C{via=auto} tries
 #: them: (name, machine attribute, Drivers attribute).
-VIA = (("pdu", "pdu", "pdus"), ("ipmi", "ipmi", "ipmi"))
+VIA = (("pdu", "pdu", "pdus"), ("ipmi", "ipmi", "ipmi"), ("redfish", "redfish", "redfish"),
+       ("xen", "xen", "xen"))
 
 
 def power_driver(ctx: TaskContext, via: str = "auto") -> IPowerDriver:
     """
-    The machine's power driver: with C{via="auto"} its PDU outlet if it has
-    C{pdu} settings, else its BMC over IPMI if it has C{ipmi} settings;
-    or the one C{via} names.
+    The machine's power driver: with C{via="auto"} the first of L{VIA}
+    (PDU outlet, IPMI BMC, Redfish BMC, Xen VM) it has settings for; or
+    the one C{via} names.
 
     @raise TaskFailed: The machine has no such power method, roller has no
         driver for it, or its settings are unusable (unknown credential,
@@ -87,7 +98,7 @@ def power_driver(ctx: TaskContext, via: str = "auto") -> IPowerDriver:
     if via != "auto":
         raise TaskFailed(f"machine {machine.worker_id} has no {via} settings")
     raise TaskFailed(f"machine {machine.worker_id} has no power control roller can use: it has "
-                     "neither pdu nor ipmi settings")
+                     "none of pdu, ipmi, redfish or xen settings")
 
 
 async def _act(ctx: TaskContext, what: str, call: Any) -> PowerResult:
@@ -144,9 +155,9 @@ async def run_power_status(ctx: TaskContext, params: Mapping[str, Any]) -> str:
     return f"power is {result.state}: {result.detail}"
 
 
-_VIA = Param("via", str, "auto", "which power control to use: auto (the PDU outlet if the machine "
-                                "has one, else its BMC over IPMI), pdu or ipmi",
-             choices=("auto", "pdu", "ipmi"))
+_VIA = Param("via", str, "auto", "which power control to use: auto (the first the machine has of: "
+                                "PDU outlet, IPMI BMC, Redfish BMC, Xen VM), pdu, ipmi, redfish or xen",
+             choices=("auto", "pdu", "ipmi", "redfish", "xen"))
 
 SNMP_REBOOT = TaskSpec(
     name="snmp_reboot",
@@ -163,7 +174,7 @@ SNMP_REBOOT = TaskSpec(
 
 POWER_ON = TaskSpec(
     name="power_on",
-    description="Switch the machine's power on (PDU outlet or BMC) and read it back.",
+    description="Switch the machine's power on (PDU outlet, BMC or Xen VM) and read it back.",
     run=run_power_on,
     params=(_VIA,),
     timeout=180.0,
@@ -173,7 +184,7 @@ POWER_ON = TaskSpec(
 
 POWER_OFF = TaskSpec(
     name="power_off",
-    description="Switch the machine's power off (PDU outlet or BMC) and read it back.",
+    description="Switch the machine's power off (PDU outlet, BMC or Xen VM) and read it back.",
     run=run_power_off,
     params=(_VIA,),
     timeout=180.0,
@@ -183,7 +194,7 @@ POWER_OFF = TaskSpec(
 
 POWER_CYCLE = TaskSpec(
     name="power_cycle",
-    description="Power-cycle the machine (PDU outlet or BMC): the device's own cycle, or off for off_for "
+    description="Power-cycle the machine (PDU outlet, BMC or Xen VM): the device's own cycle, or off for off_for "
                 "seconds then on; reads the state back.",
     run=run_power_cycle,
     params=(Param("off_for", float, None, "seconds to stay off (default: the device's own power "
@@ -195,7 +206,7 @@ POWER_CYCLE = TaskSpec(
 
 POWER_STATUS = TaskSpec(
     name="power_status",
-    description="Read the machine's power state (PDU outlet or BMC).",
+    description="Read the machine's power state (PDU outlet, BMC or Xen VM).",
     run=run_power_status,
     params=(_VIA,),
     timeout=60.0,

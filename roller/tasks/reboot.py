@@ -7,7 +7,9 @@ reason logged, when the machine has no settings for it or roller does not
 implement it yet; otherwise initiate it, then verify the machine went down
 within C{reboot.down_timeout} and came back within C{reboot.up_timeout}.
 The first verified method ends the job; every attempt is logged as a job
-event with its method, outcome and reason.
+event with its method, outcome and reason.  C{file_bugzilla_bug}, when
+reached, files or updates the machine's reboot bug with the attempts so
+far (skipped when C{bugzilla.url} is not set); the job still fails.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any, Awaitable, Callable, Mapping
 from attrs import frozen
 
 from roller.inventory import REBOOT_METHODS, Machine
+from roller.tasks import bugzilla as bugzilla_task
 from roller.tasks import ipmi as ipmi_task
 from roller.tasks import pdu as pdu_task
 from roller.tasks import redfish as redfish_task
@@ -46,7 +49,7 @@ METHODS: dict[str, Method] = {
 @frozen
 class Attempt:
     method: str
-    outcome: str  # "skipped", "failed", "succeeded"
+    outcome: str  # "skipped", "failed", "succeeded"; "done" for file_bugzilla_bug
     reason: str
 
     def __str__(self) -> str:
@@ -75,6 +78,20 @@ async def run(ctx: TaskContext, params: Mapping[str, Any]) -> str:
         ctx.log(str(attempt), method=attempt.method, outcome=attempt.outcome)
 
     for name in _methods(ctx, params):
+        if name == "file_bugzilla_bug":
+            # not a way to reboot: asks a human, and the job still fails
+            reason = bugzilla_task.not_applicable(ctx)
+            if reason:
+                record(Attempt(name, "skipped", reason))
+                continue
+            ctx.log(f"{name}: asking for help in Bugzilla", method=name, step="initiate")
+            try:
+                detail = await bugzilla_task.file_bug(ctx, [str(a) for a in attempts])
+            except TaskFailed as e:
+                record(Attempt(name, "failed", str(e)))
+                continue
+            record(Attempt(name, "done", detail))
+            continue
         method = METHODS.get(name)
         if method is None:
             record(Attempt(name, "skipped", "not implemented in this roller yet"))

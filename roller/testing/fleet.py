@@ -27,7 +27,11 @@ Pieces:
     the machine listens again on the same address and port.
   - L{Fleet}: N machines on distinct loopback addresses (the whole of
     127.0.0.0/8 is local on Linux, no configuration needed), one host key
-    per machine, one user key pair for roller.
+    per machine, one user key pair for roller; optionally, for any subset,
+    an IPMI BMC (a real C{ipmi_sim}) and/or a Redfish service
+    (L{roller.testing.redfish_sim}) that switch the machine's PowerState,
+    written to the inventory (C{ipmi}, C{redfish}, C{reboot_methods}) and
+    the secrets file (credential C{fleet-bmc}) like its SSH access.
 
 Behaviours (per machine, see L{BEHAVIOURS}):
 
@@ -103,6 +107,7 @@ BEHAVIOURS = ("normal", "hang", "refuse-reboot", "never-down")
 REBOOT_STYLES = ("exit0", "drop")
 DEFAULT_USER = "roller"
 DEFAULT_CREDENTIAL = "fleet-ssh"
+DEFAULT_BMC_CREDENTIAL = "fleet-bmc"
 
 PowerListener = Callable[[bool], object]
 
@@ -692,6 +697,18 @@ class Fleet:
     @param shared_host_key: One host key for all machines instead of one
         each (generation is fast either way: ~60 ms for 1000).
     @param user_key: roller's private key; generated if not given.
+    @param ipmi: Indices of the machines that get an IPMI BMC: a real
+        C{ipmi_sim} on 127.0.0.1 (a free UDP port each) whose chassis
+        control switches the machine's L{PowerState} (see
+        L{roller.testing.ipmisim}; C{openipmi} must be installed).
+    @param redfish: Indices of the machines that get a Redfish service
+        (L{roller.testing.redfish_sim.RedfishBmc}) on their own address,
+        at C{redfish_port} (0: a free port each).
+    @param bmc_user: The BMC user (IPMI and Redfish).
+    @param bmc_password: Its password; random by default.
+    @param bmc_credential: The name of that credential in C{secrets.toml}.
+    @param bmc_dir: Where the C{ipmi_sim} files go (a temporary directory
+        per BMC by default).
 
     @ivar machines: The L{SimulatedMachine}s, in address order.
     @ivar user_key: roller's private key (authorized on every machine).
@@ -714,6 +731,13 @@ class Fleet:
         user_key: Optional[Key] = None,
         worker_prefix: str = "sim",
         credential: str = DEFAULT_CREDENTIAL,
+        ipmi: Iterable[int] = (),
+        redfish: Iterable[int] = (),
+        redfish_port: int = 0,
+        bmc_user: str = "admin",
+        bmc_password: Optional[str] = None,
+        bmc_credential: str = DEFAULT_BMC_CREDENTIAL,
+        bmc_dir: Optional[str | os.PathLike] = None,
     ):
         self.reactor = reactor
         self.ssh_port = ssh_port
@@ -726,6 +750,21 @@ class Fleet:
         unknown = [i for i in overrides if not 0 <= i < count]
         if unknown:
             raise ValueError(f"overrides for machines that do not exist: {unknown}")
+        self.ipmi_indices = sorted(set(ipmi))
+        self.redfish_indices = sorted(set(redfish))
+        unknown = [i for i in self.ipmi_indices + self.redfish_indices if not 0 <= i < count]
+        if unknown:
+            raise ValueError(f"BMCs for machines that do not exist: {sorted(set(unknown))}")
+        self.redfish_port = redfish_port
+        self.bmc_user = bmc_user
+        # IPMI passwords are at most 16 bytes for ipmi_sim (20 in IPMI 2.0).
+        self.bmc_password = bmc_password if bmc_password is not None else "bmc-" + os.urandom(6).hex()
+        self.bmc_credential = bmc_credential
+        self.bmc_dir = Path(bmc_dir) if bmc_dir is not None else None
+        #: worker id -> the machine's IPMI BMC (an L{roller.testing.ipmisim.IpmiSim}), once started.
+        self.ipmi_bmcs: dict[str, Any] = {}
+        #: worker id -> the machine's Redfish BMC (a L{roller.testing.redfish_sim.RedfishBmc}), once started.
+        self.redfish_bmcs: dict[str, Any] = {}
         shared = generate_key() if shared_host_key else None
         self.machines: list[SimulatedMachine] = []
         for i, address in enumerate(fleet_addresses(base, count)):
@@ -776,13 +815,48 @@ class Fleet:
             first = f.value.subFailure if isinstance(f.value, defer.FirstError) else f
             return self.stop().addCallback(lambda _: first)
 
-        return d.addCallbacks(lambda _: self, failed)
+        return d.addCallback(lambda _: self._start_bmcs()).addCallbacks(lambda _: self, failed)
+
+    def _start_bmcs(self) -> None:
+        """
+        Start the Redfish services (each on its machine's address) and the
+        IPMI BMCs (one C{ipmi_sim} per machine on 127.0.0.1, a free UDP
+        port each), all sharing their machine's L{PowerState}.  Starting
+        an C{ipmi_sim} blocks for its readiness probe (tens of ms).
+        """
+        from roller.testing.redfish_sim import RedfishBmc
+
+        for i in self.redfish_indices:
+            m = self.machines[i]
+            bmc = RedfishBmc(m.power, users={self.bmc_user: self.bmc_password}, system_id=m.name,
+                             down_for=m.down_for)
+            self.redfish_bmcs[m.name] = bmc
+            bmc.listen(self.reactor, m.address, self.redfish_port)
+        if self.ipmi_indices:
+            from roller.testing.ipmisim import IpmiSim
+
+            for i in self.ipmi_indices:
+                m = self.machines[i]
+                workdir = self.bmc_dir / f"ipmi-{m.name}" if self.bmc_dir is not None else None
+                sim = IpmiSim(workdir=workdir, username=self.bmc_user, password=self.bmc_password,
+                              power=m.power, reactor=self.reactor, reset_down_for=m.down_for)
+                self.ipmi_bmcs[m.name] = sim
+                sim.start()
+
+    def _stop_bmcs(self) -> Deferred:
+        for sim in self.ipmi_bmcs.values():
+            sim.stop()
+        self.ipmi_bmcs.clear()
+        bmcs = list(self.redfish_bmcs.values())
+        self.redfish_bmcs.clear()
+        return defer.gatherResults([defer.ensureDeferred(b.stop()) for b in bmcs])
 
     def stop(self) -> Deferred:
         """Stop every machine and cancel pending power-ons; fires when all ports are closed."""
         for m in self.machines:
             m.power.stop()
-        return defer.gatherResults([m.stop() for m in self.machines]).addCallback(lambda _: None)
+        bmcs = self._stop_bmcs()
+        return defer.gatherResults([bmcs] + [m.stop() for m in self.machines]).addCallback(lambda _: None)
 
     # -- client side
 
@@ -822,7 +896,11 @@ class Fleet:
         known_o = d / "known_hosts.openssh"
         _write(known_o, "".join(line + "\n" for line in self.known_hosts_lines(True)).encode(), 0o644)
         secrets = d / "secrets.toml"
-        write_secrets(secrets, {self.credential: Credential(name=self.credential, kind="ssh-key", path=str(key_path))})
+        credentials = {self.credential: Credential(name=self.credential, kind="ssh-key", path=str(key_path))}
+        if self.ipmi_indices or self.redfish_indices:
+            credentials[self.bmc_credential] = Credential(name=self.bmc_credential, kind="password",
+                                                          username=self.bmc_user, password=self.bmc_password)
+        write_secrets(secrets, credentials)
         return ClientFiles(str(d), str(key_path), str(d / "fleet_ed25519.pub"), str(known), str(known_o), str(secrets))
 
     def inventory_json(self, worker_group: str = "sim") -> list[dict]:
@@ -841,6 +919,15 @@ class Fleet:
                 "notes": f"fleet simulator: behaviour {m.behaviour}, reboot answers {m.reboot_style}, "
                          f"down for {m.down_for:g} s",
             }
+            ipmi = self.ipmi_bmcs.get(m.name)
+            if ipmi is not None:
+                entry["ipmi"] = {"host": ipmi.host, "port": ipmi.port, "credential": self.bmc_credential}
+                entry["reboot_methods"].append("ipmi_reset")
+            redfish = self.redfish_bmcs.get(m.name)
+            if redfish is not None:
+                entry["redfish"] = {"url": redfish.url, "system": redfish.system_id,
+                                    "credential": self.bmc_credential}
+                entry["reboot_methods"].append("redfish_reboot")
             out.append(entry)
         return out
 
@@ -882,6 +969,12 @@ def _parser() -> argparse.ArgumentParser:
     for kind in BEHAVIOURS[1:]:
         p.add_argument(f"--{kind}", type=int, default=0, metavar="N",
                        help=f"make the last N machines behave '{kind}'")
+    p.add_argument("--ipmi", type=int, default=0, metavar="N",
+                   help="give the first N machines an IPMI BMC (ipmi_sim on 127.0.0.1, a UDP port each)")
+    p.add_argument("--redfish", type=int, default=0, metavar="N",
+                   help="give the first N machines a Redfish service on their own address")
+    p.add_argument("--redfish-port", type=int, default=8000,
+                   help="Redfish port on every such address (default 8000; 0: a free port each)")
     p.add_argument("--verbose", "-v", action="store_true", help="log every command and power change")
     return p
 
@@ -895,6 +988,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.count < 1 or len(special) > args.count:
         print("error: --count must be at least 1 and at least the number of special machines", file=sys.stderr)
         return 2
+    if not (0 <= args.ipmi <= args.count and 0 <= args.redfish <= args.count):
+        print("error: --ipmi and --redfish must be between 0 and --count", file=sys.stderr)
+        return 2
+    if args.ipmi:
+        from roller.testing.ipmisim import skip_reason
+
+        missing = skip_reason()
+        if missing:
+            print(f"error: --ipmi needs ipmi_sim: {missing}", file=sys.stderr)
+            return 2
     overrides = {args.count - len(special) + i: {"behaviour": kind} for i, kind in enumerate(special)}
 
     from twisted.internet import reactor
@@ -909,7 +1012,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     try:
         fleet = Fleet(reactor, args.count, args.base, args.ssh_port, reboot_delay=args.reboot_delay,
-                      down_for=args.down_for, reboot_style=args.reboot_style, overrides=overrides)
+                      down_for=args.down_for, reboot_style=args.reboot_style, overrides=overrides,
+                      ipmi=range(args.ipmi), redfish=range(args.redfish), redfish_port=args.redfish_port)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -928,6 +1032,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"  known_hosts   {files.known_hosts}  (OpenSSH form: {files.known_hosts_openssh})")
         print(f"  secrets       {files.secrets}  (credential {fleet.credential!r})")
         print(f"  inventory     {inventory}  (worker group {args.worker_group!r})")
+        for name, sim in fleet.ipmi_bmcs.items():
+            print(f"  ipmi          {name}: 127.0.0.1 udp port {sim.port}  (user {fleet.bmc_user}, "
+                  f"credential {fleet.bmc_credential!r})")
+        for name, bmc in fleet.redfish_bmcs.items():
+            print(f"  redfish       {name}: {bmc.url}{bmc.system_path}  (user {fleet.bmc_user}, "
+                  f"credential {fleet.bmc_credential!r})")
         print(f"  try: ssh -i {files.private_key} -o IdentitiesOnly=yes "
               f"-o UserKnownHostsFile={files.known_hosts_openssh} -p {args.ssh_port} "
               f"{fleet.user}@{first.address} uptime")

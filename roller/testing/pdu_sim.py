@@ -20,6 +20,15 @@ The OID tables are roller's own (L{roller.drivers.snmp.models}): this is a
 front-end for the demo and for end-to-end tests of the job flow, not an
 oracle for the tables (L{roller.testing.snmpd} is that).  SNMPv3 is not
 simulated: use a real snmpd for it.
+
+With C{boot_delay > 0} the PDU keeps the outlet's own state, as a real one
+does: switching an outlet on energises it at once (it reads on) but the
+machine's L{PowerState} comes on C{boot_delay} seconds later (the machine
+boots, its SSH port stays closed meanwhile); a reboot reads off (or the
+model's transitional state) for C{reboot_off} seconds, then on.  That is
+what roller's C{reboot} task sees with a real PDU: the outlet reads back on
+while the host is still down.  With the default C{boot_delay=0} the
+machine's power is the outlet's state.
 """
 
 from __future__ import annotations
@@ -51,14 +60,27 @@ class SimulatedPdu(DatagramProtocol):
     @param community: The read-write community.
     @param read_community: The read-only community.
     @param name: For logs.
+    @param boot_delay: Seconds from an outlet being switched on to the
+        machine's power coming on (see the module docstring); 0: at once.
+    @param reboot_off: Seconds an outlet stays off on a reboot command when
+        C{boot_delay > 0} (default: the L{PowerState}'s C{default_down_for}).
     """
 
     noisy = False
 
     def __init__(self, reactor: Any, model: str = "sentry3", *, community: str = "private",
-                 read_community: str = "public", name: str = "pdu"):
+                 read_community: str = "public", name: str = "pdu", boot_delay: float = 0.0,
+                 reboot_off: Optional[float] = None):
         if model not in MODELS:
             raise ValueError(f"unknown model {model!r}; one of {', '.join(sorted(MODELS))}")
+        if boot_delay < 0 or (reboot_off is not None and reboot_off < 0):
+            raise ValueError("boot_delay and reboot_off must not be negative")
+        self.boot_delay = float(boot_delay)
+        self.reboot_off = reboot_off
+        # With boot_delay: label -> ON / OFF / CHANGING, and the pending
+        # outlet-on (reboot) or machine power-on (boot) call.
+        self._state: dict[str, str] = {}
+        self._timers: dict[str, Any] = {}
         self.reactor = reactor
         self.model: PduModel = MODELS[model]
         self.community = community.encode()
@@ -84,6 +106,7 @@ class SimulatedPdu(DatagramProtocol):
         address = self.model.outlet(outlet)
         label = address.label
         self.outlets[label] = power
+        self._state[label] = ON if power.on else OFF
         for action, (oid, value) in ((a, self.model.command(address, a)) for a in self.model.commands):
             self._controls.setdefault(oid, {})[value] = (label, action)
         self._status[self.model.status(address)] = label
@@ -94,6 +117,8 @@ class SimulatedPdu(DatagramProtocol):
         return self._port.getHost().port
 
     def stop(self) -> None:
+        for label in list(self._timers):
+            self._cancel(label)
         port, self._port = self._port, None
         if port is not None:
             port.stopListening()
@@ -119,13 +144,58 @@ class SimulatedPdu(DatagramProtocol):
         if label is None:
             return None
         power = self.outlets[label]
-        if power.on:
+        if self.boot_delay:
+            state = self._state[label]
+        elif power.on:
             state = ON
-        elif power.pending is not None and any(c == CHANGING for c, _ in self.model.states.values()):
+        elif power.pending is not None:
             state = CHANGING
         else:
             state = OFF
+        if state == CHANGING and not any(c == CHANGING for c, _ in self.model.states.values()):
+            state = OFF
         return rfc1902.Integer32(self._raw_for(state))
+
+    # -- outlet state with a boot delay
+
+    def _cancel(self, label: str) -> None:
+        call = self._timers.pop(label, None)
+        if call is not None and call.active():
+            call.cancel()
+
+    def _later(self, label: str, delay: float, fn: Any) -> None:
+        def fire() -> None:
+            self._timers.pop(label, None)
+            fn()
+
+        self._timers[label] = self.reactor.callLater(delay, fire)
+
+    def _energise(self, label: str) -> None:
+        """The outlet is on; the machine comes up after C{boot_delay}."""
+        self._state[label] = ON
+        power = self.outlets[label]
+        if not power.on:
+            self._later(label, self.boot_delay, power.power_on)
+
+    def _switch(self, label: str, action: str) -> None:
+        power = self.outlets[label]
+        if not self.boot_delay:
+            if action == "on":
+                power.power_on()
+            elif action == "off":
+                power.power_off()
+            else:
+                power.reboot()
+            return
+        self._cancel(label)
+        if action == "on":
+            self._energise(label)
+            return
+        self._state[label] = OFF if action == "off" else CHANGING
+        power.power_off()
+        if action == "reboot":
+            off = power.default_down_for if self.reboot_off is None else self.reboot_off
+            self._later(label, off, lambda: self._energise(label))
 
     def _write(self, oid: str, value: Any) -> Optional[int]:
         """Apply one SET varbind; an error-status or None."""
@@ -139,15 +209,9 @@ class SimulatedPdu(DatagramProtocol):
         if number not in controls:
             return _WRONG_VALUE
         label, action = controls[number]
-        power = self.outlets[label]
         self.commands.append((self.reactor.seconds(), label, action))
         log.info("{pdu}: outlet {outlet} {action}", pdu=self.name, outlet=label, action=action)
-        if action == "on":
-            power.power_on()
-        elif action == "off":
-            power.power_off()
-        else:
-            power.reboot()
+        self._switch(label, action)
         return None
 
     # -- protocol

@@ -32,6 +32,7 @@ from roller.store import AuditEntry, Store
 from roller.tasks import TaskRegistry
 from roller.web.http import json_error
 from roller.web.openapi import openapi_document
+from roller.version import load_version
 
 log = Logger()
 
@@ -118,6 +119,10 @@ def _check_reason(reason: str) -> str:
     return reason
 
 
+def _touch(cursor: Any) -> None:
+    cursor.execute("UPDATE jobs SET state = state WHERE 0")
+
+
 @define
 class Api:
     store: Store
@@ -134,6 +139,10 @@ class Api:
     #: What GET /metrics serves; by default one of its own, observing C{queue}
     #: (without the reactor lag loop, which whoever owns the reactor starts).
     metrics: Metrics | None = field(default=None, kw_only=True)
+    #: /__heartbeat__ fails when the measured reactor lag is above this (seconds).
+    max_lag: float = field(default=5.0, kw_only=True)
+    #: What /__version__ answers (L{roller.version.load_version}).
+    version_info: dict = field(factory=load_version, kw_only=True)
 
     app = Klein()
 
@@ -456,11 +465,18 @@ class Api:
     async def heartbeat(self, request: IRequest) -> bytes:
         checks: dict[str, str] = {}
         try:
-            await self.store.jobs.counts()
+            # a write statement takes the write lock even when it changes nothing,
+            # so a read-only or locked-up database fails here
+            await self.store.db.write(_touch)
             checks["database"] = "ok"
         except Exception as e:  # the check reports any failure
             log.failure("Heartbeat database check failed")
-            checks["database"] = f"error: {type(e).__name__}"
+            checks["database"] = f"error: not writable ({type(e).__name__})"
+        lag = self.metrics.lag if self.metrics is not None else None
+        if lag is not None and lag > self.max_lag:
+            checks["reactor_lag"] = f"error: {lag:.1f} s, over {self.max_lag:g} s"
+        else:
+            checks["reactor_lag"] = "ok"
         ok = all(v == "ok" for v in checks.values())
         return _json(request, {"status": "ok" if ok else "error", "checks": checks,
                                "queue": {"running": len(self.queue.running()), "queued": self.queue.depth}},
@@ -474,4 +490,4 @@ class Api:
 
     @app.route("/__version__", methods=["GET"])
     def version(self, request: IRequest) -> bytes:
-        return _json(request, {"name": "roller", "version": __version__, "source": "", "commit": ""})
+        return _json(request, self.version_info)

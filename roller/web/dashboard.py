@@ -8,9 +8,13 @@ pages, and the POST routes behind their buttons.
 Who is looking comes from an L{IDashboardAuth}: every page gets its
 L{Viewer} (shown in the header; its id is recorded as the requester of the
 jobs and the actor of the audit entries it causes; its scopes decide which
-buttons it may press).  Until accounts and sessions exist,
-L{LoopbackDashboardAuth} lets in anyone connecting over loopback and nobody
-else.
+buttons it may press).  roller runs it with
+L{roller.auth.accounts.AccountAuth}: accounts with roles (viewer, operator,
+admin, mapped to the API's scopes), sessions, sign-in at C{/login} (POST
+C{/logout} to sign out) and the one-time first-admin page C{/setup}; a
+page asked for without a session redirects to C{/login?next=...}.
+L{LoopbackDashboardAuth} (anyone on loopback is an admin) stays for tests
+and as the demo fallback.
 
 Every mutating request is a POST of a form carrying C{csrf_token}
 (L{CsrfProtection}: a signed double-submit token; the secret comes from
@@ -51,9 +55,10 @@ from zope.interface import Interface, implementer
 
 import roller
 from roller import __version__
+from roller.auth import Principal
 from roller.auth.hawk import client_ip, parse_trusted_proxies
 from roller.auth.scopes import satisfies
-from roller.errors import BadRequest, Forbidden, NotFound, RollerError
+from roller.errors import BadRequest, Forbidden, NotFound, RollerError, Unauthorized
 from roller.inventory import TAG_RE, Machine, valid_worker_id
 from roller.jobs import Job, JobEvent, State, iso
 from roller.queue import JobQueue
@@ -61,6 +66,7 @@ from roller.store import AuditEntry, Store
 from roller.store.db import Cursor
 from roller.tasks import TaskRegistry
 from roller.web.events import EventHub
+from roller.web.fleet_html import RowCache, fleet_rows_html
 
 __all__ = [
     "CsrfError",
@@ -120,19 +126,26 @@ class Viewer:
     @ivar name: shown in the page header.
     @ivar scopes: what they may do, with the API's scope rules
         (C{<prefix><task>}, C{<prefix>jobs:cancel}).
-    @ivar session: what CSRF tokens are bound to (a session id once sessions
-        exist; empty for now).
-    @ivar note: one line shown next to the name (how they were let in).
+    @ivar session: what CSRF tokens are bound to and sign-out ends (the hash
+        of the session id, L{roller.auth.accounts}); empty without sessions.
+    @ivar note: one line shown next to the name (the role, or how they were let in).
+    @ivar role: the account's role (viewer, operator, admin), if any.
     """
 
     id: str
     name: str
     scopes: tuple[str, ...] = ()
-    session: str = ""
+    session: str = field(default="", repr=False)
     note: str = ""
+    role: str = ""
 
     def may(self, scope: str) -> bool:
         return satisfies(self.scopes, scope)
+
+    @property
+    def principal(self) -> Principal:
+        """The same L{Principal} the API would check."""
+        return Principal(self.id, self.scopes)
 
 
 class IDashboardAuth(Interface):
@@ -345,11 +358,41 @@ class FleetQueries:
     machine, not a scan of the job history), counts by state, filter values.
     """
 
-    def __init__(self, store: Store):
+    def __init__(self, store: Store, cache_size: int = 64):
         self.db = store.db
+        self.cache_size = cache_size
+        # Only ever touched inside db.read, i.e. by the one reader thread.
+        self._version: tuple[int, int, int] | None = None
+        self._cache: dict[tuple, Any] = {}
+
+    @staticmethod
+    def version(c: Cursor) -> tuple[int, int, int]:
+        """
+        Changes whenever anything was committed to the database: C{PRAGMA
+        data_version} counts other connections' commits (the writer's, seen
+        from the reader, and other processes'), C{total_changes()} this
+        connection's own (when one connection does everything).
+        """
+        conn = c.connection
+        return (id(conn), c.execute("PRAGMA data_version").fetchone()[0], conn.total_changes)
+
+    def _cached(self, c: Cursor, key: tuple, compute: Any) -> Any:
+        if key in self._cache:
+            return self._cache[key]
+        value = compute()
+        if len(self._cache) >= self.cache_size:
+            self._cache.pop(next(iter(self._cache)))
+        self._cache[key] = value
+        return value
 
     def page(self, f: FleetFilter, *, sort: str = "name", direction: str | None = None,
              limit: int = 200, offset: int = 0) -> "Deferred[FleetPage]":
+        """
+        One page of the fleet.  Results are cached until the next commit to
+        the database (any job event, inventory change or import; see
+        L{version}): a page viewed again, the state counts over the whole
+        fleet and the filter values cost one C{PRAGMA} until then.
+        """
         if sort not in SORTS:
             raise ValueError(f"unknown sort {sort!r}")
         _, primary, default_dir = SORTS[sort]
@@ -366,44 +409,66 @@ class FleetQueries:
         if f.q:
             where.append("(m.worker_id LIKE ? ESCAPE '\\' OR m.fqdn LIKE ? ESCAPE '\\' OR m.ip LIKE ? ESCAPE '\\')")
             args += [_like(f.q)] * 3
-        base = (f"SELECT m.worker_group, m.worker_id, m.fqdn, m.ip, m.pool, {_LAST_SEQ} AS last_seq"
-                " FROM machines m" + (" WHERE " + " AND ".join(where) if where else ""))
-        state_where, state_args = "", []
-        if f.state == NEVER:
-            state_where = " WHERE j.seq IS NULL"
-        elif f.state is not None:
-            state_where = " WHERE j.state = ?"
-            state_args = [f.state]
-        order = primary.format(d=d) + ", f.worker_group, f.worker_id"
+        cond = " WHERE " + " AND ".join(where) if where else ""
+        base = f"SELECT m.worker_group, m.worker_id, m.fqdn, m.ip, m.pool, {_LAST_SEQ} AS last_seq FROM machines m{cond}"
+        cols = ("j.id AS job_id, j.task_name, j.state, j.created_at, j.started_at, j.finished_at, j.error,"
+                " j.result, j.requester")
+        if sort == "name" and f.state is None:
+            # Page through the primary key first; look up the newest job of
+            # those machines only.
+            rows_sql = (
+                f"SELECT f.worker_group, f.worker_id, f.fqdn, f.ip, f.pool, {cols} FROM"
+                f" (SELECT m.worker_group, m.worker_id, m.fqdn, m.ip, m.pool FROM machines m{cond}"
+                f" ORDER BY m.worker_group {d}, m.worker_id {d} LIMIT ? OFFSET ?) f"
+                f" LEFT JOIN jobs j ON j.seq = {_LAST_SEQ.replace('m.', 'f.')}"
+                f" ORDER BY f.worker_group {d}, f.worker_id {d}"
+            )
+            rows_args = [*args, limit, offset]
+        else:
+            state_where, state_args = "", []
+            if f.state == NEVER:
+                state_where = " WHERE j.seq IS NULL"
+            elif f.state is not None:
+                state_where = " WHERE j.state = ?"
+                state_args = [f.state]
+            order = primary.format(d=d) + ", f.worker_group, f.worker_id"
+            rows_sql = (f"SELECT f.worker_group, f.worker_id, f.fqdn, f.ip, f.pool, {cols} FROM ({base}) f"
+                        f" LEFT JOIN jobs j ON j.seq = f.last_seq{state_where} ORDER BY {order} LIMIT ? OFFSET ?")
+            rows_args = [*args, *state_args, limit, offset]
+        filter_key = ("filter", f.q, f.group, f.pool)
 
-        def run(c: Cursor) -> FleetPage:
+        def summary(c: Cursor) -> tuple[dict[str, int], list[str], list[str]]:
             counts = {
                 r[0]: r[1] for r in c.execute(
                     f"SELECT COALESCE(j.state, '{NEVER}'), count(*) FROM ({base}) f"
                     " LEFT JOIN jobs j ON j.seq = f.last_seq GROUP BY 1", args)
             }
-            total = counts.get(f.state, 0) if f.state is not None else sum(counts.values())
-            rows = [
+            groups, pools = self._cached(c, ("values",), lambda: (
+                [r[0] for r in c.execute("SELECT DISTINCT worker_group FROM machines ORDER BY 1")],
+                [r[0] for r in c.execute("SELECT DISTINCT pool FROM machines WHERE pool IS NOT NULL ORDER BY 1")],
+            ))
+            return counts, groups, pools
+
+        def fetch_rows(c: Cursor) -> list[FleetRow]:
+            return [
                 FleetRow(
-                    worker_group=r["worker_group"], worker_id=r["worker_id"], fqdn=r["fqdn"], ip=r["ip"],
-                    pool=r["pool"],
-                    last=None if r["job_id"] is None else LastJob(
-                        id=r["job_id"], task_name=r["task_name"], state=r["state"],
-                        created_at=r["created_at"], started_at=r["started_at"], finished_at=r["finished_at"],
-                        error=r["error"], result=r["result"], requester=r["requester"],
+                    worker_group=r[0], worker_id=r[1], fqdn=r[2], ip=r[3], pool=r[4],
+                    last=None if r[5] is None else LastJob(
+                        id=r[5], task_name=r[6], state=r[7], created_at=r[8], started_at=r[9],
+                        finished_at=r[10], error=r[11], result=r[12], requester=r[13],
                     ),
                 )
-                for r in c.execute(
-                    f"SELECT f.*, j.id AS job_id, j.task_name, j.state, j.created_at, j.started_at,"
-                    f" j.finished_at, j.error, j.result, j.requester FROM ({base}) f"
-                    f" LEFT JOIN jobs j ON j.seq = f.last_seq{state_where}"
-                    f" ORDER BY {order} LIMIT ? OFFSET ?",
-                    [*args, *state_args, limit, offset],
-                )
+                for r in c.execute(rows_sql, rows_args)
             ]
-            groups = [r[0] for r in c.execute("SELECT DISTINCT worker_group FROM machines ORDER BY 1")]
-            pools = [r[0] for r in c.execute(
-                "SELECT DISTINCT pool FROM machines WHERE pool IS NOT NULL ORDER BY 1")]
+
+        def run(c: Cursor) -> FleetPage:
+            version = self.version(c)
+            if version != self._version:
+                self._cache.clear()
+                self._version = version
+            counts, groups, pools = self._cached(c, filter_key, lambda: summary(c))
+            rows = self._cached(c, ("rows", rows_sql, *rows_args), lambda: fetch_rows(c))
+            total = counts.get(f.state, 0) if f.state is not None else sum(counts.values())
             return FleetPage(rows=rows, total=total, counts=counts, groups=groups, pools=pools)
 
         return self.db.read(run)
@@ -515,6 +580,19 @@ _TITLES = {400: "Bad request", 401: "Sign-in needed", 403: "Not allowed", 404: "
            503: "Unavailable"}
 
 
+#: renders the sign-in and setup forms (CSRF tokens bound to no one)
+_ANONYMOUS = Viewer(id="anonymous", name="")
+_UNSAFE_NEXT = re.compile(r"[\x00-\x20\\\x7f]")
+
+
+def _safe_next(value: str | None) -> str | None:
+    """C{value} if it is a path on this site to go back to after sign-in, else None."""
+    if (not value or len(value) > 1000 or not value.startswith("/") or value.startswith("//")
+            or _UNSAFE_NEXT.search(value) or value.startswith(("/login", "/logout", "/setup"))):
+        return None
+    return value
+
+
 def _arg(request: IRequest, name: str) -> str | None:
     values = request.args.get(name.encode())
     if not values:
@@ -588,6 +666,7 @@ class Dashboard:
     page_size: int = field(default=200, kw_only=True)
     trusted_proxies: tuple = field(default=(), converter=parse_trusted_proxies, kw_only=True)
     fleet: FleetQueries = field(init=False, default=None)
+    fleet_rows: RowCache = field(init=False, factory=RowCache)
     env: Environment = field(init=False, default=None)
 
     app = Klein()
@@ -608,6 +687,7 @@ class Dashboard:
         self.env.globals["machine_url"] = machine_url
         self.env.globals["job_url"] = lambda job_id: f"/jobs/{quote(job_id, safe='')}"
         self.env.globals["version"] = __version__
+        self.env.globals["scope_prefix"] = self.scope_prefix
 
     def authorize(self, request: IRequest) -> "Deferred[Viewer]":
         """The viewer behind C{request} (for other resources, e.g. the event stream)."""
@@ -646,6 +726,9 @@ class Dashboard:
     @app.handle_errors(RollerError)
     def _roller_error(self, request: IRequest, failure: Any) -> bytes:
         e = failure.value
+        if isinstance(e, Unauthorized) and e.code in ("sign_in_required", "session_expired"):
+            if getattr(self.auth, "login", None) is not None:
+                return self._to_login(request, e)
         return self._error_page(request, e.status, e.message, getattr(request, "_roller_viewer", None),
                                 csrf=isinstance(e, CsrfError))
 
@@ -706,6 +789,113 @@ class Dashboard:
     def _live(self, job: Job) -> Job:
         return self.queue.active(job.id) or job
 
+    # -- sign-in, sign-out and first-admin setup (L{roller.auth.accounts.AccountAuth})
+
+    def _accounts(self) -> Any:
+        if getattr(self.auth, "login", None) is None:
+            raise NotFound("This roller's dashboard has no accounts to sign in to.", code="no_accounts")
+        return self.auth
+
+    def _to_login(self, request: IRequest, e: Unauthorized) -> bytes:
+        if request.method in (b"GET", b"HEAD"):
+            target = request.uri.decode("utf-8", "replace")
+            query = {"next": target} if _safe_next(target) not in ("/", None) else {}
+            if e.code == "session_expired":
+                query["expired"] = "1"
+            return self._redirect(request, "/login" + ("?" + urlencode(query) if query else ""))
+        return self._error_page(request, 401, f"{e.message} (nothing was done)")
+
+    async def _signed_in(self, request: IRequest) -> Viewer | None:
+        try:
+            viewer = await self.auth.viewer(request)
+        except Unauthorized:
+            return None
+        return viewer if viewer.session else None
+
+    def _login_page(self, request: IRequest, *, status: int = 200, error: str | None = None, name: str = "",
+                    next_: str = "/", notice: str | None = None, setup: bool = False) -> bytes:
+        return self.render(request, "login.html", _ANONYMOUS, status=status, error=error, name=name,
+                           next_url=next_, notice=notice, setup=setup)
+
+    @app.route("/login", methods=["GET"])
+    async def login_page(self, request: IRequest) -> bytes:
+        auth = self._accounts()
+        next_ = _safe_next(_arg(request, "next")) or "/"
+        if await self._signed_in(request) is not None:
+            return self._redirect(request, next_)
+        notice = None
+        if _arg(request, "expired") == "1":
+            notice = "Your session has expired; sign in again."
+        elif _arg(request, "signed_out") == "1":
+            notice = "You are signed out."
+        return self._login_page(request, next_=next_, notice=notice, setup=await auth.setup_pending())
+
+    @app.route("/login", methods=["POST"])
+    async def login(self, request: IRequest) -> bytes:
+        auth = self._accounts()
+        form = _form(request)
+        self.csrf.verify(request, form, _ANONYMOUS, self.clock.seconds())
+        name, password = form.get("user", "").strip(), form.get("password", "")
+        next_ = _safe_next(form.get("next")) or "/"
+        ip = client_ip(request, self.trusted_proxies)
+        try:
+            user, session_id = await auth.login(name, password, ip)
+        except RollerError as e:
+            log.info("Dashboard sign-in refused for {name!r} from {ip}: {code}", name=name[:64], ip=ip, code=e.code)
+            return self._login_page(request, status=e.status, error=e.message, name=name[:64], next_=next_)
+        auth.set_cookie(request, session_id)
+        await self.store.audit.add(AuditEntry(
+            time=self.clock.seconds(), actor=f"user:{user.name}", source_ip=ip, action="user.login",
+            target=f"user:{user.name}", result="signed in", params={"via": "dashboard"}))
+        return self._redirect(request, next_)
+
+    @app.route("/logout", methods=["POST"])
+    async def logout(self, request: IRequest) -> bytes:
+        auth = self._accounts()
+        viewer, _ = await self._post(request)
+        await auth.logout(viewer)
+        auth.clear_cookie(request)
+        if viewer.session:
+            await self.store.audit.add(AuditEntry(
+                time=self.clock.seconds(), actor=viewer.id, source_ip=client_ip(request, self.trusted_proxies),
+                action="user.logout", target=viewer.id, result="signed out", params={"via": "dashboard"}))
+        return self._redirect(request, "/login?signed_out=1")
+
+    @app.route("/setup", methods=["GET"])
+    async def setup_page(self, request: IRequest) -> bytes:
+        auth = self._accounts()
+        if not await auth.setup_pending():
+            raise NotFound("Setup is done: sign in with your account.", code="setup_done")
+        token = _arg(request, "token") or ""
+        auth.check_setup_token(token)
+        return self.render(request, "setup.html", _ANONYMOUS, token=token, error=None, name="")
+
+    @app.route("/setup", methods=["POST"])
+    async def setup(self, request: IRequest) -> bytes:
+        auth = self._accounts()
+        form = _form(request)
+        self.csrf.verify(request, form, _ANONYMOUS, self.clock.seconds())
+        if not await auth.setup_pending():
+            raise NotFound("Setup is done: sign in with your account.", code="setup_done")
+        token, name = form.get("token", ""), form.get("user", "").strip()
+        auth.check_setup_token(token)
+        password = form.get("password", "")
+        if password != form.get("password2", ""):
+            return self.render(request, "setup.html", _ANONYMOUS, status=400, token=token, name=name[:64],
+                               error="The two passwords differ.")
+        try:
+            user = await auth.setup_admin(token, name, password)
+        except BadRequest as e:
+            return self.render(request, "setup.html", _ANONYMOUS, status=400, token=token, name=name[:64],
+                               error=e.message)
+        ip = client_ip(request, self.trusted_proxies)
+        await self.store.audit.add(AuditEntry(
+            time=self.clock.seconds(), actor="setup-token", source_ip=ip, action="user.add",
+            target=f"user:{user.name}", result="created admin", params={"role": "admin", "via": "setup page"}))
+        _, session_id = await auth.login(name, password, ip)
+        auth.set_cookie(request, session_id)
+        return self._redirect(request, "/")
+
     # -- pages
 
     @app.route("/", methods=["GET"])
@@ -764,6 +954,7 @@ class Dashboard:
             request, "fleet.html", viewer, section="fleet", rows=rows, page=page, filt=filt, sort=sort,
             direction=direction, sorts=SORTS, states=FILTER_STATES, page_no=page_no, pages=pages,
             page_size=self.page_size, link=link, sort_link=sort_link, aria_sort=aria_sort,
+            rows_html=fleet_rows_html(rows, lambda ts, now=self.clock.seconds(): ago(ts, now), self.fleet_rows),
             running=len(self.queue.running()), queued=self.queue.depth,
             machine_total=sum(page.counts.values()),
         )
@@ -774,7 +965,9 @@ class Dashboard:
         machine = await self._machine(worker_group, worker_id)
         jobs = [self._live(j) for j in await self.store.jobs.list(
             worker_id=worker_id, worker_group=worker_group, limit=25)]
-        audit = await self.store.audit.list(target=f"{worker_group}/{worker_id}", limit=50)
+        audit = None  # the section is left out for viewers who may not read the audit log
+        if viewer.may(self.scope_prefix + "audit:read"):
+            audit = await self.store.audit.list(target=f"{worker_group}/{worker_id}", limit=50)
         return self.render(
             request, "machine.html", viewer, section="fleet", machine=machine, jobs=jobs, audit=audit,
             buttons=self._buttons(viewer), credentials=sorted(machine.credentials()),
@@ -910,6 +1103,9 @@ class Dashboard:
     @app.route("/audit", methods=["GET"])
     async def audit_page(self, request: IRequest) -> bytes:
         viewer = await self._viewer(request)
+        if not viewer.may(self.scope_prefix + "audit:read"):
+            raise Forbidden(f"{viewer.name} may not read the audit log (needs {self.scope_prefix}audit:read).",
+                            code="insufficient_scope")
         target = _arg(request, "target")
         if target is not None and len(target) > 300:
             raise BadRequest("target must be at most 300 characters")

@@ -609,7 +609,8 @@ def _ops_schemas() -> dict[str, Schema]:
             "version": {"type": "string"},
             "source": {"type": "string"},
             "commit": {"type": "string"},
-        }, ["name", "version", "source", "commit"]),
+            "build": {"type": "string", "description": "The CI build that made it (from version.json)."},
+        }, ["name", "version", "source", "commit", "build"]),
     }
 
 

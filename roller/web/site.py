@@ -6,6 +6,7 @@ One resource for everything roller serves over HTTP:
                           the API's operational endpoints
     /static/...           CSS and JavaScript from the top-level static/ dir
     /events               live job events (Server-Sent Events, roller.web.events)
+    /admin/...            inventory admin pages (roller.web.admin), when given
     anything else         the dashboard (roller.web.dashboard)
 
     site = RollerSite(root_resource(api, dashboard, hub), max_body=..., reactor=reactor)
@@ -111,9 +112,11 @@ class _Root(resource.Resource):
     """
 
     def __init__(self, api: resource.Resource, dashboard: resource.Resource,
-                 static_files: resource.Resource, events: resource.Resource):
+                 static_files: resource.Resource, events: resource.Resource,
+                 admin: resource.Resource | None = None):
         super().__init__()
         self.api = api
+        self.admin = admin
         self.dashboard = dashboard
         self.static_files = static_files
         self.events = events
@@ -123,6 +126,9 @@ class _Root(resource.Resource):
             return self.static_files
         if name == b"events" and not request.postpath:
             return self.events
+        if name == b"admin" and self.admin is not None:
+            request.postpath.insert(0, request.prepath.pop())
+            return self.admin
         target = self.api if name in API_SEGMENTS or (name.startswith(b"__") and name.endswith(b"__")) \
             else self.dashboard
         # Undo the traversal step: Klein matches request.postpath against its routes.
@@ -133,16 +139,18 @@ class _Root(resource.Resource):
         return self.dashboard.render(request)
 
 
-def root_resource(api: Any, dashboard: Any, hub: Any, *, static_dir: str | os.PathLike | None = None
-                  ) -> resource.Resource:
+def root_resource(api: Any, dashboard: Any, hub: Any, *, static_dir: str | os.PathLike | None = None,
+                  admin: Any = None) -> resource.Resource:
     """
     @param api: the L{roller.web.api.Api}.
     @param dashboard: the L{roller.web.dashboard.Dashboard}.
     @param hub: the L{roller.web.events.EventHub} (streams are authorized
         like dashboard pages).
     @param static_dir: overrides L{roller.web.dashboard.find_asset_dir}C{("static")}.
+    @param admin: the L{roller.web.admin.InventoryAdmin}, served under C{/admin}.
     """
     from roller.web.dashboard import find_asset_dir
 
     files = StaticFiles(str(find_asset_dir("static", static_dir)))
-    return _Root(api.app.resource(), dashboard.app.resource(), files, hub.resource(dashboard.authorize))
+    return _Root(api.app.resource(), dashboard.app.resource(), files, hub.resource(dashboard.authorize),
+                 None if admin is None else admin.app.resource())

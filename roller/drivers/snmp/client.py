@@ -40,6 +40,7 @@ from pysnmp.entity import engine as snmp_engine
 from pysnmp.entity.rfc3413 import cmdgen
 from pysnmp.error import PySnmpError
 from pysnmp.proto import errind, rfc1902, rfc1905
+from pysnmp.proto.api import v2c, verdec
 from pysnmp.proto.error import StatusInformation
 from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.logger import Logger
@@ -423,7 +424,7 @@ class _Request:
             index = int(errorIndex or 0)
             oid = None
             if 0 < index <= len(self.varbinds):
-                oid = ".".join(str(p) for p in self.varbinds[index - 1][0])
+                oid = ".".join(str(p) for p in self.varbinds[index - 1].getComponentByPosition(0))
             at = f" at {oid}" if oid else ""
             self._fail(SnmpErrorStatus(
                 f"{t.where} answered the SNMP {self.op} with error-status {status}{at}"
@@ -486,6 +487,7 @@ class SnmpClient:
         self.reactor = reactor
         self.timeout = float(timeout)
         self.retries = int(retries)
+        _install_version_peek()
         self.engine = snmp_engine.SnmpEngine()
         self.dispatcher = TwistedDispatcher(reactor, timer_resolution)
         self.engine.register_transport_dispatcher(self.dispatcher)
@@ -502,6 +504,11 @@ class SnmpClient:
         self._inflight: dict[int, tuple] = {}
         self._requests: set[_Request] = set()
         self._closed = False
+        # Per-request work that repeats (PDU control SETs and status GETs
+        # use the same OIDs and values over and over): prepared VarBinds by
+        # (OID, value) and parsed addresses by (host, port); bounded.
+        self._varbinds: dict[tuple, Any] = {}
+        self._addresses: dict[tuple, Optional[tuple]] = {}
         md = self.engine.message_dispatcher
         self._md_send_pdu = md.send_pdu
         md.send_pdu = self._track
@@ -527,7 +534,7 @@ class SnmpClient:
             request.
         """
         try:
-            varbinds = [(rfc1902.ObjectName(normalize_oid(o)), univ.Null("")) for o in oids]
+            varbinds = [self._varbind(o, None) for o in oids]
         except ValueError as e:
             return fail(SnmpConfigError(str(e), getattr(target, "host", ""), getattr(target, "port", 0)))
         return self._request(target, "GET", varbinds, timeout, retries)
@@ -545,7 +552,7 @@ class SnmpClient:
             or the Deferred was cancelled.
         """
         try:
-            prepared = [(rfc1902.ObjectName(normalize_oid(o)), _asn1_value(v)) for o, v in varbinds]
+            prepared = [self._varbind(o, v, True) for o, v in varbinds]
         except (ValueError, TypeError) as e:
             return fail(SnmpConfigError(f"bad SET varbind: {e}", getattr(target, "host", ""),
                                         getattr(target, "port", 0)))
@@ -579,7 +586,14 @@ class SnmpClient:
         request = _Request(self, target, op, varbinds, float(timeout), int(retries))
         self._requests.add(request)
         request.deferred.addBoth(self._done, request)
-        address = _literal_address(target.host, target.port)
+        key = (target.host, target.port)
+        try:
+            address = self._addresses[key]
+        except KeyError:
+            address = _literal_address(target.host, target.port)
+            if len(self._addresses) >= _CACHE_SIZE:
+                self._addresses.clear()
+            self._addresses[key] = address
         if address is not None:
             request.send(address)
             return request.deferred
@@ -612,13 +626,49 @@ class SnmpClient:
 
         return d.addCallback(got)
 
+    def _varbind(self, oid: Any, value: Any, is_set: bool = False) -> Any:
+        """
+        The prepared C{VarBind} for C{oid} and C{value} (C{None}: a GET's
+        Null), from the cache when it was prepared before.  VarBinds are
+        never modified once built, so requests share them.
+
+        @raise ValueError: A bad OID or value.
+        """
+        kind = type(value)
+        key = (is_set, oid, kind, value) if kind in _CACHEABLE and type(oid) in (str, tuple) else None
+        if key is not None:
+            found = self._varbinds.get(key)
+            if found is not None:
+                return found
+        name = rfc1902.ObjectName(normalize_oid(oid))
+        syntax = _asn1_value(value) if is_set else None
+        varbind = v2c.apiVarBind.set_oid_value(rfc1905.VarBind(), (name, syntax))
+        if key is not None:
+            if len(self._varbinds) >= _CACHE_SIZE:
+                self._varbinds.clear()
+            self._varbinds[key] = varbind
+        return varbind
+
     def _send(self, request: _Request) -> int:
-        """Hand one attempt to the engine; the engine's sendRequestHandle."""
+        """
+        Hand one attempt to the engine; the engine's sendRequestHandle.
+
+        This is the command generator's C{send_varbinds} with the PDU built
+        from prepared VarBinds (a fresh PDU, hence request id, per attempt).
+        """
         target = request.target
         name = self._target_name(target, request.address, write=request.op == "SET")
-        generator = self._set if request.op == "SET" else self._get
-        return generator.send_varbinds(self.engine, name, None, target.context, request.varbinds,
-                                       request.on_response)
+        if request.op == "SET":
+            generator, pdu = self._set, rfc1905.SetRequestPDU()
+        else:
+            generator, pdu = self._get, rfc1905.GetRequestPDU()
+        v2c.apiPDU.set_defaults(pdu)
+        varbind_list = pdu.setComponentByPosition(3).getComponentByPosition(3)
+        for index, varbind in enumerate(request.varbinds):
+            varbind_list.setComponentByPosition(index, varbind, verifyConstraints=False,
+                                                matchTags=False, matchConstraints=False)
+        return generator.send_pdu(self.engine, name, None, target.context, pdu,
+                                  generator.process_response_varbinds, (request.on_response, None))
 
     # -- engine bookkeeping
 
@@ -756,6 +806,54 @@ class SnmpClient:
                     f"{t.credential.name!r}: {text}", t.host, t.port)
         return SnmpProtocolError(f"SNMP {request.op} to {t.where} failed: "
                                  f"{_indication_text(indication)}", t.host, t.port)
+
+
+#: Bound of the per-client caches (prepared VarBinds, parsed addresses).
+_CACHE_SIZE = 4096
+#: Value types whose VarBinds are cached (hashable, and equal values encode
+#: alike; bool is refused by _asn1_value anyway).
+_CACHEABLE = frozenset((int, str, bytes, type(None)))
+
+
+def _peek_message_version(whole_msg: Any) -> Any:
+    """
+    pysnmp's C{decode_message_version}, without pyasn1 for the usual case.
+
+    The engine decodes the version of every incoming message before it
+    decodes the whole message; with pyasn1 that is about as costly as
+    encoding a request.  For a definite-length, minimally encoded SEQUENCE
+    that spans the whole datagram (pyasn1 refuses trailing bytes there)
+    and whose first element is a small INTEGER this reads it from the
+    bytes and
+    returns the same C{univ.Integer}; anything else goes to pysnmp's own
+    function, so the engine's behaviour (errors included) is unchanged.
+    """
+    if type(whole_msg) is bytes and len(whole_msg) > 4 and whole_msg[0] == 0x30:
+        first = whole_msg[1]
+        if first < 0x80:
+            start, length = 2, first
+        elif first == 0x81 and whole_msg[2] >= 0x80:
+            start, length = 3, whole_msg[2]
+        elif first == 0x82 and whole_msg[2]:
+            start, length = 4, int.from_bytes(whole_msg[2:4], "big")
+        else:  # indefinite or non-minimal length, or a huge message: pyasn1 decides
+            start, length = 0, 0
+        end = start + length
+        if start and end == len(whole_msg) and start + 2 < end and whole_msg[start] == 0x02:
+            size = whole_msg[start + 1]
+            if 1 <= size <= 4 and start + 2 + size <= end:
+                return univ.Integer(int.from_bytes(whole_msg[start + 2:start + 2 + size], "big",
+                                                   signed=True))
+    return _decode_message_version(whole_msg)
+
+
+_decode_message_version = verdec.decode_message_version
+
+
+def _install_version_peek() -> None:
+    """Make the engine's dispatcher (L{rfc3412}) use L{_peek_message_version}."""
+    if verdec.decode_message_version is _decode_message_version:
+        verdec.decode_message_version = _peek_message_version
 
 
 def _literal_address(host: str, port: int) -> Optional[tuple]:

@@ -1,0 +1,114 @@
+"""
+The rows of the fleet table as HTML, built in Python.
+
+The fleet page shows up to 200 machines; a Jinja2 loop calling macros for
+every cell costs ~40 µs a row, this ~7 µs, and ~2 µs for a row shown
+before (L{RowCache}).  Every value is HTML-escaped (L{markupsafe.escape}
+unless it is plain text); the result is L{Markup} for the template to
+insert as is (C{templates/fleet.html}).  Keep it in step with the C{state},
+C{when} and C{error_line} macros of C{templates/_macros.html}.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Iterable
+from urllib.parse import quote
+
+from markupsafe import Markup, escape
+
+from roller.jobs import iso
+
+__all__ = ["RowCache", "fleet_rows_html", "truncate"]
+
+_DASH = '<span class="muted">—</span>'
+#: text that HTML-escaping and URL-quoting leave as it is (worker ids, groups, pools, IPs, job ids)
+_PLAIN = re.compile(r"[-_.:0-9A-Za-z]*")
+
+
+def _h(text: str) -> str:
+    """HTML-escaped C{text} (the common case, plain text, costs one match)."""
+    return text if _PLAIN.fullmatch(text) else str(escape(text))
+
+
+def _q(text: str) -> str:
+    """C{text} as one URL path segment."""
+    return text if _PLAIN.fullmatch(text) and text not in (".", "..") else quote(text, safe="")
+
+
+def truncate(text: str, length: int = 160) -> str:
+    """Like Jinja2's C{truncate} filter: cut at a word boundary, add '...'."""
+    if len(text) <= length + 5:
+        return text
+    return text[: length - 3].rsplit(" ", 1)[0] + "..."
+
+
+def _state(value: str | None) -> str:
+    return (f'<span class="state state-{_h(value or "none")}">'
+            f'{_h((value or "never run").replace("_", " "))}</span>')
+
+
+def _parts(row: Any) -> tuple[str, str, float | None, str]:
+    """What of a row's HTML does not change with the time or the queue."""
+    group, wid, last = row.worker_group, row.worker_id, row.last
+    head = (f'<tr>\n<th scope="row"><a href="/machines/{_q(group)}/{_q(wid)}">'
+            f"{_h(wid)}</a></th>\n<td>{_h(group)}</td>\n<td>{_h(row.pool or '—')}</td>\n"
+            f'<td class="wide">{_h(row.ip or row.fqdn or "—")}</td>\n<td>')
+    if last is None:
+        return head + _DASH + "</td>\n<td>", "", None, ""
+    ts = last.finished_at or last.started_at or last.created_at
+    stamp = iso(ts)
+    error = f'<p class="error-line">{escape(truncate(last.error))}</p>' if last.error else ""
+    return (f'{head}<a href="/jobs/{_q(last.id)}">{_h(last.task_name)}</a></td>\n<td>',
+            f'<time datetime="{stamp}" title="{stamp}">', ts, error)
+
+
+class RowCache:
+    """
+    The fixed parts of rows already shown, by row object: the fleet
+    queries hand out the same (immutable) row objects until the database
+    changes, so a page seen again only adds its states and times.  Each
+    entry holds its row, so an id is never reused while cached.
+    """
+
+    def __init__(self, size: int = 20000):
+        self.size = size
+        self._parts: dict[int, tuple[Any, tuple[str, str, float | None, str]]] = {}
+
+    def parts(self, row: Any) -> tuple[str, str, float | None, str]:
+        hit = self._parts.get(id(row))
+        if hit is not None and hit[0] is row:
+            return hit[1]
+        if len(self._parts) >= self.size:
+            self._parts.clear()
+        parts = _parts(row)
+        self._parts[id(row)] = (row, parts)
+        return parts
+
+
+_STATES: dict[str | None, str] = {}
+
+
+def fleet_rows_html(rows: Iterable[tuple[Any, str | None]], ago: Callable[[float | None], str],
+                    cache: RowCache | None = None) -> Markup:
+    """
+    C{<tr>} elements for C{rows}: pairs of a L{roller.web.dashboard.FleetRow}
+    and the state to show for its last job (the live one for jobs still in
+    the queue).
+    """
+    parts = cache.parts if cache is not None else _parts
+    out = []
+    for row, state in rows:
+        head, time_open, ts, error = parts(row)
+        badge = _STATES.get(state)
+        if badge is None:
+            badge = _state(state)
+            if len(_STATES) < 64:
+                _STATES[state] = badge
+        if ts is None:
+            out.append(f"{head}{badge}</td>\n<td>{_DASH}</td>\n</tr>\n")
+        else:
+            if error and state not in ("failed", "timed_out"):
+                error = ""
+            out.append(f"{head}{badge}{error}</td>\n<td>{time_open}{_h(ago(ts))}</time></td>\n</tr>\n")
+    return Markup("".join(out))
