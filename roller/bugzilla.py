@@ -16,12 +16,13 @@ from typing import Any, Mapping
 from urllib.parse import urlencode
 
 from treq.client import HTTPClient
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import HTTPConnectionPool
 
 from roller import __version__
+from roller.http_client import close_pool, pooled_client
 
 __all__ = ["API_KEY_HEADER", "BugzillaClient", "BugzillaError"]
 
@@ -67,18 +68,14 @@ class BugzillaClient:
         self.timeout = timeout
         self._pool: HTTPConnectionPool | None = None
         if treq_client is None:
-            self._pool = HTTPConnectionPool(reactor, persistent=True)
-            self._pool.retryAutomatically = False
-            treq_client = HTTPClient(Agent(reactor, pool=self._pool, connectTimeout=timeout))
+            treq_client, self._pool = pooled_client(reactor, connect_timeout=timeout)
         self.http = treq_client
 
     def __repr__(self) -> str:
         return f"BugzillaClient(url={self.url!r})"
 
     def close(self) -> Deferred:
-        if self._pool is None:
-            return succeed(None)
-        return self._pool.closeCachedConnections()
+        return close_pool(self._pool)
 
     def redact(self, text: str) -> str:
         return text.replace(self._key, "***") if self._key else text

@@ -39,9 +39,10 @@ from attrs import frozen
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import HTTPConnectionPool
 
 from roller import __version__
+from roller.http_client import close_pool, pooled_client
 from roller.jobs import Job, JobEvent, State
 
 __all__ = ["Notifier", "Rule", "SIGNATURE_HEADER", "parse_rules", "webhook_signature"]
@@ -163,9 +164,7 @@ class Notifier:
         self.timeout = timeout
         self._pool: HTTPConnectionPool | None = None
         if treq_client is None:
-            self._pool = HTTPConnectionPool(reactor, persistent=True)
-            self._pool.retryAutomatically = False
-            treq_client = HTTPClient(Agent(reactor, pool=self._pool, connectTimeout=timeout))
+            treq_client, self._pool = pooled_client(reactor, connect_timeout=timeout)
         self.http = treq_client
         self._pending: set[Deferred] = set()
         self._unsubscribe: Callable[[], None] | None = None
@@ -184,8 +183,7 @@ class Notifier:
             self._unsubscribe()
             self._unsubscribe = None
         d = DeferredList(list(self._pending), consumeErrors=True) if self._pending else succeed(None)
-        if self._pool is not None:
-            d.addBoth(lambda _: self._pool.closeCachedConnections())
+        d.addBoth(lambda _: close_pool(self._pool))
         return d
 
     def job_event(self, job: Job, event: JobEvent) -> None:

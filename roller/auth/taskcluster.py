@@ -28,11 +28,11 @@ from typing import Any, Iterable, Sequence
 
 import treq
 from treq.client import HTTPClient
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, fail
 from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed
+from twisted.web.client import HTTPConnectionPool, ResponseFailed
 from zope.interface import implementer
 
 from roller import __version__
@@ -49,6 +49,7 @@ from roller.auth.hawk import (
     request_target,
 )
 from roller.errors import RollerError, UnavailableError, Unauthorized
+from roller.http_client import close_pool, pooled_client
 
 __all__ = ["AUTHENTICATE_HAWK_PATH", "TaskclusterAuthenticator"]
 
@@ -103,17 +104,12 @@ class TaskclusterAuthenticator:
         self.trusted_proxies: Sequence[Network] = parse_trusted_proxies(trusted_proxies)
         self._pool: HTTPConnectionPool | None = None
         if treq_client is None:
-            self._pool = HTTPConnectionPool(reactor, persistent=True)
-            self._pool.maxPersistentPerHost = 10
-            self._pool.retryAutomatically = False  # a POST; a failure is reported, not repeated
-            treq_client = HTTPClient(Agent(reactor, pool=self._pool))
+            treq_client, self._pool = pooled_client(reactor, max_per_host=10)
         self.http = treq_client
 
     def close(self) -> Deferred:
         """Close the idle connections of the pool this authenticator made."""
-        if self._pool is None:
-            return succeed(None)
-        return self._pool.closeCachedConnections()
+        return close_pool(self._pool)
 
     # -- IAuthenticator
 

@@ -27,7 +27,8 @@ from typing import Any
 from attrs import define, field
 from klein import Klein
 from twisted.web.iweb import IRequest
-from twisted.web.server import Site
+
+from roller.testing.web import base_url, json_answer, serve
 
 __all__ = ["FakeBugzilla"]
 
@@ -44,12 +45,6 @@ class _BzError(Exception):
         self.status = status
 
 
-def _json(request: IRequest, body: Any, status: int = 200) -> bytes:
-    request.setResponseCode(status)
-    request.setHeader(b"Content-Type", b"application/json; charset=utf-8")
-    return json.dumps(body).encode()
-
-
 @define
 class FakeBugzilla:
     api_key: str
@@ -63,10 +58,8 @@ class FakeBugzilla:
     app = Klein()
 
     def listen(self, reactor: Any, port: int = 0) -> Any:
-        site = Site(self.app.resource())
-        site.noisy = False
-        listening = reactor.listenTCP(port, site, interface="127.0.0.1")
-        self.url = f"http://127.0.0.1:{listening.getHost().port}"
+        listening = serve(self.app, reactor, port=port)
+        self.url = base_url(listening)
         return listening
 
     # -- test set-up helpers
@@ -111,9 +104,9 @@ class FakeBugzilla:
 
     def _handle(self, request: IRequest, work: Any) -> bytes:
         try:
-            return _json(request, work())
+            return json_answer(request, work())
         except _BzError as e:
-            return _json(request, {"error": True, "code": e.code, "message": e.message,
+            return json_answer(request, {"error": True, "code": e.code, "message": e.message,
                                    "documentation": "https://bmo.readthedocs.io/en/latest/api/"}, e.status)
 
     @app.route("/rest/bug", methods=["GET"])

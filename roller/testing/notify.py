@@ -24,7 +24,8 @@ from attrs import define, field
 from klein import Klein
 from mohawk import exc as hawk_exc
 from twisted.web.iweb import IRequest
-from twisted.web.server import Site
+
+from roller.testing.web import base_url, json_answer, serve
 
 __all__ = ["FakeTaskclusterNotify", "FakeWebhook"]
 
@@ -33,16 +34,12 @@ REQUIRED = {"email": ("address", "subject", "content"), "matrix": ("roomId", "bo
 
 
 def _listen(app: Klein, reactor: Any) -> tuple[Any, str]:
-    site = Site(app.resource())
-    site.noisy = False
-    port = reactor.listenTCP(0, site, interface="127.0.0.1")
-    return port, f"http://127.0.0.1:{port.getHost().port}"
+    port = serve(app, reactor)
+    return port, base_url(port)
 
 
 def _answer(request: IRequest, status: int, body: Any) -> bytes:
-    request.setResponseCode(status)
-    request.setHeader(b"Content-Type", b"application/json")
-    return json.dumps(body).encode()
+    return json_answer(request, body, status)
 
 
 @define

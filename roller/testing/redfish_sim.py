@@ -45,7 +45,8 @@ from typing import Any, Optional
 from attrs import define, field
 from klein import Klein
 from twisted.logger import Logger
-from twisted.web.server import Site
+
+from roller.testing.web import base_url, serve
 
 log = Logger()
 
@@ -94,16 +95,12 @@ class RedfishBmc:
 
     def listen(self, reactor: Any, interface: str = "127.0.0.1", port: int = 0) -> str:
         """Start listening; the BMC's base URL (C{http://ADDRESS:PORT})."""
-        site = Site(self.app.resource())
-        site.noisy = False
-        self._port = reactor.listenTCP(port, site, interface=interface)
+        self._port = serve(self.app, reactor, interface, port)
         return self.url
 
     @property
     def url(self) -> str:
-        address = self._port.getHost()
-        host = f"[{address.host}]" if ":" in address.host else address.host
-        return f"http://{host}:{address.port}"
+        return base_url(self._port)
 
     @property
     def port(self) -> int:

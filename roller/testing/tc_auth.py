@@ -39,21 +39,15 @@ from mohawk import exc as hawk_exc
 from mohawk.util import parse_authorization_header
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.web.iweb import IRequest
-from twisted.web.server import Site
 
 from roller.auth.scopes import satisfies
+from roller.testing.web import base_url, json_answer, serve
 
 __all__ = ["FakeTaskclusterAuth", "TASKCLUSTER_SKEW"]
 
 #: Taskcluster's allowed clock skew (services/auth/src/signaturevalidator.js).
 TASKCLUSTER_SKEW = 15 * 60
 EXPIRES = "3000-01-01T00:00:00.000Z"
-
-
-def _answer(request: IRequest, body: Any, status: int = 200) -> bytes:
-    request.setResponseCode(status)
-    request.setHeader(b"Content-Type", b"application/json; charset=utf-8")
-    return json.dumps(body).encode()
 
 
 @define
@@ -75,15 +69,13 @@ class FakeTaskclusterAuth:
 
     def listen(self, reactor: Any, port: int = 0) -> Any:
         """Serve on 127.0.0.1 and set C{url}; the listening port (C{stopListening} it)."""
-        site = Site(self.app.resource())
-        site.noisy = False
-        listening = reactor.listenTCP(port, site, interface="127.0.0.1")
+        listening = serve(self.app, reactor, port=port)
         self.url = self.root_url(listening)
         return listening
 
     @staticmethod
     def root_url(port: Any) -> str:
-        return f"http://127.0.0.1:{port.getHost().port}"
+        return base_url(port)
 
     @property
     def waiting(self) -> int:
@@ -104,7 +96,7 @@ class FakeTaskclusterAuth:
         try:
             question = json.loads(request.content.read())
         except ValueError:
-            return _answer(request, {"code": "MalformedPayload", "message": "not JSON"}, 400)
+            return json_answer(request, {"code": "MalformedPayload", "message": "not JSON"}, 400)
         self.questions.append(question)
         if self.behaviour == "hang":
             d: Deferred = Deferred()
@@ -116,9 +108,9 @@ class FakeTaskclusterAuth:
                 return b""
             finally:
                 self._held.remove(d)
-            return _answer(request, {"code": "InternalServerError", "message": "released"}, 500)
+            return json_answer(request, {"code": "InternalServerError", "message": "released"}, 500)
         if self.behaviour == "error":
-            return _answer(request, {"code": "InternalServerError", "message": "boom"}, 500)
+            return json_answer(request, {"code": "InternalServerError", "message": "boom"}, 500)
         if self.behaviour == "garbage":
             request.setHeader(b"Content-Type", b"text/html")
             return b"<html>bad gateway</html>"
@@ -129,8 +121,8 @@ class FakeTaskclusterAuth:
             and isinstance(question.get("authorization", ""), str)
             and isinstance(question.get("sourceIp", ""), str)
         ):
-            return _answer(request, {"code": "InputValidationError", "message": "bad question"}, 400)
-        return _answer(request, self.verify(question))
+            return json_answer(request, {"code": "InputValidationError", "message": "bad question"}, 400)
+        return json_answer(request, self.verify(question))
 
     def verify(self, q: dict) -> dict:
         header = q.get("authorization")
