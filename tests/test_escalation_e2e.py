@@ -11,83 +11,32 @@ up (its SSH port closes and opens again).
 from __future__ import annotations
 
 import json
-import socket
 from typing import Any
 
 import pytest
 import pytest_twisted
-import treq
-from attrs import evolve
 from twisted.internet import reactor
-from twisted.internet.task import deferLater
 
-from roller.config import load_settings
-from roller.inventory import Machine
-from roller.secrets import load_secrets, write_secrets
-from roller.service import RollerService
 from roller.testing import ipmisim
 from roller.testing.fleet import Fleet
+from roller.testing.harness import ApiHarness, free_port, start_roller
 
 BASE = "127.0.6."
 
 
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-class Harness:
-    def __init__(self, service: RollerService, fleet: Fleet):
-        self.service = service
-        self.fleet = fleet
-        self.url = f"http://127.0.0.1:{service.ports[0].getHost().port}"
-
-    async def post(self, worker_id: str, task: str, params: dict | None = None) -> str:
-        r = await treq.post(f"{self.url}/api/v1/workers/{worker_id}/group/sim/jobs?task_name={task}",
-                            json={"params": params} if params else None)
-        payload = json.loads(await r.content())
-        assert r.code == 201, payload
-        return payload["task_id"]
-
-    async def run(self, worker_id: str, task: str, params: dict | None = None, deadline: float = 30.0) -> dict:
-        task_id = await self.post(worker_id, task, params)
-        end = reactor.seconds() + deadline
-        while True:
-            r = await treq.get(f"{self.url}/api/v1/jobs/{task_id}")
-            job = json.loads(await r.content())
-            if job["state"] not in ("queued", "running"):
-                return job
-            assert reactor.seconds() < end, f"job still {job['state']}: {job['events'][-3:]}"
-            await deferLater(reactor, 0.05, lambda: None)
-
-
-async def _start(tmp_path: Any, *, ipmi: tuple[int, ...], redfish: tuple[int, ...], count: int) -> Harness:
-    fleet = Fleet(reactor, count, BASE, _free_port(BASE + "1"), reboot_delay=0.1, down_for=0.6,
+async def _start(tmp_path: Any, *, ipmi: tuple[int, ...], redfish: tuple[int, ...], count: int) -> ApiHarness:
+    fleet = Fleet(reactor, count, BASE, free_port(BASE + "1"), reboot_delay=0.1, down_for=0.6,
                   behaviour="refuse-reboot", ipmi=ipmi, redfish=redfish, bmc_dir=tmp_path / "bmc")
     await fleet.start()
-    files = fleet.write_client_files(str(tmp_path / "fleet"))
-    secrets_file = tmp_path / "secrets.toml"
-    write_secrets(secrets_file, load_secrets(files.secrets).as_dict())
-    s = load_settings(None, {}, {"auth.mode": "none", "server.listen": "tcp:0:interface=127.0.0.1",
-                                 "state_dir": str(tmp_path / "state")})
-    s = evolve(s, secrets_file=str(secrets_file), ssh_known_hosts=files.known_hosts_openssh,
-               reboot_down_timeout=3.0, reboot_up_timeout=5.0, reboot_poll_interval=0.05,
-               ssh_connect_timeout=1.0, ssh_command_timeout=2.0,
-               ipmi_min_interval=0.0, ipmi_retry_delay=0.05, ipmi_power_wait=5.0, ipmi_power_poll=0.1,
-               ipmi_timeout=5.0, redfish_request_timeout=5.0, redfish_power_timeout=5.0,
-               redfish_poll_interval=0.05)
-    service = RollerService(s, reactor)
-    service.startService()
-    await service.ready
-    for m in fleet.inventory_json("sim"):
-        await service.store.machines.put(Machine.from_json(m))
-    return Harness(service, fleet)
+    return await start_roller(
+        tmp_path, fleet, reactor,
+        ipmi_min_interval=0.0, ipmi_retry_delay=0.05, ipmi_power_wait=5.0, ipmi_power_poll=0.1,
+        ipmi_timeout=5.0, redfish_request_timeout=5.0, redfish_power_timeout=5.0,
+        redfish_poll_interval=0.05)
 
 
-async def _stop(h: Harness) -> None:
-    await h.service.stopService()
-    await h.fleet.stop()
+async def _stop(h: ApiHarness) -> None:
+    await h.stop()
 
 
 def _outcomes(job: dict) -> list[str]:
@@ -149,7 +98,7 @@ async def test_reboot_escalates_to_redfish_and_reimage_pxe_boots_once(tmp_path):
         assert [e for _, e in other.power.transitions()] == ["down", "up"]
 
         # the generic power tasks through the same Redfish front-end: the machine really goes dark
-        job = await h.run("sim-002", "power_off", {"via": "redfish"})
+        job = await h.run("sim-002", "power_off", {"params": {"via": "redfish"}})
         assert job["state"] == "succeeded", (job.get("error"), [e["message"] for e in job["events"]])
         assert job["result"].endswith("is Off") and not other.power.on and not other.listening
         job = await h.run("sim-002", "power_status")

@@ -8,82 +8,31 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from typing import Any
 
 import pytest
 import pytest_twisted
 import treq
-from attrs import evolve
 from twisted.internet import reactor
-from twisted.internet.task import deferLater
 
-from roller.config import load_settings
-from roller.inventory import IpmiAccess, Machine
+from roller.inventory import IpmiAccess
+from roller.secrets import Credential, load_secrets
 from roller.testing import ipmisim
-from roller.secrets import Credential, load_secrets, write_secrets
-from roller.service import RollerService
 from roller.testing.fleet import Fleet
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-class Harness:
-    def __init__(self, service: RollerService, fleet: Fleet):
-        self.service = service
-        self.fleet = fleet
-        self.url = f"http://127.0.0.1:{service.ports[0].getHost().port}"
-
-    async def post(self, worker_id: str, task: str = "reboot", body: dict | None = None) -> dict:
-        r = await treq.post(f"{self.url}/api/v1/workers/{worker_id}/group/sim/jobs?task_name={task}",
-                            json=body)
-        payload = json.loads(await r.content())
-        assert r.code == 201, payload
-        return payload
-
-    async def job(self, task_id: str) -> dict:
-        r = await treq.get(f"{self.url}/api/v1/jobs/{task_id}")
-        return json.loads(await r.content())
-
-    async def wait(self, task_id: str, deadline: float = 30.0, until=lambda j: j["state"] not in ("queued", "running")) -> dict:
-        end = reactor.seconds() + deadline
-        while True:
-            job = await self.job(task_id)
-            if until(job):
-                return job
-            assert reactor.seconds() < end, f"job still {job['state']}: {job['events'][-3:]}"
-            await deferLater(reactor, 0.05, lambda: None)
+from roller.testing.harness import ApiHarness, free_port, start_roller
 
 
 async def start(tmp_path, count: int, overrides: dict | None = None, extra_credentials: dict | None = None,
-                **settings: Any) -> Harness:
+                **settings: Any) -> ApiHarness:
     base = "127.0.4."
-    fleet = Fleet(reactor, count, base, _free_port(base + "1"), reboot_delay=0.1, down_for=0.6,
+    fleet = Fleet(reactor, count, base, free_port(base + "1"), reboot_delay=0.1, down_for=0.6,
                   overrides=overrides)
     await fleet.start()
-    files = fleet.write_client_files(str(tmp_path / "fleet"))
-    secrets_file = tmp_path / "secrets.toml"
-    write_secrets(secrets_file, {**load_secrets(files.secrets).as_dict(), **(extra_credentials or {})})
-    s = load_settings(None, {}, {"auth.mode": "none", "server.listen": "tcp:0:interface=127.0.0.1",
-                                 "state_dir": str(tmp_path / "state")})
-    s = evolve(s, secrets_file=str(secrets_file), ssh_known_hosts=files.known_hosts_openssh,
-               reboot_down_timeout=3.0, reboot_up_timeout=5.0, reboot_poll_interval=0.05,
-               ssh_connect_timeout=1.0, ssh_command_timeout=2.0, **settings)
-    service = RollerService(s, reactor)
-    service.startService()
-    await service.ready
-    for m in fleet.inventory_json("sim"):
-        await service.store.machines.put(Machine.from_json(m))
-    return Harness(service, fleet)
+    return await start_roller(tmp_path, fleet, reactor, credentials=extra_credentials or {}, **settings)
 
 
-async def stop(h: Harness) -> None:
-    await h.service.stopService()
-    await h.fleet.stop()
+async def stop(h: ApiHarness) -> None:
+    await h.stop()
 
 
 @pytest_twisted.ensureDeferred

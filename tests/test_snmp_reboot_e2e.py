@@ -10,62 +10,39 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import pytest_twisted
-import treq
-from attrs import evolve
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
-from roller.config import load_settings
 from roller.drivers.snmp.models import MODELS
-from roller.inventory import Machine
-from roller.secrets import Credential, load_secrets, write_secrets
-from roller.service import RollerService
+from roller.secrets import Credential
 from roller.testing.fleet import Fleet
+from roller.testing.harness import ApiHarness, free_port, start_roller
 from roller.testing.pdu_sim import SimulatedPdu
 
 BOOT = 0.3  # seconds from outlet on to the machine's SSH port listening
 OFF = 0.3  # seconds a PDU reboot keeps the outlet off
 
 
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def _outlet(model: str) -> str:
     return "AA1" if model.startswith("sentry") else "1"
 
 
-class Harness:
-    def __init__(self, service: RollerService, fleet: Fleet, pdus: list[SimulatedPdu], communities: list[str]):
-        self.service = service
-        self.fleet = fleet
-        self.pdus = pdus
-        self.communities = communities
-        self.url = f"http://127.0.0.1:{service.ports[0].getHost().port}"
+class Harness(ApiHarness):
+    """L{ApiHarness} with the simulated PDUs; no finished job may quote a community."""
 
-    async def post(self, worker_id: str, task: str, body: dict | None = None) -> str:
-        r = await treq.post(f"{self.url}/api/v1/workers/{worker_id}/group/sim/jobs?task_name={task}",
-                            json=body)
-        payload = json.loads(await r.content())
-        assert r.code == 201, payload
-        return payload["task_id"]
+    pdus: list[SimulatedPdu]
+    communities: list[str]
 
-    async def wait(self, task_id: str, deadline: float = 15.0) -> dict:
-        end = reactor.seconds() + deadline
-        while True:
-            r = await treq.get(f"{self.url}/api/v1/jobs/{task_id}")
-            job = json.loads(await r.content())
-            if job["state"] not in ("queued", "running"):
-                text = json.dumps(job)
-                assert not any(c in text for c in self.communities), "a community leaked into the job"
-                return job
-            assert reactor.seconds() < end, f"job still {job['state']}: {job['events'][-3:]}"
-            await deferLater(reactor, 0.05, lambda: None)
+    async def post(self, worker_id: str, task: str = "reboot", body: dict | None = None) -> str:
+        return (await super().post(worker_id, task, body))["task_id"]
+
+    async def wait(self, task_id: str, deadline: float = 15.0, **kw) -> dict:
+        job = await super().wait(task_id, deadline, **kw)
+        text = json.dumps(job)
+        assert not any(c in text for c in self.communities), "a community leaked into the job"
+        return job
 
     async def until_up(self, worker_id: str, deadline: float = 5.0) -> list[str]:
         """The machine's down/up transitions once it is up again."""
@@ -75,6 +52,12 @@ class Harness:
             assert reactor.seconds() < end, f"{worker_id} did not come back: {power.history}"
             await deferLater(reactor, 0.02, lambda: None)
         return [e for _, e in power.transitions()]
+
+    async def stop(self) -> None:
+        await self.service.stopService()
+        for sim in self.pdus:
+            sim.stop()
+        await self.fleet.stop()
 
 
 async def start(tmp_path, machines: list[dict]) -> Harness:
@@ -86,7 +69,7 @@ async def start(tmp_path, machines: list[dict]) -> Harness:
     """
     base = "127.0.7."
     overrides = {i: m["fleet"] for i, m in enumerate(machines) if "fleet" in m}
-    fleet = Fleet(reactor, len(machines), base, _free_port(base + "1"), reboot_delay=0.05, down_for=0.3,
+    fleet = Fleet(reactor, len(machines), base, free_port(base + "1"), reboot_delay=0.05, down_for=0.3,
                   overrides=overrides)
     await fleet.start()
     rw, ro = "rw-" + os.urandom(6).hex(), "ro-" + os.urandom(6).hex()
@@ -97,39 +80,32 @@ async def start(tmp_path, machines: list[dict]) -> Harness:
         sim.attach(_outlet(m["model"]), fleet[i].power)
         sim.start("127.0.0.1")
         sims.append(sim)
-    files = fleet.write_client_files(str(tmp_path / "fleet"))
-    secrets_file = tmp_path / "secrets.toml"
-    write_secrets(secrets_file, {
-        **load_secrets(files.secrets).as_dict(),
-        "pdu": Credential(name="pdu", kind="snmp-community", community=rw, read_community=ro),
-        "pdu-wrong": Credential(name="pdu-wrong", kind="snmp-community", community="guess-" + rw,
-                                read_community=ro),
-    })
-    s = load_settings(None, {}, {"auth.mode": "none", "server.listen": "tcp:0:interface=127.0.0.1",
-                                 "state_dir": str(tmp_path / "state")})
-    s = evolve(s, secrets_file=str(secrets_file), ssh_known_hosts=files.known_hosts_openssh,
-               reboot_down_timeout=2.0, reboot_up_timeout=3.0, reboot_poll_interval=0.05,
-               ssh_connect_timeout=1.0, ssh_command_timeout=2.0,
-               snmp_timeout=0.25, snmp_retries=1, snmp_min_interval=0.0, snmp_settle_timeout=2.0,
-               snmp_reboot_timeout=3.0, snmp_poll_interval=0.02)
-    service = RollerService(s, reactor)
-    service.startService()
-    await service.ready
-    for i, (entry, m) in enumerate(zip(fleet.inventory_json("sim"), machines)):
-        entry["pdu"] = {"host": "127.0.0.1", "port": sims[i]._port.getHost().port,
-                        "outlet": _outlet(m["model"]), "model": "auto",
-                        "credential": m.get("credential", "pdu")}
-        entry["reboot_methods"] = ["ssh_reboot", "snmp_reboot"]
-        entry.update(m.get("inventory", {}))
-        await service.store.machines.put(Machine.from_json(entry))
-    return Harness(service, fleet, sims, [rw, ro])
+
+    def inventory(entries: list[dict]) -> list[dict]:
+        for sim, entry, m in zip(sims, entries, machines):
+            entry["pdu"] = {"host": "127.0.0.1", "port": sim._port.getHost().port,
+                            "outlet": _outlet(m["model"]), "model": "auto",
+                            "credential": m.get("credential", "pdu")}
+            entry["reboot_methods"] = ["ssh_reboot", "snmp_reboot"]
+            entry.update(m.get("inventory", {}))
+        return entries
+
+    h = await start_roller(
+        tmp_path, fleet, reactor, inventory=inventory, harness=Harness,
+        credentials={
+            "pdu": Credential(name="pdu", kind="snmp-community", community=rw, read_community=ro),
+            "pdu-wrong": Credential(name="pdu-wrong", kind="snmp-community", community="guess-" + rw,
+                                    read_community=ro),
+        },
+        reboot_down_timeout=2.0, reboot_up_timeout=3.0,
+        snmp_timeout=0.25, snmp_retries=1, snmp_min_interval=0.0, snmp_settle_timeout=2.0,
+        snmp_reboot_timeout=3.0, snmp_poll_interval=0.02)
+    h.pdus, h.communities = sims, [rw, ro]
+    return h
 
 
 async def stop(h: Harness) -> None:
-    await h.service.stopService()
-    for sim in h.pdus:
-        sim.stop()
-    await h.fleet.stop()
+    await h.stop()
 
 
 def _messages(job: dict) -> list[str]:

@@ -1,0 +1,106 @@
+"""
+End-to-end test scaffolding: a real L{RollerService} on the real reactor
+over a simulated fleet, driven through its REST API with treq.
+
+    fleet = Fleet(reactor, 2, "127.0.4.", free_port("127.0.4.1"), ...)
+    await fleet.start()
+    h = await start_roller(tmp_path, fleet, reboot_up_timeout=5.0)
+    job = await h.run("sim-001", "reboot")
+    await h.stop()
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from typing import Any, Callable, Mapping
+
+import treq
+from attrs import evolve
+from twisted.internet.task import deferLater
+
+from roller.config import load_settings
+from roller.inventory import Machine
+from roller.secrets import load_secrets, write_secrets
+from roller.service import RollerService
+
+#: what the harness settles for by default: short waits, simulated machines
+FAST = dict(reboot_down_timeout=3.0, reboot_up_timeout=5.0, reboot_poll_interval=0.05,
+            ssh_connect_timeout=1.0, ssh_command_timeout=2.0)
+
+
+def free_port(host: str) -> int:
+    """A TCP port free on C{host} now."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _finished(job: dict) -> bool:
+    return job["state"] not in ("queued", "running")
+
+
+class ApiHarness:
+    """The service, its fleet, and its REST API at C{url}."""
+
+    def __init__(self, service: RollerService, fleet: Any, reactor: Any, group: str = "sim"):
+        self.service = service
+        self.fleet = fleet
+        self.reactor = reactor
+        self.group = group
+        self.url = f"http://127.0.0.1:{service.ports[0].getHost().port}"
+
+    async def post(self, worker_id: str, task: str = "reboot", body: dict | None = None) -> dict:
+        """POST a job (Taskcluster form); the 201 answer."""
+        r = await treq.post(f"{self.url}/api/v1/workers/{worker_id}/group/{self.group}/jobs?task_name={task}",
+                            json=body)
+        payload = json.loads(await r.content())
+        assert r.code == 201, payload
+        return payload
+
+    async def job(self, task_id: str) -> dict:
+        r = await treq.get(f"{self.url}/api/v1/jobs/{task_id}")
+        return json.loads(await r.content())
+
+    async def wait(self, task_id: str, deadline: float = 30.0,
+                   until: Callable[[dict], bool] = _finished) -> dict:
+        """Poll the job until C{until(job)}; fails the test after C{deadline} seconds."""
+        end = self.reactor.seconds() + deadline
+        while True:
+            job = await self.job(task_id)
+            if until(job):
+                return job
+            assert self.reactor.seconds() < end, f"job still {job['state']}: {job['events'][-3:]}"
+            await deferLater(self.reactor, 0.05, lambda: None)
+
+    async def run(self, worker_id: str, task: str, body: dict | None = None, deadline: float = 30.0) -> dict:
+        """POST a job and wait for it to end."""
+        return await self.wait((await self.post(worker_id, task, body))["task_id"], deadline)
+
+    async def stop(self) -> None:
+        await self.service.stopService()
+        await self.fleet.stop()
+
+
+async def start_roller(tmp_path: Any, fleet: Any, reactor: Any, *, credentials: Mapping[str, Any] = (),
+                       inventory: Callable[[list[dict]], list[dict]] = lambda entries: entries,
+                       harness: type[ApiHarness] = ApiHarness, **settings: Any) -> Any:
+    """
+    Start roller (auth none, loopback, a fresh state dir under C{tmp_path})
+    for a started C{fleet}: its secrets (plus C{credentials}) and
+    known_hosts, L{FAST} waits overridden by C{settings}, and its machines
+    (through C{inventory}) in the store; a C{harness} (subclass) for it.
+    """
+    files = fleet.write_client_files(str(tmp_path / "fleet"))
+    secrets_file = tmp_path / "secrets.toml"
+    write_secrets(secrets_file, {**load_secrets(files.secrets).as_dict(), **dict(credentials)})
+    s = load_settings(None, {}, {"auth.mode": "none", "server.listen": "tcp:0:interface=127.0.0.1",
+                                 "state_dir": str(tmp_path / "state")})
+    s = evolve(s, secrets_file=str(secrets_file), ssh_known_hosts=files.known_hosts_openssh,
+               **{**FAST, **settings})
+    service = RollerService(s, reactor)
+    service.startService()
+    await service.ready
+    for entry in inventory(fleet.inventory_json("sim")):
+        await service.store.machines.put(Machine.from_json(entry))
+    return harness(service, fleet, reactor)
