@@ -286,6 +286,11 @@ KEYS: dict[str, tuple[str, Callable[[Any, bool], Any], Any]] = {
     "notify.credential": ("notify_credential", _text, "taskcluster-notify"),
     "notify.webhook_credential": ("notify_webhook_credential", _text, "webhook"),
     "notify.timeout": ("notify_timeout", _float(0.1), 10.0),
+    "loans.root_url": ("loans_root_url", _root_url, ""),
+    "loans.credential": ("loans_credential", _text, "taskcluster-queue"),
+    "loans.provisioner_id": ("loans_provisioner_id", _text, "releng-hardware"),
+    "loans.max_duration": ("loans_max_duration", _float(3600), 90 * 86400.0),
+    "loans.timeout": ("loans_timeout", _float(0.1), 30.0),
     "dashboard.session_idle": ("session_idle", _float(60), 12 * 3600.0),
     "dashboard.session_max": ("session_max", _float(60), 7 * 86400.0),
     "dashboard.login_max_failures": ("login_max_failures", _int(1, 1000), 5),
@@ -383,6 +388,11 @@ class Settings:
     notify_credential: str
     notify_webhook_credential: str
     notify_timeout: float
+    loans_root_url: str
+    loans_credential: str
+    loans_provisioner_id: str
+    loans_max_duration: float
+    loans_timeout: float
     session_idle: float
     session_max: float
     login_max_failures: int

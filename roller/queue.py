@@ -389,7 +389,7 @@ class JobQueue:
         ctx = TaskContext(
             job=job, machine=machine, reactor=self._reactor,
             log=lambda message, **data: self._log(job.id, message, data),
-            settings=self._settings, secrets=self._secrets, drivers=self._drivers,
+            settings=self._settings, secrets=self._secrets, drivers=self._drivers, store=self._store,
         )
         d = Deferred.fromCoroutine(spec.run(ctx, job.params))
         d.addTimeout(self._timeout(spec), self._reactor)

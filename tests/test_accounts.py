@@ -125,7 +125,7 @@ def test_hasher_runs_in_the_thread_pool() -> None:
 
 def test_roles_map_to_api_scopes(env: Any) -> None:
     store, clock, auth = env
-    assert role_scopes("viewer", P) == (P + "jobs:read", P + "machines:read")
+    assert role_scopes("viewer", P) == (P + "jobs:read", P + "machines:read", P + "loans:read")
     op = role_scopes("operator", P, ("ping", "reboot"))
     assert P + "reboot" in op and P + "jobs:cancel" in op and P + "inventory:write" not in op
     add(store, clock, "ann", "admin")

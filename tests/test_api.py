@@ -922,16 +922,38 @@ def test_mutations_succeed_with_full_access(env: Env, index: int) -> None:
     assert r.code in (200, 201, 204), r.body
 
 
-def test_unconfigured_auth_still_serves_reads(env: Env) -> None:
+def test_unconfigured_auth_still_serves_open_reads(env: Env) -> None:
     job_id = env.submit("reboot", "m1")["task_id"]
     env.use(UnconfiguredAuthenticator(NOT_CONFIGURED))
-    for path in ["/api/v1/jobs", f"/api/v1/jobs/{job_id}", "/api/v1/jobs?state=running", "/api/v1/tasks",
-                 "/api/v1/machines", "/api/v1/machines/g1/m1", "/__heartbeat__", "/__lbheartbeat__",
+    for path in ["/api/v1/tasks", "/api/v1/openapi.json", "/metrics", "/__heartbeat__", "/__lbheartbeat__",
                  "/__version__"]:
         r = env.get(path)
         assert r.code == 200, (path, r.body)
         assert r.header("www-authenticate") is None
+    for path in ["/api/v1/jobs", f"/api/v1/jobs/{job_id}", "/api/v1/jobs?state=running",
+                 "/api/v1/machines", "/api/v1/machines/g1/m1"]:
+        r = env.get(path)
+        assert r.code == 401, (path, r.body)
+        assert r.header("www-authenticate") == "Hawk"
+        assert r.error()[0] == "auth_not_configured"
+    env.use(AnonymousAuthenticator())
     assert env.get(f"/api/v1/jobs/{job_id}").json()["state"] == "running"
+
+
+@pytest.mark.parametrize("path, scope", [
+    ("/api/v1/jobs", "jobs:read"), ("/api/v1/jobs/JOB", "jobs:read"),
+    ("/api/v1/machines", "machines:read"), ("/api/v1/machines/g1/m1", "machines:read"),
+])
+def test_reads_need_their_scope(env: Env, path: str, scope: str) -> None:
+    path = path.replace("JOB", env.submit("reboot", "m1")["task_id"])
+    env.use(ScopedAuthenticator("client/ci", ("project:releng:roller:reboot", "project:releng:roller:audit:read")))
+    r = env.get(path)
+    assert r.code == 403, r.body
+    code, message = r.error()
+    assert code == "insufficient_scope" and "project:releng:roller:" + scope in message
+    for held in ("project:releng:roller:" + scope, "project:releng:roller:*", "*"):
+        env.use(ScopedAuthenticator("client/ci", (held,)))
+        assert env.get(path).code == 200, (held, path)
 
 
 def test_scoped_authenticator_provides_the_interface() -> None:

@@ -931,3 +931,37 @@ async def test_sse_slow_reader_is_dropped_without_blocking_others(live: Any) -> 
     slow.transport.resumeProducing()
     await fast.closed
     await slow.closed.addTimeout(5, reactor)
+
+
+def test_fleet_and_machine_pages_show_liveness_and_loans(env: Env) -> None:
+    from roller.store.loans import Loan
+
+    now = env.clock.seconds()
+    down = env.submit("ping", "m1")
+    env.ctl.finish(down.id, TaskFailed("192.0.2.1 is not answering"))
+    env.clock.advance(120)
+    up = env.submit("ping", "m3", "g2")
+    env.ctl.finish(up.id, "192.0.2.3 is up")
+    env.submit("reboot", "m3", "g2")  # newer than the ping, still running: liveness stays the ping's
+    result_of(env.store.loans.insert(Loan(worker_group="g1", worker_id="m2", borrower="dev@example.com",
+                                          reason="debug", started_at=now, expires_at=now + 86400)))
+    result_of(env.store.loans.insert(Loan(worker_group="g2", worker_id="m3", borrower="late@example.com",
+                                          reason="debug", started_at=now - 7200, expires_at=now + 60)))
+    html = env.get("/").text
+    assert "<th scope=\"col\">Liveness</th>" in html and "<th scope=\"col\">Loan</th>" in html
+    row = {w: html[html.index(f">{w}<"):html.index("</tr>", html.index(f">{w}<"))] for w in ("m1", "m2", "m3", "m4")}
+    assert f'href="/jobs/{down.id}" class="live live-down"' in row["m1"] and "2 min ago" in row["m1"]
+    assert f'href="/jobs/{up.id}" class="live live-up"' in row["m3"] and "just now" in row["m3"]
+    assert "live-" not in row["m2"] and "live-" not in row["m4"]
+    assert "dev@example.com until" in row["m2"] and "overdue" not in row["m2"]
+    # m3's loan ended 60 s ago (the clock moved 120 s): overdue, highlighted
+    assert "loan-overdue" in row["m3"] and ">overdue</strong> late@example.com" in row["m3"]
+    assert "loan" not in row["m1"] and "loan" not in row["m4"]
+
+    m3 = env.get("/machines/g2/m3").text
+    assert 'class="live live-up">up</a>' in m3 and "192.0.2.3 is up" in m3
+    assert "loan-overdue" in m3 and "on loan to late@example.com until" in m3
+    m4 = env.get("/machines/g2/m4").text
+    assert "never pinged" in m4 and "not on loan" in m4
+    m1 = env.get("/machines/g1/m1").text
+    assert 'class="live live-down">down</a>' in m1 and "192.0.2.1 is not answering" in m1

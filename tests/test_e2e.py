@@ -149,7 +149,7 @@ def test_auth_none_on_all_interfaces_is_refused(tmp_path):
     _assert_refused(r, "auth.mode")
 
 
-def test_default_auth_refuses_writes_but_serves_reads(tmp_path):
+def test_default_auth_refuses_writes_and_scoped_reads(tmp_path):
     with RollerProcess(state_dir=tmp_path / "state") as roller:
         r = roller.post("/api/v1/jobs?tc_worker_id=demo-1&task_name=ping")
         assert r.status == 401, r
@@ -160,8 +160,12 @@ def test_default_auth_refuses_writes_but_serves_reads(tmp_path):
         r = roller.post("/api/v1/machines", {"worker_id": "x", "worker_group": "g", "ip": "127.0.0.1"})
         assert r.status == 401, r
 
-        jobs = roller.json("GET", "/api/v1/jobs")
-        assert jobs["jobs"] == []
+        r = roller.request("GET", "/api/v1/jobs")
+        assert r.status == 401, r
+        assert r.headers["WWW-Authenticate"].startswith("Hawk"), dict(r.headers)
+
+        tasks = roller.json("GET", "/api/v1/tasks")
+        assert tasks["tasks"]
         print(roller.log_tail())
 
 

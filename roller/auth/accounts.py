@@ -5,7 +5,7 @@ and the one-time setup token of a roller that has no user yet.
 Roles map to the API's scopes (L{role_scopes}), so the dashboard decides
 with the same L{roller.auth.scopes.satisfies} as the API:
 
-  - C{viewer}: read (C{<prefix>jobs:read}, C{<prefix>machines:read});
+  - C{viewer}: read (C{<prefix>jobs:read}, C{<prefix>machines:read}, C{<prefix>loans:read});
   - C{operator}: read, run every offered task (C{<prefix><task>}) and cancel
     jobs (C{<prefix>jobs:cancel});
   - C{admin}: everything under the prefix (C{<prefix>*}: also
@@ -73,7 +73,7 @@ log = Logger()
 
 def role_scopes(role: str, prefix: str, tasks: tuple[str, ...] | list[str] = ()) -> tuple[str, ...]:
     """The scopes a dashboard role holds (see the module docstring)."""
-    read = (prefix + "jobs:read", prefix + "machines:read")
+    read = (prefix + "jobs:read", prefix + "machines:read", prefix + "loans:read")
     if role == "viewer":
         return read
     if role == "operator":

@@ -15,6 +15,7 @@ from attrs import frozen
 from roller.store.audit import AuditEntry, AuditTable
 from roller.store.db import Database, StoreError
 from roller.store.jobs import JobTable
+from roller.store.loans import LoanTable
 from roller.store.machines import MachineTable
 from roller.store.users import UserTable
 
@@ -28,6 +29,7 @@ class Store:
     jobs: JobTable
     audit: AuditTable
     users: UserTable
+    loans: LoanTable
 
     def close(self):
         return self.db.close()
@@ -42,7 +44,7 @@ async def open_store(path: str, reactor: Any, *, synchronous: str = "NORMAL", db
         await db.close()
         raise
     store = Store(db=db, machines=MachineTable(db, reactor), jobs=JobTable(db), audit=AuditTable(db),
-                  users=UserTable(db))
+                  users=UserTable(db), loans=LoanTable(db))
     try:
         await store.machines.load()
     except Exception:

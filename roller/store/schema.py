@@ -90,4 +90,23 @@ MIGRATIONS: list[str] = [
     CREATE INDEX sessions_user ON sessions (user_name);
     CREATE INDEX sessions_expires ON sessions (expires_at);
     """,
+    # 3: machine loans (roller.store.loans); the newest ping of a machine (fleet page)
+    """
+    CREATE TABLE loans (
+        id           INTEGER PRIMARY KEY AUTOINCREMENT,
+        worker_group TEXT NOT NULL,
+        worker_id    TEXT NOT NULL,
+        borrower     TEXT NOT NULL,
+        reason       TEXT NOT NULL DEFAULT '',
+        started_at   REAL NOT NULL,
+        expires_at   REAL NOT NULL,
+        returned_at  REAL,
+        job_id       TEXT,
+        return_job_id TEXT
+    );
+    CREATE UNIQUE INDEX loans_one_active ON loans (worker_group, worker_id) WHERE returned_at IS NULL;
+    CREATE INDEX loans_machine ON loans (worker_group, worker_id, id);
+    CREATE INDEX loans_active_expiry ON loans (returned_at, expires_at);
+    CREATE INDEX jobs_machine_task ON jobs (worker_id, worker_group, task_name, seq);
+    """,
 ]

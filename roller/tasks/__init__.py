@@ -39,7 +39,8 @@ class TaskRegistry:
 
 
 def builtin_tasks() -> TaskRegistry:
-    from roller.tasks import bugzilla, ipmi, pdu, ping, reboot, redfish, reimage, ssh_reboot, xen
+    from roller.tasks import bugzilla, ipmi, loan, pdu, ping, reboot, redfish, reimage, ssh_reboot, xen
 
     return TaskRegistry([ping.TASK, ssh_reboot.TASK, reboot.TASK, reimage.TASK, redfish.TASK, redfish.POWER_TASK,
-                         xen.TASK, *ipmi.TASKS, *pdu.TASKS, bugzilla.TASK])
+                         xen.TASK, *ipmi.TASKS, *pdu.TASKS, bugzilla.TASK,
+                         *loan.TASKS])

@@ -37,6 +37,7 @@ class Param:
     choices: tuple[Any, ...] = ()
     # a further check: returns the clean value or raises ValueError(reason)
     check: Callable[[Any], Any] | None = None
+    required: bool = False
 
     def parse(self, value: Any) -> Any:
         path = f"params.{self.name}"
@@ -83,6 +84,7 @@ class TaskContext:
     settings: Any = None
     secrets: Any = None
     drivers: Any = None  # roller.drivers.registry.Drivers
+    store: Any = None  # roller.store.Store (loans)
 
 
 RunFunction = Callable[[TaskContext, Mapping[str, Any]], Awaitable[str]]
@@ -115,6 +117,8 @@ class TaskSpec:
                 out[p.name] = p.parse(raw[p.name])
             elif p.default is not None:
                 out[p.name] = p.default
+            elif p.required:
+                raise ValidationError(f"params.{p.name}", "is required")
         return out
 
     def to_json(self, allowed: bool = True) -> dict[str, Any]:

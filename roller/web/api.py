@@ -309,6 +309,7 @@ class Api:
     @app.route("/api/v1/jobs/<task_id>", methods=["GET"])
     async def get_job(self, request: IRequest, task_id: str) -> bytes:
         self._cors(request)
+        await self._authorize(request, self.scope_prefix + "jobs:read")
         job = self.queue.active(task_id) or await self.store.jobs.get(task_id)
         if job is None:
             raise NotFound(f"no job {task_id[:64]}", code="unknown_job")
@@ -331,6 +332,7 @@ class Api:
     @app.route("/api/v1/jobs", methods=["GET"])
     async def list_jobs(self, request: IRequest) -> bytes:
         self._cors(request)
+        await self._authorize(request, self.scope_prefix + "jobs:read")
         states = []
         for raw in (_arg(request, "state") or "").split(","):
             if raw:
@@ -374,6 +376,33 @@ class Api:
         next_before = entries[-1].id if len(entries) == limit else None
         return _json(request, {"entries": [e.to_json() for e in entries], "next_before": next_before})
 
+    # -- loans
+
+    @app.route("/api/v1/loans", methods=["GET"])
+    async def list_loans(self, request: IRequest) -> bytes:
+        self._cors(request)
+        flags = {}
+        for name in ("active", "overdue"):
+            raw = (_arg(request, name) or "").lower()
+            if raw not in ("", "true", "false", "1", "0"):
+                raise BadRequest(f"{name} must be true or false", code="invalid_query")
+            flags[name] = None if raw == "" else raw in ("true", "1")
+        group, worker = _arg(request, "worker_group"), _arg(request, "worker_id")
+        if group is not None:
+            _worker_id(group, "worker_group")
+        if worker is not None:
+            _worker_id(worker)
+        limit = _int_arg(request, "limit", 100, 1, 1000)
+        offset = _int_arg(request, "offset", 0, 0, 10**9)
+        await self._authorize(request, self.scope_prefix + "loans:read")
+        now = self.clock.seconds()
+        loans = await self.store.loans.list(
+            active=flags["active"], overdue_at=now if flags["overdue"] else None, worker_group=group,
+            worker_id=worker, limit=limit, offset=offset)
+        if flags["overdue"] is False:
+            loans = [loan for loan in loans if not loan.overdue(now)]
+        return _json(request, {"loans": [loan.to_json(now) for loan in loans], "offset": offset, "limit": limit})
+
     # -- tasks
 
     @app.route("/api/v1/tasks", methods=["GET"])
@@ -386,6 +415,7 @@ class Api:
     @app.route("/api/v1/machines", methods=["GET"])
     async def list_machines(self, request: IRequest) -> bytes:
         self._cors(request)
+        await self._authorize(request, self.scope_prefix + "machines:read")
         group = _arg(request, "worker_group")
         if group is not None:
             _worker_id(group, "worker_group")
@@ -410,6 +440,7 @@ class Api:
     @app.route("/api/v1/machines/<worker_group>/<worker_id>", methods=["GET"])
     async def get_machine(self, request: IRequest, worker_group: str, worker_id: str) -> bytes:
         self._cors(request)
+        await self._authorize(request, self.scope_prefix + "machines:read")
         machine = await self._machine(worker_group, worker_id)
         return _json(request, machine.to_json())
 

@@ -336,6 +336,64 @@ class FleetRow:
     ip: str | None
     pool: str | None
     last: LastJob | None
+    loan: "LoanState | None" = None
+    liveness: "Liveness | None" = None
+
+
+@frozen
+class LoanState:
+    """A machine's active loan, as the fleet and machine pages show it."""
+
+    borrower: str
+    expires_at: float
+
+    def overdue(self, now: float) -> bool:
+        return self.expires_at <= now
+
+
+@frozen
+class Liveness:
+    """The newest finished C{ping} job of a machine: its state (succeeded = up) and when it ended."""
+
+    job_id: str
+    state: str
+    at: float
+    detail: str | None
+
+    @property
+    def up(self) -> bool:
+        return self.state == "succeeded"
+
+
+#: the newest finished ping of the page's machine, through the jobs_machine_task index
+_LAST_PING = (
+    "(SELECT p.seq FROM jobs p WHERE p.worker_id = page.w AND p.worker_group = page.g AND p.task_name = 'ping'"
+    " AND p.state IN ('succeeded', 'failed', 'timed_out') ORDER BY p.seq DESC LIMIT 1)"
+)
+
+
+def extras_of(c: Cursor, keys: list[tuple[str, str]]) -> dict[tuple[str, str], tuple[Any, Any]]:
+    """
+    The active loan and the newest finished ping of each machine
+    C{(worker_group, worker_id)} of a page: one statement for the whole page
+    (an index lookup per machine in C{loans} and C{jobs}).
+    """
+    out: dict[tuple[str, str], tuple[Any, Any]] = {}
+    for i in range(0, len(keys), 400):
+        chunk = keys[i:i + 400]
+        values = ", ".join(["(?, ?)"] * len(chunk))
+        sql = (f"WITH page(g, w) AS (VALUES {values})"
+               " SELECT page.g, page.w, l.borrower, l.expires_at, p.id, p.state,"
+               " COALESCE(p.finished_at, p.started_at, p.created_at), COALESCE(p.result, p.error)"
+               " FROM page LEFT JOIN loans l ON l.worker_group = page.g AND l.worker_id = page.w"
+               " AND l.returned_at IS NULL"
+               f" LEFT JOIN jobs p ON p.seq = {_LAST_PING}")
+        for r in c.execute(sql, [v for key in chunk for v in key]):
+            out[(r[0], r[1])] = (
+                None if r[2] is None else LoanState(borrower=r[2], expires_at=r[3]),
+                None if r[4] is None else Liveness(job_id=r[4], state=r[5], at=r[6], detail=r[7]),
+            )
+    return out
 
 
 @frozen
@@ -450,6 +508,8 @@ class FleetQueries:
             return counts, groups, pools
 
         def fetch_rows(c: Cursor) -> list[FleetRow]:
+            found = c.execute(rows_sql, rows_args).fetchall()
+            extras = extras_of(c, [(r[0], r[1]) for r in found]) if found else {}
             return [
                 FleetRow(
                     worker_group=r[0], worker_id=r[1], fqdn=r[2], ip=r[3], pool=r[4],
@@ -457,8 +517,9 @@ class FleetQueries:
                         id=r[5], task_name=r[6], state=r[7], created_at=r[8], started_at=r[9],
                         finished_at=r[10], error=r[11], result=r[12], requester=r[13],
                     ),
+                    loan=extras[(r[0], r[1])][0], liveness=extras[(r[0], r[1])][1],
                 )
-                for r in c.execute(rows_sql, rows_args)
+                for r in found
             ]
 
         def run(c: Cursor) -> FleetPage:
@@ -472,6 +533,10 @@ class FleetQueries:
             return FleetPage(rows=rows, total=total, counts=counts, groups=groups, pools=pools)
 
         return self.db.read(run)
+
+    def machine_extras(self, worker_group: str, worker_id: str) -> "Deferred[tuple[Any, Any]]":
+        """C{(LoanState | None, Liveness | None)} of one machine (the machine page)."""
+        return self.db.read(lambda c: extras_of(c, [(worker_group, worker_id)])[(worker_group, worker_id)])
 
     def explain(self, f: FleetFilter = FleetFilter()) -> "Deferred[list[str]]":
         """The query plan of the fleet page's row query (for tests and curiosity)."""
@@ -954,7 +1019,8 @@ class Dashboard:
             request, "fleet.html", viewer, section="fleet", rows=rows, page=page, filt=filt, sort=sort,
             direction=direction, sorts=SORTS, states=FILTER_STATES, page_no=page_no, pages=pages,
             page_size=self.page_size, link=link, sort_link=sort_link, aria_sort=aria_sort,
-            rows_html=fleet_rows_html(rows, lambda ts, now=self.clock.seconds(): ago(ts, now), self.fleet_rows),
+            rows_html=fleet_rows_html(rows, lambda ts, now=self.clock.seconds(): ago(ts, now), self.fleet_rows,
+                                      now=self.clock.seconds()),
             running=len(self.queue.running()), queued=self.queue.depth,
             machine_total=sum(page.counts.values()),
         )
@@ -968,8 +1034,11 @@ class Dashboard:
         audit = None  # the section is left out for viewers who may not read the audit log
         if viewer.may(self.scope_prefix + "audit:read"):
             audit = await self.store.audit.list(target=f"{worker_group}/{worker_id}", limit=50)
+        loan, liveness = await self.fleet.machine_extras(worker_group, worker_id)
+        now = self.clock.seconds()
         return self.render(
             request, "machine.html", viewer, section="fleet", machine=machine, jobs=jobs, audit=audit,
+            loan=loan, loan_overdue=loan is not None and loan.overdue(now), liveness=liveness,
             buttons=self._buttons(viewer), credentials=sorted(machine.credentials()),
             access=_access_rows(machine),
         )

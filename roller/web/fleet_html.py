@@ -48,19 +48,43 @@ def _state(value: str | None) -> str:
             f'{_h((value or "never run").replace("_", " "))}</span>')
 
 
-def _parts(row: Any) -> tuple[str, str, float | None, str]:
+def _liveness(row: Any) -> tuple[str, float | None]:
+    """The fixed start of the liveness cell (up to the "ago" text) and its time."""
+    live = getattr(row, "liveness", None)
+    if live is None:
+        return "", None
+    stamp = iso(live.at)
+    word = "up" if live.up else "down"
+    title = _h(truncate(live.detail, 120)) if live.detail else word
+    return (f'<a href="/jobs/{_q(live.job_id)}" class="live live-{word}" title="{title}">{word}</a> '
+            f'<time datetime="{stamp}" title="{stamp}">'), live.at
+
+
+def _loan(row: Any, now: float | None) -> str:
+    loan = getattr(row, "loan", None)
+    if loan is None:
+        return _DASH
+    stamp = iso(loan.expires_at)
+    overdue = now is not None and loan.overdue(now)
+    status = '<strong class="overdue">overdue</strong> ' if overdue else ""
+    return (f'<span class="loan{" loan-overdue" if overdue else ""}">{status}{_h(loan.borrower)} until '
+            f'<time datetime="{stamp}">{stamp[:10]}</time></span>')
+
+
+def _parts(row: Any) -> tuple[str, str, float | None, str, str, float | None]:
     """What of a row's HTML does not change with the time or the queue."""
     group, wid, last = row.worker_group, row.worker_id, row.last
+    live_open, live_ts = _liveness(row)
     head = (f'<tr>\n<th scope="row"><a href="/machines/{_q(group)}/{_q(wid)}">'
             f"{_h(wid)}</a></th>\n<td>{_h(group)}</td>\n<td>{_h(row.pool or '—')}</td>\n"
             f'<td class="wide">{_h(row.ip or row.fqdn or "—")}</td>\n<td>')
     if last is None:
-        return head + _DASH + "</td>\n<td>", "", None, ""
+        return head + _DASH + "</td>\n<td>", "", None, "", live_open, live_ts
     ts = last.finished_at or last.started_at or last.created_at
     stamp = iso(ts)
     error = f'<p class="error-line">{escape(truncate(last.error))}</p>' if last.error else ""
     return (f'{head}<a href="/jobs/{_q(last.id)}">{_h(last.task_name)}</a></td>\n<td>',
-            f'<time datetime="{stamp}" title="{stamp}">', ts, error)
+            f'<time datetime="{stamp}" title="{stamp}">', ts, error, live_open, live_ts)
 
 
 class RowCache:
@@ -73,9 +97,9 @@ class RowCache:
 
     def __init__(self, size: int = 20000):
         self.size = size
-        self._parts: dict[int, tuple[Any, tuple[str, str, float | None, str]]] = {}
+        self._parts: dict[int, tuple[Any, tuple[str, str, float | None, str, str, float | None]]] = {}
 
-    def parts(self, row: Any) -> tuple[str, str, float | None, str]:
+    def parts(self, row: Any) -> tuple[str, str, float | None, str, str, float | None]:
         hit = self._parts.get(id(row))
         if hit is not None and hit[0] is row:
             return hit[1]
@@ -90,25 +114,27 @@ _STATES: dict[str | None, str] = {}
 
 
 def fleet_rows_html(rows: Iterable[tuple[Any, str | None]], ago: Callable[[float | None], str],
-                    cache: RowCache | None = None) -> Markup:
+                    cache: RowCache | None = None, now: float | None = None) -> Markup:
     """
     C{<tr>} elements for C{rows}: pairs of a L{roller.web.dashboard.FleetRow}
     and the state to show for its last job (the live one for jobs still in
-    the queue).
+    the queue).  C{now} decides which loans are overdue.
     """
     parts = cache.parts if cache is not None else _parts
     out = []
     for row, state in rows:
-        head, time_open, ts, error = parts(row)
+        head, time_open, ts, error, live_open, live_ts = parts(row)
+        live = f"{live_open}{_h(ago(live_ts))}</time>" if live_ts is not None else _DASH
+        tail = f"<td>{live}</td>\n<td>{_loan(row, now) if row.loan is not None else _DASH}</td>\n</tr>\n"
         badge = _STATES.get(state)
         if badge is None:
             badge = _state(state)
             if len(_STATES) < 64:
                 _STATES[state] = badge
         if ts is None:
-            out.append(f"{head}{badge}</td>\n<td>{_DASH}</td>\n</tr>\n")
+            out.append(f"{head}{badge}</td>\n<td>{_DASH}</td>\n{tail}")
         else:
             if error and state not in ("failed", "timed_out"):
                 error = ""
-            out.append(f"{head}{badge}{error}</td>\n<td>{time_open}{_h(ago(ts))}</time></td>\n</tr>\n")
+            out.append(f"{head}{badge}{error}</td>\n<td>{time_open}{_h(ago(ts))}</time></td>\n{tail}")
     return Markup("".join(out))

@@ -591,6 +591,26 @@ def _task_schemas() -> dict[str, Schema]:
             "entries": {"type": "array", "items": _ref("AuditEntry")},
             "next_before": _nullable({"type": "integer", "description": "Cursor for the next page."}),
         }, ["entries", "next_before"]),
+        "Loan": _object({
+            "id": {"type": "integer"},
+            "worker_group": {"type": "string"},
+            "worker_id": {"type": "string"},
+            "borrower": {"type": "string", "description": "Email address."},
+            "reason": {"type": "string"},
+            "started_at": {"type": "string", "format": "date-time"},
+            "expires_at": {"type": "string", "format": "date-time"},
+            "returned_at": _nullable({"type": "string", "format": "date-time"}),
+            "active": {"type": "boolean", "description": "Not returned yet."},
+            "overdue": {"type": "boolean", "description": "Active and past its expiry."},
+            "job_id": _nullable({"type": "string", "description": "The `loan` job."}),
+            "return_job_id": _nullable({"type": "string", "description": "The `return_loan` job."}),
+        }, ["id", "worker_group", "worker_id", "borrower", "reason", "started_at", "expires_at", "returned_at",
+            "active", "overdue", "job_id", "return_job_id"]),
+        "LoanList": _object({
+            "loans": {"type": "array", "items": _ref("Loan")},
+            "offset": {"type": "integer"},
+            "limit": {"type": "integer"},
+        }, ["loans", "offset", "limit"]),
     }
 
 
@@ -709,7 +729,7 @@ def openapi_document(tasks: Any, allowed: tuple[str, ...], version: str) -> dict
         "/api/v1/jobs": {
             "get": _op(
                 "listJobs", "List jobs, newest first", "jobs",
-                {"200": _json_response("A page of jobs.", _ref("JobList")), **_errors("400")},
+                {"200": _json_response("A page of jobs.", _ref("JobList")), **_errors("400", "401", "403", "503")},
                 parameters=[
                     _param("state", "query",
                            {"type": "array", "items": {"type": "string", "enum": STATES}},
@@ -720,6 +740,8 @@ def openapi_document(tasks: Any, allowed: tuple[str, ...], version: str) -> dict
                     _int_query("limit", 1, 1000, 50, "Page size"),
                     _int_query("before", 1, 2**62, None, "Jobs older than this cursor (`next_before`)"),
                 ],
+                secured=True,
+                description=secured_note + " Scope: `<prefix>jobs:read`.",
             ),
             "post": _op(
                 "createJob", "Run a task on a machine by worker id", "jobs",
@@ -739,8 +761,9 @@ def openapi_document(tasks: Any, allowed: tuple[str, ...], version: str) -> dict
             "get": _op(
                 "getJob", "A job and its events", "jobs",
                 {"200": _json_response("The job, with up to 1000 events.", _ref("JobWithEvents")),
-                 **_errors("404")},
-                parameters=[_task_id_param()],
+                 **_errors("401", "403", "404", "503")},
+                parameters=[_task_id_param()], secured=True,
+                description=secured_note + " Scope: `<prefix>jobs:read`.",
             ),
             "delete": _op(
                 "cancelJob", "Cancel a job", "jobs",
@@ -768,6 +791,26 @@ def openapi_document(tasks: Any, allowed: tuple[str, ...], version: str) -> dict
                             "Scope: `<prefix>audit:read`.",
             ),
         },
+        "/api/v1/loans": {
+            "get": _op(
+                "listLoans", "Machine loans, newest first", "loans",
+                {"200": _json_response("A page of loans.", _ref("LoanList")),
+                 **_errors("400", "401", "403", "503")},
+                parameters=[
+                    _param("active", "query", {"type": "string", "enum": ["true", "false", "1", "0"]},
+                           "Only loans not returned yet (`true`) or returned ones (`false`)."),
+                    _param("overdue", "query", {"type": "string", "enum": ["true", "false", "1", "0"]},
+                           "Only active loans past their expiry (`true`), or loans that are not (`false`)."),
+                    _param("worker_group", "query", _string(WORKER_ID_PATTERN), "Only this worker group."),
+                    _param("worker_id", "query", _string(WORKER_ID_PATTERN), "Only this worker."),
+                    _int_query("limit", 1, 1000, 100, "Page size"),
+                    _int_query("offset", 0, 10**9, 0, "Loans to skip"),
+                ],
+                secured=True,
+                description="Loans made by the `loan` task and ended by `return_loan`. "
+                            "Scope: `<prefix>loans:read`.",
+            ),
+        },
         "/api/v1/tasks": {
             "get": _op("listTasks", "The tasks roller knows", "tasks",
                        {"200": _json_response("Every task, with `allowed` for those reachable over REST.",
@@ -777,7 +820,7 @@ def openapi_document(tasks: Any, allowed: tuple[str, ...], version: str) -> dict
             "get": _op(
                 "listMachines", "List machines", "machines",
                 {"200": _json_response("A page of machines, by worker group and worker id.", _ref("MachineList")),
-                 **_errors("400")},
+                 **_errors("400", "401", "403", "503")},
                 parameters=[
                     _param("worker_group", "query", _string(WORKER_ID_PATTERN), "Only this worker group."),
                     _param("pool", "query", {"type": "string"}, "Only this pool."),
@@ -786,6 +829,8 @@ def openapi_document(tasks: Any, allowed: tuple[str, ...], version: str) -> dict
                     _int_query("limit", 1, 1000, 100, "Page size"),
                     _int_query("offset", 0, 10**9, 0, "Machines to skip"),
                 ],
+                secured=True,
+                description=secured_note + " Scope: `<prefix>machines:read`.",
             ),
             "post": _op(
                 "createMachine", "Add a machine", "machines",
@@ -803,8 +848,10 @@ def openapi_document(tasks: Any, allowed: tuple[str, ...], version: str) -> dict
         "/api/v1/machines/{worker_group}/{worker_id}": {
             "get": _op(
                 "getMachine", "A machine", "machines",
-                {"200": _json_response("The machine.", _ref("Machine")), **_errors("400", "404")},
-                parameters=_machine_path_params(),
+                {"200": _json_response("The machine.", _ref("Machine")),
+                 **_errors("400", "401", "403", "404", "503")},
+                parameters=_machine_path_params(), secured=True,
+                description=secured_note + " Scope: `<prefix>machines:read`.",
             ),
             "put": _op(
                 "putMachine", "Replace or create a machine", "machines",
@@ -872,7 +919,8 @@ def openapi_document(tasks: Any, allowed: tuple[str, ...], version: str) -> dict
             "version": version,
             "summary": "Release Operations Controller: ping, reboot, power and re-image RelOps machines.",
             "description": "Errors are `{\"error\": code, \"message\": text}` with the status. Operations "
-                           "that change anything need Hawk credentials; reads are open.",
+                           "that change anything, and reads of jobs, machines and the audit log, need Hawk credentials "
+                           "with the operation's scope; tasks, this document and the ops endpoints are open.",
         },
         "tags": [
             {"name": "jobs", "description": "Running tasks on machines."},
