@@ -304,6 +304,31 @@ def test_prepared_varbinds_are_reused_but_every_attempt_is_a_fresh_request(clock
     assert idle(client)
 
 
+def test_cached_names_never_stand_for_another_oid_or_value(clock, client):
+    other = BENCH_OID[:-1] + "2"
+    ints = tuple(int(p) for p in other.split("."))
+    # a tuple of floats equals (and hashes like) the tuple of ints, but
+    # normalizes to another OID: tuples are never served from a cache
+    floats = tuple(float(p) for p in ints)
+    sets = [(BENCH_OID, 1), (BENCH_OID, 2), (other, 2), ("." + other, 3), (BENCH_OID, "x"),
+            (BENCH_OID, b"x"), (ints, 4), (floats, 4), (ints, 4)]
+    ds = [client.set(target(), [vb]) for vb in sets]
+    sent = [request_info(data)["varbinds"] for data, _ in clock.ports[0].written]
+    assert sent == [
+        [(BENCH_OID, rfc1902.Integer32(1))], [(BENCH_OID, rfc1902.Integer32(2))],
+        [(other, rfc1902.Integer32(2))], [(other, rfc1902.Integer32(3))],
+        [(BENCH_OID, rfc1902.OctetString(b"x"))], [(BENCH_OID, rfc1902.OctetString(b"x"))],
+        [(other, rfc1902.Integer32(4))],
+        [(".".join(str(p) for p in floats), rfc1902.Integer32(4))],
+        [(other, rfc1902.Integer32(4))]]
+    assert sorted(client._names_by_oid) == sorted([BENCH_OID, other, "." + other])
+    for data, addr in clock.ports[0].written:
+        deliver(clock, response(data, {}), addr)
+    assert [[v.value for v in result_of(d)] for d in ds] == [
+        [1], [2], [2], [3], [b"x"], [b"x"], [4], [4], [4]]
+    assert idle(client)
+
+
 @pytest.mark.parametrize("data", [
     b"", b"\x30", b"\x30\x03\x02\x01\x01", b"\x30\x03\x02\x01\x01\x00", b"\x30\x04\x02\x01\x01",
     b"\x30\x03\x02\x01\xff", b"\x30\x02\x02\x00", b"\x30\x81\x03\x02\x01\x01", b"\x30\x80\x02\x01\x01\x00\x00",
