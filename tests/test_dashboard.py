@@ -965,3 +965,29 @@ def test_fleet_and_machine_pages_show_liveness_and_loans(env: Env) -> None:
     assert "never pinged" in m4 and "not on loan" in m4
     m1 = env.get("/machines/g1/m1").text
     assert 'class="live live-down">down</a>' in m1 and "192.0.2.1 is not answering" in m1
+
+
+def test_ago_is_plain_text_the_fleet_rows_insert_unescaped():
+    import re
+
+    from roller.web.dashboard import ago
+
+    now = 1_800_000_000.0
+    deltas = [0, 0.4, 1, 59.5, 89.9, 90, 3599, 5400, 86400 * 1.4, 86400 * 400, -5, -7200, -86400 * 30]
+    texts = [ago(now - d, now) for d in deltas] + [ago(None, now)]
+    assert all(re.fullmatch(r"[a-z0-9 ]+", t) for t in texts), texts
+    assert texts[0] == "just now" and texts[3] == "60 s ago" and texts[-2] == "in 30 days"
+
+
+def test_row_cache_works_out_each_ago_once_a_second():
+    from roller.web.fleet_html import RowCache
+
+    cache, calls = RowCache(), []
+
+    def fmt(ts: float) -> str:
+        calls.append(ts)
+        return f"{ts:g}"
+
+    assert [cache.ago(5.0, 100.2, fmt), cache.ago(5.0, 100.9, fmt), cache.ago(7.0, 100.9, fmt)] == ["5", "5", "7"]
+    assert calls == [5.0, 7.0]
+    assert cache.ago(5.0, 101.0, fmt) == "5" and calls == [5.0, 7.0, 5.0]  # a new second: worked out again

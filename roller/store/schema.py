@@ -109,4 +109,10 @@ MIGRATIONS: list[str] = [
     CREATE INDEX loans_active_expiry ON loans (returned_at, expires_at);
     CREATE INDEX jobs_machine_task ON jobs (worker_id, worker_group, task_name, seq);
     """,
+    # 4: jobs_task (task_name, seq) cost every submission an index insert and served
+    #    only listing one task across the whole fleet; per machine, jobs_machine and
+    #    jobs_machine_task answer (a fleet-wide task filter now walks seq backwards).
+    """
+    DROP INDEX IF EXISTS jobs_task;
+    """,
 ]

@@ -79,7 +79,8 @@ class ApiHarness:
 
     async def stop(self) -> None:
         await self.service.stopService()
-        await self.fleet.stop()
+        if self.fleet is not None:
+            await self.fleet.stop()
 
 
 async def start_roller(tmp_path: Any, fleet: Any, reactor: Any, *, credentials: Mapping[str, Any] = (),

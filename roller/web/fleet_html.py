@@ -98,6 +98,19 @@ class RowCache:
     def __init__(self, size: int = 20000):
         self.size = size
         self._parts: dict[int, tuple[Any, tuple[str, str, float | None, str, str, float | None]]] = {}
+        self._ago: dict[float, str] = {}  # "5 min ago" by time, for the current second
+        self._ago_second: int | None = None
+
+    def ago(self, ts: float, now: float, fmt: Callable[[float], str]) -> str:
+        """C{fmt(ts)}, worked out once a second per time shown (pages are seen again and again)."""
+        second = int(now)
+        if second != self._ago_second or len(self._ago) >= self.size:
+            self._ago.clear()
+            self._ago_second = second
+        text = self._ago.get(ts)
+        if text is None:
+            text = self._ago[ts] = fmt(ts)
+        return text
 
     def parts(self, row: Any) -> tuple[str, str, float | None, str, str, float | None]:
         hit = self._parts.get(id(row))
@@ -118,13 +131,18 @@ def fleet_rows_html(rows: Iterable[tuple[Any, str | None]], ago: Callable[[float
     """
     C{<tr>} elements for C{rows}: pairs of a L{roller.web.dashboard.FleetRow}
     and the state to show for its last job (the live one for jobs still in
-    the queue).  C{now} decides which loans are overdue.
+    the queue).  C{now} decides which loans are overdue.  C{ago} must return
+    plain text that needs no escaping (L{roller.web.dashboard.ago}: digits,
+    letters and spaces); it is inserted as it is.
     """
     parts = cache.parts if cache is not None else _parts
+    if cache is not None and now is not None:
+        fmt = ago
+        ago = lambda ts: cache.ago(ts, now, fmt)  # noqa: E731
     out = []
     for row, state in rows:
         head, time_open, ts, error, live_open, live_ts = parts(row)
-        live = f"{live_open}{_h(ago(live_ts))}</time>" if live_ts is not None else _DASH
+        live = f"{live_open}{ago(live_ts)}</time>" if live_ts is not None else _DASH
         tail = f"<td>{live}</td>\n<td>{_loan(row, now) if row.loan is not None else _DASH}</td>\n</tr>\n"
         badge = _STATES.get(state)
         if badge is None:
@@ -136,5 +154,5 @@ def fleet_rows_html(rows: Iterable[tuple[Any, str | None]], ago: Callable[[float
         else:
             if error and state not in ("failed", "timed_out"):
                 error = ""
-            out.append(f"{head}{badge}{error}</td>\n<td>{time_open}{_h(ago(ts))}</time></td>\n{tail}")
+            out.append(f"{head}{badge}{error}</td>\n<td>{time_open}{ago(ts)}</time></td>\n{tail}")
     return Markup("".join(out))
