@@ -40,7 +40,7 @@ from werkzeug.exceptions import NotFound as RouteNotFound
 
 from roller.auth.hawk import client_ip
 from roller.errors import BadRequest, Conflict, Forbidden, NotFound, RollerError, ValidationError
-from roller.inventory import PDU_MODELS, Machine, valid_worker_id
+from roller.inventory import PDU_MODELS, Machine
 from roller.legacy_import import DEFAULT_GROUP, plan_import
 from roller.secrets import SecretsError, load_secrets, write_secrets
 from roller.store import AuditEntry, Store
@@ -235,13 +235,7 @@ class InventoryAdmin:
         ))
 
     async def _machine(self, worker_group: str, worker_id: str) -> Machine:
-        machine = None
-        if valid_worker_id(worker_group) and valid_worker_id(worker_id):
-            machine = await self.store.machines.get(worker_group, worker_id)
-        if machine is None:
-            raise NotFound(f"There is no machine {worker_id[:128]} in worker group {worker_group[:128]}.",
-                           code="unknown_machine")
-        return machine
+        return await self.dashboard._machine(worker_group, worker_id)
 
     def _render(self, request: IRequest, template: str, viewer: Viewer, status: int = 200, **context: Any) -> bytes:
         return self.dashboard.render(request, template, viewer, status=status, section="admin", **context)

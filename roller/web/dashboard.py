@@ -1048,7 +1048,7 @@ class Dashboard:
         if valid_worker_id(worker_group) and valid_worker_id(worker_id):
             machine = await self.store.machines.get(worker_group, worker_id)
         if machine is None:
-            raise NotFound(f"There is no machine {worker_id} in worker group {worker_group}.",
+            raise NotFound(f"There is no machine {worker_id[:128]} in worker group {worker_group[:128]}.",
                            code="unknown_machine")
         return machine
 
