@@ -30,7 +30,7 @@ from roller.metrics import Metrics
 from roller.queue import JobQueue
 from roller.store import AuditEntry, Store
 from roller.tasks import TaskRegistry
-from roller.web.http import json_error
+from roller.web.http import json_error, query_arg
 from roller.web.openapi import openapi_document
 from roller.version import load_version
 
@@ -48,21 +48,11 @@ def _json(request: IRequest, body: Any, status: int = 200) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
 
 
-def _arg(request: IRequest, name: str) -> str | None:
-    values = request.args.get(name.encode())
-    if not values:
-        return None
-    try:
-        return values[-1].decode("utf-8")
-    except UnicodeDecodeError:
-        raise BadRequest(f"query parameter {name} is not valid UTF-8", code="invalid_query") from None
-
-
 _INTEGER = re.compile(r"-?[0-9]+")
 
 
 def _int_arg(request: IRequest, name: str, default: int, low: int, high: int) -> int:
-    raw = _arg(request, name)
+    raw = query_arg(request, name)
     if raw is None or raw == "":
         return default
     try:
@@ -236,7 +226,7 @@ class Api:
     @app.route("/api/v1/jobs", methods=["POST"])
     async def post_job(self, request: IRequest) -> bytes:
         self._cors(request)
-        worker_id = _worker_id(_arg(request, "tc_worker_id"), "tc_worker_id")
+        worker_id = _worker_id(query_arg(request, "tc_worker_id"), "tc_worker_id")
 
         async def find() -> Machine:
             machines = await self.store.machines.by_worker_id(worker_id)
@@ -258,7 +248,7 @@ class Api:
         return self._preflight(request)
 
     async def _submit(self, request: IRequest, find: Callable[[], Awaitable[Machine]], extra: dict) -> bytes:
-        task_name = _arg(request, "task_name")
+        task_name = query_arg(request, "task_name")
         if not task_name:
             raise BadRequest("task_name is required", code="missing_parameter")
         spec = self.tasks.get(task_name)
@@ -267,7 +257,7 @@ class Api:
         if task_name not in self.allowed_tasks:
             raise BadRequest(f"task {task_name} is not allowed on this roller", code="task_not_allowed")
         priority = _int_arg(request, "priority", PRIORITY_DEFAULT, PRIORITY_MIN, PRIORITY_MAX)
-        reason = _arg(request, "reason") or ""
+        reason = query_arg(request, "reason") or ""
         _check_reason(reason)
         body = _body(request)
         params = None
@@ -334,7 +324,7 @@ class Api:
         self._cors(request)
         await self._authorize(request, self.scope_prefix + "jobs:read")
         states = []
-        for raw in (_arg(request, "state") or "").split(","):
+        for raw in (query_arg(request, "state") or "").split(","):
             if raw:
                 try:
                     states.append(State(raw))
@@ -342,15 +332,15 @@ class Api:
                     raise BadRequest(
                         f"state {raw[:40]!r} is not one of {', '.join(s.value for s in State)}",
                         code="invalid_query") from None
-        worker_id = _arg(request, "worker_id")
-        worker_group = _arg(request, "worker_group")
+        worker_id = query_arg(request, "worker_id")
+        worker_group = query_arg(request, "worker_group")
         if worker_id is not None:
             _worker_id(worker_id)
         if worker_group is not None:
             _worker_id(worker_group, "worker_group")
-        task_name = _arg(request, "task_name")
+        task_name = query_arg(request, "task_name")
         limit = _int_arg(request, "limit", 50, 1, 1000)
-        before = _arg(request, "before")
+        before = query_arg(request, "before")
         before_seq = None
         if before:
             before_seq = _int_arg(request, "before", 0, 1, 2**62)
@@ -367,9 +357,9 @@ class Api:
     @app.route("/api/v1/audit", methods=["GET"])
     async def list_audit(self, request: IRequest) -> bytes:
         self._cors(request)
-        target = _arg(request, "target")
+        target = query_arg(request, "target")
         limit = _int_arg(request, "limit", 100, 1, 1000)
-        before = _arg(request, "before")
+        before = query_arg(request, "before")
         before_id = _int_arg(request, "before", 0, 1, 2**62) if before else None
         await self._authorize(request, self.scope_prefix + "audit:read")
         entries = await self.store.audit.list(target=target, before=before_id, limit=limit)
@@ -383,11 +373,11 @@ class Api:
         self._cors(request)
         flags = {}
         for name in ("active", "overdue"):
-            raw = (_arg(request, name) or "").lower()
+            raw = (query_arg(request, name) or "").lower()
             if raw not in ("", "true", "false", "1", "0"):
                 raise BadRequest(f"{name} must be true or false", code="invalid_query")
             flags[name] = None if raw == "" else raw in ("true", "1")
-        group, worker = _arg(request, "worker_group"), _arg(request, "worker_id")
+        group, worker = query_arg(request, "worker_group"), query_arg(request, "worker_id")
         if group is not None:
             _worker_id(group, "worker_group")
         if worker is not None:
@@ -416,13 +406,13 @@ class Api:
     async def list_machines(self, request: IRequest) -> bytes:
         self._cors(request)
         await self._authorize(request, self.scope_prefix + "machines:read")
-        group = _arg(request, "worker_group")
+        group = query_arg(request, "worker_group")
         if group is not None:
             _worker_id(group, "worker_group")
         limit = _int_arg(request, "limit", 100, 1, 1000)
         offset = _int_arg(request, "offset", 0, 0, 10**9)
         machines = await self.store.machines.list(
-            worker_group=group, pool=_arg(request, "pool"), q=_arg(request, "q"), limit=limit, offset=offset,
+            worker_group=group, pool=query_arg(request, "pool"), q=query_arg(request, "q"), limit=limit, offset=offset,
         )
         return _json(request, {"machines": [m.to_json() for m in machines], "offset": offset, "limit": limit})
 

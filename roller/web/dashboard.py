@@ -67,6 +67,7 @@ from roller.store.db import Cursor
 from roller.tasks import TaskRegistry
 from roller.web.events import EventHub
 from roller.web.fleet_html import RowCache, fleet_rows_html
+from roller.web.http import query_arg
 
 __all__ = [
     "CsrfError",
@@ -659,14 +660,8 @@ def _safe_next(value: str | None) -> str | None:
 
 
 def _arg(request: IRequest, name: str) -> str | None:
-    values = request.args.get(name.encode())
-    if not values:
-        return None
-    try:
-        value = values[-1].decode("utf-8").strip()
-    except UnicodeDecodeError:
-        raise BadRequest(f"the {name} parameter is not valid UTF-8", code="invalid_query") from None
-    return value or None
+    """A query parameter, stripped; None when missing or blank."""
+    return (query_arg(request, name) or "").strip() or None
 
 
 def _form(request: IRequest) -> dict[str, str]:

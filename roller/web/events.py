@@ -60,7 +60,7 @@ from zope.interface import implementer
 
 from roller.errors import RollerError
 from roller.jobs import Job, JobEvent, iso
-from roller.web.http import json_error
+from roller.web.http import json_error, query_arg
 
 __all__ = ["EventHub", "HubEvent", "EventStreamResource"]
 
@@ -479,13 +479,7 @@ class EventStreamResource(Resource):
     @staticmethod
     def _parse(request: IRequest) -> tuple[str | None, tuple[str, ...], str | None]:
         def arg(name: str) -> str | None:
-            values = request.args.get(name.encode())
-            if not values:
-                return None
-            try:
-                return values[-1].decode("utf-8")
-            except UnicodeDecodeError:
-                raise RollerError(f"{name} is not valid UTF-8", code="invalid_query") from None
+            return query_arg(request, name)
 
         job_id = arg("job") or None
         if job_id is not None and not _JOB_ID.fullmatch(job_id):

@@ -50,6 +50,8 @@ from twisted.logger import Logger
 from twisted.web import http, server
 from twisted.web.iweb import IRequest
 
+from roller.errors import BadRequest
+
 access_log = Logger(namespace="roller.access")
 
 
@@ -63,6 +65,20 @@ def _escape(value: bytes | str) -> str:
     return text.replace("\\'", "'").replace('"', '\\"')
 
 
+def query_arg(request: IRequest, name: str) -> Optional[str]:
+    """
+    The last value of query parameter C{name}, or None; L{BadRequest}
+    C{invalid_query} if it is not UTF-8.
+    """
+    values = request.args.get(name.encode())
+    if not values:
+        return None
+    try:
+        return values[-1].decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest(f"query parameter {name} is not valid UTF-8", code="invalid_query") from None
+
+
 __all__ = [
     "DEFAULT_MAX_BODY",
     "DEFAULT_MAX_URI",
@@ -71,6 +87,7 @@ __all__ = [
     "RollerSite",
     "json_error",
     "json_error_body",
+    "query_arg",
     "send_json_error",
 ]
 
