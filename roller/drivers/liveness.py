@@ -49,6 +49,8 @@ __all__ = [
     "LivenessResult",
     "TcpConnect",
     "CHILD_ENV",
+    "LineCallback",
+    "call_on_line",
     "liveness_for",
     "validate_address",
 ]
@@ -189,7 +191,7 @@ def _display(address: str, port: int) -> str:
     return f"{address}:{port}"
 
 
-def _call_on_line(on_line: Optional[LineCallback], line: str) -> None:
+def call_on_line(on_line: Optional[LineCallback], line: str) -> None:
     """
     Hand one line to the caller's callback; its exceptions are logged, never
     allowed to break the check.
@@ -279,7 +281,7 @@ class _PingProtocol(ProcessProtocol):
         self.lines.append(line)
         if childFD == 2:
             self.stderr_lines.append(line)
-        _call_on_line(self.on_line, line)
+        call_on_line(self.on_line, line)
 
     def processEnded(self, reason: Failure) -> None:
         for childFD, rest in sorted(self._partial.items()):
@@ -521,7 +523,7 @@ class TcpConnect:
 
         def say(line: str) -> None:
             lines.append(line)
-            _call_on_line(self.on_line, line)
+            call_on_line(self.on_line, line)
 
         cancelled = False
 

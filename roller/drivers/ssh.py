@@ -96,7 +96,7 @@ from __future__ import annotations
 import os
 import struct
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from attrs import field, frozen
 from twisted.conch.client.knownhosts import KnownHostsFile
@@ -122,7 +122,7 @@ from roller.drivers.known_hosts import (
     fingerprint,
     host_name,
 )
-from roller.drivers.liveness import validate_address
+from roller.drivers.liveness import LineCallback, call_on_line, validate_address
 from roller.secrets import UnknownCredential
 
 log = Logger()
@@ -157,8 +157,6 @@ MAX_OUTPUT = 1024 * 1024
 
 #: A partial line longer than this is delivered as a line of its own.
 MAX_LINE = 64 * 1024
-
-LineCallback = Callable[[str], object]
 
 
 # ---------------------------------------------------------------- errors
@@ -451,15 +449,6 @@ class IRemoteShell(Interface):
 # ---------------------------------------------------------------- the shell
 
 
-def _call_on_line(on_line: Optional[LineCallback], line: str) -> None:
-    if on_line is None:
-        return
-    try:
-        on_line(line)
-    except Exception:
-        log.failure("on_line callback failed for {line!r}", line=line)
-
-
 class _Stream:
     """One output stream: the bytes kept and the line splitting."""
 
@@ -487,10 +476,10 @@ class _Stream:
             self._partial = b""
         if self.truncated:
             self.flush()
-            _call_on_line(self._on_line, f"[roller: output beyond {MAX_OUTPUT} bytes dropped]")
+            call_on_line(self._on_line, f"[roller: output beyond {MAX_OUTPUT} bytes dropped]")
 
     def _emit(self, raw: bytes) -> None:
-        _call_on_line(self._on_line, raw.rstrip(b"\r").decode("utf-8", "replace"))
+        call_on_line(self._on_line, raw.rstrip(b"\r").decode("utf-8", "replace"))
 
     def flush(self) -> None:
         if self._partial:
