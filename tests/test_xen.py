@@ -344,6 +344,15 @@ def test_xen_target():
 # ---------------------------------------------------------------- the task
 
 
+def _settings(**changes: Any) -> Any:
+    """roller's defaults with C{changes}."""
+    from attrs import evolve
+
+    from roller.config import load_settings
+
+    return evolve(load_settings(None, {}, {}), **changes)
+
+
 def _context(machine: Machine, settings: Any, drivers: Any = None):
     events: list[str] = []
     job = Job(id="j", task_name="xenapi_reboot", worker_id=machine.worker_id,
@@ -356,7 +365,7 @@ def _context(machine: Machine, settings: Any, drivers: Any = None):
 @pytest_twisted.ensureDeferred
 async def test_xenapi_reboot_task_with_pool_from_settings(fake):
     fake.add_vm(VM)
-    settings = SimpleNamespace(xen_url=fake.url, xen_credential="xen-pool", xen_start_delay=0.0)
+    settings = _settings(xen_url=fake.url, xen_credential="xen-pool", xen_start_delay=0.0)
     ctx, events = _context(_machine(vm_uuid=VM), settings)
     result = await xen_task.TASK.run(ctx, {})
     assert result == f"xenapi reboot: VM {VM} clean shutdown; started (Running)"
@@ -367,7 +376,7 @@ async def test_xenapi_reboot_task_with_pool_from_settings(fake):
 @pytest_twisted.ensureDeferred
 async def test_xenapi_reboot_task_failures_are_readable(fake):
     fake.add_vm(VM)
-    settings = SimpleNamespace(xen_url=fake.url, xen_credential="xen-pool")
+    settings = _settings(xen_url=fake.url, xen_credential="xen-pool")
     fake.users["root"] = "changed"
     ctx, _ = _context(_machine(vm_uuid=VM), settings, SimpleNamespace(xen=_driver()))
     with pytest.raises(TaskFailed, match="XenAPI error: SESSION_AUTHENTICATION_FAILED root") as info:
@@ -378,7 +387,7 @@ async def test_xenapi_reboot_task_failures_are_readable(fake):
     assert xen_task.not_applicable(ctx.machine) == "the machine has no xen settings"
     with pytest.raises(TaskFailed, match="cannot reboot through XenAPI: the machine has no xen settings"):
         await xen_task.TASK.run(ctx, {})
-    ctx, _ = _context(_machine(vm_uuid=VM), SimpleNamespace())
+    ctx, _ = _context(_machine(vm_uuid=VM), _settings())
     with pytest.raises(TaskFailed, match="no XenAPI pool URL"):
         await xen_task.TASK.run(ctx, {})
 
@@ -415,9 +424,9 @@ async def test_reboot_task_escalates_to_xenapi(fake):
 
     fake.add_vm(VM)
     liveness = _Liveness()
-    settings = SimpleNamespace(xen_url=fake.url, xen_credential="xen-pool", xen_start_delay=0.0,
-                               reboot_methods=("ssh_reboot", "xenapi_reboot"), reboot_poll_interval=0.05,
-                               reboot_down_timeout=5.0, reboot_up_timeout=5.0)
+    settings = _settings(xen_url=fake.url, xen_credential="xen-pool", xen_start_delay=0.0,
+                         reboot_methods=("ssh_reboot", "xenapi_reboot"), reboot_poll_interval=0.05,
+                         reboot_down_timeout=5.0, reboot_up_timeout=5.0)
     ctx, events = _context(_machine(vm_uuid=VM), settings, SimpleNamespace(liveness=lambda m: liveness))
     result = await reboot.run(ctx, {})
     assert result.startswith(f"xenapi_reboot: xenapi reboot: VM {VM} clean shutdown; started (Running)")

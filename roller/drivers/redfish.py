@@ -1292,3 +1292,11 @@ class RedfishPower:
     def set_boot_device(self, device: str = "pxe", efi: bool = False) -> "Deferred[str]":
         """A one-time boot override (C{pxe} by default), read back; L{PowerError} on failure."""
         return self.driver.set_boot_device(self.target, device, efi, self.on_progress).addErrback(_translate)
+
+
+def redfish_from_settings(reactor: Any, settings: Any) -> RedfishDriver:
+    """The L{RedfishDriver} configured by the C{redfish.*} settings (see L{roller.config})."""
+    return RedfishDriver(reactor, request_timeout=settings.redfish_request_timeout,
+                         power_timeout=settings.redfish_power_timeout,
+                         poll_interval=settings.redfish_poll_interval,
+                         default_credential=settings.redfish_credential or None)

@@ -35,19 +35,11 @@ def make_drivers(reactor: Any, settings: Any) -> Drivers:
             return liveness_for("tcp", reactor, port=machine.liveness.port, timeout=3.0)
         return liveness_for("icmp", reactor, count=1, timeout=3.0)
 
-    from roller.drivers.redfish import RedfishDriver
-    from roller.drivers.xen import XenApiDriver
-
-    redfish = RedfishDriver(reactor, request_timeout=settings.redfish_request_timeout,
-                            power_timeout=settings.redfish_power_timeout,
-                            poll_interval=settings.redfish_poll_interval,
-                            default_credential=settings.redfish_credential or None)
-    xen = XenApiDriver(reactor, timeout=settings.xen_timeout, shutdown_timeout=settings.xen_shutdown_timeout,
-                       start_delay=settings.xen_start_delay, default_url=settings.xen_url or None,
-                       default_credential=settings.xen_credential or None,
-                       ca_file=settings.xen_ca_file or None, verify_tls=settings.xen_verify_tls)
     from roller.drivers.ipmi import ipmitool_from_settings
+    from roller.drivers.redfish import redfish_from_settings
     from roller.drivers.snmp import make_pdus
+    from roller.drivers.xen import xen_from_settings
 
     return Drivers(shell=shell, liveness=liveness, ipmi=ipmitool_from_settings(reactor, settings),
-                   pdus=make_pdus(reactor, settings), redfish=redfish, xen=xen)
+                   pdus=make_pdus(reactor, settings), redfish=redfish_from_settings(reactor, settings),
+                   xen=xen_from_settings(reactor, settings))

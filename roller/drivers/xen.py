@@ -636,3 +636,11 @@ class XenPower:
             return fail(ValueError(f"off_for must be a non-negative number of seconds, not {off_for!r}"))
         return self.driver.power(self.target, "reset", self.on_progress, off_for=float(off_for)).addCallbacks(
             self._result, _translate)
+
+
+def xen_from_settings(reactor: Any, settings: Any) -> XenApiDriver:
+    """The L{XenApiDriver} configured by the C{xen.*} settings (see L{roller.config})."""
+    return XenApiDriver(reactor, timeout=settings.xen_timeout, shutdown_timeout=settings.xen_shutdown_timeout,
+                        start_delay=settings.xen_start_delay, default_url=settings.xen_url or None,
+                        default_credential=settings.xen_credential or None,
+                        ca_file=settings.xen_ca_file or None, verify_tls=settings.xen_verify_tls)

@@ -22,34 +22,23 @@ from __future__ import annotations
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
-from roller.drivers.redfish import RedfishDriver, RedfishError, RedfishTarget, redfish_target
+from roller.drivers.redfish import RedfishDriver, RedfishError, RedfishTarget, redfish_from_settings, redfish_target
 from roller.tasks.base import Param, TaskContext, TaskFailed, TaskSpec
 
 ACTIONS = ("status", "on", "off", "graceful_off", "cycle", "reset", "pxe")
 
 
-def _setting(settings: Any, name: str, default: Any) -> Any:
-    value = getattr(settings, name, None)
-    return default if value is None else value
-
-
 def driver(ctx: TaskContext) -> RedfishDriver:
     """The process's Redfish driver (C{ctx.drivers.redfish}), else one built from the settings."""
     existing = getattr(ctx.drivers, "redfish", None)
-    if existing is not None:
-        return existing
-    s = ctx.settings
-    return RedfishDriver(ctx.reactor,
-                         request_timeout=_setting(s, "redfish_request_timeout", 20.0),
-                         power_timeout=_setting(s, "redfish_power_timeout", 120.0),
-                         poll_interval=_setting(s, "redfish_poll_interval", 2.0))
+    return existing if existing is not None else redfish_from_settings(ctx.reactor, ctx.settings)
 
 
 def target(ctx: TaskContext) -> RedfishTarget:
     """The machine's L{RedfishTarget}; L{TaskFailed} if it cannot be built."""
     try:
         return redfish_target(ctx.machine, ctx.secrets,
-                              default_credential=_setting(ctx.settings, "redfish_credential", "") or None)
+                              default_credential=ctx.settings.redfish_credential or None)
     except RedfishError as e:
         raise TaskFailed(str(e)) from None
 

@@ -22,36 +22,23 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from roller.drivers.xen import XenApiDriver, XenError, XenTarget, xen_target
+from roller.drivers.xen import XenApiDriver, XenError, XenTarget, xen_from_settings, xen_target
 from roller.tasks.base import TaskContext, TaskFailed, TaskSpec
-
-
-def _setting(settings: Any, name: str, default: Any) -> Any:
-    value = getattr(settings, name, None)
-    return default if value is None else value
 
 
 def driver(ctx: TaskContext) -> XenApiDriver:
     """The process's XenAPI driver (C{ctx.drivers.xen}), else one built from the settings."""
     existing = getattr(ctx.drivers, "xen", None)
-    if existing is not None:
-        return existing
-    s = ctx.settings
-    return XenApiDriver(ctx.reactor,
-                        timeout=_setting(s, "xen_timeout", 30.0),
-                        shutdown_timeout=_setting(s, "xen_shutdown_timeout", 120.0),
-                        start_delay=_setting(s, "xen_start_delay", 5.0))
+    return existing if existing is not None else xen_from_settings(ctx.reactor, ctx.settings)
 
 
 def target(ctx: TaskContext) -> XenTarget:
     """The machine's L{XenTarget}; L{TaskFailed} if it cannot be built."""
     s = ctx.settings
     try:
-        return xen_target(ctx.machine, ctx.secrets,
-                          default_url=_setting(s, "xen_url", "") or None,
-                          default_credential=_setting(s, "xen_credential", "") or None,
-                          ca_file=_setting(s, "xen_ca_file", "") or None,
-                          verify_tls=_setting(s, "xen_verify_tls", True))
+        return xen_target(ctx.machine, ctx.secrets, default_url=s.xen_url or None,
+                          default_credential=s.xen_credential or None, ca_file=s.xen_ca_file or None,
+                          verify_tls=s.xen_verify_tls)
     except XenError as e:
         raise TaskFailed(str(e)) from None
 
