@@ -384,25 +384,25 @@ class _Request:
         if handle is not None:
             self.client._abandon(handle)
 
-    def _cancel(self, d: Deferred) -> None:
+    def _finish(self) -> bool:
+        """Mark the request done and stop its timer; False if it already was."""
         if self.finished:
-            return
+            return False
         self.finished = True
         if self.timer is not None and self.timer.active():
             self.timer.cancel()
         self.timer = None
-        self._release()
+        return True
+
+    def _cancel(self, d: Deferred) -> None:
+        if self._finish():
+            self._release()
 
     # -- completion
 
     def _fail(self, error: Exception) -> None:
-        if self.finished:
-            return
-        self.finished = True
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
-        self.timer = None
-        self.deferred.errback(error)
+        if self._finish():
+            self.deferred.errback(error)
 
     def on_response(self, snmpEngine: Any, sendRequestHandle: int, errorIndication: Any,
                     errorStatus: Any, errorIndex: Any, varBinds: Any, cbCtx: Any) -> None:
@@ -443,11 +443,8 @@ class _Request:
                     t.host, t.port, oid=oid, kind=kind))
                 return
             result.append(VarBind(oid, _py_value(value)))
-        self.finished = True
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
-        self.timer = None
-        self.deferred.callback(result)
+        if self._finish():
+            self.deferred.callback(result)
 
 
 _STATUS_HINTS = {
