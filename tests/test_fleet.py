@@ -37,6 +37,7 @@ from twisted.python.filepath import FilePath
 from roller.inventory import Machine
 from roller.secrets import load_secrets
 from roller.testing.fleet import Fleet, PowerState, SimulatedMachine, fleet_addresses, generate_key
+from roller.testing.process import read_until
 
 
 def reactor():
@@ -555,16 +556,7 @@ def test_main_runs_until_sigterm(tmp_path):
          str(tmp_path), "--ssh-port", str(port), "--down-for", "10", "--hang", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
     try:
-        lines = []
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            line = child.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if "Ctrl-C to stop" in line:
-                break
-        output = "".join(lines)
+        output = read_until(child.stdout, "Ctrl-C to stop")
         assert "Ctrl-C to stop" in output, output
         assert "sim-003=hang" in output
         inventory = json.loads((tmp_path / "inventory.json").read_text())

@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from base64 import b64encode
 from typing import Any
@@ -30,6 +29,7 @@ from roller.inventory import Machine
 from roller.secrets import load_secrets
 from roller.testing import ipmisim
 from roller.testing.fleet import PowerState, fleet_addresses
+from roller.testing.process import read_until
 from roller.testing.redfish_sim import RESET_TYPES, RedfishBmc
 
 PASSWORD = "bmc-pw-123"
@@ -161,16 +161,7 @@ def test_main_serves_ipmi_and_redfish_bmcs(tmp_path):
          str(tmp_path), "--ssh-port", str(free_port(addrs)), "--ipmi", "1", "--redfish", "2", "--redfish-port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
     try:
-        lines = []
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            line = child.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if "Ctrl-C to stop" in line:
-                break
-        output = "".join(lines)
+        output = read_until(child.stdout, "Ctrl-C to stop")
         assert "Ctrl-C to stop" in output, output
         assert "ipmi          sim-001: 127.0.0.1 udp port" in output
         inventory = [Machine.from_json(d) for d in json.loads((tmp_path / "inventory.json").read_text())]

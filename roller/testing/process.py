@@ -135,6 +135,24 @@ def wait_for(
         time.sleep(interval)
 
 
+def read_until(stream: Any, marker: str, timeout: float = 15.0) -> str:
+    """
+    The lines of a child's text C{stream} up to the first holding C{marker}
+    (or its end, or C{timeout} seconds): all of them, for the caller to
+    check.
+    """
+    lines = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = stream.readline()
+        if not line:
+            break
+        lines.append(line)
+        if marker in line:
+            break
+    return "".join(lines)
+
+
 class Response:
     """An HTTP answer: C{status}, C{headers} (case-insensitive), C{body}."""
 
