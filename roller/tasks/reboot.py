@@ -26,7 +26,7 @@ from roller.tasks import redfish as redfish_task
 from roller.tasks import ssh_reboot
 from roller.tasks import xen as xen_task
 from roller.tasks.base import Param, TaskContext, TaskFailed, TaskSpec
-from roller.tasks.verify import wait_for_state
+from roller.tasks.verify import wait_down_then_up
 
 
 @frozen
@@ -106,21 +106,12 @@ async def run(ctx: TaskContext, params: Mapping[str, Any]) -> str:
         except TaskFailed as e:
             record(Attempt(name, "failed", str(e)))
             continue
-        ctx.log(f"{name}: {detail}; waiting for down (up to {s.reboot_down_timeout:g} s)",
-                method=name, step="waiting_for_down")
-        down = await wait_for_state(ctx, checker, address, alive=False,
-                                    timeout=s.reboot_down_timeout, interval=s.reboot_poll_interval)
-        if down is None:
-            record(Attempt(name, "failed", f"{detail}, but the host did not go down within "
-                                            f"{s.reboot_down_timeout:g} s"))
-            continue
-        ctx.log(f"down after {down:.0f} s; waiting for up (up to {s.reboot_up_timeout:g} s)",
-                method=name, step="waiting_for_up")
-        up = await wait_for_state(ctx, checker, address, alive=True,
-                                  timeout=s.reboot_up_timeout, interval=s.reboot_poll_interval)
-        if up is None:
-            record(Attempt(name, "failed", f"{detail}; down after {down:.0f} s but not up again within "
-                                            f"{s.reboot_up_timeout:g} s"))
+        try:
+            down, up = await wait_down_then_up(
+                ctx, checker, address, detail,
+                f"{name}: {detail}; waiting for down (up to {s.reboot_down_timeout:g} s)", method=name)
+        except TaskFailed as e:
+            record(Attempt(name, "failed", str(e)))
             continue
         ctx.log(f"up after {up:.0f} s", method=name, step="up")
         record(Attempt(name, "succeeded", f"down after {down:.0f} s, up after {up:.0f} s"))

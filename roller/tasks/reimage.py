@@ -16,7 +16,7 @@ from roller.drivers.redfish import RedfishError
 from roller.tasks import ipmi as ipmi_task
 from roller.tasks import redfish as redfish_task
 from roller.tasks.base import Param, TaskContext, TaskFailed, TaskSpec
-from roller.tasks.verify import wait_for_state
+from roller.tasks.verify import wait_down_then_up
 
 
 def _via(machine: Any) -> str:
@@ -56,19 +56,9 @@ async def run(ctx: TaskContext, params: Mapping[str, Any]) -> str:
     address = machine.address
     if address is None:
         return f"{via}: PXE boot set and {detail}; not verified (the machine has no ip or fqdn)"
-    checker = ctx.drivers.liveness(machine)
-    ctx.log(f"step 3/3: waiting for down (up to {s.reboot_down_timeout:g} s)", step="waiting_for_down")
-    down = await wait_for_state(ctx, checker, address, alive=False, timeout=s.reboot_down_timeout,
-                                interval=s.reboot_poll_interval)
-    if down is None:
-        raise TaskFailed(f"{via}: PXE boot set and {detail}, but the host did not go down within "
-                         f"{s.reboot_down_timeout:g} s")
-    ctx.log(f"down after {down:.0f} s; waiting for up (up to {s.reboot_up_timeout:g} s)", step="waiting_for_up")
-    up = await wait_for_state(ctx, checker, address, alive=True, timeout=s.reboot_up_timeout,
-                              interval=s.reboot_poll_interval)
-    if up is None:
-        raise TaskFailed(f"{via}: PXE boot set and {detail}; down after {down:.0f} s but not up again within "
-                         f"{s.reboot_up_timeout:g} s")
+    down, up = await wait_down_then_up(ctx, ctx.drivers.liveness(machine), address,
+                                       f"{via}: PXE boot set and {detail}",
+                                       f"step 3/3: waiting for down (up to {s.reboot_down_timeout:g} s)")
     return (f"{via}: PXE boot set and {detail}; down after {down:.0f} s, up after {up:.0f} s. "
             f"Completed in {ctx.reactor.seconds() - started:.0f} seconds")
 

@@ -11,6 +11,7 @@ from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.task import deferLater
 
 from roller.drivers.liveness import LivenessError
+from roller.tasks.base import TaskFailed
 
 
 async def wait_for_state(ctx: Any, checker: Any, address: str, *, alive: bool, timeout: float,
@@ -35,3 +36,29 @@ async def wait_for_state(ctx: Any, checker: Any, address: str, *, alive: bool, t
         if now >= deadline:
             return None
         await deferLater(clock, min(interval, max(deadline - now, 0.0)), lambda: None)
+
+
+async def wait_down_then_up(ctx: Any, checker: Any, address: str, what: str, waiting: str,
+                            **fields: Any) -> tuple[float, float]:
+    """
+    After C{what} was done to the machine: log C{waiting}, wait for it to
+    go down within C{reboot.down_timeout}, then to come back within
+    C{reboot.up_timeout} (polled every C{reboot.poll_interval}); the
+    seconds each took.  Each step is logged with C{fields}.
+
+    @raise TaskFailed: It did not go down, or not up again, in time; the
+        message starts with C{what}.
+    """
+    s = ctx.settings
+    ctx.log(waiting, step="waiting_for_down", **fields)
+    down = await wait_for_state(ctx, checker, address, alive=False, timeout=s.reboot_down_timeout,
+                                interval=s.reboot_poll_interval)
+    if down is None:
+        raise TaskFailed(f"{what}, but the host did not go down within {s.reboot_down_timeout:g} s")
+    ctx.log(f"down after {down:.0f} s; waiting for up (up to {s.reboot_up_timeout:g} s)",
+            step="waiting_for_up", **fields)
+    up = await wait_for_state(ctx, checker, address, alive=True, timeout=s.reboot_up_timeout,
+                              interval=s.reboot_poll_interval)
+    if up is None:
+        raise TaskFailed(f"{what}; down after {down:.0f} s but not up again within {s.reboot_up_timeout:g} s")
+    return down, up
