@@ -126,6 +126,21 @@ class UnknownCredential(KeyError):
         return f"unknown credential {self.name!r}{where}"
 
 
+def _check_table(section: str, name: str, what: str, table: Any, key: str, missing: str) -> None:
+    """
+    C{[section.name]} must be a table holding C{key}; a table of tables is
+    an unquoted dotted name, which the message says how to write.
+    """
+    where = f"{section}.{name}"
+    if not isinstance(table, Mapping):
+        raise ValidationError(where, f"must be a table, got {_typename(table)}")
+    if key not in table:
+        if table and all(isinstance(v, Mapping) for v in table.values()):
+            raise ValidationError(where, f"has no {key}; {what} containing dots must be quoted, "
+                                  f'e.g. [{section}."{name}.{next(iter(table))}"]')
+        raise ValidationError(f"{where}.{key}", missing)
+
+
 class CredentialConflict(SecretsError):
     """
     L{Secrets.merged} was asked to replace credentials with different values.
@@ -210,13 +225,7 @@ class Credential:
         @raise ValidationError: unknown keys, a missing or ill-typed field.
         """
         where = f"credentials.{name}"
-        if not isinstance(table, Mapping):
-            raise ValidationError(where, f"must be a table, got {_typename(table)}")
-        if "type" not in table:
-            if table and all(isinstance(v, Mapping) for v in table.values()):
-                raise ValidationError(where, "has no type; a name containing dots must be quoted, "
-                                      f'e.g. [credentials."{name}.{next(iter(table))}"]')
-            raise ValidationError(f"{where}.type", f"is required (one of {', '.join(KINDS)})")
+        _check_table("credentials", name, "a name", table, "type", f"is required (one of {', '.join(KINDS)})")
         kind = table["type"]
         if not isinstance(kind, str):
             raise ValidationError(f"{where}.type", f"must be a string, got {_typename(kind)}")
@@ -295,13 +304,7 @@ class HawkClient:
         @raise ValidationError: unknown keys, a missing or ill-typed field.
         """
         where = f"clients.{client_id}"
-        if not isinstance(table, Mapping):
-            raise ValidationError(where, f"must be a table, got {_typename(table)}")
-        if "access_token" not in table:
-            if table and all(isinstance(v, Mapping) for v in table.values()):
-                raise ValidationError(where, "has no access_token; a client id containing dots must be "
-                                      f'quoted, e.g. [clients."{client_id}.{next(iter(table))}"]')
-            raise ValidationError(f"{where}.access_token", "is required")
+        _check_table("clients", client_id, "a client id", table, "access_token", "is required")
         unknown = sorted(set(table) - set(_CLIENT_KEYS))
         if unknown:
             raise ValidationError(where, f"unknown key(s): {', '.join(unknown)} (expected "
