@@ -553,6 +553,16 @@ def _read_all(fd: int) -> bytes:
     return b"".join(chunks)
 
 
+def merge_into_secrets_file(path: str | os.PathLike, credentials: Mapping[str, Credential]) -> None:
+    """
+    Add C{credentials} to the secrets file at C{path} and write it back
+    atomically (L{Secrets.merged}: a name already there with other values
+    is a L{CredentialConflict}).  Blocking (it fsyncs): call it in a thread
+    from the reactor.
+    """
+    write_secrets(path, load_secrets(path).merged(credentials))
+
+
 def write_secrets(path: str | os.PathLike, secrets: Secrets | Mapping[str, Credential]) -> None:
     """
     Write C{secrets} to C{path} atomically, mode 0600.

@@ -174,7 +174,8 @@ class RollerService(MultiService):
             self.store, self.queue, tasks, s.allowed_tasks, clock=self.reactor, hub=self.hub,
             auth=dashboard_auth, scope_prefix=s.scope_prefix, trusted_proxies=s.trusted_proxies,
         )
-        admin = InventoryAdmin(dashboard, self.store, secrets_file=s.secrets_file)
+        admin = InventoryAdmin(dashboard, self.store, secrets_file=s.secrets_file,
+                               threadpool=self.reactor.getThreadPool())
         site = RollerSite(root_resource(api, dashboard, self.hub, admin=admin), max_body=s.max_body,
                           reactor=self.reactor)
         site.noisy = False

@@ -28,11 +28,13 @@ import json
 import re
 from email.parser import BytesParser
 from email.policy import HTTP
+from functools import partial
 from typing import Any
 from urllib.parse import urlencode
 
 from attrs import define, field
 from klein import Klein
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
@@ -42,7 +44,7 @@ from roller.auth.hawk import client_ip
 from roller.errors import BadRequest, Conflict, Forbidden, NotFound, RollerError, ValidationError
 from roller.inventory import PDU_MODELS, Machine
 from roller.legacy_import import DEFAULT_GROUP, plan_import
-from roller.secrets import SecretsError, load_secrets, write_secrets
+from roller.secrets import SecretsError, merge_into_secrets_file
 from roller.store import AuditEntry, Store
 from roller.web.dashboard import Dashboard, Viewer, _form, machine_url
 
@@ -180,6 +182,9 @@ class InventoryAdmin:
     dashboard: Dashboard
     store: Store
     secrets_file: str | None = field(default=None, kw_only=True)
+    #: where the secrets file is rewritten (it is fsynced), off the reactor
+    #: thread; None: in the calling thread
+    threadpool: Any = field(default=None, kw_only=True)
 
     app = Klein()
 
@@ -351,8 +356,12 @@ class InventoryAdmin:
                 if not self.secrets_file:
                     return again("This file brings credentials, and this roller has no secrets file to put "
                                  "them in; use `roller import` on the roller host.")
+                merge = partial(merge_into_secrets_file, self.secrets_file, plan.credentials)
                 try:
-                    write_secrets(self.secrets_file, load_secrets(self.secrets_file).merged(plan.credentials))
+                    if self.threadpool is None:
+                        merge()
+                    else:
+                        await deferToThreadPool(self.dashboard.clock, self.threadpool, merge)
                 except SecretsError as e:
                     return again(f"The credentials could not be merged into the secrets file: {e}")
             await self.store.machines.put_many(list(plan.machines()))
