@@ -47,6 +47,7 @@ from roller.jobs import Job
 from roller.secrets import Credential, Secrets
 from roller.tasks import TaskContext, TaskFailed
 from roller.tasks import ipmi as ipmi_tasks
+from roller.testing.syncdb import result_of
 
 PASSWORD = "Sup3r-s3cret!"
 
@@ -139,15 +140,6 @@ class FakeProcessReactor(MemoryReactorClock):
         return child
 
 
-def result(d: Deferred) -> Any:
-    out: list = []
-    d.addBoth(out.append)
-    assert out, "the Deferred has not fired"
-    if isinstance(out[0], Failure):
-        out[0].raiseException()
-    return out[0]
-
-
 def failure(d: Deferred, *types: type) -> Any:
     out: list = []
     d.addBoth(out.append)
@@ -218,7 +210,7 @@ def test_argv_exactly_and_password_only_in_env(reactor, fake_ipmitool):
     assert child.stdin_closed
     no_password(*child.args)
     child.finish(0, "Chassis Power is on\n")
-    assert result(d) == "on"
+    assert result_of(d) == "on"
 
 
 def test_argv_lan_bridge_and_options_off(reactor, fake_ipmitool):
@@ -406,7 +398,7 @@ def test_transient_then_success_is_retried_with_back_off(reactor, fake_ipmitool)
     reactor.advance(0.1)
     assert len(reactor.children) == 2
     reactor.children[1].finish(0, "Chassis Power is on\n")
-    r = result(d)
+    r = result_of(d)
     assert r.attempts == 2 and r.stdout == "Chassis Power is on\n"
 
 
@@ -442,7 +434,7 @@ def test_unanswered_session_is_retried_even_for_cycle(reactor, fake_ipmitool):
     reactor.children[0].finish(1, stderr=NO_ANSWER)
     reactor.advance(2)
     reactor.children[1].finish(0, "Chassis Power Control: Cycle\n")
-    assert result(d) == "BMC 10.0.0.1:623: Chassis Power Control: Cycle"
+    assert result_of(d) == "BMC 10.0.0.1:623: Chassis Power Control: Cycle"
 
 
 def test_unanswered_gives_up_with_readable_error(reactor, fake_ipmitool):
@@ -503,7 +495,7 @@ def test_busy_cycle_is_repeated(reactor, fake_ipmitool):
     reactor.children[0].finish(1, stderr=BUSY)
     reactor.advance(2.0)
     reactor.children[1].finish(0, "Chassis Power Control: Cycle\n")
-    assert "Cycle" in result(d)
+    assert "Cycle" in result_of(d)
 
 
 def test_cancel_kills_child_and_frees_the_bmc(reactor, fake_ipmitool):
@@ -523,7 +515,7 @@ def test_cancel_kills_child_and_frees_the_bmc(reactor, fake_ipmitool):
     reactor.advance(0.1)
     assert len(reactor.children) == 2
     reactor.children[1].finish(0, "Chassis Power is off\n")
-    assert result(second) == "off"
+    assert result_of(second) == "off"
     assert not tool.busy(t)
 
 
@@ -545,11 +537,11 @@ def test_cancel_while_waiting_in_line_never_spawns(reactor, fake_ipmitool):
     waiting.cancel()
     failure(waiting, CancelledError)
     reactor.children[0].finish(0, "Chassis Power is on\n")
-    assert result(first) == "on"
+    assert result_of(first) == "on"
     reactor.advance(5.0)
     assert len(reactor.children) == 2  # the third, not the cancelled second
     reactor.children[1].finish(0, "Chassis Power is on\n")
-    assert result(third) == "on"
+    assert result_of(third) == "on"
 
 
 def test_cancel_during_interval_wait(reactor, fake_ipmitool):
@@ -567,7 +559,7 @@ def test_cancel_during_interval_wait(reactor, fake_ipmitool):
     reactor.advance(3.0)
     assert len(reactor.children) == 2
     reactor.children[1].finish(0, "Chassis Power is on\n")
-    assert result(d2) == "on"
+    assert result_of(d2) == "on"
 
 
 def test_cancel_during_back_off(reactor, fake_ipmitool):
@@ -591,15 +583,15 @@ def test_min_interval_between_commands_to_one_bmc(reactor, fake_ipmitool):
     assert reactor.children[1].args[4] == "10.0.0.2"
     reactor.advance(3.0)
     reactor.children[0].finish(0, "Chassis Power is on\n")
-    assert result(a) == "on"
+    assert result_of(a) == "on"
     reactor.advance(4.9)
     assert len(reactor.children) == 2
     reactor.advance(0.1)  # 5 s after the end of the first, not its start
     assert len(reactor.children) == 3
     reactor.children[2].finish(0, "Chassis Power is off\n")
-    assert result(b) == "off"
+    assert result_of(b) == "off"
     reactor.children[1].finish(0, "Chassis Power is on\n")
-    assert result(other) == "on"
+    assert result_of(other) == "on"
 
 
 def test_bridged_targets_share_the_chassis_bmc(reactor, fake_ipmitool):
@@ -621,7 +613,7 @@ def test_retry_waits_for_interval_too(reactor, fake_ipmitool):
     reactor.advance(4.0)
     assert len(reactor.children) == 2
     reactor.children[1].finish(0, "Chassis Power is on\n")
-    assert result(d) == "on"
+    assert result_of(d) == "on"
 
 
 # ------------------------------------------------------------ operations
@@ -654,7 +646,7 @@ def test_power_on_reads_back(reactor, fake_ipmitool):
         "chassis power status": [(0, "Chassis Power is off\n", ""), (0, "Chassis Power is on\n", "")],
     })
     assert commands == ["chassis power on", "chassis power status", "chassis power status"]
-    assert result(d) == "BMC 10.0.0.1:623: Chassis Power Control: Up/On; power is on (read back after 2 s)"
+    assert result_of(d) == "BMC 10.0.0.1:623: Chassis Power Control: Up/On; power is on (read back after 2 s)"
     assert events.messages()[0] == "ipmi 10.0.0.1:623: chassis power on"
     assert events.messages()[-1] == "ipmi 10.0.0.1:623: chassis power is on"
     no_password(events)
@@ -680,7 +672,7 @@ def test_cycle_accepts_on_after_off(reactor, fake_ipmitool):
         "chassis power cycle": [(0, "Chassis Power Control: Cycle\n", "")],
         "chassis power status": [(0, "Chassis Power is off\n", "")] * 3 + [(0, "Chassis Power is on\n", "")],
     })
-    assert result(d).startswith("BMC 10.0.0.1:623: Chassis Power Control: Cycle; power is on")
+    assert result_of(d).startswith("BMC 10.0.0.1:623: Chassis Power Control: Cycle; power is on")
 
 
 def test_read_back_survives_a_silent_moment(reactor, fake_ipmitool):
@@ -691,7 +683,7 @@ def test_read_back_survives_a_silent_moment(reactor, fake_ipmitool):
         "chassis power reset": [(0, "Chassis Power Control: Reset\n", "")],
         "chassis power status": [(1, "", NO_ANSWER), (0, "Chassis Power is on\n", "")],
     })
-    assert "power is on" in result(d)
+    assert "power is on" in result_of(d)
     assert any("cannot read the power state yet" in m for m in events.messages())
 
 
@@ -715,11 +707,11 @@ def test_sel_list_and_bootdev(reactor, fake_ipmitool):
     child = reactor.children[0]
     assert child.command == ["sel", "list", "last", "15"]
     child.finish(0, "   1 | Pre-Init | System Event | Asserted\n\n   2 | Pre-Init | Power Supply | Asserted\n")
-    assert result(d) == ["   1 | Pre-Init | System Event | Asserted", "   2 | Pre-Init | Power Supply | Asserted"]
+    assert result_of(d) == ["   1 | Pre-Init | System Event | Asserted", "   2 | Pre-Init | Power Supply | Asserted"]
     d = tool.set_boot_device(target(), "pxe", efi=True)
     assert reactor.children[1].command == ["chassis", "bootdev", "pxe", "options=efiboot"]
     reactor.children[1].finish(0, "Set Boot Device to pxe\n")
-    assert result(d) == "Set Boot Device to pxe"
+    assert result_of(d) == "Set Boot Device to pxe"
     tool.set_boot_device(target(), "pxe")
     assert reactor.children[2].command == ["chassis", "bootdev", "pxe"]
 
@@ -786,18 +778,18 @@ def test_power_driver(reactor, fake_ipmitool):
     no_password(repr(power), power.description)
     d = power.status()
     drive(reactor, {"chassis power status": [(0, "Chassis Power is off\n", "")]})
-    assert result(d) == PowerResult("off", "BMC 10.0.0.1:623: chassis power is off")
+    assert result_of(d) == PowerResult("off", "BMC 10.0.0.1:623: chassis power is off")
     d = power.cycle(3.0)
     commands = drive(reactor, {"chassis power off": [(0, "Chassis Power Control: Down/Off\n", "")],
                                "chassis power on": [(0, "Chassis Power Control: Up/On\n", "")],
                                "chassis power status": [(0, "Chassis Power is off\n", ""),
                                                         (0, "Chassis Power is on\n", "")]})
     assert commands == ["chassis power off", "chassis power status", "chassis power on", "chassis power status"]
-    assert result(d) == PowerResult("on", "BMC 10.0.0.1:623: cycled (off, 3 s, on), read back on")
+    assert result_of(d) == PowerResult("on", "BMC 10.0.0.1:623: cycled (off, 3 s, on), read back on")
     d = power.reset()
     drive(reactor, {"chassis power reset": [(0, "Chassis Power Control: Reset\n", "")],
                     "chassis power status": [(0, "Chassis Power is on\n", "")]})
-    assert result(d).state == "on"
+    assert result_of(d).state == "on"
     d = power.off()
     drive(reactor, {"chassis power off": [(1, "", WRONG_PASSWORD)]})
     e = failure(d, PowerError)
@@ -854,7 +846,7 @@ def test_task_status(reactor, fake_ipmitool):
     ctx, events = task_context(reactor, make_tool(reactor, fake_ipmitool))
     d = Deferred.fromCoroutine(spec("ipmi_status").run(ctx, {}))
     reactor.children[0].finish(0, "Chassis Power is off\n")
-    assert result(d) == "BMC 10.0.0.1:623: chassis power is off"
+    assert result_of(d) == "BMC 10.0.0.1:623: chassis power is off"
     assert events[-1] == ("chassis power is off", {"power": "off"})
 
 
@@ -883,11 +875,11 @@ def test_task_list(reactor, fake_ipmitool):
     ctx, events = task_context(reactor, make_tool(reactor, fake_ipmitool))
     d = Deferred.fromCoroutine(spec("ipmi_list").run(ctx, {"last": 15}))
     reactor.children[0].finish(0, "   1 | Pre-Init | System Event #0x01 | Asserted\n", "SEL has no entries\n")
-    assert result(d) == "BMC 10.0.0.1:623: 1 SEL entry:\n   1 | Pre-Init | System Event #0x01 | Asserted"
+    assert result_of(d) == "BMC 10.0.0.1:623: 1 SEL entry:\n   1 | Pre-Init | System Event #0x01 | Asserted"
     d = Deferred.fromCoroutine(spec("ipmi_list").run(ctx, {"last": 15}))
     reactor.advance(5)
     reactor.children[1].finish(0, "", "SEL has no entries\n")
-    assert result(d) == "BMC 10.0.0.1:623: the SEL has no entries"
+    assert result_of(d) == "BMC 10.0.0.1:623: the SEL has no entries"
 
 
 def test_task_pxe(reactor, fake_ipmitool):
@@ -895,7 +887,7 @@ def test_task_pxe(reactor, fake_ipmitool):
     d = Deferred.fromCoroutine(spec("ipmi_pxe").run(ctx, {"efi": True}))
     assert reactor.children[0].command == ["chassis", "bootdev", "pxe", "options=efiboot"]
     reactor.children[0].finish(0, "Set Boot Device to pxe\n")
-    assert result(d) == "BMC 10.0.0.1:623: Set Boot Device to pxe (EFI)"
+    assert result_of(d) == "BMC 10.0.0.1:623: Set Boot Device to pxe (EFI)"
 
 
 def test_task_cancel_kills_ipmitool(reactor, fake_ipmitool):
@@ -917,7 +909,7 @@ def test_reboot_methods(reactor, fake_ipmitool):
     commands = drive(reactor, {"chassis power status": [(0, "Chassis Power is on\n", "")],
                                "chassis power reset": [(0, "Chassis Power Control: Reset\n", "")]})
     assert commands == ["chassis power status", "chassis power reset"]
-    assert result(d) == "ipmi power reset sent: BMC 10.0.0.1:623: Chassis Power Control: Reset"
+    assert result_of(d) == "ipmi power reset sent: BMC 10.0.0.1:623: Chassis Power Control: Reset"
     # A machine that is off: reset fails at once, cycle powers it on.
     d = Deferred.fromCoroutine(ipmi_tasks.initiate_reset(ctx))
     drive(reactor, {"chassis power status": [(0, "Chassis Power is off\n", "")]})
@@ -927,5 +919,5 @@ def test_reboot_methods(reactor, fake_ipmitool):
                                                         (0, "Chassis Power is on\n", "")],
                                "chassis power on": [(0, "Chassis Power Control: Up/On\n", "")]})
     assert commands == ["chassis power status", "chassis power on", "chassis power status"]
-    assert result(d).startswith("ipmi power on (the machine was off): BMC 10.0.0.1:623: Chassis Power "
+    assert result_of(d).startswith("ipmi power on (the machine was off): BMC 10.0.0.1:623: Chassis Power "
                                 "Control: Up/On; power is on")
