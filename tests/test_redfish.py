@@ -48,6 +48,7 @@ from roller.jobs import Job
 from roller.secrets import Credential, Secrets
 from roller.tasks import TaskContext, TaskFailed
 from roller.tasks import redfish as redfish_task
+from roller.testing.liveness import DownThenUp
 from roller.testing.sushy import SushyEmulator, fake_system, skip_reason
 
 SKIP_SUSHY = skip_reason()
@@ -678,29 +679,6 @@ async def test_redfish_reboot_task_failures_are_readable(bmc_auth):
 # ---------------------------------------------------------------- as a method of the reboot task
 
 
-class _Liveness:
-    """Down at the first check after the reset, up from the second on."""
-
-    def __init__(self) -> None:
-        self.checks = 0
-
-    def check(self, address: str) -> Any:
-        from twisted.internet.defer import succeed
-
-        from roller.drivers.liveness import LivenessResult
-
-        self.checks += 1
-        return succeed(LivenessResult(alive=self.checks > 1, detail="", lines=()))
-
-
-def _reboot_methods() -> dict:
-    from roller.tasks import reboot
-
-    return reboot.METHODS
-
-
-@pytest.mark.skipif("redfish_reboot" not in _reboot_methods(),
-                    reason="redfish_reboot is not in roller.tasks.reboot.METHODS yet")
 @pytest_twisted.ensureDeferred
 async def test_reboot_task_escalates_to_redfish(bmc):
     from attrs import evolve
@@ -709,7 +687,7 @@ async def test_reboot_task_escalates_to_redfish(bmc):
 
     machine = _machine(url=bmc.url, system="task", credential="bmc")
     ctx, events = _context(machine)
-    liveness = _Liveness()
+    liveness = DownThenUp()
     settings = evolve(ctx.settings, reboot_poll_interval=0.05, reboot_down_timeout=5.0, reboot_up_timeout=5.0)
     ctx = TaskContext(job=ctx.job, machine=machine, reactor=ctx.reactor, log=ctx.log, settings=settings,
                       secrets=ctx.secrets, drivers=SimpleNamespace(redfish=_driver(),

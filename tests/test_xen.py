@@ -35,6 +35,7 @@ from roller.secrets import Credential, Secrets
 from roller.tasks import TaskContext, TaskFailed
 from roller.tasks import xen as xen_task
 from roller.testing.fleet import PowerState
+from roller.testing.liveness import DownThenUp
 from roller.testing.xenapi import FakeXenApi
 
 PASSWORD = "xen-Pa55-word"
@@ -395,35 +396,12 @@ async def test_xenapi_reboot_task_failures_are_readable(fake):
 # ---------------------------------------------------------------- as a method of the reboot task
 
 
-class _Liveness:
-    """Down at the first check after the reboot was initiated, up from the second on."""
-
-    def __init__(self) -> None:
-        self.checks = 0
-
-    def check(self, address: str) -> Any:
-        from twisted.internet.defer import succeed
-
-        from roller.drivers.liveness import LivenessResult
-
-        self.checks += 1
-        return succeed(LivenessResult(alive=self.checks > 1, detail="", lines=()))
-
-
-def _reboot_methods() -> dict:
-    from roller.tasks import reboot
-
-    return reboot.METHODS
-
-
-@pytest.mark.skipif("xenapi_reboot" not in _reboot_methods(),
-                    reason="xenapi_reboot is not in roller.tasks.reboot.METHODS yet")
 @pytest_twisted.ensureDeferred
 async def test_reboot_task_escalates_to_xenapi(fake):
     from roller.tasks import reboot
 
     fake.add_vm(VM)
-    liveness = _Liveness()
+    liveness = DownThenUp()
     settings = _settings(xen_url=fake.url, xen_credential="xen-pool", xen_start_delay=0.0,
                          reboot_methods=("ssh_reboot", "xenapi_reboot"), reboot_poll_interval=0.05,
                          reboot_down_timeout=5.0, reboot_up_timeout=5.0)
