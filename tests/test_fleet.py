@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import signal
 import socket
@@ -36,6 +35,7 @@ from twisted.python.filepath import FilePath
 
 from roller.inventory import Machine
 from roller.secrets import load_secrets
+from roller.testing.daemon import free_port_on
 from roller.testing.fleet import Fleet, PowerState, SimulatedMachine, fleet_addresses, generate_key
 from roller.testing.process import read_until
 
@@ -229,26 +229,6 @@ def test_bad_arguments_are_refused():
 # ---------------------------------------------------------------- real reactor helpers
 
 
-def free_port(addresses: list[str]) -> int:
-    """A port below the ephemeral range that every address can listen on."""
-    for _ in range(200):
-        port = random.randint(20000, 32000)
-        socks = []
-        try:
-            for address in addresses:
-                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                socks.append(s)
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                s.bind((address, port))
-            return port
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port")
-
-
 class _RefuseUI:
     """Never accept an unknown host key (the known_hosts file must match)."""
 
@@ -349,7 +329,7 @@ def client_dir(tmp_path):
 async def fleet(client_dir):
     """Three normal machines (reboot_delay 0.2 s, down 0.5 s) plus hang, refuse-reboot, never-down, drop."""
     addrs = fleet_addresses("127.0.1.", 7)
-    f = Fleet(reactor(), 7, ssh_port=free_port(addrs), reboot_delay=0.2, down_for=0.5, overrides={
+    f = Fleet(reactor(), 7, ssh_port=free_port_on(addrs), reboot_delay=0.2, down_for=0.5, overrides={
         3: {"behaviour": "hang"},
         4: {"behaviour": "refuse-reboot"},
         5: {"behaviour": "never-down"},
@@ -524,7 +504,7 @@ async def test_openssh_client(fleet):
 async def test_200_machines_start_and_stop(tmp_path):
     addrs = fleet_addresses("127.0.2.", 200)
     started = time.monotonic()
-    big = Fleet(reactor(), 200, base="127.0.2.", ssh_port=free_port(addrs))
+    big = Fleet(reactor(), 200, base="127.0.2.", ssh_port=free_port_on(addrs))
     built = time.monotonic()
     await big.start()
     listening = time.monotonic()
@@ -549,7 +529,7 @@ async def test_200_machines_start_and_stop(tmp_path):
 def test_main_runs_until_sigterm(tmp_path):
     """C{python -m roller.testing.fleet}: writes the files, serves, exits 0 on SIGTERM."""
     addrs = fleet_addresses("127.0.4.", 3)
-    port = free_port(addrs)
+    port = free_port_on(addrs)
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     child = subprocess.Popen(
         [sys.executable, "-m", "roller.testing.fleet", "--count", "3", "--base", "127.0.4.", "--dir",

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -28,31 +26,12 @@ from twisted.internet.task import Clock
 from roller.inventory import Machine
 from roller.secrets import load_secrets
 from roller.testing import ipmisim
+from roller.testing.daemon import free_port_on
 from roller.testing.fleet import PowerState, fleet_addresses
 from roller.testing.process import read_until
 from roller.testing.redfish_sim import RESET_TYPES, RedfishBmc
 
 PASSWORD = "bmc-pw-123"
-
-
-def free_port(addresses: list[str]) -> int:
-    """A TCP port every address can listen on (below the ephemeral range)."""
-    for _ in range(200):
-        port = random.randint(20000, 32000)
-        socks = []
-        try:
-            for address in addresses:
-                s = socket.socket()
-                socks.append(s)
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                s.bind((address, port))
-            return port
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port")
 
 
 def _reactor() -> Any:
@@ -158,7 +137,7 @@ def test_main_serves_ipmi_and_redfish_bmcs(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     child = subprocess.Popen(
         [sys.executable, "-m", "roller.testing.fleet", "--count", "2", "--base", "127.0.7.", "--dir",
-         str(tmp_path), "--ssh-port", str(free_port(addrs)), "--ipmi", "1", "--redfish", "2", "--redfish-port", "0"],
+         str(tmp_path), "--ssh-port", str(free_port_on(addrs)), "--ipmi", "1", "--redfish", "2", "--redfish-port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
     try:
         output = read_until(child.stdout, "Ctrl-C to stop")

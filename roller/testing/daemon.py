@@ -22,13 +22,14 @@ Only the standard library.
 
 from __future__ import annotations
 
+import random
 import socket
 import subprocess
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
-__all__ = ["DaemonProcess", "free_port", "free_udp_port"]
+__all__ = ["DaemonProcess", "free_port", "free_port_on", "free_udp_port"]
 
 D = TypeVar("D", bound="DaemonProcess")
 
@@ -40,6 +41,26 @@ def free_port(host: str = "127.0.0.1", kind: str = "tcp") -> int:
     with socket.socket(family, sock_type) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def free_port_on(addresses: Sequence[str]) -> int:
+    """A TCP port every one of C{addresses} can listen on (below the ephemeral range, so it stays free)."""
+    for _ in range(200):
+        port = random.randint(20000, 32000)
+        socks = []
+        try:
+            for address in addresses:
+                s = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_STREAM)
+                socks.append(s)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind((address, port))
+            return port
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port")
 
 
 def free_udp_port(host: str = "127.0.0.1") -> int:

@@ -12,7 +12,6 @@ over a simulated fleet, driven through its REST API with treq.
 from __future__ import annotations
 
 import json
-import socket
 from typing import Any, Callable, Mapping
 
 import treq
@@ -23,17 +22,13 @@ from roller.config import load_settings
 from roller.inventory import Machine
 from roller.secrets import load_secrets, write_secrets
 from roller.service import RollerService
+from roller.testing.daemon import free_port
+
+__all__ = ["FAST", "ApiHarness", "free_port", "start_roller"]
 
 #: what the harness settles for by default: short waits, simulated machines
 FAST = dict(reboot_down_timeout=3.0, reboot_up_timeout=5.0, reboot_poll_interval=0.05,
             ssh_connect_timeout=1.0, ssh_command_timeout=2.0)
-
-
-def free_port(host: str) -> int:
-    """A TCP port free on C{host} now."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _finished(job: dict) -> bool:

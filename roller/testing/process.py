@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
+
+from roller.testing.daemon import free_port
 
 __all__ = [
     "REPO_ROOT",
@@ -56,13 +57,6 @@ T = TypeVar("T")
 
 class RollerStartError(AssertionError):
     """roller did not come up (it exited, or never answered in time)."""
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on right now on C{host}."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def twistd_command() -> list[str]:
