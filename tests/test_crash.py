@@ -11,30 +11,16 @@ running two are C{interrupted}, and the five queued ones run and succeed.
 
 from __future__ import annotations
 
-import shutil
 import signal
-import sqlite3
 
 import pytest
 
-from roller.testing.process import RollerProcess, wait_for
+from roller.testing.process import RollerProcess, db_states, ping_skip_reason, wait_for
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("ping", path="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin") is None,
-    reason="needs the ping binary (iputils-ping)",
-)
+pytestmark = pytest.mark.skipif(ping_skip_reason() is not None, reason=str(ping_skip_reason()))
 
 GROUP = "crash"
 MACHINES = [f"crash-{i}" for i in range(1, 8)]  # the 7th gets the job submitted just before kill -9
-
-
-def db_states(db_path) -> dict[str, str]:
-    """Job states read straight from the SQLite file, as another process sees them."""
-    con = sqlite3.connect(db_path, timeout=5)
-    try:
-        return dict(con.execute("SELECT id, state FROM jobs").fetchall())
-    finally:
-        con.close()
 
 
 def test_kill_9_loses_no_accepted_job(tmp_path):

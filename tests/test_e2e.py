@@ -6,18 +6,14 @@ real loopback addresses with the system C{ping}.
 
 from __future__ import annotations
 
-import shutil
 import signal
 from pathlib import Path
 
 import pytest
 
-from roller.testing.process import REPO_ROOT, RollerProcess, free_port, run_twistd
+from roller.testing.process import REPO_ROOT, RollerProcess, free_port, ping_skip_reason, run_twistd
 
-needs_ping = pytest.mark.skipif(
-    shutil.which("ping", path="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin") is None,
-    reason="needs the ping binary (iputils-ping)",
-)
+needs_ping = pytest.mark.skipif(ping_skip_reason() is not None, reason=str(ping_skip_reason()))
 
 
 def messages(job: dict) -> list[str]:

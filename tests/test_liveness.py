@@ -39,6 +39,7 @@ from roller.drivers.liveness import (
     liveness_for,
     validate_address,
 )
+from roller.testing.process import ping_skip_reason
 
 FAKE_PING = "/opt/fake/bin/ping"
 
@@ -624,10 +625,7 @@ def test_liveness_for_rejects(method: str, kw: dict) -> None:
 
 # ------------------------------------------------------------ integration
 
-HAVE_PING = shutil.which("ping", path=CHILD_ENV["PATH"]) is not None
-needs_ping = pytest.mark.skipif(
-    not HAVE_PING, reason="the ping binary is not installed (apt-get install iputils-ping)"
-)
+needs_ping = pytest.mark.skipif(ping_skip_reason() is not None, reason=str(ping_skip_reason()))
 
 
 def _have_ipv6_loopback() -> bool:

@@ -6,9 +6,7 @@ kept), and a real C{twistd -n roller} answering SIGTERM the same way.
 
 from __future__ import annotations
 
-import shutil
 import signal
-import sqlite3
 import time
 
 import pytest
@@ -19,7 +17,7 @@ from roller.inventory import Machine
 from roller.jobs import State
 from roller.queue import JobQueue, QueueLimits
 from roller.tasks import TaskRegistry, TaskSpec
-from roller.testing.process import RollerProcess, wait_for
+from roller.testing.process import RollerProcess, db_states, ping_skip_reason, wait_for
 from roller.testing.syncdb import result_of, run, sync_store
 
 
@@ -108,18 +106,7 @@ def test_drain_with_nothing_running_returns_at_once(env):
 
 # -- a real twistd roller -------------------------------------------------------------------------
 
-needs_ping = pytest.mark.skipif(
-    shutil.which("ping", path="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin") is None,
-    reason="needs the ping binary (iputils-ping)",
-)
-
-
-def db_states(db_path) -> dict[str, str]:
-    con = sqlite3.connect(db_path, timeout=5)
-    try:
-        return dict(con.execute("SELECT id, state FROM jobs").fetchall())
-    finally:
-        con.close()
+needs_ping = pytest.mark.skipif(ping_skip_reason() is not None, reason=str(ping_skip_reason()))
 
 
 @needs_ping

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -34,6 +36,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
 
+from roller.drivers.liveness import CHILD_ENV
 from roller.testing.daemon import free_port
 
 __all__ = [
@@ -127,6 +130,22 @@ def wait_for(
             extra = f"\n{describe()}" if describe else ""
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}{extra}")
         time.sleep(interval)
+
+
+def ping_skip_reason() -> str | None:
+    """Why tests that ping cannot run here, or None."""
+    if shutil.which("ping", path=CHILD_ENV["PATH"]) is None:
+        return "needs the ping binary (apt-get install iputils-ping)"
+    return None
+
+
+def db_states(db_path: str | os.PathLike) -> dict[str, str]:
+    """Job states read straight from a roller's SQLite file, as another process sees them."""
+    con = sqlite3.connect(db_path, timeout=5)
+    try:
+        return dict(con.execute("SELECT id, state FROM jobs").fetchall())
+    finally:
+        con.close()
 
 
 def read_until(stream: Any, marker: str, timeout: float = 15.0) -> str:
