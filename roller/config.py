@@ -299,6 +299,13 @@ KEYS: dict[str, tuple[str, Callable[[Any, bool], Any], Any]] = {
 }
 
 
+#: key -> one-line meaning, shown by C{roller config} (with the type, default
+#: and environment variable).  Every key of L{KEYS} needs one: a test fails
+#: on a key without a description.  Add a new key's line here with the key.
+HELP: dict[str, str] = {
+}
+
+
 @frozen
 class Settings:
     state_dir: str
