@@ -86,7 +86,7 @@ async def test_unknown_host_key_is_refused_and_never_commanded(tmp_path):
     try:
         # forget the fleet's host keys: strict policy must refuse to talk
         open(h.service.settings.ssh_known_hosts, "w").close()
-        job = await h.wait((await h.post("sim-001", body={"params": {"methods": "ssh_reboot"}}))["task_id"])
+        job = await h.wait((await h.post("sim-001", body={"params": {"methods": ["ssh_reboot"]}}))["task_id"])
         assert job["state"] == "failed"
         assert "not in" in job["error"] and "known_hosts" in job["error"]
         assert h.fleet.machine("sim-001").commands == []

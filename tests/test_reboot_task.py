@@ -186,6 +186,17 @@ def test_methods_parameter_is_validated():
         spec.parse_params({"methods": "ssh_reboot,format_disk"})
 
 
+def test_methods_parameter_takes_a_list_like_reboot_methods():
+    spec = reboot.TASK
+    assert spec.parse_params({"methods": ["ssh_reboot", "ipmi_reset"]}) == {"methods": "ssh_reboot,ipmi_reset"}
+    for bad in ([], ["ssh_reboot", 3], ["format_disk"], ["ssh_reboot,ipmi_reset"], [["ssh_reboot"]]):
+        with pytest.raises(ValidationError) as e:
+            spec.parse_params({"methods": bad})
+        assert e.value.field == "params.methods"
+    schema = spec.to_json()["params"]["methods"]
+    assert schema["type"] == ["string", "array"] and schema["items"]["type"] == "string"
+
+
 def test_ssh_reboot_task_alone_does_not_wait():
     clock = Clock()
     host = Host(clock)

@@ -38,9 +38,16 @@ class Param:
     # a further check: returns the clean value or raises ValueError(reason)
     check: Callable[[Any], Any] | None = None
     required: bool = False
+    # a string parameter that is a comma-separated list also takes a JSON
+    # list of strings (joined with commas before the checks)
+    list_ok: bool = False
 
     def parse(self, value: Any) -> Any:
         path = f"params.{self.name}"
+        if self.list_ok and isinstance(value, list):
+            if not all(isinstance(v, str) and "," not in v for v in value):
+                raise ValidationError(path, "must be a comma-separated string or a list of strings")
+            value = ",".join(value)
         if self.type is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if isinstance(value, bool) and self.type is not bool or not isinstance(value, self.type):
@@ -62,6 +69,10 @@ class Param:
 
     def schema(self) -> dict[str, Any]:
         out: dict[str, Any] = {"type": _TYPES[self.type], "description": self.description}
+        if self.list_ok:
+            out["type"] = [_TYPES[self.type], "array"]
+            out["items"] = {"type": "string", "minLength": 1, "maxLength": 40, "pattern": "^[^,]+$"}
+            out["minItems"], out["maxItems"] = 1, 20
         if self.default is not None:
             out["default"] = self.default
         if self.minimum is not None:

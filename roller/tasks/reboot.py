@@ -125,7 +125,7 @@ def _check_methods(value: str) -> str:
     names = [m.strip() for m in value.split(",") if m.strip()]
     unknown = [m for m in names if m not in REBOOT_METHODS]
     if not names or unknown:
-        raise ValueError(f"must be a comma-separated list of {', '.join(REBOOT_METHODS)}")
+        raise ValueError(f"must be a comma-separated string or a list of {', '.join(REBOOT_METHODS)}")
     return ",".join(names)
 
 
@@ -135,8 +135,8 @@ TASK = TaskSpec(
                 "configured methods (ssh_reboot, ipmi_reset, ipmi_cycle, snmp_reboot, ...).",
     run=run,
     params=(Param("methods", str, None,
-                  "comma-separated methods to try instead of the configured order: "
-                  + ", ".join(REBOOT_METHODS), check=_check_methods),),
+                  "methods to try instead of the configured order, as a comma-separated string or a "
+                  "list: " + ", ".join(REBOOT_METHODS), check=_check_methods, list_ok=True),),
     timeout=3600.0,
     destructive=True,
 )
