@@ -9,6 +9,7 @@ daemon (settings resolved the same way: --config, ROLLER_*, options).
     roller jobs --state failed
     roller user add alice --role operator   # dashboard accounts: add, passwd, remove, list
     roller actions --url https://roller.example.com   # Taskcluster worker action definitions
+    roller config [queue]               # every setting: type, default, environment variable, meaning
 """
 
 from __future__ import annotations
@@ -96,6 +97,10 @@ def _parser() -> argparse.ArgumentParser:
                     help="also declare them with queue.declareProvisioner (gone since Taskcluster v107)")
     ac.add_argument("--credential", default="taskcluster",
                     help="secrets file credential (type password: client id, access token) for --register")
+
+    c = sub.add_parser("config", help="every setting: its type, default, environment variable and meaning")
+    c.add_argument("--json", action="store_true", help="print the list as JSON (with the values in effect)")
+    c.add_argument("key", nargs="*", help="only these keys, or the keys of these sections (e.g. queue)")
 
     j = sub.add_parser("jobs", help="list jobs, newest first")
     j.add_argument("--state", help="comma-separated states: " + ",".join(s.value for s in State))
@@ -353,7 +358,41 @@ async def cmd_actions(reactor: Any, settings: Settings, args: argparse.Namespace
     return 0
 
 
-COMMANDS = {"run": cmd_run, "import": cmd_import, "machines": cmd_machines, "jobs": cmd_jobs,
+def _toml_value(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }" if value else "{}"
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(value)
+
+
+async def cmd_config(reactor: Any, settings: Settings, args: argparse.Namespace, out: Any) -> int:
+    from roller.config import describe
+
+    entries = describe(settings)
+    if args.key:
+        wanted = set(args.key)
+        entries = [e for e in entries if e["key"] in wanted or e["key"].split(".")[0] in wanted]
+        known = {e["key"] for e in entries} | {e["key"].split(".")[0] for e in entries}
+        unknown = sorted(wanted - known)
+        if unknown:
+            raise CliError(f"unknown setting(s) {', '.join(unknown)} (`roller config` lists them all)")
+    if args.json:
+        out.write(json.dumps(entries, indent=2, default=str) + "\n")
+        return 0
+    for e in entries:
+        default = e["default"]
+        shown = default if isinstance(default, str) and "{state_dir}" in default else _toml_value(default)
+        if isinstance(default, str):
+            default = default.replace("{state_dir}", settings.state_dir)
+        out.write(f"{e['key']} = {shown}\n    {e['help']}\n    type: {e['type']}; environment: {e['env']}")
+        if e["value"] != default:
+            out.write(f"; in effect: {_toml_value(e['value'])}")
+        out.write("\n")
+    return 0
+
+
+COMMANDS = {"config": cmd_config, "run": cmd_run, "import": cmd_import, "machines": cmd_machines, "jobs": cmd_jobs,
             "audit": cmd_audit, "user": cmd_user, "actions": cmd_actions}
 
 

@@ -51,6 +51,7 @@ def _int(low: int, high: int | None = None) -> Callable[[Any, bool], int]:
             raise ValueError(f"must be {bound}, got {value}")
         return value
 
+    parse.kind = f"integer {low}-{high}" if high is not None else f"integer >= {low}"  # type: ignore[attr-defined]
     return parse
 
 
@@ -65,6 +66,7 @@ def _float(low: float) -> Callable[[Any, bool], float]:
             raise ValueError(f"must be a number of at least {low:g}, got {value!r}")
         return float(value)
 
+    parse.kind = f"number >= {low:g}"  # type: ignore[attr-defined]
     return parse
 
 
@@ -89,6 +91,7 @@ def _choice(*choices: str) -> Callable[[Any, bool], str]:
             raise ValueError(f"must be one of {', '.join(choices)}, got {value!r}")
         return value
 
+    parse.kind = "one of " + ", ".join(choices)  # type: ignore[attr-defined]
     return parse
 
 
@@ -184,6 +187,21 @@ def _notify_rules(value: Any, from_text: bool) -> tuple[Any, ...]:
     from roller.notify import parse_rules
 
     return parse_rules(value, from_text)
+
+
+#: What C{roller config} calls each parser's values (parsers made by
+#: C{_int}, C{_float} and C{_choice} carry their own C{kind}).
+_KINDS: dict[Callable[[Any, bool], Any], str] = {
+    _text: "string", _bool: "boolean", _str_list: "list of strings",
+    _endpoints: "list of Twisted endpoint strings", _networks: "list of addresses or CIDR networks",
+    _root_url: "Taskcluster root URL", _timeouts: "table of task = seconds", _http_url: "http(s) URL",
+    _template: "template", _notify_rules: "array of tables",
+}
+
+
+def kind_of(parse: Callable[[Any, bool], Any]) -> str:
+    """How C{roller config} names the values a parser takes."""
+    return getattr(parse, "kind", None) or _KINDS.get(parse) or parse.__name__.strip("_").replace("_", " ")
 
 
 # key -> (attribute, parser, default); "{state_dir}" in a default is filled in.
@@ -303,6 +321,107 @@ KEYS: dict[str, tuple[str, Callable[[Any, bool], Any], Any]] = {
 #: and environment variable).  Every key of L{KEYS} needs one: a test fails
 #: on a key without a description.  Add a new key's line here with the key.
 HELP: dict[str, str] = {
+    "state_dir": "Directory for roller's own state; the database, secrets file and known_hosts default to it.",
+    "secrets_file": "TOML file (mode 0600) holding credentials and Hawk clients by name; re-read on SIGHUP.",
+    "demo": "Add the demo machines and run a simulated fleet in-process (make run).",
+    "demo_fleet_size": "How many simulated machines the demo fleet runs (sim-001 ...).",
+    "demo_ssh_port": "SSH port of the demo fleet's simulated machines.",
+    "server.listen": "Twisted server endpoint strings to listen on (tcp:..., ssl:... for TLS, unix:...).",
+    "server.max_body": "Largest request body accepted, in bytes (413 above).",
+    "server.cors_origins": "Browser origins allowed to call the API (CORS).",
+    "server.trusted_proxies": "Addresses or networks of load balancers whose X-Forwarded-* headers are believed.",
+    "server.shutdown_grace": "On SIGTERM, seconds running jobs get to finish before they are marked interrupted.",
+    "server.heartbeat_max_lag": "/__heartbeat__ fails when the reactor lags more than this many seconds.",
+    "server.version_file": "Dockerflow version.json served at /__version__ (empty: the built-in one).",
+    "server.public_url": "roller's public base URL, used in links (notifications, actions).",
+    "database.path": "The SQLite database file.",
+    "database.synchronous": "SQLite synchronous mode: normal (survives a crash) or full (also power loss).",
+    "auth.mode": ("How API clients authenticate: taskcluster (Hawk via authenticate-hawk), local "
+        "(Hawk clients in the secrets file) or none (loopback listeners only)."),
+    "auth.root_url": "Taskcluster root URL for auth.mode = taskcluster.",
+    "auth.timeout": "Seconds to wait for Taskcluster's authenticate-hawk.",
+    "auth.timestamp_skew": ("Accepted clock difference of a Hawk request, seconds (local mode); also the "
+        "replay window."),
+    "auth.scope_prefix": "Prefix of every scope roller checks (prefix + task name, prefix + jobs:read ...).",
+    "queue.max_running": "Jobs running at once, over all machines.",
+    "queue.endpoint_max_running": "Jobs running at once against one shared endpoint (a PDU or BMC host).",
+    "queue.endpoint_min_interval": ("Seconds between the end of one job and the start of the next on one shared "
+        "endpoint (the drivers add their own per-command intervals)."),
+    "tasks.allowed": "Tasks reachable over REST and the dashboard (roller run on the command line may run any).",
+    "tasks.timeouts": "Per-task timeout in seconds (task = seconds), overriding each task's default.",
+    "log.format": "Log line format: text, or json (one object per line).",
+    "ssh.known_hosts": "roller's own known_hosts file (OpenSSH format) that SSH host keys are checked against.",
+    "ssh.user": "SSH user for machines whose ssh settings name none.",
+    "ssh.credential": "Credential (private key) for machines whose ssh settings name none.",
+    "ssh.host_key_policy": ("strict (unknown hosts refused) or accept-new (record a new host's key; a changed "
+        "key is always refused)."),
+    "ssh.connect_timeout": "Seconds for an SSH connection and authentication.",
+    "ssh.command_timeout": "Seconds an SSH command may run.",
+    "ssh.max_sessions": "SSH sessions open at once, over all machines.",
+    "reboot.methods": "Default order of reboot methods for machines that name none.",
+    "ipmi.ipmitool": "The ipmitool executable.",
+    "ipmi.credential": "Credential (user and password) for BMCs whose ipmi settings name none.",
+    "ipmi.cipher_suite": "ipmitool -C cipher suite for lanplus (-1: let ipmitool choose).",
+    "ipmi.timeout": "Seconds one ipmitool run may take before it is killed.",
+    "ipmi.request_timeout": "ipmitool -N: seconds per IPMI request.",
+    "ipmi.request_retries": "ipmitool -R: retries per IPMI request.",
+    "ipmi.retries": "How often a transient BMC error (busy, no session) is retried.",
+    "ipmi.retry_delay": "Seconds before the first retry of a transient BMC error (doubling after).",
+    "ipmi.min_interval": "Seconds between two commands to one BMC (weak BMCs fail under bursts).",
+    "ipmi.power_wait": "Seconds a power change may take to read back from the BMC.",
+    "ipmi.power_poll": "Seconds between power state reads while waiting for a change.",
+    "snmp.credential": "Credential (community or v3 user) for PDUs whose pdu settings name none.",
+    "snmp.timeout": "Seconds to wait for one SNMP answer before retrying.",
+    "snmp.retries": "Retries of an unanswered SNMP request.",
+    "snmp.min_interval": "Seconds between two operations on one PDU.",
+    "snmp.settle_timeout": "Seconds an outlet may take to read back the state it was set to.",
+    "snmp.reboot_timeout": "Seconds a PDU's own reboot command may take to read back on.",
+    "snmp.poll_interval": "Seconds between outlet state reads while waiting.",
+    "snmp.off_for": "Seconds an outlet stays off in an off/on power cycle (models without a native reboot).",
+    "snmp.community_version": "SNMP version for community credentials: model (each PDU model's own), 1 or 2c.",
+    "redfish.credential": "Credential (user and password) for Redfish services whose settings name none.",
+    "redfish.request_timeout": "Seconds for one Redfish HTTP request.",
+    "redfish.power_timeout": "Seconds a Redfish power change may take to read back.",
+    "redfish.poll_interval": "Seconds between Redfish power state reads while waiting.",
+    "xen.url": "XenAPI pool master URL for machines whose xen settings name none.",
+    "xen.credential": "Credential (user and password) for the XenAPI pool.",
+    "xen.ca_file": "CA bundle (PEM) for the XenAPI pool's TLS certificate (empty: the system's).",
+    "xen.verify_tls": "Verify the XenAPI pool's TLS certificate.",
+    "xen.timeout": "Seconds for one XenAPI call.",
+    "xen.shutdown_timeout": "Seconds a clean VM shutdown may take before a hard shutdown.",
+    "xen.start_delay": "Seconds between a VM's shutdown and its start.",
+    "reboot.down_timeout": "Seconds a rebooted machine has to stop answering its liveness check.",
+    "reboot.up_timeout": "Seconds a rebooted machine has to answer its liveness check again.",
+    "reboot.poll_interval": "Seconds between liveness checks while waiting for down and up.",
+    "bugzilla.url": "Bugzilla base URL for file_bugzilla_bug (empty: the step is skipped).",
+    "bugzilla.credential": "Credential holding the Bugzilla API key.",
+    "bugzilla.timeout": "Seconds for one Bugzilla request.",
+    "bugzilla.product": "Product of filed bugs.",
+    "bugzilla.component": "Component of filed bugs.",
+    "bugzilla.version": "Version field of filed bugs.",
+    "bugzilla.summary": "Summary template of a new bug (fields: " + ", ".join(TEMPLATE_FIELDS) + ").",
+    "bugzilla.description": "Description template of a new bug.",
+    "bugzilla.comment": "Comment template when the machine's bug already exists.",
+    "bugzilla.cc": "Addresses cc'ed on filed bugs (besides the machine's bug_cc).",
+    "bugzilla.tracker_product": "Product of a machine's tracker bug.",
+    "bugzilla.tracker_component": "Component of a machine's tracker bug.",
+    "bugzilla.tracker_summary": "Summary template of a machine's tracker bug.",
+    "bugzilla.reopen_status": "Status a closed bug is reopened with.",
+    "notify.rules": "[[notify.rules]] tables: which job outcomes notify whom (email, Matrix, Slack, webhooks).",
+    "notify.root_url": "Taskcluster root URL for notify (empty: auth.root_url).",
+    "notify.credential": "Credential (Taskcluster client) for the notify service.",
+    "notify.webhook_credential": "Credential whose secret signs webhook notifications.",
+    "notify.timeout": "Seconds for one notification request.",
+    "loans.root_url": "Taskcluster root URL for loans (empty: auth.root_url).",
+    "loans.credential": "Credential (Taskcluster client) that quarantines loaned workers.",
+    "loans.provisioner_id": "Provisioner id for machines whose pool is a bare worker type.",
+    "loans.max_duration": "Longest loan, in seconds.",
+    "loans.timeout": "Seconds for one Taskcluster queue request of a loan.",
+    "dashboard.session_idle": "Seconds a dashboard session lasts without use.",
+    "dashboard.session_max": "Seconds a dashboard session lasts at most.",
+    "dashboard.login_max_failures": "Failed sign-ins before an account is locked for login_lockout.",
+    "dashboard.login_ip_max_failures": "Failed sign-ins from one address before it is locked for login_lockout.",
+    "dashboard.login_lockout": "Seconds a locked account or address stays locked.",
 }
 
 
@@ -440,6 +559,22 @@ def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def env_name(key: str) -> str:
     return "ROLLER_" + key.replace(".", "_").upper()
+
+
+def describe(settings: Settings | None = None) -> list[dict[str, Any]]:
+    """
+    Every key, for C{roller config}: its name, kind of value, default,
+    environment variable and meaning; with C{settings}, also the value in
+    effect.
+    """
+    out = []
+    for key, (attr, parse, default) in KEYS.items():
+        entry: dict[str, Any] = {"key": key, "type": kind_of(parse), "default": default,
+                                 "env": env_name(key), "help": HELP.get(key, "")}
+        if settings is not None:
+            entry["value"] = getattr(settings, attr)
+        out.append(entry)
+    return out
 
 
 def load_settings(

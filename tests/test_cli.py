@@ -100,3 +100,24 @@ def test_audit_lists_imports_and_jobs(tmp_path):
     assert entry["params"]["counts"]["imported"] == 1 and entry["params"]["file"] == "wc.json"
     r = roller(state, "audit")
     assert "machines.import" in r.stdout and r.stdout.rstrip().endswith("1 entry")
+
+
+def test_config_lists_every_key_with_its_meaning(tmp_path):
+    from roller import config
+
+    r = roller(tmp_path / "state", "config")
+    assert r.returncode == 0, r.stderr
+    for key in config.KEYS:
+        assert f"\n{key} = " in "\n" + r.stdout, key
+    assert "snmp.min_interval = 1.0\n    Seconds between two operations on one PDU.\n" \
+           "    type: number >= 0; environment: ROLLER_SNMP_MIN_INTERVAL\n" in r.stdout
+
+    env_file = tmp_path / "roller.toml"
+    env_file.write_text('[queue]\nmax_running = 9\n')
+    r = roller(tmp_path / "state", "--config", str(env_file), "config", "--json", "queue")
+    entries = json.loads(r.stdout)
+    assert [e["key"] for e in entries] == [k for k in config.KEYS if k.startswith("queue.")]
+    assert entries[0]["value"] == 9 and entries[0]["default"] == 200
+
+    r = roller(tmp_path / "state", "config", "queue.nope")
+    assert r.returncode == 2 and "unknown setting(s) queue.nope" in r.stderr and "Traceback" not in r.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from roller import config
 from roller.config import ConfigError, endpoint_is_local, env_name, load_settings
 
 
@@ -109,3 +110,26 @@ def test_endpoint_is_local(desc, local):
 def test_env_name():
     assert env_name("queue.max_running") == "ROLLER_QUEUE_MAX_RUNNING"
     assert env_name("state_dir") == "ROLLER_STATE_DIR"
+
+
+def test_every_key_has_a_description():
+    """`roller config` explains every key: a key added without a line in HELP fails here."""
+    missing = sorted(set(config.KEYS) - set(config.HELP))
+    assert missing == [], f"keys without a description in roller.config.HELP: {missing}"
+    assert sorted(set(config.HELP) - set(config.KEYS)) == []
+    for key, text in config.HELP.items():
+        assert len(text.strip()) >= 10 and "\n" not in text, key
+
+
+def test_describe_names_type_default_environment_and_value():
+    settings = config.load_settings(None, {"ROLLER_QUEUE_MAX_RUNNING": "7"}, {})
+    entries = {e["key"]: e for e in config.describe(settings)}
+    assert list(entries) == list(config.KEYS)
+    e = entries["queue.max_running"]
+    assert (e["type"], e["default"], e["env"], e["value"]) == ("integer 1-100000", 200, "ROLLER_QUEUE_MAX_RUNNING", 7)
+    assert entries["snmp.min_interval"]["type"] == "number >= 0"
+    assert entries["log.format"]["type"] == "one of text, json"
+    assert entries["server.trusted_proxies"]["type"] == "list of addresses or CIDR networks"
+    # every parser has a readable name, not a Python identifier
+    for e in entries.values():
+        assert e["type"] and not e["type"].startswith("parse"), e
