@@ -535,7 +535,7 @@ def _job_schemas(tasks: Any, allowed: tuple[str, ...]) -> dict[str, Schema]:
 def _param_schema(param: Any) -> Schema:
     """L{roller.tasks.base.Param.schema}, plus the length limit C{Param.parse} enforces on strings."""
     out = param.schema()
-    if out.get("type") == "string":
+    if "string" in out.get("type", ()):  # a string, or a string-or-list (["string", "array"])
         out.setdefault("maxLength", 1000)
     return out
 
@@ -559,12 +559,18 @@ def _params_schema(tasks: Any, allowed: tuple[str, ...]) -> Schema:
 
 def _task_schemas() -> dict[str, Schema]:
     param = _object({
-        "type": {"type": "string", "enum": ["integer", "number", "string", "boolean"]},
+        "type": {"anyOf": [
+            {"type": "string", "enum": ["integer", "number", "string", "boolean"]},
+            {"type": "array", "items": {"type": "string", "enum": ["string", "array"]},
+             "description": "a string that may also be given as a list of strings"}]},
         "description": {"type": "string"},
         "default": {},
         "minimum": {"type": "number"},
         "maximum": {"type": "number"},
         "enum": {"type": "array"},
+        "items": {"type": "object"},
+        "minItems": {"type": "integer"},
+        "maxItems": {"type": "integer"},
     }, ["type", "description"], description="A JSON Schema of one task parameter.")
     return {
         "TaskParam": param,
