@@ -213,6 +213,10 @@ KEYS: dict[str, tuple[str, Callable[[Any, bool], Any], Any]] = {
     "demo_ssh_port": ("demo_ssh_port", _int(1, 65535), 2222),
     "server.listen": ("listen", _endpoints, ("tcp:8000:interface=127.0.0.1",)),
     "server.max_body": ("max_body", _int(1024, 64 << 20), 1 << 20),
+    "server.header_timeout": ("header_timeout", _float(0.1), 10.0),
+    "server.body_timeout": ("body_timeout", _float(0.1), 60.0),
+    "server.idle_timeout": ("idle_timeout", _float(0.1), 75.0),
+    "server.max_connections": ("max_connections", _int(0, 1_000_000), 0),
     "server.cors_origins": ("cors_origins", _str_list, ("https://firefox-ci-tc.services.mozilla.com",)),
     "server.trusted_proxies": ("trusted_proxies", _networks, ()),
     "server.shutdown_grace": ("shutdown_grace", _float(0), 30.0),
@@ -328,6 +332,10 @@ HELP: dict[str, str] = {
     "demo_ssh_port": "SSH port of the demo fleet's simulated machines.",
     "server.listen": "Twisted server endpoint strings to listen on (tcp:..., ssl:... for TLS, unix:...).",
     "server.max_body": "Largest request body accepted, in bytes (413 above).",
+    "server.header_timeout": "Seconds a request's headers may take to arrive (408 and close after).",
+    "server.body_timeout": "Seconds a request's body may take to arrive after its headers (408 and close after).",
+    "server.idle_timeout": "Seconds a keep-alive connection may stay silent before roller closes it.",
+    "server.max_connections": "Client connections open at once (0: 10000, or what the open-files limit allows).",
     "server.cors_origins": "Browser origins allowed to call the API (CORS).",
     "server.trusted_proxies": "Addresses or networks of load balancers whose X-Forwarded-* headers are believed.",
     "server.shutdown_grace": "On SIGTERM, seconds running jobs get to finish before they are marked interrupted.",
@@ -434,6 +442,10 @@ class Settings:
     demo_ssh_port: int
     listen: tuple[str, ...]
     max_body: int
+    header_timeout: float
+    body_timeout: float
+    idle_timeout: float
+    max_connections: int
     cors_origins: tuple[str, ...]
     trusted_proxies: tuple[str, ...]
     shutdown_grace: float

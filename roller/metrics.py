@@ -12,7 +12,11 @@ default one), so several can live in one process (tests, several APIs):
   - C{roller_driver_errors_total{kind}}: failed attempts by method (the
     job log events carrying C{outcome="failed"} and a C{method});
   - C{roller_reactor_lag_seconds}: how late the last tick of a 1 s
-    C{LoopingCall} on the injected clock fired (L{Metrics.start}/L{Metrics.stop}).
+    C{LoopingCall} on the injected clock fired (L{Metrics.start}/L{Metrics.stop});
+  - C{roller_http_connections}, C{roller_http_connections_max},
+    C{roller_http_connections_refused_total},
+    C{roller_http_connections_dropped_total{reason}}: the web site's client
+    connections (L{Metrics.watch_http}; see L{roller.web.http.RollerSite}).
 
     metrics = Metrics(queue, reactor)
     metrics.start()                # the lag loop; the service does this
@@ -25,7 +29,7 @@ import math
 from typing import Any, Callable, Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -65,6 +69,29 @@ class _QueueCollector(Collector):
         yield GaugeMetricFamily("roller_jobs_running", "Jobs running now.")
         yield GaugeMetricFamily("roller_endpoint_jobs_running",
                                 "Jobs running now per shared endpoint (a PDU or BMC host).", labels=("endpoint",))
+
+
+class _HTTPCollector(Collector):
+    """The web site's connections, read when scraped (C{site.connection_stats()})."""
+
+    def __init__(self, site: Any):
+        self._site = site
+
+    def collect(self) -> Iterator[Any]:
+        stats = self._site.connection_stats()
+        yield GaugeMetricFamily("roller_http_connections", "Client connections open now.", value=stats["open"])
+        yield GaugeMetricFamily("roller_http_connections_max",
+                                "Most client connections served at once (0: no cap).", value=stats["max"])
+        yield CounterMetricFamily("roller_http_connections_refused",
+                                  "Connections closed unread: at the cap with every connection busy.",
+                                  value=stats["refused"])
+        dropped = CounterMetricFamily(
+            "roller_http_connections_dropped",
+            "Connections closed before their request arrived: headers_timeout, body_timeout, "
+            "or evicted (at the cap, to make room for a new connection).", labels=("reason",))
+        for reason in ("headers_timeout", "body_timeout", "evicted"):
+            dropped.add_metric((reason,), stats["dropped"].get(reason, 0))
+        yield dropped
 
 
 class Metrics:
@@ -141,6 +168,12 @@ class Metrics:
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
+
+    # -- web connections
+
+    def watch_http(self, site: Any) -> None:
+        """Report C{site}'s connections (a L{roller.web.http.RollerSite}) from now on."""
+        self.registry.register(_HTTPCollector(site))
 
     # -- exposition
 

@@ -35,7 +35,7 @@ from roller.web.api import Api
 from roller.web.admin import InventoryAdmin
 from roller.web.dashboard import Dashboard
 from roller.web.events import EventHub
-from roller.web.http import RollerSite
+from roller.web.http import RollerSite, connection_limit
 from roller.web.site import root_resource
 
 log = Logger()
@@ -84,6 +84,18 @@ def make_dashboard_auth(settings: Settings, store: Any, reactor: Any) -> Account
         max_failures=s.login_max_failures, ip_max_failures=s.login_ip_max_failures, lockout=s.login_lockout,
         demo_loopback=s.demo and s.auth_mode == "none" and s.listeners_on_loopback(),
     )
+
+
+def max_connections(settings: Settings, reactor: Any) -> int:
+    """
+    C{server.max_connections}, or 10000, within the open-files limit less a
+    reserve for roller itself: 64 descriptors (database, logs, listeners)
+    plus 3 per job that may run at once (an SSH or HTTP socket, ipmitool's
+    or ping's pipes).  A C{select()} reactor cannot watch more than 1024.
+    """
+    select = "select" in type(reactor).__module__
+    return connection_limit(settings.max_connections, 64 + 3 * settings.max_running,
+                            ceiling=1024 if select else 10_000, can_raise=not select)
 
 
 def queue_limits(settings: Settings) -> QueueLimits:
@@ -177,8 +189,11 @@ class RollerService(MultiService):
         admin = InventoryAdmin(dashboard, self.store, secrets_file=s.secrets_file,
                                threadpool=self.reactor.getThreadPool())
         site = RollerSite(root_resource(api, dashboard, self.hub, admin=admin), max_body=s.max_body,
+                          header_timeout=s.header_timeout, body_timeout=s.body_timeout,
+                          idle_timeout=s.idle_timeout, max_connections=max_connections(s, self.reactor),
                           reactor=self.reactor)
         site.noisy = False
+        self.metrics.watch_http(site)
         for desc in s.listen:
             self.ports.append(await serverFromString(self.reactor, desc).listen(site))
             log.info("roller listening on {endpoint} (auth: {auth})", endpoint=desc, auth=s.auth_mode)

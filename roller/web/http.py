@@ -24,6 +24,26 @@ pages, a bare dropped connection or a traceback.
     the client still sends so the response is not destroyed by a TCP reset,
     and aborts the connection after C{lingerTimeout} seconds or
     C{lingerBytes} discarded bytes, whichever comes first.
+  - Slow clients are dropped: a request's headers must arrive within
+    C{header_timeout} seconds of its first byte (of the connection, for its
+    first request), its body within C{body_timeout} seconds of its
+    headers; otherwise C{408 request_timeout} (or a plain close when the
+    client sent nothing at all).  Between requests a keep-alive connection
+    is closed after C{idle_timeout} quiet seconds (Twisted's own
+    C{TimeoutMixin} idle timeout, which every byte received restarts and
+    which therefore cannot bound a request that trickles in).
+  - L{RollerSite} caps the open connections at C{max_connections}.  At the
+    cap, a new connection takes the place of the connection that has
+    waited longest for a request to finish arriving (idle keep-alive,
+    headers or body trickling in, an error answer lingering): that one is
+    aborted.  Only when every connection is busy with a request (a
+    resource working, a response being written) is the new connection
+    refused: accepted and closed at once, nothing read or written.  Either
+    way the listener stays healthy and the process never runs out of
+    file descriptors because of clients; a prompt client (a load
+    balancer's C{/__lbheartbeat__}) gets in even while slow ones hold
+    every slot.  L{RollerSite.connection_stats} counts it all for
+    C{/metrics}.
   - L{LimitedRequest.processingFailed} (an exception escaping a resource,
     Klein's default for unhandled errors too) answers C{500 internal} with a
     short id that is also in the logged failure.
@@ -40,11 +60,13 @@ from __future__ import annotations
 
 import io
 import json
+import resource
 import secrets
-from typing import Optional
+from typing import Any, Callable, Optional
 from urllib.parse import unquote_to_bytes
 
 from twisted.internet.interfaces import ITCPTransport
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
 from twisted.web import http, server
@@ -80,8 +102,12 @@ def query_arg(request: IRequest, name: str) -> Optional[str]:
 
 
 __all__ = [
+    "DEFAULT_BODY_TIMEOUT",
+    "DEFAULT_HEADER_TIMEOUT",
+    "DEFAULT_IDLE_TIMEOUT",
     "DEFAULT_MAX_BODY",
     "DEFAULT_MAX_URI",
+    "connection_limit",
     "LimitedRequest",
     "RollerHTTPChannel",
     "RollerSite",
@@ -95,10 +121,16 @@ log = Logger()
 
 DEFAULT_MAX_BODY = 1 << 20  # 1 MiB
 DEFAULT_MAX_URI = 8192
+DEFAULT_HEADER_TIMEOUT = 10.0
+DEFAULT_BODY_TIMEOUT = 60.0
+#: Longer than the 60 s idle timeout of common load balancers, so a
+#: balancer never reuses a connection roller is closing at that moment.
+DEFAULT_IDLE_TIMEOUT = 75.0
 
 #: Reason phrases for the statuses this module writes itself.
 _REASONS = {
     400: b"Bad Request",
+    408: b"Request Timeout",
     413: b"Payload Too Large",
     414: b"URI Too Long",
     431: b"Request Header Fields Too Large",
@@ -114,6 +146,57 @@ def _printable(value: object, limit: int = 200) -> str:
         value = value.decode("latin-1")
     text = str(value)
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+def connection_limit(
+    configured: int,
+    reserve: int,
+    *,
+    ceiling: int = 10_000,
+    can_raise: bool = True,
+) -> int:
+    """
+    How many client connections to serve so that clients can never take
+    the file descriptors roller needs for itself (C{EMFILE}).
+
+    C{configured} connections (0: C{ceiling}) plus C{reserve} descriptors
+    (the database, jobs' SSH/SNMP/IPMI sockets and processes, logs) must fit
+    under the soft C{RLIMIT_NOFILE}.  If they do not, the soft limit is
+    raised towards the hard one when C{can_raise} (not with C{select()},
+    which cannot watch descriptors over 1023); if they still do not, the
+    cap is what fits (at least a quarter of the soft limit), with a warning
+    when C{configured} asked for more.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    infinity = resource.RLIM_INFINITY
+    want = configured or ceiling
+    need = want + reserve
+    if can_raise and soft != infinity and need > soft:
+        target = need if hard == infinity else min(need, hard)
+        if target > soft:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            except (ValueError, OSError) as e:
+                log.warn("Could not raise the open-files limit from {soft} to {target}: {why}",
+                         soft=soft, target=target, why=str(e))
+            else:
+                log.info("Raised the open-files limit from {soft} to {target} for {want} connections",
+                         soft=soft, target=target, want=want)
+                soft = target
+    if soft == infinity or need <= soft:
+        return want
+    limit = max(soft - reserve, soft // 4, 1)
+    if configured:
+        log.warn(
+            "server.max_connections = {configured} needs {need} file descriptors but the open-files limit "
+            "is {soft} (hard {hard}): serving at most {limit} connections; raise the limit "
+            "(LimitNOFILE= in a systemd unit, ulimit -n)",
+            configured=configured, need=need, soft=soft, hard="unlimited" if hard == infinity else hard,
+            limit=limit)
+    else:
+        log.info("At most {limit} connections: the open-files limit is {soft}, {reserve} kept for roller itself",
+                 limit=limit, soft=soft, reserve=reserve)
+    return limit
 
 
 def json_error_body(code: str, message: str) -> bytes:
@@ -342,11 +425,23 @@ class RollerHTTPChannel(http.HTTPChannel):
 
     lingerTimeout: float = 5.0
     lingerBytes: int = 4 << 20
+    #: Seconds for a request's headers, from its first byte (for a new
+    #: connection: from the connection); None: no limit.
+    headerTimeout: Optional[float] = DEFAULT_HEADER_TIMEOUT
+    #: Seconds for a request's body, from the end of its headers.
+    bodyTimeout: Optional[float] = DEFAULT_BODY_TIMEOUT
 
     _draining = False
     _lingering = False
     _lingerCall = None
     discarded = 0
+
+    _readCall = None
+    _readPhase = "headers"
+    #: Bytes of the request now being read have arrived.
+    _readStarted = False
+    #: No longer counted by the site (lost, or aborted to make room).
+    _countedOut = False
 
     _host = None
 
@@ -359,12 +454,81 @@ class RollerHTTPChannel(http.HTTPChannel):
             self._host = super().getHost()
         return self._host
 
+    # -- read deadlines and the site's bookkeeping ---------------------------
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._siteCall("_channel_waiting")
+        # A new connection must send its first request's headers in time.
+        self._startReadDeadline("headers")
+
+    def _siteCall(self, name: str) -> None:
+        method = getattr(getattr(self, "site", None), name, None)
+        if method is not None:
+            method(self)
+
+    def _startReadDeadline(self, phase: str) -> None:
+        self._cancelReadDeadline()
+        self._readPhase = phase
+        seconds = self.headerTimeout if phase == "headers" else self.bodyTimeout
+        if seconds:
+            self._readCall = self.callLater(seconds, self._readTimedOut)
+
+    def _cancelReadDeadline(self) -> None:
+        if self._readCall is not None:
+            if self._readCall.active():
+                self._readCall.cancel()
+            self._readCall = None
+
+    def _readTimedOut(self) -> None:
+        """
+        The request did not arrive in time: 408 if the client sent part of
+        one, else just close (an idle new connection gets no answer).
+        """
+        self._readCall = None
+        phase = self._readPhase
+        method = getattr(getattr(self, "site", None), "count_dropped", None)
+        if method is not None:
+            method(f"{phase}_timeout")
+        if self.transport is None or self._draining:
+            return
+        if not self._readStarted:
+            self.closeAfterResponse()
+            self.loseConnection()
+            return
+        seconds = self.headerTimeout if phase == "headers" else self.bodyTimeout
+        self._respondRaw(
+            408,
+            "request_timeout",
+            f"the request {phase} did not arrive within {seconds:g} seconds",
+        )
+
+    def allContentReceived(self) -> None:
+        # The request is complete: the resource works on it now.
+        self._cancelReadDeadline()
+        self._readStarted = False
+        self._siteCall("_channel_busy")
+        super().allContentReceived()
+
+    def requestDone(self, request: Any) -> None:
+        if self.persistent and not self._draining:
+            # Idle until the next request (Twisted's idle timeout runs);
+            # a pipelined one already buffered is played back just now.
+            self._siteCall("_channel_waiting")
+        super().requestDone(request)
+
     # -- input --------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
         if self._draining:
             self._discard(data)
             return
+        if not (self._readStarted or self._handlingRequest):
+            # The first bytes of a request: its headers are due.
+            self._readStarted = True
+            if self._readCall is None:
+                self._startReadDeadline("headers")
+            self._siteCall("_channel_waiting")
         super().dataReceived(data)
 
     def rawDataReceived(self, data: bytes) -> None:
@@ -424,6 +588,7 @@ class RollerHTTPChannel(http.HTTPChannel):
         C{100 Continue} and before the body is read.
         """
         request = self.requests[-1]
+        self._startReadDeadline("body")
         violation = None
         limit_violation = getattr(request, "limit_violation", None)
         if limit_violation is not None:
@@ -507,6 +672,7 @@ class RollerHTTPChannel(http.HTTPChannel):
         """
         self._draining = True
         self.persistent = False
+        self._cancelReadDeadline()
 
     def loseConnection(self) -> None:
         if not self._draining:
@@ -515,6 +681,8 @@ class RollerHTTPChannel(http.HTTPChannel):
         if self._lingering:
             return
         self._lingering = True
+        # Lingering is the first thing to go when the site needs room.
+        self._siteCall("_channel_waiting")
         transport = self.transport
         self.setTimeout(None)
         self._networkProducer.unregisterProducer()
@@ -546,7 +714,21 @@ class RollerHTTPChannel(http.HTTPChannel):
         if self._lingerCall is not None and self._lingerCall.active():
             self._lingerCall.cancel()
         self._lingerCall = None
+        self._cancelReadDeadline()
+        self._siteCall("_channel_lost")
         super().connectionLost(reason)
+
+
+class _Refused(Protocol):
+    """
+    A connection over L{RollerSite.max_connections} with nothing to make
+    room: closed as soon as it is made, nothing read or written.  (A
+    protocol rather than C{None} from C{buildProtocol}: a TLS listener wraps
+    whatever the site returns.)
+    """
+
+    def connectionMade(self) -> None:
+        self.transport.abortConnection()
 
 
 class RollerSite(server.Site):
@@ -557,9 +739,16 @@ class RollerSite(server.Site):
     @param resource: the root resource, e.g. C{app.resource()} of a Klein app.
     @param max_body: largest request body accepted, in bytes.
     @param max_uri: longest request-target accepted, in bytes.
+    @param header_timeout: seconds a request's headers may take to arrive
+        (L{RollerHTTPChannel.headerTimeout}); None: no limit.
+    @param body_timeout: seconds a request's body may take to arrive
+        after its headers; None: no limit.
+    @param idle_timeout: seconds a connection may stay silent (between
+        keep-alive requests, or within one): Twisted's C{timeout}.
+    @param max_connections: connections open at once, over all the
+        listeners this site serves; 0: no cap (see L{connection_limit}).
     @param kwargs: anything L{server.Site} takes (C{requestFactory},
-        C{timeout}, C{logPath}, C{logFormatter}, C{reactor},
-        C{parsePOSTFormSubmission}).
+        C{logPath}, C{logFormatter}, C{reactor}, C{parsePOSTFormSubmission}).
     """
 
     protocol = RollerHTTPChannel  # type: ignore[assignment]
@@ -572,14 +761,95 @@ class RollerSite(server.Site):
         *,
         max_body: int = DEFAULT_MAX_BODY,
         max_uri: int = DEFAULT_MAX_URI,
+        header_timeout: Optional[float] = DEFAULT_HEADER_TIMEOUT,
+        body_timeout: Optional[float] = DEFAULT_BODY_TIMEOUT,
+        idle_timeout: Optional[float] = DEFAULT_IDLE_TIMEOUT,
+        max_connections: int = 0,
         **kwargs: object,
     ) -> None:
-        for name, value in (("max_body", max_body), ("max_uri", max_uri)):
+        for name, value in (("max_body", max_body), ("max_uri", max_uri), ("max_connections", max_connections)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be a non-negative int, not {value!r}")
+        for name, value in (("header_timeout", header_timeout), ("body_timeout", body_timeout),
+                            ("idle_timeout", idle_timeout)):
+            if value is not None and (not isinstance(value, (int, float)) or value <= 0):
+                raise ValueError(f"{name} must be a positive number or None, not {value!r}")
+        kwargs.setdefault("timeout", idle_timeout)
         super().__init__(resource, **kwargs)
         self.max_body = max_body
         self.max_uri = max_uri
+        self.header_timeout = header_timeout
+        self.body_timeout = body_timeout
+        self.max_connections = max_connections
+        #: Channels open now (an evicted one no longer counts).
+        self.connections_open = 0
+        #: Connections closed at once: over the cap, nothing to evict.
+        self.connections_refused = 0
+        #: Connections closed by roller before their request arrived, by
+        #: reason: C{headers_timeout}, C{body_timeout}, C{evicted}.
+        self.connections_dropped: dict[str, int] = {}
+        # Channels not working on a request, the longest waiting first
+        # (a dict keeps insertion order; re-inserting moves to the end).
+        self._waiting: dict[RollerHTTPChannel, None] = {}
+
+    # -- connections --------------------------------------------------------
+
+    def buildProtocol(self, addr: Any) -> Any:
+        if self.max_connections and self.connections_open >= self.max_connections:
+            if not self._evict():
+                self.connections_refused += 1
+                return _Refused()
+        channel = super().buildProtocol(addr)
+        channel.headerTimeout = self.header_timeout
+        channel.bodyTimeout = self.body_timeout
+        self.connections_open += 1
+        return channel
+
+    def _evict(self) -> bool:
+        """
+        Abort the connection that has waited longest for a request; False
+        if every connection is busy with one.
+        """
+        while self._waiting:
+            channel = next(iter(self._waiting))
+            del self._waiting[channel]
+            if channel._countedOut or channel.transport is None:
+                continue
+            channel._countedOut = True
+            self.connections_open -= 1
+            self.count_dropped("evicted")
+            channel.transport.abortConnection()
+            return True
+        return False
+
+    def count_dropped(self, reason: str) -> None:
+        self.connections_dropped[reason] = self.connections_dropped.get(reason, 0) + 1
+
+    def _channel_waiting(self, channel: RollerHTTPChannel) -> None:
+        if not channel._countedOut:
+            self._waiting.pop(channel, None)
+            self._waiting[channel] = None
+
+    def _channel_busy(self, channel: RollerHTTPChannel) -> None:
+        self._waiting.pop(channel, None)
+
+    def _channel_lost(self, channel: RollerHTTPChannel) -> None:
+        self._waiting.pop(channel, None)
+        if not channel._countedOut:
+            channel._countedOut = True
+            self.connections_open -= 1
+
+    def connection_stats(self) -> dict[str, Any]:
+        """
+        For C{/metrics}: C{open}, C{max} (0: no cap), C{refused}, and
+        C{dropped} by reason.
+        """
+        return {
+            "open": self.connections_open,
+            "max": self.max_connections,
+            "refused": self.connections_refused,
+            "dropped": dict(self.connections_dropped),
+        }
 
     def log(self, request: IRequest) -> None:
         """
