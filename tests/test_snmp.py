@@ -129,8 +129,8 @@ def result_of(d: Deferred) -> Any:
 
 
 def idle(client: SnmpClient) -> bool:
-    """Nothing left inside the engine for any request."""
-    return (not client._inflight and not client.dispatcher.jobs_are_pending()
+    """Nothing left inside any engine for any request."""
+    return (client.idle() and not client._inflight and not client.dispatcher.jobs_are_pending()
             and client.in_flight == 0)
 
 
@@ -357,16 +357,63 @@ def test_version_peek_answers_exactly_like_pysnmp(data, client):
         assert int(_peek_message_version(encoder.encode(msg))) == version
 
 
-def test_one_user_name_cannot_have_two_sets_of_keys(clock, client):
-    a = Credential(name="a", kind="snmp-v3", user="roller", auth_protocol="SHA", auth_key="k" * 8,
-                   priv_protocol="AES", priv_key="p" * 8)
-    b = Credential(name="b", kind="snmp-v3", user="roller", auth_protocol="SHA", auth_key="x" * 8,
-                   priv_protocol="AES", priv_key="p" * 8)
-    client.get(target(credential=a), [SYS_OBJECT_ID]).cancel()
-    failure = result_of(client.get(target(credential=b), [SYS_OBJECT_ID]))
-    assert failure.check(SnmpConfigError)
-    assert "'b'" in str(failure.value) and "'a'" in str(failure.value)
-    assert "xxxxxxxx" not in str(failure.value) and "kkkkkkkk" not in str(failure.value)
+def cancelled(d: Deferred) -> Deferred:
+    """C{d}, cancelled, its failure handled."""
+    d.cancel()
+    d.addErrback(lambda f: f.trap(CancelledError) and None)
+    return d
+
+
+def v3(name: str, user: str = "roller", auth: str = "SHA", auth_key: str = "k" * 8, priv: str = "AES",
+       priv_key: str = "p" * 8) -> Credential:
+    return Credential(name=name, kind="snmp-v3", user=user, auth_protocol=auth, auth_key=auth_key,
+                      priv_protocol=priv, priv_key=priv_key)
+
+
+def test_one_user_name_with_several_sets_of_keys_gets_one_engine_per_set(clock, client):
+    a = v3("a")
+    b = v3("b", auth_key="x" * 8)
+    c = v3("c", auth="SHA256", priv="AES256")
+    other = v3("other", user="someone-else", auth_key="y" * 8)
+    ds = [client.get(target(credential=cred), [SYS_OBJECT_ID]) for cred in (a, b, c, other)]
+    # every request went out (v3 discovery first), none was refused
+    assert all(not d.called for d in ds)
+    # communities and distinct user names share the first engine; each
+    # further set of keys for "roller" has one of its own, with its own socket
+    assert client.engines == 3
+    assert len(clock.ports) == 3
+    lanes = {cred.name: client._lane(target(credential=cred)) for cred in (a, b, c, other)}
+    assert lanes["a"] is lanes["other"] is client._base
+    assert len({id(lanes["a"]), id(lanes["b"]), id(lanes["c"])}) == 3
+    # the same keys under another credential name use the same engine
+    assert client._lane(target(credential=v3("a-again"))) is lanes["a"]
+    for d in ds:
+        assert cancelled(d).called
+    assert idle(client)
+
+
+def test_an_idle_extra_engine_is_closed_and_comes_back_when_used(clock, client):
+    a, b = v3("a"), v3("b", auth_key="x" * 8)
+    cancelled(client.get(target(credential=a), [SYS_OBJECT_ID]))
+    d = client.get(target(credential=b), [SYS_OBJECT_ID])
+    assert client.engines == 2
+    clock.advance(client.idle_close + 1)  # a request in flight keeps it open however long
+    assert client.engines == 2 and not d.called
+    cancelled(d)
+    extra = clock.ports[-1]
+    clock.advance(client.idle_close - 1)
+    assert client.engines == 2
+    clock.advance(2)
+    assert client.engines == 1 and not extra.listening
+    # the first engine is never closed for idleness
+    clock.advance(10 * client.idle_close)
+    assert client.engines == 1 and clock.ports[0].listening
+    # the keys register again when used again
+    cancelled(client.get(target(credential=b), [SYS_OBJECT_ID]))
+    assert client.engines == 2 and clock.ports[-1].listening
+    client.close()
+    assert clock.getDelayedCalls() == []
+    assert not any(p.listening for p in clock.ports)
 
 
 def test_dispatcher_ticks_only_with_transports_and_close_leaves_nothing(clock, client):

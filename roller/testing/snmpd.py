@@ -103,8 +103,12 @@ def skip_reason() -> Optional[str]:
     return None
 
 
-def agent_credentials() -> dict[str, Any]:
-    """roller L{Credential}s that every L{SnmpAgent} accepts, by name."""
+def agent_credentials(users: Optional[dict[str, tuple]] = None) -> dict[str, Any]:
+    """
+    roller L{Credential}s that an L{SnmpAgent} accepts, by name: the
+    communities, and one per v3 user (of C{users}, by default L{V3_USERS},
+    which every agent made without C{users} has).
+    """
     from roller.secrets import Credential
 
     out = {
@@ -112,7 +116,7 @@ def agent_credentials() -> dict[str, Any]:
                           read_community=READ_COMMUNITY),
         "v2c-ro": Credential(name="v2c-ro", kind="snmp-community", community=READ_COMMUNITY),
     }
-    for user, (auth, auth_key, priv, priv_key, _) in V3_USERS.items():
+    for user, (auth, auth_key, priv, priv_key, _) in (V3_USERS if users is None else users).items():
         out[user] = Credential(name=user, kind="snmp-v3", user=user,
                                auth_protocol=auth if auth != "none" else None,
                                auth_key=auth_key,
@@ -174,8 +178,12 @@ class SnmpAgent(DaemonProcess):
 
     def __init__(self, *, sys_object_id: str = "1.3.6.1.4.1.8072.3.2.10", settle: float = 0.05,
                  reboot_off: float = 0.2, pdus: bool = True, ipv6: bool = False,
-                 workdir: str | os.PathLike | None = None, snmpd: str = SNMPD):
+                 workdir: str | os.PathLike | None = None, snmpd: str = SNMPD,
+                 users: Optional[dict[str, tuple]] = None):
         self.snmpd = snmpd
+        #: user -> (auth protocol, auth key, priv protocol, priv key, level),
+        #: as in L{V3_USERS} (the default); L{change_keys} updates it.
+        self.users = dict(V3_USERS if users is None else users)
         self.sys_object_id = sys_object_id.lstrip(".")
         self.settle = settle
         self.reboot_off = reboot_off
@@ -194,8 +202,37 @@ class SnmpAgent(DaemonProcess):
     # -- credentials
 
     def credentials(self) -> dict[str, Any]:
-        """roller L{Credential}s by name: C{v2c}, C{v2c-ro} and one per V3 user."""
-        return agent_credentials()
+        """roller L{Credential}s by name: C{v2c}, C{v2c-ro} and one per v3 user (its keys now)."""
+        return agent_credentials(self.users)
+
+    def change_keys(self, user: str, auth_key: Optional[str] = None, priv_key: Optional[str] = None,
+                    timeout: float = 10.0) -> None:
+        """
+        Give C{user} new pass phrases in the running agent, as an operator
+        rotating keys would: rewrite its configuration and send snmpd
+        SIGHUP (snmpd reconfigures itself, keeping its engine id and boot
+        count); returns once the new keys answer.
+        """
+        auth, old_auth, priv, old_priv, level = self.users[user]
+        self.users[user] = (auth, auth_key or old_auth, priv, priv_key or old_priv, level)
+        self.config_path.write_text(self._config())
+        os.kill(self.process.pid, signal.SIGHUP)
+        self._wait_ready(lambda: self._answers_v3(user), timeout, SnmpdStartError,
+                         where=f"{self.host}:{self.port} (new keys of {user})")
+
+    def _answers_v3(self, user: str) -> bool:
+        auth, auth_key, priv, priv_key, level = self.users[user]
+        argv = [SNMPGET, "-v3", "-u", user, "-t", "0.2", "-r", "0", "-On", "-M", "/dev/null"]
+        if auth == "none":
+            argv += ["-l", "noAuthNoPriv"]
+        else:
+            argv += ["-l", "authPriv" if priv != "none" else "authNoPriv", "-a", _NETSNMP_AUTH[auth],
+                     "-A", auth_key]
+            if priv != "none":
+                argv += ["-x", _NETSNMP_PRIV[priv], "-X", priv_key]
+        argv += [f"{self.host}:{self.port}", ".1.3.6.1.2.1.1.2.0"]
+        r = subprocess.run(argv, capture_output=True, text=True, env={"MIBS": "", "PATH": "/usr/bin:/bin"})
+        return r.returncode == 0 and self.sys_object_id in r.stdout
 
     # -- files
 
@@ -220,7 +257,7 @@ class SnmpAgent(DaemonProcess):
         ]
         if self.ipv6:
             lines += [f"rwcommunity6 {COMMUNITY} ::1", f"rocommunity6 {READ_COMMUNITY} ::1"]
-        for user, (auth, auth_key, priv, priv_key, level) in V3_USERS.items():
+        for user, (auth, auth_key, priv, priv_key, level) in self.users.items():
             create = f"createUser {user}"
             if auth != "none":
                 create += f' {_NETSNMP_AUTH[auth]} "{auth_key}"'

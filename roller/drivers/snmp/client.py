@@ -7,10 +7,13 @@ An SNMP client with a Deferred API: pysnmp's engine on the Twisted reactor.
     await client.set(target, [("1.3.6.1.4.1.1718.3.2.3.1.11.1.1.8", 3)])
     client.close()
 
-One C{SnmpEngine} per client, and one client per process: every request
-goes through the engine's command generators (C{GetCommandGenerator},
-C{SetCommandGenerator}) over the Twisted carrier of
-L{roller.drivers.snmp.carrier}, and any number can be in flight at once.
+One client per process: every request goes through a pysnmp engine's
+command generators (C{GetCommandGenerator}, C{SetCommandGenerator}) over
+the Twisted carrier of L{roller.drivers.snmp.carrier}, and any number can
+be in flight at once.  One engine serves every community and every v3
+user name; a v3 user name that comes with several sets of keys (one per
+PDU, or old and new keys while they rotate) gets one engine per set, as
+pysnmp's USM holds one set per user name in an engine (see L{SnmpClient}).
 
 Deadlines and retries are roller's, on the injected reactor: each attempt
 has C{timeout} seconds, then the request is sent again (a new request id)
@@ -328,11 +331,12 @@ class _Request:
     """One GET or SET with its attempts."""
 
     __slots__ = ("client", "target", "op", "varbinds", "timeout", "retries", "address",
-                 "attempts", "handle", "timer", "deferred", "finished")
+                 "attempts", "handle", "timer", "deferred", "finished", "lane")
 
     def __init__(self, client: "SnmpClient", target: SnmpTarget, op: str, varbinds: list,
-                 timeout: float, retries: int):
+                 timeout: float, retries: int, lane: "_Lane"):
         self.client = client
+        self.lane = lane
         self.target = target
         self.op = op
         self.varbinds = varbinds
@@ -356,7 +360,7 @@ class _Request:
             return
         self.attempts += 1
         try:
-            self.handle = self.client._send(self)
+            self.handle = self.lane.send(self)
         except SnmpError as e:
             self._fail(e)
             return
@@ -382,7 +386,7 @@ class _Request:
     def _release(self) -> None:
         handle, self.handle = self.handle, None
         if handle is not None:
-            self.client._abandon(handle)
+            self.lane.abandon(handle)
 
     def _finish(self) -> bool:
         """Mark the request done and stop its timer; False if it already was."""
@@ -408,7 +412,7 @@ class _Request:
                     errorStatus: Any, errorIndex: Any, varBinds: Any, cbCtx: Any) -> None:
         if errorIndication is _ABANDONED or sendRequestHandle != self.handle or self.finished:
             return
-        self.client._forget(sendRequestHandle)
+        self.lane.forget(sendRequestHandle)
         self.handle = None
         if errorIndication:
             if isinstance(errorIndication, errind.RequestTimedOut):
@@ -464,46 +468,261 @@ def _indication_text(e: Any) -> str:
     return str(e) or type(e).__name__
 
 
+class _Lane:
+    """
+    One pysnmp engine with its transport dispatcher, its sockets and what
+    is registered in it: communities, SNMPv3 users, target parameters and
+    addresses.
+
+    pysnmp's USM holds one set of keys per user name in an engine: its
+    rows are indexed by user name, and the keys localized for each agent
+    (engine id) are cloned from that row the first time the agent is
+    reached, then kept.  So a lane holds each user name with one set of
+    keys for good (never changed, never removed), and the client puts a
+    credential whose user name a lane already holds with other keys (or
+    other protocols) in another lane.
+    """
+
+    def __init__(self, client: "SnmpClient", number: int):
+        self.client = client
+        self.number = number
+        self.engine = snmp_engine.SnmpEngine()
+        self.dispatcher = TwistedDispatcher(client.reactor, client.timer_resolution)
+        self.engine.register_transport_dispatcher(self.dispatcher)
+        self.get_generator = cmdgen.GetCommandGenerator()
+        self.set_generator = cmdgen.SetCommandGenerator()
+        self.transports: dict[tuple, Any] = {}
+        self.targets: dict[tuple, str] = {}
+        self.params: dict[tuple, str] = {}
+        self.communities: dict[str, str] = {}
+        #: user name -> the USM keys registered for it (see L{_usm_keys}).
+        self.users: dict[str, tuple] = {}
+        self.names = itertools.count(1)
+        # sendRequestHandle -> (sendPduHandle, mp model, cbFun, cbCtx) of the
+        # engine message carrying it right now (see track).
+        self.inflight: dict[int, tuple] = {}
+        self.requests = 0  # requests using this lane now
+        self.idle_timer: Any = None
+        self.closed = False
+        md = self.engine.message_dispatcher
+        self._md_send_pdu = md.send_pdu
+        md.send_pdu = self.track
+
+    def __repr__(self) -> str:
+        return (f"<SNMP engine {self.number}: {len(self.users)} v3 user(s), "
+                f"{len(self.communities)} communit(y/ies), {self.requests} request(s)>")
+
+    # -- use
+
+    def acquire(self) -> None:
+        self.requests += 1
+        if self.idle_timer is not None:
+            if self.idle_timer.active():
+                self.idle_timer.cancel()
+            self.idle_timer = None
+
+    def release(self) -> None:
+        self.requests -= 1
+        if self.requests <= 0 and self.number > 0 and not self.closed and self.idle_timer is None:
+            self.requests = 0
+            self.idle_timer = self.client.reactor.callLater(self.client.idle_close, self._idle)
+
+    def _idle(self) -> None:
+        self.idle_timer = None
+        if self.requests == 0:
+            self.client._retire(self)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.idle_timer is not None and self.idle_timer.active():
+            self.idle_timer.cancel()
+        self.idle_timer = None
+        self.engine.close_dispatcher()
+        self.transports.clear()
+        self.users.clear()
+        self.communities.clear()
+
+    # -- registration
+
+    def add_user(self, keys: tuple) -> None:
+        """Register an SNMPv3 user (L{_usm_keys}) that this lane does not hold yet."""
+        user, auth, auth_key, priv, priv_key = keys
+        snmp_config.add_v3_user(self.engine, user, AUTH_PROTOCOLS[auth], auth_key,
+                                PRIV_PROTOCOLS[priv], priv_key)
+        self.users[user] = keys
+
+    def security(self, target: SnmpTarget, write: bool) -> tuple[str, str]:
+        """(securityName, securityLevel) of C{target}'s credential in this engine."""
+        cred = target.credential
+        if cred.kind == "snmp-community":
+            community = cred.community if write else (cred.read_community or cred.community)
+            index = self.communities.get(community)
+            if index is None:
+                index = f"c{next(self.names)}"
+                snmp_config.add_v1_system(self.engine, index, community)
+                self.communities[community] = index
+            return index, "noAuthNoPriv"
+        if (cred.priv_protocol or "none") != "none":
+            return cred.user, "authPriv"
+        if (cred.auth_protocol or "none") != "none":
+            return cred.user, "authNoPriv"
+        return cred.user, "noAuthNoPriv"
+
+    def transport(self, domain: tuple) -> None:
+        if domain in self.transports:
+            return
+        transport_class = Udp6Transport if domain == SNMP_UDP6_DOMAIN else UdpTransport
+        try:
+            transport = transport_class(self.client.reactor).open_client_mode()
+        except PySnmpError as e:
+            raise SnmpConfigError(f"cannot open an SNMP socket: {e}") from None
+        snmp_config.add_transport(self.engine, domain, transport)
+        self.transports[domain] = transport
+
+    def target_name(self, target: SnmpTarget, address: tuple, write: bool) -> str:
+        host = address[0]
+        domain = SNMP_UDP6_DOMAIN if ":" in host else SNMP_UDP_DOMAIN
+        security_name, level = self.security(target, write)
+        mp_model = {"1": 0, "2c": 1, "3": 3}[target.version]
+        key = (domain, host, address[1], security_name, level, mp_model)
+        name = self.targets.get(key)
+        if name is not None:
+            return name
+        self.transport(domain)
+        pkey = (security_name, level, mp_model)
+        params = self.params.get(pkey)
+        if params is None:
+            params = f"p{next(self.names)}"
+            snmp_config.add_target_parameters(self.engine, params, security_name, level, mp_model)
+            self.params[pkey] = params
+        name = f"t{next(self.names)}"
+        snmp_config.add_target_address(self.engine, name, domain, (host, address[1]), params,
+                                       timeout=int(self.client.ENGINE_TIMEOUT * 100), retryCount=0)
+        self.targets[key] = name
+        return name
+
+    # -- sending
+
+    def send(self, request: "_Request") -> int:
+        """
+        Hand one attempt to the engine; the engine's sendRequestHandle.
+
+        This is the command generator's C{send_varbinds} with the PDU built
+        from prepared VarBinds (a fresh PDU, hence request id, per attempt).
+        """
+        if self.closed:
+            raise SnmpConfigError("the SNMP client is closed", request.target.host, request.target.port)
+        target = request.target
+        name = self.target_name(target, request.address, write=request.op == "SET")
+        if request.op == "SET":
+            generator, pdu = self.set_generator, rfc1905.SetRequestPDU()
+        else:
+            generator, pdu = self.get_generator, rfc1905.GetRequestPDU()
+        v2c.apiPDU.set_defaults(pdu)
+        varbind_list = pdu.setComponentByPosition(3).getComponentByPosition(3)
+        for index, varbind in enumerate(request.varbinds):
+            varbind_list.setComponentByPosition(index, varbind, verifyConstraints=False,
+                                                matchTags=False, matchConstraints=False)
+        return generator.send_pdu(self.engine, name, None, target.context, pdu,
+                                  generator.process_response_varbinds, (request.on_response, None))
+
+    # -- engine bookkeeping
+
+    def track(self, snmpEngine: Any, transportDomain: Any, transportAddress: Any,
+              messageProcessingModel: Any, securityModel: Any, securityName: Any,
+              securityLevel: Any, contextEngineId: Any, contextName: Any, pduVersion: Any,
+              PDU: Any, expectResponse: Any, timeout: float = 0, cbFun: Any = None,
+              cbCtx: Any = None) -> Any:
+        """
+        Wraps this engine's C{message_dispatcher.send_pdu}: remembers which
+        engine message (sendPduHandle) carries each command-generator
+        request (the first item of the context cmdgen passes) right now, so
+        that L{abandon} can release it.  v3 discovery re-sends update it.
+        """
+        handle = self._md_send_pdu(snmpEngine, transportDomain, transportAddress,
+                                   messageProcessingModel, securityModel, securityName,
+                                   securityLevel, contextEngineId, contextName, pduVersion, PDU,
+                                   expectResponse, timeout, cbFun, cbCtx)
+        if expectResponse and isinstance(cbCtx, tuple) and cbCtx:
+            self.inflight[cbCtx[0]] = (handle, messageProcessingModel, cbFun, cbCtx)
+        return handle
+
+    def forget(self, send_request_handle: int) -> None:
+        self.inflight.pop(send_request_handle, None)
+
+    def abandon(self, send_request_handle: int) -> None:
+        """
+        Release a request inside the engine: drop its message state (no
+        retransmission, a late answer is discarded) and let the command
+        generator clean up its own record.
+        """
+        entry = self.inflight.pop(send_request_handle, None)
+        if entry is None or self.closed:
+            return
+        pdu_handle, mp_model, cb_fun, cb_ctx = entry
+        try:
+            self.engine.message_dispatcher.release_state_information(self.engine, pdu_handle, mp_model)
+            cb_fun(self.engine, None, None, None, None, None, None, None, None, _abandoned(),
+                   pdu_handle, cb_ctx)
+        except Exception:
+            log.failure("could not release SNMP request {handle}", handle=send_request_handle)
+
+
+def _usm_keys(cred: Credential) -> tuple:
+    """What an SNMPv3 credential registers in an engine: user, protocols and keys."""
+    return (cred.user, cred.auth_protocol or "none", cred.auth_key, cred.priv_protocol or "none",
+            cred.priv_key)
+
+
 class SnmpClient:
     """
-    GET and SET through one pysnmp engine on the Twisted reactor.
+    GET and SET through pysnmp engines on the Twisted reactor.
+
+    Community credentials and SNMPv3 users all go through one engine
+    (lane 0) as long as no two v3 credentials share a user name with
+    different keys or protocols; each further set of keys for a user name
+    already held gets another engine (a lane, with its own socket),
+    created when first used and closed after C{idle_close} seconds without
+    a request.  So any number of credentials may share a user name (each
+    PDU with its own keys; old and new keys side by side while they
+    rotate), and a changed credential is used as it is now, never as an
+    engine remembers it.
 
     @param reactor: C{IReactorUDP}, C{IReactorTime} (and, for host names,
         C{IReactorPluggableNameResolver}) provider.
     @param timeout: Default seconds to wait for an answer to each attempt.
     @param retries: Default number of re-sends after a silent attempt.
-    @param timer_resolution: Seconds between the engine's housekeeping ticks.
+    @param timer_resolution: Seconds between the engines' housekeeping ticks.
+    @param idle_close: Seconds an extra engine (not lane 0) stays open
+        without requests.
     """
 
     #: The engine's own request expiry, in seconds: a backstop only.
     ENGINE_TIMEOUT = 120.0
 
     def __init__(self, reactor: Any, *, timeout: float = 2.0, retries: int = 2,
-                 timer_resolution: float = 0.5):
+                 timer_resolution: float = 0.5, idle_close: float = 300.0):
         _check_timeout(timeout)
         _check_retries(retries)
+        if isinstance(idle_close, bool) or not isinstance(idle_close, (int, float)) or idle_close <= 0:
+            raise ValueError(f"idle_close must be a positive number of seconds, not {idle_close!r}")
         self.reactor = reactor
         self.timeout = float(timeout)
         self.retries = int(retries)
+        self.timer_resolution = timer_resolution
+        self.idle_close = float(idle_close)
         # pyasn1 (de)serialization is most of the engine's CPU per request:
         # byte-identical fast paths for the version peek and for v1/v2c
         # messages (roller.drivers.snmp.ber); v3 is untouched.
         _install_version_peek()
         ber.install()
-        self.engine = snmp_engine.SnmpEngine()
-        self.dispatcher = TwistedDispatcher(reactor, timer_resolution)
-        self.engine.register_transport_dispatcher(self.dispatcher)
-        self._get = cmdgen.GetCommandGenerator()
-        self._set = cmdgen.SetCommandGenerator()
-        self._transports: dict[tuple, Any] = {}
-        self._targets: dict[tuple, str] = {}
-        self._params: dict[tuple, str] = {}
-        self._communities: dict[str, str] = {}
-        self._users: dict[str, tuple] = {}
-        self._names = itertools.count(1)
-        # sendRequestHandle -> (sendPduHandle, mp model, cbFun, cbCtx) of the
-        # engine message carrying it right now (see _track).
-        self._inflight: dict[int, tuple] = {}
+        self._lane_numbers = itertools.count(0)
+        self._base = _Lane(self, next(self._lane_numbers))
+        self._lanes: list[_Lane] = [self._base]
+        #: v3 keys (L{_usm_keys}) -> the lane holding them.
+        self._by_keys: dict[tuple, _Lane] = {}
         self._requests: set[_Request] = set()
         self._closed = False
         # Per-request work that repeats (PDU control SETs and status GETs
@@ -514,13 +733,38 @@ class SnmpClient:
         # parsed ObjectName by OID as given (never modified once built).
         self._names_by_oid: dict[str, Any] = {}
         self._addresses: dict[tuple, Optional[tuple]] = {}
-        md = self.engine.message_dispatcher
-        self._md_send_pdu = md.send_pdu
-        md.send_pdu = self._track
 
     def __repr__(self) -> str:
         return (f"SnmpClient(timeout={self.timeout:g}, retries={self.retries}, "
-                f"in_flight={len(self._requests)})")
+                f"in_flight={len(self._requests)}, engines={len(self._lanes)})")
+
+    @property
+    def engine(self) -> Any:
+        """The first engine (communities, and v3 users while their names are distinct)."""
+        return self._base.engine
+
+    @property
+    def dispatcher(self) -> TwistedDispatcher:
+        """The first engine's transport dispatcher."""
+        return self._base.dispatcher
+
+    @property
+    def engines(self) -> int:
+        """How many pysnmp engines are open."""
+        return len(self._lanes)
+
+    @property
+    def _inflight(self) -> dict[int, tuple]:
+        """Engine messages of unanswered requests, every engine's."""
+        out: dict[int, tuple] = {}
+        for lane in self._lanes:
+            out.update(lane.inflight)
+        return out
+
+    def idle(self) -> bool:
+        """Nothing is in flight and no engine holds state for a request."""
+        return not self._requests and all(
+            not lane.inflight and not lane.dispatcher.jobs_are_pending() for lane in self._lanes)
 
     @property
     def in_flight(self) -> int:
@@ -570,8 +814,59 @@ class SnmpClient:
         self._closed = True
         for request in list(self._requests):
             request.deferred.cancel()
-        self.engine.close_dispatcher()
-        self._transports.clear()
+        for lane in self._lanes:
+            lane.close()
+        self._lanes = [self._base]
+        self._by_keys.clear()
+
+    # -- lanes
+
+    def _lane(self, target: SnmpTarget) -> _Lane:
+        """
+        The lane C{target}'s credential is registered in (registering it
+        first if needed: lane 0 for communities, else the first lane that
+        does not hold the v3 user name yet, else a new one).
+
+        @raise SnmpConfigError: unsupported protocols, or pysnmp refused
+            the credential.
+        """
+        cred = target.credential
+        if cred.kind != "snmp-v3":
+            return self._base
+        keys = _usm_keys(cred)
+        lane = self._by_keys.get(keys)
+        if lane is not None:
+            return lane
+        auth, priv = keys[1], keys[3]
+        if auth not in AUTH_PROTOCOLS or priv not in PRIV_PROTOCOLS:
+            raise SnmpConfigError(f"credential {cred.name!r}: unsupported protocol {auth}/{priv}",
+                                  target.host, target.port)
+        for lane in self._lanes:
+            if cred.user not in lane.users:
+                break
+        else:
+            lane = _Lane(self, next(self._lane_numbers))
+            self._lanes.append(lane)
+            log.info("SNMPv3 user {user!r} of credential {name!r} has other keys or protocols than "
+                     "another credential with that user name: using SNMP engine {number} for it",
+                     user=cred.user, name=cred.name, number=lane.number)
+        try:
+            lane.add_user(keys)
+        except PySnmpError as e:
+            raise SnmpConfigError(f"credential {cred.name!r}: pysnmp refused the SNMPv3 user: "
+                                  f"{type(e).__name__}", target.host, target.port) from None
+        self._by_keys[keys] = lane
+        return lane
+
+    def _retire(self, lane: _Lane) -> None:
+        """Close an extra lane that has been idle; its credentials register again when used."""
+        if lane is self._base or lane.requests:
+            return
+        log.debug("closing idle SNMP engine {number}", number=lane.number)
+        for keys in [k for k, v in self._by_keys.items() if v is lane]:
+            del self._by_keys[keys]
+        self._lanes.remove(lane)
+        lane.close()
 
     # -- requests
 
@@ -586,9 +881,13 @@ class SnmpClient:
         try:
             timeout = self.timeout if timeout is None else _check_timeout(timeout)
             retries = self.retries if retries is None else _check_retries(retries)
+            lane = self._lane(target)
         except ValueError as e:
             return fail(SnmpConfigError(str(e), target.host, target.port))
-        request = _Request(self, target, op, varbinds, float(timeout), int(retries))
+        except SnmpConfigError as e:
+            return fail(e)
+        request = _Request(self, target, op, varbinds, float(timeout), int(retries), lane)
+        lane.acquire()
         self._requests.add(request)
         request.deferred.addBoth(self._done, request)
         key = (target.host, target.port)
@@ -621,6 +920,7 @@ class SnmpClient:
 
     def _done(self, result: Any, request: _Request) -> Any:
         self._requests.discard(request)
+        request.lane.release()
         return result
 
     def _resolve(self, target: SnmpTarget, timeout: float) -> Deferred:
@@ -661,137 +961,6 @@ class SnmpClient:
                 self._varbinds.clear()
             self._varbinds[key] = varbind
         return varbind
-
-    def _send(self, request: _Request) -> int:
-        """
-        Hand one attempt to the engine; the engine's sendRequestHandle.
-
-        This is the command generator's C{send_varbinds} with the PDU built
-        from prepared VarBinds (a fresh PDU, hence request id, per attempt).
-        """
-        target = request.target
-        name = self._target_name(target, request.address, write=request.op == "SET")
-        if request.op == "SET":
-            generator, pdu = self._set, rfc1905.SetRequestPDU()
-        else:
-            generator, pdu = self._get, rfc1905.GetRequestPDU()
-        v2c.apiPDU.set_defaults(pdu)
-        varbind_list = pdu.setComponentByPosition(3).getComponentByPosition(3)
-        for index, varbind in enumerate(request.varbinds):
-            varbind_list.setComponentByPosition(index, varbind, verifyConstraints=False,
-                                                matchTags=False, matchConstraints=False)
-        return generator.send_pdu(self.engine, name, None, target.context, pdu,
-                                  generator.process_response_varbinds, (request.on_response, None))
-
-    # -- engine bookkeeping
-
-    def _track(self, snmpEngine: Any, transportDomain: Any, transportAddress: Any,
-               messageProcessingModel: Any, securityModel: Any, securityName: Any,
-               securityLevel: Any, contextEngineId: Any, contextName: Any, pduVersion: Any,
-               PDU: Any, expectResponse: Any, timeout: float = 0, cbFun: Any = None,
-               cbCtx: Any = None) -> Any:
-        """
-        Wraps this engine's C{message_dispatcher.send_pdu}: remembers which
-        engine message (sendPduHandle) carries each command-generator
-        request (the first item of the context cmdgen passes) right now, so
-        that L{_abandon} can release it.  v3 discovery re-sends update it.
-        """
-        handle = self._md_send_pdu(snmpEngine, transportDomain, transportAddress,
-                                   messageProcessingModel, securityModel, securityName,
-                                   securityLevel, contextEngineId, contextName, pduVersion, PDU,
-                                   expectResponse, timeout, cbFun, cbCtx)
-        if expectResponse and isinstance(cbCtx, tuple) and cbCtx:
-            self._inflight[cbCtx[0]] = (handle, messageProcessingModel, cbFun, cbCtx)
-        return handle
-
-    def _forget(self, send_request_handle: int) -> None:
-        self._inflight.pop(send_request_handle, None)
-
-    def _abandon(self, send_request_handle: int) -> None:
-        """
-        Release a request inside the engine: drop its message state (no
-        retransmission, a late answer is discarded) and let the command
-        generator clean up its own record.
-        """
-        entry = self._inflight.pop(send_request_handle, None)
-        if entry is None:
-            return
-        pdu_handle, mp_model, cb_fun, cb_ctx = entry
-        try:
-            self.engine.message_dispatcher.release_state_information(self.engine, pdu_handle, mp_model)
-            cb_fun(self.engine, None, None, None, None, None, None, None, None, _abandoned(),
-                   pdu_handle, cb_ctx)
-        except Exception:
-            log.failure("could not release SNMP request {handle}", handle=send_request_handle)
-
-    def _transport(self, domain: tuple) -> None:
-        if domain in self._transports:
-            return
-        transport_class = Udp6Transport if domain == SNMP_UDP6_DOMAIN else UdpTransport
-        try:
-            transport = transport_class(self.reactor).open_client_mode()
-        except PySnmpError as e:
-            raise SnmpConfigError(f"cannot open an SNMP socket: {e}") from None
-        snmp_config.add_transport(self.engine, domain, transport)
-        self._transports[domain] = transport
-
-    def _security(self, target: SnmpTarget, write: bool) -> tuple[str, str]:
-        """Register the credential with the engine; (securityName, securityLevel)."""
-        cred = target.credential
-        if cred.kind == "snmp-community":
-            community = cred.community if write else (cred.read_community or cred.community)
-            index = self._communities.get(community)
-            if index is None:
-                index = f"c{next(self._names)}"
-                snmp_config.add_v1_system(self.engine, index, community)
-                self._communities[community] = index
-            return index, "noAuthNoPriv"
-        auth = cred.auth_protocol or "none"
-        priv = cred.priv_protocol or "none"
-        keys = (auth, cred.auth_key, priv, cred.priv_key)
-        known = self._users.get(cred.user)
-        if known is None:
-            if auth not in AUTH_PROTOCOLS or priv not in PRIV_PROTOCOLS:
-                raise SnmpConfigError(f"credential {cred.name!r}: unsupported protocol "
-                                      f"{auth}/{priv}", target.host, target.port)
-            snmp_config.add_v3_user(self.engine, cred.user, AUTH_PROTOCOLS[auth], cred.auth_key,
-                                    PRIV_PROTOCOLS[priv], cred.priv_key)
-            self._users[cred.user] = keys + (cred.name,)
-        elif known[:4] != keys:
-            raise SnmpConfigError(
-                f"credential {cred.name!r} has SNMPv3 user {cred.user!r} with other keys or "
-                f"protocols than credential {known[4]!r}: one roller process holds one set of "
-                "keys per user name (restart roller after changing keys, or use distinct user "
-                "names)", target.host, target.port)
-        if priv != "none":
-            level = "authPriv"
-        elif auth != "none":
-            level = "authNoPriv"
-        else:
-            level = "noAuthNoPriv"
-        return cred.user, level
-
-    def _target_name(self, target: SnmpTarget, address: tuple, write: bool) -> str:
-        host = address[0]
-        domain = SNMP_UDP6_DOMAIN if ":" in host else SNMP_UDP_DOMAIN
-        security_name, level = self._security(target, write)
-        mp_model = {"1": 0, "2c": 1, "3": 3}[target.version]
-        key = (domain, host, address[1], security_name, level, mp_model)
-        name = self._targets.get(key)
-        if name is not None:
-            return name
-        self._transport(domain)
-        pkey = (security_name, level, mp_model)
-        params = self._params.get(pkey)
-        if params is None:
-            params = f"p{next(self._names)}"
-            snmp_config.add_target_parameters(self.engine, params, security_name, level, mp_model)
-            self._params[pkey] = params
-        name = f"t{next(self._names)}"
-        snmp_config.add_target_address(self.engine, name, domain, (host, address[1]), params,
-                                       timeout=int(self.ENGINE_TIMEOUT * 100), retryCount=0)
-        self._targets[key] = name
-        return name
 
     # -- messages
 
