@@ -13,18 +13,18 @@ connection.
 from __future__ import annotations
 
 import heapq
-from collections import Counter
+from collections import Counter, deque
 from typing import Any, Callable
 
-from attrs import field, frozen
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError, gatherResults
+from attrs import define, field, frozen
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, gatherResults, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from roller.errors import Conflict, NotFound, UnavailableError
 from roller.inventory import Machine
 from roller.jobs import Job, JobEvent, State, new_job_id
-from roller.store import Store
+from roller.store import StorageUnavailable, Store
 from roller.tasks import TaskContext, TaskFailed, TaskRegistry, TaskSpec
 
 log = Logger()
@@ -41,6 +41,195 @@ class QueueLimits:
     # Jobs started per reactor turn: a burst of a thousand starts in one turn
     # would keep the API waiting; the rest start on the next turns.
     starts_per_turn: int = 50
+
+
+#: Seconds before the first retry of a job's state change the database
+#: refused; doubled after every failed round, up to L{RECORD_RETRY_MAX}.
+RECORD_RETRY_FIRST = 1.0
+RECORD_RETRY_MAX = 30.0
+#: While a job's writes wait for the database, at most this many of its log
+#: lines are kept (the rest are counted and the count recorded).
+MAX_PENDING_LOG_EVENTS = 500
+#: While writes wait, "still not recorded" is logged at most this often (s).
+RECORD_LOG_INTERVAL = 60.0
+
+
+@define
+class _Write:
+    """A job's state change (C{job} and its event) or some of its log lines (C{job} None)."""
+
+    job: Job | None
+    events: list[JobEvent]
+    d: Deferred = field(factory=Deferred)
+
+
+class JobRecorder:
+    """
+    Writes each job's state changes and log lines to the store in order,
+    one write at a time per job, and retries a write the database refused
+    (L{StorageUnavailable}: locked, full, read-only) with back-off on the
+    injected clock until it is written: a state change that was announced
+    (to the API, the live events, the job's own task) is never lost while
+    roller runs, and an older one never lands after a newer one.
+
+    L{close} (at shutdown) gives each waiting write one more attempt and
+    abandons what still fails, logging which job ended how.
+    """
+
+    def __init__(self, store: Store, clock: Any):
+        self._store = store
+        self._clock = clock
+        self._queues: dict[str, deque[_Write]] = {}
+        self._in_flight: set[str] = set()
+        self._held: set[str] = set()  # job ids whose next write waits for the retry
+        self._dropped: Counter[str] = Counter()
+        self._retry: Any = None
+        self._delay = RECORD_RETRY_FIRST
+        self._since: float | None = None  # when writes started waiting
+        self._logged = 0.0
+        self._closing = False
+        self._idle: list[Deferred] = []
+
+    @property
+    def unrecorded(self) -> int:
+        """State changes announced and not yet written."""
+        return sum(1 for q in self._queues.values() for w in q if w.job is not None)
+
+    def state(self, job: Job, event: JobEvent) -> "Deferred[Job]":
+        """Write C{job}'s row and C{event}; fires with C{job} once written."""
+        w = _Write(job, [event])
+        self._queues.setdefault(job.id, deque()).append(w)
+        self._kick(job.id)
+        return w.d
+
+    def log(self, event: JobEvent) -> None:
+        """Write a job's log line (after the job's earlier writes)."""
+        q = self._queues.setdefault(event.job_id, deque())
+        last = q[-1] if q else None
+        if last is not None and last.job is None and (len(q) > 1 or event.job_id not in self._in_flight):
+            if len(last.events) >= MAX_PENDING_LOG_EVENTS:
+                self._dropped[event.job_id] += 1
+                return
+            last.events.append(event)
+        else:
+            w = _Write(None, [event])
+            w.d.addErrback(lambda f: None)  # its failure is logged in _written
+            q.append(w)
+        self._kick(event.job_id)
+
+    def _kick(self, job_id: str) -> None:
+        q = self._queues.get(job_id)
+        if not q or job_id in self._in_flight or job_id in self._held:
+            return
+        w = q[0]
+        self._in_flight.add(job_id)
+        if w.job is not None:
+            d = self._store.jobs.update(w.job, w.events[0])
+        else:
+            events = list(w.events)
+            dropped = self._dropped.pop(job_id, 0)
+            if dropped:
+                events.append(JobEvent(job_id, events[-1].time, "log", f"{dropped} more log line(s) were not kept "
+                                       "while the database was unavailable"))
+            d = self._store.jobs.add_events(events)
+        d.addBoth(self._written, job_id, w)
+
+    def _written(self, result: Any, job_id: str, w: _Write) -> None:
+        self._in_flight.discard(job_id)
+        q = self._queues[job_id]
+        if isinstance(result, Failure) and result.check(StorageUnavailable) and not self._closing:
+            self._hold(job_id, result.value)
+            return
+        q.popleft()
+        if isinstance(result, Failure):
+            if result.check(StorageUnavailable):  # closing: this was the last attempt
+                self._abandon(job_id, w, result)
+                return
+            what = f"the {w.job.state.value} state" if w.job is not None else "log lines"
+            log.failure("Could not record {what} of job {job_id}", result, what=what, job_id=job_id)
+            w.d.errback(result)
+        else:
+            self._delay = RECORD_RETRY_FIRST
+            w.d.callback(w.job)
+        if q:
+            self._kick(job_id)
+        else:
+            del self._queues[job_id]
+            self._settled()
+
+    def _hold(self, job_id: str, fault: StorageUnavailable) -> None:
+        self._held.add(job_id)
+        now = self._clock.seconds()
+        if self._since is None:
+            self._since = self._logged = now
+            log.warn("Holding job state changes the database refused ({why}); retrying with back-off until "
+                     "they are written", why=fault.what)
+        elif now - self._logged >= RECORD_LOG_INTERVAL:
+            self._logged = now
+            log.warn("{count} job state change(s) still not recorded after {duration:.0f} s ({why}); retrying "
+                     "every {delay:g} s", count=self.unrecorded, duration=now - self._since,
+                     why=fault.what, delay=self._delay)
+        if self._retry is None or not self._retry.active():
+            self._retry = self._clock.callLater(self._delay, self._retry_held)
+            self._delay = min(self._delay * 2, RECORD_RETRY_MAX)
+
+    def _retry_held(self) -> None:
+        held, self._held = self._held, set()
+        for job_id in sorted(held):
+            self._kick(job_id)
+
+    def _settled(self) -> None:
+        if self._held or self._in_flight:
+            return
+        if self._since is not None:
+            log.info("Job state changes held back for {duration:.0f} s are recorded",
+                     duration=self._clock.seconds() - self._since)
+            self._since = None
+        if not self._queues:
+            idle, self._idle = self._idle, []
+            for d in idle:
+                d.callback(None)
+
+    def _abandon(self, job_id: str, w: _Write, failure: Failure) -> None:
+        """Give up on C{job_id}'s writes (shutting down, the database still refuses them)."""
+        fault = failure.value
+        for item in [w, *self._queues.pop(job_id, ())]:
+            if item.job is not None and item.job.state.final:
+                job = item.job
+                log.error("Job {job_id} ({task} on {worker}) ended {state} ({outcome}) but roller could not record "
+                          "it before stopping ({why}); the database will show it interrupted",
+                          job_id=job_id, task=job.task_name, worker=job.worker_id, state=job.state.value,
+                          outcome=job.result if job.error is None else job.error, why=fault.what)
+            item.d.errback(failure)
+        self._dropped.pop(job_id, None)
+        self._settled()
+
+    def close(self) -> "Deferred[None]":
+        """
+        Shutting down: try every waiting write once more now and abandon
+        (log) what still fails.  Fires once nothing is left.
+        """
+        self._closing = True
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry_held()
+        if not self._queues:
+            return succeed(None)
+        d: Deferred = Deferred()
+        self._idle.append(d)
+        return d
+
+
+def _shield(d: Deferred) -> Deferred:
+    """A Deferred with C{d}'s result whose cancellation does not cancel C{d}."""
+    out: Deferred = Deferred()
+
+    def passon(result: Any) -> None:
+        if not out.called:
+            out.callback(result) if not isinstance(result, Failure) else out.errback(result)
+
+    d.addBoth(passon)
+    return out
 
 
 class JobQueue:
@@ -70,6 +259,9 @@ class JobQueue:
         self._drivers = drivers
         self._accepting = True
         self._jobs: dict[str, Job] = {}  # queued and running
+        self._ended: dict[str, Job] = {}  # ended, the end not yet recorded
+        self._ending: dict[str, list[Deferred]] = {}  # fire with the final job when it ends
+        self._recorder = JobRecorder(store, reactor)
         self._machines: dict[str, Machine] = {}  # job id -> machine snapshot
         self._heap: list[tuple[int, int, str]] = []
         self._active_key: dict[tuple[str, str, str], str] = {}  # (group, worker, task) -> job id
@@ -100,7 +292,17 @@ class JobQueue:
         return lambda: self._listeners.remove(listener) if listener in self._listeners else None
 
     def active(self, job_id: str) -> Job | None:
-        return self._jobs.get(job_id)
+        """
+        The freshest copy of a job this process holds: queued, running, or
+        ended with its end not yet recorded (the database refused the write
+        and it is being retried), so reads never show an older state.
+        """
+        return self._jobs.get(job_id) or self._ended.get(job_id)
+
+    @property
+    def unrecorded(self) -> int:
+        """Job state changes announced and not yet written (the database refused them)."""
+        return self._recorder.unrecorded
 
     def queued(self) -> list[Job]:
         return sorted(
@@ -121,7 +323,7 @@ class JobQueue:
 
     def wait(self, job_id: str) -> "Deferred[Job]":
         """Fires with the job once it has reached a final state and been persisted."""
-        if job_id not in self._jobs:
+        if job_id not in self._jobs and job_id not in self._ended:
             return self._store.jobs.get(job_id)
         d: Deferred = Deferred()
         self._waiters.setdefault(job_id, []).append(d)
@@ -199,15 +401,26 @@ class JobQueue:
         return left
 
     async def stop(self, reason: str = "roller is shutting down") -> None:
-        """Stop accepting jobs; interrupt the running ones and persist that."""
+        """
+        Stop accepting jobs; interrupt the running ones and persist that.
+        State changes the database refused get one more attempt; those it
+        still refuses are logged (which job ended how) and given up.
+        """
         self.stop_accepting()
         running = list(self._running)
-        waits = [self.wait(i) for i in running]
+        ends = [self._until_ended(i) for i in running]
         for job_id in running:
             self._cancel_reason[job_id] = (State.interrupted, reason)
             self._running[job_id].cancel()
-        for d in waits:
+        for d in ends:
             await d
+        await self._recorder.close()
+
+    def _until_ended(self, job_id: str) -> "Deferred[Job]":
+        """Fires with the final job as soon as running job C{job_id} ends (before it is recorded)."""
+        d: Deferred = Deferred()
+        self._ending.setdefault(job_id, []).append(d)
+        return d
 
     # -- submitting and cancelling
 
@@ -274,6 +487,8 @@ class JobQueue:
         already finished, L{NotFound} if there is no such job.
         """
         job = self._jobs.get(job_id)
+        if job is None and job_id in self._ended:
+            raise Conflict(f"job {job_id} already ended: {self._ended[job_id].state.value}", code="job_finished")
         if job is None:
             stored = await self._store.jobs.get(job_id)
             if stored is None:
@@ -281,19 +496,30 @@ class JobQueue:
             raise Conflict(f"job {job_id} already ended: {stored.state.value}", code="job_finished")
         message = f"cancelled by {by}"
         if job.state is State.queued:
+            # Recorded before it is announced: if the database refuses it, the
+            # job stays queued (and the caller gets 503), never cancelled here
+            # and run after a restart.
             now = self._reactor.seconds()
             final = job.transition(State.cancelled, now, error=message)
+            machine = self._machines[job_id]
             self._forget(final)
+            self._ended[job_id] = final
             event = JobEvent(job_id, now, "state", message, {"state": "cancelled"})
-            final = await self._store.jobs.update(final, event)
+            try:
+                final = await self._store.jobs.update(final, event)
+            except BaseException:
+                del self._ended[job_id]
+                self._requeue(job, machine)
+                raise
+            del self._ended[job_id]
             self._emit(final, event)
             self._notify(final)
             self._pump()
             return final
-        done = self.wait(job_id)
+        ended = self._until_ended(job_id)
         self._cancel_reason[job_id] = (State.cancelled, message)
         self._running[job_id].cancel()
-        return await done
+        return await ended
 
     # -- scheduling
 
@@ -303,6 +529,15 @@ class JobQueue:
         self._active_key[(job.worker_group, job.worker_id, job.task_name)] = job.id
         self._arrival += 1
         heapq.heappush(self._heap, (-job.priority, job.seq or self._arrival, job.id))
+
+    def _requeue(self, job: Job, machine: Machine) -> None:
+        """Put back a queued job whose cancellation could not be recorded."""
+        self._jobs[job.id] = job
+        self._machines[job.id] = machine
+        self._active_key.setdefault((job.worker_group, job.worker_id, job.task_name), job.id)
+        self._arrival += 1
+        heapq.heappush(self._heap, (-job.priority, job.seq or self._arrival, job.id))
+        self._pump()
 
     def _forget(self, job: Job) -> None:
         self._jobs.pop(job.id, None)
@@ -379,7 +614,8 @@ class JobQueue:
             self._endpoint_last[e] = now
         event = JobEvent(job.id, now, "state", "running", {"state": "running"})
         self._emit(job, event)
-        persisted = self._store.jobs.update(job, event)
+        # retried until written; cancelling the run does not cancel the write
+        persisted = _shield(self._recorder.state(job, event))
         run = Deferred.fromCoroutine(self._run(job, spec, machine, persisted))
         self._running[job.id] = run
         run.addBoth(self._finished, job.id)
@@ -428,12 +664,25 @@ class JobQueue:
             self._endpoint_running[e] -= 1
             if not self._endpoint_running[e]:
                 del self._endpoint_running[e]
+        self._ended[job_id] = final
         self._emit(final, event)
-        self._store.jobs.update(final, event).addCallbacks(
-            self._notify,
-            lambda f: log.failure("Could not record the end of job {job_id}", f, job_id=job_id),
-        )
+        for d in self._ending.pop(job_id, []):
+            d.callback(final)
+        # Retried until written (the database may refuse it for a while);
+        # meanwhile reads show the end (active()), never "running".
+        self._recorder.state(final, event).addCallbacks(self._recorded_end, self._unrecorded_end,
+                                                        errbackArgs=(job_id,))
         self._pump()
+
+    def _recorded_end(self, job: Job) -> None:
+        self._ended.pop(job.id, None)
+        self._notify(job)
+
+    def _unrecorded_end(self, failure: Failure, job_id: str) -> None:
+        """Given up (logged by the recorder): waiters learn that the end is not recorded."""
+        self._ended.pop(job_id, None)
+        for d in self._waiters.pop(job_id, []):
+            d.errback(failure)
 
     def _notify(self, job: Job) -> Job:
         for d in self._waiters.pop(job.id, []):
@@ -449,9 +698,7 @@ class JobQueue:
         event = JobEvent(job_id, self._reactor.seconds(), "log", message, data)
         if job is not None:
             self._emit(job, event)
-        self._store.jobs.add_events([event]).addErrback(
-            lambda f: log.failure("Could not record an event of job {job_id}", f, job_id=job_id)
-        )
+        self._recorder.log(event)
 
     def _emit(self, job: Job, event: JobEvent) -> None:
         for listener in list(self._listeners):

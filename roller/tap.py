@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from typing import Any
 
 from twisted.python import usage
@@ -17,6 +18,7 @@ from roller.config import ConfigError, Settings, load_settings
 from roller.gctune import settle_heap
 from roller.secrets import SecretsError, load_secrets
 from roller.service import RollerService
+from roller.store.db import StoreError, check_writable
 
 
 class Options(usage.Options):
@@ -81,7 +83,8 @@ def makeService(options: Options) -> RollerService:
     try:
         settings = settings_from_options(options)
         load_secrets(settings.secrets_file)  # refuse a readable secrets file before starting
-    except (ConfigError, SecretsError) as e:
+        check_writable(settings.db_path, time.time())  # refuse a database that cannot take a write
+    except (ConfigError, SecretsError, StoreError) as e:
         exit_with(str(e))
     service = RollerService(settings, reactor)
 

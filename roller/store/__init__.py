@@ -13,13 +13,13 @@ from typing import Any
 from attrs import frozen
 
 from roller.store.audit import AuditEntry, AuditTable
-from roller.store.db import Database, StoreError
+from roller.store.db import Database, StorageUnavailable, StoreError
 from roller.store.jobs import JobTable
 from roller.store.loans import LoanTable
 from roller.store.machines import MachineTable
 from roller.store.users import UserTable
 
-__all__ = ["Store", "open_store", "StoreError", "AuditEntry"]
+__all__ = ["Store", "open_store", "StoreError", "StorageUnavailable", "AuditEntry"]
 
 
 @frozen

@@ -7,13 +7,23 @@ asked for while a transaction is in flight joins the next one, each in its
 own SAVEPOINT so one failing write fails only its own Deferred.  A write's
 Deferred fires only after COMMIT returned, which is what lets the API
 answer 201 only for a job that is on disk.
+
+Storage faults (the database locked by another process past the busy
+timeout, a full disk, a read-only file system, an I/O error) fail the
+operations they hit with L{StorageUnavailable}, which the web layer answers
+with 503 C{storage_unavailable} and C{Retry-After}.  The first fault is
+logged in one line (repeated at most every L{FAULT_LOG_INTERVAL} seconds
+while it lasts), recovery in another.  After a fault that can leave the
+connection unusable (SQLite keeps a connection opened on a read-only file
+system read-only for good), the connection is closed and the next operation
+opens a new one: roller recovers by itself once the fault clears.
 """
 
 from __future__ import annotations
 
 import os
 import sqlite3
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 from attrs import define
 from twisted.enterprise import adbapi
@@ -21,7 +31,8 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from roller.store.schema import MIGRATIONS
+from roller.errors import UnavailableError
+from roller.store.schema import HEARTBEAT_TABLE, MIGRATIONS
 
 log = Logger()
 T = TypeVar("T")
@@ -110,6 +121,189 @@ class StoreError(Exception):
     """The database could not be opened or migrated; the message says why."""
 
 
+class StorageUnavailable(UnavailableError, StoreError):
+    """
+    The database cannot take this operation now (a storage fault); answered
+    503 C{storage_unavailable} with C{Retry-After: retry_after}.
+
+    @ivar kind: C{locked}, C{disk_full}, C{read_only}, C{io_error} or C{cannot_open}.
+    @ivar what: what is wrong, e.g. "the disk holding the database is full".
+    @ivar detail: SQLite's own words (for the log, not the client).
+    """
+
+    code = "storage_unavailable"
+
+    def __init__(self, kind: str, what: str, retry_after: int, detail: str = ""):
+        super().__init__(f"{what}; try again later")
+        self.kind = kind
+        self.what = what
+        self.retry_after = retry_after
+        self.detail = detail
+
+
+#: SQLite primary result codes that are storage faults: (kind, what is wrong).
+_FAULTS = {
+    5: ("locked", "the database is locked by another process"),  # SQLITE_BUSY
+    6: ("locked", "the database is locked"),  # SQLITE_LOCKED
+    8: ("read_only", "the database is read-only (read-only file system or file)"),  # SQLITE_READONLY
+    10: ("io_error", "the disk holding the database reported an I/O error"),  # SQLITE_IOERR
+    13: ("disk_full", "the disk holding the database is full"),  # SQLITE_FULL
+    14: ("cannot_open", "the database file cannot be opened (missing, unwritable or read-only)"),  # SQLITE_CANTOPEN
+}
+#: For errors without a result code: what SQLite says for each.
+_FAULT_WORDS = (("database is locked", 5), ("database table is locked", 6), ("readonly database", 8),
+                ("disk i/o error", 10), ("disk is full", 13), ("unable to open database file", 14))
+#: Faults after which the connection is closed and a new one opened.
+_REOPEN = frozenset({"read_only", "io_error", "cannot_open"})
+#: Seconds a client is told to wait (Retry-After) per kind of fault.
+RETRY_AFTER = {"locked": 5}
+RETRY_AFTER_DEFAULT = 30
+#: While a fault lasts, it is logged again at most this often (seconds).
+FAULT_LOG_INTERVAL = 60.0
+
+
+def _chain(e: BaseException | None) -> Iterator[BaseException]:
+    seen = 0
+    while e is not None and seen < 10:
+        yield e
+        e = e.__cause__ or e.__context__
+        seen += 1
+
+
+def storage_fault(error: BaseException) -> StorageUnavailable | None:
+    """
+    The L{StorageUnavailable} that C{error} (or an error it was raised
+    while handling, e.g. a failed C{ROLLBACK TO} after the fault) stands
+    for; None if it is not a storage fault.
+    """
+    for e in _chain(error):
+        if isinstance(e, StorageUnavailable):
+            return e
+        if not isinstance(e, sqlite3.Error):
+            continue
+        code = getattr(e, "sqlite_errorcode", None)
+        primary = code & 0xFF if isinstance(code, int) else None
+        if primary not in _FAULTS:
+            text = str(e).lower()
+            primary = next((c for words, c in _FAULT_WORDS if words in text), None)
+        if primary in _FAULTS:
+            kind, what = _FAULTS[primary]
+            name = getattr(e, "sqlite_errorname", None) or type(e).__name__
+            return StorageUnavailable(kind, what, RETRY_AFTER.get(kind, RETRY_AFTER_DEFAULT),
+                                      detail=f"{name}: {e}")
+    return None
+
+
+def _read_fault(error: BaseException, reading: bool) -> StorageUnavailable | None:
+    fault = storage_fault(error)
+    if fault is not None and reading and fault.kind == "read_only":
+        return None  # a write through the query-only readers' connection: a bug, not the storage
+    return fault
+
+
+def _failure_as_fault(failure: Failure, reading: bool = False) -> Failure:
+    """C{failure}, or a failure with its L{StorageUnavailable} if it is a storage fault."""
+    fault = _read_fault(failure.value, reading)
+    if fault is None or fault is failure.value:
+        return failure
+    return Failure(fault)
+
+
+class _Connection(adbapi.Connection):
+    """
+    adbapi's connection wrapper, able to drop its connection (the next
+    operation opens a new one) and quiet about rolling back one that is
+    gone or has no transaction (our statements manage transactions).
+    """
+
+    def drop(self) -> None:
+        if self._connection is not None:
+            try:
+                self._pool.disconnect(self._connection)
+            except Exception:  # closing a broken connection may itself fail
+                self._pool.connections.pop(self._pool.threadID(), None)
+            self._connection = None
+
+    def commit(self) -> None:
+        if self._connection is not None:
+            self._connection.commit()
+
+    def rollback(self) -> None:
+        if self._connection is not None:
+            try:
+                self._connection.rollback()
+            except sqlite3.Error:
+                pass
+
+
+class _Pool(adbapi.ConnectionPool):
+    connectionFactory = _Connection
+
+
+def _drop_if_broken(conn: Any, error: BaseException, reading: bool = False) -> None:
+    """After a fault that can leave C{conn} unusable, close it: the next operation opens a new one."""
+    fault = _read_fault(error, reading)
+    if fault is not None and fault.kind in _REOPEN and isinstance(conn, _Connection):
+        conn.drop()
+
+
+def create_private(path: str) -> None:
+    """
+    Create the database file C{path} (and its directory) readable by its
+    owner only, if it does not exist: it holds password hashes and the
+    audit log.  SQLite gives the C{-wal} and C{-shm} files it makes next to
+    it the same mode.
+    """
+    if path == ":memory:" or path.startswith("file:"):
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, mode=0o700, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+    except FileExistsError:
+        return
+    os.close(fd)
+
+
+def write_heartbeat(c: Cursor, now: float) -> None:
+    """A real, committed write that does not grow the database: one row, overwritten."""
+    c.execute("INSERT INTO heartbeat (id, at) VALUES (1, ?) ON CONFLICT (id) DO UPDATE SET at = excluded.at",
+              (now,))
+
+
+def check_writable(path: str, now: float, *, timeout: float = 5.0) -> None:
+    """
+    Synchronously, before roller starts: open the database at C{path}
+    (creating it, owner-only, if new) and commit a write.  L{StoreError}
+    saying what is wrong if it cannot take one (read-only file system or
+    file, full disk, missing permissions, locked for C{timeout} seconds).
+    """
+    if path == ":memory:":
+        return
+    try:
+        create_private(path)
+        conn = sqlite3.connect(path, timeout=timeout, isolation_level=None)
+    except (OSError, sqlite3.Error) as e:
+        raise StoreError(f"cannot open the database {path}: {_why(e)}") from None
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute(HEARTBEAT_TABLE)
+        write_heartbeat(conn, now)
+        conn.execute("COMMIT")
+    except sqlite3.Error as e:
+        raise StoreError(f"the database {path} cannot take a write: {_why(e)}") from None
+    finally:
+        conn.close()
+
+
+def _why(e: BaseException) -> str:
+    fault = storage_fault(e)
+    if fault is not None:
+        return f"{fault.what} ({fault.detail})"
+    return str(e) or type(e).__name__
+
+
 def _open_connection(conn: sqlite3.Connection, synchronous: str = "NORMAL") -> None:
     conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA journal_mode=WAL")
@@ -137,9 +331,17 @@ class Database:
         burst of a thousand job updates.
     """
 
-    def __init__(self, pool: adbapi.ConnectionPool, readers: adbapi.ConnectionPool | None = None):
+    def __init__(self, pool: adbapi.ConnectionPool, readers: adbapi.ConnectionPool | None = None, *,
+                 path: str = ":memory:", clock: Any = None):
         self._pool = pool
         self._readers = readers
+        self.path = path
+        self._clock = clock if clock is not None else pool._reactor
+        #: the storage fault the last failed operation hit, until a write succeeds
+        self.fault: StorageUnavailable | None = None
+        self._fault_since = 0.0
+        self._fault_logged = 0.0
+        self._refused = 0
         self._pending: list[_Write] = []
         self._flushing = False
         self._closed = False  # close() was called: no new work is accepted
@@ -153,11 +355,10 @@ class Database:
         Make the pool.  C{synchronous} is SQLite's: NORMAL survives a killed
         process (WAL), FULL also survives losing power.
         """
-        if path != ":memory:":
-            parent = os.path.dirname(os.path.abspath(path))
-            os.makedirs(parent, exist_ok=True)
+        create_private(path)
+
         def pool(openfun: Callable[[sqlite3.Connection], None]) -> adbapi.ConnectionPool:
-            return adbapi.ConnectionPool(
+            return _Pool(
                 "sqlite3",
                 path,
                 check_same_thread=False,
@@ -171,8 +372,8 @@ class Database:
 
         writer = pool(lambda conn: _open_connection(conn, synchronous))
         if path == ":memory:":  # one connection is the whole database
-            return cls(writer)
-        return cls(writer, pool(_open_reader))
+            return cls(writer, path=path, clock=reactor)
+        return cls(writer, pool(_open_reader), path=path, clock=reactor)
 
     @property
     def pools(self) -> list[adbapi.ConnectionPool]:
@@ -199,14 +400,20 @@ class Database:
             return fail(StoreError("the database is closed"))
 
         def run(conn: Any) -> T:
-            cursor = conn.cursor()
             try:
-                return fn(cursor, *args)
-            finally:
-                cursor.close()
+                cursor = conn.cursor()
+                try:
+                    return fn(cursor, *args)
+                finally:
+                    cursor.close()
+            except Exception as e:
+                _drop_if_broken(conn, e, reading=True)
+                raise
 
         def answered(result: Any) -> Any:
             self._reads -= 1
+            if isinstance(result, Failure):
+                result = self._fault_of(result, reading=True)
             self._maybe_finish_close()
             return result
 
@@ -245,6 +452,17 @@ class Database:
         self._flushing = True
 
         def run(conn: Any) -> list[tuple[bool, Any]]:
+            try:
+                outcomes = transaction(conn)
+            except Exception as e:
+                _drop_if_broken(conn, e)
+                raise
+            for ok, value in outcomes:
+                if not ok:
+                    _drop_if_broken(conn, value)
+            return outcomes
+
+        def transaction(conn: Any) -> list[tuple[bool, Any]]:
             outcomes: list[tuple[bool, Any]] = []
             cursor = conn.cursor()
             single = len(units) == 1 and len(units[0]) == 1  # a lone write needs no savepoint
@@ -278,14 +496,20 @@ class Database:
             # next to this one's follow-up.
             try:
                 if isinstance(outcomes, Failure):
+                    outcomes = self._fault_of(outcomes)
                     for w in writes:
                         w.d.errback(outcomes)
                 else:
-                    for w, (ok, value) in zip(writes, outcomes):
+                    failures = {i: self._fault_of(Failure(value))
+                                for i, (ok, value) in enumerate(outcomes) if not ok}
+                    if len(failures) < len(outcomes) and not any(
+                            isinstance(f.value, StorageUnavailable) for f in failures.values()):
+                        self._recovered()  # writes are committed again
+                    for i, (w, (ok, value)) in enumerate(zip(writes, outcomes)):
                         if ok:
                             w.d.callback(value)
                         else:
-                            w.d.errback(Failure(value))
+                            w.d.errback(failures[i])
             finally:
                 self._flushing = False
             if self._pending:
@@ -294,6 +518,49 @@ class Database:
                 self._maybe_finish_close()
 
         self._pool.runWithConnection(run).addBoth(done)
+
+    # -- storage faults
+
+    def _fault_of(self, failure: Failure, reading: bool = False) -> Failure:
+        """C{failure} as a L{StorageUnavailable} if it is a storage fault (noted and logged)."""
+        failure = _failure_as_fault(failure, reading)
+        if isinstance(failure.value, StorageUnavailable):
+            self._note_fault(failure.value)
+        return failure
+
+    def _note_fault(self, fault: StorageUnavailable) -> None:
+        now = self._clock.seconds()
+        if self.fault is None or self.fault.kind != fault.kind:
+            log.error("Database {path} unavailable: {why} ({detail}); what needs it is refused with 503 "
+                      "until it recovers", path=self.path, why=fault.what, detail=fault.detail)
+            if self.fault is None:
+                self._fault_since = now
+            self._fault_logged = now
+            self._refused = 0
+        elif now - self._fault_logged >= FAULT_LOG_INTERVAL:
+            log.error("Database {path} still unavailable after {duration:.0f} s: {why} ({detail}); {refused} "
+                      "operation(s) refused since the last report", path=self.path, duration=now - self._fault_since,
+                      why=fault.what, detail=fault.detail, refused=self._refused)
+            self._fault_logged = now
+            self._refused = 0
+        self._refused += 1
+        self.fault = fault
+
+    def _recovered(self) -> None:
+        if self.fault is not None:
+            log.info("Database {path} takes writes again, after {duration:.0f} s unavailable ({why})",
+                     path=self.path, duration=self._clock.seconds() - self._fault_since,
+                     why=self.fault.what)
+            self.fault = None
+
+    def check_write(self) -> "Deferred[None]":
+        """
+        Commit a real write (the C{heartbeat} row, overwritten: the database
+        does not grow); fails with L{StorageUnavailable} if the database
+        cannot take one now.
+        """
+        now = self._clock.seconds()
+        return self.write(write_heartbeat, now)
 
     def migrate(self) -> "Deferred[int]":
         """Apply the migrations not yet applied; the resulting version."""

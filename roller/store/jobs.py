@@ -71,6 +71,11 @@ def _insert_jobs(c: Cursor, items: list[tuple[Job, JobEvent | None, AuditEntry |
     return [evolve(job, seq=seqs[job.id]) for job, _, _ in items]
 
 
+#: Why a job found C{running} at start-up is C{interrupted}.
+INTERRUPTED_ERROR = ("roller stopped before the end of the job was recorded: it was still running, or it had "
+                     "ended while the database could not take the write (roller's log says how)")
+
+
 class JobTable:
     def __init__(self, db: Database):
         self._db = db
@@ -162,6 +167,11 @@ class JobTable:
         """
         At start-up: mark jobs left C{running} as C{interrupted} and return
         (interrupted, queued) — the queued ones in the order to run them.
+
+        The message claims no more than is known: such a job was still
+        running when roller stopped, or it had ended and roller could not
+        record its end before it stopped (the database was unavailable; the
+        log of that run names the outcome).
         """
 
         def run(c: Cursor) -> tuple[list[Job], list[Job]]:
@@ -170,7 +180,7 @@ class JobTable:
             interrupted = []
             for job in running:
                 job = job.transition(
-                    State.interrupted, now, error="roller stopped while the job was running"
+                    State.interrupted, now, error=INTERRUPTED_ERROR
                 )
                 c.execute(
                     "UPDATE jobs SET state = ?, finished_at = ?, error = ? WHERE id = ?",

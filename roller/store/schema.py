@@ -5,6 +5,14 @@ Append a new string to L{MIGRATIONS} to change the schema; never edit an
 applied one.  C{schema_version} holds how many have been applied.
 """
 
+#: One row, overwritten by every heartbeat (C{roller.store.db.write_heartbeat}).
+HEARTBEAT_TABLE = """
+    CREATE TABLE IF NOT EXISTS heartbeat (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        at REAL NOT NULL
+    )
+"""
+
 MIGRATIONS: list[str] = [
     # 1: the first schema
     """
@@ -115,4 +123,7 @@ MIGRATIONS: list[str] = [
     """
     DROP INDEX IF EXISTS jobs_task;
     """,
+    # 5: one row the heartbeat and the start-up check overwrite: a real write that
+    #    does not grow the database (roller.store.db.check_writable also makes it)
+    HEARTBEAT_TABLE,
 ]
