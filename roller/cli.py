@@ -28,6 +28,7 @@ from roller.auth.accounts import ROLES, check_password_policy, check_user_name, 
 from roller.config import ConfigError, Settings, load_settings
 from roller.errors import RollerError
 from roller.jobs import JobEvent, State, iso
+from roller.json_input import JSONInputError, load_json
 from roller.legacy_import import ImportFormatError, plan_import
 from roller.queue import JobQueue
 from roller.secrets import SecretsError, load_secrets, write_secrets
@@ -177,11 +178,11 @@ async def cmd_run(reactor: Any, settings: Settings, args: argparse.Namespace, ou
 
 async def cmd_import(reactor: Any, settings: Settings, args: argparse.Namespace, out: Any) -> int:
     try:
-        with open(args.file, encoding="utf-8") as f:
-            data = json.load(f)
+        with open(args.file, "rb") as f:
+            data = load_json(f.read())
     except OSError as e:
         raise CliError(f"cannot read {args.file}: {e.strerror}") from None
-    except ValueError as e:
+    except JSONInputError as e:
         raise CliError(f"{args.file} is not valid JSON: {e}") from None
 
     async def go(store: Store) -> int:

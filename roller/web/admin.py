@@ -24,7 +24,6 @@ C{"via": "dashboard"}.
 
 from __future__ import annotations
 
-import json
 import re
 from email.parser import BytesParser
 from email.policy import HTTP
@@ -43,6 +42,7 @@ from werkzeug.exceptions import NotFound as RouteNotFound
 from roller.auth.hawk import client_ip
 from roller.errors import BadRequest, Conflict, Forbidden, NotFound, RollerError, ValidationError
 from roller.inventory import PDU_MODELS, Machine
+from roller.json_input import JSONInputError, load_json
 from roller.legacy_import import DEFAULT_GROUP, plan_import
 from roller.secrets import SecretsError, merge_into_secrets_file
 from roller.store import AuditEntry, Store
@@ -343,8 +343,8 @@ class InventoryAdmin:
         if not content:
             return again("Choose a legacy inventory file (ipmi.json, xen.json or WORKER_CONFIG) to upload.")
         try:
-            data = json.loads(content.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as e:
+            data = load_json(content)
+        except JSONInputError as e:
             return again(f"{filename or 'The file'} is not valid JSON ({str(e)[:120]}).")
         existing = {m.key: m for m in await self.store.machines.list(limit=10**9)}
         try:
