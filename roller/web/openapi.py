@@ -675,8 +675,10 @@ def _int_query(name: str, low: int, high: int, default: int | None, description:
 
 
 def _submit_params(tasks: Any, allowed: tuple[str, ...]) -> list[Schema]:
-    runnable = [name for name in allowed if name in tasks]
-    task_schema: Schema = {"type": "string", "enum": runnable} if runnable else {"type": "string"}
+    # exactly the tasks this roller runs over REST: with none allowed, no value
+    # is valid (an empty enum), never "any string" that is then refused
+    runnable = [name for name in dict.fromkeys(allowed) if name in tasks]
+    task_schema: Schema = {"type": "string", "enum": runnable}
     return [
         _param("task_name", "query", task_schema,
                "The task to run. Required; a name that is not a task, or not allowed on this roller, "

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from typing import Any
 
 from twisted.python.filepath import FilePath, InsecurePath
@@ -27,7 +28,7 @@ from twisted.web.iweb import IRequest
 
 from roller.web.http import json_error
 
-__all__ = ["root_resource", "StaticFiles"]
+__all__ = ["root_resource", "security_headers", "StaticFiles"]
 
 #: first path segments that belong to the API
 API_SEGMENTS = frozenset({b"api", b"metrics"})
@@ -44,6 +45,7 @@ CONTENT_TYPES = {
     ".txt": b"text/plain; charset=utf-8",
 }
 MAX_STATIC_BYTES = 4 << 20
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class StaticFiles(resource.Resource):
@@ -71,24 +73,28 @@ class StaticFiles(resource.Resource):
             names = [s.decode("utf-8") for s in segments]
         except UnicodeDecodeError:
             return self._not_found(request)
-        if not names or any(n == "" or n.startswith(".") or "/" in n or "\\" in n for n in names):
-            return self._not_found(request)
+        if not names or any(n == "" or n.startswith(".") or "/" in n or "\\" in n or _CONTROL.search(n)
+                            for n in names):
+            return self._not_found(request)  # NUL would make the file system calls raise
         try:
             path = self.root.descendant(names)
         except InsecurePath:
             return self._not_found(request)
         ctype = CONTENT_TYPES.get(os.path.splitext(names[-1])[1].lower())
-        if ctype is None or not path.isfile():
-            return self._not_found(request)
-        stat = (path.getModificationTime(), path.getsize())
-        cached = self._cache.get(path.path)
-        if cached is None or cached[0] != stat:
-            if stat[1] > MAX_STATIC_BYTES:
+        try:
+            if ctype is None or not path.isfile():
                 return self._not_found(request)
-            body = path.getContent()
-            etag = b'"' + hashlib.sha256(body).hexdigest()[:20].encode() + b'"'
-            cached = (stat, etag, body)
-            self._cache[path.path] = cached
+            stat = (path.getModificationTime(), path.getsize())
+            cached = self._cache.get(path.path)
+            if cached is None or cached[0] != stat:
+                if stat[1] > MAX_STATIC_BYTES:
+                    return self._not_found(request)
+                body = path.getContent()
+                etag = b'"' + hashlib.sha256(body).hexdigest()[:20].encode() + b'"'
+                cached = (stat, etag, body)
+                self._cache[path.path] = cached
+        except OSError:  # a name too long for the file system, a file gone meanwhile
+            return self._not_found(request)
         _, etag, body = cached
         request.setHeader(b"Content-Type", ctype)
         request.setHeader(b"Cache-Control", b"no-cache")
@@ -103,6 +109,29 @@ class StaticFiles(resource.Resource):
     def render_HEAD(self, request: IRequest) -> bytes:
         self.render_GET(request)
         return b""
+
+    def render(self, request: IRequest) -> bytes:
+        if request.method not in (b"GET", b"HEAD"):
+            request.setHeader(b"Allow", b"GET, HEAD")
+            return json_error(request, 405, "method_not_allowed", "static files are only read (GET, HEAD)")
+        return super().render(request)
+
+
+#: how long a browser that reached roller over TLS keeps to TLS (one year)
+HSTS = b"max-age=31536000"
+
+
+def security_headers(request: IRequest) -> None:
+    """
+    The headers on every response roller's resources make: C{X-Content-Type-Options:
+    nosniff} (a JSON answer is never read as a script or a page), and over TLS
+    C{Strict-Transport-Security}.  Over plain HTTP (a listener without TLS, or
+    behind a proxy that terminates TLS and should send its own) there is none:
+    HSTS on a plain-HTTP answer means nothing to a browser.
+    """
+    request.setHeader(b"X-Content-Type-Options", b"nosniff")
+    if request.isSecure():
+        request.setHeader(b"Strict-Transport-Security", HSTS)
 
 
 class _Root(resource.Resource):
@@ -122,6 +151,7 @@ class _Root(resource.Resource):
         self.events = events
 
     def getChildWithDefault(self, name: bytes, request: IRequest) -> resource.Resource:
+        security_headers(request)
         if name == b"static":
             return self.static_files
         if name == b"events" and not request.postpath:
@@ -136,6 +166,7 @@ class _Root(resource.Resource):
         return target
 
     def render(self, request: IRequest) -> bytes:  # only reached for an empty path
+        security_headers(request)
         return self.dashboard.render(request)
 
 
@@ -152,5 +183,8 @@ def root_resource(api: Any, dashboard: Any, hub: Any, *, static_dir: str | os.Pa
     from roller.web.dashboard import find_asset_dir
 
     files = StaticFiles(str(find_asset_dir("static", static_dir)))
+    for app in (api.app, dashboard.app) + (() if admin is None else (admin.app,)):
+        # "/a//b" is not "/a/b": a 404, never werkzeug's 308 (which Klein sends without a Location)
+        app.url_map.merge_slashes = False
     return _Root(api.app.resource(), dashboard.app.resource(), files, hub.resource(dashboard.authorize),
                  None if admin is None else admin.app.resource())
