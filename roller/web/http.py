@@ -211,7 +211,8 @@ def json_error(request: IRequest, status: int, code: str, message: str) -> bytes
     Prepare C{request} for a JSON error response and return its body.
 
     Sets the response code, C{Content-Type: application/json},
-    C{Cache-Control: no-store} and C{Content-Length}, and returns the body
+    C{Cache-Control: no-store}, C{X-Content-Type-Options: nosniff} and
+    C{Content-Length}, and returns the body
     bytes I{without writing them}, so a Klein handler can simply
     C{return json_error(request, 409, "conflict", "...")}.  Code that is not
     a Klein handler writes and finishes with L{send_json_error}.
@@ -225,6 +226,7 @@ def json_error(request: IRequest, status: int, code: str, message: str) -> bytes
     request.setResponseCode(status)
     request.setHeader(b"Content-Type", b"application/json")
     request.setHeader(b"Cache-Control", b"no-store")
+    request.setHeader(b"X-Content-Type-Options", b"nosniff")
     request.setHeader(b"Content-Length", b"%d" % (len(body),))
     return body
 
@@ -648,6 +650,7 @@ class RollerHTTPChannel(http.HTTPChannel):
                 b"Date: %s\r\n" % (http.datetimeToString(),),
                 b"Content-Type: application/json\r\n",
                 b"Cache-Control: no-store\r\n",
+                b"X-Content-Type-Options: nosniff\r\n",
                 b"Content-Length: %d\r\n" % (len(body),),
                 b"Connection: close\r\n\r\n",
                 body,
