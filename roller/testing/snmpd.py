@@ -171,6 +171,9 @@ class SnmpAgent(DaemonProcess):
     @param settle: Seconds an emulated outlet takes to reach a commanded state.
     @param reboot_off: Seconds an emulated reboot keeps the outlet off.
     @param pdus: Emulate the PDU tables (pass_persist); off for benchmarks.
+    @param users: The v3 users (as L{V3_USERS}, the default): e.g. the same
+        user name with other keys on each of several agents.
+    @param host: The loopback address to listen on (127.0.0.1 by default).
     """
 
     host = "127.0.0.1"
@@ -179,8 +182,10 @@ class SnmpAgent(DaemonProcess):
     def __init__(self, *, sys_object_id: str = "1.3.6.1.4.1.8072.3.2.10", settle: float = 0.05,
                  reboot_off: float = 0.2, pdus: bool = True, ipv6: bool = False,
                  workdir: str | os.PathLike | None = None, snmpd: str = SNMPD,
-                 users: Optional[dict[str, tuple]] = None):
+                 users: Optional[dict[str, tuple]] = None, host: Optional[str] = None):
         self.snmpd = snmpd
+        if host is not None:
+            self.host = host  # another loopback address: another PDU host for roller's queue
         #: user -> (auth protocol, auth key, priv protocol, priv key, level),
         #: as in L{V3_USERS} (the default); L{change_keys} updates it.
         self.users = dict(V3_USERS if users is None else users)
