@@ -112,8 +112,7 @@ class StaticFiles(resource.Resource):
 
     def render(self, request: IRequest) -> bytes:
         if request.method not in (b"GET", b"HEAD"):
-            request.setHeader(b"Allow", b"GET, HEAD")
-            return json_error(request, 405, "method_not_allowed", "static files are only read (GET, HEAD)")
+            return _READ_ONLY.render(request)
         return super().render(request)
 
 
@@ -132,6 +131,20 @@ def security_headers(request: IRequest) -> None:
     request.setHeader(b"X-Content-Type-Options", b"nosniff")
     if request.isSecure():
         request.setHeader(b"Strict-Transport-Security", HSTS)
+
+
+class _ReadOnly(resource.Resource):
+    """405 JSON for a method other than GET and HEAD (Twisted's own answer is an HTML page, or a 501)."""
+
+    isLeaf = True
+
+    def render(self, request: IRequest) -> bytes:
+        request.setHeader(b"Allow", b"GET, HEAD")
+        method = request.method.decode("latin-1")[:20]
+        return json_error(request, 405, "method_not_allowed", f"{method} is not allowed here; allowed: GET, HEAD")
+
+
+_READ_ONLY = _ReadOnly()
 
 
 class _Root(resource.Resource):
@@ -155,7 +168,7 @@ class _Root(resource.Resource):
         if name == b"static":
             return self.static_files
         if name == b"events" and not request.postpath:
-            return self.events
+            return self.events if request.method in (b"GET", b"HEAD") else _READ_ONLY
         if name == b"admin" and self.admin is not None:
             request.postpath.insert(0, request.prepath.pop())
             return self.admin
