@@ -25,7 +25,10 @@ from typing import Any
 import pytest
 import pytest_twisted
 from attrs import evolve
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from twisted.conch.ssh.keys import Key
 from twisted.internet import reactor
+from twisted.internet.task import deferLater
 
 from roller.config import load_settings
 from roller.inventory import Machine
@@ -142,3 +145,100 @@ def test_snmp_v3_key_rotation_with_a_real_sighup(tmp_path, agent):
         assert job["state"] == "succeeded", (job.get("error"), roller.log_tail())
         assert not any(k in json.dumps(job) for k in (*NEW.values(), OLD[1], OLD[3]))
     assert not any(k in roller.log_text() for k in (*NEW.values(), OLD[1], OLD[3]))
+
+
+# ---------------------------------------------------------------- every other kind
+
+BASE = "127.0.14."
+
+
+async def _until_up(fleet: Fleet, worker: str, deadline: float = 10.0) -> None:
+    machine = fleet.machine(worker)
+    end = reactor.seconds() + deadline
+    while not (machine.power.on and machine.listening):
+        assert reactor.seconds() < end, f"{worker} did not come back"
+        await deferLater(reactor, 0.02, lambda: None)
+
+
+def _key_file(path: Path, key: Key) -> None:
+    """Replace the key file at C{path} (a new file renamed over it, as an operator's tools do)."""
+    tmp = path.with_suffix(".new")
+    tmp.write_bytes(key.toString("openssh", subtype="v1"))
+    tmp.chmod(0o600)
+    os.replace(tmp, path)
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_credential_kind_follows_the_secrets_file_on_reload(tmp_path):
+    if ipmisim.skip_reason():
+        pytest.skip(ipmisim.skip_reason())
+    good = {"bmc": "bmc-" + os.urandom(5).hex(), "community": "rw-" + os.urandom(6).hex(),
+            "bugzilla": "bz-" + os.urandom(12).hex()}
+    bad = {"bmc": "bad-" + os.urandom(5).hex(), "community": "guess-" + os.urandom(6).hex(),
+           "bugzilla": "bzbad-" + os.urandom(12).hex()}
+    fleet = Fleet(reactor, 1, BASE, free_port(BASE + "1"), reboot_delay=0.05, down_for=0.2,
+                  ipmi=(0,), redfish=(0,), bmc_password=good["bmc"], bmc_dir=tmp_path / "bmc")
+    await fleet.start()
+    pdu = SimulatedPdu(reactor, "sentry3", community=good["community"], name="pdu1")
+    pdu.attach("AA1", fleet[0].power)
+    pdu.start("127.0.0.1")
+    bugzilla = FakeBugzilla(api_key=good["bugzilla"], products={"Infrastructure & Operations": ["DCOps", "CIDuty"]})
+    bz_port = bugzilla.listen(reactor)
+    key_path = tmp_path / "roller_key"
+    _key_file(key_path, fleet.user_key)
+    other_key = Key(ed25519.Ed25519PrivateKey.generate())
+
+    def credentials(v: dict) -> dict[str, Credential]:
+        return {
+            fleet.credential: Credential(name=fleet.credential, kind="ssh-key", path=str(key_path)),
+            fleet.bmc_credential: Credential(name=fleet.bmc_credential, kind="password",
+                                             username=fleet.bmc_user, password=v["bmc"]),
+            "pdu": Credential(name="pdu", kind="snmp-community", community=v["community"]),
+            "bugzilla": Credential(name="bugzilla", kind="token", value=v["bugzilla"]),
+        }
+
+    def inventory(entries: list[dict]) -> list[dict]:
+        entries[0]["pdu"] = {"host": "127.0.0.1", "port": pdu._port.getHost().port, "outlet": "AA1",
+                             "model": "sentry3", "credential": "pdu"}
+        return entries
+
+    h = await start_roller(
+        tmp_path, fleet, reactor, inventory=inventory, credentials=credentials(good), bugzilla_url=bugzilla.url,
+        allowed_tasks=("ssh_reboot", "power_status", "file_bugzilla_bug"), reboot_down_timeout=3.0,
+        reboot_up_timeout=5.0, snmp_timeout=0.25, snmp_retries=0, snmp_min_interval=0.0,
+        ipmi_min_interval=0.0, ipmi_retry_delay=0.05, ipmi_timeout=5.0,
+        redfish_request_timeout=5.0, redfish_power_timeout=5.0, redfish_poll_interval=0.05)
+    service = h.service
+    jobs = [("ssh_reboot", None), ("power_status", {"via": "ipmi"}), ("power_status", {"via": "redfish"}),
+            ("power_status", {"via": "pdu"}), ("file_bugzilla_bug", None)]
+
+    async def outcome() -> dict[str, str]:
+        out = {}
+        for task, params in jobs:
+            job = await h.run("sim-001", task, {"params": params} if params else None, deadline=30.0)
+            out[f"{task} {json.dumps(params)}"] = job["state"] + ("" if job["state"] == "succeeded"
+                                                                  else f": {job.get('error')}")
+            await _until_up(fleet, "sim-001")
+        return out
+
+    def reload(v: dict, key: Key) -> None:
+        current = load_secrets(service.settings.secrets_file)
+        write_secrets(service.settings.secrets_file,
+                      Secrets({**current.as_dict(), **credentials(v)}, clients=current.clients))
+        _key_file(key_path, key)  # same path, other content: the cached parsed key must not stay
+        assert service.reload_secrets()
+
+    try:
+        first = await outcome()
+        assert all(v == "succeeded" for v in first.values()), first
+        reload(bad, other_key)
+        second = await outcome()
+        assert all(v.startswith("failed") for v in second.values()), second
+        reload(good, fleet.user_key)
+        third = await outcome()
+        assert all(v == "succeeded" for v in third.values()), third
+        assert len(bugzilla.bugs) >= 1
+    finally:
+        await h.stop()
+        pdu.stop()
+        await bz_port.stopListening()
