@@ -243,8 +243,14 @@ class RollerService(MultiService):
         if self.queue is not None:
             self.queue.set_secrets(secrets)
         if self.api is not None and self.settings.auth_mode == "local":  # the Hawk clients live in it
-            self.authenticator = make_authenticator(self.settings, self.reactor, secrets)
-            self.api.authenticator = self.authenticator
+            fresh = make_authenticator(self.settings, self.reactor, secrets)
+            if isinstance(self.authenticator, LocalHawkAuthenticator) and isinstance(fresh, LocalHawkAuthenticator):
+                # the clients change in place: the nonces already seen stay, so
+                # no request from before the reload can be replayed after it
+                self.authenticator.clients = fresh.clients
+            else:
+                self.authenticator = fresh
+                self.api.authenticator = fresh
         log.info("Secrets reloaded from {path}: {count} credential(s), {clients} Hawk client(s)",
                  path=self.settings.secrets_file, count=len(secrets.names()), clients=len(secrets.clients))
         return True

@@ -242,3 +242,55 @@ async def test_every_credential_kind_follows_the_secrets_file_on_reload(tmp_path
         await h.stop()
         pdu.stop()
         await bz_port.stopListening()
+
+
+# ---------------------------------------------------------------- local Hawk clients
+
+CLIENT = "project/releng/roller-ci"
+
+
+@pytest_twisted.ensureDeferred
+async def test_local_hawk_clients_follow_a_reload_and_a_replay_stays_refused(tmp_path):
+    import mohawk
+    import treq
+
+    old_token, new_token = "tok-Old-" + os.urandom(8).hex(), "tok-New-" + os.urandom(8).hex()
+    secrets_file = tmp_path / "secrets.toml"
+
+    def clients(token: str) -> None:
+        write_secrets(secrets_file, Secrets({}, clients={
+            CLIENT: HawkClient(id=CLIENT, access_token=token, scopes=("project:releng:roller:*",))}))
+
+    clients(old_token)
+    s = load_settings(None, {}, {"server.listen": "tcp:0:interface=127.0.0.1", "state_dir": str(tmp_path / "state")})
+    s = evolve(s, secrets_file=str(secrets_file), allowed_tasks=("ping",), auth_mode="local")
+    service = RollerService(s, reactor)
+    service.startService()
+    await service.ready
+    await service.store.machines.put(Machine.from_json({"worker_id": "m1", "worker_group": "g1"}))
+    url = f"http://127.0.0.1:{service.ports[0].getHost().port}/api/v1/workers/m1/group/g1/jobs?task_name=ping"
+
+    def signed(token: str) -> str:
+        return mohawk.Sender(credentials={"id": CLIENT, "key": token, "algorithm": "sha256"},
+                             url=url, method="POST", content="", content_type="").request_header
+
+    async def post(header: str) -> int:
+        r = await treq.post(url, headers={"Authorization": [header]}, persistent=False).addTimeout(10, reactor)
+        await r.content()
+        return r.code
+
+    try:
+        first = signed(old_token)
+        assert await post(first) == 201
+        clients(new_token)
+        assert service.reload_secrets()
+        assert await post(signed(new_token)) == 201
+        assert await post(signed(old_token)) == 401
+        # a request seen before the reload cannot be replayed after it, even
+        # with its client's token back in force
+        clients(old_token)
+        assert service.reload_secrets()
+        assert await post(first) == 401
+        assert await post(signed(old_token)) == 201
+    finally:
+        await service.stopService()
