@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator, TypeVar
 from attrs import define
 from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -526,7 +527,27 @@ class Database:
         failure = _failure_as_fault(failure, reading)
         if isinstance(failure.value, StorageUnavailable):
             self._note_fault(failure.value)
+            if failure.value.kind in _REOPEN:
+                self._drop_connections()
         return failure
+
+    def _drop_connections(self) -> None:
+        """
+        Close every pool's connection, in its own thread, after a fault that
+        can leave them unusable; the next operation opens new ones.  All of
+        them: SQLite shares a file's read-only state between the connections
+        of a process, so a writer reopened next to the old reader would stay
+        read-only.
+        """
+        if self._pool_closed:
+            return
+        for pool in self.pools:
+            def drop(pool: adbapi.ConnectionPool = pool) -> None:
+                conn = pool.connections.get(pool.threadID())
+                if conn is not None:
+                    pool.disconnect(conn)
+
+            deferToThreadPool(self._clock, pool.threadpool, drop).addErrback(lambda f: None)
 
     def _note_fault(self, fault: StorageUnavailable) -> None:
         now = self._clock.seconds()
