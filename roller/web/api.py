@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from typing import Any, Awaitable, Callable
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from attrs import define, field
 from klein import Klein
@@ -25,6 +25,7 @@ from roller.auth.hawk import client_ip, parse_trusted_proxies
 from roller.errors import BadRequest, Conflict, Forbidden, NotFound, RollerError, Unauthorized
 from roller.inventory import Machine, valid_worker_id
 from roller.jobs import PRIORITY_DEFAULT, PRIORITY_MAX, PRIORITY_MIN, State
+from roller.json_input import JSONInputError, load_json
 from roller.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from roller.metrics import Metrics
 from roller.queue import JobQueue
@@ -39,6 +40,87 @@ log = Logger()
 JSON_TYPES = ("application/json",)
 CORS_METHODS = "GET, POST, DELETE, OPTIONS"
 CORS_HEADERS = "Authorization, Content-Type"
+#: methods that change nothing; every other one is refused cross-site (L{cross_site_refusal})
+SAFE_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS"})
+#: the content types a page on another site may POST without a CORS preflight
+SIMPLE_TYPES = frozenset({b"application/x-www-form-urlencoded", b"multipart/form-data", b"text/plain"})
+
+
+def origin_key(url: str) -> tuple[str, str, int] | None:
+    """
+    (scheme, host, port) of an http(s) URL or an C{Origin} value, for
+    comparing origins (host in lower case, default ports filled in); None
+    for anything else (C{null}, another scheme, garbage).
+    """
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return None
+    return parts.scheme, parts.hostname.lower(), port or (443 if parts.scheme == "https" else 80)
+
+
+def cross_site_refusal(request: IRequest, allowed: frozenset) -> tuple[int, str, str] | None:
+    """
+    Why a request that may change something must be refused as coming from
+    a page on another site (the status, code and message), or None.
+
+    A browser marks what a page makes it send: C{Origin} on every POST, PUT
+    and DELETE (C{null} when it hides it), C{Sec-Fetch-Site} on every
+    request.  So a mutating request is refused when its C{Origin} is present
+    and neither roller's own origin (the scheme and C{Host} it was reached
+    at), nor C{public_url}'s, nor one of C{cors_origins} (C{allowed}); or,
+    without C{Origin}, when C{Sec-Fetch-Site} says C{cross-site} or
+    C{same-site} (another origin on the same site: another port on the same
+    host is one).  And a POST body a page could send without a preflight (a
+    form or C{text/plain}) is refused on these JSON routes.  curl, scripts
+    and Taskcluster's clients send neither header and no such body:
+    unaffected.  Safe methods (GET, HEAD, OPTIONS) are never refused here.
+    """
+    if request.method in SAFE_METHODS:
+        return None
+    origin = request.getHeader(b"origin")
+    if origin is not None:
+        text = origin.decode("latin-1")
+        key = origin_key(text)
+        if key is None or key not in allowed and key != _own_origin(request):
+            return (403, "cross_site_request",
+                    f"a page from another origin ({text[:100]}) may not change anything here; only roller's "
+                    "own origin, server.public_url and server.cors_origins may")
+    else:
+        site = (request.getHeader(b"sec-fetch-site") or b"").strip().lower()
+        if site in (b"cross-site", b"same-site"):
+            return (403, "cross_site_request",
+                    f"a page from another origin (Sec-Fetch-Site: {site.decode('latin-1')}) may not change "
+                    "anything here")
+    ctype = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
+    if request.method == b"POST" and ctype in SIMPLE_TYPES and _has_body(request):
+        return (415, "unsupported_media_type",
+                f"a {ctype.decode('latin-1')} body is not accepted here; send JSON (Content-Type: application/json)")
+    return None
+
+
+def _own_origin(request: IRequest) -> tuple[str, str, int] | None:
+    host = request.getHeader(b"host")
+    if not host:
+        return None
+    return origin_key(("https://" if request.isSecure() else "http://") + host.decode("latin-1"))
+
+
+def _has_body(request: IRequest) -> bool:
+    content = request.content
+    if content is None:
+        return False
+    try:
+        position = content.tell()
+        content.seek(0, 2)
+        size = content.tell()
+        content.seek(position)
+    except (OSError, ValueError):
+        return True
+    return size > 0
 
 
 def _json(request: IRequest, body: Any, status: int = 200) -> bytes:
@@ -98,8 +180,8 @@ def _body(request: IRequest, *, required: bool = False) -> Any:
         raise BadRequest("the body must be JSON (Content-Type: application/json)", code="unsupported_media_type",
                          status=415)
     try:
-        return json.loads(raw, parse_float=_json_number)
-    except (ValueError, UnicodeDecodeError) as e:
+        return load_json(raw, parse_float=_json_number)
+    except JSONInputError as e:
         raise BadRequest(f"the body is not valid JSON: {e}"[:200], code="invalid_json") from None
 
 
@@ -133,14 +215,22 @@ class Api:
     max_lag: float = field(default=5.0, kw_only=True)
     #: What /__version__ answers (L{roller.version.load_version}).
     version_info: dict = field(factory=load_version, kw_only=True)
+    #: roller's public URL (C{server.public_url}): its origin may send mutating requests.
+    public_url: str = field(default="", kw_only=True)
+    _allowed_origins: frozenset = field(init=False, factory=frozenset)
 
     app = Klein()
+    # "/a//b" is not "/a/b": no merging (werkzeug answers 308 for it, which
+    # Klein sends without a Location), just 404
+    app.url_map.merge_slashes = False
 
     def __attrs_post_init__(self) -> None:
         if not self.openapi:
             self.openapi = openapi_document(self.tasks, self.allowed_tasks, __version__)
         if self.metrics is None:
             self.metrics = Metrics(self.queue, self.clock)
+        self._allowed_origins = frozenset(
+            k for k in map(origin_key, (*self.cors_origins, self.public_url)) if k is not None)
 
     # -- plumbing
 
@@ -166,9 +256,19 @@ class Api:
     @app.handle_errors(HTTPException)
     def _http_exception(self, request: IRequest, failure: Any) -> bytes:
         e = failure.value
-        return json_error(request, e.code or 400, "bad_request", e.description or e.name)
+        if e.code is None or e.code < 400:  # a routing redirect: the API names each resource one way
+            return self._route_not_found(request, failure)
+        return json_error(request, e.code, "bad_request", e.description or e.name)
 
     def _cors(self, request: IRequest) -> bool:
+        """
+        CORS headers for an allowed C{Origin} (True if it is one); first of
+        all, a request that would change something from a page on another
+        site is refused (L{cross_site_refusal}).  Every route calls this first.
+        """
+        refusal = cross_site_refusal(request, self._allowed_origins)
+        if refusal is not None:
+            raise RollerError(refusal[2], code=refusal[1], status=refusal[0])
         origin = request.getHeader(b"origin")
         request.setHeader(b"Vary", b"Origin")
         if origin is None:

@@ -201,7 +201,8 @@ _ERRORS: dict[str, tuple[str, str]] = {
             "`unknown_task`, `task_not_allowed`, `invalid_body`, `invalid_json`, `missing_body`, "
             "`invalid`), or an unparsable HTTP request (`bad_request`)."),
     "401": ("Unauthorized", "Missing or invalid Hawk credentials (`unauthorized`, `auth_not_configured`)."),
-    "403": ("Forbidden", "The credentials lack the required scope (`insufficient_scope`)."),
+    "403": ("Forbidden", "The credentials lack the required scope (`insufficient_scope`), or a call that "
+            "changes something came from a web page on another origin (`cross_site_request`)."),
     "404": ("NotFound", "No such resource (`unknown_machine`, `unknown_job`, `not_found`)."),
     "409": ("Conflict", "Conflict with the current state (`ambiguous_worker`, `job_finished`, "
             "`machine_exists`)."),
