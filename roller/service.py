@@ -28,7 +28,7 @@ from roller.metrics import Metrics
 from roller.notify import Notifier, notifier_from_settings
 from roller.queue import JobQueue, QueueLimits
 from roller.secrets import Secrets, SecretsError, load_secrets
-from roller.store import Store, open_store
+from roller.store import StorageUnavailable, Store, open_store
 from roller.tasks import builtin_tasks
 from roller.version import load_version
 from roller.web.api import Api
@@ -223,6 +223,8 @@ class RollerService(MultiService):
         try:
             if await self.store.machines.refresh():
                 log.info("Inventory changed by another process: reloaded")
+        except StorageUnavailable:
+            pass  # the store logs the fault once; the next refresh tries again
         except Exception:
             log.failure("Could not refresh the inventory")
 

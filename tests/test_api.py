@@ -1089,7 +1089,7 @@ def test_heartbeat(env: Env) -> None:
     assert r.code == 200
     body = r.json()
     assert body["status"] == "ok" and body["checks"] == {"database": "ok", "reactor_lag": "ok"}
-    assert body["queue"] == {"running": 1, "queued": 1}
+    assert body["queue"] == {"running": 1, "queued": 1, "unrecorded": 0}
 
 
 def test_heartbeat_reports_a_broken_database(env: Env) -> None:

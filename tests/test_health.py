@@ -86,7 +86,8 @@ def sample(text: str, name: str, **labels: str) -> float | None:
 def test_heartbeat_ok_then_failing_on_reactor_lag(tmp_path):
     env = Env(tmp_path, max_lag=2.0)
     assert env.request("GET", "/__heartbeat__") == (200, {
-        "status": "ok", "checks": {"database": "ok", "reactor_lag": "ok"}, "queue": {"running": 0, "queued": 0}})
+        "status": "ok", "checks": {"database": "ok", "reactor_lag": "ok"},
+        "queue": {"running": 0, "queued": 0, "unrecorded": 0}})
     env.metrics.start()
     env.clock.advance(1.0)  # on time
     assert env.request("GET", "/__heartbeat__")[0] == 200
@@ -107,7 +108,8 @@ def test_heartbeat_fails_when_the_database_is_not_writable(tmp_path):
         pool.runInteraction(lambda c: c.execute("PRAGMA query_only = ON"))
     code, body = env.request("GET", "/__heartbeat__")
     assert code == 500
-    assert body["checks"]["database"] == "error: not writable (OperationalError)"
+    assert body["checks"]["database"] == ("error: not writable: the database is read-only (read-only file system "
+                                          "or file)")
     assert body["checks"]["reactor_lag"] == "ok"
 
 

@@ -14,6 +14,7 @@ from urllib.parse import quote, urlsplit
 
 from attrs import define, field
 from klein import Klein
+from twisted.internet.defer import TimeoutError as WriteTimeout
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
@@ -29,7 +30,7 @@ from roller.json_input import JSONInputError, load_json
 from roller.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from roller.metrics import Metrics
 from roller.queue import JobQueue
-from roller.store import AuditEntry, Store
+from roller.store import AuditEntry, StorageUnavailable, Store
 from roller.tasks import TaskRegistry
 from roller.web.http import json_error, query_arg
 from roller.web.openapi import openapi_document
@@ -191,8 +192,8 @@ def _check_reason(reason: str) -> str:
     return reason
 
 
-def _touch(cursor: Any) -> None:
-    cursor.execute("UPDATE jobs SET state = state WHERE 0")
+#: /__heartbeat__ waits this long (seconds) for its database write.
+HEARTBEAT_WRITE_TIMEOUT = 3.0
 
 
 @define
@@ -239,6 +240,9 @@ class Api:
         e = failure.value
         if isinstance(e, Unauthorized):
             request.setHeader(b"WWW-Authenticate", b"Hawk")
+        retry_after = getattr(e, "retry_after", None)  # StorageUnavailable: 503 storage_unavailable
+        if retry_after is not None:
+            request.setHeader(b"Retry-After", str(int(retry_after)).encode())
         return json_error(request, e.status, e.code, e.message)
 
     @app.handle_errors(MethodNotAllowed)
@@ -586,10 +590,15 @@ class Api:
     async def heartbeat(self, request: IRequest) -> bytes:
         checks: dict[str, str] = {}
         try:
-            # a write statement takes the write lock even when it changes nothing,
-            # so a read-only or locked-up database fails here
-            await self.store.db.write(_touch)
+            # a real committed write (one row overwritten: the database does not
+            # grow), so a full disk, a read-only file system or a lock fails here
+            await self.store.db.check_write().addTimeout(HEARTBEAT_WRITE_TIMEOUT, self.clock)
             checks["database"] = "ok"
+        except StorageUnavailable as e:  # logged once by the store
+            checks["database"] = f"error: not writable: {e.what}"
+        except WriteTimeout:
+            checks["database"] = (f"error: not writable: a write did not finish within "
+                                  f"{HEARTBEAT_WRITE_TIMEOUT:g} s (the database is locked or its disk is slow)")
         except Exception as e:  # the check reports any failure
             log.failure("Heartbeat database check failed")
             checks["database"] = f"error: not writable ({type(e).__name__})"
@@ -600,7 +609,8 @@ class Api:
             checks["reactor_lag"] = "ok"
         ok = all(v == "ok" for v in checks.values())
         return _json(request, {"status": "ok" if ok else "error", "checks": checks,
-                               "queue": {"running": len(self.queue.running()), "queued": self.queue.depth}},
+                               "queue": {"running": len(self.queue.running()), "queued": self.queue.depth,
+                                         "unrecorded": self.queue.unrecorded}},
                      200 if ok else 500)
 
     @app.route("/metrics", methods=["GET"])

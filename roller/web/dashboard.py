@@ -789,6 +789,8 @@ class Dashboard:
         if isinstance(e, Unauthorized) and e.code in ("sign_in_required", "session_expired"):
             if getattr(self.auth, "login", None) is not None:
                 return self._to_login(request, e)
+        if getattr(e, "retry_after", None) is not None:  # StorageUnavailable: 503, readable page
+            request.setHeader(b"Retry-After", str(int(e.retry_after)).encode())
         return self._error_page(request, e.status, e.message, getattr(request, "_roller_viewer", None),
                                 csrf=isinstance(e, CsrfError))
 
