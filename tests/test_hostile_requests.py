@@ -428,6 +428,24 @@ def test_deep_inventory_file_upload_and_roller_import(roller: RollerProcess, tmp
     assert "is not valid JSON" in done.stderr and f"at most {MAX_JSON_DEPTH}" in done.stderr, done.stderr
 
 
+def nested_multipart(depth: int) -> bytes:
+    body = b"".join(b"--b%d\r\nContent-Type: multipart/mixed; boundary=b%d\r\n\r\n" % (i, i + 1)
+                    for i in range(depth))
+    return body + b"x\r\n" + b"".join(b"--b%d--\r\n" % i for i in reversed(range(depth)))
+
+
+def test_deeply_nested_multipart_is_refused_not_dropped(roller: RollerProcess) -> None:
+    # Twisted's own form parsing (off: RollerSite) and /admin/import's recursed once per level
+    log_before = len(roller.log_text())
+    body = nested_multipart(3000)
+    for path in ("/admin/import", "/login", "/machines/g1/m1/jobs", "/api/v1/machines",
+                 f"/api/v1/jobs?tc_worker_id={TARGET[1]}&task_name=ping"):
+        a = send(roller.port, "POST", path, {"Content-Type": "multipart/form-data; boundary=b0"}, body)
+        assert 400 <= a.status < 500, (path, a)
+    logged = roller.log_text()[log_before:]
+    assert "Unhandled Error" not in logged and "RecursionError" not in logged, logged[-3000:]
+
+
 # -- protocol edges ----------------------------------------------------------------------
 
 

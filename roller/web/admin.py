@@ -147,7 +147,10 @@ def _multipart(request: IRequest) -> tuple[dict[str, str], dict[str, tuple[str, 
     raw = request.content.read(UPLOAD_MAX + 64 * 1024 + 1)
     if len(raw) > UPLOAD_MAX + 64 * 1024:
         raise BadRequest(f"the upload is larger than {UPLOAD_MAX >> 20} MB", code="payload_too_large", status=413)
-    msg = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + ctype + b"\r\n\r\n" + raw)
+    try:
+        msg = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + ctype + b"\r\n\r\n" + raw)
+    except RecursionError:  # multiparts nested in multiparts; a browser's form never nests them
+        raise BadRequest("the form nests multipart bodies too deep", code="invalid_form") from None
     if not msg.is_multipart():
         return {}, {}
     fields: dict[str, str] = {}

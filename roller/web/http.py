@@ -778,6 +778,11 @@ class RollerSite(server.Site):
             if value is not None and (not isinstance(value, (int, float)) or value <= 0):
                 raise ValueError(f"{name} must be a positive number or None, not {value!r}")
         kwargs.setdefault("timeout", idle_timeout)
+        # Forms are read by the routes that take them (roller.web.dashboard._form,
+        # roller.web.admin._multipart); Twisted's own parsing would mix a POST's
+        # form fields into the query arguments, and a deeply nested multipart
+        # body raises RecursionError inside it (a dropped connection).
+        kwargs.setdefault("parsePOSTFormSubmission", False)
         super().__init__(resource, **kwargs)
         self.max_body = max_body
         self.max_uri = max_uri
