@@ -123,6 +123,7 @@ class JobRecorder:
             return
         w = q[0]
         self._in_flight.add(job_id)
+        d: Deferred[Any]
         if w.job is not None:
             d = self._store.jobs.update(w.job, w.events[0])
         else:

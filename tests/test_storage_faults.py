@@ -15,7 +15,6 @@ lock held by another process.  Database files are created owner-only.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import shutil
 import sqlite3
@@ -33,14 +32,14 @@ from twisted.python.failure import Failure
 
 from roller.errors import Conflict
 from roller.inventory import Machine
-from roller.jobs import JobEvent, State
+from roller.jobs import State
 from roller.queue import RECORD_RETRY_FIRST, RECORD_RETRY_MAX, JobQueue, QueueLimits
 from roller.store import AuditEntry, StorageUnavailable, StoreError
 from roller.store.db import FAULT_LOG_INTERVAL, check_writable, storage_fault
 from roller.store.jobs import INTERRUPTED_ERROR
 from roller.tasks import TaskRegistry, TaskSpec
 from roller.testing.process import RollerProcess, db_states, free_port, ping_skip_reason, run_twistd, wait_for
-from roller.testing.syncdb import SyncClock, result_of, run, sync_database, sync_store
+from roller.testing.syncdb import result_of, run, sync_database, sync_store
 
 # -- helpers ---------------------------------------------------------------------------------------
 
@@ -241,6 +240,26 @@ def test_a_job_does_not_act_before_running_is_recorded(qenv: Any) -> None:
     clock.advance(2 * RECORD_RETRY_FIRST)
     assert tasks.started == [a.id, b.id]
     assert stored(store, a.id).state is State.succeeded and stored(store, b.id).state is State.running
+
+
+def test_cancelling_a_job_whose_running_is_not_recorded_records_both_in_order(qenv: Any) -> None:
+    path, store, clock, tasks, make = qenv
+    q = make(max_running=1)
+    a, _ = run(q.submit("work", machine(1)))
+    b, _ = run(q.submit("work", machine(2)))
+    no_waiting(store)
+    lock = Lock(path)
+    tasks.runs[a.id].callback("ok")
+    assert q.active(b.id).state is State.running and tasks.started == [a.id]
+    cancelled = run(q.cancel(b.id, by="alice"))  # answered with the end, its write held
+    assert cancelled.state is State.cancelled and q.active(b.id).state is State.cancelled
+    assert stored(store, b.id).state is State.queued
+    lock.release()
+    clock.advance(RECORD_RETRY_FIRST)
+    assert tasks.started == [a.id]  # never ran
+    assert stored(store, b.id).state is State.cancelled
+    assert [e.message for e in result_of(store.jobs.events(b.id))] == [
+        "queued by anonymous", "running", "cancelled: cancelled by alice"]
 
 
 def test_cancelling_a_queued_job_the_database_refuses_leaves_it_queued(qenv: Any) -> None:

@@ -290,7 +290,7 @@ def check_writable(path: str, now: float, *, timeout: float = 5.0) -> None:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("BEGIN IMMEDIATE")
         conn.execute(HEARTBEAT_TABLE)
-        write_heartbeat(conn, now)
+        write_heartbeat(conn.cursor(), now)
         conn.execute("COMMIT")
     except sqlite3.Error as e:
         raise StoreError(f"the database {path} cannot take a write: {_why(e)}") from None
@@ -547,7 +547,7 @@ class Database:
                 if conn is not None:
                     pool.disconnect(conn)
 
-            deferToThreadPool(self._clock, pool.threadpool, drop).addErrback(lambda f: None)
+            deferToThreadPool(pool._reactor, pool.threadpool, drop).addErrback(lambda f: None)
 
     def _note_fault(self, fault: StorageUnavailable) -> None:
         now = self._clock.seconds()
