@@ -461,3 +461,30 @@ def test_twistd_with_few_file_descriptors_keeps_serving_past_slow_connections(tm
                 s.close()
         log = roller.log_text()
         assert "EMFILE" not in log and "Too many open files" not in log
+
+
+# ------------------------------------------------------------ reads before writes
+
+
+def test_writes_beyond_the_turn_budget_wait_and_reads_do_not():
+    """
+    At most C{writes_per_turn} POSTs start in one reactor turn, the rest in
+    arrival order in the next turns; a GET arriving behind them is answered
+    at once; a waiting POST whose client left is never started.
+    """
+    site, clock = memory_site(resource=Hello())
+    site.writes_per_turn = 2
+    posts = [connect(site, p) for p in range(1, 6)]
+    for channel, _ in posts:
+        channel.dataReceived(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n")
+    reader, rt = connect(site, 9)
+    reader.dataReceived(GET)
+    answered = lambda: [bool(t.value()) for _, t in posts]  # noqa: E731
+    assert answered() == [True, True, False, False, False]
+    assert [s for s, _, _ in responses(rt.value())] == [200]
+    posts[3][0].connectionLost(None)  # gave up while waiting
+    clock.advance(0)
+    assert answered() == [True, True, True, False, True]
+    clock.advance(0)
+    clock.advance(0)
+    assert not [c for c in clock.getDelayedCalls() if c.getTime() == clock.seconds()]

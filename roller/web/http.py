@@ -58,6 +58,7 @@ C{return json_error(request, 404, "not_found", "no such machine")}.
 
 from __future__ import annotations
 
+import collections
 import io
 import json
 import resource
@@ -126,6 +127,9 @@ DEFAULT_BODY_TIMEOUT = 60.0
 #: Longer than the 60 s idle timeout of common load balancers, so a
 #: balancer never reuses a connection roller is closing at that moment.
 DEFAULT_IDLE_TIMEOUT = 75.0
+
+#: Requests that never wait behind writes (L{RollerSite.admit}).
+_READ_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS"})
 
 #: Reason phrases for the statuses this module writes itself.
 _REASONS = {
@@ -379,7 +383,15 @@ class LimitedRequest(server.Request):
         except UnicodeDecodeError:
             self.reject(400, "bad_request", "the request path is not valid UTF-8")
             return
+        admit = getattr(self.site or getattr(self.channel, "site", None), "admit", None)
+        if self.method not in _READ_METHODS and admit is not None and not admit(self._process_admitted):
+            return  # the site calls _process_admitted in a later reactor turn
         super().process()
+
+    def _process_admitted(self) -> None:
+        """A deferred write's turn: process it unless its client is gone."""
+        if not self._disconnected:
+            super().process()
 
     # -- failures -----------------------------------------------------------
 
@@ -757,6 +769,9 @@ class RollerSite(server.Site):
     protocol = RollerHTTPChannel  # type: ignore[assignment]
     requestFactory = LimitedRequest
     displayTracebacks = False
+    #: Write requests (not GET, HEAD, OPTIONS) started per reactor turn;
+    #: the others wait in order for the next turns (L{admit}).
+    writes_per_turn = 32
 
     def __init__(
         self,
@@ -799,6 +814,41 @@ class RollerSite(server.Site):
         # Channels not working on a request, the longest waiting first
         # (a dict keeps insertion order; re-inserting moves to the end).
         self._waiting: dict[RollerHTTPChannel, None] = {}
+        self._writes_started = 0
+        self._writes_waiting: collections.deque[Callable[[], None]] = collections.deque()
+        self._turn_call: Any = None
+
+    # -- reads before writes --------------------------------------------------
+
+    def admit(self, process: Callable[[], None]) -> bool:
+        """
+        May a write request start now?  At most L{writes_per_turn} start in
+        one reactor turn; the others wait, in arrival order, and C{process}
+        is called in a later turn.  Reads never wait: with a thousand
+        clients a turn that parsed and started every pending submission
+        would hold up the database answers that GETs wait for.
+        """
+        if self._turn_call is None:
+            self._turn_call = self.reactor.callLater(0, self._next_turn)
+        if not self._writes_waiting and self._writes_started < self.writes_per_turn:
+            self._writes_started += 1
+            return True
+        self._writes_waiting.append(process)
+        return False
+
+    def _next_turn(self) -> None:
+        self._turn_call = None
+        self._writes_started = 0
+        waiting = self._writes_waiting
+        while waiting and self._writes_started < self.writes_per_turn:
+            self._writes_started += 1
+            process = waiting.popleft()
+            try:
+                process()
+            except Exception:
+                log.failure("A deferred request failed to start")
+        if waiting or self._writes_started:
+            self._turn_call = self.reactor.callLater(0, self._next_turn)
 
     # -- connections --------------------------------------------------------
 
