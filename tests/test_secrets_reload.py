@@ -12,10 +12,16 @@ old one is no longer used.
     exist (ipmi_sim; Conch SSH; the Redfish and PDU simulators; the fake
     Bugzilla; a local Hawk client): right secrets, then wrong ones, then
     right ones again, reloaded each time: every job follows the file.
+  - The XenAPI pool password, the Taskcluster credentials of loans and
+    notify, and the webhook signing secret, each rotated on its peer: the
+    old secret in the file fails, the reloaded new one succeeds; no secret
+    in any job, log line or notification.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 import signal
@@ -29,18 +35,25 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from twisted.conch.ssh.keys import Key
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.web.resource import Resource
+from twisted.web.server import Site
 
 from roller.config import load_settings
 from roller.inventory import Machine
+from roller.notify import parse_rules
 from roller.secrets import Credential, HawkClient, Secrets, load_secrets, write_secrets
 from roller.service import RollerService
 from roller.testing import ipmisim
 from roller.testing.bugzilla import FakeBugzilla
 from roller.testing.fleet import Fleet
 from roller.testing.harness import ApiHarness, free_port, start_roller
+from roller.testing.notify import FakeTaskclusterNotify
 from roller.testing.pdu_sim import SimulatedPdu
 from roller.testing.process import RollerProcess, read_until, wait_for
 from roller.testing.snmpd import SnmpAgent, skip_reason
+from roller.testing.tc_queue import FakeTaskclusterQueue
+from roller.testing.xenapi import FakeXenApi
 
 SNMPD_SKIP = skip_reason()
 USER = "pduadmin"
@@ -294,3 +307,186 @@ async def test_local_hawk_clients_follow_a_reload_and_a_replay_stays_refused(tmp
         assert await post(signed(old_token)) == 201
     finally:
         await service.stopService()
+
+
+# ---------------------------------------------------------------- XenAPI, loans, notify, webhooks
+#
+# The Taskcluster credentials of loans (queue.quarantineWorker) and notify,
+# the webhook signing secret and the XenAPI pool password, each against its
+# peer on loopback (the XenAPI fake, the Taskcluster queue and notify fakes
+# verifying Hawk with mohawk, a webhook receiver checking the HMAC): every
+# peer takes the old secret, then only a new one; jobs and notifications
+# with the old one in the file fail for that reason; after the file is
+# rewritten and roller reloaded, the next ones succeed.  Taskcluster's
+# authenticate-hawk (auth.mode = "taskcluster") is called without any
+# credential of roller's, so no secret of it is involved in a reload.
+
+XEN_VM = "6f1d8d3c-0f2c-4d6a-9a1e-5f402b10c6b5"
+QUEUE_CLIENT, NOTIFY_CLIENT = "project/releng/roller-loans", "project/releng/roller-notify"
+
+
+class _SignedWebhook:
+    """A webhook receiver that accepts only bodies signed (HMAC-SHA256) with C{secret}."""
+
+    def __init__(self, secret: str):
+        self.secret = secret
+        self.accepted: list[dict] = []
+        self.refused: list[str] = []
+        hook = self
+
+        class Hook(Resource):
+            isLeaf = True
+
+            def render_POST(self, request: Any) -> bytes:
+                raw = request.content.read()
+                got = (request.getHeader("x-roller-signature-256") or "").encode()
+                want = b"sha256=" + hmac.new(hook.secret.encode(), raw, hashlib.sha256).hexdigest().encode()
+                if not hmac.compare_digest(got, want):
+                    hook.refused.append("no signature" if not got else "signature mismatch")
+                    request.setResponseCode(401)
+                    return b""
+                hook.accepted.append(json.loads(raw))
+                request.setResponseCode(204)
+                return b""
+
+        self.resource = Hook()
+        self.port: Any = None
+
+    def listen(self) -> str:
+        site = Site(self.resource)
+        site.noisy = False
+        self.port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        return f"http://127.0.0.1:{self.port.getHost().port}/hook"
+
+
+@pytest_twisted.ensureDeferred
+async def test_xenapi_loans_notify_and_webhook_credentials_take_effect_on_reload(tmp_path):
+    def fresh(label: str) -> str:
+        return f"{label}-{os.urandom(10).hex()}"
+
+    old = {k: fresh(k + "-old") for k in ("xen", "queue", "notify", "webhook")}
+    new = {k: fresh(k + "-new") for k in ("xen", "queue", "notify", "webhook")}
+    every_secret = (*old.values(), *new.values())
+
+    xen = FakeXenApi(users={"root": old["xen"]})
+    xen.add_vm(XEN_VM, power_state="Running")
+    xen_url = xen.listen(reactor)
+    tc_queue = FakeTaskclusterQueue(clients={QUEUE_CLIENT: old["queue"]})
+    tc_notify = FakeTaskclusterNotify(clients={NOTIFY_CLIENT: old["notify"]})
+    hook = _SignedWebhook(old["webhook"])
+    ports = [tc_queue.listen(reactor), tc_notify.listen(reactor)]
+    hook_url = hook.listen()
+    ports.append(hook.port)
+
+    secrets_file = tmp_path / "secrets.toml"
+
+    def write(v: dict) -> None:
+        write_secrets(secrets_file, {
+            "xen-pool": Credential(name="xen-pool", kind="password", username="root", password=v["xen"]),
+            "taskcluster-queue": Credential(name="taskcluster-queue", kind="password", username=QUEUE_CLIENT,
+                                            password=v["queue"]),
+            "taskcluster-notify": Credential(name="taskcluster-notify", kind="password", username=NOTIFY_CLIENT,
+                                             password=v["notify"]),
+            "webhook": Credential(name="webhook", kind="token", value=v["webhook"]),
+        })
+
+    write(old)
+    lines: list[str] = []
+
+    def observer(event: dict) -> None:
+        lines.append(formatEvent(event) or "")
+        lines.append(repr(event))
+        if event.get("log_failure") is not None:
+            lines.append(event["log_failure"].getTraceback())
+
+    globalLogPublisher.addObserver(observer)
+    s = load_settings(None, {}, {"auth.mode": "none", "server.listen": "tcp:0:interface=127.0.0.1",
+                                 "state_dir": str(tmp_path / "state")})
+    s = evolve(s, secrets_file=str(secrets_file), allowed_tasks=("xenapi_reboot", "power_status", "loan"),
+               xen_timeout=5.0, xen_shutdown_timeout=5.0, xen_start_delay=0.0,
+               loans_root_url=tc_queue.url, loans_timeout=5.0, loans_provisioner_id="releng-hardware",
+               notify_root_url=tc_notify.url, notify_timeout=5.0,
+               notify_rules=parse_rules([{"tasks": ["xenapi_reboot"], "on": ["succeeded", "failed"],
+                                          "email": ["relops@example.com"], "webhooks": [hook_url]}]))
+    service = RollerService(s, reactor)
+    service.startService()
+    await service.ready
+    h = ApiHarness(service, None, reactor, group="rot")
+    jobs: list[dict] = []
+
+    async def run(worker: str, task: str, body: dict | None = None) -> dict:
+        job = await h.run(worker, task, body)
+        jobs.append(job)
+        return job
+
+    async def notified(count: int) -> list[tuple[str, str, str]]:
+        """The outcomes of the last two notifications (sorted) once C{count} have ended."""
+        end = reactor.seconds() + 20.0
+        while len(service.notifier.sent) < count:
+            assert reactor.seconds() < end, f"notifications: {service.notifier.sent}"
+            await deferLater(reactor, 0.02, lambda: None)
+        return sorted(service.notifier.sent[count - 2:count])
+
+    def loan(n: int) -> dict:
+        return {"params": {"borrower": "dev@example.com", "expires": "7d", "reason": f"debug bug {n}"}}
+
+    try:
+        await service.store.machines.put(Machine.from_json(
+            {"worker_id": "vm1", "worker_group": "rot", "xen": {"vm_uuid": XEN_VM, "url": xen_url,
+                                                                "credential": "xen-pool"}}))
+        for n in (1, 2):
+            await service.store.machines.put(Machine.from_json(
+                {"worker_id": f"hw{n}", "worker_group": "rot", "pool": "gecko-t-linux"}))
+
+        # 1. the file and every peer agree: everything works
+        assert (await run("vm1", "xenapi_reboot"))["state"] == "succeeded", jobs[-1].get("error")
+        assert (await run("vm1", "power_status", {"params": {"via": "xen"}}))["state"] == "succeeded"
+        assert (await run("hw1", "loan", loan(1)))["state"] == "succeeded", jobs[-1].get("error")
+        assert await notified(2) == [("email", "relops@example.com", "ok"), ("webhook", hook_url, "ok")]
+        assert [c["client_id"] for c in tc_queue.calls] == [QUEUE_CLIENT]
+
+        # 2. every peer's secret is rotated; the file still holds the old ones
+        xen.users["root"] = new["xen"]
+        tc_queue.clients[QUEUE_CLIENT] = new["queue"]
+        tc_notify.clients[NOTIFY_CLIENT] = new["notify"]
+        hook.secret = new["webhook"]
+        job = await run("vm1", "xenapi_reboot")
+        assert job["state"] == "failed", job
+        assert "SESSION_AUTHENTICATION_FAILED" in job["error"] and "credential 'xen-pool'" in job["error"], job
+        job = await run("vm1", "power_status", {"params": {"via": "xen"}})
+        assert job["state"] == "failed" and "SESSION_AUTHENTICATION_FAILED" in job["error"], job
+        job = await run("hw2", "loan", loan(2))
+        assert job["state"] == "failed", job
+        assert "HTTP 401 AuthenticationFailed" in job["error"] and "not loaned" in job["error"], job
+        assert await notified(4) == [("email", "relops@example.com", "HTTP 401"), ("webhook", hook_url, "HTTP 401")]
+        assert len(tc_queue.calls) == 1 and tc_queue.refused and tc_notify.refused
+        assert hook.refused == ["signature mismatch"]
+        assert any("Notification by email to relops@example.com refused: HTTP 401" in line for line in lines)
+
+        # 3. the operator writes the new secrets and roller reloads (what SIGHUP calls)
+        write(new)
+        assert service.reload_secrets()
+        assert (await run("vm1", "xenapi_reboot"))["state"] == "succeeded", jobs[-1].get("error")
+        assert (await run("vm1", "power_status", {"params": {"via": "xen"}}))["state"] == "succeeded"
+        assert (await run("hw2", "loan", loan(3)))["state"] == "succeeded", jobs[-1].get("error")
+        assert await notified(6) == [("email", "relops@example.com", "ok"), ("webhook", hook_url, "ok")]
+        assert [c["worker_id"] for c in tc_queue.calls] == ["hw1", "hw2"]
+        assert len(hook.accepted) == 2 and hook.accepted[-1]["job"]["state"] == "succeeded"
+        assert [cid for _, cid, _ in tc_notify.received] == [NOTIFY_CLIENT, NOTIFY_CLIENT]
+        assert xen.vms[XEN_VM].state == "Running"
+
+        # no secret, old or new, in any job (events, errors, results), in
+        # what the peers were sent, or in any log line
+        for job in jobs:
+            full = await h.job(job["task_id"])
+            text = json.dumps(full)
+            assert full["events"] and not any(k in text for k in every_secret), full
+        sent = json.dumps([b for _, _, b in tc_notify.received] + hook.accepted + tc_queue.calls)
+        assert not any(k in sent for k in every_secret)
+        assert not any(k in line for line in lines for k in every_secret)
+    finally:
+        await h.stop()
+        globalLogPublisher.removeObserver(observer)
+        await xen.stop()
+        for port in ports:
+            await port.stopListening()
