@@ -95,6 +95,10 @@ class JobRecorder:
         """State changes announced and not yet written."""
         return sum(1 for q in self._queues.values() for w in q if w.job is not None)
 
+    def pending_events(self, job_id: str) -> list[JobEvent]:
+        """A job's events not yet written, in order."""
+        return [e for w in self._queues.get(job_id, ()) for e in w.events]
+
     def state(self, job: Job, event: JobEvent) -> "Deferred[Job]":
         """Write C{job}'s row and C{event}; fires with C{job} once written."""
         w = _Write(job, [event])
@@ -304,6 +308,10 @@ class JobQueue:
     def unrecorded(self) -> int:
         """Job state changes announced and not yet written (the database refused them)."""
         return self._recorder.unrecorded
+
+    def unrecorded_events(self, job_id: str) -> list[JobEvent]:
+        """A job's events announced and not yet written, in order (after those in the store)."""
+        return self._recorder.pending_events(job_id)
 
     def queued(self) -> list[Job]:
         return sorted(

@@ -483,6 +483,9 @@ def test_full_disk_503_heartbeat_fails_final_state_kept_and_recovery(tmpfs: Tmpf
         assert job["state"] == "succeeded", job
         assert db_states(roller.db_path)[job_id] == "running"
         assert roller.get("/__heartbeat__").json()["queue"]["unrecorded"] == 1
+        assert job["events"][-1]["message"].startswith("succeeded: "), job["events"]  # held, shown
+        listed = roller.json("GET", "/api/v1/jobs?worker_group=full&state=running")["jobs"]
+        assert [j for j in listed if j["task_id"] == job_id] == [], listed  # not "running" in a list either
         r = roller.request("DELETE", f"/api/v1/jobs/{job_id}")
         assert r.status == 409 and r.json()["message"] == f"job {job_id} already ended: succeeded", r
 

@@ -408,6 +408,7 @@ class Api:
         if job is None:
             raise NotFound(f"no job {task_id[:64]}", code="unknown_job")
         events = await self.store.jobs.events(task_id, limit=1000)
+        events += self.queue.unrecorded_events(task_id)  # held while the database refuses writes
         return _json(request, {**job.to_json(), "events": [e.to_json() for e in events]})
 
     @app.route("/api/v1/jobs/<task_id>", methods=["DELETE"])
@@ -453,6 +454,8 @@ class Api:
             states=states, before=before_seq, limit=limit,
         )
         live = [self.queue.active(j.id) or j for j in jobs]
+        if states:  # a job whose end is not recorded yet is listed as what it is now
+            live = [j for j in live if j.state in states]
         next_before = jobs[-1].seq if len(jobs) == limit else None
         return _json(request, {"jobs": [j.to_json() for j in live], "next_before": next_before})
 
