@@ -492,6 +492,21 @@ def test_hostile_targets_never_500(roller: RollerProcess, method: str) -> None:
     assert "Unhandled error" not in roller.log_text() and "Traceback" not in roller.log_text()
 
 
+def test_hostile_host_headers(roller: RollerProcess) -> None:
+    for host in (b"\xff\xfe", b"roller.example\xe9:8080"):
+        for target in (b"/api/v1/tasks", b"/", b"/static/roller.css"):
+            sock = socket.create_connection(("127.0.0.1", roller.port), timeout=TIMEOUT)
+            try:
+                sock.sendall(b"GET " + target + b" HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n")
+                response = http.client.HTTPResponse(sock, method="GET")
+                response.begin()
+                body = response.read()
+            finally:
+                sock.close()
+            assert response.status == 400 and json.loads(body)["error"] == "bad_request", (host, target, body)
+    assert "Traceback" not in roller.log_text()
+
+
 def test_double_slashes_are_404_json_on_the_api(roller: RollerProcess) -> None:
     for target in ("/api/v1/machines/x//y", "/api//v1/jobs", "/api/v1/machines/g1//m1"):
         a = send(roller.port, "GET", target)

@@ -147,6 +147,18 @@ class _ReadOnly(resource.Resource):
 _READ_ONLY = _ReadOnly()
 
 
+class _BadHost(resource.Resource):
+    """400 JSON for a C{Host} header that is not UTF-8 (Klein would answer a plain-text 400 and log a traceback)."""
+
+    isLeaf = True
+
+    def render(self, request: IRequest) -> bytes:
+        return json_error(request, 400, "bad_request", "the Host header is not valid UTF-8")
+
+
+_BAD_HOST = _BadHost()
+
+
 class _Root(resource.Resource):
     """
     Dispatch on the first path segment; the chosen Klein app sees the whole
@@ -165,6 +177,10 @@ class _Root(resource.Resource):
 
     def getChildWithDefault(self, name: bytes, request: IRequest) -> resource.Resource:
         security_headers(request)
+        try:
+            (request.getHeader(b"host") or b"").decode("utf-8")
+        except UnicodeDecodeError:
+            return _BAD_HOST
         if name == b"static":
             return self.static_files
         if name == b"events" and not request.postpath:
