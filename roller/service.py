@@ -154,7 +154,12 @@ class RollerService(MultiService):
     async def _start(self) -> None:
         s = self.settings
         self.secrets = load_secrets(s.secrets_file)
-        self.store = await open_store(s.db_path, self.reactor, synchronous=s.db_synchronous.upper())
+        try:
+            self.store = await open_store(s.db_path, self.reactor, synchronous=s.db_synchronous.upper())
+            await self.store.db.check_write()  # migrating may have written nothing
+        except StorageUnavailable as e:
+            raise StorageUnavailable(e.kind, f"the database {s.db_path} cannot take a write: {e.what}",
+                                     e.retry_after, e.detail) from None
         if s.demo:
             await self._start_demo()
             s = self.settings

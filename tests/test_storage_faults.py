@@ -26,14 +26,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_twisted
 from twisted.internet.defer import Deferred
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
+from roller.config import load_settings
 from roller.errors import Conflict
 from roller.inventory import Machine
 from roller.jobs import State
 from roller.queue import RECORD_RETRY_FIRST, RECORD_RETRY_MAX, JobQueue, QueueLimits
+from roller.service import RollerService
 from roller.store import AuditEntry, StorageUnavailable, StoreError
 from roller.store.db import FAULT_LOG_INTERVAL, check_writable, storage_fault
 from roller.store.jobs import INTERRUPTED_ERROR
@@ -526,6 +529,38 @@ def test_read_only_database_refuses_to_start_in_one_line(tmpfs: Tmpfs) -> None:
     tmpfs.remount("rw")
     with RollerProcess(["--auth", "none"], state_dir=tmpfs.path) as roller:
         assert roller.get("/__heartbeat__").status == 200
+
+
+class _NotStopping:
+    """The reactor, except that a service failing to start must not stop it (pytest-twisted runs on it)."""
+
+    running = False
+
+    def __init__(self, reactor: Any):
+        self._reactor = reactor
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reactor, name)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_service_refuses_a_database_opened_read_only(tmpfs: Tmpfs) -> None:
+    from twisted.internet import reactor
+
+    path = str(tmpfs.path / "roller.db")
+    store, _ = sync_store(path)  # migrated: opening it writes nothing
+    result_of(store.close())
+    crashed_roller_left(path)
+    tmpfs.remount("ro")
+    s = load_settings(None, {}, {"server.listen": "tcp:0:interface=127.0.0.1", "state_dir": str(tmpfs.path),
+                                 "auth.mode": "none"})
+    service = RollerService(s, _NotStopping(reactor))
+    service.startService()
+    with pytest.raises(StorageUnavailable, match=f"the database {path} cannot take a write: the database is "
+                                                 "read-only"):
+        await service.ready
+    assert service.failed and service.ports == []
+    await service.stopService()
 
 
 _HOLDER = """
