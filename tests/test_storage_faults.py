@@ -350,8 +350,14 @@ def test_database_files_are_created_owner_only(tmp_path: Path) -> None:
         assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
         result_of(store.close())
         other = tmp_path / "checked.db"
-        check_writable(str(other), 1.0)
-        assert stat.S_IMODE(os.stat(other).st_mode) == 0o600
+        with capturedLogs() as events:
+            check_writable(str(other), 1.0)
+            assert stat.S_IMODE(os.stat(other).st_mode) == 0o600
+            assert lines(events) == []
+            os.chmod(other, 0o644)  # made by an older roller
+            check_writable(str(other), 2.0)
+        assert lines(events) == [f"The database {other} is readable or writable by other users (mode 644); it "
+                                 f"holds password hashes and the audit log: chmod 600 {other}*"]
     finally:
         os.umask(old)
 

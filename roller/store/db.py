@@ -283,6 +283,10 @@ def check_writable(path: str, now: float, *, timeout: float = 5.0) -> None:
         return
     try:
         create_private(path)
+        mode = os.stat(path).st_mode & 0o777
+        if mode & 0o077:
+            log.warn("The database {path} is readable or writable by other users (mode {mode:o}); it holds password "
+                     "hashes and the audit log: chmod 600 {path}*", path=path, mode=mode)
         conn = sqlite3.connect(path, timeout=timeout, isolation_level=None)
     except (OSError, sqlite3.Error) as e:
         raise StoreError(f"cannot open the database {path}: {_why(e)}") from None
