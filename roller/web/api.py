@@ -26,7 +26,7 @@ from roller.auth.hawk import client_ip, parse_trusted_proxies
 from roller.errors import BadRequest, Conflict, Forbidden, NotFound, RollerError, Unauthorized
 from roller.inventory import Machine, valid_worker_id
 from roller.jobs import PRIORITY_DEFAULT, PRIORITY_MAX, PRIORITY_MIN, State
-from roller.json_input import JSONInputError, load_json
+from roller.json_input import JSONInputError, JSONTooDeep, load_json
 from roller.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from roller.metrics import Metrics
 from roller.queue import JobQueue
@@ -182,6 +182,8 @@ def _body(request: IRequest, *, required: bool = False) -> Any:
                          status=415)
     try:
         return load_json(raw, parse_float=_json_number)
+    except JSONTooDeep as e:  # valid or not, more nesting than roller reads
+        raise BadRequest(f"the body is refused: {e}"[:200], code="bad_json") from None
     except JSONInputError as e:
         raise BadRequest(f"the body is not valid JSON: {e}"[:200], code="invalid_json") from None
 

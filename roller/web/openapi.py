@@ -198,8 +198,8 @@ _TRANSPORT = ("400", "413", "414", "431")
 #: The shared error responses: {status: (component name, description with the error codes)}.
 _ERRORS: dict[str, tuple[str, str]] = {
     "400": ("BadRequest", "Bad input (`missing_parameter`, `invalid_query`, `invalid_worker_id`, "
-            "`unknown_task`, `task_not_allowed`, `invalid_body`, `invalid_json`, `missing_body`, "
-            "`invalid`), or an unparsable HTTP request (`bad_request`)."),
+            "`unknown_task`, `task_not_allowed`, `invalid_body`, `invalid_json`, `bad_json` (nested deeper "
+            "than 32 levels), `missing_body`, `invalid`), or an unparsable HTTP request (`bad_request`)."),
     "401": ("Unauthorized", "Missing or invalid Hawk credentials (`unauthorized`, `auth_not_configured`)."),
     "403": ("Forbidden", "The credentials lack the required scope (`insufficient_scope`), or a call that "
             "changes something came from a web page on another origin (`cross_site_request`)."),
@@ -628,7 +628,11 @@ def _ops_schemas() -> dict[str, Schema]:
             "checks": {"type": "object", "additionalProperties": {"type": "string"},
                        "description": "`ok` or `error: <kind>` per dependency"},
             "queue": _object({"running": {"type": "integer", "minimum": 0},
-                              "queued": {"type": "integer", "minimum": 0}}, ["running", "queued"]),
+                              "queued": {"type": "integer", "minimum": 0},
+                              "unrecorded": {"type": "integer", "minimum": 0,
+                                             "description": "jobs whose latest state change the database "
+                                                            "has not taken yet (retried until written)"}},
+                             ["running", "queued"]),
         }, ["status", "checks", "queue"]),
         "LbHeartbeat": _object({"status": {"const": "ok"}}, ["status"]),
         "Version": _object({
