@@ -25,7 +25,7 @@ from zope.interface.verify import verifyObject
 
 from roller import cli
 from roller.auth.accounts import (
-    AccountAuth, PasswordHasher, TooManyAttempts, hash_password, principal_for, role_scopes, verify_password,
+    AccountAuth, AttemptBudget, PasswordHasher, TooManyAttempts, hash_password, principal_for, role_scopes, verify_password,
 )
 from roller.errors import BadRequest, Forbidden, Unauthorized
 from roller.store.users import NoSuchUser, UserExists
@@ -197,11 +197,14 @@ def test_user_lockout_after_failures_expires_on_the_clock(env: Any) -> None:
     for i in range(3):
         failure_of(auth.login("olga", f"guess {i}", f"192.0.2.{i}"))  # several addresses
     assert result_of(store.users.get("olga")).locked_until == clock.seconds() + 600
-    # locked: even the right password is refused, with the same answer
+    # locked: even the right password is refused, and the answer says so
     f = failure_of(auth.login("olga", PASSWORD, "198.51.100.9"))
-    assert f.check(Unauthorized) and f.value.message.startswith("Wrong user name or password.")
+    assert f.check(TooManyAttempts) and f.value.status == 429 and f.value.code == "account_locked"
+    assert "even the right password is refused" in f.value.message and "10 minutes" in f.value.message
+    assert f.value.retry_after == 600
     clock.advance(599)
-    assert failure_of(auth.login("olga", PASSWORD, "198.51.100.9")).check(Unauthorized)
+    f = failure_of(auth.login("olga", PASSWORD, "198.51.100.9"))
+    assert f.check(TooManyAttempts) and f.value.retry_after == 1
     clock.advance(2)
     user, _ = run(auth.login("olga", PASSWORD, "198.51.100.9"))
     assert user.name == "olga" and result_of(store.users.get("olga")).failed_logins == 0
@@ -217,6 +220,148 @@ def test_address_lockout_covers_every_user_name(env: Any) -> None:
     assert run(auth.login("olga", PASSWORD, "203.0.113.8"))[0].name == "olga"  # another address
     clock.advance(601)
     assert run(auth.login("olga", PASSWORD, "203.0.113.7"))[0].name == "olga"
+
+
+class HeldHasher:
+    """Password checks that answer only when the test says: the attempts stay under way."""
+
+    def __init__(self) -> None:
+        self.held: list[tuple[str, str | None, Deferred]] = []
+
+    def verify(self, password: str, encoded: str | None) -> Deferred:
+        d: Deferred = Deferred()
+        self.held.append((password, encoded, d))
+        return d
+
+    def answer(self, count: int | None = None) -> None:
+        """Answer the oldest C{count} held checks (all by default), truthfully."""
+        count = len(self.held) if count is None else count
+        now, self.held = self.held[:count], self.held[count:]
+        for password, encoded, d in now:
+            d.callback(encoded is not None and verify_password(password, encoded))
+
+
+def held_auth(store: Any, clock: Any, **kw: Any) -> tuple[AccountAuth, HeldHasher]:
+    hasher = HeldHasher()
+    options = {"max_failures": 3, "ip_max_failures": 20, "lockout": 600.0, **kw}
+    return AccountAuth(store.users, clock, hasher, scope_prefix=P, tasks=("ping",), **options), hasher
+
+
+def settle(coro: Any) -> list:
+    """Start a sign-in; the list gets its result or failure when it ends."""
+    out: list = []
+    Deferred.fromCoroutine(coro).addBoth(out.append)
+    return out
+
+
+def test_concurrent_wrong_passwords_cannot_make_way_for_the_right_one(env: Any) -> None:
+    store, clock, _ = env
+    add(store, clock, "olga", "operator")
+    auth, hasher = held_auth(store, clock)
+    wrong = [settle(auth.login("olga", f"guess {i}", "203.0.113.7")) for i in range(60)]
+    right = settle(auth.login("olga", PASSWORD, "203.0.113.7"))
+    # counted before the hash: only max_failures attempts got as far as the password check
+    assert len(hasher.held) == 3
+    refused = [r[0] for r in wrong + [right] if r]
+    assert len(refused) == 58 and all(f.check(TooManyAttempts) for f in refused)
+    assert "Too many sign-in attempts for this account at once" in right[0].value.message
+    hasher.answer()
+    assert [r[0].check(Unauthorized) is not None for r in wrong[:3]] == [True] * 3
+    assert result_of(store.users.get("olga")).locked_until == clock.seconds() + 600
+    assert result_of(store.users.sessions_of("olga")) == 0
+    # locked: the right password, from anywhere, is refused (at once) until the lock ends
+    f = failure_of(auth.login("olga", PASSWORD, "198.51.100.1"))
+    assert f.check(TooManyAttempts) and f.value.code == "account_locked" and hasher.held == []
+    clock.advance(599)
+    assert failure_of(auth.login("olga", PASSWORD, "198.51.100.1")).value.code == "account_locked"
+    clock.advance(1)
+    later = settle(auth.login("olga", PASSWORD, "198.51.100.1"))
+    hasher.answer()
+    assert later[0][0].name == "olga" and result_of(store.users.sessions_of("olga")) == 1
+
+
+def test_a_success_keeps_the_failures_of_attempts_alongside_it(env: Any) -> None:
+    store, clock, _ = env
+    add(store, clock, "olga", "operator")
+    auth, hasher = held_auth(store, clock)
+    typo = settle(auth.login("olga", "typo", "192.0.2.1"))
+    hasher.answer()  # a failure that ended before the success began: the success forgets it
+    assert typo[0].check(Unauthorized)
+    clock.advance(1)
+    guess = settle(auth.login("olga", "guess 1", "203.0.113.7"))
+    mine = settle(auth.login("olga", PASSWORD, "192.0.2.1"))
+    clock.advance(1)
+    hasher.answer(1)  # the guess fails while the right password is being checked
+    hasher.answer()
+    assert guess[0].check(Unauthorized) and mine[0][0].name == "olga"
+    # the guess still counts: two more failures lock the account (had the typo counted, one would)
+    for i in (2, 3):
+        attempt = settle(auth.login("olga", f"guess {i}", "203.0.113.7"))
+        hasher.answer()
+        assert attempt[0].check(Unauthorized)
+    f = failure_of(auth.login("olga", PASSWORD, "192.0.2.1"))
+    assert f.check(TooManyAttempts) and f.value.code == "account_locked"
+
+
+def test_a_lock_set_while_hashing_refuses_the_right_password(env: Any) -> None:
+    store, clock, _ = env
+    add(store, clock, "olga", "operator")
+    auth, hasher = held_auth(store, clock)
+    mine = settle(auth.login("olga", PASSWORD, "192.0.2.1"))
+    # meanwhile another roller on the same database locks the account
+    result_of(store.users.record_failure("olga", clock.seconds(), 1, 600.0))
+    hasher.answer()
+    assert mine[0].check(TooManyAttempts) and mine[0].value.code == "account_locked"
+    assert result_of(store.users.sessions_of("olga")) == 0
+
+
+def test_address_budget_holds_under_concurrency(env: Any) -> None:
+    store, clock, _ = env
+    add(store, clock, "olga", "operator")
+    auth, hasher = held_auth(store, clock, ip_max_failures=5)
+    names = [settle(auth.login(f"user{i}", "guess", "2001:db8:1::7")) for i in range(10)]
+    assert len(hasher.held) == 5
+    assert all(r[0].check(TooManyAttempts) for r in names[5:])
+    assert "from your address at once" in names[5][0].value.message
+    hasher.answer()
+    # the same /64 is the same address
+    f = failure_of(auth.login("olga", PASSWORD, "2001:db8:1::8"))
+    assert f.check(TooManyAttempts) and "Too many failed sign-ins from your address" in f.value.message
+    other = settle(auth.login("olga", PASSWORD, "2001:db8:2::1"))
+    hasher.answer()
+    assert other[0][0].name == "olga"
+
+
+def test_unknown_names_lock_like_real_ones(env: Any) -> None:
+    store, clock, auth = env
+    add(store, clock, "olga", "operator")
+    answers = []
+    for name in ("olga", "nobody"):
+        for i in range(3):
+            failure_of(auth.login(name, f"guess {i}", f"192.0.2.{i}"))
+        f = failure_of(auth.login(name, PASSWORD, "198.51.100.9"))
+        answers.append((f.value.status, f.value.code, f.value.message))
+    assert answers[0] == answers[1] and answers[0][:2] == (429, "account_locked")
+
+
+def test_attempt_budget_is_bounded_and_keeps_live_keys() -> None:
+    budget = AttemptBudget(max_keys=10)
+    budget.reserve("busy", 0.0)  # under way
+    budget.failed("locked", 0.0, 1, 600.0)  # locked
+    for i in range(8):
+        budget.failed(f"k{i}", float(i), 5, 600.0)
+    assert len(budget) == 10
+    budget.reserve("new", 9.0)
+    assert len(budget) <= 10 and "new" in budget._keys
+    assert "busy" in budget._keys and budget.locked("locked", 9.0) == 591.0
+    assert "k0" not in budget._keys and "k7" in budget._keys  # the oldest failures went first
+    # idle keys (failures out of the window) go before anything else
+    budget = AttemptBudget(max_keys=3)
+    for key in ("a", "b", "c"):
+        budget.failed(key, 0.0, 5, 10.0)
+    budget.wait("a", 20.0, 5, 10.0)  # a's failure left the window
+    budget.reserve("d", 20.0)
+    assert set(budget._keys) == {"b", "c", "d"}
 
 
 def test_session_idle_and_absolute_expiry_on_the_clock(env: Any) -> None:

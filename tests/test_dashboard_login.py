@@ -93,8 +93,9 @@ def test_wrong_password_unknown_user_and_lockout(env: Env) -> None:
     assert unknown.code == 401 and "Wrong user name or password." in unknown.text
     sign_in(env, "olga", "wrong again")
     sign_in(env, "olga", "and again")  # third failure: locked for 10 minutes
-    r = sign_in(env, "olga")
-    assert r.code == 401 and "roller_session" not in env.cookies
+    r = sign_in(env, "olga")  # even with the right password, and the page says so
+    assert r.code == 429 and "roller_session" not in env.cookies
+    assert "This account is locked after 3 failed sign-ins" in r.text and r.header("retry-after") == "600"
     env.clock.advance(601)
     assert sign_in(env, "olga").code == 303 and env.get("/").code == 200
 
@@ -261,5 +262,62 @@ async def test_service_logs_a_setup_link_and_needs_sign_in(tmp_path: Path) -> No
         assert r.code == 303 and r.headers.getRawHeaders("location") == ["/login"]
         assert (await get(paths[0])).code == 200
         assert (await get("/setup?token=nope")).code == 403
+    finally:
+        await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_lockout_holds_against_concurrent_sign_ins_over_http(tmp_path: Path) -> None:
+    """60 wrong passwords, then the right one, at once, from one address, at a running roller."""
+    from attrs import evolve
+    from twisted.internet import reactor
+    from twisted.internet.defer import Deferred, DeferredList
+
+    from roller.config import load_settings
+    from roller.service import RollerService
+
+    s = load_settings(None, {}, {"server.listen": "tcp:0:interface=127.0.0.1", "state_dir": str(tmp_path / "st"),
+                                 "auth.mode": "none"})
+    service = RollerService(evolve(s, allowed_tasks=("ping",)), reactor)
+    service.startService()
+    await service.ready
+    try:
+        store = service.store
+        await store.users.add("olga", "operator", hash_password(PASSWORD), reactor.seconds())  # real scrypt
+        base = f"http://127.0.0.1:{service.ports[0].getHost().port}"
+        page = await treq.get(base + "/login", persistent=False).addTimeout(10, reactor)
+        text = (await treq.content(page)).decode()
+        cookie = [c.split(";")[0] for c in page.headers.getRawHeaders("set-cookie") if c.startswith("roller_csrf=")]
+        headers = {"Cookie": cookie, "Content-Type": ["application/x-www-form-urlencoded"]}
+        token = csrf_of(text)
+
+        async def attempt(password: str) -> tuple[int, str, str | None]:
+            body = f"csrf_token={token}&next=%2F&user=olga&password={password.replace(' ', '+')}"
+            r = await treq.post(base + "/login", data=body.encode(), headers=headers, allow_redirects=False,
+                                persistent=False).addTimeout(60, reactor)
+            return r.code, (await treq.content(r)).decode(), (r.headers.getRawHeaders("set-cookie") or [None])[0]
+
+        first_429: Deferred = Deferred()
+
+        async def wrong(i: int) -> tuple[int, str, str | None]:
+            answer = await attempt(f"wrong guess {i}")
+            if answer[0] == 429 and not first_429.called:
+                first_429.callback(None)
+            return answer
+
+        wrongs = [Deferred.fromCoroutine(wrong(i)) for i in range(60)]
+        # once the limit is reached (the admitted ones may still be hashing), the right one
+        await DeferredList([first_429, DeferredList(wrongs)], fireOnOneCallback=True)
+        code, body, set_cookie = await attempt(PASSWORD)
+        answers = [r for _, r in await DeferredList(wrongs, consumeErrors=False)]
+        assert code == 429 and ("is locked" in body or "at once" in body), (code, body)
+        assert set_cookie is None or not set_cookie.startswith("roller_session=")
+        codes = sorted(c for c, _, _ in answers)
+        # exactly login_max_failures (5) attempts were checked and counted; the rest refused at once
+        assert codes.count(401) == s.login_max_failures and codes.count(429) == 60 - s.login_max_failures, codes
+        user = await store.users.get("olga")
+        assert user.locked_until > reactor.seconds() and await store.users.sessions_of("olga") == 0
+        code, body, _ = await attempt(PASSWORD)  # and it stays locked
+        assert code == 429 and "This account is locked after 5 failed sign-ins" in body
     finally:
         await service.stopService()

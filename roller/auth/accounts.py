@@ -23,10 +23,21 @@ its SHA-256.  A session ends after C{session_idle} seconds without a request
 or C{session_max} seconds after sign-in, on sign-out, when the user's
 password changes or when the user is removed.
 
-Failed sign-ins are counted per user (in the store: C{max_failures} in a row
-lock the account for C{lockout} seconds) and per source address (in memory:
-C{ip_max_failures} lock the address out for C{lockout} seconds).  The answer
-never says whether the user exists.
+Sign-in attempts are limited per user name and per source address
+(L{AttemptBudget}, in memory): an attempt is counted I{before} its password
+is hashed, so that at most C{max_failures} attempts on one name (and
+C{ip_max_failures} from one address) are under way or have failed within
+C{lockout} seconds, however many arrive at once; the others are refused at
+once (429).  Reaching the limit in failures locks the name (the address)
+for C{lockout} seconds: until then even the right password is refused, and
+the answer says so.  The limits are checked again once the hash is done, so
+a lock that concurrent attempts brought about meanwhile also refuses a right
+password.  A success forgets the failures that ended before it began, never
+those of attempts that ran alongside it.  The account lock is also kept in
+the store (C{locked_until}; it outlives a restart and is shared with other
+processes on the database), with the store's own count of failures in a
+row.  Unknown user names are counted and locked like real ones, so the
+answers never say whether a user exists.
 """
 
 from __future__ import annotations
@@ -38,7 +49,9 @@ import hmac
 import ipaddress
 import os
 import re
+import math
 import secrets
+from collections import deque
 from typing import Any, Callable
 
 from attrs import define, field
@@ -56,6 +69,7 @@ from roller.web.dashboard import IDashboardAuth, LoopbackDashboardAuth, Viewer
 __all__ = [
     "ROLES",
     "AccountAuth",
+    "AttemptBudget",
     "PasswordHasher",
     "TooManyAttempts",
     "check_password_policy",
@@ -183,8 +197,129 @@ class PasswordHasher:
 
 
 class TooManyAttempts(RollerError):
+    """
+    429: the name or address is locked, or has as many attempts under way
+    as it may fail.  C{retry_after}: seconds until trying again makes sense.
+    """
+
     status = 429
     code = "too_many_attempts"
+
+    def __init__(self, message: str, retry_after: float = 60.0, code: str | None = None):
+        super().__init__(message, code=code)
+        self.retry_after = max(1, math.ceil(retry_after))
+
+
+@define
+class _Attempts:
+    """One name's or address's sign-ins: under way, failed (times), locked until."""
+
+    pending: int = 0
+    failures: deque = field(factory=deque)
+    locked_until: float = 0.0
+
+    def idle(self, now: float) -> bool:
+        return not self.pending and not self.failures and self.locked_until <= now
+
+
+class AttemptBudget:
+    """
+    Sign-in attempts per key (a user name, an address): at most C{limit} of
+    them under way or failed within C{window} seconds; C{limit} failures
+    within the window lock the key for C{window} seconds.
+
+    The caller passes C{limit} and C{window} on every call (the settings may
+    change).  At most C{max_keys} keys are tracked: idle ones (nothing under
+    way, no failure in the window, not locked) are dropped first, then the
+    ones whose failures are oldest -- never a locked key or one with an
+    attempt under way.
+    """
+
+    def __init__(self, max_keys: int = 100_000):
+        self.max_keys = max_keys
+        self._keys: dict[str, _Attempts] = {}
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def _state(self, key: str, now: float, window: float) -> _Attempts | None:
+        state = self._keys.get(key)
+        if state is not None:
+            while state.failures and state.failures[0] <= now - window:
+                state.failures.popleft()
+        return state
+
+    def wait(self, key: str, now: float, limit: int, window: float) -> tuple[str, float] | None:
+        """
+        Why C{key} may not start an attempt now and for how many seconds:
+        C{("locked", seconds)} or C{("busy", seconds)} (the limit is taken
+        by attempts under way or failed); C{None} when it may.
+        """
+        state = self._state(key, now, window)
+        if state is None:
+            return None
+        if state.locked_until > now:
+            return "locked", state.locked_until - now
+        if state.pending + len(state.failures) >= limit:
+            # the soonest a failure leaves the window (or the attempts under way end)
+            return "busy", (state.failures[0] + window - now) if state.failures else 5.0
+        return None
+
+    def reserve(self, key: str, now: float) -> None:
+        """Count an attempt under way (after L{wait} said it may start)."""
+        state = self._keys.get(key)
+        if state is None:
+            if len(self._keys) >= self.max_keys:
+                self._evict(now)
+            state = self._keys[key] = _Attempts()
+        state.pending += 1
+
+    def release(self, key: str) -> None:
+        """The attempt under way ended (call L{failed} too if it failed)."""
+        state = self._keys.get(key)
+        if state is not None and state.pending:
+            state.pending -= 1
+
+    def failed(self, key: str, now: float, limit: int, window: float) -> str:
+        """
+        Count a failure: C{"locked"} if it locks the key now, C{"was_locked"}
+        if the key was locked already (not counted), else C{"counted"}.
+        """
+        state = self._state(key, now, window)
+        if state is None:
+            state = self._keys[key] = _Attempts()
+        if state.locked_until > now:
+            return "was_locked"
+        state.failures.append(now)
+        if len(state.failures) >= limit:
+            state.failures.clear()
+            state.locked_until = now + window
+            return "locked"
+        return "counted"
+
+    def succeeded(self, key: str, started: float) -> None:
+        """Forget the failures that ended before the successful attempt began."""
+        state = self._keys.get(key)
+        if state is not None:
+            while state.failures and state.failures[0] < started:
+                state.failures.popleft()
+
+    def locked(self, key: str, now: float) -> float:
+        """Seconds C{key} stays locked (0 when it is not)."""
+        state = self._keys.get(key)
+        return state.locked_until - now if state is not None and state.locked_until > now else 0.0
+
+    def _evict(self, now: float) -> None:
+        idle = [k for k, st in self._keys.items() if st.idle(now)]
+        for k in idle:
+            del self._keys[k]
+        if len(self._keys) < self.max_keys:
+            return
+        # still full of live keys: drop the half with the oldest failures (none under way, none locked)
+        movable = sorted((st.failures[-1] if st.failures else 0.0, k) for k, st in self._keys.items()
+                         if not st.pending and st.locked_until <= now)
+        for _, k in movable[: max(1, len(movable) // 2)]:
+            del self._keys[k]
 
 
 WRONG = "Wrong user name or password."
@@ -231,7 +366,8 @@ class AccountAuth:
     cookie_name: str = "roller_session"
     touch_interval: float = 60.0
     setup_token: str | None = field(default=None, init=False, repr=False)
-    _ip_failures: dict[str, tuple[int, float]] = field(factory=dict, init=False, repr=False)
+    _ips: AttemptBudget = field(factory=AttemptBudget, init=False, repr=False)
+    _names: AttemptBudget = field(factory=AttemptBudget, init=False, repr=False)
 
     # -- first start
 
@@ -316,50 +452,105 @@ class AccountAuth:
 
     # -- sign-in and sign-out
 
-    def _ip_locked(self, ip: str, now: float) -> float:
-        count, until = self._ip_failures.get(ip, (0, 0.0))
-        return until - now if until > now else 0.0
+    def _refuse(self, ip_key: str, name_key: str | None, now: float) -> None:
+        """Raise L{TooManyAttempts} if the address or the name may not try now."""
+        why = self._ips.wait(ip_key, now, self.ip_max_failures, self.lockout)
+        if why is not None:
+            kind, wait = why
+            if kind == "locked":
+                raise TooManyAttempts(f"Too many failed sign-ins from your address; try again in {_minutes(wait)}.",
+                                      retry_after=wait)
+            raise TooManyAttempts("Too many sign-in attempts from your address at once; try again in "
+                                  f"{_minutes(wait)}.", retry_after=wait)
+        if name_key is None:
+            return
+        why = self._names.wait(name_key, now, self.max_failures, self.lockout)
+        if why is not None:
+            kind, wait = why
+            if kind == "locked":
+                raise TooManyAttempts(f"This account is locked after {self.max_failures} failed sign-ins: even the "
+                                      f"right password is refused until the lock ends, in {_minutes(wait)}.",
+                                      retry_after=wait, code="account_locked")
+            raise TooManyAttempts(f"Too many sign-in attempts for this account at once; try again in "
+                                  f"{_minutes(wait)}.", retry_after=wait)
 
-    def _ip_failed(self, ip: str, now: float) -> None:
-        if len(self._ip_failures) > 10_000:
-            self._ip_failures = {k: v for k, v in self._ip_failures.items() if v[1] > now}
-        count, until = self._ip_failures.get(ip, (0, 0.0))
-        count += 1
-        if count >= self.ip_max_failures:
-            count, until = 0, now + self.lockout
-            log.warn("Dashboard sign-in locked for {ip} for {seconds:.0f} s after repeated failures",
-                     ip=ip, seconds=self.lockout)
-        self._ip_failures[ip] = (count, until)
+    def _store_locked(self, user: User | None, now: float) -> None:
+        if user is not None and user.locked_until > now:
+            wait = user.locked_until - now
+            raise TooManyAttempts(f"This account is locked after {self.max_failures} failed sign-ins: even the "
+                                  f"right password is refused until the lock ends, in {_minutes(wait)}.",
+                                  retry_after=wait, code="account_locked")
 
     async def login(self, name: str, password: str, ip: str | None) -> tuple[User, str]:
         """
         The user and a new session id, or fail with L{Unauthorized}
-        (L{WRONG}, whatever went wrong) or L{TooManyAttempts} (this address
-        is locked out).
+        (L{WRONG}, whatever went wrong) or L{TooManyAttempts} (the address
+        or the name is locked, or has its share of attempts under way).
         """
-        now = self.clock.seconds()
+        started = self.clock.seconds()
         ip_key = _ip_key(ip)
-        wait = self._ip_locked(ip_key, now)
-        if wait:
-            raise TooManyAttempts(f"Too many failed sign-ins from your address; try again in {_minutes(wait)}.")
-        user = await self.users.get(name) if _NAME.fullmatch(name or "") and len(password) <= MAX_PASSWORD else None
-        ok = await self.hasher.verify(password, user.password_hash if user is not None else None)
+        valid = bool(_NAME.fullmatch(name or "")) and len(password) <= MAX_PASSWORD
+        name_key = name.lower() if valid else None
+        # count the attempt before the work, so that no more than the limits can be under way
+        self._refuse(ip_key, name_key, started)
+        self._ips.reserve(ip_key, started)
+        if name_key is not None:
+            self._names.reserve(name_key, started)
+        try:
+            user = await self.users.get(name) if valid else None
+            self._store_locked(user, self.clock.seconds())
+            ok = await self.hasher.verify(password, user.password_hash if user is not None else None)
+        finally:
+            self._ips.release(ip_key)
+            if name_key is not None:
+                self._names.release(name_key)
         now = self.clock.seconds()
-        if user is not None and user.locked_until > now:
-            ok = False  # locked: even the right password is refused, with the same answer
         if not ok:
-            self._ip_failed(ip_key, now)
-            if user is not None and user.locked_until <= now:
-                after = await self.users.record_failure(user.name, now, self.max_failures, self.lockout)
-                if after is not None and after.locked_until > now:
-                    log.warn("Dashboard account {name} locked for {seconds:.0f} s after {n} failed sign-ins",
-                             name=user.name, seconds=self.lockout, n=self.max_failures)
+            await self._failed(user, ip_key, name_key, ip, now)
             raise Unauthorized(f"{WRONG} After {self.max_failures} failed attempts an account is locked for "
                                f"{_minutes(self.lockout)}.", code="wrong_credentials")
-        await self.users.clear_failures(user.name)
+        # again, now: a lock that attempts running alongside this one brought about wins
+        self._refuse_locked(ip_key, name_key, now)
+        fresh = await self.users.get(user.name)
+        self._store_locked(fresh, self.clock.seconds())
+        now = self.clock.seconds()
+        self._refuse_locked(ip_key, name_key, now)
+        self._names.succeeded(name_key, started)
+        if fresh is not None and (fresh.failed_logins or fresh.locked_until):
+            # issued in the same turn as the check above: the store writes in order, so a lock
+            # that a concurrent failure brings about from now on is written after this
+            await self.users.clear_failures(user.name)
         sid = secrets.token_urlsafe(32)
         await self.users.add_session(_session_hash(sid), user.name, now, now + self.session_max)
         return user, sid
+
+    def _refuse_locked(self, ip_key: str, name_key: str | None, now: float) -> None:
+        wait = self._ips.locked(ip_key, now)
+        if wait:
+            raise TooManyAttempts(f"Too many failed sign-ins from your address; try again in {_minutes(wait)}.",
+                                  retry_after=wait)
+        wait = self._names.locked(name_key, now) if name_key is not None else 0.0
+        if wait:
+            raise TooManyAttempts(f"This account is locked after {self.max_failures} failed sign-ins: even the "
+                                  f"right password is refused until the lock ends, in {_minutes(wait)}.",
+                                  retry_after=wait, code="account_locked")
+
+    async def _failed(self, user: User | None, ip_key: str, name_key: str | None, ip: str | None,
+                      now: float) -> None:
+        if self._ips.failed(ip_key, now, self.ip_max_failures, self.lockout) == "locked":
+            log.warn("Dashboard sign-in locked for {ip} for {seconds:.0f} s after {n} failures",
+                     ip=ip_key, seconds=self.lockout, n=self.ip_max_failures)
+        outcome = "counted"
+        if name_key is not None:
+            outcome = self._names.failed(name_key, now, self.max_failures, self.lockout)
+        if user is None or outcome == "was_locked":
+            return
+        # the store keeps the lock (and its own count of failures in a row)
+        after = await self.users.record_failure(user.name, now, 1 if outcome == "locked" else self.max_failures,
+                                                self.lockout)
+        if after is not None and after.locked_until > now:
+            log.warn("Dashboard account {name} locked for {seconds:.0f} s after {n} failed sign-ins",
+                     name=user.name, seconds=self.lockout, n=self.max_failures)
 
     async def logout(self, viewer: Viewer) -> None:
         if viewer.session:

@@ -904,6 +904,8 @@ class Dashboard:
             user, session_id = await auth.login(name, password, ip)
         except RollerError as e:
             log.info("Dashboard sign-in refused for {name!r} from {ip}: {code}", name=name[:64], ip=ip, code=e.code)
+            if getattr(e, "retry_after", None):
+                request.setHeader(b"Retry-After", str(e.retry_after).encode())
             return self._login_page(request, status=e.status, error=e.message, name=name[:64], next_=next_)
         auth.set_cookie(request, session_id)
         await self.store.audit.add(AuditEntry(
