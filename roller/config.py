@@ -131,6 +131,30 @@ def _networks(value: Any, from_text: bool) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _allowed_hosts(value: Any, from_text: bool) -> tuple[str, ...]:
+    """Host names, C{name:port}, C{[v6]:port} or C{*}; lower-cased, without a trailing dot."""
+    out = []
+    for item in _str_list(value, from_text):
+        text = item.strip().lower()
+        if text == "*":
+            out.append(text)
+            continue
+        if text.startswith("["):
+            name, sep, rest = text[1:].partition("]")
+            port = rest[1:] if rest.startswith(":") else ("" if not rest else None)
+            ok = bool(sep) and port is not None and ":" in name
+        else:
+            name, _, port = text.partition(":")
+            ok = ":" not in port
+        ok = ok and bool(name) and not any(c.isspace() or c in "/?#@\\[]" for c in name)
+        if not ok or (port and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536)):
+            raise ValueError(f"{item[:60]!r} is not a host name, name:port or [IPv6]:port")
+        name = name.rstrip(".")
+        out.append(f"[{name}]:{port}" if ":" in name and port else (f"[{name}]" if ":" in name else
+                                                                    (f"{name}:{port}" if port else name)))
+    return tuple(out)
+
+
 def _root_url(value: Any, from_text: bool) -> str:
     """A Taskcluster root URL (C{https://tc.example.com}), or C{""} for none."""
     url = _text(value, from_text).strip().rstrip("/")
@@ -223,12 +247,14 @@ KEYS: dict[str, tuple[str, Callable[[Any, bool], Any], Any]] = {
     "server.heartbeat_max_lag": ("heartbeat_max_lag", _float(0.01), 5.0),
     "server.version_file": ("version_file", _text, ""),
     "server.public_url": ("public_url", _http_url, ""),
+    "server.allowed_hosts": ("allowed_hosts", _allowed_hosts, ()),
     "database.path": ("db_path", _text, "{state_dir}/roller.db"),
     "database.synchronous": ("db_synchronous", _choice("normal", "full"), "normal"),
     "auth.mode": ("auth_mode", _choice("none", "taskcluster", "local"), "taskcluster"),
     "auth.root_url": ("auth_root_url", _root_url, ""),
     "auth.timeout": ("auth_timeout", _float(0.1), 5.0),
     "auth.timestamp_skew": ("auth_timestamp_skew", _float(1), 60.0),
+    "auth.max_requests_per_client": ("auth_max_requests_per_client", _int(1, 100_000), 6000),
     "auth.scope_prefix": ("scope_prefix", _text, "project:releng:roller:"),
     "queue.max_running": ("max_running", _int(1, 100_000), 200),
     "queue.endpoint_max_running": ("endpoint_max_running", _int(1, 1000), 1),
@@ -342,6 +368,8 @@ HELP: dict[str, str] = {
     "server.heartbeat_max_lag": "/__heartbeat__ fails when the reactor lags more than this many seconds.",
     "server.version_file": "Dockerflow version.json served at /__version__ (empty: the built-in one).",
     "server.public_url": "roller's public base URL, used in links (notifications, actions).",
+    "server.allowed_hosts": ("Host header names (name or name:port; '*' turns the check off) requests may use, "
+        "besides the address they reached, localhost on loopback, the machine's names and public_url's host."),
     "database.path": "The SQLite database file.",
     "database.synchronous": "SQLite synchronous mode: normal (survives a crash) or full (also power loss).",
     "auth.mode": ("How API clients authenticate: taskcluster (Hawk via authenticate-hawk), local "
@@ -350,6 +378,8 @@ HELP: dict[str, str] = {
     "auth.timeout": "Seconds to wait for Taskcluster's authenticate-hawk.",
     "auth.timestamp_skew": ("Accepted clock difference of a Hawk request, seconds (local mode); also the "
         "replay window."),
+    "auth.max_requests_per_client": ("Hawk requests one client may make within auth.timestamp_skew seconds "
+        "(local mode); the client gets 429 beyond it, others are not affected."),
     "auth.scope_prefix": "Prefix of every scope roller checks (prefix + task name, prefix + jobs:read ...).",
     "queue.max_running": "Jobs running at once, over all machines.",
     "queue.endpoint_max_running": "Jobs running at once against one shared endpoint (a PDU or BMC host).",
@@ -452,12 +482,14 @@ class Settings:
     heartbeat_max_lag: float
     version_file: str
     public_url: str
+    allowed_hosts: tuple[str, ...]
     db_path: str
     db_synchronous: str
     auth_mode: str
     auth_root_url: str
     auth_timeout: float
     auth_timestamp_skew: float
+    auth_max_requests_per_client: int
     scope_prefix: str
     max_running: int
     endpoint_max_running: int

@@ -60,7 +60,8 @@ def make_authenticator(settings: Settings, reactor: Any, secrets: Secrets | None
                 "tables: no request can be authenticated")
         return LocalHawkAuthenticator(
             reactor, {cid: (c.access_token, c.scopes) for cid, c in clients.items()},
-            skew=settings.auth_timestamp_skew, trusted_proxies=settings.trusted_proxies)
+            skew=settings.auth_timestamp_skew, trusted_proxies=settings.trusted_proxies,
+            max_requests_per_client=settings.auth_max_requests_per_client)
     if not settings.auth_root_url:
         return UnconfiguredAuthenticator(
             "auth.root_url is not set, so roller cannot ask Taskcluster to verify Hawk credentials: no request "

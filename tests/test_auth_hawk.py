@@ -36,6 +36,7 @@ from zope.interface.verify import verifyObject
 from roller.auth import IAuthenticator, Principal
 from roller.auth.hawk import (
     NO_CREDENTIALS,
+    ClientOverBudget,
     LocalHawkAuthenticator,
     NonceCache,
     client_ip,
@@ -338,11 +339,68 @@ def test_nonce_cache_is_bounded() -> None:
     for n in range(3):
         assert cache.seen("c", f"n{n}", 0) is False
     assert cache.seen("c", "n1", 0) is True
-    with pytest.raises(UnavailableError) as e:
+    with pytest.raises(ClientOverBudget) as over:  # c holds everything: c is refused
         cache.seen("c", "n9", 0)
+    assert over.value.status == 429 and over.value.retry_after == 10
+    with pytest.raises(UnavailableError) as e:  # full, and d holds nothing it could give back
+        cache.seen("d", "n9", 0)
     assert e.value.status == 503 and e.value.code == "auth_unavailable"
     clock.advance(10.5)  # their timestamps left the window
-    assert cache.seen("c", "n9", 10) is False and len(cache) == 1
+    assert cache.seen("c", "n9", 10) is False and len(cache) == 1 and cache.clients() == 1
+
+
+def test_nonce_budget_is_per_client() -> None:
+    clock = Clock()
+    clock.advance(100)
+    cache = NonceCache(clock, window=60, max_entries=1000, max_per_client=50)
+    for n in range(50):
+        assert cache.seen("flood", f"n{n}", 100 + n % 2) is False
+    with pytest.raises(ClientOverBudget) as e:
+        cache.seen("flood", "one-more", 101)
+    assert e.value.code == "too_many_requests" and "'flood' made more than 50 requests within 60 seconds" \
+        in e.value.message
+    assert e.value.retry_after == 60  # when its oldest nonce leaves the window
+    for n in range(50):  # everyone else goes on
+        assert cache.seen(f"other{n % 5}", f"n{n}", 100) is False
+    assert cache.seen("flood", "n0", 100) is True  # a replay is still a replay, not a 429
+    clock.advance(60.5)  # the nonces stamped 100 are forgotten; those stamped 101 are not yet
+    assert cache.held_by("flood") == 25 and cache.clients() == 1
+    assert cache.seen("flood", "one-more", 161) is False
+    clock.advance(1)
+    assert len(cache) == 1 and cache.clients() == 1  # memory goes with the window, clients too
+
+
+def test_nonce_cache_full_refuses_the_heavy_clients_first() -> None:
+    clock = Clock()
+    cache = NonceCache(clock, window=60, max_entries=100, max_per_client=80)
+    for n in range(80):
+        cache.seen("heavy", f"n{n}", 0)
+    for n in range(20):
+        cache.seen(f"light{n % 4}", f"n{n}", 0)
+    assert len(cache) == 100  # full: heavy holds more than its share (100 / 5)
+    with pytest.raises(ClientOverBudget):
+        cache.seen("heavy", "x", 0)
+    with pytest.raises(UnavailableError) as e:
+        cache.seen("light0", "x", 0)
+    assert e.value.status == 503
+
+
+def test_local_flooding_client_is_refused_alone() -> None:
+    clock = Clock()
+    clock.advance(T0)
+    auth = local_auth(clock, max_requests_per_client=20)
+    for _ in range(20):  # a client with no roller scope at all can still sign requests
+        assert isinstance(outcome(auth.authenticate(signed(sign(URL, REBOOTER, ts=T0)))), Principal)
+    e = outcome(auth.authenticate(signed(sign(URL, REBOOTER, ts=T0))))
+    assert isinstance(e, ClientOverBudget) and e.status == 429 and e.retry_after == 60
+    assert isinstance(outcome(auth.authenticate(signed(sign(URL, CI, ts=T0)))), Principal)
+    # garbage signed with a wrong key for CI's id uses none of CI's budget (checked after the MAC)
+    for _ in range(50):
+        e = outcome(auth.authenticate(signed(sign(URL, CI, ts=T0, token="forged-token"))))
+        assert isinstance(e, Unauthorized) and "signature does not match" in e.message
+    assert auth.nonces.held_by(CI) == 1 and auth.nonces.held_by(REBOOTER) == 20
+    clock.advance(61)
+    assert isinstance(outcome(auth.authenticate(signed(sign(URL, REBOOTER, ts=T0 + 61)))), Principal)
 
 
 def test_local_payload_hash_checked_when_sent() -> None:
@@ -661,6 +719,27 @@ async def test_local_replay_is_401(served: Served, modes: Modes) -> None:
     code, headers, body = await served.post(headers={"Authorization": header})
     _assert_401(code, headers, body, "replayed request")
     assert len(await served.jobs()) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_local_flooding_client_gets_429_the_others_go_on(served: Served, modes: Modes) -> None:
+    auth = LocalHawkAuthenticator(reactor, CLIENTS, max_requests_per_client=10)
+    await served.serve(auth)
+    for _ in range(10):  # valid credentials, no roller scope: 403, but each request holds a nonce
+        code, _, body = await served.post(headers={"Authorization": sign(served.url, REBOOTER)})
+        assert code == 403, body
+    for _ in range(3):
+        code, headers, body = await served.post(headers={"Authorization": sign(served.url, REBOOTER)})
+        assert code == 429 and body["error"] == "too_many_requests", body
+        assert "auth.max_requests_per_client" in body["message"] and REBOOTER in body["message"]
+        assert 1 <= int(headers.getRawHeaders("retry-after")[0]) <= auth.skew + 1
+    # unsigned garbage under the other client's id uses none of its budget
+    for _ in range(20):
+        code, _, _ = await served.post(headers={"Authorization": sign(served.url, CI, token="forged")})
+        assert code == 401
+    code, _, body = await served.post(headers={"Authorization": sign(served.url, CI)})
+    assert code == 201, body
+    assert auth.nonces.held_by(CI) == 1 and len(await served.jobs()) == 1
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -37,7 +37,10 @@ the same in both modes:
     the issuer's access token) and its validity window are checked, and the
     request must be signed with the derived temporary key;
   - replayed requests (same client, nonce and timestamp) are refused: the
-    nonces of the last C{skew} seconds are remembered (bounded);
+    nonces of the last C{skew} seconds are remembered -- only once the MAC
+    is verified, so unsigned garbage uses nobody's budget -- at most
+    C{max_requests_per_client} per client (a client over it gets 429 with
+    C{Retry-After}; the others go on) and 100 000 in all (L{NonceCache});
   - a payload hash, when the client sends one, must match the body; requests
     without one are accepted (Taskcluster's JavaScript client and the hawk
     library send none; the Python client hashes even an empty body).
@@ -75,6 +78,7 @@ from roller.errors import BadRequest, RollerError, UnavailableError, Unauthorize
 
 __all__ = [
     "NO_CREDENTIALS",
+    "ClientOverBudget",
     "Credentials",
     "ExtError",
     "LocalHawkAuthenticator",
@@ -500,48 +504,119 @@ def restrict(
 # -- replay protection ----------------------------------------------------------------
 
 
+class ClientOverBudget(RollerError):
+    """429: one client made more Hawk requests than it may within the window."""
+
+    status = 429
+    code = "too_many_requests"
+
+    def __init__(self, message: str, retry_after: float):
+        super().__init__(message)
+        self.retry_after = max(1, math.ceil(retry_after))
+
+
+class _Held:
+    """One client's remembered (nonce, timestamp) pairs and their expiries (a heap)."""
+
+    __slots__ = ("keys", "expiries")
+
+    def __init__(self) -> None:
+        self.keys: set[tuple[str, int]] = set()
+        self.expiries: list[float] = []
+
+
 class NonceCache:
     """
     The (client id, nonce, timestamp) triples seen within the timestamp
     window.  A request whose timestamp is outside the window is refused by
     the timestamp check anyway, so a triple is forgotten once its timestamp
-    has left the window: memory is bounded by the request rate times twice
-    the window, and by C{max_entries}.
+    has left the window (at C{ts + window}).
+
+    Each client may hold at most C{max_per_client} triples: a client over
+    that is refused with 429 (L{ClientOverBudget}, with the seconds until
+    its oldest triple is forgotten), and only that client -- the others go
+    on.  All clients together hold at most C{max_entries} (which also bounds
+    how many clients are tracked: a client is forgotten with its last
+    triple); when that is reached, a client holding more than its fair
+    share (C{max_entries} / clients tracked) gets 429, any other 503.
     """
 
-    def __init__(self, clock: Any, window: float, max_entries: int = 100_000):
+    def __init__(self, clock: Any, window: float, max_entries: int = 100_000,
+                 max_per_client: int | None = None):
         self.clock = clock
         self.window = window
         self.max_entries = max_entries
-        self._seen: set[tuple[str, str, int]] = set()
-        self._expiry: list[tuple[float, tuple[str, str, int]]] = []
+        self.max_per_client = min(max_per_client or max_entries, max_entries)
+        self._clients: dict[str, _Held] = {}
+        self._expiry: list[tuple[float, str, str, int]] = []
+        self._total = 0
 
     def __len__(self) -> int:
-        return len(self._seen)
+        self._purge(self.clock.seconds())
+        return self._total
+
+    def clients(self) -> int:
+        """How many clients have triples remembered."""
+        self._purge(self.clock.seconds())
+        return len(self._clients)
+
+    def held_by(self, client_id: str) -> int:
+        self._purge(self.clock.seconds())
+        held = self._clients.get(client_id)
+        return len(held.keys) if held is not None else 0
 
     def _purge(self, now: float) -> None:
         while self._expiry and self._expiry[0][0] < now:
-            _, key = heapq.heappop(self._expiry)
-            self._seen.discard(key)
+            _, client_id, nonce, ts = heapq.heappop(self._expiry)
+            held = self._clients.get(client_id)
+            if held is None:
+                continue
+            held.keys.discard((nonce, ts))
+            while held.expiries and held.expiries[0] < now:
+                heapq.heappop(held.expiries)
+            if not held.keys:
+                del self._clients[client_id]
+            self._total -= 1
+
+    def _over(self, client_id: str, held: _Held, now: float, limit: int) -> ClientOverBudget:
+        wait = held.expiries[0] - now if held.expiries else self.window
+        log.warn("Hawk client {client} is over its budget of {limit} requests in {window:g} s: refused for "
+                 "{wait:.0f} s", client=client_id[:QUOTE_MAX], limit=limit, window=self.window, wait=wait)
+        return ClientOverBudget(
+            f"client {client_id[:QUOTE_MAX]!r} made more than {limit} requests within {self.window:g} seconds "
+            f"(auth.max_requests_per_client): slow down; retry in {max(1, math.ceil(wait))} s", retry_after=wait)
 
     def seen(self, client_id: str, nonce: str, ts: int) -> bool:
         """
         True if this triple was seen; else remember it and return False.
 
-        @raise UnavailableError: C{max_entries} fresh triples are already
-            held (more authenticated requests than roller can track).
+        @raise ClientOverBudget: this client holds C{max_per_client} fresh
+            triples, or more than its share of a full cache.
+        @raise UnavailableError: C{max_entries} fresh triples are held, by
+            other clients (more authenticated requests than roller can track).
         """
         now = self.clock.seconds()
         self._purge(now)
-        key = (client_id, nonce, ts)
-        if key in self._seen:
+        held = self._clients.get(client_id)
+        key = (nonce, ts)
+        if held is not None and key in held.keys:
             return True
-        if len(self._seen) >= self.max_entries:
+        count = len(held.keys) if held is not None else 0
+        if held is not None and count >= self.max_per_client:
+            raise self._over(client_id, held, now, self.max_per_client)
+        if self._total >= self.max_entries:
+            share = self.max_entries // max(1, len(self._clients))
+            if held is not None and count >= share:
+                raise self._over(client_id, held, now, share)
             raise UnavailableError(
-                f"more than {self.max_entries} authenticated requests in {2 * self.window:g} seconds: "
-                "retry shortly", code="auth_unavailable")
-        self._seen.add(key)
-        heapq.heappush(self._expiry, (ts + self.window, key))
+                f"more than {self.max_entries} authenticated requests in {2 * self.window:g} seconds from "
+                f"{len(self._clients)} clients: retry shortly", code="auth_unavailable")
+        if held is None:
+            held = self._clients[client_id] = _Held()
+        held.keys.add(key)
+        heapq.heappush(held.expiries, ts + self.window)
+        heapq.heappush(self._expiry, (ts + self.window, client_id, nonce, ts))
+        self._total += 1
         return False
 
 
@@ -560,6 +635,8 @@ class LocalHawkAuthenticator:
         request's timestamp and the clock.
     @param max_nonces: at most this many recent nonces are kept (see
         L{NonceCache}).
+    @param max_requests_per_client: at most this many of them per client
+        (C{auth.max_requests_per_client}); a client over it gets 429.
     @param trusted_proxies: IPs/CIDRs whose C{X-Forwarded-*} headers count.
     """
 
@@ -570,11 +647,12 @@ class LocalHawkAuthenticator:
         skew: float = 60.0,
         max_nonces: int = 100_000,
         trusted_proxies: Iterable[str | Network] = (),
+        max_requests_per_client: int | None = None,
     ):
         self.clock = clock
         self.clients = {cid: (str(token), tuple(scopes)) for cid, (token, scopes) in clients.items()}
         self.skew = skew
-        self.nonces = NonceCache(clock, skew, max_nonces)
+        self.nonces = NonceCache(clock, skew, max_nonces, max_requests_per_client)
         self.trusted_proxies = parse_trusted_proxies(trusted_proxies)
 
     def authenticate(self, request: Any) -> "Deferred[Principal]":
