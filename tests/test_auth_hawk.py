@@ -428,6 +428,17 @@ def test_local_authorized_scopes() -> None:
                        authorizedScopes=["project:releng:roller:reboot"])
     p = outcome(auth.authenticate(signed(sign(URL, ADMIN, ts=T0, ext=ext))))
     assert p.scopes == ("project:releng:roller:reboot",) and not p.has_scope(PING)
+    assert "the client holds it, but the request's authorizedScopes (project:releng:roller:reboot) removed it" \
+        in p.lacks(PING)
+    # a scope the client does not hold either: not blamed on authorizedScopes
+    ext = official_ext({"clientId": REBOOTER, "accessToken": CLIENTS[REBOOTER][0]},
+                       authorizedScopes=["project:releng:roller:reboot"])
+    p = outcome(auth.authenticate(signed(sign(URL, REBOOTER, ts=T0, ext=ext))))
+    assert p.lacks(PING) == (f"{REBOOTER} lacks the scope {PING} (the client does not hold it either; the "
+                             "request's authorizedScopes: project:releng:roller:reboot)")
+    # without authorizedScopes, the plain message
+    p = outcome(auth.authenticate(signed(sign(URL, REBOOTER, ts=T0))))
+    assert p.lacks(PING) == f"{REBOOTER} lacks the scope {PING}" and p.authorized_scopes is None
     # asking for more than the client holds fails, as in Taskcluster
     ext = official_ext({"clientId": REBOOTER, "accessToken": CLIENTS[REBOOTER][0]},
                        authorizedScopes=["project:releng:roller:*"])
@@ -760,7 +771,16 @@ async def test_authorized_scopes_restrict(served: Served, modes: Modes, mode: st
     narrow = official_ext(admin, authorizedScopes=["project:releng:roller:reboot"])
     code, _, body = await served.post(headers={"Authorization": sign(served.url, ADMIN, ext=narrow)})
     assert code == 403, body
-    assert body["message"] == f"{ADMIN} lacks the scope {PING}"
+    # the client holds ping (it holds *): the message says authorizedScopes removed it
+    if mode == "local":
+        assert body["message"] == (
+            f"{ADMIN} lacks the scope {PING}: the client holds it, but the request's authorizedScopes "
+            "(project:releng:roller:reboot) removed it; add it to authorizedScopes or send none")
+    else:  # Taskcluster answers with the narrowed scopes only
+        assert body["message"] == (
+            f"{ADMIN} lacks the scope {PING}: the request's authorizedScopes (project:releng:roller:reboot) do "
+            "not include it, so authorizedScopes removed it if the client holds it; add it to "
+            "authorizedScopes or send none")
     assert await served.jobs() == []
     exact = official_ext(admin, authorizedScopes=[PING])
     code, _, body = await served.post(headers={"Authorization": sign(served.url, ADMIN, ext=exact)})

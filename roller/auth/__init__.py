@@ -7,7 +7,7 @@ authenticator and then checks the principal's scopes.
 
 from __future__ import annotations
 
-from attrs import frozen
+from attrs import field, frozen
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import Interface, implementer
 
@@ -23,14 +23,34 @@ class Principal:
     @ivar id: the client id (Taskcluster C{clientId}) or user.
     @ivar scopes: what it may do (Taskcluster scope rules, L{satisfies}).
     @ivar expires: when its credentials expire (ISO 8601), if known.
+    @ivar authorized_scopes: the request's C{ext.authorizedScopes}, when it
+        sent them (they are then C{scopes}: the request is limited to them).
+    @ivar held_scopes: the client's own scopes before C{authorizedScopes}
+        limited them, when known (local clients; Taskcluster does not say).
     """
 
     id: str
     scopes: tuple[str, ...] = ()
     expires: str | None = None
+    authorized_scopes: tuple[str, ...] | None = field(default=None, kw_only=True)
+    held_scopes: tuple[str, ...] | None = field(default=None, kw_only=True)
 
     def has_scope(self, required: str) -> bool:
         return satisfies(self.scopes, required)
+
+    def lacks(self, required: str) -> str:
+        """Why a request by this principal is refused for lacking C{required} (a 403 message)."""
+        message = f"{self.id} lacks the scope {required}"
+        if self.authorized_scopes is None or satisfies(self.scopes, required):
+            return message
+        listed = ", ".join(self.authorized_scopes)[:300] or "an empty list"
+        if self.held_scopes is None:  # Taskcluster checked the credentials: their own scopes are unknown here
+            return (f"{message}: the request's authorizedScopes ({listed}) do not include it, so authorizedScopes "
+                    "removed it if the client holds it; add it to authorizedScopes or send none")
+        if satisfies(self.held_scopes, required):
+            return (f"{message}: the client holds it, but the request's authorizedScopes ({listed}) removed it; "
+                    "add it to authorizedScopes or send none")
+        return f"{message} (the client does not hold it either; the request's authorizedScopes: {listed})"
 
 
 class IAuthenticator(Interface):

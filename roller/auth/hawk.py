@@ -63,7 +63,6 @@ from functools import lru_cache
 from typing import Any, Iterable, Mapping, Sequence
 from urllib.parse import urlparse
 
-import attrs
 import mohawk
 from attrs import field, frozen
 from mohawk import exc as hawk_exc
@@ -85,6 +84,7 @@ __all__ = [
     "NonceCache",
     "RequestTarget",
     "authorization_header",
+    "authorized_scopes_of",
     "client_ip",
     "decode_ext",
     "make_principal",
@@ -341,11 +341,28 @@ def payload_hash(body: bytes, content_type: str) -> str:
     return calculate_payload_hash(body, "sha256", content_type).decode("ascii")
 
 
-def make_principal(client_id: str, scopes: Iterable[str], expires: str | None = None) -> Principal:
-    """A L{Principal}, with C{expires} when the class has that field."""
-    if expires is not None and "expires" in attrs.fields_dict(Principal):
-        return Principal(client_id, tuple(scopes), expires=expires)  # type: ignore[call-arg]
-    return Principal(client_id, tuple(scopes))
+def make_principal(client_id: str, scopes: Iterable[str], expires: str | None = None, *,
+                   authorized_scopes: Iterable[str] | None = None,
+                   held_scopes: Iterable[str] | None = None) -> Principal:
+    """
+    A L{Principal}; C{authorized_scopes} (the request's ext.authorizedScopes)
+    and C{held_scopes} (the client's before them) explain a 403 later.
+    """
+    return Principal(client_id, tuple(scopes), expires=expires,
+                     authorized_scopes=None if authorized_scopes is None else tuple(authorized_scopes),
+                     held_scopes=None if held_scopes is None else tuple(held_scopes))
+
+
+def authorized_scopes_of(header: str) -> tuple[str, ...] | None:
+    """The C{ext.authorizedScopes} of a (verified) Hawk header, or C{None} when it has none."""
+    try:
+        ext = parse_authorization_header(header).get("ext")
+        value = decode_ext(ext).get("authorizedScopes") if ext else None
+    except (hawk_exc.HawkFail, ValueError, KeyError, TypeError):
+        return None
+    if isinstance(value, list) and all(isinstance(s, str) for s in value):
+        return tuple(value)
+    return None
 
 
 # -- Taskcluster's ext --------------------------------------------------------------
@@ -400,6 +417,9 @@ class Credentials:
     key: str = field(repr=False)
     scopes: tuple[str, ...]
     expires: str | None = None
+    #: ext.authorizedScopes when the request had them, and the scopes they narrowed
+    authorized_scopes: tuple[str, ...] | None = None
+    held_scopes: tuple[str, ...] | None = None
 
 
 def restrict(
@@ -496,7 +516,8 @@ def restrict(
         if missing:
             raise ExtError("Supplied credentials do not satisfy authorizedScopes; missing: "
                            + ", ".join(missing)[:QUOTE_MAX])
-        scopes = tuple(authorized)
+        return Credentials(client_id=credential_name, key=key, scopes=tuple(authorized), expires=expires,
+                           authorized_scopes=tuple(authorized), held_scopes=scopes)
 
     return Credentials(client_id=credential_name, key=key, scopes=scopes, expires=expires)
 
@@ -740,7 +761,8 @@ class LocalHawkAuthenticator:
         except (hawk_exc.HawkFail, ValueError, KeyError, TypeError, UnicodeError):
             raise Unauthorized(_MALFORMED) from None
         log.debug("Hawk: {client} authenticated locally from {ip}", client=creds.client_id, ip=target.source_ip)
-        return make_principal(creds.client_id, creds.scopes, creds.expires)
+        return make_principal(creds.client_id, creds.scopes, creds.expires,
+                              authorized_scopes=creds.authorized_scopes, held_scopes=creds.held_scopes)
 
 
 class _Stale(Exception):

@@ -42,6 +42,7 @@ from roller.auth.hawk import (
     QUOTE_MAX,
     Network,
     authorization_header,
+    authorized_scopes_of,
     make_principal,
     parse_trusted_proxies,
     payload_hash,
@@ -227,4 +228,5 @@ class TaskclusterAuthenticator:
             if not hmac.compare_digest(their_hash.encode("ascii", "replace"),
                                        payload_hash(body, content_type).encode("ascii")):
                 raise Unauthorized("the Hawk payload hash does not match the request body")
-        return make_principal(client_id, scopes, expires)
+        return make_principal(client_id, scopes, expires,
+                              authorized_scopes=authorized_scopes_of(authorization_header(request) or ""))

@@ -299,7 +299,7 @@ class Api:
     async def _authorize(self, request: IRequest, scope: str) -> Principal:
         principal = await self.authenticator.authenticate(request)
         if not principal.has_scope(scope):
-            raise Forbidden(f"{principal.id} lacks the scope {scope}", code="insufficient_scope")
+            raise Forbidden(principal.lacks(scope), code="insufficient_scope")  # says if authorizedScopes removed it
         return principal
 
     async def _audit(self, principal: Principal, request: IRequest, action: str, target: str,
