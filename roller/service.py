@@ -35,6 +35,7 @@ from roller.web.api import Api
 from roller.web.admin import InventoryAdmin
 from roller.web.dashboard import Dashboard
 from roller.web.events import EventHub
+from roller.web.hosts import host_check_from_settings
 from roller.web.http import RollerSite, connection_limit
 from roller.web.site import root_resource
 
@@ -194,7 +195,9 @@ class RollerService(MultiService):
         )
         admin = InventoryAdmin(dashboard, self.store, secrets_file=s.secrets_file,
                                threadpool=self.reactor.getThreadPool())
-        site = RollerSite(root_resource(api, dashboard, self.hub, admin=admin), max_body=s.max_body,
+        # every request must name this roller in its Host (server.allowed_hosts), before Hawk or anything reads it
+        site = RollerSite(host_check_from_settings(root_resource(api, dashboard, self.hub, admin=admin), s),
+                          max_body=s.max_body,
                           header_timeout=s.header_timeout, body_timeout=s.body_timeout,
                           idle_timeout=s.idle_timeout, max_connections=max_connections(s, self.reactor),
                           reactor=self.reactor)

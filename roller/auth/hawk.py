@@ -90,6 +90,7 @@ __all__ = [
     "make_principal",
     "parse_trusted_proxies",
     "payload_hash",
+    "request_authority",
     "request_body",
     "request_target",
     "restrict",
@@ -255,19 +256,13 @@ class RequestTarget:
         return f"{self.method} {self.url}"[:QUOTE_MAX + 100]
 
 
-def request_target(request: Any, trusted_proxies: Sequence[Network] = ()) -> RequestTarget:
+def request_authority(request: Any, trusted_proxies: Sequence[Network] = ()) -> tuple[str, str, int]:
     """
-    The method, resource, scheme, host, port and source address of
-    C{request} as its client saw them (see the module docstring).
+    The scheme, host and port C{request} was sent to, as its client saw
+    them (see the module docstring): what a Hawk MAC covers.
 
-    @raise BadRequest: the request target is not UTF-8 or the C{Host}
-        header cannot be parsed.
+    @raise BadRequest: the C{Host} header cannot be parsed.
     """
-    try:
-        resource = request.uri.decode("utf-8")
-    except UnicodeDecodeError:
-        raise BadRequest("the request target is not valid UTF-8", code="bad_request") from None
-    method = request.method.decode("ascii", "replace").upper()
     peer = _address(_peer_ip(request))
     forwarded = _trusted(peer, trusted_proxies)
 
@@ -294,8 +289,24 @@ def request_target(request: Any, trusted_proxies: Sequence[Network] = ()) -> Req
         ports = _header_values(request, b"x-forwarded-port")
         if ports and ports[-1].isascii() and ports[-1].isdigit() and 0 < int(ports[-1]) < 65536:
             port = int(ports[-1])
+    return scheme, host, port
 
-    source = _forwarded_for(request, peer, trusted_proxies)
+
+def request_target(request: Any, trusted_proxies: Sequence[Network] = ()) -> RequestTarget:
+    """
+    The method, resource, scheme, host, port and source address of
+    C{request} as its client saw them (see the module docstring).
+
+    @raise BadRequest: the request target is not UTF-8 or the C{Host}
+        header cannot be parsed.
+    """
+    try:
+        resource = request.uri.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("the request target is not valid UTF-8", code="bad_request") from None
+    method = request.method.decode("ascii", "replace").upper()
+    scheme, host, port = request_authority(request, trusted_proxies)
+    source = _forwarded_for(request, _address(_peer_ip(request)), trusted_proxies)
     return RequestTarget(method=method, resource=resource, scheme=scheme, host=host, port=port, source_ip=source)
 
 
