@@ -24,6 +24,7 @@ from treq.client import HTTPClient
 from twisted.web.client import Agent
 
 from roller import __version__
+from roller.json_input import load_json
 from roller.tasks import TaskRegistry
 
 __all__ = ["ActionsError", "action_definitions", "register"]
@@ -85,7 +86,7 @@ async def register(reactor: Any, root_url: str, provisioner_id: str, actions: li
                            "action task instead (see the README).")
     if not 200 <= response.code < 300:
         try:
-            message = json.loads(raw).get("message", "")
+            message = load_json(raw).get("message", "")
         except (ValueError, AttributeError):
             message = ""
         first = message.strip().splitlines()[0] if message.strip() else "no message"

@@ -23,6 +23,7 @@ from twisted.web.client import HTTPConnectionPool
 
 from roller import __version__
 from roller.http_client import close_pool, pooled_client
+from roller.json_input import load_json
 
 __all__ = ["API_KEY_HEADER", "BugzillaClient", "BugzillaError"]
 
@@ -133,7 +134,7 @@ class BugzillaClient:
         except Exception as e:
             raise BugzillaError(self.redact(f"{where}: {_describe(e)}")) from None
         try:
-            answer = json.loads(raw)
+            answer = load_json(raw)
         except ValueError:
             answer = None
         if isinstance(answer, dict) and answer.get("error"):

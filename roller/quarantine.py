@@ -29,6 +29,7 @@ from twisted.web.client import Agent
 
 from roller import __version__
 from roller.jobs import iso
+from roller.json_input import load_json
 
 __all__ = ["QuarantineError", "TaskclusterQueue", "worker_pool"]
 
@@ -101,11 +102,11 @@ class TaskclusterQueue:
         body = await response.content()
         if 200 <= response.code < 300:
             try:
-                return json.loads(body)
+                return load_json(body)
             except ValueError:
                 return {}
         try:
-            error = json.loads(body)
+            error = load_json(body)
             detail = f"{error.get('code', '')}: {error.get('message', '')}".strip(": ")
         except (ValueError, AttributeError):
             detail = body[:200].decode("utf-8", "replace")

@@ -37,6 +37,7 @@ from roller.auth import IAuthenticator, Principal
 from roller.auth.hawk import (
     NO_CREDENTIALS,
     ClientOverBudget,
+    ExtError,
     LocalHawkAuthenticator,
     NonceCache,
     client_ip,
@@ -464,10 +465,17 @@ def test_local_authorized_scopes() -> None:
     (base64.b64encode(b'{"authorizedScopes": ["\\u00e9"]}').decode(), "must be an array of valid scopes"),
     (base64.b64encode(b'{"certificate": "x"}').decode(), "ext.certificate must be a JSON object"),
     (base64.b64encode(b'{"certificate": {}}').decode(), "ext.certificate.version must be 1"),
+    (base64.b64encode(b"[" * 1200 + b"]" * 1200).decode(), "Failed to parse ext"),  # deeper than json recurses
 ])
 def test_local_bad_ext(ext: str, reason: str) -> None:
     e = outcome(local_auth().authenticate(signed(sign(URL, ts=T0, ext=ext))))
     assert isinstance(e, Unauthorized) and reason in e.message, e
+
+
+def test_decode_ext_refuses_deep_nesting_without_recursing() -> None:
+    for raw in (b'{"a": ' * 5000 + b"1" + b"}" * 5000, b"[" * 100_000):
+        with pytest.raises(ExtError, match="Failed to parse ext"):
+            decode_ext(base64.b64encode(raw).decode())
 
 
 def test_decode_ext_alphabets() -> None:

@@ -55,7 +55,6 @@ import hashlib
 import heapq
 import hmac
 import ipaddress
-import json
 import math
 import time
 from datetime import datetime, timezone
@@ -74,6 +73,7 @@ from zope.interface import implementer
 from roller.auth import IAuthenticator, Principal
 from roller.auth.scopes import satisfies
 from roller.errors import BadRequest, RollerError, UnavailableError, Unauthorized
+from roller.json_input import load_json
 
 __all__ = [
     "NO_CREDENTIALS",
@@ -393,7 +393,7 @@ def decode_ext(ext: str) -> dict:
     text = ext.strip().replace("-", "+").replace("_", "/").rstrip("=")
     text += "=" * (-len(text) % 4)
     try:
-        value = json.loads(base64.b64decode(text, validate=True).decode("utf-8"))
+        value = load_json(base64.b64decode(text, validate=True))
     except (ValueError, UnicodeDecodeError):
         raise ExtError("Failed to parse ext: it must be base64-encoded JSON") from None
     if not isinstance(value, dict):

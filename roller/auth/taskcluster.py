@@ -23,7 +23,6 @@ since the API authenticates before it queues, nothing is queued.
 from __future__ import annotations
 
 import hmac
-import json
 from typing import Any, Iterable, Sequence
 
 import treq
@@ -51,6 +50,7 @@ from roller.auth.hawk import (
 )
 from roller.errors import RollerError, UnavailableError, Unauthorized
 from roller.http_client import close_pool, pooled_client
+from roller.json_input import load_json
 
 __all__ = ["AUTHENTICATE_HAWK_PATH", "TaskclusterAuthenticator"]
 
@@ -162,7 +162,7 @@ class TaskclusterAuthenticator:
                 f"to authenticate-hawk: {body[:QUOTE_MAX].decode('utf-8', 'replace')!r}",
                 code="auth_unavailable")
         try:
-            return json.loads(body)
+            return load_json(body)
         except (ValueError, UnicodeDecodeError):
             raise UnavailableError(
                 f"the Taskcluster auth service at {self.root_url} answered authenticate-hawk "

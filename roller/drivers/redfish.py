@@ -114,6 +114,7 @@ from zope.interface import implementer
 
 from roller.drivers.power import IPowerDriver, PowerError, PowerTimeout
 from roller.drivers.power import PowerResult as PowerIResult
+from roller.json_input import load_json
 from roller.secrets import UnknownCredential
 
 log = Logger()
@@ -481,7 +482,7 @@ class HttpReply:
     body: bytes
 
     def json(self) -> Any:
-        return json.loads(self.body.decode("utf-8")) if self.body.strip() else {}
+        return load_json(self.body, max_depth=64) if self.body.strip() else {}
 
 
 class HttpConversation:

@@ -193,7 +193,7 @@ def _header(description: str, schema: Schema | None = None, *, required: bool = 
 
 #: Statuses the HTTP layer (roller.web.http.RollerSite) may answer any
 #: request with before the route is reached.
-_TRANSPORT = ("400", "413", "414", "431")
+_TRANSPORT = ("400", "408", "413", "414", "421", "431")
 
 #: The shared error responses: {status: (component name, description with the error codes)}.
 _ERRORS: dict[str, tuple[str, str]] = {
@@ -204,21 +204,30 @@ _ERRORS: dict[str, tuple[str, str]] = {
     "403": ("Forbidden", "The credentials lack the required scope (`insufficient_scope`), or a call that "
             "changes something came from a web page on another origin (`cross_site_request`)."),
     "404": ("NotFound", "No such resource (`unknown_machine`, `unknown_job`, `not_found`)."),
+    "408": ("RequestTimeout", "The request's headers or body did not arrive within `server.header_timeout` / "
+            "`server.body_timeout` (`request_timeout`); the connection is closed."),
     "409": ("Conflict", "Conflict with the current state (`ambiguous_worker`, `job_finished`, "
             "`machine_exists`)."),
     "413": ("PayloadTooLarge", "The request body is larger than the configured maximum (`payload_too_large`)."),
     "414": ("UriTooLong", "The request target is longer than the configured maximum (`uri_too_long`)."),
+    "421": ("MisdirectedRequest", "The `Host` header names a host this roller does not answer for "
+            "(`bad_host`; see `server.allowed_hosts`)."),
+    "429": ("TooManyRequests", "This client sent more Hawk requests within the replay window than "
+            "`auth.max_requests_per_client` allows (`too_many_requests`); only this client is refused. "
+            "`Retry-After` says when to retry."),
     "415": ("UnsupportedMediaType", "A request body that is not `application/json` (`unsupported_media_type`)."),
     "431": ("HeadersTooLarge", "Request headers too large or too many (`headers_too_large`)."),
     "503": ("Unavailable", "roller is shutting down and accepts no new jobs (`shutting_down`), or cannot "
             "verify credentials now: the Taskcluster auth service is unreachable, too slow or answers "
-            "wrongly (`auth_unavailable`). Nothing was done; retry later."),
+            "wrongly (`auth_unavailable`), or its database cannot take a write now: locked, full or read-only "
+            "(`storage_unavailable`, with `Retry-After`). Nothing was done; retry later."),
 }
 
 
 def _errors(*statuses: str) -> dict[str, Schema]:
     """The shared error responses for C{statuses} plus the transport ones."""
-    return {s: _response_ref(_ERRORS[s][0]) for s in sorted({*statuses, *_TRANSPORT})}
+    with_auth = ("429",) if "401" in statuses else ()  # a Hawk client over its budget
+    return {s: _response_ref(_ERRORS[s][0]) for s in sorted({*statuses, *with_auth, *_TRANSPORT})}
 
 
 def _error_components() -> dict[str, Schema]:
