@@ -650,3 +650,41 @@ def test_dashboard_post_during_a_fault_is_a_readable_503_page(tmp_path: Path) ->
     lock.release()
     r = env.post("/machines/g1/m1/jobs", form={"task": "ping", "csrf_token": token})
     assert r.code == 303, r.text
+
+
+def test_an_event_written_while_a_job_is_read_is_in_the_answer(qenv: Any) -> None:
+    """GET /api/v1/jobs/<id> takes the unwritten events before reading the stored ones: an event
+    whose write lands between the two is in one of them, never in neither."""
+    from treq.testing import StubTreq
+
+    from roller.auth import AnonymousAuthenticator
+    from roller.web.api import Api
+
+    path, store, clock, tasks, make = qenv
+    q = make()
+    job, _ = run(q.submit("work", machine(1)))
+    real_update, real_events = store.jobs.update, store.jobs.events
+    gates: list[tuple[Deferred, tuple]] = []
+
+    def held_update(*args: Any) -> Deferred:
+        gates.append((Deferred(), args))
+        return gates[-1][0]
+
+    def events_then_write_lands(*args: Any, **kw: Any) -> Deferred:
+        read = real_events(*args, **kw)  # the stored events, before the write below commits
+        for gate, update_args in gates:
+            real_update(*update_args).chainDeferred(gate)
+        return read
+
+    store.jobs.update = held_update
+    tasks.runs[job.id].callback("done")
+    assert gates and q.active(job.id).state is State.succeeded
+    store.jobs.events = events_then_write_lands
+    api = Api(store, q, TaskRegistry([]), AnonymousAuthenticator(), allowed_tasks=(), clock=clock)
+    client = StubTreq(api.app.resource())
+    d = client.get(f"http://127.0.0.1/api/v1/jobs/{job.id}")
+    client.flush()
+    body = result_of(result_of(d).json())
+    assert q.unrecorded == 0 and stored(store, job.id).state is State.succeeded
+    messages = [e["message"] for e in body["events"]]
+    assert messages == ["queued by anonymous", "running", "working on m1", "succeeded: done"], messages

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 from urllib.parse import quote, urlsplit
 
 from attrs import define, field
@@ -32,9 +33,9 @@ from roller.metrics import Metrics
 from roller.queue import JobQueue
 from roller.store import AuditEntry, StorageUnavailable, Store
 from roller.tasks import TaskRegistry
+from roller.version import load_version
 from roller.web.http import json_error, query_arg
 from roller.web.openapi import openapi_document
-from roller.version import load_version
 
 log = Logger()
 
@@ -409,8 +410,16 @@ class Api:
         job = self.queue.active(task_id) or await self.store.jobs.get(task_id)
         if job is None:
             raise NotFound(f"no job {task_id[:64]}", code="unknown_job")
+        # events not yet written (in flight, or held while the database refuses writes): taken before
+        # the read too, so one written meanwhile is in the read or in this list, never in neither
+        before = self.queue.unrecorded_events(task_id)
         events = await self.store.jobs.events(task_id, limit=1000)
-        events += self.queue.unrecorded_events(task_id)  # held while the database refuses writes
+        stored = {(e.time, e.kind, e.message) for e in events}
+        for e in before + self.queue.unrecorded_events(task_id):
+            key = (e.time, e.kind, e.message)
+            if key not in stored:
+                stored.add(key)
+                events.append(e)
         return _json(request, {**job.to_json(), "events": [e.to_json() for e in events]})
 
     @app.route("/api/v1/jobs/<task_id>", methods=["DELETE"])
