@@ -17,7 +17,8 @@ a hook or an action task instead (see the README).
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import mohawk
 from treq.client import HTTPClient

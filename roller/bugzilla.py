@@ -12,7 +12,8 @@ masked in every message, even if a peer echoes it.
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 from urllib.parse import urlencode
 
 from treq.client import HTTPClient

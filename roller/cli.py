@@ -19,7 +19,8 @@ import getpass
 import json
 import os
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import react

@@ -13,7 +13,8 @@ import ipaddress
 import os
 import string
 import tomllib
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from attrs import field, frozen
 from twisted.internet.endpoints import serverFromString

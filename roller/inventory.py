@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from attrs import asdict, evolve, field, frozen
 
@@ -162,7 +163,7 @@ class SshAccess:
     host_key_policy: str | None = None  # None: the global policy
 
     @classmethod
-    def from_json(cls, path: str, data: Any) -> "SshAccess":
+    def from_json(cls, path: str, data: Any) -> SshAccess:
         d = _section(path, data, {"user", "port", "credential", "host_key_policy"})
         return cls(
             user=_opt_str(f"{path}.user", d.get("user"), re.compile(r"^[-_.a-zA-Z0-9]{1,64}$"), "user name"),
@@ -184,7 +185,7 @@ class IpmiAccess:
     bridge: tuple[str, ...] = ()
 
     @classmethod
-    def from_json(cls, path: str, data: Any) -> "IpmiAccess":
+    def from_json(cls, path: str, data: Any) -> IpmiAccess:
         d = _section(path, data, {"host", "port", "credential", "interface", "bridge"})
         bridge = d.get("bridge") or ()
         if not isinstance(bridge, (list, tuple)) or not all(
@@ -209,7 +210,7 @@ class PduAccess:
     credential: str | None = None
 
     @classmethod
-    def from_json(cls, path: str, data: Any) -> "PduAccess":
+    def from_json(cls, path: str, data: Any) -> PduAccess:
         d = _section(path, data, {"host", "outlet", "model", "port", "credential"})
         outlet = d.get("outlet")
         if isinstance(outlet, int) and not isinstance(outlet, bool):
@@ -232,7 +233,7 @@ class RedfishAccess:
     verify_tls: bool = True
 
     @classmethod
-    def from_json(cls, path: str, data: Any) -> "RedfishAccess":
+    def from_json(cls, path: str, data: Any) -> RedfishAccess:
         d = _section(path, data, {"url", "system", "credential", "ca_file", "verify_tls"})
         url = _str(f"{path}.url", d.get("url"), re.compile(r"^https?://[^\s/]+(/\S*)?$"), "URL")
         verify = d.get("verify_tls", True)
@@ -254,7 +255,7 @@ class XenAccess:
     credential: str | None = None
 
     @classmethod
-    def from_json(cls, path: str, data: Any) -> "XenAccess":
+    def from_json(cls, path: str, data: Any) -> XenAccess:
         d = _section(path, data, {"vm_uuid", "url", "credential"})
         return cls(
             vm_uuid=_str(f"{path}.vm_uuid", d.get("vm_uuid"), re.compile(r"^[-_.0-9a-zA-Z]{1,128}$"), "VM uuid"),
@@ -269,7 +270,7 @@ class Liveness:
     port: int | None = None
 
     @classmethod
-    def from_json(cls, path: str, data: Any) -> "Liveness":
+    def from_json(cls, path: str, data: Any) -> Liveness:
         d = _section(path, data, {"method", "port"})
         method = _choice(f"{path}.method", d.get("method"), ("icmp", "tcp"), "icmp")
         port = d.get("port")
@@ -326,7 +327,7 @@ class Machine:
         return (self.fqdn or self.worker_id).split(".")[0]
 
     @classmethod
-    def from_json(cls, data: Any, *, worker_id: str | None = None, worker_group: str | None = None) -> "Machine":
+    def from_json(cls, data: Any, *, worker_id: str | None = None, worker_group: str | None = None) -> Machine:
         """
         Parse and validate a machine from its JSON form.
 
@@ -391,7 +392,7 @@ class Machine:
             out[name] = None if value is None else clean(value)
         return out
 
-    def replace(self, **changes: Any) -> "Machine":
+    def replace(self, **changes: Any) -> Machine:
         return evolve(self, **changes)
 
     def credentials(self) -> set[str]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from enum import Enum
 from typing import Any
 
@@ -50,7 +50,7 @@ class InvalidTransition(Exception):
 def iso(ts: float | None) -> str | None:
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def new_job_id() -> str:
@@ -91,7 +91,7 @@ class Job:
     def machine_key(self) -> tuple[str, str]:
         return (self.worker_group, self.worker_id)
 
-    def transition(self, state: State, now: float, *, result: str | None = None, error: str | None = None) -> "Job":
+    def transition(self, state: State, now: float, *, result: str | None = None, error: str | None = None) -> Job:
         if state not in _ALLOWED.get(self.state, ()):
             raise InvalidTransition(f"job {self.id}: {self.state} -> {state}")
         changes: dict[str, Any] = {"state": state}

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import json
 import operator
+from collections.abc import Callable
 from itertools import accumulate, count
-from typing import Any, Callable
+from typing import Any
 
 __all__ = ["MAX_JSON_DEPTH", "JSONInputError", "JSONTooDeep", "json_depth", "load_json"]
 

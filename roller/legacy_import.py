@@ -28,7 +28,8 @@ from __future__ import annotations
 import ipaddress
 import posixpath
 import re
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from attrs import field, frozen
 from attrs.validators import in_

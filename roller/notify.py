@@ -32,7 +32,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import mohawk
 from attrs import frozen

@@ -73,7 +73,7 @@ class TaskclusterQueue:
         self.http = treq_client or HTTPClient(Agent(reactor, connectTimeout=timeout))
 
     def quarantine(self, provisioner_id: str, worker_type: str, worker_group: str, worker_id: str,
-                   until: float, info: str) -> "Deferred[dict]":
+                   until: float, info: str) -> Deferred[dict]:
         """Set the worker's C{quarantineUntil}; the worker document Taskcluster answers."""
         d = Deferred.fromCoroutine(self._put(provisioner_id, worker_type, worker_group, worker_id, until, info))
         d.addTimeout(self.timeout, self.reactor)

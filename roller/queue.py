@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import heapq
 from collections import Counter, deque
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from attrs import define, field, frozen
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, gatherResults, succeed
@@ -99,7 +100,7 @@ class JobRecorder:
         """A job's events not yet written, in order."""
         return [e for w in self._queues.get(job_id, ()) for e in w.events]
 
-    def state(self, job: Job, event: JobEvent) -> "Deferred[Job]":
+    def state(self, job: Job, event: JobEvent) -> Deferred[Job]:
         """Write C{job}'s row and C{event}; fires with C{job} once written."""
         w = _Write(job, [event])
         self._queues.setdefault(job.id, deque()).append(w)
@@ -209,7 +210,7 @@ class JobRecorder:
         self._dropped.pop(job_id, None)
         self._settled()
 
-    def close(self) -> "Deferred[None]":
+    def close(self) -> Deferred[None]:
         """
         Shutting down: try every waiting write once more now and abandon
         (log) what still fails.  Fires once nothing is left.
@@ -330,7 +331,7 @@ class JobQueue:
     def depth(self) -> int:
         return len(self._jobs) - len(self._running)
 
-    def wait(self, job_id: str) -> "Deferred[Job]":
+    def wait(self, job_id: str) -> Deferred[Job]:
         """Fires with the job once it has reached a final state and been persisted."""
         if job_id not in self._jobs and job_id not in self._ended:
             return self._store.jobs.get(job_id)
@@ -425,7 +426,7 @@ class JobQueue:
             await d
         await self._recorder.close()
 
-    def _until_ended(self, job_id: str) -> "Deferred[Job]":
+    def _until_ended(self, job_id: str) -> Deferred[Job]:
         """Fires with the final job as soon as running job C{job_id} ends (before it is recorded)."""
         d: Deferred = Deferred()
         self._ending.setdefault(job_id, []).append(d)

@@ -56,7 +56,8 @@ import re
 import stat
 import tempfile
 import tomllib
-from typing import Any, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 import tomli_w
 from attrs import field, fields, frozen
@@ -218,7 +219,7 @@ class Credential:
             _check_snmp_v3(self, where)
 
     @classmethod
-    def from_toml(cls, name: str, table: Any) -> "Credential":
+    def from_toml(cls, name: str, table: Any) -> Credential:
         """
         Parse the table C{[credentials.NAME]}.
 
@@ -297,7 +298,7 @@ class HawkClient:
             raise ValidationError(f"{where}.scopes", "must be a list of scopes (printable ASCII strings)")
 
     @classmethod
-    def from_toml(cls, client_id: str, table: Any) -> "HawkClient":
+    def from_toml(cls, client_id: str, table: Any) -> HawkClient:
         """
         Parse the table C{[clients.ID]}.
 
@@ -446,7 +447,7 @@ class Secrets:
             if name in self._credentials and self._credentials[name] != cred
         ))
 
-    def merged(self, new: Mapping[str, Credential], *, replace: bool = False) -> "Secrets":
+    def merged(self, new: Mapping[str, Credential], *, replace: bool = False) -> Secrets:
         """
         These credentials plus C{new}.
 

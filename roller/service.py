@@ -31,8 +31,8 @@ from roller.secrets import Secrets, SecretsError, load_secrets
 from roller.store import StorageUnavailable, Store, open_store
 from roller.tasks import builtin_tasks
 from roller.version import load_version
-from roller.web.api import Api
 from roller.web.admin import InventoryAdmin
+from roller.web.api import Api
 from roller.web.dashboard import Dashboard
 from roller.web.events import EventHub
 from roller.web.hosts import host_check_from_settings

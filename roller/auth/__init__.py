@@ -54,7 +54,7 @@ class Principal:
 
 
 class IAuthenticator(Interface):
-    def authenticate(request) -> "Deferred[Principal]":
+    def authenticate(request) -> Deferred[Principal]:
         """
         The principal behind C{request}, or fail with L{Unauthorized}
         (whose message says why) when its credentials are missing or wrong.
@@ -67,7 +67,7 @@ class AnonymousAuthenticator:
 
     principal = Principal("anonymous", ("*",))
 
-    def authenticate(self, request) -> "Deferred[Principal]":
+    def authenticate(self, request) -> Deferred[Principal]:
         return succeed(self.principal)
 
 
@@ -78,5 +78,5 @@ class UnconfiguredAuthenticator:
     def __init__(self, reason: str):
         self.reason = reason
 
-    def authenticate(self, request) -> "Deferred[Principal]":
+    def authenticate(self, request) -> Deferred[Principal]:
         return fail(Unauthorized(self.reason, code="auth_not_configured"))

@@ -47,12 +47,13 @@ import binascii
 import hashlib
 import hmac
 import ipaddress
+import math
 import os
 import re
-import math
 import secrets
 from collections import deque
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from attrs import define, field
 from twisted.internet.defer import Deferred, ensureDeferred
@@ -180,10 +181,10 @@ class PasswordHasher:
     ln: int = SCRYPT_LOG_N
     _dummy: str | None = field(default=None, init=False, repr=False)
 
-    def hash(self, password: str) -> "Deferred[str]":
+    def hash(self, password: str) -> Deferred[str]:
         return deferToThreadPool(self.reactor, self.threadpool, hash_password, password, ln=self.ln)
 
-    def verify(self, password: str, encoded: str | None) -> "Deferred[bool]":
+    def verify(self, password: str, encoded: str | None) -> Deferred[bool]:
         """Checks against a throw-away hash when there is no user, so both take as long."""
         if encoded is None:
             if self._dummy is None:
@@ -420,7 +421,7 @@ class AccountAuth:
         p = principal_for(user, self.scope_prefix, self.tasks)
         return Viewer(id=p.id, name=user.name, scopes=p.scopes, session=session, note=user.role, role=user.role)
 
-    def viewer(self, request: IRequest) -> "Deferred[Viewer]":
+    def viewer(self, request: IRequest) -> Deferred[Viewer]:
         return ensureDeferred(self._viewer(request))
 
     async def _viewer(self, request: IRequest) -> Viewer:

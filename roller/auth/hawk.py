@@ -57,9 +57,10 @@ import hmac
 import ipaddress
 import math
 import time
-from datetime import datetime, timezone
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
 from functools import lru_cache
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 from urllib.parse import urlparse
 
 import mohawk
@@ -72,7 +73,7 @@ from zope.interface import implementer
 
 from roller.auth import IAuthenticator, Principal
 from roller.auth.scopes import satisfies
-from roller.errors import BadRequest, RollerError, UnavailableError, Unauthorized
+from roller.errors import BadRequest, RollerError, Unauthorized, UnavailableError
 from roller.json_input import load_json
 
 __all__ = [
@@ -417,7 +418,7 @@ def _number(value: Any) -> bool:
 
 
 def _iso(ms: float) -> str:
-    return datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 @frozen
@@ -687,7 +688,7 @@ class LocalHawkAuthenticator:
         self.nonces = NonceCache(clock, skew, max_nonces, max_requests_per_client)
         self.trusted_proxies = parse_trusted_proxies(trusted_proxies)
 
-    def authenticate(self, request: Any) -> "Deferred[Principal]":
+    def authenticate(self, request: Any) -> Deferred[Principal]:
         try:
             return succeed(self.verify(request))
         except RollerError as e:

@@ -23,7 +23,8 @@ since the API authenticates before it queues, nothing is queued.
 from __future__ import annotations
 
 import hmac
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import treq
 from treq.client import HTTPClient
@@ -48,7 +49,7 @@ from roller.auth.hawk import (
     request_body,
     request_target,
 )
-from roller.errors import RollerError, UnavailableError, Unauthorized
+from roller.errors import RollerError, Unauthorized, UnavailableError
 from roller.http_client import close_pool, pooled_client
 from roller.json_input import load_json
 
@@ -114,7 +115,7 @@ class TaskclusterAuthenticator:
 
     # -- IAuthenticator
 
-    def authenticate(self, request: Any) -> "Deferred[Principal]":
+    def authenticate(self, request: Any) -> Deferred[Principal]:
         try:
             header = authorization_header(request)
             if header is None:

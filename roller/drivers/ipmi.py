@@ -100,21 +100,21 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from attrs import field, frozen
 from twisted.internet import error
 from twisted.internet.defer import Deferred, DeferredLock, fail
-from twisted.internet.task import deferLater
 from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from roller.drivers.liveness import validate_address
-from roller.secrets import UnknownCredential
-
 from roller.drivers.power import IPowerDriver, PowerError, PowerResult, PowerTimeout
+from roller.secrets import UnknownCredential
 
 log = Logger()
 
@@ -558,7 +558,7 @@ class _Bmc:
         self.users = 0
 
 
-def _call(on_event: Optional[EventCallback], message: str, **data: Any) -> None:
+def _call(on_event: EventCallback | None, message: str, **data: Any) -> None:
     if on_event is None:
         return
     try:
@@ -582,27 +582,27 @@ class IIpmi(Interface):
     kills the running ipmitool and frees the BMC.
     """
 
-    def status(target: IpmiTarget, on_event: Optional[EventCallback] = None) -> "Deferred[str]":
+    def status(target: IpmiTarget, on_event: EventCallback | None = None) -> Deferred[str]:
         """C{"on"} or C{"off"}."""
 
-    def on(target: IpmiTarget, on_event: Optional[EventCallback] = None) -> "Deferred[str]":
+    def on(target: IpmiTarget, on_event: EventCallback | None = None) -> Deferred[str]:
         """Power on and read back C{on}; fires with a one-line summary."""
 
-    def off(target: IpmiTarget, on_event: Optional[EventCallback] = None) -> "Deferred[str]":
+    def off(target: IpmiTarget, on_event: EventCallback | None = None) -> Deferred[str]:
         """Power off (hard) and read back C{off}; fires with a one-line summary."""
 
-    def cycle(target: IpmiTarget, on_event: Optional[EventCallback] = None) -> "Deferred[str]":
+    def cycle(target: IpmiTarget, on_event: EventCallback | None = None) -> Deferred[str]:
         """Power cycle and read back C{on}; fires with a one-line summary."""
 
-    def reset(target: IpmiTarget, on_event: Optional[EventCallback] = None) -> "Deferred[str]":
+    def reset(target: IpmiTarget, on_event: EventCallback | None = None) -> Deferred[str]:
         """Hard reset and read back C{on}; fires with a one-line summary."""
 
     def set_boot_device(target: IpmiTarget, device: str = "pxe", efi: bool = False,
-                        on_event: Optional[EventCallback] = None) -> "Deferred[str]":
+                        on_event: EventCallback | None = None) -> Deferred[str]:
         """C{chassis bootdev DEVICE [options=efiboot]} for the next boot."""
 
     def sel_list(target: IpmiTarget, last: int = 15,
-                 on_event: Optional[EventCallback] = None) -> "Deferred[list[str]]":
+                 on_event: EventCallback | None = None) -> Deferred[list[str]]:
         """The last C{last} System Event Log entries, one line each."""
 
 
@@ -688,7 +688,7 @@ class IpmiTool:
         return ipmi_target(machine, secrets, self.default_credential)
 
     def for_machine(self, machine: Any, secrets: Any, *,
-                    on_progress: Optional[EventCallback] = None) -> "IpmiPower":
+                    on_progress: EventCallback | None = None) -> IpmiPower:
         """
         The L{IPowerDriver} of C{machine}'s BMC.
 
@@ -716,7 +716,7 @@ class IpmiTool:
         """The child's whole environment: L{CHILD_ENV} and the password."""
         return {**CHILD_ENV, PASSWORD_ENV: target.password}
 
-    def _executable(self) -> Optional[str]:
+    def _executable(self) -> str | None:
         if os.sep in self.ipmitool:
             return self.ipmitool if os.access(self.ipmitool, os.X_OK) else None
         return shutil.which(self.ipmitool, path=CHILD_ENV["PATH"])
@@ -728,8 +728,8 @@ class IpmiTool:
 
     # -- one command, serialized and retried
 
-    def run(self, target: IpmiTarget, command: Sequence[str], on_event: Optional[EventCallback] = None,
-            *, idempotent: bool = True) -> "Deferred[IpmiResult]":
+    def run(self, target: IpmiTarget, command: Sequence[str], on_event: EventCallback | None = None,
+            *, idempotent: bool = True) -> Deferred[IpmiResult]:
         """
         Run one ipmitool command (e.g. C{["chassis", "power", "status"]})
         in this BMC's line, retrying transient failures.
@@ -748,7 +748,7 @@ class IpmiTool:
         return Deferred.fromCoroutine(self._run(target, command, on_event, idempotent))
 
     async def _run(self, target: IpmiTarget, command: tuple[str, ...],
-                   on_event: Optional[EventCallback], idempotent: bool) -> IpmiResult:
+                   on_event: EventCallback | None, idempotent: bool) -> IpmiResult:
         what = " ".join(command)
         attempt = 0
         while True:
@@ -856,11 +856,11 @@ class IpmiTool:
 
     # -- operations
 
-    def status(self, target: IpmiTarget, on_event: Optional[EventCallback] = None) -> "Deferred[str]":
+    def status(self, target: IpmiTarget, on_event: EventCallback | None = None) -> Deferred[str]:
         """See L{IIpmi.status}."""
         return Deferred.fromCoroutine(self._status(target, on_event))
 
-    async def _status(self, target: IpmiTarget, on_event: Optional[EventCallback]) -> str:
+    async def _status(self, target: IpmiTarget, on_event: EventCallback | None) -> str:
         result = await self.run(target, ("chassis", "power", "status"), on_event)
         match = re.search(r"Chassis Power is (on|off)\b", result.stdout, re.I)
         if not match:
@@ -869,8 +869,8 @@ class IpmiTool:
                                     host=target.host, port=target.port)
         return match.group(1).lower()
 
-    def power(self, target: IpmiTarget, action: str, on_event: Optional[EventCallback] = None, *,
-              verify: bool = True) -> "Deferred[str]":
+    def power(self, target: IpmiTarget, action: str, on_event: EventCallback | None = None, *,
+              verify: bool = True) -> Deferred[str]:
         """
         C{chassis power ACTION} (on, off, cycle, reset), then, if
         C{verify}, read the state back until it is the expected one.
@@ -884,23 +884,23 @@ class IpmiTool:
             return fail(TypeError(f"target must be an IpmiTarget, not {type(target).__name__}"))
         return Deferred.fromCoroutine(self._power(target, action, on_event, verify))
 
-    def on(self, target: IpmiTarget, on_event: Optional[EventCallback] = None) -> "Deferred[str]":
+    def on(self, target: IpmiTarget, on_event: EventCallback | None = None) -> Deferred[str]:
         """See L{IIpmi.on}."""
         return self.power(target, "on", on_event)
 
-    def off(self, target: IpmiTarget, on_event: Optional[EventCallback] = None) -> "Deferred[str]":
+    def off(self, target: IpmiTarget, on_event: EventCallback | None = None) -> Deferred[str]:
         """See L{IIpmi.off}."""
         return self.power(target, "off", on_event)
 
-    def cycle(self, target: IpmiTarget, on_event: Optional[EventCallback] = None) -> "Deferred[str]":
+    def cycle(self, target: IpmiTarget, on_event: EventCallback | None = None) -> Deferred[str]:
         """See L{IIpmi.cycle}."""
         return self.power(target, "cycle", on_event)
 
-    def reset(self, target: IpmiTarget, on_event: Optional[EventCallback] = None) -> "Deferred[str]":
+    def reset(self, target: IpmiTarget, on_event: EventCallback | None = None) -> Deferred[str]:
         """See L{IIpmi.reset}."""
         return self.power(target, "reset", on_event)
 
-    async def _power(self, target: IpmiTarget, action: str, on_event: Optional[EventCallback],
+    async def _power(self, target: IpmiTarget, action: str, on_event: EventCallback | None,
                      verify: bool) -> str:
         command = ("chassis", "power", action)
         _call(on_event, f"ipmi {target.address}: chassis power {action}", bmc=target.address,
@@ -939,7 +939,7 @@ class IpmiTool:
             expected=expected, actual=actual, host=target.host, port=target.port)
 
     def set_boot_device(self, target: IpmiTarget, device: str = "pxe", efi: bool = False,
-                        on_event: Optional[EventCallback] = None) -> "Deferred[str]":
+                        on_event: EventCallback | None = None) -> Deferred[str]:
         """See L{IIpmi.set_boot_device}."""
         if device not in BOOT_DEVICES:
             return fail(ValueError(f"boot device must be one of {', '.join(BOOT_DEVICES)}, not {device!r}"))
@@ -954,7 +954,7 @@ class IpmiTool:
         return Deferred.fromCoroutine(go())
 
     def sel_list(self, target: IpmiTarget, last: int = 15,
-                 on_event: Optional[EventCallback] = None) -> "Deferred[list[str]]":
+                 on_event: EventCallback | None = None) -> Deferred[list[str]]:
         """See L{IIpmi.sel_list}."""
         if isinstance(last, bool) or not isinstance(last, int) or not 0 < last <= 10000:
             return fail(ValueError(f"last must be an integer 1-10000, not {last!r}"))
@@ -976,7 +976,7 @@ class IpmiPower:
     @ivar description: C{"IPMI BMC host:port (user NAME)"}; no secret.
     """
 
-    def __init__(self, tool: IpmiTool, target: IpmiTarget, on_progress: Optional[EventCallback] = None):
+    def __init__(self, tool: IpmiTool, target: IpmiTarget, on_progress: EventCallback | None = None):
         self.tool = tool
         self.target = target
         self.on_progress = on_progress
@@ -985,28 +985,28 @@ class IpmiPower:
     def __repr__(self) -> str:
         return f"<IpmiPower {self.description}>"
 
-    def status(self) -> "Deferred[PowerResult]":
+    def status(self) -> Deferred[PowerResult]:
         """See L{IPowerDriver.status}."""
         return self.tool.status(self.target, self.on_progress).addCallback(
             lambda state: PowerResult(state, f"{self.target.bmc}: chassis power is {state}"))
 
-    def _power(self, action: str) -> "Deferred[PowerResult]":
+    def _power(self, action: str) -> Deferred[PowerResult]:
         return self.tool.power(self.target, action, self.on_progress).addCallback(
             lambda detail: PowerResult(POWER_ACTIONS[action], detail))
 
-    def on(self) -> "Deferred[PowerResult]":
+    def on(self) -> Deferred[PowerResult]:
         """See L{IPowerDriver.on}."""
         return self._power("on")
 
-    def off(self) -> "Deferred[PowerResult]":
+    def off(self) -> Deferred[PowerResult]:
         """See L{IPowerDriver.off}: a hard power off."""
         return self._power("off")
 
-    def reset(self) -> "Deferred[PowerResult]":
+    def reset(self) -> Deferred[PowerResult]:
         """See L{IPowerDriver.reset}: C{chassis power reset}, read back on."""
         return self._power("reset")
 
-    def cycle(self, off_for: Optional[float] = None) -> "Deferred[PowerResult]":
+    def cycle(self, off_for: float | None = None) -> Deferred[PowerResult]:
         """
         See L{IPowerDriver.cycle}: C{chassis power cycle}, or with
         C{off_for}, C{off} (read back), C{off_for} seconds, C{on} (read back).
@@ -1024,11 +1024,11 @@ class IpmiPower:
 
         return Deferred.fromCoroutine(go())
 
-    def set_boot_device(self, device: str = "pxe", efi: bool = False) -> "Deferred[str]":
+    def set_boot_device(self, device: str = "pxe", efi: bool = False) -> Deferred[str]:
         """C{chassis bootdev DEVICE [options=efiboot]} for the next boot."""
         return self.tool.set_boot_device(self.target, device, efi, self.on_progress)
 
-    def sel_list(self, last: int = 15) -> "Deferred[list[str]]":
+    def sel_list(self, last: int = 15) -> Deferred[list[str]]:
         """The last C{last} SEL entries, one line each."""
         return self.tool.sel_list(self.target, last, self.on_progress)
 

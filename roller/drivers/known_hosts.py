@@ -53,14 +53,14 @@ accept-new) and the errors operators see are in L{roller.drivers.ssh}.
 from __future__ import annotations
 
 import base64
-import functools
 import binascii
 import fcntl
+import functools
 import hashlib
 import hmac
 import os
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 from attrs import frozen
 from twisted.logger import Logger
@@ -119,7 +119,7 @@ def _pattern_matches(pattern: str, name: str) -> bool:
 
 
 @functools.lru_cache(maxsize=4096)
-def _glob(pattern: str) -> "re.Pattern[str]":
+def _glob(pattern: str) -> re.Pattern[str]:
     """OpenSSH host patterns: C{*} and C{?} are wildcards, all else literal (C{[} too)."""
     return re.compile("".join(".*" if c == "*" else "." if c == "?" else re.escape(c)
                               for c in pattern), re.DOTALL)
@@ -146,7 +146,7 @@ class KnownHostEntry:
     comment: str = ""
 
     @classmethod
-    def parse(cls, line: str, line_number: int) -> "KnownHostEntry | None":
+    def parse(cls, line: str, line_number: int) -> KnownHostEntry | None:
         """
         Parse one line; C{None} for blank lines and comments.
 
@@ -263,7 +263,7 @@ class _Parsed:
     other: tuple[KnownHostEntry, ...]  # wildcard, negated or hashed patterns: always scanned
 
     @classmethod
-    def of(cls, ident: tuple[int, int, int, int], entries: list[KnownHostEntry]) -> "_Parsed":
+    def of(cls, ident: tuple[int, int, int, int], entries: list[KnownHostEntry]) -> _Parsed:
         literal: dict[str, list[KnownHostEntry]] = {}
         other = []
         for e in entries:
@@ -303,7 +303,7 @@ class KnownHosts:
     def exists(self) -> bool:
         return os.path.exists(self.path)
 
-    def _current(self) -> "_Parsed | None":
+    def _current(self) -> _Parsed | None:
         try:
             st = os.stat(self.path)
         except FileNotFoundError:

@@ -24,7 +24,8 @@ import os
 import re
 import shutil
 import socket
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 from attrs import define, field, frozen, validators
 from twisted.internet import error
@@ -98,7 +99,7 @@ class LivenessError(Exception):
         self,
         message: str,
         address: str = "",
-        exit_code: Optional[int] = None,
+        exit_code: int | None = None,
         lines: tuple[str, ...] = (),
     ) -> None:
         super().__init__(message)
@@ -116,7 +117,7 @@ class ILiveness(Interface):
     Checks whether a machine answers on the network.
     """
 
-    def check(address: str) -> "Deferred[LivenessResult]":
+    def check(address: str) -> Deferred[LivenessResult]:
         """
         Check one address.
 
@@ -191,7 +192,7 @@ def _display(address: str, port: int) -> str:
     return f"{address}:{port}"
 
 
-def call_on_line(on_line: Optional[LineCallback], line: str) -> None:
+def call_on_line(on_line: LineCallback | None, line: str) -> None:
     """
     Hand one line to the caller's callback; its exceptions are logged, never
     allowed to break the check.
@@ -256,8 +257,8 @@ class _PingProtocol(ProcessProtocol):
     def __init__(
         self,
         address: str,
-        deferred: "Deferred[LivenessResult]",
-        on_line: Optional[LineCallback],
+        deferred: Deferred[LivenessResult],
+        on_line: LineCallback | None,
     ) -> None:
         self.address = address
         self.deferred = deferred
@@ -354,8 +355,8 @@ class IcmpPing:
     count: int = field(default=3)
     timeout: float = field(default=5.0)
     ping_binary: str = field(default="ping")
-    on_line: Optional[LineCallback] = field(default=None)
-    reply_wait: Optional[int] = field(default=None)
+    on_line: LineCallback | None = field(default=None)
+    reply_wait: int | None = field(default=None)
 
     @count.validator
     def _check_count(self, attribute: Any, value: int) -> None:
@@ -373,7 +374,7 @@ class IcmpPing:
             )
 
     @reply_wait.validator
-    def _check_reply_wait(self, attribute: Any, value: Optional[int]) -> None:
+    def _check_reply_wait(self, attribute: Any, value: int | None) -> None:
         if value is not None and (
             isinstance(value, bool) or not isinstance(value, int) or value < 1
         ):
@@ -404,12 +405,12 @@ class IcmpPing:
             address,
         ]
 
-    def _executable(self) -> Optional[str]:
+    def _executable(self) -> str | None:
         if os.sep in self.ping_binary:
             return self.ping_binary
         return shutil.which(self.ping_binary, path=CHILD_ENV["PATH"])
 
-    def check(self, address: str) -> "Deferred[LivenessResult]":
+    def check(self, address: str) -> Deferred[LivenessResult]:
         """
         Ping C{address}; see L{ILiveness.check}.
         """
@@ -427,7 +428,7 @@ class IcmpPing:
                 )
             )
 
-        transport: Optional[IProcessTransport] = None
+        transport: IProcessTransport | None = None
 
         def kill(d: Deferred[LivenessResult]) -> None:
             if transport is None:
@@ -485,7 +486,7 @@ class TcpConnect:
     reactor: Any
     port: int = field()
     timeout: float = field(default=5.0)
-    on_line: Optional[LineCallback] = field(default=None)
+    on_line: LineCallback | None = field(default=None)
 
     @port.validator
     def _check_port(self, attribute: Any, value: int) -> None:
@@ -510,7 +511,7 @@ class TcpConnect:
             return TCP6ClientEndpoint(self.reactor, address, self.port, timeout=self.timeout)
         return TCP4ClientEndpoint(self.reactor, address, self.port, timeout=self.timeout)
 
-    def check(self, address: str) -> "Deferred[LivenessResult]":
+    def check(self, address: str) -> Deferred[LivenessResult]:
         """
         Connect to C{address}:C{port}; see L{ILiveness.check}.
         """
@@ -595,8 +596,8 @@ def liveness_for(
     method: str,
     reactor: Any,
     *,
-    port: Optional[int] = None,
-    on_line: Optional[LineCallback] = None,
+    port: int | None = None,
+    on_line: LineCallback | None = None,
     **kw: Any,
 ) -> ILiveness:
     """

@@ -16,8 +16,6 @@ it cancels what the driver is waiting for.
 
 from __future__ import annotations
 
-from typing import Optional
-
 from attrs import frozen
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
@@ -43,7 +41,7 @@ class PowerResult:
 
     state: str
     detail: str
-    raw: Optional[str] = None
+    raw: str | None = None
 
 
 class PowerError(Exception):
@@ -83,16 +81,16 @@ class IPowerDriver(Interface):
 
     description = Attribute("One line naming the device and outlet/BMC, for logs (no secrets).")
 
-    def status() -> "Deferred[PowerResult]":
+    def status() -> Deferred[PowerResult]:
         """Read the current power state."""
 
-    def on() -> "Deferred[PowerResult]":
+    def on() -> Deferred[PowerResult]:
         """Power on; fires when the device reads back on."""
 
-    def off() -> "Deferred[PowerResult]":
+    def off() -> Deferred[PowerResult]:
         """Power off; fires when the device reads back off."""
 
-    def cycle(off_for: Optional[float] = None) -> "Deferred[PowerResult]":
+    def cycle(off_for: float | None = None) -> Deferred[PowerResult]:
         """
         Power off then on.  With C{off_for=None} the device's own cycle is
         used where it has one (a PDU's reboot command, IPMI chassis power
@@ -101,7 +99,7 @@ class IPowerDriver(Interface):
         reads back on.
         """
 
-    def reset() -> "Deferred[PowerResult]":
+    def reset() -> Deferred[PowerResult]:
         """
         A hard reset.  For a BMC: chassis reset (power stays on).  For a PDU
         outlet, which has no reset line: the same as C{cycle()}.

@@ -89,11 +89,13 @@ from __future__ import annotations
 import base64
 import json
 import re
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 from attrs import field, frozen
 from OpenSSL import SSL
+from treq.client import HTTPClient
 from twisted.internet import error, ssl
 from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.defer import TimeoutError as DeferredTimeout
@@ -109,7 +111,6 @@ from twisted.web.client import (
 )
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IPolicyForHTTPS
-from treq.client import HTTPClient
 from zope.interface import implementer
 
 from roller.drivers.power import IPowerDriver, PowerError, PowerTimeout
@@ -654,7 +655,7 @@ def _state_word(state: str | None) -> str:
 class _Session:
     """One conversation with a BMC: authentication, requests, error mapping."""
 
-    def __init__(self, driver: "RedfishDriver", target: RedfishTarget, on_event: Optional[EventCallback]):
+    def __init__(self, driver: RedfishDriver, target: RedfishTarget, on_event: EventCallback | None):
         self.driver = driver
         self.target = target
         self.on_event = on_event
@@ -681,7 +682,7 @@ class _Session:
     def _auth_headers(self) -> dict[str, str]:
         if self.token is not None:
             return {"X-Auth-Token": self.token}
-        raw = f"{self.target.username}:{self.target.password}".encode("utf-8")
+        raw = f"{self.target.username}:{self.target.password}".encode()
         return {"Authorization": "Basic " + base64.b64encode(raw).decode("ascii")}
 
     async def send(self, method: str, path: str, payload: Any = None, *, auth: bool = True,
@@ -916,7 +917,7 @@ class RedfishDriver:
         self._warned: set[str] = set()
 
     def for_machine(self, machine: Any, secrets: Any, *,
-                    on_progress: Optional[EventCallback] = None) -> "RedfishPower":
+                    on_progress: EventCallback | None = None) -> RedfishPower:
         """
         The L{IPowerDriver} of C{machine}'s Redfish BMC (with this driver's
         C{default_credential} when the machine names none).
@@ -932,7 +933,7 @@ class RedfishDriver:
     # -- the power verbs (IPowerDriver): each returns a Deferred firing with a
     # -- one-line summary; cancelling it hangs up.
 
-    def status(self, target: RedfishTarget, on_event: Optional[EventCallback] = None) -> "Deferred[str]":
+    def status(self, target: RedfishTarget, on_event: EventCallback | None = None) -> Deferred[str]:
         """The system's power state, lower-cased: C{"on"}, C{"off"}, C{"powering on"}, ..."""
 
         async def act(s: _Session, path: str, system: dict) -> str:
@@ -942,12 +943,12 @@ class RedfishDriver:
 
         return self._run(target, on_event, act)
 
-    def on(self, target: RedfishTarget, on_event: Optional[EventCallback] = None) -> "Deferred[str]":
+    def on(self, target: RedfishTarget, on_event: EventCallback | None = None) -> Deferred[str]:
         """Power on (C{On}, else C{ForceOn}) and read back C{On}; nothing if already on."""
         return self.power(target, "on", on_event).addCallback(str)
 
-    def off(self, target: RedfishTarget, on_event: Optional[EventCallback] = None, *,
-            graceful: bool = False) -> "Deferred[str]":
+    def off(self, target: RedfishTarget, on_event: EventCallback | None = None, *,
+            graceful: bool = False) -> Deferred[str]:
         """
         Power off (C{ForceOff}, else C{GracefulShutdown}) and read back
         C{Off}; nothing if already off.  C{graceful} asks the OS first
@@ -956,12 +957,12 @@ class RedfishDriver:
         """
         return self.power(target, "off", on_event, graceful=graceful).addCallback(str)
 
-    def cycle(self, target: RedfishTarget, on_event: Optional[EventCallback] = None) -> "Deferred[str]":
+    def cycle(self, target: RedfishTarget, on_event: EventCallback | None = None) -> Deferred[str]:
         """Power cycle (C{PowerCycle}, else C{ForceOff}, C{Off}, C{On}) and read back C{On}."""
         return self.power(target, "cycle", on_event).addCallback(str)
 
-    def reset(self, target: RedfishTarget, on_event: Optional[EventCallback] = None, *,
-              reset_type: str | None = None) -> "Deferred[str]":
+    def reset(self, target: RedfishTarget, on_event: EventCallback | None = None, *,
+              reset_type: str | None = None) -> Deferred[str]:
         """
         Reboot (C{ForceRestart}, else C{GracefulRestart}, else C{PowerCycle},
         else C{ForceOff} and C{On}; a system that is off is powered on) and
@@ -970,14 +971,14 @@ class RedfishDriver:
         return self.power(target, "reset", on_event, reset_type=reset_type).addCallback(str)
 
     def set_boot_device(self, target: RedfishTarget, device: str = "pxe", efi: bool = False,
-                        on_event: Optional[EventCallback] = None, *, once: bool = True) -> "Deferred[str]":
+                        on_event: EventCallback | None = None, *, once: bool = True) -> Deferred[str]:
         """A boot override for the next boot (C{once}) or for good, read back."""
         return self.boot_override(target, device, on_event, once=once, efi=efi).addCallback(str)
 
     # -- the same with structured results
 
-    def power(self, target: RedfishTarget, action: str, on_event: Optional[EventCallback] = None, *,
-              graceful: bool = False, reset_type: str | None = None) -> "Deferred[PowerResult]":
+    def power(self, target: RedfishTarget, action: str, on_event: EventCallback | None = None, *,
+              graceful: bool = False, reset_type: str | None = None) -> Deferred[PowerResult]:
         """
         C{action} (C{"on"}, C{"off"}, C{"cycle"}, C{"reset"}) as the verbs
         above, firing with a L{PowerResult}.  C{graceful} applies to
@@ -1004,8 +1005,8 @@ class RedfishDriver:
         return self._run(target, on_event, act)
 
     def boot_override(self, target: RedfishTarget, device: str = "pxe",
-                      on_event: Optional[EventCallback] = None, *, once: bool = True,
-                      efi: bool = False) -> "Deferred[BootResult]":
+                      on_event: EventCallback | None = None, *, once: bool = True,
+                      efi: bool = False) -> Deferred[BootResult]:
         """
         Set C{Boot.BootSourceOverrideTarget} (C{pxe}, C{hdd}, C{cd}, ...;
         matched case-insensitively against what the BMC offers) with
@@ -1057,7 +1058,7 @@ class RedfishDriver:
 
     # -- internals
 
-    def _run(self, target: RedfishTarget, on_event: Optional[EventCallback],
+    def _run(self, target: RedfishTarget, on_event: EventCallback | None,
              act: Callable[[_Session, str, dict], Any]) -> Deferred:
         async def conversation() -> Any:
             if not target.verify_tls and target.secure:
@@ -1236,7 +1237,7 @@ class RedfishPower:
     """
 
     def __init__(self, driver: RedfishDriver, target: RedfishTarget,
-                 on_progress: Optional[EventCallback] = None):
+                 on_progress: EventCallback | None = None):
         self.driver = driver
         self.target = target
         self.on_progress = on_progress
@@ -1246,32 +1247,32 @@ class RedfishPower:
     def __repr__(self) -> str:
         return f"<RedfishPower {self.description}>"
 
-    def status(self) -> "Deferred[PowerIResult]":
+    def status(self) -> Deferred[PowerIResult]:
         """See L{IPowerDriver.status}."""
         def done(word: str) -> PowerIResult:
             return PowerIResult(power_word(word), f"{self.target.url}: PowerState is {word}", raw=word)
 
         return self.driver.status(self.target, self.on_progress).addCallbacks(done, _translate)
 
-    def _power(self, action: str) -> "Deferred[PowerIResult]":
+    def _power(self, action: str) -> Deferred[PowerIResult]:
         def done(r: PowerResult) -> PowerIResult:
             return PowerIResult(power_word(r.state), r.detail, raw=r.state)
 
         return self.driver.power(self.target, action, self.on_progress).addCallbacks(done, _translate)
 
-    def on(self) -> "Deferred[PowerIResult]":
+    def on(self) -> Deferred[PowerIResult]:
         """See L{IPowerDriver.on}: C{On} (else C{ForceOn}), read back On."""
         return self._power("on")
 
-    def off(self) -> "Deferred[PowerIResult]":
+    def off(self) -> Deferred[PowerIResult]:
         """See L{IPowerDriver.off}: C{ForceOff} (else C{GracefulShutdown}), read back Off."""
         return self._power("off")
 
-    def reset(self) -> "Deferred[PowerIResult]":
+    def reset(self) -> Deferred[PowerIResult]:
         """See L{IPowerDriver.reset}: C{ForceRestart} (or the best restart offered), read back On."""
         return self._power("reset")
 
-    def cycle(self, off_for: Optional[float] = None) -> "Deferred[PowerIResult]":
+    def cycle(self, off_for: float | None = None) -> Deferred[PowerIResult]:
         """
         See L{IPowerDriver.cycle}: C{PowerCycle} (else C{ForceOff}, C{On}),
         or with C{off_for}: off (read back), C{off_for} seconds, on (read back).
@@ -1290,7 +1291,7 @@ class RedfishPower:
 
         return Deferred.fromCoroutine(go()).addErrback(_translate)
 
-    def set_boot_device(self, device: str = "pxe", efi: bool = False) -> "Deferred[str]":
+    def set_boot_device(self, device: str = "pxe", efi: bool = False) -> Deferred[str]:
         """A one-time boot override (C{pxe} by default), read back; L{PowerError} on failure."""
         return self.driver.set_boot_device(self.target, device, efi, self.on_progress).addErrback(_translate)
 

@@ -5,7 +5,8 @@ settings and handed to tasks through their context.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from attrs import frozen
 

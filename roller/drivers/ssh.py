@@ -96,7 +96,7 @@ from __future__ import annotations
 import os
 import struct
 import time
-from typing import Any, Optional
+from typing import Any
 
 from attrs import field, frozen
 from twisted.conch.client.knownhosts import KnownHostsFile
@@ -431,8 +431,8 @@ def ssh_target(
 class IRemoteShell(Interface):
     """Runs commands on machines."""
 
-    def run(target: SshTarget, command: str, on_line: Optional[LineCallback] = None
-            ) -> "Deferred[CommandResult]":
+    def run(target: SshTarget, command: str, on_line: LineCallback | None = None
+            ) -> Deferred[CommandResult]:
         """
         Run C{command} (interpreted by the remote user's shell) on C{target}.
 
@@ -452,7 +452,7 @@ class IRemoteShell(Interface):
 class _Stream:
     """One output stream: the bytes kept and the line splitting."""
 
-    def __init__(self, on_line: Optional[LineCallback]):
+    def __init__(self, on_line: LineCallback | None):
         self._on_line = on_line
         self._parts: list[bytes] = []
         self._size = 0
@@ -505,7 +505,7 @@ class _CommandProtocol(Protocol):
     Cancelling C{finished} aborts the TCP connection.
     """
 
-    def __init__(self, target: SshTarget, on_line: Optional[LineCallback]):
+    def __init__(self, target: SshTarget, on_line: LineCallback | None):
         self.target = target
         self.finished: Deferred[CommandResult] = Deferred(self._abort)
         self.stdout = _Stream(on_line)
@@ -639,7 +639,7 @@ class _HostKeyCheck(KnownHostsFile):
     C{KnownHostsFile} instances): delegates to L{_Run.check_host_key}.
     """
 
-    def __init__(self, run: "_Run"):
+    def __init__(self, run: _Run):
         super().__init__(FilePath(run.shell.known_hosts.path))
         self._run = run
 
@@ -654,8 +654,8 @@ class _HostKeyCheck(KnownHostsFile):
 class _Run:
     """The state of one L{ConchShell.run} call."""
 
-    def __init__(self, shell: "ConchShell", target: SshTarget, command: str, key: Key,
-                 on_line: Optional[LineCallback]):
+    def __init__(self, shell: ConchShell, target: SshTarget, command: str, key: Key,
+                 on_line: LineCallback | None):
         self.shell = shell
         self.target = target
         self.command = command
@@ -868,7 +868,7 @@ class ConchShell:
                 f"connect_timeout={self.connect_timeout:g}, command_timeout={self.command_timeout:g})")
 
     def run(self, target: SshTarget, command: str,
-            on_line: Optional[LineCallback] = None) -> Deferred[CommandResult]:
+            on_line: LineCallback | None = None) -> Deferred[CommandResult]:
         """See L{IRemoteShell.run}."""
         if not isinstance(target, SshTarget):
             return fail(TypeError(f"target must be an SshTarget, not {type(target).__name__}"))
@@ -881,7 +881,7 @@ class ConchShell:
         return Deferred.fromCoroutine(self._run_in_slot(target, command, key, on_line))
 
     async def _run_in_slot(self, target: SshTarget, command: str, key: Key,
-                           on_line: Optional[LineCallback]) -> CommandResult:
+                           on_line: LineCallback | None) -> CommandResult:
         await self._sessions.acquire()  # cancelled while waiting: no slot was taken
         try:
             return await _Run(self, target, command, key, on_line).start()

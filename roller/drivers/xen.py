@@ -41,7 +41,8 @@ timeout is such a cancellation on the injected clock.
 from __future__ import annotations
 
 import xmlrpc.client
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 from xml.parsers.expat import ExpatError
 
@@ -288,7 +289,7 @@ class XenRebootResult:
 class _Pool:
     """One conversation with a pool: XML-RPC calls, the session, error mapping."""
 
-    def __init__(self, driver: "XenApiDriver", target: XenTarget, on_event: Optional[EventCallback]):
+    def __init__(self, driver: XenApiDriver, target: XenTarget, on_event: EventCallback | None):
         self.driver = driver
         self.target = target
         self.on_event = on_event
@@ -440,7 +441,7 @@ class XenApiDriver:
                           verify_tls=self.verify_tls)
 
     def for_machine(self, machine: Any, secrets: Any, *,
-                    on_progress: Optional[EventCallback] = None) -> "XenPower":
+                    on_progress: EventCallback | None = None) -> XenPower:
         """
         The L{IPowerDriver} of C{machine}'s VM.
 
@@ -452,7 +453,7 @@ class XenApiDriver:
             raise as_power_error(e) from None
         return XenPower(self, target, on_progress)
 
-    def _with_session(self, target: XenTarget, on_event: Optional[EventCallback],
+    def _with_session(self, target: XenTarget, on_event: EventCallback | None,
                       act: Callable[[_Pool, str], Any]) -> Deferred:
         async def conversation() -> Any:
             if not target.verify_tls and target.url.startswith("https:") and target.host not in self._warned:
@@ -469,7 +470,7 @@ class XenApiDriver:
 
         return Deferred.fromCoroutine(conversation())
 
-    def power_state(self, target: XenTarget, on_event: Optional[EventCallback] = None) -> "Deferred[str]":
+    def power_state(self, target: XenTarget, on_event: EventCallback | None = None) -> Deferred[str]:
         """The VM's power state: C{"Running"}, C{"Halted"}, C{"Paused"} or C{"Suspended"}."""
 
         async def act(pool: _Pool, vm: str) -> str:
@@ -477,9 +478,9 @@ class XenApiDriver:
 
         return self._with_session(target, on_event, act)
 
-    def reboot(self, target: XenTarget, on_event: Optional[EventCallback] = None, *,
+    def reboot(self, target: XenTarget, on_event: EventCallback | None = None, *,
                shutdown_timeout: float | None = None,
-               start_delay: float | None = None) -> "Deferred[XenRebootResult]":
+               start_delay: float | None = None) -> Deferred[XenRebootResult]:
         """Shut the VM down (clean, else hard), wait, start it; see the module docstring."""
         shutdown_timeout = self.shutdown_timeout if shutdown_timeout is None else shutdown_timeout
         start_delay = self.start_delay if start_delay is None else start_delay
@@ -521,8 +522,8 @@ class XenApiDriver:
 
         return self._with_session(target, on_event, act)
 
-    def power(self, target: XenTarget, action: str, on_event: Optional[EventCallback] = None, *,
-              off_for: float = 0.0) -> "Deferred[tuple[str, str]]":
+    def power(self, target: XenTarget, action: str, on_event: EventCallback | None = None, *,
+              off_for: float = 0.0) -> Deferred[tuple[str, str]]:
         """
         A hard power action on the VM, read back: C{"on"} (C{VM.start};
         a paused or suspended VM is hard-shut down first), C{"off"}
@@ -591,7 +592,7 @@ class XenPower:
     @ivar description: C{"XenAPI HOST VM UUID (credential 'C' (user 'U'))"}; no secret.
     """
 
-    def __init__(self, driver: XenApiDriver, target: XenTarget, on_progress: Optional[EventCallback] = None):
+    def __init__(self, driver: XenApiDriver, target: XenTarget, on_progress: EventCallback | None = None):
         self.driver = driver
         self.target = target
         self.on_progress = on_progress
@@ -605,24 +606,24 @@ class XenPower:
         state, detail = state_detail
         return PowerResult(POWER_WORDS.get(state, "unknown"), detail, raw=state)
 
-    def status(self) -> "Deferred[PowerResult]":
+    def status(self) -> Deferred[PowerResult]:
         """See L{IPowerDriver.status}."""
         return self.driver.power_state(self.target, self.on_progress).addCallbacks(
             lambda state: self._result((state, f"VM {self.target.vm_uuid} is {state}")), _translate)
 
-    def on(self) -> "Deferred[PowerResult]":
+    def on(self) -> Deferred[PowerResult]:
         """See L{IPowerDriver.on}: C{VM.start}, read back Running."""
         return self.driver.power(self.target, "on", self.on_progress).addCallbacks(self._result, _translate)
 
-    def off(self) -> "Deferred[PowerResult]":
+    def off(self) -> Deferred[PowerResult]:
         """See L{IPowerDriver.off}: C{VM.hard_shutdown}, read back Halted."""
         return self.driver.power(self.target, "off", self.on_progress).addCallbacks(self._result, _translate)
 
-    def reset(self) -> "Deferred[PowerResult]":
+    def reset(self) -> Deferred[PowerResult]:
         """See L{IPowerDriver.reset}: C{VM.hard_shutdown} then C{VM.start}, read back Running."""
         return self.driver.power(self.target, "reset", self.on_progress).addCallbacks(self._result, _translate)
 
-    def cycle(self, off_for: Optional[float] = None) -> "Deferred[PowerResult]":
+    def cycle(self, off_for: float | None = None) -> Deferred[PowerResult]:
         """See L{IPowerDriver.cycle} and the class docstring."""
         if off_for is None:
             def done(r: XenRebootResult) -> PowerResult:

@@ -49,10 +49,10 @@ class AuditTable:
     def __init__(self, db: Database):
         self._db = db
 
-    def add(self, entry: AuditEntry) -> "Deferred[None]":
+    def add(self, entry: AuditEntry) -> Deferred[None]:
         return self._db.write(add_audit, entry)
 
-    def list(self, *, target: str | None = None, before: int | None = None, limit: int = 100) -> "Deferred[list[AuditEntry]]":
+    def list(self, *, target: str | None = None, before: int | None = None, limit: int = 100) -> Deferred[list[AuditEntry]]:
         where, args = [], []
         if target is not None:
             where.append("target = ?")

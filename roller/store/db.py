@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from typing import Any, Callable, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 from attrs import define
 from twisted.enterprise import adbapi
@@ -355,7 +356,7 @@ class Database:
         self._close_waiters: list[Deferred] = []
 
     @classmethod
-    def connect(cls, path: str, reactor: Any, *, synchronous: str = "NORMAL") -> "Database":
+    def connect(cls, path: str, reactor: Any, *, synchronous: str = "NORMAL") -> Database:
         """
         Make the pool.  C{synchronous} is SQLite's: NORMAL survives a killed
         process (WAL), FULL also survives losing power.
@@ -389,18 +390,18 @@ class Database:
     def closed(self) -> bool:
         return self._closed
 
-    def read(self, fn: Callable[..., T], *args: Any) -> "Deferred[T]":
+    def read(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
         """Run C{fn(cursor, *args)} on the readers' connection; its result."""
         return self._read(self._readers or self._pool, fn, args)
 
-    def read_on_writer(self, fn: Callable[..., T], *args: Any) -> "Deferred[T]":
+    def read_on_writer(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
         """
         Like L{read}, on the writer's connection: for C{PRAGMA data_version},
         which counts commits by I{other} connections.
         """
         return self._read(self._pool, fn, args)
 
-    def _read(self, pool: adbapi.ConnectionPool, fn: Callable[..., T], args: tuple) -> "Deferred[T]":
+    def _read(self, pool: adbapi.ConnectionPool, fn: Callable[..., T], args: tuple) -> Deferred[T]:
         if self._closed:
             return fail(StoreError("the database is closed"))
 
@@ -425,13 +426,13 @@ class Database:
         self._reads += 1
         return pool.runWithConnection(run).addBoth(answered)
 
-    def write(self, fn: Callable[..., T], *args: Any) -> "Deferred[T]":
+    def write(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
         """
         Run C{fn(cursor, *args)} in a transaction; fire once committed.
         """
         return self._add(fn, False, args)
 
-    def write_rows(self, fn: Callable[[Cursor, list[A]], list[T]], item: A) -> "Deferred[T]":
+    def write_rows(self, fn: Callable[[Cursor, list[A]], list[T]], item: A) -> Deferred[T]:
         """
         Like L{write}, for writes that combine: consecutive pending writes
         made with the same C{fn} run as one call C{fn(cursor, items)}, which
@@ -578,7 +579,7 @@ class Database:
                      why=self.fault.what)
             self.fault = None
 
-    def check_write(self) -> "Deferred[None]":
+    def check_write(self) -> Deferred[None]:
         """
         Commit a real write (the C{heartbeat} row, overwritten: the database
         does not grow); fails with L{StorageUnavailable} if the database
@@ -587,7 +588,7 @@ class Database:
         now = self._clock.seconds()
         return self.write(write_heartbeat, now)
 
-    def migrate(self) -> "Deferred[int]":
+    def migrate(self) -> Deferred[int]:
         """Apply the migrations not yet applied; the resulting version."""
 
         def run(cursor: Cursor) -> int:
@@ -613,7 +614,7 @@ class Database:
 
         return self.write(run)
 
-    def close(self) -> "Deferred[None]":
+    def close(self) -> Deferred[None]:
         """
         Stop accepting work (new reads and writes fail with L{StoreError}),
         finish every read and write already accepted, then close the pool.

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from attrs import evolve
 from twisted.internet.defer import Deferred
@@ -80,7 +81,7 @@ class JobTable:
     def __init__(self, db: Database):
         self._db = db
 
-    def insert(self, job: Job, event: JobEvent | None = None, audit: "AuditEntry | None" = None) -> "Deferred[Job]":
+    def insert(self, job: Job, event: JobEvent | None = None, audit: AuditEntry | None = None) -> Deferred[Job]:
         """
         Persist a new job (and its first event, and the audit entry of its
         request, in the same transaction); the job with its C{seq}.  A burst
@@ -88,7 +89,7 @@ class JobTable:
         """
         return self._db.write_rows(_insert_jobs, (job, event, audit))
 
-    def update(self, job: Job, event: JobEvent | None = None) -> "Deferred[Job]":
+    def update(self, job: Job, event: JobEvent | None = None) -> Deferred[Job]:
         """Persist a job's state, times and outcome (and an event)."""
 
         def run(c: Cursor) -> Job:
@@ -103,7 +104,7 @@ class JobTable:
 
         return self._db.write(run)
 
-    def add_events(self, events: Iterable[JobEvent]) -> "Deferred[None]":
+    def add_events(self, events: Iterable[JobEvent]) -> Deferred[None]:
         events = list(events)
 
         def run(c: Cursor) -> None:
@@ -115,7 +116,7 @@ class JobTable:
     def _add_event(c: Cursor, e: JobEvent) -> None:
         add_events(c, [e])
 
-    def get(self, job_id: str) -> "Deferred[Job | None]":
+    def get(self, job_id: str) -> Deferred[Job | None]:
         def q(c: Cursor) -> Job | None:
             row = c.execute(f"SELECT seq, {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
             return None if row is None else _job(row)
@@ -131,7 +132,7 @@ class JobTable:
         states: Iterable[State] = (),
         before: int | None = None,
         limit: int = 50,
-    ) -> "Deferred[list[Job]]":
+    ) -> Deferred[list[Job]]:
         """Newest first; C{before} is a C{seq} cursor for the next page."""
         where, args = [], []
         for column, value in (("worker_id", worker_id), ("worker_group", worker_group), ("task_name", task_name)):
@@ -152,7 +153,7 @@ class JobTable:
         args.append(limit)
         return self._db.read(lambda c: [_job(r) for r in c.execute(sql, args).fetchall()])
 
-    def events(self, job_id: str, after: int | None = None, limit: int = 1000) -> "Deferred[list[JobEvent]]":
+    def events(self, job_id: str, after: int | None = None, limit: int = 1000) -> Deferred[list[JobEvent]]:
         def q(c: Cursor) -> list[JobEvent]:
             rows = c.execute(
                 "SELECT id, job_id, time, kind, message, data FROM job_events"
@@ -163,7 +164,7 @@ class JobTable:
 
         return self._db.read(q)
 
-    def recover(self, now: float) -> "Deferred[tuple[list[Job], list[Job]]]":
+    def recover(self, now: float) -> Deferred[tuple[list[Job], list[Job]]]:
         """
         At start-up: mark jobs left C{running} as C{interrupted} and return
         (interrupted, queued) — the queued ones in the order to run them.
@@ -196,7 +197,7 @@ class JobTable:
 
         return self._db.write(run)
 
-    def counts(self) -> "Deferred[dict[str, int]]":
+    def counts(self) -> Deferred[dict[str, int]]:
         return self._db.read(
             lambda c: {r[0]: r[1] for r in c.execute("SELECT state, count(*) FROM jobs GROUP BY state")}
         )

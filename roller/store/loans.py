@@ -65,7 +65,7 @@ class LoanTable:
     def __init__(self, db: Database):
         self._db = db
 
-    def insert(self, loan: Loan) -> "Deferred[Loan]":
+    def insert(self, loan: Loan) -> Deferred[Loan]:
         """Record a new active loan; L{AlreadyOnLoan} if the machine has one."""
 
         def run(c: Cursor) -> Loan:
@@ -81,7 +81,7 @@ class LoanTable:
 
         return self._db.write(run)
 
-    def active(self, worker_group: str, worker_id: str) -> "Deferred[Loan | None]":
+    def active(self, worker_group: str, worker_id: str) -> Deferred[Loan | None]:
         def run(c: Cursor) -> Loan | None:
             r = c.execute(f"SELECT {_COLUMNS} FROM loans WHERE worker_group = ? AND worker_id = ?"
                           " AND returned_at IS NULL", (worker_group, worker_id)).fetchone()
@@ -89,7 +89,7 @@ class LoanTable:
 
         return self._db.read(run)
 
-    def close(self, loan_id: int, returned_at: float, return_job_id: str | None) -> "Deferred[bool]":
+    def close(self, loan_id: int, returned_at: float, return_job_id: str | None) -> Deferred[bool]:
         """Mark a loan returned; whether it was still active."""
 
         def run(c: Cursor) -> bool:
@@ -101,7 +101,7 @@ class LoanTable:
 
     def list(self, *, active: bool | None = None, overdue_at: float | None = None,
              worker_group: str | None = None, worker_id: str | None = None,
-             limit: int = 100, offset: int = 0) -> "Deferred[list[Loan]]":
+             limit: int = 100, offset: int = 0) -> Deferred[list[Loan]]:
         """
         Loans, newest first.  C{overdue_at}: only active loans whose expiry
         is at or before that time.

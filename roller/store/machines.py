@@ -33,11 +33,11 @@ class MachineTable:
         self._by_worker: dict[str, dict[str, Machine]] = {}
         self._data_version: int | None = None
 
-    def load(self) -> "Deferred[int]":
+    def load(self) -> Deferred[int]:
         """(Re)load the cache from the database; how many machines."""
         return Deferred.fromCoroutine(self._load())
 
-    def refresh(self) -> "Deferred[bool]":
+    def refresh(self) -> Deferred[bool]:
         """Reload if another process changed the table since; True if it did."""
         return Deferred.fromCoroutine(self._refresh())
 
@@ -73,12 +73,12 @@ class MachineTable:
         if not groups:
             self._by_worker.pop(worker_id, None)
 
-    def get(self, worker_group: str, worker_id: str) -> "Deferred[Machine | None]":
+    def get(self, worker_group: str, worker_id: str) -> Deferred[Machine | None]:
         if self._db.closed:
             return fail(StoreError("the database is closed"))
         return succeed(self._cache.get((worker_group, worker_id)))
 
-    def by_worker_id(self, worker_id: str) -> "Deferred[list[Machine]]":
+    def by_worker_id(self, worker_id: str) -> Deferred[list[Machine]]:
         if self._db.closed:
             return fail(StoreError("the database is closed"))
         groups = self._by_worker.get(worker_id, {})
@@ -92,7 +92,7 @@ class MachineTable:
         q: str | None = None,
         limit: int = 1000,
         offset: int = 0,
-    ) -> "Deferred[list[Machine]]":
+    ) -> Deferred[list[Machine]]:
         where, args = [], []
         if worker_group is not None:
             where.append("worker_group = ?")
@@ -117,10 +117,10 @@ class MachineTable:
 
         return self._db.read(run)
 
-    def count(self) -> "Deferred[int]":
+    def count(self) -> Deferred[int]:
         return succeed(len(self._cache))
 
-    def insert(self, machine: Machine) -> "Deferred[Machine]":
+    def insert(self, machine: Machine) -> Deferred[Machine]:
         """Add a new machine; L{Conflict} if one with its key exists."""
         now = self._clock.seconds()
 
@@ -138,7 +138,7 @@ class MachineTable:
 
         return self._db.write(run).addCallback(self._committed)
 
-    def put(self, machine: Machine) -> "Deferred[bool]":
+    def put(self, machine: Machine) -> Deferred[bool]:
         """Insert or replace; True if it was created."""
         now = self._clock.seconds()
 
@@ -151,7 +151,7 @@ class MachineTable:
 
         return self._db.write(run).addCallback(lambda created: (self._remember(machine), created)[1])
 
-    def put_many(self, machines: list[Machine]) -> "Deferred[int]":
+    def put_many(self, machines: list[Machine]) -> Deferred[int]:
         now = self._clock.seconds()
 
         def run(c: Cursor) -> int:
@@ -177,7 +177,7 @@ class MachineTable:
             (m.worker_group, m.worker_id, m.fqdn, m.ip, m.pool, json.dumps(m.to_json()), now, now),
         )
 
-    def delete(self, worker_group: str, worker_id: str) -> "Deferred[bool]":
+    def delete(self, worker_group: str, worker_id: str) -> Deferred[bool]:
         def run(c: Cursor) -> bool:
             c.execute(
                 "DELETE FROM machines WHERE worker_group = ? AND worker_id = ?", (worker_group, worker_id)

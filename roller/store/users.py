@@ -63,7 +63,7 @@ class UserTable:
 
     # -- users
 
-    def add(self, name: str, role: str, password_hash: str, now: float) -> "Deferred[User]":
+    def add(self, name: str, role: str, password_hash: str, now: float) -> Deferred[User]:
         def w(c: Cursor) -> User:
             if c.execute("SELECT 1 FROM users WHERE name = ?", (name,)).fetchone():
                 raise UserExists(name)
@@ -73,7 +73,7 @@ class UserTable:
 
         return self._db.write(w)
 
-    def add_first_admin(self, name: str, password_hash: str, now: float) -> "Deferred[User | None]":
+    def add_first_admin(self, name: str, password_hash: str, now: float) -> Deferred[User | None]:
         """Add an admin only if there is no user at all (the setup page); None if there was one."""
         def w(c: Cursor) -> User | None:
             if c.execute("SELECT 1 FROM users LIMIT 1").fetchone():
@@ -84,27 +84,27 @@ class UserTable:
 
         return self._db.write(w)
 
-    def get(self, name: str) -> "Deferred[User | None]":
+    def get(self, name: str) -> Deferred[User | None]:
         def q(c: Cursor) -> User | None:
             r = c.execute("SELECT * FROM users WHERE name = ?", (name,)).fetchone()
             return None if r is None else _user(r)
 
         return self._db.read(q)
 
-    def list(self) -> "Deferred[list[User]]":
+    def list(self) -> Deferred[list[User]]:
         return self._db.read(lambda c: [_user(r) for r in c.execute("SELECT * FROM users ORDER BY name")])
 
-    def count(self) -> "Deferred[int]":
+    def count(self) -> Deferred[int]:
         return self._db.read(lambda c: c.execute("SELECT count(*) FROM users").fetchone()[0])
 
-    def _update(self, name: str, sql: str, args: tuple) -> "Deferred[None]":
+    def _update(self, name: str, sql: str, args: tuple) -> Deferred[None]:
         def w(c: Cursor) -> None:
             if c.execute(sql, (*args, name)).rowcount == 0:
                 raise NoSuchUser(name)
 
         return self._db.write(w)
 
-    def set_password(self, name: str, password_hash: str, now: float) -> "Deferred[None]":
+    def set_password(self, name: str, password_hash: str, now: float) -> Deferred[None]:
         """New hash, lock cleared, every session of the user ended."""
         def w(c: Cursor) -> None:
             n = c.execute("UPDATE users SET password_hash = ?, updated_at = ?, failed_logins = 0, locked_until = 0"
@@ -115,10 +115,10 @@ class UserTable:
 
         return self._db.write(w)
 
-    def set_role(self, name: str, role: str, now: float) -> "Deferred[None]":
+    def set_role(self, name: str, role: str, now: float) -> Deferred[None]:
         return self._update(name, "UPDATE users SET role = ?, updated_at = ? WHERE name = ?", (role, now))
 
-    def remove(self, name: str) -> "Deferred[None]":
+    def remove(self, name: str) -> Deferred[None]:
         """The user and (by cascade) their sessions."""
         def w(c: Cursor) -> None:
             c.execute("DELETE FROM sessions WHERE user_name = ?", (name,))
@@ -127,7 +127,7 @@ class UserTable:
 
         return self._db.write(w)
 
-    def record_failure(self, name: str, now: float, max_failures: int, lockout: float) -> "Deferred[User | None]":
+    def record_failure(self, name: str, now: float, max_failures: int, lockout: float) -> Deferred[User | None]:
         """
         Count a failed sign-in; at C{max_failures} lock the account for
         C{lockout} seconds (and start counting again).  The updated user.
@@ -145,7 +145,7 @@ class UserTable:
 
         return self._db.write(w)
 
-    def clear_failures(self, name: str) -> "Deferred[None]":
+    def clear_failures(self, name: str) -> Deferred[None]:
         def w(c: Cursor) -> None:
             c.execute("UPDATE users SET failed_logins = 0, locked_until = 0 WHERE name = ? AND"
                       " (failed_logins != 0 OR locked_until != 0)", (name,))
@@ -154,14 +154,14 @@ class UserTable:
 
     # -- sessions
 
-    def add_session(self, id_hash: str, name: str, now: float, expires_at: float) -> "Deferred[None]":
+    def add_session(self, id_hash: str, name: str, now: float, expires_at: float) -> Deferred[None]:
         def w(c: Cursor) -> None:
             c.execute("DELETE FROM sessions WHERE expires_at <= ?", (now,))  # keep the table small
             c.execute("INSERT INTO sessions VALUES (?, ?, ?, ?, ?)", (id_hash, name, now, expires_at, now))
 
         return self._db.write(w)
 
-    def session(self, id_hash: str) -> "Deferred[Session | None]":
+    def session(self, id_hash: str) -> Deferred[Session | None]:
         def q(c: Cursor) -> Session | None:
             r = c.execute(
                 "SELECT s.id_hash, s.created_at AS s_created_at, s.expires_at, s.last_seen, u.* FROM sessions s"
@@ -173,13 +173,13 @@ class UserTable:
 
         return self._db.read(q)
 
-    def touch_session(self, id_hash: str, now: float) -> "Deferred[None]":
+    def touch_session(self, id_hash: str, now: float) -> Deferred[None]:
         return self._db.write(lambda c: c.execute("UPDATE sessions SET last_seen = ? WHERE id_hash = ?",
                                                   (now, id_hash)) and None)
 
-    def remove_session(self, id_hash: str) -> "Deferred[None]":
+    def remove_session(self, id_hash: str) -> Deferred[None]:
         return self._db.write(lambda c: c.execute("DELETE FROM sessions WHERE id_hash = ?", (id_hash,)) and None)
 
-    def sessions_of(self, name: str) -> "Deferred[int]":
+    def sessions_of(self, name: str) -> Deferred[int]:
         return self._db.read(lambda c: c.execute("SELECT count(*) FROM sessions WHERE user_name = ?",
                                                  (name,)).fetchone()[0])

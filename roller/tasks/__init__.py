@@ -7,7 +7,7 @@ configured allow-list decides which are reachable over REST.
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 from roller.tasks.base import Param, TaskContext, TaskFailed, TaskSpec
 

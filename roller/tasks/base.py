@@ -9,8 +9,8 @@ cancels whatever the task is awaiting (a process, a connection).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 from attrs import field, frozen
 

@@ -20,7 +20,8 @@ C{bugzilla.credential} (type C{token}) and never appears in a message.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from roller.bugzilla import BugzillaClient, BugzillaError
 from roller.secrets import UnknownCredential

@@ -16,7 +16,8 @@ jobs that share a BMC (all cartridges of a Moonshot chassis).
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from roller.drivers.ipmi import IpmiConfigError, IpmiError, IpmiTarget
 from roller.tasks.base import Param, TaskContext, TaskFailed, TaskSpec

@@ -22,8 +22,9 @@ C{queue:quarantine-worker:<provisionerId>/<workerType>/<workerGroup>/<workerId>}
 from __future__ import annotations
 
 import re
-from datetime import datetime, timezone
-from typing import Any, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
 
 from roller.jobs import iso
 from roller.quarantine import QuarantineError, TaskclusterQueue, worker_pool
@@ -63,7 +64,7 @@ def expiry(value: str, now: float) -> float:
         return now + int(m.group(1)) * _UNIT[m.group(2)]
     when = datetime.fromisoformat(value.replace("Z", "+00:00"))
     if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
+        when = when.replace(tzinfo=UTC)
     return when.timestamp()
 
 

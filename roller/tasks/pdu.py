@@ -21,7 +21,8 @@ it sends to one PDU (see L{roller.drivers.snmp.pdu}).
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 from roller.drivers.power import IPowerDriver, PowerError, PowerResult

@@ -8,7 +8,8 @@ line of output becomes a job event as it arrives.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from roller.drivers.liveness import LivenessError, liveness_for
 from roller.tasks.base import Param, TaskContext, TaskFailed, TaskSpec

@@ -14,7 +14,8 @@ far (skipped when C{bugzilla.url} is not set); the job still fails.
 
 from __future__ import annotations
 
-from typing import Any, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 from attrs import frozen
 

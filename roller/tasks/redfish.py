@@ -19,7 +19,8 @@ C{redfish.power_timeout} (120 s), C{redfish.poll_interval} (2 s).
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 from roller.drivers.redfish import RedfishDriver, RedfishError, RedfishTarget, redfish_from_settings, redfish_target

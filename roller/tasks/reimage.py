@@ -9,7 +9,8 @@ which step it is in.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from roller.drivers.ipmi import IpmiError
 from roller.drivers.redfish import RedfishError

@@ -10,7 +10,8 @@ the same wall.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from roller.drivers.ssh import SshCommandInterrupted, SshConfigError, SshConnectionLost, SshError, ssh_target
 from roller.tasks.base import TaskContext, TaskFailed, TaskSpec

@@ -20,7 +20,8 @@ C{xen.shutdown_timeout} (120 s), C{xen.start_delay} (5 s).
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from roller.drivers.xen import XenApiDriver, XenError, XenTarget, xen_from_settings, xen_target
 from roller.tasks.base import TaskContext, TaskFailed, TaskSpec

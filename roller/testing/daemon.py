@@ -26,8 +26,9 @@ import random
 import socket
 import subprocess
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, TypeVar
 
 __all__ = ["DaemonProcess", "free_port", "free_port_on", "free_udp_port"]
 
@@ -130,7 +131,7 @@ class DaemonProcess:
             if probe():
                 return self
             if time.monotonic() > deadline:
-                (cleanup or getattr(self, "stop"))()
+                (cleanup or self.stop)()
                 raise error(f"{self.name} did not answer on {where} within "
                             f"{timeout:g} s:\n{self.log_text()}")
             if poll:

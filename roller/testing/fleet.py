@@ -66,8 +66,9 @@ import struct
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any
 
 from attrs import frozen
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -140,7 +141,7 @@ class PowerState:
         self._clock = clock
         self._on = bool(on)
         self._listeners: list[PowerListener] = []
-        self._pending: Optional[IDelayedCall] = None
+        self._pending: IDelayedCall | None = None
         self.default_down_for = default_down_for
         self.name = name
         self.history: list[tuple[float, str]] = []
@@ -154,7 +155,7 @@ class PowerState:
         return self._on
 
     @property
-    def pending(self) -> Optional[IDelayedCall]:
+    def pending(self) -> IDelayedCall | None:
         """The scheduled power-on of a L{reboot}/L{cycle} in progress, if any."""
         return self._pending
 
@@ -186,7 +187,7 @@ class PowerState:
         self._cancel_pending()
         self._set(True)
 
-    def reboot(self, down_for: Optional[float] = None) -> None:
+    def reboot(self, down_for: float | None = None) -> None:
         """
         Go down now and come back after C{down_for} seconds (default
         L{default_down_for}).  Like a PDU outlet reboot, this powers a
@@ -196,7 +197,7 @@ class PowerState:
         self._record("reboot")
         self._off_then_on(down_for)
 
-    def cycle(self, down_for: Optional[float] = None) -> None:
+    def cycle(self, down_for: float | None = None) -> None:
         """Power cycle: off now, on after C{down_for} seconds."""
         self._record("cycle")
         self._off_then_on(down_for)
@@ -207,7 +208,7 @@ class PowerState:
 
     # -- internals
 
-    def _off_then_on(self, down_for: Optional[float]) -> None:
+    def _off_then_on(self, down_for: float | None) -> None:
         down_for = self.default_down_for if down_for is None else down_for
         if down_for < 0:
             raise ValueError(f"down_for must not be negative, got {down_for!r}")
@@ -291,7 +292,7 @@ class _SessionChannel(SSHChannel):
         super().__init__(*args, **kw)
         self.machine: SimulatedMachine = self.avatar.machine
         self._started = False
-        self._timer: Optional[IDelayedCall] = None
+        self._timer: IDelayedCall | None = None
 
     def request_pty_req(self, data: bytes) -> int:
         return 1
@@ -348,7 +349,7 @@ class _SessionChannel(SSHChannel):
 
 
 class _Avatar(ConchUser):
-    def __init__(self, username: bytes, machine: "SimulatedMachine"):
+    def __init__(self, username: bytes, machine: SimulatedMachine):
         super().__init__()
         self.username = username
         self.machine = machine
@@ -357,7 +358,7 @@ class _Avatar(ConchUser):
 
 @implementer(IRealm)
 class _Realm:
-    def __init__(self, machine: "SimulatedMachine"):
+    def __init__(self, machine: SimulatedMachine):
         self.machine = machine
 
     def requestAvatar(self, avatarId: bytes, mind: Any, *interfaces: Any):
@@ -387,7 +388,7 @@ class _SSHFactory(SSHFactory):
     noisy = False
     primes = None  # no moduli file: fixed groups and curve25519 only
 
-    def __init__(self, machine: "SimulatedMachine"):
+    def __init__(self, machine: SimulatedMachine):
         self.machine = machine
         key = machine.host_key
         self.publicKeys = {key.sshType(): key.public()}
@@ -422,7 +423,7 @@ class _SilentFactory(ServerFactory):
     protocol = _Silent
     noisy = False
 
-    def __init__(self, machine: "SimulatedMachine"):
+    def __init__(self, machine: SimulatedMachine):
         self.machine = machine
 
 
@@ -456,7 +457,7 @@ class SimulatedMachine:
         *,
         reboot_style: str = "exit0",
         user: str = DEFAULT_USER,
-        name: Optional[str] = None,
+        name: str | None = None,
     ):
         if ipaddress.ip_address(address).version != 4:
             raise ValueError(f"address must be IPv4, got {address!r}")
@@ -476,14 +477,14 @@ class SimulatedMachine:
         self.reboot_style = reboot_style
         self.user = user
         self.name = name or address
-        self.commands: list[tuple[float, str, Optional[int]]] = []
+        self.commands: list[tuple[float, str, int | None]] = []
         self.booted_at = reactor.seconds()
-        self.last_error: Optional[Failure] = None
+        self.last_error: Failure | None = None
         self.running = False
-        self._port: Optional[IListeningPort] = None
-        self._closing: Optional[Deferred] = None
+        self._port: IListeningPort | None = None
+        self._closing: Deferred | None = None
         self._connections: set[Any] = set()
-        self._os_reboot: Optional[IDelayedCall] = None
+        self._os_reboot: IDelayedCall | None = None
 
     def __repr__(self) -> str:
         return (f"<SimulatedMachine {self.name} {self.address}:{self.ssh_port} {self.behaviour} "
@@ -563,7 +564,7 @@ class SimulatedMachine:
         return d
 
     def _listen(self) -> Deferred:
-        def listen(_: Any) -> Optional[IListeningPort]:
+        def listen(_: Any) -> IListeningPort | None:
             if not (self.running and self.power.on):
                 return None
             if self._port is None:
@@ -726,18 +727,18 @@ class Fleet:
         down_for: float = 5.0,
         behaviour: str = "normal",
         reboot_style: str = "exit0",
-        overrides: Optional[Mapping[int, Mapping[str, Any]]] = None,
+        overrides: Mapping[int, Mapping[str, Any]] | None = None,
         shared_host_key: bool = False,
-        user_key: Optional[Key] = None,
+        user_key: Key | None = None,
         worker_prefix: str = "sim",
         credential: str = DEFAULT_CREDENTIAL,
         ipmi: Iterable[int] = (),
         redfish: Iterable[int] = (),
         redfish_port: int = 0,
         bmc_user: str = "admin",
-        bmc_password: Optional[str] = None,
+        bmc_password: str | None = None,
         bmc_credential: str = DEFAULT_BMC_CREDENTIAL,
-        bmc_dir: Optional[str | os.PathLike] = None,
+        bmc_dir: str | os.PathLike | None = None,
     ):
         self.reactor = reactor
         self.ssh_port = ssh_port
@@ -979,7 +980,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """
     Run a fleet on the global reactor until SIGINT/SIGTERM.
     """
@@ -1001,8 +1002,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     overrides = {args.count - len(special) + i: {"behaviour": kind} for i, kind in enumerate(special)}
 
     from twisted.internet import reactor
-    from twisted.logger import FilteringLogObserver, LogLevel, LogLevelFilterPredicate, globalLogBeginner
-    from twisted.logger import textFileLogObserver
+    from twisted.logger import (
+        FilteringLogObserver,
+        LogLevel,
+        LogLevelFilterPredicate,
+        globalLogBeginner,
+        textFileLogObserver,
+    )
 
     level = LogLevel.debug if args.verbose else LogLevel.warn
     globalLogBeginner.beginLoggingTo(

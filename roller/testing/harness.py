@@ -12,7 +12,8 @@ over a simulated fleet, driven through its REST API with treq.
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import treq
 from attrs import evolve

@@ -55,8 +55,9 @@ import shutil
 import socket
 import sys
 import tempfile
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -168,7 +169,7 @@ def rmcp_ping(host: str, port: int, timeout: float = 0.2) -> bool:
 class _ChassisControl(Protocol):
     """One script call: a request line in, the answer out, then close."""
 
-    def __init__(self, server: "ChassisControlServer"):
+    def __init__(self, server: ChassisControlServer):
         self.server = server
         self.buffer = b""
 
@@ -407,7 +408,7 @@ class IpmiSim(DaemonProcess):
         self.control = ChassisControlServer(self.power_state, self.reset_down_for)
         self._listening = self.reactor.listenUNIX(str(self.socket_path), self.control)
 
-    def start(self, timeout: float = 10.0) -> "IpmiSim":
+    def start(self, timeout: float = 10.0) -> IpmiSim:
         if self.running:
             raise RuntimeError(f"ipmi_sim is already running (pid {self.pid})")
         self.start_listening()
@@ -420,7 +421,7 @@ class IpmiSim(DaemonProcess):
                 self.port = free_udp_port(self.host)
         raise AssertionError("unreachable")
 
-    def _start(self, timeout: float) -> "IpmiSim":
+    def _start(self, timeout: float) -> IpmiSim:
         self.config_path.write_text(self._config())
         shutil.rmtree(self.state_dir, ignore_errors=True)
         self.state_dir.mkdir()
@@ -444,7 +445,7 @@ class IpmiSim(DaemonProcess):
         if remove and self._own_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
 
-    def __enter__(self) -> "IpmiSim":
+    def __enter__(self) -> IpmiSim:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:

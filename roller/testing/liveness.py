@@ -13,6 +13,6 @@ class DownThenUp:
     def __init__(self) -> None:
         self.checks = 0
 
-    def check(self, address: str) -> "Deferred[LivenessResult]":
+    def check(self, address: str) -> Deferred[LivenessResult]:
         self.checks += 1
         return succeed(LivenessResult(alive=self.checks > 1, detail="", lines=()))

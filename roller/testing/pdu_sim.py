@@ -33,7 +33,7 @@ machine's power is the outlet's state.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from pyasn1.codec.ber import decoder, encoder
 from pysnmp.proto import api, rfc1902, rfc1905
@@ -70,7 +70,7 @@ class SimulatedPdu(DatagramProtocol):
 
     def __init__(self, reactor: Any, model: str = "sentry3", *, community: str = "private",
                  read_community: str = "public", name: str = "pdu", boot_delay: float = 0.0,
-                 reboot_off: Optional[float] = None):
+                 reboot_off: float | None = None):
         if model not in MODELS:
             raise ValueError(f"unknown model {model!r}; one of {', '.join(sorted(MODELS))}")
         if boot_delay < 0 or (reboot_off is not None and reboot_off < 0):
@@ -131,7 +131,7 @@ class SimulatedPdu(DatagramProtocol):
                 return raw
         return next(raw for raw, (c, _) in self.model.states.items() if c == OFF)
 
-    def _read(self, oid: str) -> Optional[Any]:
+    def _read(self, oid: str) -> Any | None:
         if oid == SYS_OBJECT_ID:
             return rfc1902.ObjectName(self.sys_object_id)
         label = self._status.get(oid)
@@ -197,7 +197,7 @@ class SimulatedPdu(DatagramProtocol):
             off = power.default_down_for if self.reboot_off is None else self.reboot_off
             self._later(label, off, lambda: self._energise(label))
 
-    def _write(self, oid: str, value: Any) -> Optional[int]:
+    def _write(self, oid: str, value: Any) -> int | None:
         """Apply one SET varbind; an error-status or None."""
         controls = self._controls.get(oid)
         if controls is None:
@@ -225,7 +225,7 @@ class SimulatedPdu(DatagramProtocol):
         if reply is not None and self.transport is not None:
             self.transport.write(reply, addr)
 
-    def _handle(self, data: bytes) -> Optional[bytes]:
+    def _handle(self, data: bytes) -> bytes | None:
         self.requests += 1
         version = int(api.decodeMessageVersion(data))
         if version not in api.PROTOCOL_MODULES:

@@ -33,8 +33,9 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
+from typing import Any, TypeVar
 
 from roller.drivers.liveness import CHILD_ENV
 from roller.testing.daemon import free_port
@@ -299,7 +300,7 @@ class RollerProcess:
 
     # -- lifecycle
 
-    def start(self, timeout: float = 15.0) -> "RollerProcess":
+    def start(self, timeout: float = 15.0) -> RollerProcess:
         """
         Start it and wait until C{/__lbheartbeat__} answers 200.  If the
         port was picked here and someone took it meanwhile, pick another.
@@ -315,7 +316,7 @@ class RollerProcess:
                 self.port = free_port()
         raise AssertionError("unreachable")
 
-    def _start(self, timeout: float) -> "RollerProcess":
+    def _start(self, timeout: float) -> RollerProcess:
         self._close_log()
         self.starts += 1
         self._log_file = open(self.log_path, "ab", buffering=0)
@@ -406,7 +407,7 @@ class RollerProcess:
             self._log_file.close()
             self._log_file = None
 
-    def __enter__(self) -> "RollerProcess":
+    def __enter__(self) -> RollerProcess:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:

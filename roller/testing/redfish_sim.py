@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import base64
 import json
-from typing import Any, Optional
+from typing import Any
 
 from attrs import define, field
 from klein import Klein
@@ -76,7 +76,7 @@ class RedfishBmc:
     power: Any
     users: dict[str, str] = field(factory=lambda: {"admin": "admin"})
     system_id: str = "1"
-    down_for: Optional[float] = None
+    down_for: float | None = None
     reset_types: tuple[str, ...] = RESET_TYPES
     boot_target: str = "None"
     boot_enabled: str = "Disabled"

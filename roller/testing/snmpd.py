@@ -45,8 +45,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any
 
 from roller.testing.daemon import DaemonProcess, free_udp_port
 
@@ -74,7 +75,7 @@ READ_COMMUNITY = "public"
 
 #: user -> (auth protocol, auth key, priv protocol, priv key, level), in
 #: roller's secrets-file spelling.
-V3_USERS: dict[str, tuple[str, Optional[str], str, Optional[str], str]] = {
+V3_USERS: dict[str, tuple[str, str | None, str, str | None, str]] = {
     "roller-priv": ("SHA", "auth-pass-phrase-1", "AES", "priv-pass-phrase-1", "priv"),
     "roller-sha512": ("SHA512", "auth-pass-phrase-2", "AES256", "priv-pass-phrase-2", "priv"),
     "roller-auth": ("SHA256", "auth-pass-phrase-3", "none", None, "auth"),
@@ -95,7 +96,7 @@ SUBTREES = {
 }
 
 
-def skip_reason() -> Optional[str]:
+def skip_reason() -> str | None:
     """Why agent tests cannot run here, or None."""
     for binary, package in ((SNMPD, "snmpd"), (SNMPGET, "snmp")):
         if not os.access(binary, os.X_OK):
@@ -103,7 +104,7 @@ def skip_reason() -> Optional[str]:
     return None
 
 
-def agent_credentials(users: Optional[dict[str, tuple]] = None) -> dict[str, Any]:
+def agent_credentials(users: dict[str, tuple] | None = None) -> dict[str, Any]:
     """
     roller L{Credential}s that an L{SnmpAgent} accepts, by name: the
     communities, and one per v3 user (of C{users}, by default L{V3_USERS},
@@ -156,7 +157,7 @@ class SilentAgent:
     def close(self) -> None:
         self.sock.close()
 
-    def __enter__(self) -> "SilentAgent":
+    def __enter__(self) -> SilentAgent:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -182,7 +183,7 @@ class SnmpAgent(DaemonProcess):
     def __init__(self, *, sys_object_id: str = "1.3.6.1.4.1.8072.3.2.10", settle: float = 0.05,
                  reboot_off: float = 0.2, pdus: bool = True, ipv6: bool = False,
                  workdir: str | os.PathLike | None = None, snmpd: str = SNMPD,
-                 users: Optional[dict[str, tuple]] = None, host: Optional[str] = None):
+                 users: dict[str, tuple] | None = None, host: str | None = None):
         self.snmpd = snmpd
         if host is not None:
             self.host = host  # another loopback address: another PDU host for roller's queue
@@ -210,7 +211,7 @@ class SnmpAgent(DaemonProcess):
         """roller L{Credential}s by name: C{v2c}, C{v2c-ro} and one per v3 user (its keys now)."""
         return agent_credentials(self.users)
 
-    def change_keys(self, user: str, auth_key: Optional[str] = None, priv_key: Optional[str] = None,
+    def change_keys(self, user: str, auth_key: str | None = None, priv_key: str | None = None,
                     timeout: float = 10.0) -> None:
         """
         Give C{user} new pass phrases in the running agent, as an operator
@@ -309,7 +310,7 @@ class SnmpAgent(DaemonProcess):
 
     # -- lifecycle
 
-    def start(self, timeout: float = 10.0) -> "SnmpAgent":
+    def start(self, timeout: float = 10.0) -> SnmpAgent:
         if self.running:
             raise RuntimeError(f"snmpd is already running (pid {self.pid})")
         for attempt in range(3):
@@ -321,7 +322,7 @@ class SnmpAgent(DaemonProcess):
                 self.port = free_udp_port(self.host)
         raise AssertionError("unreachable")
 
-    def _start(self, timeout: float) -> "SnmpAgent":
+    def _start(self, timeout: float) -> SnmpAgent:
         shutil.rmtree(self.state_dir, ignore_errors=True)
         shutil.rmtree(self.persist_dir, ignore_errors=True)
         self.state_dir.mkdir(parents=True)
@@ -360,7 +361,7 @@ class SnmpAgent(DaemonProcess):
         if self._own_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
 
-    def __enter__(self) -> "SnmpAgent":
+    def __enter__(self) -> SnmpAgent:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -524,7 +525,7 @@ class _Emulator:
         tmp.write_text(json.dumps(self.state))
         os.replace(tmp, self.path)
 
-    def _now_state(self, key: str) -> tuple[bool, Optional[bool]]:
+    def _now_state(self, key: str) -> tuple[bool, bool | None]:
         """(settled on?, pending target or None)."""
         outlet = self._outlet(key)
         now = time.time()
@@ -537,7 +538,7 @@ class _Emulator:
                 pending = value
         return on, pending
 
-    def read(self, oid: str) -> Optional[tuple[str, str]]:
+    def read(self, oid: str) -> tuple[str, str] | None:
         entry = self.objects.get(oid)
         if entry is None:
             return None
@@ -611,7 +612,7 @@ class _Emulator:
         self.state["_log"].append([now, key, action])
         self._save()
 
-    def next_oid(self, oid: str) -> Optional[str]:
+    def next_oid(self, oid: str) -> str | None:
         k = _oid_key(oid)
         for candidate in self.sorted:
             if _oid_key(candidate) > k:

@@ -55,8 +55,9 @@ import signal
 import socket
 import subprocess
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, NamedTuple
+from typing import NamedTuple
 
 from roller.testing.daemon import DaemonProcess, free_port
 
@@ -330,7 +331,7 @@ class SshServer(DaemonProcess):
             lines.append("PerSourcePenalties no")  # failed-auth tests must not lock us out
         return "\n".join(lines + self.extra_config) + "\n"
 
-    def start(self, timeout: float = 10.0) -> "SshServer":
+    def start(self, timeout: float = 10.0) -> SshServer:
         if self.running:
             raise RuntimeError(f"sshd is already running (pid {self.pid})")
         if os.geteuid() == 0:
@@ -345,7 +346,7 @@ class SshServer(DaemonProcess):
                 self.port = free_port(self.host)
         raise AssertionError("unreachable")
 
-    def _start(self, timeout: float) -> "SshServer":
+    def _start(self, timeout: float) -> SshServer:
         _write(self.config_path, self._config())
         self._spawn([self.sshd, "-D", "-e", "-f", str(self.config_path)])
         return self._wait_ready(self._banner, timeout, SshdStartError,
@@ -388,7 +389,7 @@ class SshServer(DaemonProcess):
         if self._own_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
 
-    def __enter__(self) -> "SshServer":
+    def __enter__(self) -> SshServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -48,8 +48,9 @@ import urllib.error
 import urllib.request
 import uuid as uuidlib
 from base64 import b64encode
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from roller.testing.daemon import DaemonProcess, free_port
 
@@ -112,7 +113,7 @@ def make_tls_files(directory: str | os.PathLike, hosts: Iterable[str] = ("127.0.
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "roller test CA")])
     ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
@@ -262,7 +263,7 @@ class SushyEmulator(DaemonProcess):
             systems=repr(self.systems),
             extra="\n".join(extra), delay_file=str(self.delay_file)))
 
-    def start(self, timeout: float = 15.0) -> "SushyEmulator":
+    def start(self, timeout: float = 15.0) -> SushyEmulator:
         if self.executable is None:
             raise SushyStartError("sushy-emulator is not installed (pip install sushy-tools)")
         if self.running:
@@ -276,7 +277,7 @@ class SushyEmulator(DaemonProcess):
                 self.port = free_port()
         raise AssertionError("unreachable")
 
-    def _start(self, timeout: float) -> "SushyEmulator":
+    def _start(self, timeout: float) -> SushyEmulator:
         self._write_files()
         env = {k: v for k, v in os.environ.items() if not k.startswith("SUSHY_")}
         env["PYTHONUNBUFFERED"] = "1"
@@ -300,7 +301,7 @@ class SushyEmulator(DaemonProcess):
         if self._own_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
 
-    def __enter__(self) -> "SushyEmulator":
+    def __enter__(self) -> SushyEmulator:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

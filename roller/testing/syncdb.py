@@ -5,7 +5,8 @@ C{task.Clock} tests and C{successResultOf} sees the result at once.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock

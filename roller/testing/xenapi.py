@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import uuid as uuidlib
 import xmlrpc.client
-from typing import Any, Optional
+from typing import Any
 from xml.parsers.expat import ExpatError
 
 from attrs import define, field
@@ -122,7 +122,7 @@ class FakeXenApi:
     """
 
     users: dict[str, str] = field(factory=lambda: {"root": "xenroot"})
-    master: Optional[str] = None
+    master: str | None = None
     clean_shutdown: str = "ok"
     clean_shutdown_error: tuple[str, ...] = ("VM_LACKS_FEATURE_SHUTDOWN",)
     failures: dict[str, list[str]] = field(factory=dict)

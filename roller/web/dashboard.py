@@ -38,7 +38,7 @@ import re
 import secrets
 import sys
 import sysconfig
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, urlencode, urlsplit
@@ -152,7 +152,7 @@ class Viewer:
 class IDashboardAuth(Interface):
     """How the dashboard learns who is looking (sessions plug in here)."""
 
-    def viewer(request: IRequest) -> "Deferred[Viewer]":
+    def viewer(request: IRequest) -> Deferred[Viewer]:
         """
         The L{Viewer} behind C{request}; or fail with L{roller.errors.Unauthorized}
         or L{Forbidden}, whose message the dashboard shows as the page.
@@ -171,7 +171,7 @@ class LoopbackDashboardAuth:
     refused too: behind a proxy every client would look local.
     """
 
-    def viewer(self, request: IRequest) -> "Deferred[Viewer]":
+    def viewer(self, request: IRequest) -> Deferred[Viewer]:
         for name in _FORWARDING_HEADERS:
             if request.getHeader(name) is not None:
                 return fail(Forbidden(
@@ -337,8 +337,8 @@ class FleetRow:
     ip: str | None
     pool: str | None
     last: LastJob | None
-    loan: "LoanState | None" = None
-    liveness: "Liveness | None" = None
+    loan: LoanState | None = None
+    liveness: Liveness | None = None
 
 
 @frozen
@@ -445,7 +445,7 @@ class FleetQueries:
         return value
 
     def page(self, f: FleetFilter, *, sort: str = "name", direction: str | None = None,
-             limit: int = 200, offset: int = 0) -> "Deferred[FleetPage]":
+             limit: int = 200, offset: int = 0) -> Deferred[FleetPage]:
         """
         One page of the fleet.  Results are cached until the next commit to
         the database (any job event, inventory change or import; see
@@ -535,11 +535,11 @@ class FleetQueries:
 
         return self.db.read(run)
 
-    def machine_extras(self, worker_group: str, worker_id: str) -> "Deferred[tuple[Any, Any]]":
+    def machine_extras(self, worker_group: str, worker_id: str) -> Deferred[tuple[Any, Any]]:
         """C{(LoanState | None, Liveness | None)} of one machine (the machine page)."""
         return self.db.read(lambda c: extras_of(c, [(worker_group, worker_id)])[(worker_group, worker_id)])
 
-    def explain(self, f: FleetFilter = FleetFilter()) -> "Deferred[list[str]]":
+    def explain(self, f: FleetFilter = FleetFilter()) -> Deferred[list[str]]:
         """The query plan of the fleet page's row query (for tests and curiosity)."""
         base = f"SELECT m.worker_group, m.worker_id, {_LAST_SEQ} AS last_seq FROM machines m"
         sql = (f"EXPLAIN QUERY PLAN SELECT f.*, j.state FROM ({base}) f LEFT JOIN jobs j ON j.seq = f.last_seq"
@@ -742,14 +742,14 @@ class Dashboard:
         )
         self.env.filters["iso"] = iso
         self.env.filters["duration"] = duration
-        self.env.filters["hms"] = lambda ts: datetime.fromtimestamp(ts, timezone.utc).strftime("%H:%M:%S")
+        self.env.filters["hms"] = lambda ts: datetime.fromtimestamp(ts, UTC).strftime("%H:%M:%S")
         self.env.filters["compact_json"] = lambda v: json.dumps(v, sort_keys=True, separators=(", ", ": "))
         self.env.globals["machine_url"] = machine_url
         self.env.globals["job_url"] = lambda job_id: f"/jobs/{quote(job_id, safe='')}"
         self.env.globals["version"] = __version__
         self.env.globals["scope_prefix"] = self.scope_prefix
 
-    def authorize(self, request: IRequest) -> "Deferred[Viewer]":
+    def authorize(self, request: IRequest) -> Deferred[Viewer]:
         """The viewer behind C{request} (for other resources, e.g. the event stream)."""
         return self.auth.viewer(request)
 

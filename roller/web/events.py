@@ -44,8 +44,9 @@ import json
 import re
 import secrets
 from collections import deque
+from collections.abc import Callable, Iterable
 from functools import cached_property
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from attrs import frozen
 from twisted.internet.defer import maybeDeferred
@@ -265,7 +266,7 @@ class EventHub:
 
     # -- clients
 
-    def _clients(self) -> Iterable["_Client"]:
+    def _clients(self) -> Iterable[_Client]:
         yield from self._everything
         for clients in self._by_job.values():
             yield from clients
@@ -275,7 +276,7 @@ class EventHub:
         return len(self._everything) + sum(len(c) for c in self._by_job.values())
 
     def attach(self, request: IRequest, *, job_id: str | None = None, kinds: tuple[str, ...] = KINDS,
-               last_event_id: str | None = None) -> "_Client":
+               last_event_id: str | None = None) -> _Client:
         """
         Start streaming to C{request}: headers, the catch-up (or a reset),
         then live events until the client goes away or the hub stops.
@@ -301,7 +302,7 @@ class EventHub:
                 client.offer(e)
         return client
 
-    def _remove(self, client: "_Client") -> None:
+    def _remove(self, client: _Client) -> None:
         self._everything.discard(client)
         if client.job_id is not None:
             clients = self._by_job.get(client.job_id)
@@ -311,7 +312,7 @@ class EventHub:
                     del self._by_job[client.job_id]
         client.closed = True
 
-    def _drop(self, client: "_Client", why: str) -> None:
+    def _drop(self, client: _Client, why: str) -> None:
         self.dropped += 1
         log.warn("Dropped a slow live-events client {peer}: {why}", peer=client.peer, why=why)
         self._remove(client)
@@ -328,7 +329,7 @@ class EventHub:
 
     # -- the web resource
 
-    def resource(self, authorize: Callable[[IRequest], Any] | None = None) -> "EventStreamResource":
+    def resource(self, authorize: Callable[[IRequest], Any] | None = None) -> EventStreamResource:
         """
         The C{/events} resource.  C{authorize(request)}, if given, may return
         a Deferred; when it fails (with a L{RollerError}) the stream is refused.

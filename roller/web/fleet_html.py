@@ -12,7 +12,8 @@ C{when} and C{error_line} macros of C{templates/_macros.html}.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 from urllib.parse import quote
 
 from markupsafe import Markup, escape

@@ -34,7 +34,8 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 from urllib.parse import urlsplit
 
 from twisted.web import resource

@@ -63,13 +63,13 @@ import io
 import json
 import resource
 import secrets
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
-
 from twisted.web import http, server
 from twisted.web.iweb import IRequest
 
@@ -88,7 +88,7 @@ def _escape(value: bytes | str) -> str:
     return text.replace("\\'", "'").replace('"', '\\"')
 
 
-def query_arg(request: IRequest, name: str) -> Optional[str]:
+def query_arg(request: IRequest, name: str) -> str | None:
     """
     The last value of query parameter C{name}, or None; L{BadRequest}
     C{invalid_query} if it is not UTF-8.
@@ -267,8 +267,8 @@ class LimitedRequest(server.Request):
         self,
         channel: http.HTTPChannel,
         *args: object,
-        max_body: Optional[int] = None,
-        max_uri: Optional[int] = None,
+        max_body: int | None = None,
+        max_uri: int | None = None,
         **kwargs: object,
     ) -> None:
         super().__init__(channel, *args, **kwargs)
@@ -284,7 +284,7 @@ class LimitedRequest(server.Request):
 
     # -- body ---------------------------------------------------------------
 
-    def gotLength(self, length: Optional[int]) -> None:
+    def gotLength(self, length: int | None) -> None:
         """
         Refuse to allocate storage for a declared body over C{max_body}.
         """
@@ -320,8 +320,8 @@ class LimitedRequest(server.Request):
     # -- limits -------------------------------------------------------------
 
     def limit_violation(
-        self, uri: Optional[bytes] = None
-    ) -> Optional[tuple[int, str, str]]:
+        self, uri: bytes | None = None
+    ) -> tuple[int, str, str] | None:
         """
         The (status, code, message) this request must be refused with, or
         L{None} if it is within limits.
@@ -441,9 +441,9 @@ class RollerHTTPChannel(http.HTTPChannel):
     lingerBytes: int = 4 << 20
     #: Seconds for a request's headers, from its first byte (for a new
     #: connection: from the connection); None: no limit.
-    headerTimeout: Optional[float] = DEFAULT_HEADER_TIMEOUT
+    headerTimeout: float | None = DEFAULT_HEADER_TIMEOUT
     #: Seconds for a request's body, from the end of its headers.
-    bodyTimeout: Optional[float] = DEFAULT_BODY_TIMEOUT
+    bodyTimeout: float | None = DEFAULT_BODY_TIMEOUT
 
     _draining = False
     _lingering = False
@@ -779,9 +779,9 @@ class RollerSite(server.Site):
         *,
         max_body: int = DEFAULT_MAX_BODY,
         max_uri: int = DEFAULT_MAX_URI,
-        header_timeout: Optional[float] = DEFAULT_HEADER_TIMEOUT,
-        body_timeout: Optional[float] = DEFAULT_BODY_TIMEOUT,
-        idle_timeout: Optional[float] = DEFAULT_IDLE_TIMEOUT,
+        header_timeout: float | None = DEFAULT_HEADER_TIMEOUT,
+        body_timeout: float | None = DEFAULT_BODY_TIMEOUT,
+        idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
         max_connections: int = 0,
         **kwargs: object,
     ) -> None:

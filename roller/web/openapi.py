@@ -15,7 +15,8 @@ document cannot drift from the code that enforces it.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from roller.inventory import (
     CREDENTIAL_RE,

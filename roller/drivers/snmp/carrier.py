@@ -23,7 +23,7 @@ C{MemoryReactorClock}.
 from __future__ import annotations
 
 import socket
-from typing import Any, Optional
+from typing import Any
 
 from pysnmp.carrier import error as carrier_error
 from pysnmp.carrier.base import (
@@ -70,7 +70,7 @@ class TwistedDispatcher(AbstractTransportDispatcher):
         self.reactor = reactor
         self.set_timer_resolution(timer_resolution)
         self._transports = 0
-        self._loop: Optional[LoopingCall] = None
+        self._loop: LoopingCall | None = None
 
     def __repr__(self) -> str:
         return f"<TwistedDispatcher transports={self._transports} ticking={self.ticking}>"
@@ -163,7 +163,7 @@ class _DgramTransport(DatagramProtocol, AbstractTransport):
 
     # -- AbstractTransport
 
-    def _listen(self, iface: Optional[tuple], default_port: Optional[int]) -> "_DgramTransport":
+    def _listen(self, iface: tuple | None, default_port: int | None) -> _DgramTransport:
         if self._port is not None:
             raise carrier_error.CarrierError(f"{self!r} is already open")
         host = self.DEFAULT_INTERFACE
@@ -177,12 +177,12 @@ class _DgramTransport(DatagramProtocol, AbstractTransport):
                 f"cannot open a UDP socket on {host or '*'}:{port or 0}: {e}") from None
         return self
 
-    def open_client_mode(self, iface: Optional[tuple] = None, allow_broadcast: bool = False
-                         ) -> "_DgramTransport":
+    def open_client_mode(self, iface: tuple | None = None, allow_broadcast: bool = False
+                         ) -> _DgramTransport:
         """Bind an ephemeral port (or C{iface}) to send requests from."""
         return self._listen(iface, 0)
 
-    def open_server_mode(self, iface: Optional[tuple] = None, sock: Any = None) -> "_DgramTransport":
+    def open_server_mode(self, iface: tuple | None = None, sock: Any = None) -> _DgramTransport:
         """Bind C{iface} to receive requests (for an agent)."""
         if iface is None:
             raise carrier_error.CarrierError("open_server_mode needs an interface (host, port)")

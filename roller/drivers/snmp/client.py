@@ -34,7 +34,8 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
-from typing import Any, Iterable, Optional, Sequence, Union
+from collections.abc import Iterable, Sequence
+from typing import Any, Union
 
 from attrs import field, frozen
 from pyasn1.type import univ
@@ -167,7 +168,7 @@ class SnmpErrorStatus(SnmpError):
     """
 
     def __init__(self, message: str, host: str = "", port: int = 0, status: str = "",
-                 index: int = 0, oid: Optional[str] = None):
+                 index: int = 0, oid: str | None = None):
         super().__init__(message, host, port)
         self.status = status
         self.index = index
@@ -274,7 +275,7 @@ class SnmpTarget:
     host: str
     credential: Credential
     port: int = 161
-    version: Optional[str] = field(default=None)
+    version: str | None = field(default=None)
     context: str = ""
 
     def __attrs_post_init__(self) -> None:
@@ -333,8 +334,8 @@ class _Request:
     __slots__ = ("client", "target", "op", "varbinds", "timeout", "retries", "address",
                  "attempts", "handle", "timer", "deferred", "finished", "lane")
 
-    def __init__(self, client: "SnmpClient", target: SnmpTarget, op: str, varbinds: list,
-                 timeout: float, retries: int, lane: "_Lane"):
+    def __init__(self, client: SnmpClient, target: SnmpTarget, op: str, varbinds: list,
+                 timeout: float, retries: int, lane: _Lane):
         self.client = client
         self.lane = lane
         self.target = target
@@ -344,7 +345,7 @@ class _Request:
         self.retries = retries
         self.address: Any = None
         self.attempts = 0
-        self.handle: Optional[int] = None
+        self.handle: int | None = None
         self.timer: Any = None
         self.finished = False
         self.deferred: Deferred = Deferred(self._cancel)
@@ -483,7 +484,7 @@ class _Lane:
     other protocols) in another lane.
     """
 
-    def __init__(self, client: "SnmpClient", number: int):
+    def __init__(self, client: SnmpClient, number: int):
         self.client = client
         self.number = number
         self.engine = snmp_engine.SnmpEngine()
@@ -605,7 +606,7 @@ class _Lane:
 
     # -- sending
 
-    def send(self, request: "_Request") -> int:
+    def send(self, request: _Request) -> int:
         """
         Hand one attempt to the engine; the engine's sendRequestHandle.
 
@@ -732,7 +733,7 @@ class SnmpClient:
         # ... and, for new values of known OIDs (a benchmark's counter), the
         # parsed ObjectName by OID as given (never modified once built).
         self._names_by_oid: dict[str, Any] = {}
-        self._addresses: dict[tuple, Optional[tuple]] = {}
+        self._addresses: dict[tuple, tuple | None] = {}
 
     def __repr__(self) -> str:
         return (f"SnmpClient(timeout={self.timeout:g}, retries={self.retries}, "
@@ -773,8 +774,8 @@ class SnmpClient:
 
     # -- public API
 
-    def get(self, target: SnmpTarget, oids: Iterable[str], *, timeout: Optional[float] = None,
-            retries: Optional[int] = None) -> "Deferred[list[VarBind]]":
+    def get(self, target: SnmpTarget, oids: Iterable[str], *, timeout: float | None = None,
+            retries: int | None = None) -> Deferred[list[VarBind]]:
         """
         GET C{oids} (dotted strings) from C{target}.
 
@@ -789,8 +790,8 @@ class SnmpClient:
         return self._request(target, "GET", varbinds, timeout, retries)
 
     def set(self, target: SnmpTarget, varbinds: Iterable[Sequence[Any]], *,
-            timeout: Optional[float] = None, retries: Optional[int] = None
-            ) -> "Deferred[list[VarBind]]":
+            timeout: float | None = None, retries: int | None = None
+            ) -> Deferred[list[VarBind]]:
         """
         SET C{(oid, value)} pairs on C{target}; values are ints (sent as
         Integer32), str/bytes (OCTET STRING) or pyasn1 objects.
@@ -870,8 +871,8 @@ class SnmpClient:
 
     # -- requests
 
-    def _request(self, target: SnmpTarget, op: str, varbinds: list, timeout: Optional[float],
-                 retries: Optional[int]) -> Deferred:
+    def _request(self, target: SnmpTarget, op: str, varbinds: list, timeout: float | None,
+                 retries: int | None) -> Deferred:
         if self._closed:
             return fail(SnmpConfigError("the SNMP client is closed"))
         if not isinstance(target, SnmpTarget):
@@ -1038,7 +1039,7 @@ def _install_version_peek() -> None:
         verdec.decode_message_version = _peek_message_version
 
 
-def _literal_address(host: str, port: int) -> Optional[tuple]:
+def _literal_address(host: str, port: int) -> tuple | None:
     try:
         return (str(ipaddress.ip_address(host.split("%", 1)[0])), port)
     except ValueError:

@@ -22,7 +22,7 @@ different on some firmware is a new entry here, nothing else.
 from __future__ import annotations
 
 import re
-from typing import Mapping, Optional
+from collections.abc import Mapping
 
 from attrs import field, frozen
 
@@ -307,13 +307,13 @@ MODELS: dict[str, PduModel] = {m.name: m for m in (
 )}
 
 
-def model_for_sys_object_id(sys_object_id: str) -> Optional[PduModel]:
+def model_for_sys_object_id(sys_object_id: str) -> PduModel | None:
     """
     The model whose C{sysObjectID} prefix matches (longest prefix wins,
     matching whole sub-identifiers), or None.
     """
     oid = sys_object_id.strip().lstrip(".")
-    best: Optional[PduModel] = None
+    best: PduModel | None = None
     best_len = -1
     for model in MODELS.values():
         for prefix in model.sys_object_ids:

@@ -24,7 +24,8 @@ a PDU that accepted the SET but did not switch fails the action.
 from __future__ import annotations
 
 import collections
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.task import deferLater
@@ -66,7 +67,7 @@ class _Lane:
     def __init__(self) -> None:
         self.queue: collections.deque = collections.deque()
         self.busy = False
-        self.last_done: Optional[float] = None
+        self.last_done: float | None = None
         self.timer: Any = None
 
 
@@ -185,8 +186,8 @@ class SnmpPdus:
     def __init__(self, reactor: Any, client: SnmpClient, *, min_interval: float = 1.0,
                  settle_timeout: float = 30.0, reboot_timeout: float = 90.0,
                  poll_interval: float = 1.0, default_off_for: float = 5.0,
-                 community_version: Optional[str] = None, detect_ttl: float = 3600.0,
-                 default_credential: Optional[str] = None):
+                 community_version: str | None = None, detect_ttl: float = 3600.0,
+                 default_credential: str | None = None):
         for name, value in (("settle_timeout", settle_timeout), ("reboot_timeout", reboot_timeout),
                             ("poll_interval", poll_interval), ("detect_ttl", detect_ttl)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
@@ -213,12 +214,12 @@ class SnmpPdus:
     # -- building drivers
 
     def outlet(self, host: str, outlet: str, credential: Any, *, model: str = "auto",
-               port: int = 161, on_progress: Optional[ProgressCallback] = None) -> "PduOutletPower":
+               port: int = 161, on_progress: ProgressCallback | None = None) -> PduOutletPower:
         """An L{IPowerDriver} for one outlet; raises L{PowerError} (config) at once if unusable."""
         return PduOutletPower(self, host, port, outlet, model, credential, on_progress)
 
     def for_machine(self, machine: Any, secrets: Any, *,
-                    on_progress: Optional[ProgressCallback] = None) -> "PduOutletPower":
+                    on_progress: ProgressCallback | None = None) -> PduOutletPower:
         """
         The L{IPowerDriver} of C{machine}'s PDU outlet (its C{pdu}
         settings; the credential named there, else C{default_credential}).
@@ -313,7 +314,7 @@ class PduOutletPower:
     """
 
     def __init__(self, pdus: SnmpPdus, host: str, port: int, outlet: str, model: str,
-                 credential: Any, on_progress: Optional[ProgressCallback] = None):
+                 credential: Any, on_progress: ProgressCallback | None = None):
         self.pdus = pdus
         self.host = host
         self.port = port
@@ -345,7 +346,7 @@ class PduOutletPower:
     def _where(self) -> str:
         return self.pdus.key(self.host, self.port)
 
-    def _target(self, model: Optional[PduModel]) -> SnmpTarget:
+    def _target(self, model: PduModel | None) -> SnmpTarget:
         version = None
         if self.credential.kind == "snmp-community":
             version = self.pdus.community_version or (model.version if model else "2c")
@@ -370,7 +371,7 @@ class PduOutletPower:
     def off(self) -> Deferred:
         return Deferred.fromCoroutine(self._switch("off"))
 
-    def cycle(self, off_for: Optional[float] = None) -> Deferred:
+    def cycle(self, off_for: float | None = None) -> Deferred:
         if off_for is not None and (isinstance(off_for, bool) or not isinstance(off_for, (int, float))
                                     or not 0 <= off_for <= 3600):
             raise ValueError(f"off_for must be seconds from 0 to 3600, not {off_for!r}")
@@ -441,8 +442,8 @@ class PduOutletPower:
         start = clock.seconds()
         deadline = start + timeout
         seen: list[str] = []
-        last: Optional[OutletStatus] = None
-        last_error: Optional[SnmpError] = None
+        last: OutletStatus | None = None
+        last_error: SnmpError | None = None
         while True:
             try:
                 last = await self._read(model, outlet, target)
@@ -476,7 +477,7 @@ class PduOutletPower:
         return PowerResult(status.state, f"{self.description}: switched {action}, read back "
                                          f"{path} after {took:.1f} s", raw=status.label)
 
-    async def _cycle(self, off_for: Optional[float]) -> PowerResult:
+    async def _cycle(self, off_for: float | None) -> PowerResult:
         model, outlet, target = await self._resolve()
         clock = self.pdus.reactor
         started = clock.seconds()
