@@ -9,7 +9,7 @@ bench/README.md.
                            [--quick] [--keep]
 
 Three scenarios, each on its own fleet simulator process
-(C{python -m roller.testing.fleet}) and, for roller, a fresh roller
+(C{python -m roller.sim.fleet}) and, for roller, a fresh roller
 process (C{twistd -n --logger roller.logs.observer roller --auth none}, a
 temporary state dir, TOML config with C{[queue] max_running = N}, the
 fleet's secrets.toml and OpenSSH-form known_hosts), machines imported with
@@ -113,7 +113,7 @@ class Fleet:
         self.count, self.base, self.hang = count, base, hang
         self.port = free_port(base + "1")
         self.log = os.path.join(workdir, f"{name}.log")
-        argv = [sys.executable, "-m", "roller.testing.fleet", "--count", str(count), "--dir", self.dir,
+        argv = [sys.executable, "-m", "roller.sim.fleet", "--count", str(count), "--dir", self.dir,
                 "--base", base, "--ssh-port", str(self.port), "--down-for", f"{down_for:g}",
                 "--reboot-delay", f"{reboot_delay:g}"]
         if hang:

@@ -411,7 +411,7 @@ async def execute(reactor: Any, args: argparse.Namespace, out: Any, err: Any) ->
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["simulate"]:
-        from roller.testing.fleet import main as fleet_main
+        from roller.sim.fleet import main as fleet_main
 
         raise SystemExit(fleet_main(argv[1:]))
     args = _parser().parse_args(argv)

@@ -3,7 +3,7 @@ The demo fleet, so a newcomer who runs roller with C{--demo} sees jobs work:
 
 - C{demo-1} .. C{demo-3} on 127.0.0.2-4 answer ICMP (ping succeeds);
 - C{demo-closed} fails its liveness check (TCP to a closed port);
-- C{sim-001} .. C{sim-NNN}: simulated machines (L{roller.testing.fleet}) on
+- C{sim-001} .. C{sim-NNN}: simulated machines (L{roller.sim.fleet}) on
   127.0.1.x, served by this same process, with an SSH server that accepts
   C{reboot} and then really goes down and comes back: C{reboot} works on
   them end to end.  Their key, known_hosts and credential are written to
@@ -51,7 +51,7 @@ async def seed_demo_fleet(store: Store, extra: list[dict] = ()) -> int:
 
 async def start_demo_fleet(reactor: Any, state_dir: str, *, count: int, ssh_port: int,
                            down_for: float = 8.0, reboot_delay: float = 1.0) -> DemoFleet:
-    from roller.testing.fleet import Fleet
+    from roller.sim.fleet import Fleet
 
     fleet = Fleet(reactor, count, "127.0.1.", ssh_port, reboot_delay=reboot_delay, down_for=down_for,
                   worker_prefix="sim", credential="demo-fleet-ssh")

@@ -88,7 +88,7 @@ def text_observer(out: IO[str]) -> ILogObserver:
 
 # Libraries that narrate every connection at info level: one reboot of a
 # thousand machines would otherwise log tens of thousands of lines.
-QUIET_NAMESPACES = ("twisted.conch", "twisted.internet.endpoints", "roller.testing.fleet")
+QUIET_NAMESPACES = ("twisted.conch", "twisted.internet.endpoints", "roller.sim.fleet")
 
 
 def observer_for(fmt: str, out: IO[str], level: LogLevel = LogLevel.info) -> ILogObserver:

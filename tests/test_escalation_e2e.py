@@ -2,7 +2,7 @@
 `reboot` escalation and `reimage` end to end through BMCs: the real
 RollerService on the real reactor, its REST API over HTTP, and a fleet of
 simulated machines whose IPMI BMC (a real `ipmi_sim`, driven by the real
-`ipmitool`) and Redfish service (roller.testing.redfish_sim) switch the
+`ipmitool`) and Redfish service (roller.sim.redfish_sim) switch the
 same power state their SSH server lives on.  SSH refuses to reboot, so the
 escalation must go on to the BMC, and the machine must be seen down, then
 up (its SSH port closes and opens again).
@@ -17,8 +17,8 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
-from roller.testing import ipmisim
-from roller.testing.fleet import Fleet
+from roller.sim import ipmisim
+from roller.sim.fleet import Fleet
 from roller.testing.harness import ApiHarness, free_port, start_roller
 
 BASE = "127.0.6."

@@ -1,5 +1,5 @@
 """
-Tests for the fleet simulator (L{roller.testing.fleet}).
+Tests for the fleet simulator (L{roller.sim.fleet}).
 
 PowerState and the pure helpers run on L{task.Clock}; the machines run on
 the real reactor through C{pytest_twisted}, on 127.0.1.x / 127.0.2.x and a
@@ -35,8 +35,8 @@ from twisted.python.filepath import FilePath
 
 from roller.inventory import Machine
 from roller.secrets import load_secrets
-from roller.testing.daemon import free_port_on
-from roller.testing.fleet import Fleet, PowerState, SimulatedMachine, fleet_addresses, generate_key
+from roller.sim.daemon import free_port_on
+from roller.sim.fleet import Fleet, PowerState, SimulatedMachine, fleet_addresses, generate_key
 from roller.testing.process import read_until
 
 
@@ -527,12 +527,12 @@ async def test_200_machines_start_and_stop(tmp_path):
 
 
 def test_main_runs_until_sigterm(tmp_path):
-    """C{python -m roller.testing.fleet}: writes the files, serves, exits 0 on SIGTERM."""
+    """C{python -m roller.sim.fleet}: writes the files, serves, exits 0 on SIGTERM."""
     addrs = fleet_addresses("127.0.4.", 3)
     port = free_port_on(addrs)
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     child = subprocess.Popen(
-        [sys.executable, "-m", "roller.testing.fleet", "--count", "3", "--base", "127.0.4.", "--dir",
+        [sys.executable, "-m", "roller.sim.fleet", "--count", "3", "--base", "127.0.4.", "--dir",
          str(tmp_path), "--ssh-port", str(port), "--down-for", "10", "--hang", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
     try:

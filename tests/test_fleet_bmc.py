@@ -1,8 +1,8 @@
 """
 The fleet simulator's BMC front-ends: the Redfish service
-(L{roller.testing.redfish_sim}) over real HTTP on loopback, with its
+(L{roller.sim.redfish_sim}) over real HTTP on loopback, with its
 machine's L{PowerState} on a L{task.Clock}; and C{python -m
-roller.testing.fleet --ipmi/--redfish} serving a real C{ipmi_sim} and the
+roller.sim.fleet --ipmi/--redfish} serving a real C{ipmi_sim} and the
 Redfish service, written to the inventory and the secrets file.
 """
 
@@ -25,11 +25,11 @@ from twisted.internet.task import Clock
 
 from roller.inventory import Machine
 from roller.secrets import load_secrets
-from roller.testing import ipmisim
-from roller.testing.daemon import free_port_on
-from roller.testing.fleet import PowerState, fleet_addresses
+from roller.sim import ipmisim
+from roller.sim.daemon import free_port_on
+from roller.sim.fleet import PowerState, fleet_addresses
 from roller.testing.process import read_until
-from roller.testing.redfish_sim import RESET_TYPES, RedfishBmc
+from roller.sim.redfish_sim import RESET_TYPES, RedfishBmc
 
 PASSWORD = "bmc-pw-123"
 
@@ -129,14 +129,14 @@ async def test_redfish_boot_override_once_is_used_by_the_next_power_on(bmc, cloc
 
 
 def test_main_serves_ipmi_and_redfish_bmcs(tmp_path):
-    """C{python -m roller.testing.fleet --ipmi 1 --redfish 2}: BMCs in the inventory and secrets, serving."""
+    """C{python -m roller.sim.fleet --ipmi 1 --redfish 2}: BMCs in the inventory and secrets, serving."""
     reason = ipmisim.skip_reason()
     if reason:
         pytest.skip(reason)
     addrs = fleet_addresses("127.0.7.", 2)
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     child = subprocess.Popen(
-        [sys.executable, "-m", "roller.testing.fleet", "--count", "2", "--base", "127.0.7.", "--dir",
+        [sys.executable, "-m", "roller.sim.fleet", "--count", "2", "--base", "127.0.7.", "--dir",
          str(tmp_path), "--ssh-port", str(free_port_on(addrs)), "--ipmi", "1", "--redfish", "2", "--redfish-port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
     try:

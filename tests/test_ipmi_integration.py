@@ -1,6 +1,6 @@
 """
 The IPMI driver and tasks against a real BMC: OpenIPMI's C{ipmi_sim} on
-127.0.0.1 (L{roller.testing.ipmisim}), driven by the real C{ipmitool}
+127.0.0.1 (L{roller.sim.ipmisim}), driven by the real C{ipmitool}
 through C{reactor.spawnProcess} on the global reactor (C{pytest_twisted}).
 
 Every power operation is read back from the simulator; a wrong password, a
@@ -35,8 +35,8 @@ from roller.jobs import Job
 from roller.secrets import Credential, Secrets
 from roller.tasks import TaskContext, TaskFailed
 from roller.tasks import ipmi as ipmi_tasks
-from roller.testing.fleet import PowerState
-from roller.testing.ipmisim import IPMITOOL, IpmiSim, free_udp_port, skip_reason
+from roller.sim.fleet import PowerState
+from roller.sim.ipmisim import IPMITOOL, IpmiSim, free_udp_port, skip_reason
 
 _SKIP = skip_reason()
 pytestmark = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")

@@ -33,13 +33,13 @@ from twisted.logger import formatEvent, globalLogPublisher
 from roller.auth.accounts import hash_password
 from roller.notify import parse_rules
 from roller.secrets import Credential, HawkClient, Secrets, load_secrets, write_secrets
-from roller.testing import ipmisim
+from roller.sim import ipmisim
 from roller.testing.bugzilla import FakeBugzilla
-from roller.testing.fleet import Fleet
+from roller.sim.fleet import Fleet
 from roller.notify import SIGNATURE_HEADER
 from roller.testing.harness import ApiHarness, free_port, start_roller
 from roller.testing.notify import FakeWebhook
-from roller.testing.pdu_sim import SimulatedPdu
+from roller.sim.pdu_sim import SimulatedPdu
 
 BASE = "127.0.9."
 CLIENT = "project/releng/roller-leakcheck"

@@ -17,8 +17,8 @@ from twisted.internet import reactor
 
 from roller.inventory import IpmiAccess
 from roller.secrets import Credential, load_secrets
-from roller.testing import ipmisim
-from roller.testing.fleet import Fleet
+from roller.sim import ipmisim
+from roller.sim.fleet import Fleet
 from roller.testing.harness import ApiHarness, free_port, start_roller
 
 

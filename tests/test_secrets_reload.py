@@ -44,12 +44,12 @@ from roller.inventory import Machine
 from roller.notify import parse_rules
 from roller.secrets import Credential, HawkClient, Secrets, load_secrets, write_secrets
 from roller.service import RollerService
-from roller.testing import ipmisim
+from roller.sim import ipmisim
 from roller.testing.bugzilla import FakeBugzilla
-from roller.testing.fleet import Fleet
+from roller.sim.fleet import Fleet
 from roller.testing.harness import ApiHarness, free_port, start_roller
 from roller.testing.notify import FakeTaskclusterNotify
-from roller.testing.pdu_sim import SimulatedPdu
+from roller.sim.pdu_sim import SimulatedPdu
 from roller.testing.process import RollerProcess, read_until, wait_for
 from roller.testing.snmpd import SnmpAgent, skip_reason
 from roller.testing.tc_queue import FakeTaskclusterQueue

@@ -439,8 +439,8 @@ def test_make_pdus_from_settings_defaults():
 @pytest_twisted.ensureDeferred
 @pytest.mark.parametrize("model", ["sentry3", "eaton", "apc_masterswitch"])
 async def test_simulated_pdu_switches_the_fleet_power_state(model):
-    from roller.testing.fleet import PowerState
-    from roller.testing.pdu_sim import SimulatedPdu
+    from roller.sim.fleet import PowerState
+    from roller.sim.pdu_sim import SimulatedPdu
 
     power = PowerState(global_reactor, on=True, default_down_for=0.1, name="m1")
     sim = SimulatedPdu(global_reactor, model, community="rw-secret", read_community="ro-secret")

@@ -1,7 +1,7 @@
 """
 Reboots through a PDU outlet, end to end: the real RollerService on the real
 reactor, its REST API over HTTP, the SNMP driver on the Twisted carrier, and
-simulated PDUs (L{roller.testing.pdu_sim}) on loopback UDP whose outlets
+simulated PDUs (L{roller.sim.pdu_sim}) on loopback UDP whose outlets
 power the fleet simulator's machines (their SSH ports really close while
 the power is off, and stay closed while they "boot").
 """
@@ -17,9 +17,9 @@ from twisted.internet.task import deferLater
 
 from roller.drivers.snmp.models import MODELS
 from roller.secrets import Credential
-from roller.testing.fleet import Fleet
+from roller.sim.fleet import Fleet
 from roller.testing.harness import ApiHarness, free_port, start_roller
-from roller.testing.pdu_sim import SimulatedPdu
+from roller.sim.pdu_sim import SimulatedPdu
 
 BOOT = 0.3  # seconds from outlet on to the machine's SSH port listening
 OFF = 0.3  # seconds a PDU reboot keeps the outlet off

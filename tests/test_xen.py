@@ -34,7 +34,7 @@ from roller.jobs import Job
 from roller.secrets import Credential, Secrets
 from roller.tasks import TaskContext, TaskFailed
 from roller.tasks import xen as xen_task
-from roller.testing.fleet import PowerState
+from roller.sim.fleet import PowerState
 from roller.testing.liveness import DownThenUp
 from roller.testing.xenapi import FakeXenApi
 

@@ -28,7 +28,7 @@ from attrs import define, field
 from klein import Klein
 from twisted.web.iweb import IRequest
 
-from roller.testing.web import base_url, json_answer, serve
+from roller.sim.web import base_url, json_answer, serve
 
 __all__ = ["FakeBugzilla"]
 

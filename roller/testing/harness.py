@@ -23,7 +23,7 @@ from roller.config import load_settings
 from roller.inventory import Machine
 from roller.secrets import load_secrets, write_secrets
 from roller.service import RollerService
-from roller.testing.daemon import free_port
+from roller.sim.daemon import free_port
 
 __all__ = ["FAST", "ApiHarness", "free_port", "start_roller"]
 

@@ -25,7 +25,7 @@ from klein import Klein
 from mohawk import exc as hawk_exc
 from twisted.web.iweb import IRequest
 
-from roller.testing.web import base_url, json_answer, serve
+from roller.sim.web import base_url, json_answer, serve
 
 __all__ = ["FakeTaskclusterNotify", "FakeWebhook"]
 

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from roller.drivers.liveness import CHILD_ENV
-from roller.testing.daemon import free_port
+from roller.sim.daemon import free_port
 
 __all__ = [
     "REPO_ROOT",

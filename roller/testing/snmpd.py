@@ -49,7 +49,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from roller.testing.daemon import DaemonProcess, free_udp_port
+from roller.sim.daemon import DaemonProcess, free_udp_port
 
 __all__ = [
     "BENCH_OID",

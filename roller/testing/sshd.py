@@ -59,7 +59,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
 
-from roller.testing.daemon import DaemonProcess, free_port
+from roller.sim.daemon import DaemonProcess, free_port
 
 __all__ = [
     "SSHD",

@@ -52,7 +52,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from roller.testing.daemon import DaemonProcess, free_port
+from roller.sim.daemon import DaemonProcess, free_port
 
 __all__ = [
     "SushyEmulator",

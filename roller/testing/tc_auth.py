@@ -41,7 +41,7 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.web.iweb import IRequest
 
 from roller.auth.scopes import satisfies
-from roller.testing.web import base_url, json_answer, serve
+from roller.sim.web import base_url, json_answer, serve
 
 __all__ = ["FakeTaskclusterAuth", "TASKCLUSTER_SKEW"]
 

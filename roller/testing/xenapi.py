@@ -35,7 +35,7 @@ real xapi uses:
 L{failures} forces a failure per method (every call, after the session
 check), e.g. C{fake.failures["VM.start"] = ["VM_BAD_POWER_STATE", ...]}.
 
-A VM may be backed by a fleet L{roller.testing.fleet.PowerState}: shutdowns
+A VM may be backed by a fleet L{roller.sim.fleet.PowerState}: shutdowns
 call C{power_off()}, C{VM.start} calls C{power_on()}, and the power state
 read is the simulated machine's.
 
@@ -55,7 +55,7 @@ from klein import Klein
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from roller.testing.web import base_url, serve
+from roller.sim.web import base_url, serve
 
 log = Logger()
 
@@ -89,7 +89,7 @@ class FakeVM:
     ref: str
     name_label: str = ""
     power_state: str = "Running"
-    power: Any = None  # roller.testing.fleet.PowerState
+    power: Any = None  # roller.sim.fleet.PowerState
 
     @property
     def state(self) -> str:

@@ -41,7 +41,7 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
 from roller.drivers.snmp.models import CHANGING, MODELS, OFF, ON, SYS_OBJECT_ID, PduModel
-from roller.testing.fleet import PowerState
+from roller.sim.fleet import PowerState
 
 log = Logger()
 

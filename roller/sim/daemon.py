@@ -1,6 +1,6 @@
 """
-The lifecycle shared by the real-daemon test fixtures (L{sshd}, L{snmpd},
-L{ipmisim}, L{sushy}): one child process on loopback, its output in a log
+The lifecycle shared by the real-daemon fixtures (L{roller.sim.ipmisim}; the
+tests' L{roller.testing.sshd}, C{snmpd}, C{sushy}): one child process on loopback, its output in a log
 file, killed by its PID.
 
     class MyServer(DaemonProcess):

@@ -1,6 +1,6 @@
 """
 A small Redfish BMC (Klein, on loopback) in front of a fleet machine's
-L{roller.testing.fleet.PowerState}: the fleet simulator's Redfish
+L{roller.sim.fleet.PowerState}: the fleet simulator's Redfish
 front-end, also usable alone in tests.
 
     bmc = RedfishBmc(power, users={"admin": "pw"}, system_id="sim-001")
@@ -46,7 +46,7 @@ from attrs import define, field
 from klein import Klein
 from twisted.logger import Logger
 
-from roller.testing.web import base_url, serve
+from roller.sim.web import base_url, serve
 
 log = Logger()
 

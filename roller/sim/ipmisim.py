@@ -24,7 +24,7 @@ pxe}.  Either
     machine leaves it off, like real hardware; L{IpmiSim.stick} makes the
     machine ignore power requests (for read-back mismatch tests); or
   - with C{power=PowerState(...)} and C{reactor=...}, a fleet machine's
-    L{roller.testing.fleet.PowerState} is the state: the script is a small
+    L{roller.sim.fleet.PowerState} is the state: the script is a small
     Python client of a UNIX socket that the simulator object serves on
     that reactor (L{ChassisControlServer}), so C{set power 0} really takes
     the simulated machine down.  The reactor must be running while BMC
@@ -62,7 +62,7 @@ from typing import Any
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
-from roller.testing.daemon import DaemonProcess, free_udp_port
+from roller.sim.daemon import DaemonProcess, free_udp_port
 
 log = Logger()
 
@@ -88,7 +88,7 @@ DEFAULT_SEL = (
 
 _FILE_SCRIPT = """\
 #!/bin/sh
-# chassis_control of roller's test BMC (roller/testing/ipmisim.py): $1 is the MC address.
+# chassis_control of roller's test BMC (roller/sim/ipmisim.py): $1 is the MC address.
 dir='{dir}'
 shift
 op=$1
@@ -118,7 +118,7 @@ exit 0
 
 _SOCKET_SCRIPT = """\
 #!{python} -I
-# chassis_control of roller's test BMC (roller/testing/ipmisim.py), backed by a
+# chassis_control of roller's test BMC (roller/sim/ipmisim.py), backed by a
 # fleet PowerState served on a UNIX socket.
 import socket, sys
 with open({calls!r}, "a") as f:

@@ -2,7 +2,7 @@
 A fleet simulator: fake CI machines that really go down and come back up.
 
 Tests and the demo share it.  Everything runs on one injected reactor; only
-L{main} (the C{python -m roller.testing.fleet} entry point) picks the global
+L{main} (the C{python -m roller.sim.fleet} entry point) picks the global
 one.
 
     fleet = Fleet(reactor, 10, ssh_port=2222, down_for=10)
@@ -29,7 +29,7 @@ Pieces:
     127.0.0.0/8 is local on Linux, no configuration needed), one host key
     per machine, one user key pair for roller; optionally, for any subset,
     an IPMI BMC (a real C{ipmi_sim}) and/or a Redfish service
-    (L{roller.testing.redfish_sim}) that switch the machine's PowerState,
+    (L{roller.sim.redfish_sim}) that switch the machine's PowerState,
     written to the inventory (C{ipmi}, C{redfish}, C{reboot_methods}) and
     the secrets file (credential C{fleet-bmc}) like its SSH access.
 
@@ -701,9 +701,9 @@ class Fleet:
     @param ipmi: Indices of the machines that get an IPMI BMC: a real
         C{ipmi_sim} on 127.0.0.1 (a free UDP port each) whose chassis
         control switches the machine's L{PowerState} (see
-        L{roller.testing.ipmisim}; C{openipmi} must be installed).
+        L{roller.sim.ipmisim}; C{openipmi} must be installed).
     @param redfish: Indices of the machines that get a Redfish service
-        (L{roller.testing.redfish_sim.RedfishBmc}) on their own address,
+        (L{roller.sim.redfish_sim.RedfishBmc}) on their own address,
         at C{redfish_port} (0: a free port each).
     @param bmc_user: The BMC user (IPMI and Redfish).
     @param bmc_password: Its password; random by default.
@@ -762,9 +762,9 @@ class Fleet:
         self.bmc_password = bmc_password if bmc_password is not None else "bmc-" + os.urandom(6).hex()
         self.bmc_credential = bmc_credential
         self.bmc_dir = Path(bmc_dir) if bmc_dir is not None else None
-        #: worker id -> the machine's IPMI BMC (an L{roller.testing.ipmisim.IpmiSim}), once started.
+        #: worker id -> the machine's IPMI BMC (an L{roller.sim.ipmisim.IpmiSim}), once started.
         self.ipmi_bmcs: dict[str, Any] = {}
-        #: worker id -> the machine's Redfish BMC (a L{roller.testing.redfish_sim.RedfishBmc}), once started.
+        #: worker id -> the machine's Redfish BMC (a L{roller.sim.redfish_sim.RedfishBmc}), once started.
         self.redfish_bmcs: dict[str, Any] = {}
         shared = generate_key() if shared_host_key else None
         self.machines: list[SimulatedMachine] = []
@@ -825,7 +825,7 @@ class Fleet:
         port each), all sharing their machine's L{PowerState}.  Starting
         an C{ipmi_sim} blocks for its readiness probe (tens of ms).
         """
-        from roller.testing.redfish_sim import RedfishBmc
+        from roller.sim.redfish_sim import RedfishBmc
 
         for i in self.redfish_indices:
             m = self.machines[i]
@@ -834,7 +834,7 @@ class Fleet:
             self.redfish_bmcs[m.name] = bmc
             bmc.listen(self.reactor, m.address, self.redfish_port)
         if self.ipmi_indices:
-            from roller.testing.ipmisim import IpmiSim
+            from roller.sim.ipmisim import IpmiSim
 
             for i in self.ipmi_indices:
                 m = self.machines[i]
@@ -953,7 +953,7 @@ def _write(path: Path, data: bytes, mode: int) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m roller.testing.fleet",
+        prog="python -m roller.sim.fleet",
         description="Run simulated CI machines (SSH servers on loopback addresses that really reboot).",
     )
     p.add_argument("--count", type=int, default=10, help="number of machines (default 10)")
@@ -993,7 +993,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: --ipmi and --redfish must be between 0 and --count", file=sys.stderr)
         return 2
     if args.ipmi:
-        from roller.testing.ipmisim import skip_reason
+        from roller.sim.ipmisim import skip_reason
 
         missing = skip_reason()
         if missing:
