@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import json
 from typing import Any
 
@@ -10,6 +11,7 @@ from twisted.internet.defer import Deferred
 
 from roller.jobs import iso
 from roller.store.db import Cursor, Database, insert_rows
+from roller.store.where import Where
 
 
 @frozen
@@ -52,19 +54,13 @@ class AuditTable:
     def add(self, entry: AuditEntry) -> Deferred[None]:
         return self._db.write(add_audit, entry)
 
-    def list(self, *, target: str | None = None, before: int | None = None, limit: int = 100) -> Deferred[list[AuditEntry]]:
-        where, args = [], []
-        if target is not None:
-            where.append("target = ?")
-            args.append(target)
+    def list(self, *, target: str | None = None, before: int | None = None,
+             limit: int = 100) -> Deferred[builtins.list[AuditEntry]]:
+        w = Where().equal("target", target)
         if before is not None:
-            where.append("id < ?")
-            args.append(before)
-        sql = "SELECT * FROM audit"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY id DESC LIMIT ?"
-        args.append(limit)
+            w.add("id < ?", before)
+        sql = f"SELECT * FROM audit{w.clause} ORDER BY id DESC LIMIT ?"
+        args = [*w.args, limit]
 
         def q(c: Cursor) -> list[AuditEntry]:
             return [

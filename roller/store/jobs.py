@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import json
 from collections.abc import Iterable
 from typing import Any
@@ -12,6 +13,7 @@ from twisted.internet.defer import Deferred
 from roller.jobs import Job, JobEvent, State
 from roller.store.audit import AuditEntry, add_audits
 from roller.store.db import Cursor, Database, insert_rows
+from roller.store.where import Where
 
 _COLUMNS = (
     "id, task_name, worker_group, worker_id, params, requester, origin_ip, reason,"
@@ -132,28 +134,17 @@ class JobTable:
         states: Iterable[State] = (),
         before: int | None = None,
         limit: int = 50,
-    ) -> Deferred[list[Job]]:
+    ) -> Deferred[builtins.list[Job]]:
         """Newest first; C{before} is a C{seq} cursor for the next page."""
-        where, args = [], []
-        for column, value in (("worker_id", worker_id), ("worker_group", worker_group), ("task_name", task_name)):
-            if value is not None:
-                where.append(f"{column} = ?")
-                args.append(value)
-        states = [s.value for s in states]
-        if states:
-            where.append(f"state IN ({', '.join('?' * len(states))})")
-            args += states
+        w = Where().equal("worker_id", worker_id).equal("worker_group", worker_group).equal("task_name", task_name)
+        w.one_of("state", [s.value for s in states])
         if before is not None:
-            where.append("seq < ?")
-            args.append(before)
-        sql = f"SELECT seq, {_COLUMNS} FROM jobs"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY seq DESC LIMIT ?"
-        args.append(limit)
+            w.add("seq < ?", before)
+        sql = f"SELECT seq, {_COLUMNS} FROM jobs{w.clause} ORDER BY seq DESC LIMIT ?"
+        args = [*w.args, limit]
         return self._db.read(lambda c: [_job(r) for r in c.execute(sql, args).fetchall()])
 
-    def events(self, job_id: str, after: int | None = None, limit: int = 1000) -> Deferred[list[JobEvent]]:
+    def events(self, job_id: str, after: int | None = None, limit: int = 1000) -> Deferred[builtins.list[JobEvent]]:
         def q(c: Cursor) -> list[JobEvent]:
             rows = c.execute(
                 "SELECT id, job_id, time, kind, message, data FROM job_events"
@@ -164,7 +155,7 @@ class JobTable:
 
         return self._db.read(q)
 
-    def recover(self, now: float) -> Deferred[tuple[list[Job], list[Job]]]:
+    def recover(self, now: float) -> Deferred[tuple[builtins.list[Job], builtins.list[Job]]]:
         """
         At start-up: mark jobs left C{running} as C{interrupted} and return
         (interrupted, queued) — the queued ones in the order to run them.

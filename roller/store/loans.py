@@ -8,6 +8,7 @@ with L{AlreadyOnLoan}.
 
 from __future__ import annotations
 
+import builtins
 import sqlite3
 from typing import Any
 
@@ -16,6 +17,7 @@ from twisted.internet.defer import Deferred
 
 from roller.jobs import iso
 from roller.store.db import Cursor, Database
+from roller.store.where import Where
 
 
 class AlreadyOnLoan(Exception):
@@ -101,28 +103,19 @@ class LoanTable:
 
     def list(self, *, active: bool | None = None, overdue_at: float | None = None,
              worker_group: str | None = None, worker_id: str | None = None,
-             limit: int = 100, offset: int = 0) -> Deferred[list[Loan]]:
+             limit: int = 100, offset: int = 0) -> Deferred[builtins.list[Loan]]:
         """
         Loans, newest first.  C{overdue_at}: only active loans whose expiry
         is at or before that time.
         """
-        where, args = [], []
+        w = Where()
         if active is True or overdue_at is not None:
-            where.append("returned_at IS NULL")
+            w.add("returned_at IS NULL")
         elif active is False:
-            where.append("returned_at IS NOT NULL")
+            w.add("returned_at IS NOT NULL")
         if overdue_at is not None:
-            where.append("expires_at <= ?")
-            args.append(overdue_at)
-        if worker_group is not None:
-            where.append("worker_group = ?")
-            args.append(worker_group)
-        if worker_id is not None:
-            where.append("worker_id = ?")
-            args.append(worker_id)
-        sql = f"SELECT {_COLUMNS} FROM loans"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY id DESC LIMIT ? OFFSET ?"
-        args += [limit, offset]
+            w.add("expires_at <= ?", overdue_at)
+        w.equal("worker_group", worker_group).equal("worker_id", worker_id)
+        sql = f"SELECT {_COLUMNS} FROM loans{w.clause} ORDER BY id DESC LIMIT ? OFFSET ?"
+        args = [*w.args, limit, offset]
         return self._db.read(lambda c: [_loan(r) for r in c.execute(sql, args).fetchall()])

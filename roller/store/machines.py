@@ -11,6 +11,7 @@ C{data_version} says another connection committed.
 
 from __future__ import annotations
 
+import builtins
 import json
 from typing import Any
 
@@ -19,6 +20,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from roller.errors import Conflict
 from roller.inventory import Machine
 from roller.store.db import Cursor, Database, StoreError
+from roller.store.where import Where
 
 
 def _row(row: Any) -> Machine:
@@ -92,25 +94,10 @@ class MachineTable:
         q: str | None = None,
         limit: int = 1000,
         offset: int = 0,
-    ) -> Deferred[list[Machine]]:
-        where, args = [], []
-        if worker_group is not None:
-            where.append("worker_group = ?")
-            args.append(worker_group)
-        if pool is not None:
-            where.append("pool = ?")
-            args.append(pool)
-        if q:
-            like = "%" + q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-            where.append(
-                "(worker_id LIKE ? ESCAPE '\\' OR fqdn LIKE ? ESCAPE '\\' OR ip LIKE ? ESCAPE '\\')"
-            )
-            args += [like, like, like]
-        sql = "SELECT data FROM machines"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY worker_group, worker_id LIMIT ? OFFSET ?"
-        args += [limit, offset]
+    ) -> Deferred[builtins.list[Machine]]:
+        w = Where().equal("worker_group", worker_group).equal("pool", pool).contains(("worker_id", "fqdn", "ip"), q)
+        sql = f"SELECT data FROM machines{w.clause} ORDER BY worker_group, worker_id LIMIT ? OFFSET ?"
+        args = [*w.args, limit, offset]
 
         def run(c: Cursor) -> list[Machine]:
             return [_row(r) for r in c.execute(sql, args).fetchall()]
@@ -149,9 +136,13 @@ class MachineTable:
             self._upsert(c, machine, now)
             return existed is None
 
-        return self._db.write(run).addCallback(lambda created: (self._remember(machine), created)[1])
+        def committed(created: bool) -> bool:
+            self._remember(machine)
+            return created
 
-    def put_many(self, machines: list[Machine]) -> Deferred[int]:
+        return self._db.write(run).addCallback(committed)
+
+    def put_many(self, machines: builtins.list[Machine]) -> Deferred[int]:
         now = self._clock.seconds()
 
         def run(c: Cursor) -> int:
