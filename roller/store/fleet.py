@@ -1,0 +1,277 @@
+"""
+The fleet page's queries: every machine with its newest job in one
+statement (an index lookup per machine, not a scan of the job history),
+counts by state, filter values, and each machine's active loan and newest
+finished ping.  Read-only; the dashboard renders what they return.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from attrs import frozen
+from twisted.internet.defer import Deferred
+
+from roller.jobs import State
+from roller.store import Store
+from roller.store.db import Cursor
+from roller.store.where import Where
+
+#: the state filter value for machines that never had a job
+NEVER = "none"
+
+#: the newest job of machine m, through the jobs_machine index (worker_id, worker_group, seq)
+_LAST_SEQ = (
+    "(SELECT j.seq FROM jobs j WHERE j.worker_id = m.worker_id AND j.worker_group = m.worker_group"
+    " ORDER BY j.seq DESC LIMIT 1)"
+)
+_WHEN = "COALESCE(j.finished_at, j.started_at, j.created_at)"
+_STATE_RANK = (
+    "CASE j.state WHEN 'failed' THEN 0 WHEN 'timed_out' THEN 1 WHEN 'interrupted' THEN 2"
+    " WHEN 'running' THEN 3 WHEN 'queued' THEN 4 WHEN 'cancelled' THEN 5 WHEN 'succeeded' THEN 6 ELSE 7 END"
+)
+#: sort name -> (label, primary ordering with {d} for the direction, default direction)
+SORTS: dict[str, tuple[str, str, str]] = {
+    "name": ("name", "f.worker_group {d}, f.worker_id {d}", "asc"),
+    "pool": ("pool", "f.pool IS NULL, f.pool {d}", "asc"),
+    "state": ("last job state (problems first)", _STATE_RANK + " {d}", "asc"),
+    "last": ("last job time", f"{_WHEN} IS NULL, {_WHEN} {{d}}", "desc"),
+}
+FILTER_STATES = (*(s.value for s in State), NEVER)
+
+
+@frozen
+class FleetFilter:
+    q: str | None = None
+    group: str | None = None
+    pool: str | None = None
+    state: str | None = None  # a State value or NEVER
+
+
+@frozen
+class LastJob:
+    id: str
+    task_name: str
+    state: str
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    error: str | None
+    result: str | None
+    requester: str
+
+    @property
+    def when(self) -> float:
+        return self.finished_at or self.started_at or self.created_at
+
+
+@frozen
+class FleetRow:
+    worker_group: str
+    worker_id: str
+    fqdn: str | None
+    ip: str | None
+    pool: str | None
+    last: LastJob | None
+    loan: LoanState | None = None
+    liveness: Liveness | None = None
+
+
+@frozen
+class LoanState:
+    """A machine's active loan, as the fleet and machine pages show it."""
+
+    borrower: str
+    expires_at: float
+
+    def overdue(self, now: float) -> bool:
+        return self.expires_at <= now
+
+
+@frozen
+class Liveness:
+    """The newest finished C{ping} job of a machine: its state (succeeded = up) and when it ended."""
+
+    job_id: str
+    state: str
+    at: float
+    detail: str | None
+
+    @property
+    def up(self) -> bool:
+        return self.state == "succeeded"
+
+
+#: a machine's active loan and newest finished ping
+Extras = tuple[LoanState | None, Liveness | None]
+T = TypeVar("T")
+
+#: the newest finished ping of the page's machine, through the jobs_machine_task index
+_LAST_PING = (
+    "(SELECT p.seq FROM jobs p WHERE p.worker_id = page.w AND p.worker_group = page.g AND p.task_name = 'ping'"
+    " AND p.state IN ('succeeded', 'failed', 'timed_out') ORDER BY p.seq DESC LIMIT 1)"
+)
+
+
+def extras_of(c: Cursor, keys: list[tuple[str, str]]) -> dict[tuple[str, str], Extras]:
+    """
+    The active loan and the newest finished ping of each machine
+    C{(worker_group, worker_id)} of a page: one statement for the whole page
+    (an index lookup per machine in C{loans} and C{jobs}).
+    """
+    out: dict[tuple[str, str], Extras] = {}
+    for i in range(0, len(keys), 400):
+        chunk = keys[i:i + 400]
+        values = ", ".join(["(?, ?)"] * len(chunk))
+        sql = (f"WITH page(g, w) AS (VALUES {values})"
+               " SELECT page.g, page.w, l.borrower, l.expires_at, p.id, p.state,"
+               " COALESCE(p.finished_at, p.started_at, p.created_at), COALESCE(p.result, p.error)"
+               " FROM page LEFT JOIN loans l ON l.worker_group = page.g AND l.worker_id = page.w"
+               " AND l.returned_at IS NULL"
+               f" LEFT JOIN jobs p ON p.seq = {_LAST_PING}")
+        for r in c.execute(sql, [v for key in chunk for v in key]):
+            out[(r[0], r[1])] = (
+                None if r[2] is None else LoanState(borrower=r[2], expires_at=r[3]),
+                None if r[4] is None else Liveness(job_id=r[4], state=r[5], at=r[6], detail=r[7]),
+            )
+    return out
+
+
+@frozen
+class FleetPage:
+    rows: list[FleetRow]
+    total: int  # machines matching the filter (all states when no state filter)
+    counts: dict[str, int]  # last-job state -> machines, for the filter without its state
+    groups: list[str]
+    pools: list[str]
+
+
+class FleetQueries:
+    """
+    Read-only queries the dashboard needs and the store does not offer:
+    every machine with its newest job in one statement (an index lookup per
+    machine, not a scan of the job history), counts by state, filter values.
+    """
+
+    def __init__(self, store: Store, cache_size: int = 64):
+        self.db = store.db
+        self.cache_size = cache_size
+        # Only ever touched inside db.read, i.e. by the one reader thread.
+        self._version: tuple[int, int, int] | None = None
+        self._cache: dict[tuple, Any] = {}
+
+    @staticmethod
+    def version(c: Cursor) -> tuple[int, int, int]:
+        """
+        Changes whenever anything was committed to the database: C{PRAGMA
+        data_version} counts other connections' commits (the writer's, seen
+        from the reader, and other processes'), C{total_changes()} this
+        connection's own (when one connection does everything).
+        """
+        conn = c.connection
+        return (id(conn), c.execute("PRAGMA data_version").fetchone()[0], conn.total_changes)
+
+    def _cached(self, c: Cursor, key: tuple, compute: Callable[[], T]) -> T:
+        if key in self._cache:
+            return self._cache[key]  # what compute returned for this key
+        value = compute()
+        if len(self._cache) >= self.cache_size:
+            self._cache.pop(next(iter(self._cache)))
+        self._cache[key] = value
+        return value
+
+    def page(self, f: FleetFilter, *, sort: str = "name", direction: str | None = None,
+             limit: int = 200, offset: int = 0) -> Deferred[FleetPage]:
+        """
+        One page of the fleet.  Results are cached until the next commit to
+        the database (any job event, inventory change or import; see
+        L{version}): a page viewed again, the state counts over the whole
+        fleet and the filter values cost one C{PRAGMA} until then.
+        """
+        if sort not in SORTS:
+            raise ValueError(f"unknown sort {sort!r}")
+        _, primary, default_dir = SORTS[sort]
+        d = (direction or default_dir).upper()
+        if d not in ("ASC", "DESC"):
+            raise ValueError(f"unknown direction {direction!r}")
+        w = Where().equal("m.worker_group", f.group).equal("m.pool", f.pool)
+        w.contains(("m.worker_id", "m.fqdn", "m.ip"), f.q)
+        cond, args = w.clause, w.args
+        base = (f"SELECT m.worker_group, m.worker_id, m.fqdn, m.ip, m.pool, {_LAST_SEQ} AS last_seq"
+                f" FROM machines m{cond}")
+        cols = ("j.id AS job_id, j.task_name, j.state, j.created_at, j.started_at, j.finished_at, j.error,"
+                " j.result, j.requester")
+        if sort == "name" and f.state is None:
+            # Page through the primary key first; look up the newest job of
+            # those machines only.
+            rows_sql = (
+                f"SELECT f.worker_group, f.worker_id, f.fqdn, f.ip, f.pool, {cols} FROM"
+                f" (SELECT m.worker_group, m.worker_id, m.fqdn, m.ip, m.pool FROM machines m{cond}"
+                f" ORDER BY m.worker_group {d}, m.worker_id {d} LIMIT ? OFFSET ?) f"
+                f" LEFT JOIN jobs j ON j.seq = {_LAST_SEQ.replace('m.', 'f.')}"
+                f" ORDER BY f.worker_group {d}, f.worker_id {d}"
+            )
+            rows_args = [*args, limit, offset]
+        else:
+            state_where, state_args = "", []
+            if f.state == NEVER:
+                state_where = " WHERE j.seq IS NULL"
+            elif f.state is not None:
+                state_where = " WHERE j.state = ?"
+                state_args = [f.state]
+            order = primary.format(d=d) + ", f.worker_group, f.worker_id"
+            rows_sql = (f"SELECT f.worker_group, f.worker_id, f.fqdn, f.ip, f.pool, {cols} FROM ({base}) f"
+                        f" LEFT JOIN jobs j ON j.seq = f.last_seq{state_where} ORDER BY {order} LIMIT ? OFFSET ?")
+            rows_args = [*args, *state_args, limit, offset]
+        filter_key = ("filter", f.q, f.group, f.pool)
+
+        def summary(c: Cursor) -> tuple[dict[str, int], list[str], list[str]]:
+            counts = {
+                r[0]: r[1] for r in c.execute(
+                    f"SELECT COALESCE(j.state, '{NEVER}'), count(*) FROM ({base}) f"
+                    " LEFT JOIN jobs j ON j.seq = f.last_seq GROUP BY 1", args)
+            }
+            groups, pools = self._cached(c, ("values",), lambda: (
+                [r[0] for r in c.execute("SELECT DISTINCT worker_group FROM machines ORDER BY 1")],
+                [r[0] for r in c.execute("SELECT DISTINCT pool FROM machines WHERE pool IS NOT NULL ORDER BY 1")],
+            ))
+            return counts, groups, pools
+
+        def fetch_rows(c: Cursor) -> list[FleetRow]:
+            found = c.execute(rows_sql, rows_args).fetchall()
+            extras = extras_of(c, [(r[0], r[1]) for r in found]) if found else {}
+            return [
+                FleetRow(
+                    worker_group=r[0], worker_id=r[1], fqdn=r[2], ip=r[3], pool=r[4],
+                    last=None if r[5] is None else LastJob(
+                        id=r[5], task_name=r[6], state=r[7], created_at=r[8], started_at=r[9],
+                        finished_at=r[10], error=r[11], result=r[12], requester=r[13],
+                    ),
+                    loan=extras[(r[0], r[1])][0], liveness=extras[(r[0], r[1])][1],
+                )
+                for r in found
+            ]
+
+        def run(c: Cursor) -> FleetPage:
+            version = self.version(c)
+            if version != self._version:
+                self._cache.clear()
+                self._version = version
+            counts, groups, pools = self._cached(c, filter_key, lambda: summary(c))
+            rows = self._cached(c, ("rows", rows_sql, *rows_args), lambda: fetch_rows(c))
+            total = counts.get(f.state, 0) if f.state is not None else sum(counts.values())
+            return FleetPage(rows=rows, total=total, counts=counts, groups=groups, pools=pools)
+
+        return self.db.read(run)
+
+    def machine_extras(self, worker_group: str, worker_id: str) -> Deferred[Extras]:
+        """C{(LoanState | None, Liveness | None)} of one machine (the machine page)."""
+        return self.db.read(lambda c: extras_of(c, [(worker_group, worker_id)])[(worker_group, worker_id)])
+
+    def explain(self, f: FleetFilter = FleetFilter()) -> Deferred[list[str]]:
+        """The query plan of the fleet page's row query (for tests and curiosity)."""
+        base = f"SELECT m.worker_group, m.worker_id, {_LAST_SEQ} AS last_seq FROM machines m"
+        sql = (f"EXPLAIN QUERY PLAN SELECT f.*, j.state FROM ({base}) f LEFT JOIN jobs j ON j.seq = f.last_seq"
+               " ORDER BY f.worker_group, f.worker_id LIMIT 200")
+        return self.db.read(lambda c: [r["detail"] for r in c.execute(sql)])
