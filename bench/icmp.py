@@ -18,7 +18,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from twisted.internet import defer, reactor, task  # noqa: E402
+from twisted.internet import defer, task  # noqa: E402
 
 from roller.drivers.liveness import IcmpPing  # noqa: E402
 from roller.health.icmp import IcmpEcho  # noqa: E402
