@@ -61,16 +61,15 @@ def make_authenticator(settings: Settings, reactor: Any, secrets: Secrets | None
                 "tables: no request can be authenticated")
         return LocalHawkAuthenticator(
             reactor, {cid: (c.access_token, c.scopes) for cid, c in clients.items()},
-            skew=settings.auth_timestamp_skew, trusted_proxies=settings.trusted_proxies,
-            max_requests_per_client=settings.auth_max_requests_per_client)
+            skew=settings.auth_timestamp_skew, max_requests_per_client=settings.auth_max_requests_per_client)
     if not settings.auth_root_url:
         return UnconfiguredAuthenticator(
             "auth.root_url is not set, so roller cannot ask Taskcluster to verify Hawk credentials: no request "
             "can be authenticated (set auth.root_url, e.g. https://firefox-ci-tc.services.mozilla.com; or "
             "auth.mode = \"local\" with [clients.ID] in the secrets file; or \"none\" on a loopback-only "
             "roller to develop)")
-    return TaskclusterAuthenticator(reactor, settings.auth_root_url, timeout=settings.auth_timeout,
-                                    trusted_proxies=settings.trusted_proxies)
+    # server.trusted_proxies reach the Api, which works out what the client signed behind them
+    return TaskclusterAuthenticator(reactor, settings.auth_root_url, timeout=settings.auth_timeout)
 
 
 def make_dashboard_auth(settings: Settings, store: Any, reactor: Any) -> AccountAuth:

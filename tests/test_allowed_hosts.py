@@ -85,11 +85,11 @@ def served(tmp_path: Any) -> Any:
 
 
 async def _serve_checked(s: Served, allowed: AllowedHosts) -> LocalHawkAuthenticator:
-    auth = LocalHawkAuthenticator(reactor, CLIENTS, trusted_proxies=allowed.trusted_proxies)
+    auth = LocalHawkAuthenticator(reactor, CLIENTS)
     if s.port is not None:
         await s.port.stopListening()
     api = Api(store=s.store, queue=s.queue, tasks=s.tasks, authenticator=auth, allowed_tasks=("ping",),
-              clock=reactor)
+              clock=reactor, trusted_proxies=allowed.trusted_proxies)
     site = RollerSite(HostCheck(api.app.resource(), allowed), reactor=reactor)
     site.noisy = False
     s.port = reactor.listenTCP(0, site, interface="127.0.0.1")

@@ -79,7 +79,7 @@ class ScopedAuthenticator:
         self.principal = Principal(client_id, scopes)
         self.requests = 0
 
-    def authenticate(self, request: Any) -> "Deferred[Principal]":
+    def authenticate(self, request: Any, target: Any = None) -> "Deferred[Principal]":
         self.requests += 1
         return succeed(self.principal)
 

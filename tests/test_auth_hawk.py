@@ -40,11 +40,8 @@ from roller.auth.hawk import (
     ExtError,
     LocalHawkAuthenticator,
     NonceCache,
-    client_ip,
     decode_ext,
-    parse_trusted_proxies,
     payload_hash,
-    request_target,
 )
 from roller.auth.taskcluster import TaskclusterAuthenticator
 from roller.errors import BadRequest, UnavailableError, Unauthorized
@@ -55,6 +52,7 @@ from roller.tasks import TaskRegistry, TaskSpec
 from roller.testing.tc_auth import FakeTaskclusterAuth
 from roller.web.api import Api
 from roller.web.http import RollerSite
+from roller.web.proxy import client_ip, parse_trusted_proxies, request_target
 
 PING = "project:releng:roller:ping"
 CI = "project/releng/roller-ci"  # holds project:releng:roller:*
@@ -580,7 +578,7 @@ class Served:
         if self.port is not None:
             await self.port.stopListening()
         api = Api(store=self.store, queue=self.queue, tasks=self.tasks, authenticator=authenticator,
-                  allowed_tasks=("ping", "reboot"), clock=reactor)
+                  allowed_tasks=("ping", "reboot"), clock=reactor, trusted_proxies=self.trusted)
         site = RollerSite(api.app.resource(), reactor=reactor)
         site.noisy = False
         self.port = reactor.listenTCP(0, site, interface="127.0.0.1")
@@ -648,12 +646,11 @@ class Modes:
         self.fake_port = self.fake.listen(reactor)
         self.made: list[Any] = []
 
-    def make(self, mode: str, trusted: tuple[str, ...] = (), timeout: float = 5.0, root_url: str = "") -> Any:
+    def make(self, mode: str, timeout: float = 5.0, root_url: str = "") -> Any:
         if mode == "local":
-            auth = LocalHawkAuthenticator(reactor, CLIENTS, trusted_proxies=trusted)
+            auth = LocalHawkAuthenticator(reactor, CLIENTS)
         else:
-            auth = TaskclusterAuthenticator(reactor, root_url or self.fake.url, timeout=timeout,
-                                            trusted_proxies=trusted)
+            auth = TaskclusterAuthenticator(reactor, root_url or self.fake.url, timeout=timeout)
         self.made.append(auth)
         return auth
 
@@ -825,7 +822,8 @@ async def test_payload_hash_mismatch_is_401(served: Served, modes: Modes, mode: 
 @pytest_twisted.ensureDeferred
 async def test_forged_forwarded_headers_from_untrusted_peer_are_ignored(
         served: Served, modes: Modes, mode: str) -> None:
-    await served.serve(modes.make(mode, trusted=("10.0.0.0/8",)))  # 127.0.0.1 is not trusted
+    served.trusted = ("10.0.0.0/8",)  # 127.0.0.1 is not trusted
+    await served.serve(modes.make(mode))
     port = int(served.base.rsplit(":", 1)[1])
     forged = {"X-Forwarded-For": "198.51.100.7", "X-Forwarded-Proto": "https", "X-Forwarded-Port": "443"}
     # signed for what the client really used: accepted, forged headers ignored
@@ -847,7 +845,8 @@ async def test_forged_forwarded_headers_from_untrusted_peer_are_ignored(
 @pytest.mark.parametrize("mode", MODES)
 @pytest_twisted.ensureDeferred
 async def test_forwarded_headers_from_trusted_proxy_are_honoured(served: Served, modes: Modes, mode: str) -> None:
-    await served.serve(modes.make(mode, trusted=("127.0.0.1",)))
+    served.trusted = ("127.0.0.1",)
+    await served.serve(modes.make(mode))
     public = "https://roller.example.com" + PATH
     headers = {"Host": "roller.example.com", "X-Forwarded-Proto": "https", "X-Forwarded-Port": "443",
                "X-Forwarded-For": "6.6.6.6, 198.51.100.7", "Authorization": sign(public)}

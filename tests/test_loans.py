@@ -252,7 +252,7 @@ class Scoped:
     def __init__(self, scopes: tuple[str, ...]):
         self.principal = Principal(id="client/reader", scopes=scopes)
 
-    def authenticate(self, request: Any) -> Any:
+    def authenticate(self, request: Any, target: Any = None) -> Any:
         from twisted.internet.defer import succeed
         return succeed(self.principal)
 

@@ -7,12 +7,19 @@ authenticator and then checks the principal's scopes.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from attrs import field, frozen
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import Interface, implementer
 
 from roller.auth.scopes import satisfies
 from roller.errors import Unauthorized
+
+if TYPE_CHECKING:
+    from twisted.web.iweb import IRequest
+
+    from roller.auth.hawk import RequestTarget
 
 __all__ = ["IAuthenticator", "Principal", "AnonymousAuthenticator", "UnconfiguredAuthenticator", "satisfies"]
 
@@ -54,10 +61,16 @@ class Principal:
 
 
 class IAuthenticator(Interface):
-    def authenticate(request) -> Deferred[Principal]:
+    def authenticate(request: IRequest, target: RequestTarget | None = None) -> Deferred[Principal]:
         """
         The principal behind C{request}, or fail with L{Unauthorized}
         (whose message says why) when its credentials are missing or wrong.
+
+        @param target: the method, resource, scheme, host, port and source
+            address the client used, as the web layer worked them out
+            (behind trusted proxies: C{roller.web.proxy.request_target});
+            C{None}: the request as it reached roller, no proxy header
+            believed (L{roller.auth.hawk.direct_target}).
         """
 
 
@@ -67,7 +80,7 @@ class AnonymousAuthenticator:
 
     principal = Principal("anonymous", ("*",))
 
-    def authenticate(self, request) -> Deferred[Principal]:
+    def authenticate(self, request: IRequest, target: RequestTarget | None = None) -> Deferred[Principal]:
         return succeed(self.principal)
 
 
@@ -78,5 +91,5 @@ class UnconfiguredAuthenticator:
     def __init__(self, reason: str):
         self.reason = reason
 
-    def authenticate(self, request) -> Deferred[Principal]:
+    def authenticate(self, request: IRequest, target: RequestTarget | None = None) -> Deferred[Principal]:
         return fail(Unauthorized(self.reason, code="auth_not_configured"))

@@ -63,9 +63,9 @@ from twisted.web.iweb import IRequest
 from zope.interface import implementer
 
 from roller.auth import Principal
+from roller.auth.dashboard import IDashboardAuth, LoopbackDashboardAuth, Viewer
 from roller.errors import BadRequest, Conflict, Forbidden, NotFound, RollerError, Unauthorized
 from roller.store.users import ROLES, User, UserTable
-from roller.web.dashboard import IDashboardAuth, LoopbackDashboardAuth, Viewer
 
 __all__ = [
     "ROLES",

@@ -7,19 +7,15 @@ The signed request target
 =========================
 
 A Hawk MAC covers the method, the resource (path and query exactly as sent),
-the host and the port the I{client} used.  Behind a TLS-terminating load
-balancer roller sees another scheme and port, so L{request_target} rebuilds
-them:
-
-  - host and port come from the C{Host} header (lower-cased host; the port
-    defaults to 80 or 443 by scheme);
-  - C{X-Forwarded-Proto}, C{X-Forwarded-Port} and C{X-Forwarded-For} are
-    honoured only when the TCP peer is in C{trusted_proxies} (IPs or CIDRs);
-    from anyone else they are ignored, and the source IP is the peer.  When
-    a header holds several values (a chain of proxies appending), the last
-    one -- set by the nearest, trusted, proxy -- is used for the scheme and
-    port; the client address is the right-most C{X-Forwarded-For} entry
-    that is not itself a trusted proxy.
+the host and the port the I{client} used (L{RequestTarget}).  Behind a
+TLS-terminating load balancer roller sees another scheme and port, so the
+web layer (C{roller.web.proxy.request_target}, which believes
+C{X-Forwarded-*} headers only from C{server.trusted_proxies}) works out what
+the client saw and passes it to C{authenticate(request, target)}.  Without
+one, an authenticator reads the request as it reached roller
+(L{direct_target}): host and port from the C{Host} header (lower-cased
+host; the port defaults to 80 or 443 by scheme), the source IP is the TCP
+peer, and no proxy header is believed.
 
 Local clients and Taskcluster's C{ext}
 ======================================
@@ -68,7 +64,9 @@ from attrs import field, frozen
 from mohawk import exc as hawk_exc
 from mohawk.util import calculate_payload_hash, parse_authorization_header
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.web.iweb import IRequest
 from zope.interface import implementer
 
 from roller.auth import IAuthenticator, Principal
@@ -86,15 +84,17 @@ __all__ = [
     "RequestTarget",
     "authorization_header",
     "authorized_scopes_of",
-    "client_ip",
     "decode_ext",
+    "direct_target",
     "make_principal",
-    "parse_trusted_proxies",
+    "parse_address",
     "payload_hash",
-    "request_authority",
+    "peer_address",
     "request_body",
-    "request_target",
+    "request_host",
+    "request_line",
     "restrict",
+    "split_host",
 ]
 
 log = Logger()
@@ -107,34 +107,13 @@ CERT_MAX_MS = 31 * 24 * 60 * 60 * 1000
 #: A message from a peer or a header value quoted in an error is cut to this.
 QUOTE_MAX = 200
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 # -- the request as the client signed it ------------------------------------------
 
 
-def parse_trusted_proxies(values: Iterable[str | Network]) -> tuple[Network, ...]:
-    """
-    Networks from IPs or CIDRs (C{"10.0.0.5"}, C{"10.1.0.0/16"}, C{"::1"}).
-
-    @raise ValueError: an entry is neither, naming it.
-    """
-    if isinstance(values, str):
-        values = [values]
-    out = []
-    for value in values:
-        if isinstance(value, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
-            out.append(value)
-            continue
-        try:
-            out.append(ipaddress.ip_network(str(value).strip(), strict=False))
-        except ValueError:
-            raise ValueError(f"{str(value)[:60]!r} is not an IP address or CIDR network") from None
-    return tuple(out)
-
-
-def _address(text: str | None) -> Address | None:
+def parse_address(text: str | None) -> Address | None:
     """An IP address from a peer or an X-Forwarded-For entry (port and brackets allowed)."""
     if not text:
         return None
@@ -155,59 +134,28 @@ def _address(text: str | None) -> Address | None:
     return None
 
 
-def _trusted(addr: Address | None, networks: Sequence[Network]) -> bool:
-    return addr is not None and any(addr.version == net.version and addr in net for net in networks)
-
-
-def _peer_ip(request: Any) -> str | None:
-    peer = request.getClientAddress()
-    return getattr(peer, "host", None)
-
-
-def _header_values(request: Any, name: bytes) -> list[str]:
-    """Every comma-separated value of every C{name} header, in order."""
-    out = []
-    for raw in request.requestHeaders.getRawHeaders(name) or ():
-        text = raw.decode("latin-1") if isinstance(raw, bytes) else raw
-        out.extend(v.strip() for v in text.split(","))
-    return [v for v in out if v]
-
-
-def _forwarded_for(request: Any, peer: Address | None, networks: Sequence[Network]) -> str | None:
-    """The client address behind trusted proxies, or the peer (see the module docstring)."""
-    if not _trusted(peer, networks):
-        return str(peer) if peer is not None else _peer_ip(request)
-    source: Address = peer
-    for entry in reversed(_header_values(request, b"x-forwarded-for")):
-        addr = _address(entry)
-        if addr is None:
-            break  # garbage: believe no further; the proxy that passed it on is the source
-        source = addr
-        if not _trusted(addr, networks):
-            break
-    return str(source)
-
-
-def client_ip(request: Any, trusted_proxies: Sequence[Network] = ()) -> str | None:
+def peer_address(request: IRequest) -> tuple[Address | None, str | None]:
     """
-    The address of the client: the TCP peer, or, when the peer is a trusted
-    proxy, the address it forwarded in C{X-Forwarded-For}.
+    The TCP peer of C{request}: its address (C{None} for a UNIX socket or
+    an unparsable one) and how it is shown (an IPv4-mapped IPv6 address as
+    IPv4).
     """
-    peer, shown = _peer(_peer_ip(request))
-    if not trusted_proxies or not _trusted(peer, trusted_proxies):
-        return shown
-    return _forwarded_for(request, peer, trusted_proxies)
+    return _peer(getattr(request.getClientAddress(), "host", None))
 
 
 @lru_cache(maxsize=4096)
 def _peer(text: str | None) -> tuple[Address | None, str | None]:
     """A TCP peer's address and how it is shown (remembered: a few hosts make every request)."""
-    addr = _address(text)
+    addr = parse_address(text)
     return addr, (str(addr) if addr is not None else text)
 
 
-def _split_host(value: str) -> tuple[str, int | None]:
-    """C{("example.com", 8443)} from C{"Example.COM:8443"}; brackets off an IPv6 literal."""
+def split_host(value: str) -> tuple[str, int | None]:
+    """
+    C{("example.com", 8443)} from C{"Example.COM:8443"}; brackets off an IPv6 literal.
+
+    @raise ValueError: not a host[:port].
+    """
     value = value.strip()
     if value.startswith("["):
         host, sep, rest = value[1:].partition("]")
@@ -257,58 +205,54 @@ class RequestTarget:
         return f"{self.method} {self.url}"[:QUOTE_MAX + 100]
 
 
-def request_authority(request: Any, trusted_proxies: Sequence[Network] = ()) -> tuple[str, str, int]:
+def request_line(request: IRequest) -> tuple[str, str]:
     """
-    The scheme, host and port C{request} was sent to, as its client saw
-    them (see the module docstring): what a Hawk MAC covers.
+    The method (upper-case) and the resource (path and query exactly as received).
 
-    @raise BadRequest: the C{Host} header cannot be parsed.
-    """
-    peer = _address(_peer_ip(request))
-    forwarded = _trusted(peer, trusted_proxies)
-
-    scheme = "https" if request.isSecure() else "http"
-    if forwarded:
-        protos = [p.lower() for p in _header_values(request, b"x-forwarded-proto")]
-        if protos and protos[-1] in DEFAULT_PORTS:
-            scheme = protos[-1]
-
-    raw_host = request.requestHeaders.getRawHeaders(b"host")
-    if raw_host:
-        text = raw_host[-1].decode("latin-1")
-        try:
-            host, port = _split_host(text)
-        except ValueError:
-            raise BadRequest(f"the Host header {text[:100]!r} is not a valid host[:port]",
-                             code="invalid_host") from None
-    else:  # HTTP/1.0 without Host: the address the client connected to
-        local = request.getHost()
-        host, port = str(getattr(local, "host", "localhost")).lower(), getattr(local, "port", None)
-    if port is None:
-        port = DEFAULT_PORTS[scheme]
-    if forwarded:
-        ports = _header_values(request, b"x-forwarded-port")
-        if ports and ports[-1].isascii() and ports[-1].isdigit() and 0 < int(ports[-1]) < 65536:
-            port = int(ports[-1])
-    return scheme, host, port
-
-
-def request_target(request: Any, trusted_proxies: Sequence[Network] = ()) -> RequestTarget:
-    """
-    The method, resource, scheme, host, port and source address of
-    C{request} as its client saw them (see the module docstring).
-
-    @raise BadRequest: the request target is not UTF-8 or the C{Host}
-        header cannot be parsed.
+    @raise BadRequest: the request target is not UTF-8.
     """
     try:
         resource = request.uri.decode("utf-8")
     except UnicodeDecodeError:
         raise BadRequest("the request target is not valid UTF-8", code="bad_request") from None
-    method = request.method.decode("ascii", "replace").upper()
-    scheme, host, port = request_authority(request, trusted_proxies)
-    source = _forwarded_for(request, _address(_peer_ip(request)), trusted_proxies)
-    return RequestTarget(method=method, resource=resource, scheme=scheme, host=host, port=port, source_ip=source)
+    return request.method.decode("ascii", "replace").upper(), resource
+
+
+def request_host(request: IRequest) -> tuple[str, int | None]:
+    """
+    The host and port (C{None}: the scheme's default) the C{Host} header
+    names, or, without one (HTTP/1.0), the address the client connected to.
+
+    @raise BadRequest: the C{Host} header cannot be parsed.
+    """
+    raw_host = request.requestHeaders.getRawHeaders(b"host")
+    if raw_host:
+        text = raw_host[-1].decode("latin-1")
+        try:
+            return split_host(text)
+        except ValueError:
+            raise BadRequest(f"the Host header {text[:100]!r} is not a valid host[:port]",
+                             code="invalid_host") from None
+    local = request.getHost()
+    return str(getattr(local, "host", "localhost")).lower(), getattr(local, "port", None)
+
+
+def direct_target(request: IRequest) -> RequestTarget:
+    """
+    The method, resource, scheme, host, port and source address of
+    C{request} as it reached roller, believing no proxy header.  Behind a
+    trusted proxy the web layer works out what the client saw
+    (C{roller.web.proxy.request_target}) and hands that to the
+    authenticator instead.
+
+    @raise BadRequest: the request target is not UTF-8 or the C{Host}
+        header cannot be parsed.
+    """
+    method, resource = request_line(request)
+    scheme = "https" if request.isSecure() else "http"
+    host, port = request_host(request)
+    return RequestTarget(method=method, resource=resource, scheme=scheme, host=host,
+                         port=DEFAULT_PORTS[scheme] if port is None else port, source_ip=peer_address(request)[1])
 
 
 def authorization_header(request: Any) -> str | None:
@@ -574,7 +518,7 @@ class NonceCache:
     share (C{max_entries} / clients tracked) gets 429, any other 503.
     """
 
-    def __init__(self, clock: Any, window: float, max_entries: int = 100_000,
+    def __init__(self, clock: IReactorTime, window: float, max_entries: int = 100_000,
                  max_per_client: int | None = None):
         self.clock = clock
         self.window = window
@@ -670,36 +614,39 @@ class LocalHawkAuthenticator:
         L{NonceCache}).
     @param max_requests_per_client: at most this many of them per client
         (C{auth.max_requests_per_client}); a client over it gets 429.
-    @param trusted_proxies: IPs/CIDRs whose C{X-Forwarded-*} headers count.
     """
 
     def __init__(
         self,
-        clock: Any,
+        clock: IReactorTime,
         clients: Mapping[str, tuple[str, Sequence[str]]],
         skew: float = 60.0,
         max_nonces: int = 100_000,
-        trusted_proxies: Iterable[str | Network] = (),
         max_requests_per_client: int | None = None,
     ):
         self.clock = clock
         self.clients = {cid: (str(token), tuple(scopes)) for cid, (token, scopes) in clients.items()}
         self.skew = skew
         self.nonces = NonceCache(clock, skew, max_nonces, max_requests_per_client)
-        self.trusted_proxies = parse_trusted_proxies(trusted_proxies)
 
-    def authenticate(self, request: Any) -> Deferred[Principal]:
+    def authenticate(self, request: IRequest, target: RequestTarget | None = None) -> Deferred[Principal]:
         try:
-            return succeed(self.verify(request))
+            return succeed(self.verify(request, target))
         except RollerError as e:
             return fail(e)
 
-    def verify(self, request: Any) -> Principal:
-        """The principal behind C{request}, synchronously; raises L{Unauthorized}."""
+    def verify(self, request: IRequest, target: RequestTarget | None = None) -> Principal:
+        """
+        The principal behind C{request}, synchronously; raises L{Unauthorized}.
+
+        @param target: what the client signed, from the web layer; by
+            default the request as it reached roller (L{direct_target}).
+        """
         header = authorization_header(request)
         if header is None:
             raise Unauthorized(NO_CREDENTIALS)
-        target = request_target(request, self.trusted_proxies)
+        if target is None:
+            target = direct_target(request)
         try:
             attributes = parse_authorization_header(header)
         except (hawk_exc.HawkFail, ValueError, KeyError):

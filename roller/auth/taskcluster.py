@@ -4,7 +4,8 @@ L{TaskclusterAuthenticator}: Hawk verified by Taskcluster's auth service
 
 Each request's C{Authorization} header is forwarded, with the method,
 resource, host, port and source IP the client used (see
-L{roller.auth.hawk.request_target}), to the unauthenticated
+L{roller.auth.hawk.RequestTarget}: the web layer works them out behind
+trusted proxies), to the unauthenticated
 C{POST {rootUrl}/api/auth/v1/authenticate-hawk}.  Its answer:
 
   - C{auth-success} -> a L{Principal} (client id, scopes, expiry); when the
@@ -23,16 +24,17 @@ since the API authenticates before it queues, nothing is queued.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Iterable, Sequence
 from typing import Any
 
 import treq
 from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, fail
 from twisted.internet.error import ConnectError, DNSLookupError
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import HTTPConnectionPool, ResponseFailed
+from twisted.web.iweb import IRequest
 from zope.interface import implementer
 
 from roller import __version__
@@ -40,14 +42,13 @@ from roller.auth import IAuthenticator, Principal
 from roller.auth.hawk import (
     NO_CREDENTIALS,
     QUOTE_MAX,
-    Network,
+    RequestTarget,
     authorization_header,
     authorized_scopes_of,
+    direct_target,
     make_principal,
-    parse_trusted_proxies,
     payload_hash,
     request_body,
-    request_target,
 )
 from roller.errors import RollerError, Unauthorized, UnavailableError
 from roller.http_client import close_pool, pooled_client
@@ -88,22 +89,19 @@ class TaskclusterAuthenticator:
     @param treq_client: a L{treq.client.HTTPClient}; by default one with its
         own persistent connection pool on C{reactor} (see L{close}).
     @param timeout: seconds for the whole call, answer included.
-    @param trusted_proxies: IPs/CIDRs whose C{X-Forwarded-*} headers count.
     """
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactorTime,
         root_url: str,
         treq_client: HTTPClient | None = None,
         timeout: float = 5.0,
-        trusted_proxies: Iterable[str | Network] = (),
     ):
         self.reactor = reactor
         self.root_url = _valid_root_url(root_url)
         self.url = self.root_url + AUTHENTICATE_HAWK_PATH
         self.timeout = timeout
-        self.trusted_proxies: Sequence[Network] = parse_trusted_proxies(trusted_proxies)
         self._pool: HTTPConnectionPool | None = None
         if treq_client is None:
             treq_client, self._pool = pooled_client(reactor, max_per_host=10)
@@ -115,12 +113,13 @@ class TaskclusterAuthenticator:
 
     # -- IAuthenticator
 
-    def authenticate(self, request: Any) -> Deferred[Principal]:
+    def authenticate(self, request: IRequest, target: RequestTarget | None = None) -> Deferred[Principal]:
         try:
             header = authorization_header(request)
             if header is None:
                 raise Unauthorized(NO_CREDENTIALS)
-            target = request_target(request, self.trusted_proxies)
+            if target is None:
+                target = direct_target(request)
         except RollerError as e:
             return fail(e)
         question = {
@@ -196,7 +195,7 @@ class TaskclusterAuthenticator:
         log.warn("Taskcluster authentication unavailable: {why}", why=error.message)
         return Failure(error)
 
-    def _principal(self, answer: Any, request: Any, target: Any) -> Principal:
+    def _principal(self, answer: object, request: IRequest, target: RequestTarget) -> Principal:
         def malformed(what: str) -> UnavailableError:
             log.warn("Taskcluster auth service answered {what}", what=what)
             return UnavailableError(

@@ -39,14 +39,15 @@ from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from werkzeug.exceptions import NotFound as RouteNotFound
 
-from roller.auth.hawk import client_ip
+from roller.auth.dashboard import Viewer
 from roller.errors import BadRequest, Conflict, Forbidden, NotFound, RollerError, ValidationError
 from roller.inventory import PDU_MODELS, Machine
 from roller.json_input import JSONInputError, load_json
 from roller.legacy_import import DEFAULT_GROUP, plan_import
 from roller.secrets import SecretsError, merge_into_secrets_file
 from roller.store import AuditEntry, Store
-from roller.web.dashboard import Dashboard, Viewer, _form, machine_url
+from roller.web.dashboard import Dashboard, _form, machine_url
+from roller.web.proxy import client_ip
 
 __all__ = ["InventoryAdmin", "form_to_json", "machine_to_form"]
 

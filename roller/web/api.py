@@ -23,7 +23,6 @@ from werkzeug.exceptions import NotFound as RouteNotFound
 
 from roller import __version__
 from roller.auth import IAuthenticator, Principal
-from roller.auth.hawk import client_ip, parse_trusted_proxies
 from roller.errors import BadRequest, Conflict, Forbidden, NotFound, RollerError, Unauthorized
 from roller.inventory import Machine, valid_worker_id
 from roller.jobs import PRIORITY_DEFAULT, PRIORITY_MAX, PRIORITY_MIN, State
@@ -36,6 +35,7 @@ from roller.tasks import TaskRegistry
 from roller.version import load_version
 from roller.web.http import json_error, query_arg
 from roller.web.openapi import openapi_document
+from roller.web.proxy import client_ip, parse_trusted_proxies, request_target
 
 log = Logger()
 
@@ -298,7 +298,13 @@ class Api:
         return client_ip(request, self.trusted_proxies)
 
     async def _authorize(self, request: IRequest, scope: str) -> Principal:
-        principal = await self.authenticator.authenticate(request)
+        try:
+            target = request_target(request, self.trusted_proxies)
+        except BadRequest:
+            # a target or Host roller cannot read: the authenticator reads the request itself
+            # and refuses it in its own order (no credentials first)
+            target = None
+        principal = await self.authenticator.authenticate(request, target)
         if not principal.has_scope(scope):
             raise Forbidden(principal.lacks(scope), code="insufficient_scope")  # says if authorizedScopes removed it
         return principal

@@ -41,9 +41,10 @@ from urllib.parse import urlsplit
 from twisted.web import resource
 from twisted.web.iweb import IRequest
 
-from roller.auth.hawk import DEFAULT_PORTS, Network, parse_trusted_proxies, request_authority
+from roller.auth.hawk import DEFAULT_PORTS
 from roller.errors import BadRequest
 from roller.web.http import json_error
+from roller.web.proxy import Network, parse_trusted_proxies, request_authority
 from roller.web.site import security_headers
 
 __all__ = ["AllowedHosts", "HostCheck", "host_check_from_settings"]
