@@ -22,20 +22,19 @@ from attrs import define, field
 from klein import Klein
 from twisted.internet.defer import CancelledError
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import deferLater
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.web.server import Site
 from zope.interface import Interface
 
 from roller.config import load_settings
 from roller.drivers.redfish import (
-    PowerResult,
     RedfishAuthFailed,
     RedfishConfigError,
     RedfishConnectFailed,
     RedfishDriver,
     RedfishHttpError,
     RedfishNotFound,
+    RedfishPowerResult,
     RedfishPowerTimeout,
     RedfishTarget,
     RedfishTimeout,
@@ -49,6 +48,7 @@ from roller.secrets import Credential, Secrets
 from roller.tasks import TaskContext, TaskFailed
 from roller.tasks import redfish as redfish_task
 from roller.testing.liveness import DownThenUp
+from roller.testing.results import eventually
 from roller.testing.sushy import SushyEmulator, fake_system, skip_reason
 
 SKIP_SUSHY = skip_reason()
@@ -137,7 +137,7 @@ async def test_off_then_already_off(bmc):
     d = _driver()
     lines: list[str] = []
     result = await d.power(_target(bmc, "off"), "off", lines.append)
-    assert isinstance(result, PowerResult)
+    assert isinstance(result, RedfishPowerResult)
     assert (result.action, result.reset_types, result.state) == ("off", ("ForceOff",), "Off")
     assert bmc.power_state("off") == "Off"
     assert any("ComputerSystem.Reset ForceOff -> HTTP 204" in line for line in lines)
@@ -318,13 +318,6 @@ def silent_server():
     port.stopListening()
 
 
-async def _until(condition: Any, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await deferLater(_reactor(), 0.01, lambda: None)
-
-
 @pytest_twisted.ensureDeferred
 async def test_bmc_not_answering_times_out_and_hangs_up(silent_server):
     started = time.monotonic()
@@ -333,17 +326,17 @@ async def test_bmc_not_answering_times_out_and_hangs_up(silent_server):
     assert isinstance(e, RedfishTimeout)
     assert str(e) == f"Redfish {silent_server.url} did not answer GET /redfish/v1/ within 0.3 s"
     assert time.monotonic() - started < 3
-    await _until(lambda: len(silent_server.lost) == len(silent_server.connected) == 1)
+    await eventually(lambda: len(silent_server.lost) == len(silent_server.connected) == 1)
 
 
 @pytest_twisted.ensureDeferred
 async def test_cancel_hangs_up(silent_server):
     d = _driver().status(RedfishTarget(url=silent_server.url, username="u", password="p"))
-    await _until(lambda: silent_server.connected)
+    await eventually(lambda: silent_server.connected)
     d.cancel()
     e = await _failure(d)
     assert isinstance(e, CancelledError)
-    await _until(lambda: silent_server.lost)
+    await eventually(lambda: silent_server.lost)
 
 
 # ---------------------------------------------------------------- TLS

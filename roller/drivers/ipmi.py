@@ -113,7 +113,16 @@ from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from roller.drivers.liveness import validate_address
-from roller.drivers.power import IPowerDriver, PowerError, PowerResult, PowerTimeout
+from roller.drivers.power import (
+    IPowerDriver,
+    PowerActionError,
+    PowerAuthError,
+    PowerError,
+    PowerResult,
+    PowerSettingError,
+    PowerStateMismatch,
+    PowerTimeout,
+)
 from roller.secrets import UnknownCredential
 
 log = Logger()
@@ -186,17 +195,13 @@ class IpmiError(PowerError):
     @ivar attempts: How many times the command was tried.
     """
 
-    kind = "protocol"
     transient = False
     default_sent = True
 
     def __init__(self, message: str, *, host: str | None = None, port: int | None = None,
                  detail: str = "", exit_code: int | None = None, transient: bool | None = None,
                  maybe_sent: bool | None = None, attempts: int = 1):
-        sent = self.default_sent if maybe_sent is None else maybe_sent
-        PowerError.__init__(self, message, kind=type(self).kind, sent=sent)
-        self.host = host
-        self.port = port
+        super().__init__(message, sent=maybe_sent, host=host, port=port)
         self.detail = detail
         self.exit_code = exit_code
         if transient is not None:
@@ -207,28 +212,22 @@ class IpmiError(PowerError):
     def maybe_sent(self) -> bool:
         return self.sent
 
-    def __str__(self) -> str:
-        return self.message
 
-
-class IpmiConfigError(IpmiError):
+class IpmiConfigError(IpmiError, PowerSettingError):
     """The target cannot be built from inventory and secrets, or ipmitool is missing; nothing was sent."""
 
-    kind = "config"
     default_sent = False
 
 
-class IpmiAuthFailed(IpmiError):
+class IpmiAuthFailed(IpmiError, PowerAuthError):
     """The BMC refused the user name or password (or its privilege); nothing was run."""
 
-    kind = "auth"
     default_sent = False
 
 
 class IpmiUnreachable(IpmiError, PowerTimeout):
     """The BMC did not answer the session set-up (down, wrong address, overloaded)."""
 
-    kind = "timeout"
     transient = True
     default_sent = False
 
@@ -236,17 +235,14 @@ class IpmiUnreachable(IpmiError, PowerTimeout):
 class IpmiTimeout(IpmiError, PowerTimeout):
     """ipmitool did not finish within roller's deadline and was killed; the outcome is unknown."""
 
-    kind = "timeout"
     transient = True
 
 
-class IpmiCommandFailed(IpmiError):
+class IpmiCommandFailed(IpmiError, PowerActionError):
     """The BMC answered but refused the command (or ipmitool failed otherwise)."""
 
-    kind = "refused"
 
-
-class IpmiStateMismatch(IpmiError):
+class IpmiStateMismatch(IpmiError, PowerStateMismatch):
     """
     A power change was accepted but the state read back is not the expected one.
     (C{kind} C{"unreached"}.)
@@ -254,8 +250,6 @@ class IpmiStateMismatch(IpmiError):
     @ivar expected: C{"on"} or C{"off"}.
     @ivar actual: The last state read, or C{None} if none could be read.
     """
-
-    kind = "unreached"
 
     def __init__(self, message: str, *, expected: str, actual: str | None, **kw: Any):
         super().__init__(message, **kw)

@@ -20,7 +20,23 @@ from attrs import frozen
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
-__all__ = ["IPowerDriver", "PowerError", "PowerResult", "PowerTimeout", "POWER_STATES"]
+from roller.drivers.errors import DriverError
+from roller.secrets import Credential
+
+__all__ = [
+    "POWER_STATES",
+    "DriverError",
+    "IPowerDriver",
+    "PowerActionError",
+    "PowerAuthError",
+    "PowerConnError",
+    "PowerError",
+    "PowerResult",
+    "PowerSettingError",
+    "PowerStateMismatch",
+    "PowerTimeout",
+    "password_login",
+]
 
 #: What L{PowerResult.state} can be.
 POWER_STATES = ("on", "off", "changing", "unknown")
@@ -44,34 +60,70 @@ class PowerResult:
     raw: str | None = None
 
 
-class PowerError(Exception):
+class PowerError(DriverError):
     """
     A power action failed: the device refused it, did not answer, or did
     not reach the requested state.  The message is one line for the job
     log; it never holds a secret.
 
+    Drivers raise the subclasses below (or their own subclasses of them,
+    e.g. L{roller.drivers.ipmi.IpmiAuthFailed} is a L{PowerAuthError}),
+    never a private tree translated afterwards.
+
     @ivar kind: C{"timeout"}, C{"auth"}, C{"refused"}, C{"config"},
         C{"unreached"} (commanded, but the state was not read back in time)
-        or C{"protocol"}.
+        or C{"protocol"}; each subclass has its own.
     @ivar sent: Whether a command may have reached the device (so the
         machine may have changed state even though this failed).
     """
 
-    def __init__(self, message: str, kind: str = "protocol", sent: bool = False):
-        super().__init__(message)
-        self.message = message
-        self.kind = kind
-        self.sent = sent
+    #: The default of L{kind} for this class.
+    kind: str = "protocol"
+    #: The default of L{sent} for this class.
+    default_sent: bool = False
 
-    def __str__(self) -> str:
-        return self.message
+    def __init__(self, message: str, kind: str | None = None, sent: bool | None = None, *,
+                 host: str | None = None, port: int | None = None) -> None:
+        super().__init__(message, host=host, port=port)
+        self.kind = type(self).kind if kind is None else kind
+        self.sent = type(self).default_sent if sent is None else sent
+
+
+class PowerSettingError(PowerError):
+    """The driver cannot be used as configured (inventory, settings, secrets); nothing was sent."""
+
+    kind = "config"
+
+
+class PowerAuthError(PowerError):
+    """The device refused the credential (or its privilege); nothing was run."""
+
+    kind = "auth"
+
+
+class PowerConnError(PowerError):
+    """The device could not be reached (refused, unreachable, unresolvable, TLS)."""
+
+    kind = "refused"
+
+
+class PowerActionError(PowerError):
+    """The device answered but refused the command, or does not offer it."""
+
+    kind = "refused"
 
 
 class PowerTimeout(PowerError):
     """The device did not answer at all."""
 
-    def __init__(self, message: str, sent: bool = False):
-        super().__init__(message, kind="timeout", sent=sent)
+    kind = "timeout"
+
+
+class PowerStateMismatch(PowerError):
+    """The command was accepted but the state read back is not the one wanted in time."""
+
+    kind = "unreached"
+    default_sent = True
 
 
 class IPowerDriver(Interface):
@@ -104,3 +156,15 @@ class IPowerDriver(Interface):
         A hard reset.  For a BMC: chassis reset (power stays on).  For a PDU
         outlet, which has no reset line: the same as C{cycle()}.
         """
+
+
+def password_login(credential: Credential) -> tuple[str, str]:
+    """
+    The user name and password of a credential of type C{password} (which
+    L{Credential} guarantees to have both).
+
+    @raise PowerSettingError: It has not (it is of another type).
+    """
+    if credential.username is None or credential.password is None:
+        raise PowerSettingError(f"credential {credential.name!r} is of type {credential.kind}, not password")
+    return credential.username, credential.password

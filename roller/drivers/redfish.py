@@ -30,7 +30,7 @@ The power verbs are those of C{IPowerDriver} (as in
 L{roller.drivers.ipmi}): C{verb(target, on_event=None)} returning a
 Deferred that fires with a one-line summary; C{on_event(message)} (a
 job's C{ctx.log}) gets progress lines.  L{RedfishDriver.power} and
-L{RedfishDriver.boot_override} do the same and fire with a L{PowerResult}
+L{RedfishDriver.boot_override} do the same and fire with a L{RedfishPowerResult}
 or L{BootResult} instead.
 
   - L{RedfishDriver.reset}: a reboot.  C{ForceRestart}, else
@@ -80,8 +80,12 @@ Cancelling the Deferred of any call aborts the request in flight (its
 connection is closed); request timeouts are such cancellations on the
 injected clock.
 
-The HTTP plumbing (L{tls_policy}, L{HttpConversation}, L{transport_error})
-is shared with L{roller.drivers.xen}.
+Every failure is also the shared L{roller.drivers.power.PowerError} of its
+kind (L{RedfishAuthFailed} is a C{PowerAuthError}, ...), so the
+C{IPowerDriver} (L{RedfishPower}) passes them on as they are.
+
+The HTTP conversation itself (L{roller.http_client.HttpConversation}) is
+shared with L{roller.drivers.xen}.
 """
 
 from __future__ import annotations
@@ -90,41 +94,40 @@ import base64
 import json
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
-from urllib.parse import urljoin, urlsplit
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from attrs import field, frozen
-from OpenSSL import SSL
-from treq.client import HTTPClient
-from twisted.internet import error, ssl
-from twisted.internet.defer import CancelledError, Deferred, fail
-from twisted.internet.defer import TimeoutError as DeferredTimeout
-from twisted.internet.protocol import Protocol
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
-from twisted.python.failure import Failure
-from twisted.web.client import (
-    Agent,
-    BrowserLikePolicyForHTTPS,
-    HTTPConnectionPool,
-    ResponseDone,
-)
-from twisted.web.http import PotentialDataLoss
-from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
-from roller.drivers.power import IPowerDriver, PowerError, PowerTimeout
-from roller.drivers.power import PowerResult as PowerIResult
-from roller.json_input import load_json
-from roller.secrets import UnknownCredential
+from roller.drivers.power import (
+    IPowerDriver,
+    PowerActionError,
+    PowerAuthError,
+    PowerConnError,
+    PowerError,
+    PowerResult,
+    PowerSettingError,
+    PowerStateMismatch,
+    PowerTimeout,
+    password_login,
+)
+from roller.drivers.reactor import ITcpReactor
+from roller.http_client import HttpConversation, HttpReply, endpoint, tls_policy
+from roller.inventory import Machine
+from roller.secrets import Secrets, UnknownCredential
+
+if TYPE_CHECKING:
+    from roller.config import Settings
 
 log = Logger()
 
 __all__ = [
     "BootResult",
-    "HttpConversation",
-    "HttpReply",
-    "PowerResult",
     "RedfishAuthFailed",
     "RedfishConfigError",
     "RedfishConnectFailed",
@@ -138,18 +141,11 @@ __all__ = [
     "RedfishTimeout",
     "RedfishUnsupported",
     "RedfishPower",
-    "as_power_error",
+    "RedfishPowerResult",
     "choose_reset_type",
     "redfish_target",
-    "tls_policy",
-    "transport_error",
 ]
 
-#: Largest response body read (bytes); a BMC answer is a few kB.
-MAX_BODY = 4 * 1024 * 1024
-
-#: Same-origin redirects followed per GET.
-MAX_REDIRECTS = 5
 
 SERVICE_ROOT = "/redfish/v1/"
 SYSTEMS = "/redfish/v1/Systems"
@@ -175,39 +171,48 @@ EventCallback = Callable[..., object]  # on_event(message, **data), e.g. a job's
 # ---------------------------------------------------------------- errors
 
 
-class RedfishError(Exception):
+class RedfishError(PowerError):
     """
-    A Redfish call failed; the message says why in one line.
+    A Redfish call failed; the message says why in one line.  A
+    L{PowerError}: each subclass is also the shared error of its kind.
 
     @ivar message: The line (also C{str(error)}).
     @ivar url: The BMC's base URL, when known.
     @ivar status: The HTTP status, when there was one.
     """
 
-    def __init__(self, message: str, *, url: str | None = None, status: int | None = None):
-        super().__init__(message)
-        self.message = message
+    default_sent = True
+
+    def __init__(self, message: str, *, url: str | None = None, status: int | None = None,
+                 sent: bool | None = None):
+        host, port = endpoint(url)
+        super().__init__(message, sent=sent, host=host, port=port)
         self.url = url
         self.status = status
 
-    def __str__(self) -> str:
-        return self.message
 
-
-class RedfishConfigError(RedfishError):
+class RedfishConfigError(RedfishError, PowerSettingError):
     """The target cannot be built from inventory and secrets, or is ambiguous."""
 
+    default_sent = False
 
-class RedfishAuthFailed(RedfishError):
+
+class RedfishAuthFailed(RedfishError, PowerAuthError):
     """The BMC refused the credential (HTTP 401) or the operation (403)."""
 
+    default_sent = False
 
-class RedfishNotFound(RedfishError):
+
+class RedfishNotFound(RedfishError, PowerActionError):
     """HTTP 404: the system (or another resource) is not there."""
 
+    default_sent = False
 
-class RedfishUnsupported(RedfishError):
+
+class RedfishUnsupported(RedfishError, PowerActionError):
     """The BMC does not offer the ResetType or boot target (or answered 501)."""
+
+    default_sent = False
 
 
 class RedfishHttpError(RedfishError):
@@ -218,24 +223,28 @@ class RedfishProtocolError(RedfishError):
     """The answer is not the JSON expected."""
 
 
-class RedfishConnectFailed(RedfishError):
+class RedfishConnectFailed(RedfishError, PowerConnError):
     """
-    No answer could be had.
+    No answer could be had.  When the BMC closed the connection during a
+    request (C{reason} C{"closed"}) it may have acted on it: C{kind} is
+    then C{"timeout"} and C{sent} true.
 
     @ivar reason: C{"refused"}, C{"unreachable"}, C{"dns"}, C{"tls"},
         C{"closed"} or C{"connect"}.
     """
 
     def __init__(self, message: str, *, reason: str, **kw: Any):
-        super().__init__(message, **kw)
+        super().__init__(message, sent=reason == "closed", **kw)
         self.reason = reason
+        if reason == "closed":
+            self.kind = "timeout"
 
 
-class RedfishTimeout(RedfishError):
+class RedfishTimeout(RedfishError, PowerTimeout):
     """A request got no answer within the request timeout; roller hung up."""
 
 
-class RedfishPowerTimeout(RedfishError):
+class RedfishPowerTimeout(RedfishError, PowerStateMismatch):
     """
     The power state did not become what the action should give in time.
 
@@ -303,7 +312,7 @@ class RedfishTarget:
         return text
 
 
-def redfish_target(machine: Any, secrets: Any, default_credential: str | None = None) -> RedfishTarget:
+def redfish_target(machine: Machine, secrets: Secrets, default_credential: str | None = None) -> RedfishTarget:
     """
     The L{RedfishTarget} for a L{roller.inventory.Machine}.
 
@@ -329,262 +338,17 @@ def redfish_target(machine: Any, secrets: Any, default_credential: str | None = 
     if cred.kind != "password":
         raise RedfishConfigError(f"machine {name}: Redfish credential {cred_name!r} is of type "
                                  f"{cred.kind}, not password")
-    return RedfishTarget(url=access.url, system=access.system, username=cred.username,
-                         password=cred.password, credential=cred_name, ca_file=access.ca_file,
+    username, password = password_login(cred)
+    return RedfishTarget(url=access.url, system=access.system, username=username,
+                         password=password, credential=cred_name, ca_file=access.ca_file,
                          verify_tls=access.verify_tls, name=name)
-
-
-# ---------------------------------------------------------------- HTTP plumbing
-
-
-@implementer(IPolicyForHTTPS)
-class _NoVerification:
-    """TLS without any certificate check: only for an explicit C{verify_tls = false}."""
-
-    def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
-        return ssl.CertificateOptions(verify=False)
-
-
-_PEM_RE = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
-
-
-def tls_policy(ca_file: str | None, verify_tls: bool, what: str = "") -> IPolicyForHTTPS:
-    """
-    The HTTPS policy for a peer: the system trust store, the CAs of
-    C{ca_file} alone, or (C{verify_tls} false) none.
-
-    @raise RedfishConfigError: The CA file cannot be read or holds no
-        certificate.
-    """
-    if not verify_tls:
-        return _NoVerification()
-    if not ca_file:
-        return BrowserLikePolicyForHTTPS()
-    label = f"{what}: " if what else ""
-    try:
-        with open(ca_file, "rb") as f:
-            pem = f.read()
-    except OSError as e:
-        raise RedfishConfigError(f"{label}cannot read CA file {ca_file}: {e.strerror or e}") from None
-    try:
-        certs = [ssl.Certificate.loadPEM(block) for block in _PEM_RE.findall(pem)]
-    except Exception as e:
-        raise RedfishConfigError(f"{label}CA file {ca_file} holds a certificate that cannot be "
-                                 f"loaded: {e}") from None
-    if not certs:
-        raise RedfishConfigError(f"{label}CA file {ca_file} holds no PEM certificate")
-    return BrowserLikePolicyForHTTPS(trustRoot=ssl.trustRootFromCertificates(certs))
-
-
-def _reasons(failure: Failure) -> list[Failure]:
-    """The failure and those wrapped in ResponseFailed & co, flattened."""
-    out = [failure]
-    for inner in getattr(failure.value, "reasons", None) or ():
-        if isinstance(inner, Failure):
-            out.extend(_reasons(inner))
-    return out
-
-
-def transport_error(failure: Failure, *, where: str, request: str, timeout: float,
-                    make: Callable[..., Exception], timeout_error: Callable[..., Exception],
-                    url: str, tls_hint: str = "") -> Exception:
-    """
-    A readable error for a request that got no HTTP answer.
-
-    @param where: The peer, e.g. C{"Redfish https://bmc:443"}.
-    @param request: What was asked, e.g. C{"GET /redfish/v1/"}.
-    @param make: Builds the connection error: C{make(message, reason=...,
-        url=...)}.
-    @param timeout_error: Builds the timeout error: C{timeout_error(message,
-        url=...)}.
-    @param tls_hint: What to do about a certificate that is not trusted.
-    """
-    if failure.check(DeferredTimeout):
-        return timeout_error(f"{where} did not answer {request} within {timeout:g} s", url=url)
-    for f in _reasons(failure):
-        if f.check(error.ConnectionRefusedError):
-            return make(f"cannot connect to {where}: connection refused", reason="refused", url=url)
-        if f.check(error.DNSLookupError):
-            return make(f"cannot connect to {where}: host name does not resolve", reason="dns", url=url)
-        if f.check(error.NoRouteError):
-            return make(f"cannot connect to {where}: no route to host", reason="unreachable", url=url)
-        if f.check(error.TimeoutError, error.TCPTimedOutError):
-            return make(f"cannot connect to {where}: no connection within {timeout:g} s",
-                        reason="connect", url=url)
-        if f.check(SSL.Error):
-            detail = _ssl_detail(f.value)
-            hint = f" ({tls_hint})" if tls_hint else ""
-            return make(f"TLS with {where} failed: {detail}{hint}", reason="tls", url=url)
-        if f.check(error.ConnectError):
-            return make(f"cannot connect to {where}: {f.getErrorMessage()}", reason="connect", url=url)
-    for f in _reasons(failure):
-        if f.check(error.ConnectionLost, error.ConnectionDone, ResponseDone, PotentialDataLoss):
-            return make(f"{where} closed the connection during {request} without an answer",
-                        reason="closed", url=url)
-    return make(f"{where}: {request} failed: {failure.getErrorMessage()[:300]}", reason="closed", url=url)
-
-
-def _ssl_detail(value: Any) -> str:
-    try:
-        parts = [p[2] for p in value.args[0] if isinstance(p, tuple) and len(p) >= 3]
-    except (IndexError, TypeError):
-        parts = []
-    return "; ".join(parts) or str(value)[:200] or "handshake failed"
-
-
-class _BodyTooLarge(Exception):
-    pass
-
-
-class _BodyReader(Protocol):
-    """Collects a response body up to a limit; cancelling its Deferred hangs up."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.chunks: list[bytes] = []
-        self.size = 0
-        self.deferred: Deferred[bytes] = Deferred(self._cancel)
-
-    def _cancel(self, d: Deferred) -> None:
-        if self.transport is not None:
-            self.transport.stopProducing()
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.deferred.called:
-            return
-        self.size += len(data)
-        if self.size > self.limit:
-            self.deferred.errback(_BodyTooLarge(f"answer larger than {self.limit} bytes"))
-            self.transport.stopProducing()
-            return
-        self.chunks.append(data)
-
-    def connectionLost(self, reason: Failure) -> None:
-        if self.deferred.called:
-            return
-        if reason.check(ResponseDone, PotentialDataLoss):
-            self.deferred.callback(b"".join(self.chunks))
-        else:
-            self.deferred.errback(reason)
-
-
-def _origin(url: str) -> tuple[str, str, int | None]:
-    parts = urlsplit(url)
-    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
-    return (parts.scheme, (parts.hostname or "").lower(), port)
-
-
-@frozen
-class HttpReply:
-    """An HTTP answer: status, headers (lower-case names, first value) and body."""
-
-    status: int
-    headers: Mapping[str, str]
-    body: bytes
-
-    def json(self) -> Any:
-        return load_json(self.body, max_depth=64) if self.body.strip() else {}
-
-
-class HttpConversation:
-    """
-    Requests to one peer for one operation over one persistent connection
-    (a pool of one per host, closed by L{close}), each bounded by
-    C{timeout} seconds on C{clock}.
-
-    @ivar sent: C{"METHOD PATH"} of every request sent, in order.
-    """
-
-    def __init__(self, reactor: Any, clock: Any, base_url: str, policy: IPolicyForHTTPS, *,
-                 timeout: float, where: str, make_error: Callable[..., Exception],
-                 timeout_error: Callable[..., Exception], limit: int = MAX_BODY, tls_hint: str = ""):
-        self.clock = clock
-        self.base_url = base_url
-        self.timeout = timeout
-        self.where = where
-        self.limit = limit
-        self._make_error = make_error
-        self._timeout_error = timeout_error
-        self.tls_hint = tls_hint
-        self.pool = HTTPConnectionPool(reactor, persistent=True)
-        self.pool.maxPersistentPerHost = 1
-        self.pool.retryAutomatically = True
-        agent = Agent(reactor, contextFactory=policy, connectTimeout=timeout, pool=self.pool)
-        self.client = HTTPClient(agent)
-        self.sent: list[str] = []
-
-    def url(self, path: str) -> str:
-        if path.startswith(("http://", "https://")):
-            return path
-        if not path.startswith("/"):
-            path = "/" + path
-        return self.base_url + path
-
-    async def request(self, method: str, path: str, *, body: bytes | None = None,
-                      headers: Mapping[str, str] | None = None, timeout: float | None = None,
-                      label: str | None = None) -> HttpReply:
-        """
-        Send one request; its L{HttpReply} whatever the status.  No answer
-        raises the error L{transport_error} picks; cancelling hangs up.
-        """
-        timeout = self.timeout if timeout is None else timeout
-        label = label or f"{method} {path}"
-        self.sent.append(f"{method} {path}")
-
-        async def exchange() -> HttpReply:
-            url = self.url(path)
-            for _ in range(MAX_REDIRECTS + 1):
-                response = await self.client.request(method, url, data=body, headers=dict(headers or {}),
-                                                     unbuffered=True, allow_redirects=False)
-                reader = _BodyReader(self.limit)
-                response.deliverBody(reader)
-                payload = await reader.deferred
-                hdrs = {k.decode("latin-1").lower(): v[0].decode("latin-1")
-                        for k, v in response.headers.getAllRawHeaders() if v}
-                reply = HttpReply(response.code, hdrs, payload)
-                # Follow redirects of reads on the same origin only: the
-                # credentials (basic auth, X-Auth-Token) go with them.
-                target = urljoin(url, hdrs.get("location", ""))
-                if (reply.status not in (301, 302, 303, 307, 308) or method not in ("GET", "HEAD")
-                        or not hdrs.get("location") or _origin(target) != _origin(self.base_url)):
-                    return reply
-                url = target
-            return reply
-
-        def timed_out(result: Any, seconds: float) -> Failure:
-            # Agent wraps the cancellation (ResponseNeverReceived), which
-            # addTimeout's default would not recognise.
-            if isinstance(result, Failure) and not any(f.check(CancelledError) for f in _reasons(result)):
-                return result
-            return Failure(DeferredTimeout(f"{label} timed out after {seconds:g} s"))
-
-        d = Deferred.fromCoroutine(exchange())
-        d.addTimeout(timeout, self.clock, onTimeoutCancel=timed_out)
-        try:
-            return await d
-        except CancelledError:
-            raise
-        except _BodyTooLarge as e:
-            raise self._make_error(f"{self.where}: {label}: {e}", reason="closed",
-                                   url=self.base_url) from None
-        except Exception:
-            failure = Failure()
-            if any(f.check(CancelledError) for f in _reasons(failure)):
-                raise CancelledError() from None  # the caller cancelled
-            raise transport_error(failure, where=self.where, request=label, timeout=timeout,
-                                  make=self._make_error, timeout_error=self._timeout_error,
-                                  url=self.base_url, tls_hint=self.tls_hint) from None
-
-    def close(self) -> None:
-        """Close the cached connection (not waited for)."""
-        self.pool.closeCachedConnections().addErrback(lambda f: None)
 
 
 # ---------------------------------------------------------------- results
 
 
 @frozen
-class PowerResult:
+class RedfishPowerResult:
     """
     What a power action did.
 
@@ -660,7 +424,7 @@ class _Session:
         self.target = target
         self.on_event = on_event
         self.where = f"Redfish {target.url}"
-        policy = tls_policy(target.ca_file, target.verify_tls, self.where)
+        policy = tls_policy(target.ca_file, target.verify_tls, self.where, error=RedfishConfigError)
         self.http = HttpConversation(
             driver.reactor, driver.clock, target.url, policy, timeout=driver.request_timeout,
             where=self.where, make_error=RedfishConnectFailed, timeout_error=RedfishTimeout,
@@ -674,7 +438,7 @@ class _Session:
         if self.on_event is not None:
             try:
                 self.on_event(line)
-            except Exception:
+            except Exception:  # noqa: BLE001 -- a failing progress callback must not fail the action
                 log.failure("on_event callback failed")
 
     # -- requests
@@ -769,8 +533,9 @@ class _Session:
                             not_found=f"no Redfish service at {SERVICE_ROOT}")
         root = self._decode(reply, f"GET {SERVICE_ROOT}")
         sessions = _odata_id((root.get("Links") or {}).get("Sessions"))
-        if sessions is None and _odata_id(root.get("SessionService")):
-            sessions = _odata_id(root.get("SessionService")).rstrip("/") + "/Sessions"
+        service = _odata_id(root.get("SessionService"))
+        if sessions is None and service:
+            sessions = service.rstrip("/") + "/Sessions"
         if sessions is None:
             self.say(f"{self.where}: basic auth ({self.target.who()})")
             return
@@ -901,7 +666,7 @@ class RedfishDriver:
     @param poll_interval: Seconds between power-state reads.
     """
 
-    def __init__(self, reactor: Any, *, clock: Any = None, request_timeout: float = 20.0,
+    def __init__(self, reactor: ITcpReactor, *, clock: IReactorTime | None = None, request_timeout: float = 20.0,
                  power_timeout: float = 120.0, poll_interval: float = 2.0,
                  default_credential: str | None = None):
         for name, value in (("request_timeout", request_timeout), ("power_timeout", power_timeout),
@@ -916,7 +681,7 @@ class RedfishDriver:
         self.default_credential = default_credential or None
         self._warned: set[str] = set()
 
-    def for_machine(self, machine: Any, secrets: Any, *,
+    def for_machine(self, machine: Machine, secrets: Secrets, *,
                     on_progress: EventCallback | None = None) -> RedfishPower:
         """
         The L{IPowerDriver} of C{machine}'s Redfish BMC (with this driver's
@@ -924,11 +689,7 @@ class RedfishDriver:
 
         @raise PowerError: (kind C{"config"}) the target cannot be built.
         """
-        try:
-            target = redfish_target(machine, secrets, self.default_credential)
-        except RedfishError as e:
-            raise as_power_error(e) from None
-        return RedfishPower(self, target, on_progress)
+        return RedfishPower(self, redfish_target(machine, secrets, self.default_credential), on_progress)
 
     # -- the power verbs (IPowerDriver): each returns a Deferred firing with a
     # -- one-line summary; cancelling it hangs up.
@@ -978,10 +739,10 @@ class RedfishDriver:
     # -- the same with structured results
 
     def power(self, target: RedfishTarget, action: str, on_event: EventCallback | None = None, *,
-              graceful: bool = False, reset_type: str | None = None) -> Deferred[PowerResult]:
+              graceful: bool = False, reset_type: str | None = None) -> Deferred[RedfishPowerResult]:
         """
         C{action} (C{"on"}, C{"off"}, C{"cycle"}, C{"reset"}) as the verbs
-        above, firing with a L{PowerResult}.  C{graceful} applies to
+        above, firing with a L{RedfishPowerResult}.  C{graceful} applies to
         C{"off"}, C{reset_type} to C{"reset"}: that ResetType exactly,
         refused before sending if the BMC advertises a list without it,
         then the state it implies is waited for.
@@ -989,7 +750,7 @@ class RedfishDriver:
         if action not in ("on", "off", "cycle", "reset"):
             raise ValueError(f"unknown power action {action!r}")
 
-        async def act(s: _Session, path: str, system: dict) -> PowerResult:
+        async def act(s: _Session, path: str, system: dict) -> RedfishPowerResult:
             if action == "on":
                 return await self._power(s, path, system, "on", ON_TYPES, "On")
             if action == "off":
@@ -1078,11 +839,11 @@ class RedfishDriver:
         return Deferred.fromCoroutine(conversation())
 
     def _result(self, action: str, sent: tuple[str, ...], state: str | None, path: str,
-                started: float, detail: str) -> PowerResult:
-        return PowerResult(action=action, reset_types=sent, state=state, system=path,
+                started: float, detail: str) -> RedfishPowerResult:
+        return RedfishPowerResult(action=action, reset_types=sent, state=state, system=path,
                            elapsed=self.clock.seconds() - started, detail=detail)
 
-    async def _graceful_off(self, s: _Session, path: str, system: dict) -> PowerResult:
+    async def _graceful_off(self, s: _Session, path: str, system: dict) -> RedfishPowerResult:
         started = self.clock.seconds()
         if system.get("PowerState") == "Off":
             s.say(f"{s.where}: {path} is already Off")
@@ -1108,7 +869,7 @@ class RedfishDriver:
                             f"GracefulShutdown did not finish in {self.power_timeout:g} s; "
                             f"{forced} sent; {path} is {state}")
 
-    async def _explicit_reset(self, s: _Session, path: str, system: dict, reset_type: str) -> PowerResult:
+    async def _explicit_reset(self, s: _Session, path: str, system: dict, reset_type: str) -> RedfishPowerResult:
         started = self.clock.seconds()
         target_path, allowed = await s.allowed_reset_types(system)
         if allowed is not None and reset_type not in allowed:
@@ -1122,7 +883,7 @@ class RedfishDriver:
                             f"{reset_type} sent; {path} is {state}")
 
     async def _power(self, s: _Session, path: str, system: dict, action: str,
-                     preferences: Sequence[str], want: str) -> PowerResult:
+                     preferences: Sequence[str], want: str) -> RedfishPowerResult:
         started = self.clock.seconds()
         if system.get("PowerState") == want:
             s.say(f"{s.where}: {path} is already {want}")
@@ -1138,7 +899,7 @@ class RedfishDriver:
                             f"{reset_type} sent; {path} is {state}")
 
     async def _restart(self, s: _Session, path: str, system: dict, action: str,
-                       preferences: Sequence[str]) -> PowerResult:
+                       preferences: Sequence[str]) -> RedfishPowerResult:
         started = self.clock.seconds()
         target_path, allowed = await s.allowed_reset_types(system)
         if system.get("PowerState") == "Off":
@@ -1190,30 +951,6 @@ class RedfishDriver:
 # ---------------------------------------------------------------- as an IPowerDriver
 
 
-def as_power_error(e: RedfishError) -> PowerError:
-    """The L{PowerError} (same one-line message) for a L{RedfishError}."""
-    if isinstance(e, RedfishConfigError):
-        return PowerError(e.message, kind="config")
-    if isinstance(e, RedfishAuthFailed):
-        return PowerError(e.message, kind="auth")
-    if isinstance(e, RedfishTimeout):
-        return PowerTimeout(e.message, sent=True)
-    if isinstance(e, RedfishConnectFailed):
-        return PowerError(e.message, kind="timeout" if e.reason == "closed" else "refused",
-                          sent=e.reason == "closed")
-    if isinstance(e, RedfishPowerTimeout):
-        return PowerError(e.message, kind="unreached", sent=True)
-    if isinstance(e, (RedfishUnsupported, RedfishNotFound)):
-        return PowerError(e.message, kind="refused")
-    return PowerError(e.message, kind="protocol", sent=True)
-
-
-def _translate(failure: Failure) -> Failure:
-    if failure.check(RedfishError):
-        return Failure(as_power_error(failure.value))
-    return failure
-
-
 def power_word(state: str | None) -> str:
     """A Redfish C{PowerState} (or its lower-cased word) as one of L{POWER_STATES}."""
     word = _state_word(state)
@@ -1247,32 +984,32 @@ class RedfishPower:
     def __repr__(self) -> str:
         return f"<RedfishPower {self.description}>"
 
-    def status(self) -> Deferred[PowerIResult]:
+    def status(self) -> Deferred[PowerResult]:
         """See L{IPowerDriver.status}."""
-        def done(word: str) -> PowerIResult:
-            return PowerIResult(power_word(word), f"{self.target.url}: PowerState is {word}", raw=word)
+        def done(word: str) -> PowerResult:
+            return PowerResult(power_word(word), f"{self.target.url}: PowerState is {word}", raw=word)
 
-        return self.driver.status(self.target, self.on_progress).addCallbacks(done, _translate)
+        return self.driver.status(self.target, self.on_progress).addCallback(done)
 
-    def _power(self, action: str) -> Deferred[PowerIResult]:
-        def done(r: PowerResult) -> PowerIResult:
-            return PowerIResult(power_word(r.state), r.detail, raw=r.state)
+    def _power(self, action: str) -> Deferred[PowerResult]:
+        def done(r: RedfishPowerResult) -> PowerResult:
+            return PowerResult(power_word(r.state), r.detail, raw=r.state)
 
-        return self.driver.power(self.target, action, self.on_progress).addCallbacks(done, _translate)
+        return self.driver.power(self.target, action, self.on_progress).addCallback(done)
 
-    def on(self) -> Deferred[PowerIResult]:
+    def on(self) -> Deferred[PowerResult]:
         """See L{IPowerDriver.on}: C{On} (else C{ForceOn}), read back On."""
         return self._power("on")
 
-    def off(self) -> Deferred[PowerIResult]:
+    def off(self) -> Deferred[PowerResult]:
         """See L{IPowerDriver.off}: C{ForceOff} (else C{GracefulShutdown}), read back Off."""
         return self._power("off")
 
-    def reset(self) -> Deferred[PowerIResult]:
+    def reset(self) -> Deferred[PowerResult]:
         """See L{IPowerDriver.reset}: C{ForceRestart} (or the best restart offered), read back On."""
         return self._power("reset")
 
-    def cycle(self, off_for: float | None = None) -> Deferred[PowerIResult]:
+    def cycle(self, off_for: float | None = None) -> Deferred[PowerResult]:
         """
         See L{IPowerDriver.cycle}: C{PowerCycle} (else C{ForceOff}, C{On}),
         or with C{off_for}: off (read back), C{off_for} seconds, on (read back).
@@ -1282,21 +1019,21 @@ class RedfishPower:
         if isinstance(off_for, bool) or not isinstance(off_for, (int, float)) or off_for < 0:
             return fail(ValueError(f"off_for must be a non-negative number of seconds, not {off_for!r}"))
 
-        async def go() -> PowerIResult:
+        async def go() -> PowerResult:
             await self.driver.power(self.target, "off", self.on_progress)
             await deferLater(self.driver.clock, off_for, lambda: None)
             r = await self.driver.power(self.target, "on", self.on_progress)
-            return PowerIResult(power_word(r.state), f"{self.target.url}: cycled (off, {off_for:g} s, on); "
+            return PowerResult(power_word(r.state), f"{self.target.url}: cycled (off, {off_for:g} s, on); "
                                                       f"{r.detail}", raw=r.state)
 
-        return Deferred.fromCoroutine(go()).addErrback(_translate)
+        return Deferred.fromCoroutine(go())
 
     def set_boot_device(self, device: str = "pxe", efi: bool = False) -> Deferred[str]:
         """A one-time boot override (C{pxe} by default), read back; L{PowerError} on failure."""
-        return self.driver.set_boot_device(self.target, device, efi, self.on_progress).addErrback(_translate)
+        return self.driver.set_boot_device(self.target, device, efi, self.on_progress)
 
 
-def redfish_from_settings(reactor: Any, settings: Any) -> RedfishDriver:
+def redfish_from_settings(reactor: ITcpReactor, settings: Settings) -> RedfishDriver:
     """The L{RedfishDriver} configured by the C{redfish.*} settings (see L{roller.config})."""
     return RedfishDriver(reactor, request_timeout=settings.redfish_request_timeout,
                          power_timeout=settings.redfish_power_timeout,

@@ -42,20 +42,36 @@ from __future__ import annotations
 
 import xmlrpc.client
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 from xml.parsers.expat import ExpatError
 
 from attrs import field, frozen
 from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from roller.drivers.power import IPowerDriver, PowerError, PowerResult, PowerTimeout
-from roller.drivers.redfish import HttpConversation, RedfishConfigError, tls_policy
-from roller.secrets import UnknownCredential
+from roller.drivers.power import (
+    IPowerDriver,
+    PowerActionError,
+    PowerAuthError,
+    PowerConnError,
+    PowerError,
+    PowerResult,
+    PowerSettingError,
+    PowerStateMismatch,
+    PowerTimeout,
+    password_login,
+)
+from roller.drivers.reactor import ITcpReactor
+from roller.http_client import HttpConversation, endpoint, tls_policy
+from roller.inventory import Machine
+from roller.secrets import Secrets, UnknownCredential
+
+if TYPE_CHECKING:
+    from roller.config import Settings
 
 log = Logger()
 
@@ -69,7 +85,6 @@ __all__ = [
     "XenPower",
     "XenProtocolError",
     "XenStateMismatch",
-    "as_power_error",
     "XenRebootResult",
     "XenTarget",
     "XenTimeout",
@@ -88,41 +103,44 @@ EventCallback = Callable[..., object]  # on_event(message, **data), e.g. a job's
 # ---------------------------------------------------------------- errors
 
 
-class XenError(Exception):
+class XenError(PowerError):
     """
-    A XenAPI call failed; the message says why in one line.
+    A XenAPI call failed; the message says why in one line.  A
+    L{PowerError}: each subclass is also the shared error of its kind.
 
     @ivar message: The line (also C{str(error)}).
     @ivar url: The pool URL, when known.
     """
 
-    def __init__(self, message: str, *, url: str | None = None):
-        super().__init__(message)
-        self.message = message
+    default_sent = True
+
+    def __init__(self, message: str, *, url: str | None = None, sent: bool | None = None):
+        host, port = endpoint(url)
+        super().__init__(message, sent=sent, host=host, port=port)
         self.url = url
 
-    def __str__(self) -> str:
-        return self.message
 
-
-class XenConfigError(XenError):
+class XenConfigError(XenError, PowerSettingError):
     """The target cannot be built from inventory, settings and secrets."""
 
+    default_sent = False
 
-class XenConnectFailed(XenError):
+
+class XenConnectFailed(XenError, PowerConnError):
     """
-    The pool could not be reached.
+    The pool could not be reached (C{sent} when it closed the connection
+    during a call, which it may have acted on).
 
     @ivar reason: C{"refused"}, C{"unreachable"}, C{"dns"}, C{"tls"},
         C{"closed"} or C{"connect"}.
     """
 
     def __init__(self, message: str, *, reason: str, **kw: Any):
-        super().__init__(message, **kw)
+        super().__init__(message, sent=reason == "closed", **kw)
         self.reason = reason
 
 
-class XenTimeout(XenError):
+class XenTimeout(XenError, PowerTimeout):
     """A call got no answer within its timeout; roller hung up."""
 
 
@@ -130,7 +148,11 @@ class XenProtocolError(XenError):
     """Not an XML-RPC XenAPI answer (HTTP error status, bad XML, a fault)."""
 
 
-class XenApiFailure(XenError):
+#: Calls that act on nothing: a failure of theirs changed no VM.
+_HARMLESS_CALLS = ("session.login_with_password", "VM.get_by_uuid")
+
+
+class XenApiFailure(XenError, PowerActionError):
     """
     XenAPI answered C{Status: Failure}.
 
@@ -139,6 +161,7 @@ class XenApiFailure(XenError):
     """
 
     def __init__(self, message: str, *, description: tuple[str, ...], method: str, **kw: Any):
+        kw.setdefault("sent", method not in _HARMLESS_CALLS)
         super().__init__(message, **kw)
         self.description = description
         self.method = method
@@ -149,36 +172,14 @@ class XenApiFailure(XenError):
         return self.description[0] if self.description else ""
 
 
-class XenAuthFailed(XenApiFailure):
+class XenAuthFailed(XenApiFailure, PowerAuthError):
     """C{SESSION_AUTHENTICATION_FAILED}: the pool refused the credential."""
 
+    kind = PowerAuthError.kind  # not XenApiFailure's (a refused action)
 
-class XenStateMismatch(XenError):
+
+class XenStateMismatch(XenError, PowerStateMismatch):
     """The VM's power state read back is not what the action should give."""
-
-
-def as_power_error(e: XenError) -> PowerError:
-    """The L{PowerError} (same one-line message) for a L{XenError}."""
-    if isinstance(e, XenConfigError):
-        return PowerError(e.message, kind="config")
-    if isinstance(e, XenAuthFailed):
-        return PowerError(e.message, kind="auth")
-    if isinstance(e, XenTimeout):
-        return PowerTimeout(e.message, sent=True)
-    if isinstance(e, XenConnectFailed):
-        return PowerError(e.message, kind="refused", sent=e.reason == "closed")
-    if isinstance(e, XenStateMismatch):
-        return PowerError(e.message, kind="unreached", sent=True)
-    if isinstance(e, XenApiFailure):
-        return PowerError(e.message, kind="refused", sent=e.method not in ("session.login_with_password",
-                                                                          "VM.get_by_uuid"))
-    return PowerError(e.message, kind="protocol", sent=True)
-
-
-def _translate(failure: Failure) -> Failure:
-    if failure.check(XenError):
-        return Failure(as_power_error(failure.value))
-    return failure
 
 
 #: XenAPI power states as L{roller.drivers.power.POWER_STATES}.
@@ -230,7 +231,7 @@ class XenTarget:
         return f"{cred}(user {self.username!r})"
 
 
-def xen_target(machine: Any, secrets: Any, *, default_url: str | None = None,
+def xen_target(machine: Machine, secrets: Secrets, *, default_url: str | None = None,
                default_credential: str | None = None, ca_file: str | None = None,
                verify_tls: bool = True) -> XenTarget:
     """
@@ -259,7 +260,8 @@ def xen_target(machine: Any, secrets: Any, *, default_url: str | None = None,
     if cred.kind != "password":
         raise XenConfigError(f"machine {name}: XenAPI credential {cred_name!r} is of type {cred.kind}, "
                              "not password")
-    return XenTarget(url=url, vm_uuid=access.vm_uuid, username=cred.username, password=cred.password,
+    username, password = password_login(cred)
+    return XenTarget(url=url, vm_uuid=access.vm_uuid, username=username, password=password,
                      credential=cred_name, ca_file=ca_file, verify_tls=verify_tls, name=name)
 
 
@@ -304,10 +306,8 @@ class _Pool:
 
     def _open(self, url: str) -> None:
         self.url = url
-        try:
-            policy = tls_policy(self.target.ca_file, self.target.verify_tls, f"XenAPI {url}")
-        except RedfishConfigError as e:
-            raise XenConfigError(str(e), url=url) from None
+        policy = tls_policy(self.target.ca_file, self.target.verify_tls, f"XenAPI {url}",
+                            error=lambda message: XenConfigError(message, url=url))
         base = urlunsplit(urlsplit(url)[:2] + ("", "", ""))
         self.http = HttpConversation(
             self.driver.reactor, self.driver.clock, base, policy, timeout=self.driver.timeout,
@@ -318,7 +318,7 @@ class _Pool:
         if self.on_event is not None:
             try:
                 self.on_event(line)
-            except Exception:
+            except Exception:  # noqa: BLE001 -- a failing progress callback must not fail the action
                 log.failure("on_event callback failed")
 
     def scrub(self, text: str) -> str:
@@ -389,8 +389,7 @@ class _Pool:
                 try:
                     await self.call("session.logout", session, timeout=self.driver.logout_timeout)
                     self.say(f"{self.where}: logged out")
-                except Exception as e:
-                    # CancelledError included: the caller's outcome stands.
+                except Exception as e:  # noqa: BLE001 -- CancelledError included: the caller's outcome stands
                     log.info("{where}: logout failed: {error}", where=self.where, error=e)
                     self.say(f"{self.where}: logout failed: {e}")
         finally:
@@ -412,7 +411,7 @@ class XenApiDriver:
     @param logout_timeout: Seconds for C{session.logout}.
     """
 
-    def __init__(self, reactor: Any, *, clock: Any = None, timeout: float = 30.0,
+    def __init__(self, reactor: ITcpReactor, *, clock: IReactorTime | None = None, timeout: float = 30.0,
                  shutdown_timeout: float = 120.0, start_delay: float = 5.0, logout_timeout: float = 10.0,
                  default_url: str | None = None, default_credential: str | None = None,
                  ca_file: str | None = None, verify_tls: bool = True):
@@ -434,24 +433,20 @@ class XenApiDriver:
         self.verify_tls = verify_tls
         self._warned: set[str] = set()
 
-    def target(self, machine: Any, secrets: Any) -> XenTarget:
+    def target(self, machine: Machine, secrets: Secrets) -> XenTarget:
         """L{xen_target} with this driver's defaults (pool URL, credential, TLS)."""
         return xen_target(machine, secrets, default_url=self.default_url,
                           default_credential=self.default_credential, ca_file=self.ca_file,
                           verify_tls=self.verify_tls)
 
-    def for_machine(self, machine: Any, secrets: Any, *,
+    def for_machine(self, machine: Machine, secrets: Secrets, *,
                     on_progress: EventCallback | None = None) -> XenPower:
         """
         The L{IPowerDriver} of C{machine}'s VM.
 
         @raise PowerError: (kind C{"config"}) the target cannot be built.
         """
-        try:
-            target = self.target(machine, secrets)
-        except XenError as e:
-            raise as_power_error(e) from None
-        return XenPower(self, target, on_progress)
+        return XenPower(self, self.target(machine, secrets), on_progress)
 
     def _with_session(self, target: XenTarget, on_event: EventCallback | None,
                       act: Callable[[_Pool, str], Any]) -> Deferred:
@@ -609,37 +604,37 @@ class XenPower:
     def status(self) -> Deferred[PowerResult]:
         """See L{IPowerDriver.status}."""
         return self.driver.power_state(self.target, self.on_progress).addCallbacks(
-            lambda state: self._result((state, f"VM {self.target.vm_uuid} is {state}")), _translate)
+            lambda state: self._result((state, f"VM {self.target.vm_uuid} is {state}")))
 
     def on(self) -> Deferred[PowerResult]:
         """See L{IPowerDriver.on}: C{VM.start}, read back Running."""
-        return self.driver.power(self.target, "on", self.on_progress).addCallbacks(self._result, _translate)
+        return self.driver.power(self.target, "on", self.on_progress).addCallback(self._result)
 
     def off(self) -> Deferred[PowerResult]:
         """See L{IPowerDriver.off}: C{VM.hard_shutdown}, read back Halted."""
-        return self.driver.power(self.target, "off", self.on_progress).addCallbacks(self._result, _translate)
+        return self.driver.power(self.target, "off", self.on_progress).addCallback(self._result)
 
     def reset(self) -> Deferred[PowerResult]:
         """See L{IPowerDriver.reset}: C{VM.hard_shutdown} then C{VM.start}, read back Running."""
-        return self.driver.power(self.target, "reset", self.on_progress).addCallbacks(self._result, _translate)
+        return self.driver.power(self.target, "reset", self.on_progress).addCallback(self._result)
 
     def cycle(self, off_for: float | None = None) -> Deferred[PowerResult]:
         """See L{IPowerDriver.cycle} and the class docstring."""
         if off_for is None:
             def done(r: XenRebootResult) -> PowerResult:
                 if r.state != "Running":
-                    raise PowerError(f"XenAPI {self.target.host}: {r.detail}, but it reads back {r.state} "
-                                     "(wanted Running)", kind="unreached", sent=True)
+                    raise XenStateMismatch(f"XenAPI {self.target.host}: {r.detail}, but it reads back {r.state} "
+                                           "(wanted Running)", url=self.target.url)
                 return PowerResult("on", r.detail, raw=r.state)
 
-            return self.driver.reboot(self.target, self.on_progress).addErrback(_translate).addCallback(done)
+            return self.driver.reboot(self.target, self.on_progress).addCallback(done)
         if isinstance(off_for, bool) or not isinstance(off_for, (int, float)) or off_for < 0:
             return fail(ValueError(f"off_for must be a non-negative number of seconds, not {off_for!r}"))
-        return self.driver.power(self.target, "reset", self.on_progress, off_for=float(off_for)).addCallbacks(
-            self._result, _translate)
+        return self.driver.power(self.target, "reset", self.on_progress,
+                                 off_for=float(off_for)).addCallback(self._result)
 
 
-def xen_from_settings(reactor: Any, settings: Any) -> XenApiDriver:
+def xen_from_settings(reactor: ITcpReactor, settings: Settings) -> XenApiDriver:
     """The L{XenApiDriver} configured by the C{xen.*} settings (see L{roller.config})."""
     return XenApiDriver(reactor, timeout=settings.xen_timeout, shutdown_timeout=settings.xen_shutdown_timeout,
                         start_delay=settings.xen_start_delay, default_url=settings.xen_url or None,

@@ -32,7 +32,16 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from roller.drivers.power import IPowerDriver, PowerError, PowerResult, PowerTimeout
+from roller.drivers.power import (
+    IPowerDriver,
+    PowerActionError,
+    PowerAuthError,
+    PowerError,
+    PowerResult,
+    PowerSettingError,
+    PowerStateMismatch,
+    PowerTimeout,
+)
 from roller.drivers.snmp.client import (
     SnmpAuthError,
     SnmpClient,
@@ -229,17 +238,17 @@ class SnmpPdus:
         """
         access = getattr(machine, "pdu", None)
         if access is None:
-            raise PowerError(f"machine {machine.worker_id} has no pdu settings", kind="config")
+            raise PowerSettingError(f"machine {machine.worker_id} has no pdu settings")
         name = access.credential or self.default_credential
         if not name:
-            raise PowerError(f"machine {machine.worker_id}: pdu.credential is not set and there is "
-                             "no default SNMP credential (snmp.credential)", kind="config")
+            raise PowerSettingError(f"machine {machine.worker_id}: pdu.credential is not set and there is "
+                             "no default SNMP credential (snmp.credential)")
         if secrets is None:
-            raise PowerError("no secrets file is loaded: cannot read SNMP credentials", kind="config")
+            raise PowerSettingError("no secrets file is loaded: cannot read SNMP credentials")
         try:
             credential = secrets.get(name)
         except KeyError as e:
-            raise PowerError(f"machine {machine.worker_id}: {e}", kind="config") from None
+            raise PowerSettingError(f"machine {machine.worker_id}: {e}") from None
         return self.outlet(access.host, access.outlet, credential, model=access.model,
                            port=access.port, on_progress=on_progress)
 
@@ -278,9 +287,9 @@ class SnmpPdus:
             model = model_for_sys_object_id(value) if isinstance(value, str) else None
             if model is None:
                 known = ", ".join(sorted(MODELS))
-                raise PowerError(
+                raise PowerSettingError(
                     f"PDU {target.where} reports sysObjectID {value!r}, which matches no PDU model "
-                    f"roller knows; set pdu.model to one of {known}", kind="config")
+                    f"roller knows; set pdu.model to one of {known}")
             self._models[where] = (model, self.reactor.seconds() + self.detect_ttl)
             log.info("PDU {where} identified as {model} (sysObjectID {oid})", where=target.where,
                      model=model.name, oid=value)
@@ -323,17 +332,16 @@ class PduOutletPower:
         self.credential = credential
         self.on_progress = on_progress
         if model != "auto" and model not in MODELS:
-            raise PowerError(f"unknown PDU model {model!r}; known: auto, {', '.join(sorted(MODELS))}",
-                             kind="config")
+            raise PowerSettingError(f"unknown PDU model {model!r}; known: auto, {', '.join(sorted(MODELS))}")
         try:
             # Validate the credential and host once, up front.
             self._target(MODELS.get(model))
             if model != "auto":
                 MODELS[model].outlet(outlet)
         except SnmpConfigError as e:
-            raise PowerError(str(e), kind="config") from None
+            raise PowerSettingError(str(e)) from None
         except ValueError as e:
-            raise PowerError(f"PDU {self._where()}: {e}", kind="config") from None
+            raise PowerSettingError(f"PDU {self._where()}: {e}") from None
 
     @property
     def description(self) -> str:
@@ -394,22 +402,23 @@ class PduOutletPower:
         try:
             outlet = model.outlet(self.outlet_label)
         except ValueError as e:
-            raise PowerError(f"PDU {self._where()} ({model.name}): {e}", kind="config") from None
+            raise PowerSettingError(f"PDU {self._where()} ({model.name}): {e}") from None
         return model, outlet, self._target(model)
 
     def _error(self, e: SnmpError, what: str, sent: bool) -> PowerError:
         text = f"{what} {self.description}: {e}"
+        where = {"host": e.host or self.host, "port": e.port or self.port}
         if isinstance(e, SnmpTimeout):
-            return PowerTimeout(text, sent=sent)
+            return PowerTimeout(text, sent=sent, **where)
         if isinstance(e, SnmpAuthError):
-            return PowerError(text, kind="auth")
+            return PowerAuthError(text, **where)
         if isinstance(e, SnmpNoSuchObject):
-            return PowerError(text + " (check pdu.model and pdu.outlet)", kind="config")
+            return PowerSettingError(text + " (check pdu.model and pdu.outlet)", **where)
         if isinstance(e, SnmpErrorStatus):
-            return PowerError(text, kind="refused")
+            return PowerActionError(text, **where)
         if isinstance(e, SnmpConfigError):
-            return PowerError(text, kind="config")
-        return PowerError(text, kind="protocol", sent=sent)
+            return PowerSettingError(text, **where)
+        return PowerError(text, kind="protocol", sent=sent, **where)
 
     async def _read(self, model: PduModel, outlet: OutletAddress, target: SnmpTarget) -> OutletStatus:
         varbinds = await self.pdus.request("get", target, [model.status(outlet)])
@@ -464,8 +473,8 @@ class PduOutletPower:
                     got = f"the last read failed: {last_error}"
                 else:
                     got = f"it reads {last}" + (f" (seen: {' -> '.join(seen)})" if len(seen) > 1 else "")
-                raise PowerError(f"{action} sent to {self.description}, but it did not read back "
-                                 f"{want} within {timeout:g} s: {got}", kind="unreached", sent=True)
+                raise PowerStateMismatch(f"{action} sent to {self.description}, but it did not read back "
+                                         f"{want} within {timeout:g} s: {got}", host=self.host, port=self.port)
             await deferLater(clock, min(self.pdus.poll_interval, max(deadline - now, 0.0)), lambda: None)
 
     async def _switch(self, action: str) -> PowerResult:
