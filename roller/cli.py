@@ -26,8 +26,9 @@ from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import react
 
 from roller.auth.accounts import ROLES, check_password_policy, check_user_name, hash_password
-from roller.config import ConfigError, Settings, load_settings
+from roller.config import ConfigError, Settings, check_names, load_settings
 from roller.errors import RollerError
+from roller.inventory import REBOOT_METHODS
 from roller.jobs import JobEvent, State, iso
 from roller.json_input import JSONInputError, load_json
 from roller.legacy_import import ImportFormatError, plan_import
@@ -114,7 +115,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    return load_settings(args.config, None, {"database.path": args.db, "state_dir": args.state_dir})
+    settings = load_settings(args.config, None, {"database.path": args.db, "state_dir": args.state_dir})
+    check_names(settings, tasks=builtin_tasks().names(), reboot_methods=REBOOT_METHODS)
+    return settings
 
 
 def _cli_actor() -> str:

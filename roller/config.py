@@ -5,20 +5,29 @@ Every key has a dotted name (C{queue.max_running}); its environment
 variable is C{ROLLER_} plus the name upper-cased with dots as underscores
 (C{ROLLER_QUEUE_MAX_RUNNING}).  A bad value raises L{ConfigError} naming
 the key and the reason; the entry points print that one line and exit.
+
+This module depends on nothing above it: names that other layers define
+(task names, reboot methods) are checked by L{check_names}, which the entry
+points call with them; endpoint strings are parsed here by Twisted's
+strports rules (L{parse_endpoint}) and built into endpoints by the entry
+points, on their reactor.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import string
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from attrs import field, frozen
-from twisted.internet.endpoints import serverFromString
-from twisted.internet.testing import MemoryReactor
+from twisted.internet.interfaces import IStreamServerEndpointStringParser
+from twisted.plugin import getPlugins
+
+from roller.jobs import State
 
 
 class ConfigError(Exception):
@@ -106,6 +115,104 @@ def _str_list(value: Any, from_text: bool) -> tuple[str, ...]:
     return tuple(value)
 
 
+# -- Twisted server endpoint descriptions ("tcp:8000:interface=127.0.0.1")
+
+
+@frozen
+class EndpointDescription:
+    """A strports description split by Twisted's rules: its type, positional and C{key=value} arguments."""
+
+    kind: str
+    args: tuple[str, ...]
+    options: Mapping[str, str] = field(hash=False)
+
+
+def parse_endpoint(desc: str) -> EndpointDescription:
+    """
+    Split C{desc} as L{twisted.internet.endpoints.serverFromString} documents
+    it: C{:} separates arguments, the first C{=} of an argument makes it a
+    keyword argument, a backslash takes the next character literally
+    (C{interface=\\:\\:1}).
+    """
+    parts: list[list[str]] = [[""]]
+    chars = iter(desc)
+    for ch in chars:
+        if ch == "\\":
+            escaped = next(chars, None)
+            if escaped is None:
+                raise ValueError("ends with a lone backslash")
+            parts[-1][-1] += escaped
+        elif ch == ":":
+            parts.append([""])
+        elif ch == "=" and len(parts[-1]) == 1:
+            parts[-1].append("")
+        else:
+            parts[-1][-1] += ch
+    args = tuple(p[0] for p in parts[1:] if len(p) == 1)
+    options = {p[0]: p[1] for p in parts[1:] if len(p) == 2}
+    return EndpointDescription(kind=parts[0][0], args=args, options=options)
+
+
+#: the arguments of Twisted's own server endpoint types, in positional order, and their defaults
+_ENDPOINT_ARGS: dict[str, tuple[tuple[str, str | None], ...]] = {
+    "tcp": (("port", None), ("interface", ""), ("backlog", "50")),
+    "tcp6": (("port", None), ("backlog", "50"), ("interface", "::")),
+    "ssl": (("port", None), ("privateKey", "server.pem"), ("certKey", None), ("sslmethod", None),
+            ("interface", ""), ("backlog", "50"), ("extraCertChain", None), ("dhParameters", None)),
+    "unix": (("address", None), ("mode", "666"), ("backlog", "50"), ("lockfile", "1")),
+}
+
+
+def endpoint_arguments(d: EndpointDescription) -> dict[str, str | None]:
+    """
+    The named arguments of a C{tcp}, C{tcp6}, C{ssl} or C{unix} description,
+    defaults filled in; ValueError(reason) for arguments the type does not take.
+    """
+    names = _ENDPOINT_ARGS[d.kind]
+    if len(d.args) > len(names):
+        raise ValueError(f"{d.kind} takes at most {len(names)} arguments")
+    bound: dict[str, str | None] = dict(names)
+    for (name, _), value in zip(names, d.args, strict=False):
+        bound[name] = value
+    for name, value in d.options.items():
+        if name not in bound:
+            raise ValueError(f"{d.kind} has no argument {name!r} (known: {', '.join(n for n, _ in names)})")
+        if name in [n for n, _ in names][:len(d.args)]:
+            raise ValueError(f"{name} is given twice")
+        bound[name] = value
+    if bound[names[0][0]] is None:
+        raise ValueError(f"{d.kind} needs a {names[0][0]}")
+    return bound
+
+
+def _endpoint_kinds() -> set[str]:
+    """Twisted's own server endpoint types and those its installed plugins add (C{systemd}, C{tls} ...)."""
+    return set(_ENDPOINT_ARGS) | {p.prefix for p in getPlugins(IStreamServerEndpointStringParser)}
+
+
+def _check_endpoint(desc: str) -> None:
+    """ValueError(reason) unless C{desc} is a server endpoint string Twisted can build."""
+    d = parse_endpoint(desc)
+    if d.kind not in _ENDPOINT_ARGS:
+        if d.kind not in _endpoint_kinds():
+            raise ValueError(f"unknown endpoint type {d.kind!r}")
+        return  # a plugin's: built (and checked) by the entry point, on its reactor
+    a = endpoint_arguments(d)
+    for name, base in (("port", 10), ("backlog", 10), ("mode", 8), ("lockfile", 10)):
+        value = a.get(name)
+        try:
+            if value is not None and not 0 <= int(value, base) <= (65535 if name == "port" else 1 << 31):
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"{name} {value!r} is not a valid number") from None
+    if d.kind == "ssl":
+        cert = a["certKey"] or a["privateKey"]
+        for path in (cert, a["privateKey"], a["extraCertChain"], a["dhParameters"]):
+            if path is not None:
+                with open(path, "rb"):  # OSError names the file: "No such file or directory: '...'"
+                    pass
+
+
 def _endpoints(value: Any, from_text: bool) -> tuple[str, ...]:
     if from_text:
         # endpoint strings contain commas only escaped; split on whitespace or ';'
@@ -115,8 +222,8 @@ def _endpoints(value: Any, from_text: bool) -> tuple[str, ...]:
         raise ValueError("needs at least one endpoint")
     for desc in items:
         try:
-            serverFromString(MemoryReactor(), desc)
-        except Exception as e:
+            _check_endpoint(desc)
+        except (ValueError, OSError) as e:
             raise ValueError(f"{desc!r} is not a Twisted server endpoint: {e}") from None
     return items
 
@@ -207,11 +314,65 @@ def _template(value: Any, from_text: bool) -> str:
     return text
 
 
-def _notify_rules(value: Any, from_text: bool) -> tuple[Any, ...]:
-    """C{[[notify.rules]]}: see L{roller.notify.parse_rules}."""
-    from roller.notify import parse_rules
+# -- notification rules ([[notify.rules]]; roller.notify sends what they select)
 
-    return parse_rules(value, from_text)
+#: the event of a job starting; the others are its final states
+STARTED = "started"
+FINAL_STATES = tuple(s.value for s in State if s.final)
+_RULE_KEYS = ("tasks", "on", "email", "matrix_rooms", "slack_channels", "webhooks")
+
+
+@frozen
+class Rule:
+    tasks: tuple[str, ...] = ("*",)
+    on: tuple[str, ...] = (STARTED, *FINAL_STATES)
+    email: tuple[str, ...] = ()
+    matrix_rooms: tuple[str, ...] = ()
+    slack_channels: tuple[str, ...] = ()
+    webhooks: tuple[str, ...] = ()
+
+    def matches(self, task_name: str, what: str) -> bool:
+        return ("*" in self.tasks or task_name in self.tasks) and what in self.on
+
+
+def parse_rules(value: Any, from_text: bool = False) -> tuple[Rule, ...]:
+    """The C{notify.rules} setting; raises ValueError(reason)."""
+    if from_text:
+        try:
+            value = json.loads(value) if value.strip() else []
+        except ValueError:
+            raise ValueError("must be a JSON list of rule objects") from None
+    if not isinstance(value, list):
+        raise ValueError("must be a list of rules ([[notify.rules]] tables)")
+    rules = []
+    for i, table in enumerate(value):
+        if not isinstance(table, Mapping):
+            raise ValueError(f"rule {i + 1} must be a table")
+        unknown = sorted(set(table) - set(_RULE_KEYS))
+        if unknown:
+            raise ValueError(f"rule {i + 1}: unknown key(s) {', '.join(unknown)} (known: {', '.join(_RULE_KEYS)})")
+        lists: dict[str, tuple[str, ...]] = {}
+        for key in _RULE_KEYS:
+            if key not in table:
+                continue
+            items = table[key]
+            if isinstance(items, str):
+                items = [items]
+            if not isinstance(items, list) or not all(isinstance(v, str) and v.strip() for v in items):
+                raise ValueError(f"rule {i + 1}: {key} must be a list of strings")
+            lists[key] = tuple(v.strip() for v in items)
+        bad = [w for w in lists.get("on", ()) if w not in (STARTED, *FINAL_STATES)]
+        if bad:
+            raise ValueError(f"rule {i + 1}: on has unknown event(s) {', '.join(bad)} "
+                             f"(known: {', '.join((STARTED, *FINAL_STATES))})")
+        for url in lists.get("webhooks", ()):
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"rule {i + 1}: webhook {url[:80]!r} is not an http(s) URL")
+        rule = Rule(**lists)
+        if not (rule.email or rule.matrix_rooms or rule.slack_channels or rule.webhooks):
+            raise ValueError(f"rule {i + 1} notifies nobody: set email, matrix_rooms, slack_channels or webhooks")
+        rules.append(rule)
+    return tuple(rules)
 
 
 #: What C{roller config} calls each parser's values (parsers made by
@@ -220,7 +381,7 @@ _KINDS: dict[Callable[[Any, bool], Any], str] = {
     _text: "string", _bool: "boolean", _str_list: "list of strings",
     _endpoints: "list of Twisted endpoint strings", _networks: "list of addresses or CIDR networks",
     _root_url: "Taskcluster root URL", _timeouts: "table of task = seconds", _http_url: "http(s) URL",
-    _template: "template", _notify_rules: "array of tables",
+    _template: "template", parse_rules: "array of tables",
 }
 
 
@@ -330,7 +491,7 @@ KEYS: dict[str, tuple[str, Callable[[Any, bool], Any], Any]] = {
     "bugzilla.tracker_component": ("bugzilla_tracker_component", _text, "CIDuty"),
     "bugzilla.tracker_summary": ("bugzilla_tracker_summary", _template, "{host} problem tracking"),
     "bugzilla.reopen_status": ("bugzilla_reopen_status", _text, "REOPENED"),
-    "notify.rules": ("notify_rules", _notify_rules, ()),
+    "notify.rules": ("notify_rules", parse_rules, ()),
     "notify.root_url": ("notify_root_url", _root_url, ""),
     "notify.credential": ("notify_credential", _text, "taskcluster-notify"),
     "notify.webhook_credential": ("notify_webhook_credential", _text, "webhook"),
@@ -554,7 +715,7 @@ class Settings:
     bugzilla_tracker_component: str
     bugzilla_tracker_summary: str
     bugzilla_reopen_status: str
-    notify_rules: tuple[Any, ...]
+    notify_rules: tuple[Rule, ...]
     notify_root_url: str
     notify_credential: str
     notify_webhook_credential: str
@@ -576,17 +737,20 @@ class Settings:
 
 
 def endpoint_is_local(desc: str) -> bool:
-    """True if the server endpoint C{desc} only accepts local connections."""
-    endpoint = serverFromString(MemoryReactor(), desc)
-    if type(endpoint).__name__.startswith("UNIX"):
+    """True if the server endpoint C{desc} only accepts local connections (a UNIX socket, or a loopback interface)."""
+    d = parse_endpoint(desc)
+    if d.kind == "unix":
         return True
-    interface = getattr(endpoint, "_interface", "")
-    if interface in ("", "::", "0.0.0.0"):
+    if d.kind not in ("tcp", "tcp6", "ssl"):
+        return False  # a plugin's endpoint: roller cannot tell
+    try:
+        interface = endpoint_arguments(d)["interface"] or ""
+    except ValueError:
         return False
     if interface == "localhost":
         return True
     try:
-        return ipaddress.ip_address(interface).is_loopback
+        return ipaddress.ip_address(interface).is_loopback  # "", "::" and "0.0.0.0" are not
     except ValueError:
         return False
 
@@ -656,10 +820,10 @@ def load_settings(
                 values[attr] = parse(raw, from_text and isinstance(raw, str))
             except ValueError as e:
                 raise ConfigError(key, str(e), source) from None
-    for key, (attr, parse, default) in KEYS.items():
+    for attr, _, default in KEYS.values():
         if attr not in values:
             values[attr] = default
-    for key, (attr, _, default) in KEYS.items():
+    for attr, _, _ in KEYS.values():
         if isinstance(values[attr], str) and "{state_dir}" in values[attr]:
             values[attr] = values[attr].replace("{state_dir}", values["state_dir"])
     settings = Settings(config_file=config_file, **values)
@@ -674,17 +838,23 @@ def _check(s: Settings) -> None:
             "'none' is accepted only when every listener is on loopback "
             f"(interface=127.0.0.1 or ::1); server.listen is {', '.join(s.listen)}",
         )
-    from roller.tasks import builtin_tasks
 
-    known = builtin_tasks().names()
+
+def check_names(s: Settings, *, tasks: Collection[str], reboot_methods: Collection[str]) -> None:
+    """
+    Check the settings that name things other layers define: C{tasks.allowed}
+    and C{tasks.timeouts} against the task names, C{reboot.methods} against
+    the reboot methods.  The entry points (C{twistd roller}, the C{roller}
+    command) call it with the names of the tasks they run; a bad name raises
+    the same one-line L{ConfigError} as any other bad value.
+    """
+    known = ", ".join(tasks)
     for name in s.allowed_tasks:
-        if name not in known:
-            raise ConfigError("tasks.allowed", f"unknown task {name!r} (known: {', '.join(known)})")
-    from roller.inventory import REBOOT_METHODS
-
+        if name not in tasks:
+            raise ConfigError("tasks.allowed", f"unknown task {name!r} (known: {known})")
     for name in s.reboot_methods:
-        if name not in REBOOT_METHODS:
-            raise ConfigError("reboot.methods", f"unknown method {name!r} (known: {', '.join(REBOOT_METHODS)})")
+        if name not in reboot_methods:
+            raise ConfigError("reboot.methods", f"unknown method {name!r} (known: {', '.join(reboot_methods)})")
     for name in s.task_timeouts:
-        if name not in known:
+        if name not in tasks:
             raise ConfigError("tasks.timeouts", f"unknown task {name!r}")

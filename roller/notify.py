@@ -32,17 +32,17 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import mohawk
-from attrs import frozen
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.logger import Logger
 from twisted.web.client import HTTPConnectionPool
 
 from roller import __version__
+from roller.config import STARTED, Rule, parse_rules
 from roller.http_client import close_pool, pooled_client
 from roller.jobs import Job, JobEvent, State
 
@@ -51,62 +51,6 @@ __all__ = ["Notifier", "Rule", "SIGNATURE_HEADER", "parse_rules", "webhook_signa
 log = Logger()
 
 SIGNATURE_HEADER = "X-Roller-Signature-256"
-STARTED = "started"
-FINAL_STATES = tuple(s.value for s in State if s.final)
-_RULE_KEYS = ("tasks", "on", "email", "matrix_rooms", "slack_channels", "webhooks")
-
-
-@frozen
-class Rule:
-    tasks: tuple[str, ...] = ("*",)
-    on: tuple[str, ...] = (STARTED, *FINAL_STATES)
-    email: tuple[str, ...] = ()
-    matrix_rooms: tuple[str, ...] = ()
-    slack_channels: tuple[str, ...] = ()
-    webhooks: tuple[str, ...] = ()
-
-    def matches(self, task_name: str, what: str) -> bool:
-        return ("*" in self.tasks or task_name in self.tasks) and what in self.on
-
-
-def parse_rules(value: Any, from_text: bool = False) -> tuple[Rule, ...]:
-    """The C{notify.rules} setting; raises ValueError(reason) (see L{roller.config})."""
-    if from_text:
-        try:
-            value = json.loads(value) if value.strip() else []
-        except ValueError:
-            raise ValueError("must be a JSON list of rule objects") from None
-    if not isinstance(value, list):
-        raise ValueError("must be a list of rules ([[notify.rules]] tables)")
-    rules = []
-    for i, table in enumerate(value):
-        if not isinstance(table, Mapping):
-            raise ValueError(f"rule {i + 1} must be a table")
-        unknown = sorted(set(table) - set(_RULE_KEYS))
-        if unknown:
-            raise ValueError(f"rule {i + 1}: unknown key(s) {', '.join(unknown)} (known: {', '.join(_RULE_KEYS)})")
-        lists: dict[str, tuple[str, ...]] = {}
-        for key in _RULE_KEYS:
-            if key not in table:
-                continue
-            items = table[key]
-            if isinstance(items, str):
-                items = [items]
-            if not isinstance(items, list) or not all(isinstance(v, str) and v.strip() for v in items):
-                raise ValueError(f"rule {i + 1}: {key} must be a list of strings")
-            lists[key] = tuple(v.strip() for v in items)
-        bad = [w for w in lists.get("on", ()) if w not in (STARTED, *FINAL_STATES)]
-        if bad:
-            raise ValueError(f"rule {i + 1}: on has unknown event(s) {', '.join(bad)} "
-                             f"(known: {', '.join((STARTED, *FINAL_STATES))})")
-        for url in lists.get("webhooks", ()):
-            if not url.startswith(("http://", "https://")):
-                raise ValueError(f"rule {i + 1}: webhook {url[:80]!r} is not an http(s) URL")
-        rule = Rule(**lists)
-        if not (rule.email or rule.matrix_rooms or rule.slack_channels or rule.webhooks):
-            raise ValueError(f"rule {i + 1} notifies nobody: set email, matrix_rooms, slack_channels or webhooks")
-        rules.append(rule)
-    return tuple(rules)
 
 
 def webhook_signature(secret: str, body: bytes) -> str:

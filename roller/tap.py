@@ -12,13 +12,17 @@ import sys
 import time
 from typing import Any
 
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IReactorCore
 from twisted.python import usage
 
-from roller.config import ConfigError, Settings, load_settings
+from roller.config import ConfigError, Settings, check_names, load_settings
 from roller.gctune import settle_heap
+from roller.inventory import REBOOT_METHODS
 from roller.secrets import SecretsError, load_secrets
 from roller.service import RollerService
 from roller.store.db import StoreError, check_writable
+from roller.tasks import builtin_tasks
 
 
 class Options(usage.Options):
@@ -67,7 +71,22 @@ def settings_from_options(options: Options, environ: Any = None) -> Settings:
     env = os.environ if environ is None else environ
     if options["demo"] and overrides["auth.mode"] is None and "ROLLER_AUTH_MODE" not in env:
         overrides["auth.mode"] = "none"
-    return load_settings(options["config"], env, overrides)
+    settings = load_settings(options["config"], env, overrides)
+    check_names(settings, tasks=builtin_tasks().names(), reboot_methods=REBOOT_METHODS)
+    return settings
+
+
+def check_endpoints(settings: Settings, reactor: IReactorCore) -> None:
+    """
+    Build every C{server.listen} endpoint on C{reactor} (reading a TLS
+    listener's key and certificate, asking a plugin): a string roller's own
+    check let through and Twisted refuses is a L{ConfigError} at start-up.
+    """
+    for desc in settings.listen:
+        try:
+            serverFromString(reactor, desc)
+        except Exception as e:  # noqa: BLE001 -- endpoint plugins raise anything; all of it means a bad string
+            raise ConfigError("server.listen", f"{desc!r} is not a Twisted server endpoint: {e}") from None
 
 
 def exit_with(message: str) -> None:
@@ -82,6 +101,7 @@ def makeService(options: Options) -> RollerService:
 
     try:
         settings = settings_from_options(options)
+        check_endpoints(settings, reactor)
         load_secrets(settings.secrets_file)  # refuse a readable secrets file before starting
         check_writable(settings.db_path, time.time())  # refuse a database that cannot take a write
     except (ConfigError, SecretsError, StoreError) as e:

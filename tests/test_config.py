@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from roller import config
-from roller.config import ConfigError, endpoint_is_local, env_name, load_settings
+from roller.config import ConfigError, endpoint_is_local, env_name, load_settings, parse_endpoint
+from roller.tap import Options, settings_from_options
 
 
 def write(tmp_path, text: str) -> str:
@@ -50,7 +54,10 @@ def test_config_file_from_environment(tmp_path):
         ({"ROLLER_AUTH_MODE": "open"}, "auth.mode"),
         ({"ROLLER_DEMO": "maybe"}, "demo"),
         ({"ROLLER_SERVER_LISTEN": "carrier-pigeon:1"}, "server.listen"),
-        ({"ROLLER_TASKS_ALLOWED": "ping,nuke"}, "tasks.allowed"),
+        ({"ROLLER_SERVER_LISTEN": "tcp:http"}, "server.listen"),
+        ({"ROLLER_SERVER_LISTEN": "tcp:80:interface=127.0.0.1:mode=600"}, "server.listen"),
+        ({"ROLLER_SERVER_LISTEN": "unix:/tmp/r.sock:mode=999"}, "server.listen"),
+        ({"ROLLER_SERVER_LISTEN": "ssl:8443:privateKey=/nonexistent/key.pem"}, "server.listen"),
         ({"ROLLER_TASKS_TIMEOUTS": "ping"}, "tasks.timeouts"),
     ],
 )
@@ -60,6 +67,31 @@ def test_bad_environment_value_names_key(source, key):
     assert e.value.key == key
     assert str(e.value).startswith(f"configuration error: {key}")
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "source, key",
+    [
+        ({"ROLLER_TASKS_ALLOWED": "ping,nuke"}, "tasks.allowed"),
+        ({"ROLLER_TASKS_TIMEOUTS": "nuke=3"}, "tasks.timeouts"),
+        ({"ROLLER_REBOOT_METHODS": "ssh_reboot,prayer"}, "reboot.methods"),
+    ],
+)
+def test_names_of_tasks_and_reboot_methods_checked_at_start_up(source, key):
+    """The entry points check the names roller.config does not know (it depends on nothing above it)."""
+    assert load_settings(None, source, {})  # roller.config alone cannot tell
+    with pytest.raises(ConfigError) as e:
+        settings_from_options(Options(), source)
+    assert e.value.key == key
+    assert str(e.value).startswith(f"configuration error: {key}")
+    assert "\n" not in str(e.value)
+
+
+def test_config_imports_nothing_above_it():
+    code = ("import sys, roller.config; print(sorted(m for m in sys.modules if m.startswith("
+            "('roller.', 'twisted.internet.testing'))))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "['roller.config', 'roller.jobs']"
 
 
 def test_bad_file_values(tmp_path):
@@ -98,6 +130,13 @@ def test_auth_none_only_on_loopback():
         ("tcp:80:interface=127.1.2.3", True),
         ("tcp6:80:interface=\\:\\:1", True),
         ("unix:/tmp/roller.sock", True),
+        ("tcp:80:127.0.0.1", True),  # interface as tcp's second positional argument
+        ("tcp:80:localhost", True),
+        ("tcp6:80:interface=\\:\\:1", True),
+        ("tcp6:80", False),  # tcp6 listens on :: by default
+        ("ssl:443:privateKey=k.pem:interface=127.0.0.1", True),
+        ("ssl:443:privateKey=k.pem", False),
+        ("systemd:domain=INET:index=0", False),  # a plugin's endpoint: not known to be local
         ("tcp:80", False),
         ("tcp:80:interface=0.0.0.0", False),
         ("tcp:80:interface=192.0.2.1", False),
@@ -133,3 +172,10 @@ def test_describe_names_type_default_environment_and_value():
     # every parser has a readable name, not a Python identifier
     for e in entries.values():
         assert e["type"] and not e["type"].startswith("parse"), e
+
+
+def test_endpoint_strings_split_by_twisteds_rules():
+    d = parse_endpoint("ssl:8443:privateKey=C\\:/k.pem:interface=\\:\\:1:x")
+    assert (d.kind, d.args, dict(d.options)) == ("ssl", ("8443", "x"), {"privateKey": "C:/k.pem", "interface": "::1"})
+    assert parse_endpoint("unix:/a=b").options == {"/a": "b"}  # as Twisted reads it
+    assert parse_endpoint("tcp:80:interface=a=b").options == {"interface": "a=b"}  # only the first = assigns
