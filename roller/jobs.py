@@ -13,7 +13,7 @@ import time
 import uuid
 from datetime import UTC, datetime
 from enum import Enum
-from typing import Any
+from typing import Any, overload
 
 from attrs import evolve, field, frozen
 
@@ -47,6 +47,10 @@ class InvalidTransition(Exception):
     pass
 
 
+@overload
+def iso(ts: float) -> str: ...
+@overload
+def iso(ts: float | None) -> str | None: ...
 def iso(ts: float | None) -> str | None:
     if ts is None:
         return None
