@@ -21,10 +21,10 @@ test: system-deps venv
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: $(SOURCES)
+$(VENV)/.installed: $(SOURCES) constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -U pip
-	$(PY) -m pip install -q --disable-pip-version-check '.[test]'
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt '.[test]'
 	@touch $@
 
 system-deps:

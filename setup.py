@@ -45,6 +45,10 @@ setup(
             "sushy-tools>=2.2,<3",
             "playwright>=1.40",  # drives Debian's chromium; never `playwright install`
             "psutil>=5.9",
+            # the static gates `make test` runs before the suite (configured in pyproject.toml)
+            "ruff==0.17.6",
+            "mypy==2.4.1",
+            "mypy-zope==1.0.17",
         ],
     },
     entry_points={"console_scripts": ["roller = roller.cli:main"]},
