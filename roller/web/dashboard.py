@@ -257,6 +257,31 @@ def machine_url(worker_group: str, worker_id: str) -> str:
     return f"/machines/{quote(worker_group, safe='')}/{quote(worker_id, safe='')}"
 
 
+def job_url(job_id: str) -> str:
+    return f"/jobs/{quote(job_id, safe='')}"
+
+
+def template_environment(templates_dir: str | None = None,
+                         scope_prefix: str = "project:releng:roller:") -> Environment:
+    """The dashboard's Jinja2 environment: autoescaped, strict, with its filters and globals."""
+    env = Environment(
+        loader=FileSystemLoader(str(find_asset_dir("templates", templates_dir))),
+        autoescape=select_autoescape(default=True, default_for_string=True),
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["iso"] = iso
+    env.filters["duration"] = duration
+    env.filters["hms"] = lambda ts: datetime.fromtimestamp(ts, UTC).strftime("%H:%M:%S")
+    env.filters["compact_json"] = lambda v: json.dumps(v, sort_keys=True, separators=(", ", ": "))
+    env.globals["machine_url"] = machine_url
+    env.globals["job_url"] = job_url
+    env.globals["version"] = __version__
+    env.globals["scope_prefix"] = scope_prefix
+    return env
+
+
 def _event_key(e: JobEvent) -> tuple[float, str, str]:
     return (round(e.time, 6), e.kind, e.message)
 
@@ -385,21 +410,7 @@ class Dashboard:
 
     def __attrs_post_init__(self) -> None:
         self.fleet = FleetQueries(self.store)
-        self.env = Environment(
-            loader=FileSystemLoader(str(find_asset_dir("templates", self.templates_dir))),
-            autoescape=select_autoescape(default=True, default_for_string=True),
-            undefined=StrictUndefined,
-            trim_blocks=True,
-            lstrip_blocks=True,
-        )
-        self.env.filters["iso"] = iso
-        self.env.filters["duration"] = duration
-        self.env.filters["hms"] = lambda ts: datetime.fromtimestamp(ts, UTC).strftime("%H:%M:%S")
-        self.env.filters["compact_json"] = lambda v: json.dumps(v, sort_keys=True, separators=(", ", ": "))
-        self.env.globals["machine_url"] = machine_url
-        self.env.globals["job_url"] = lambda job_id: f"/jobs/{quote(job_id, safe='')}"
-        self.env.globals["version"] = __version__
-        self.env.globals["scope_prefix"] = self.scope_prefix
+        self.env = template_environment(self.templates_dir, self.scope_prefix)
 
     def authorize(self, request: IRequest) -> Deferred[Viewer]:
         """The viewer behind C{request} (for other resources, e.g. the event stream)."""
@@ -666,12 +677,12 @@ class Dashboard:
             return None if key != sort else ("ascending" if direction == "asc" else "descending")
 
         pages = max(1, -(-page.total // self.page_size))
+        now = self.clock.seconds()
         return self.render(
             request, "fleet.html", viewer, section="fleet", rows=rows, page=page, filt=filt, sort=sort,
             direction=direction, sorts=SORTS, states=FILTER_STATES, page_no=page_no, pages=pages,
             page_size=self.page_size, link=link, sort_link=sort_link, aria_sort=aria_sort,
-            rows_html=fleet_rows_html(rows, lambda ts, now=self.clock.seconds(): ago(ts, now), self.fleet_rows,
-                                      now=self.clock.seconds()),
+            rows_html=fleet_rows_html(rows, lambda ts: ago(ts, now), self.fleet_rows, now=now),
             running=len(self.queue.running()), queued=self.queue.depth,
             machine_total=sum(page.counts.values()),
         )

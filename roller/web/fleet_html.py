@@ -1,26 +1,37 @@
 """
 The rows of the fleet table as HTML, built in Python.
 
-The fleet page shows up to 200 machines; a Jinja2 loop calling macros for
-every cell costs ~40 µs a row, this ~7 µs, and ~2 µs for a row shown
-before (L{RowCache}).  Every value is HTML-escaped (L{markupsafe.escape}
-unless it is plain text); the result is L{Markup} for the template to
-insert as is (C{templates/fleet.html}).  Keep it in step with the C{state},
-C{when} and C{error_line} macros of C{templates/_macros.html}.
+The fleet page shows up to 200 machines.  Kept because it was measured
+(issue 13, C{bench/dashboard.py}, 5000 machines, the README's benchmark
+table): with this module the page costs 2.0-2.2 ms of server CPU; with the
+same rows rendered by the C{fleet_row} Jinja2 macro of
+C{templates/_macros.html}, 11.1-12.2 ms (5.5x; the threshold for dropping
+this module was 1.2x).  Per row: the macro ~45 µs, this ~13 µs, and ~3 µs
+for a row shown before (L{RowCache}).
+
+Every value is HTML-escaped (L{markupsafe.escape} unless it is plain text);
+the result is L{Markup} for the template to insert as is
+(C{templates/fleet.html}).  It must stay byte for byte the HTML of the
+C{fleet_row} macro (built from the C{state}, C{when} and C{error_line}
+macros): C{tests/test_fleet_html.py} renders the same rows both ways.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
-from typing import Any
 from urllib.parse import quote
 
 from markupsafe import Markup, escape
 
 from roller.jobs import iso
+from roller.store.fleet import FleetRow
 
 __all__ = ["RowCache", "fleet_rows_html", "truncate"]
+
+#: a row's HTML up to its state badge, the "when" <time> opening, its time, the error line,
+#: the liveness cell's opening and its time
+_Parts = tuple[str, str, float | None, str, str, float | None]
 
 _DASH = '<span class="muted">—</span>'
 #: text that HTML-escaping and URL-quoting leave as it is (worker ids, groups, pools, IPs, job ids)
@@ -49,7 +60,7 @@ def _state(value: str | None) -> str:
             f'{_h((value or "never run").replace("_", " "))}</span>')
 
 
-def _liveness(row: Any) -> tuple[str, float | None]:
+def _liveness(row: FleetRow) -> tuple[str, float | None]:
     """The fixed start of the liveness cell (up to the "ago" text) and its time."""
     live = getattr(row, "liveness", None)
     if live is None:
@@ -61,7 +72,7 @@ def _liveness(row: Any) -> tuple[str, float | None]:
             f'<time datetime="{stamp}" title="{stamp}">'), live.at
 
 
-def _loan(row: Any, now: float | None) -> str:
+def _loan(row: FleetRow, now: float | None) -> str:
     loan = getattr(row, "loan", None)
     if loan is None:
         return _DASH
@@ -72,7 +83,7 @@ def _loan(row: Any, now: float | None) -> str:
             f'<time datetime="{stamp}">{stamp[:10]}</time></span>')
 
 
-def _parts(row: Any) -> tuple[str, str, float | None, str, str, float | None]:
+def _parts(row: FleetRow) -> _Parts:
     """What of a row's HTML does not change with the time or the queue."""
     group, wid, last = row.worker_group, row.worker_id, row.last
     live_open, live_ts = _liveness(row)
@@ -98,7 +109,7 @@ class RowCache:
 
     def __init__(self, size: int = 20000):
         self.size = size
-        self._parts: dict[int, tuple[Any, tuple[str, str, float | None, str, str, float | None]]] = {}
+        self._parts: dict[int, tuple[FleetRow, _Parts]] = {}
         self._ago: dict[float, str] = {}  # "5 min ago" by time, for the current second
         self._ago_second: int | None = None
 
@@ -113,7 +124,7 @@ class RowCache:
             text = self._ago[ts] = fmt(ts)
         return text
 
-    def parts(self, row: Any) -> tuple[str, str, float | None, str, str, float | None]:
+    def parts(self, row: FleetRow) -> _Parts:
         hit = self._parts.get(id(row))
         if hit is not None and hit[0] is row:
             return hit[1]
@@ -127,10 +138,10 @@ class RowCache:
 _STATES: dict[str | None, str] = {}
 
 
-def fleet_rows_html(rows: Iterable[tuple[Any, str | None]], ago: Callable[[float | None], str],
+def fleet_rows_html(rows: Iterable[tuple[FleetRow, str | None]], ago: Callable[[float], str],
                     cache: RowCache | None = None, now: float | None = None) -> Markup:
     """
-    C{<tr>} elements for C{rows}: pairs of a L{roller.web.dashboard.FleetRow}
+    C{<tr>} elements for C{rows}: pairs of a L{roller.store.fleet.FleetRow}
     and the state to show for its last job (the live one for jobs still in
     the queue).  C{now} decides which loans are overdue.  C{ago} must return
     plain text that needs no escaping (L{roller.web.dashboard.ago}: digits,
