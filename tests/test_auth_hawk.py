@@ -44,7 +44,7 @@ from roller.auth.hawk import (
     payload_hash,
 )
 from roller.auth.taskcluster import TaskclusterAuthenticator
-from roller.errors import BadRequest, UnavailableError, Unauthorized
+from roller.errors import BadRequest, Unauthorized, UnavailableError
 from roller.inventory import Machine
 from roller.queue import JobQueue
 from roller.store import open_store
@@ -904,12 +904,10 @@ async def test_auth_service_down_is_503_nothing_queued(served: Served, modes: Mo
     closed = f"http://127.0.0.1:{port.getHost().port}"
     await port.stopListening()  # nothing listens there now: connection refused
     await served.serve(modes.make("taskcluster", root_url=closed))
-    started = time.monotonic()
     code, headers, body = await served.post(headers={"Authorization": sign(served.url)})
-    _unavailable(code, headers, body)
+    _unavailable(code, headers, body)  # at once, on the refusal (not after a timeout: the message says why)
     assert body["message"].startswith(f"roller cannot reach the Taskcluster auth service at {closed} "
                                       "(ConnectionRefusedError")
-    assert time.monotonic() - started < 2
     assert await served.jobs() == []
 
 
@@ -917,13 +915,12 @@ async def test_auth_service_down_is_503_nothing_queued(served: Served, modes: Mo
 async def test_slow_auth_service_is_503_after_timeout(served: Served, modes: Modes) -> None:
     modes.fake.behaviour = "hang"
     await served.serve(modes.make("taskcluster", timeout=0.3))
-    started = time.monotonic()
+    started = reactor.seconds()
     code, headers, body = await served.post(headers={"Authorization": sign(served.url)}, timeout=5)
-    elapsed = time.monotonic() - started
     _unavailable(code, headers, body)
     assert body["message"] == (f"the Taskcluster auth service at {modes.fake.url} did not answer within 0.3 s: "
                                "cannot authenticate the request now; retry later")
-    assert 0.29 < elapsed < 3, elapsed
+    assert reactor.seconds() >= started + 0.3  # roller's 0.3 s timeout, no sooner (reactor time)
     assert await served.jobs() == []
     assert len(modes.fake.questions) == 1
     # the call was cancelled: its connection closed, which ends the fake's wait
@@ -961,8 +958,8 @@ async def test_auth_service_errors_are_503(served: Served, modes: Modes, behavio
 ])
 def test_taskcluster_answers(answer: Any, status: int, fragment: str) -> None:
     """The answer's interpretation, on a stub HTTP client (no network, no clock)."""
-    from treq.testing import StubTreq
     from klein import Klein
+    from treq.testing import StubTreq
 
     app = Klein()
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import configparser
 import shlex
 import signal
-import time
 from pathlib import Path
 
 from roller.config import load_settings
@@ -51,9 +50,8 @@ def test_unit_runs_roller_and_stops_within_its_timeout(tmp_path):
     try:
         roller.start()
         assert roller.get("/__heartbeat__").status == 200
-        sent = time.monotonic()
+        # it stops by itself on SIGTERM within the unit's TimeoutStopSec (else stop() SIGKILLs: -9)
         assert roller.stop(timeout=float(service["TimeoutStopSec"])) in (0, -signal.SIGTERM)
-        assert time.monotonic() - sent < 10
         log = roller.log_text()
         assert "[roller.service#info] roller listening on" in log  # roller.logs.observer's text format
         assert "Traceback" not in log

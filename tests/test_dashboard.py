@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from http.cookiejar import CookieJar
 from http.cookies import SimpleCookie
 from pathlib import Path
@@ -32,7 +31,7 @@ from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import Protocol
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.test.requesthelper import DummyRequest
@@ -46,10 +45,17 @@ from roller.queue import JobQueue
 from roller.store import AuditEntry
 from roller.tasks import TaskRegistry, TaskSpec
 from roller.tasks.base import TaskFailed
+from roller.testing.results import eventually
 from roller.testing.syncdb import result_of, run, sync_store
 from roller.web.api import Api
 from roller.web.dashboard import (
-    CsrfProtection, Dashboard, FleetFilter, IDashboardAuth, LoopbackDashboardAuth, Viewer, find_asset_dir,
+    CsrfProtection,
+    Dashboard,
+    FleetFilter,
+    IDashboardAuth,
+    LoopbackDashboardAuth,
+    Viewer,
+    find_asset_dir,
     merge_events,
 )
 from roller.web.events import EventHub
@@ -348,17 +354,13 @@ def test_fleet_query_uses_the_job_index_and_is_fast_for_5000_machines(tmp_path: 
     result_of(e.store.machines.load())
     plan = " | ".join(result_of(e.dashboard.fleet.explain()))
     assert "jobs_machine" in plan, plan  # one index lookup per machine, no scan of the job history
-    started = time.perf_counter()
     r = e.get("/?state=failed")
-    elapsed = time.perf_counter() - started
     assert rows_of(r.text) == ["w00042"]
     assert "<strong>5000</strong> machines" in r.text
     page = result_of(e.dashboard.fleet.page(FleetFilter(), limit=200))
     assert len(page.rows) == 200 and page.total == 5000
     assert page.rows[0].worker_id == "w00000" and page.rows[0].last.id == "job-15000"  # the newest of four
-    started2 = time.perf_counter()
-    e.get("/?page=25")
-    assert elapsed < 2.0 and time.perf_counter() - started2 < 2.0
+    assert rows_of(e.get("/?page=25").text)  # the last page renders (its timing: bench/dashboard.py)
 
 
 # -- machine page ---------------------------------------------------------------------------
@@ -843,17 +845,6 @@ class SSEClient(Protocol):
         self.transport.stopProducing()
 
 
-async def eventually(check: Any, what: str, timeout: float = 5.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await deferLater(reactor, 0.01, lambda: None)
-
-
 @pytest.fixture
 def live(tmp_path: Path):
     e = make_env(tmp_path)
@@ -925,7 +916,7 @@ async def test_sse_slow_reader_is_dropped_without_blocking_others(live: Any) -> 
         await heartbeat.content()
     assert e.hub.dropped == 1, f"slow client not dropped after {sent} events"
     print(f"slow client dropped after {sent} events of 8 KB")
-    await eventually(lambda: len(fast.messages()) == sent, "the fast client to get every event", 20)
+    await eventually(lambda: len(fast.messages()) == sent, "the fast client to get every event", timeout=20)
     assert e.hub.client_count == 1
     fast.disconnect()
     slow.transport.resumeProducing()

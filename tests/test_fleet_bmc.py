@@ -28,8 +28,8 @@ from roller.secrets import load_secrets
 from roller.sim import ipmisim
 from roller.sim.daemon import free_port_on
 from roller.sim.fleet import PowerState, fleet_addresses
-from roller.testing.process import read_until
 from roller.sim.redfish_sim import RESET_TYPES, RedfishBmc
+from roller.testing.process import read_until
 
 PASSWORD = "bmc-pw-123"
 

@@ -14,14 +14,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.task import deferLater
 
 from roller.drivers.ipmi import (
     IpmiAuthFailed,
@@ -33,10 +31,11 @@ from roller.drivers.ipmi import (
 from roller.inventory import Machine
 from roller.jobs import Job
 from roller.secrets import Credential, Secrets
-from roller.tasks import TaskContext, TaskFailed
-from roller.tasks import ipmi as ipmi_tasks
 from roller.sim.fleet import PowerState
 from roller.sim.ipmisim import IPMITOOL, IpmiSim, free_udp_port, skip_reason
+from roller.tasks import TaskContext, TaskFailed
+from roller.tasks import ipmi as ipmi_tasks
+from roller.testing.results import eventually
 
 _SKIP = skip_reason()
 pytestmark = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
@@ -59,7 +58,7 @@ class RecordingReactor:
     def spawnProcess(self, *args: Any, **kw: Any) -> Any:
         transport = self._reactor.spawnProcess(*args, **kw)
         self.processes.append(transport)
-        self.spawned_at.append(time.monotonic())
+        self.spawned_at.append(self._reactor.seconds())
         return transport
 
     def __getattr__(self, name: str) -> Any:
@@ -91,19 +90,15 @@ def bmc(tmp_path: Path):
     sim.stop()
 
 
-async def sleep(seconds: float) -> None:
-    await deferLater(_reactor(), seconds, lambda: None)
-
-
 async def gone(pid: int, within: float = 5.0) -> bool:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
+    def gone() -> bool:
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
             return True
-        await sleep(0.02)
-    return False
+        return False
+
+    return await eventually(gone, f"pid {pid} to be gone", timeout=within, reactor=_reactor())
 
 
 def no_secret(password: str, *texts: Any) -> None:
@@ -218,15 +213,18 @@ async def test_unknown_user(bmc):
 async def test_bmc_not_answering_times_out(bmc):
     port = free_udp_port()  # nothing listens there
     reactor = RecordingReactor(_reactor())
-    start = time.monotonic()
     with pytest.raises(IpmiTimeout) as e:
         await tool(reactor, timeout=0.5, retries=0, request_timeout=2, request_retries=3).status(
             bmc.target(port=port))
-    took = time.monotonic() - start
-    assert 0.5 <= took < 1.5, took
+    # roller's 0.5 s timeout ended it, not ipmitool's own 3 tries of 2 s (that is IpmiUnreachable, after
+    # ipmitool exits by itself): no sooner than 0.5 s after the spawn in reactor time, and by a kill.
+    assert reactor.seconds() >= reactor.spawned_at[0] + 0.5
     assert str(e.value).startswith(f"BMC 127.0.0.1:{port} did not complete `chassis power status` "
                                    "within 0.5 s; roller killed ipmitool")
-    assert await gone(reactor.processes[0].pid)
+    [process] = reactor.processes
+    assert await gone(process.pid)
+    await eventually(lambda: process.status is not None, "ipmitool's exit status")
+    assert os.WIFSIGNALED(process.status), process.status
 
 
 @pytest_twisted.ensureDeferred
@@ -258,10 +256,10 @@ async def test_transient_error_then_success(bmc, tmp_path):
         f"exec {IPMITOOL} \"$@\"\n")
     wrapper.chmod(0o755)
     events = Events()
-    t = tool(ipmitool=str(wrapper), retry_delay=0.2)
-    start = time.monotonic()
+    reactor = RecordingReactor(_reactor())
+    t = tool(reactor, ipmitool=str(wrapper), retry_delay=0.2)
     assert "power is on" in await t.on(bmc.target(), events)
-    assert time.monotonic() - start >= 0.2
+    assert reactor.spawned_at[1] >= reactor.spawned_at[0] + 0.2  # the retry waited retry_delay (reactor time)
     assert len(calls.read_text().splitlines()) == 3  # on (busy), on, status
     retries = [m for m in events.messages() if "retrying" in m]
     assert retries == [f"ipmi chassis power on: BMC 127.0.0.1:{bmc.port} is busy: Error in open session "
@@ -279,10 +277,17 @@ async def test_password_never_on_the_command_line(bmc):
     reactor = RecordingReactor(_reactor())
     target = bmc.target(port=free_udp_port())
     d = tool(reactor, timeout=30.0, request_timeout=5, request_retries=3).status(target)
-    await sleep(0.2)
+
+    def exec_done() -> list[bytes] | None:
+        """ipmitool's argv, once the child has exec'd it (before that /proc shows the forked Python)."""
+        if not reactor.processes:
+            return None
+        argv = Path(f"/proc/{reactor.processes[0].pid}/cmdline").read_bytes().split(b"\0")
+        return argv if argv[0] == IPMITOOL.encode() else None
+
+    cmdline = await eventually(exec_done, "ipmitool to be exec'd")
     [process] = reactor.processes
     pid = process.pid
-    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     assert cmdline[0] == IPMITOOL.encode() and b"-E" in cmdline
     assert not any(bmc.password.encode() in arg for arg in cmdline)
     environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
@@ -307,8 +312,8 @@ async def test_commands_to_one_bmc_are_serialized_and_spaced(bmc):
     target = bmc.target()
     results = await gather([t.status(target), t.status(target), t.status(target)])
     assert results == ["off", "off", "off"]
-    gaps = [b - a for a, b in zip(reactor.spawned_at, reactor.spawned_at[1:])]
-    assert all(gap >= 0.25 for gap in gaps), gaps
+    starts = reactor.spawned_at  # reactor time
+    assert all(b >= a + 0.25 for a, b in zip(starts, starts[1:])), starts
 
 
 async def gather(ds: list[Deferred]) -> list[Any]:

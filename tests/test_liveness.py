@@ -22,7 +22,6 @@ from twisted.internet import error
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.interfaces import IReactorProcess
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -31,8 +30,8 @@ from zope.interface.verify import verifyObject
 
 from roller.drivers.liveness import (
     CHILD_ENV,
-    ILiveness,
     IcmpPing,
+    ILiveness,
     LivenessError,
     LivenessResult,
     TcpConnect,
@@ -40,6 +39,7 @@ from roller.drivers.liveness import (
     validate_address,
 )
 from roller.testing.process import ping_skip_reason
+from roller.testing.results import eventually
 
 FAKE_PING = "/opt/fake/bin/ping"
 
@@ -666,15 +666,14 @@ async def _gone(pid: int, within: float = 5.0) -> bool:
     """
     Wait until C{pid} no longer exists (killed and reaped, not a zombie).
     """
-    reactor = _real_reactor()
-    deadline = reactor.seconds() + within
-    while reactor.seconds() < deadline:
+    def gone() -> bool:
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
             return True
-        await deferLater(reactor, 0.02)
-    return False
+        return False
+
+    return await eventually(gone, f"pid {pid} to be gone", timeout=within, reactor=_real_reactor())
 
 
 def _script(tmp_path: Path, body: str) -> str:

@@ -27,19 +27,18 @@ import pytest
 import pytest_twisted
 import treq
 from twisted.internet import reactor
-from twisted.internet.task import deferLater
 from twisted.logger import formatEvent, globalLogPublisher
 
 from roller.auth.accounts import hash_password
-from roller.notify import parse_rules
+from roller.notify import SIGNATURE_HEADER, parse_rules
 from roller.secrets import Credential, HawkClient, Secrets, load_secrets, write_secrets
 from roller.sim import ipmisim
-from roller.testing.bugzilla import FakeBugzilla
 from roller.sim.fleet import Fleet
-from roller.notify import SIGNATURE_HEADER
+from roller.sim.pdu_sim import SimulatedPdu
+from roller.testing.bugzilla import FakeBugzilla
 from roller.testing.harness import ApiHarness, free_port, start_roller
 from roller.testing.notify import FakeWebhook
-from roller.sim.pdu_sim import SimulatedPdu
+from roller.testing.results import eventually
 
 BASE = "127.0.9."
 CLIENT = "project/releng/roller-leakcheck"
@@ -298,7 +297,4 @@ async def _until_up(fleet: Fleet, worker: str, deadline: float = 5.0) -> None:
     machine = fleet.machine(worker)
     if worker == "sim-003":
         return
-    end = reactor.seconds() + deadline
-    while not (machine.power.on and machine.listening):
-        assert reactor.seconds() < end, f"{worker} did not come back"
-        await deferLater(reactor, 0.02, lambda: None)
+    await eventually(lambda: machine.power.on and machine.listening, f"{worker} to come back", timeout=deadline)

@@ -12,7 +12,6 @@ accepts and never answers.
 from __future__ import annotations
 
 import socket
-import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -224,12 +223,10 @@ async def test_power_state_is_polled_until_applied_or_timeout(bmc):
         assert "is still On 0.3 s after ForceOff (wanted Off)" in str(e)
 
         lines: list[str] = []
-        started = time.monotonic()
         result = await _driver(poll_interval=0.1).power(t, "off", lines.append)
         assert result.state == "Off" and bmc.power_state("slow") == "Off"
-        assert time.monotonic() - started > 0.2  # it really waited for the change
         reads = [r for r in bmc.requests() if r == f"GET /redfish/v1/Systems/{bmc.uuid('slow')} 200"]
-        assert len(reads) >= 4  # discovery + several polls
+        assert len(reads) >= 4  # discovery + several polls: it really waited for the change
     finally:
         bmc.set_delay(0)
 
@@ -320,12 +317,12 @@ def silent_server():
 
 @pytest_twisted.ensureDeferred
 async def test_bmc_not_answering_times_out_and_hangs_up(silent_server):
-    started = time.monotonic()
+    started = _reactor().seconds()
     e = await _failure(_driver(request_timeout=0.3).status(
         RedfishTarget(url=silent_server.url, username="u", password="p")))
-    assert isinstance(e, RedfishTimeout)
+    assert isinstance(e, RedfishTimeout)  # roller's 0.3 s timeout ended it (the server never answers)
     assert str(e) == f"Redfish {silent_server.url} did not answer GET /redfish/v1/ within 0.3 s"
-    assert time.monotonic() - started < 3
+    assert _reactor().seconds() >= started + 0.3
     await eventually(lambda: len(silent_server.lost) == len(silent_server.connected) == 1)
 
 

@@ -34,7 +34,6 @@ from attrs import evolve
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from twisted.conch.ssh.keys import Key
 from twisted.internet import reactor
-from twisted.internet.task import deferLater
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -45,12 +44,13 @@ from roller.notify import parse_rules
 from roller.secrets import Credential, HawkClient, Secrets, load_secrets, write_secrets
 from roller.service import RollerService
 from roller.sim import ipmisim
-from roller.testing.bugzilla import FakeBugzilla
 from roller.sim.fleet import Fleet
+from roller.sim.pdu_sim import SimulatedPdu
+from roller.testing.bugzilla import FakeBugzilla
 from roller.testing.harness import ApiHarness, free_port, start_roller
 from roller.testing.notify import FakeTaskclusterNotify
-from roller.sim.pdu_sim import SimulatedPdu
-from roller.testing.process import RollerProcess, read_until, wait_for
+from roller.testing.process import RollerProcess, wait_for
+from roller.testing.results import eventually
 from roller.testing.snmpd import SnmpAgent, skip_reason
 from roller.testing.tc_queue import FakeTaskclusterQueue
 from roller.testing.xenapi import FakeXenApi
@@ -167,10 +167,7 @@ BASE = "127.0.14."
 
 async def _until_up(fleet: Fleet, worker: str, deadline: float = 10.0) -> None:
     machine = fleet.machine(worker)
-    end = reactor.seconds() + deadline
-    while not (machine.power.on and machine.listening):
-        assert reactor.seconds() < end, f"{worker} did not come back"
-        await deferLater(reactor, 0.02, lambda: None)
+    await eventually(lambda: machine.power.on and machine.listening, f"{worker} to come back", timeout=deadline)
 
 
 def _key_file(path: Path, key: Key) -> None:
@@ -421,10 +418,8 @@ async def test_xenapi_loans_notify_and_webhook_credentials_take_effect_on_reload
 
     async def notified(count: int) -> list[tuple[str, str, str]]:
         """The outcomes of the last two notifications (sorted) once C{count} have ended."""
-        end = reactor.seconds() + 20.0
-        while len(service.notifier.sent) < count:
-            assert reactor.seconds() < end, f"notifications: {service.notifier.sent}"
-            await deferLater(reactor, 0.02, lambda: None)
+        await eventually(lambda: len(service.notifier.sent) >= count, f"{count} notifications", timeout=20.0,
+                         describe=lambda: service.notifier.sent)
         return sorted(service.notifier.sent[count - 2:count])
 
     def loan(n: int) -> dict:

@@ -7,7 +7,6 @@ kept), and a real C{twistd -n roller} answering SIGTERM the same way.
 from __future__ import annotations
 
 import signal
-import time
 
 import pytest
 from twisted.internet.defer import Deferred
@@ -128,7 +127,6 @@ def test_sigterm_refuses_new_jobs_lets_the_running_one_finish_and_keeps_the_queu
         wait_for(lambda: roller.json("GET", f"/api/v1/jobs/{running_id}")["state"] == "running", 5,
                  "the first job to run", describe=roller.log_tail)
 
-        sent = time.monotonic()
         roller.process.send_signal(signal.SIGTERM)
         refused: list = []
         wait_for(lambda: refused.append(submit("drain-3", 1)) or refused[-1].status == 503, 5,
@@ -137,7 +135,6 @@ def test_sigterm_refuses_new_jobs_lets_the_running_one_finish_and_keeps_the_queu
         assert "Traceback" not in refused[-1].text
 
         returncode = roller.process.wait(20)
-        assert time.monotonic() - sent < 20
         assert returncode in (0, -signal.SIGTERM)
         assert "Server Shut Down." in roller.log_text()
         states = db_states(roller.db_path)
@@ -165,9 +162,8 @@ def test_sigterm_interrupts_a_job_still_running_after_the_grace(tmp_path):
                              {"params": {"count": 10}}, expect=201)["task_id"]
         wait_for(lambda: roller.json("GET", f"/api/v1/jobs/{job_id}")["state"] == "running", 5,
                  "the job to run", describe=roller.log_tail)
-        sent = time.monotonic()
         assert roller.stop(timeout=10) in (0, -signal.SIGTERM)
-        assert time.monotonic() - sent < 6
+        # interrupted after the 1 s grace, not waited for (10 pings would have succeeded)
         assert db_states(roller.db_path) == {job_id: "interrupted"}
         roller.start()
         job = roller.json("GET", f"/api/v1/jobs/{job_id}")

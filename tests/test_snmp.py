@@ -35,6 +35,7 @@ from roller.drivers.snmp.client import (
     normalize_oid,
 )
 from roller.secrets import Credential
+from roller.testing.results import failure_of, result_of
 from roller.testing.snmpd import BENCH_OID, SilentAgent, SnmpAgent, skip_reason
 
 SKIP = skip_reason()
@@ -121,13 +122,6 @@ def deliver(clock: UdpClock, data: bytes, addr: tuple = ("127.0.0.1", 161)) -> N
     clock.ports[0].protocol.datagramReceived(data, addr)
 
 
-def result_of(d: Deferred) -> Any:
-    out: list = []
-    d.addBoth(out.append)
-    assert out, "the Deferred has not fired"
-    return out[0]
-
-
 def idle(client: SnmpClient) -> bool:
     """Nothing left inside any engine for any request."""
     return (client.idle() and not client._inflight and not client.dispatcher.jobs_are_pending()
@@ -199,8 +193,7 @@ def test_silence_is_retried_then_a_timeout_naming_the_credential_not_the_secret(
     clock.advance(1.0)
     assert len(port.written) == 3
     clock.advance(1.0)
-    failure = result_of(d)
-    assert failure.check(SnmpTimeout)
+    failure = failure_of(d, SnmpTimeout)
     e = failure.value
     assert e.attempts == 3
     assert str(e).startswith("no answer from 127.0.0.1:161 to SNMPv2c GET after 3 attempts of 1 s")
@@ -225,7 +218,7 @@ def test_a_late_answer_to_an_abandoned_attempt_is_dropped(clock, client):
 def test_per_call_timeout_and_retries(clock, client):
     d = client.set(target(), [(BENCH_OID, 1)], timeout=0.25, retries=0)
     clock.advance(0.25)
-    assert result_of(d).check(SnmpTimeout)
+    failure_of(d, SnmpTimeout)
     assert len(clock.ports[0].written) == 1
 
 
@@ -233,7 +226,7 @@ def test_cancel_releases_the_request_in_the_engine(clock, client):
     d = client.set(target(), [(BENCH_OID, 7)])
     data = clock.ports[0].written[0][0]
     d.cancel()
-    assert result_of(d).check(CancelledError)
+    failure_of(d, CancelledError)
     assert idle(client)
     clock.advance(500)
     assert len(clock.ports[0].written) == 1  # never retransmitted
@@ -245,8 +238,7 @@ def test_error_status_names_the_status_and_the_oid(clock, client):
     d = client.set(target(), [("1.3.6.1.2.1.1.1.0", "x")])
     data = clock.ports[0].written[0][0]
     deliver(clock, response(data, error_status=17, error_index=1))
-    failure = result_of(d)
-    assert failure.check(SnmpErrorStatus)
+    failure = failure_of(d, SnmpErrorStatus)
     assert failure.value.status == "notWritable"
     assert failure.value.oid == "1.3.6.1.2.1.1.1.0"
     assert "notWritable at 1.3.6.1.2.1.1.1.0" in str(failure.value)
@@ -258,8 +250,7 @@ def test_no_such_varbinds_fail_even_with_no_error(clock, client, value, kind):
     d = client.set(target(), [("1.3.6.1.4.1.99.1.0", 1)])
     data = clock.ports[0].written[0][0]
     deliver(clock, response(data, {"1.3.6.1.4.1.99.1.0": value}))
-    failure = result_of(d)
-    assert failure.check(SnmpNoSuchObject)
+    failure = failure_of(d, SnmpNoSuchObject)
     assert failure.value.kind == kind and failure.value.oid == "1.3.6.1.4.1.99.1.0"
 
 
@@ -277,7 +268,7 @@ def test_many_requests_in_flight_answered_out_of_order(clock, client):
 def test_bad_input_fails_before_sending(clock, client):
     for d in (client.get(target(), ["not.an.oid"]), client.get(target(), []),
               client.set(target(), [(BENCH_OID, 1.5)]), client.set(target(), [(BENCH_OID, True)])):
-        assert result_of(d).check(SnmpConfigError)
+        failure_of(d, SnmpConfigError)
     assert clock.ports == []
     with pytest.raises(SnmpConfigError, match="of type password"):
         target(credential=Credential(name="ipmi", kind="password", username="u", password="p"))
@@ -291,7 +282,7 @@ def test_prepared_varbinds_are_reused_but_every_attempt_is_a_fresh_request(clock
     d.addErrback(lambda f: f.trap(CancelledError))
     d.cancel()
     # a GET's cached Null varbind must not turn an invalid SET into a valid one
-    assert result_of(client.set(target(), [(BENCH_OID, None)])).check(SnmpConfigError)
+    failure_of(client.set(target(), [(BENCH_OID, None)]), SnmpConfigError)
     ds = [client.set(target(), [(BENCH_OID, 7), ("." + BENCH_OID, "seven")]) for _ in range(3)]
     sent = [request_info(data) for data, _ in clock.ports[0].written[1:]]
     assert [i["varbinds"] for i in sent] == [[(BENCH_OID, rfc1902.Integer32(7)),
@@ -425,7 +416,7 @@ def test_dispatcher_ticks_only_with_transports_and_close_leaves_nothing(clock, c
     clock.advance(0.5)
     assert client.dispatcher.get_timer_ticks() > before
     client.close()
-    assert result_of(d).check(CancelledError)
+    failure_of(d, CancelledError)
     assert not client.dispatcher.ticking
     assert clock.getDelayedCalls() == []
     assert not clock.ports[0].listening

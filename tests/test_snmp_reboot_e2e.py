@@ -13,13 +13,13 @@ import os
 
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.task import deferLater
 
 from roller.drivers.snmp.models import MODELS
 from roller.secrets import Credential
 from roller.sim.fleet import Fleet
-from roller.testing.harness import ApiHarness, free_port, start_roller
 from roller.sim.pdu_sim import SimulatedPdu
+from roller.testing.harness import ApiHarness, free_port, start_roller
+from roller.testing.results import eventually
 
 BOOT = 0.3  # seconds from outlet on to the machine's SSH port listening
 OFF = 0.3  # seconds a PDU reboot keeps the outlet off
@@ -47,10 +47,8 @@ class Harness(ApiHarness):
     async def until_up(self, worker_id: str, deadline: float = 5.0) -> list[str]:
         """The machine's down/up transitions once it is up again."""
         power = self.fleet.machine(worker_id).power
-        end = reactor.seconds() + deadline
-        while not (power.on and self.fleet.machine(worker_id).listening):
-            assert reactor.seconds() < end, f"{worker_id} did not come back: {power.history}"
-            await deferLater(reactor, 0.02, lambda: None)
+        await eventually(lambda: power.on and self.fleet.machine(worker_id).listening, f"{worker_id} to come back",
+                         timeout=deadline, describe=lambda: power.history)
         return [e for _, e in power.transitions()]
 
     async def stop(self) -> None:

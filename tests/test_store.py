@@ -29,48 +29,10 @@ from roller.inventory import Machine
 from roller.jobs import Job, JobEvent, State, new_job_id
 from roller.store import AuditEntry, Store, StoreError, open_store
 from roller.store.schema import MIGRATIONS
+from roller.testing.results import failure_of, has_no_result, result_of
 from roller.testing.syncdb import SyncClock, sync_database, sync_store
 
 # -- helpers
-
-_NO_RESULT = object()
-
-
-def _outcome(d: Deferred) -> Any:
-    """
-    What C{d} has fired with, or C{_NO_RESULT}.  A success stays in C{d}
-    for whoever looks next; a failure is taken out (and so handled).
-    """
-    if not d.called:
-        return _NO_RESULT
-    box: list = []
-    d.addBoth(box.append)
-    assert box, f"{d!r} is paused, waiting on another Deferred"
-    if not isinstance(box[0], Failure):
-        d.addCallback(lambda _: box[0])
-    return box[0]
-
-
-def result_of(d: Deferred) -> Any:
-    """The result C{d} already has; fails the test if it has none or failed."""
-    result = _outcome(d)
-    assert result is not _NO_RESULT, f"{d!r} has no result yet"
-    if isinstance(result, Failure):
-        result.raiseException()
-    return result
-
-
-def failure_of(d: Deferred, *types: type[BaseException]) -> Failure:
-    """The failure C{d} already has, which must be one of C{types}."""
-    result = _outcome(d)
-    assert result is not _NO_RESULT, f"{d!r} has no result yet"
-    assert isinstance(result, Failure), f"expected a failure, got {result!r}"
-    assert result.check(*types), f"expected one of {types}, got {result!r}"
-    return result
-
-
-def has_no_result(d: Deferred) -> bool:
-    return not d.called
 
 
 def machine(worker_id: str, group: str = "mdc1", **fields: Any) -> Machine:

@@ -8,7 +8,6 @@ L{task.Clock} where a test needs them; only the network is real.
 from __future__ import annotations
 
 import socket
-import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -16,7 +15,7 @@ import pytest
 import pytest_twisted
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 
 from roller.drivers.xen import (
     XenApiDriver,
@@ -32,10 +31,11 @@ from roller.drivers.xen import (
 from roller.inventory import Machine
 from roller.jobs import Job
 from roller.secrets import Credential, Secrets
+from roller.sim.fleet import PowerState
 from roller.tasks import TaskContext, TaskFailed
 from roller.tasks import xen as xen_task
-from roller.sim.fleet import PowerState
 from roller.testing.liveness import DownThenUp
+from roller.testing.results import eventually
 from roller.testing.xenapi import FakeXenApi
 
 PASSWORD = "xen-Pa55-word"
@@ -62,14 +62,6 @@ async def _failure(d: Any) -> BaseException:
     except Exception as e:  # noqa: BLE001 - the test inspects it
         return e
     raise AssertionError(f"expected a failure, got {result!r}")
-
-
-async def _until(condition: Any, timeout: float = 5.0) -> None:
-    """Poll C{condition} on the real reactor (bounded)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await deferLater(_reactor(), 0.005, lambda: None)
 
 
 def _stop(fake: FakeXenApi) -> None:
@@ -150,12 +142,12 @@ async def test_clean_shutdown_timeout_falls_back_to_hard_shutdown_then_waits(fak
     fake.clean_shutdown = "hang"
     clock = Clock()
     d = _driver(clock=clock, timeout=10.0, shutdown_timeout=60.0, start_delay=30.0).reboot(_target(fake))
-    await _until(lambda: "VM.clean_shutdown" in fake.methods())
+    await eventually(lambda: "VM.clean_shutdown" in fake.methods())
     clock.advance(59)
     assert "VM.hard_shutdown" not in fake.methods()
     clock.advance(1)  # the clean shutdown's timeout: roller hangs up and forces it
     # then the start delay, on the same clock
-    await _until(lambda: [c.getTime() for c in clock.getDelayedCalls()] == [clock.seconds() + 30])
+    await eventually(lambda: [c.getTime() for c in clock.getDelayedCalls()] == [clock.seconds() + 30])
     assert fake.methods()[-1] == "VM.hard_shutdown"
     clock.advance(30)
     result = await d
@@ -220,7 +212,7 @@ async def test_cancel_during_the_delay_still_logs_out(fake):
     fake.add_vm(VM)
     clock = Clock()
     d = _driver(clock=clock, start_delay=30.0).reboot(_target(fake))
-    await _until(lambda: "VM.clean_shutdown" in fake.methods() and clock.getDelayedCalls()
+    await eventually(lambda: "VM.clean_shutdown" in fake.methods() and clock.getDelayedCalls()
                  and [c.getTime() for c in clock.getDelayedCalls()] == [30.0])
     d.cancel()
     assert isinstance(await _failure(d), CancelledError)
@@ -278,7 +270,7 @@ async def test_pool_not_answering_times_out():
         url = f"http://127.0.0.1:{listening.getHost().port}/"
         d = _driver(clock=clock, timeout=30.0).reboot(XenTarget(url=url, vm_uuid=VM, username="root",
                                                                 password=PASSWORD))
-        await _until(lambda: factory.connected)
+        await eventually(lambda: factory.connected)
         clock.advance(30)
         e = await _failure(d)
         assert isinstance(e, XenTimeout)

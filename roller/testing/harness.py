@@ -17,13 +17,13 @@ from typing import Any
 
 import treq
 from attrs import evolve
-from twisted.internet.task import deferLater
 
 from roller.config import load_settings
 from roller.inventory import Machine
 from roller.secrets import load_secrets, write_secrets
 from roller.service import RollerService
 from roller.sim.daemon import free_port
+from roller.testing.results import eventually
 
 __all__ = ["FAST", "ApiHarness", "free_port", "start_roller"]
 
@@ -61,13 +61,14 @@ class ApiHarness:
     async def wait(self, task_id: str, deadline: float = 30.0,
                    until: Callable[[dict], bool] = _finished) -> dict:
         """Poll the job until C{until(job)}; fails the test after C{deadline} seconds."""
-        end = self.reactor.seconds() + deadline
-        while True:
-            job = await self.job(task_id)
-            if until(job):
-                return job
-            assert self.reactor.seconds() < end, f"job still {job['state']}: {job['events'][-3:]}"
-            await deferLater(self.reactor, 0.05, lambda: None)
+        last: dict = {}
+
+        async def check() -> dict | None:
+            last.update(await self.job(task_id))
+            return dict(last) if until(last) else None
+
+        return await eventually(check, f"job {task_id}", timeout=deadline, interval=0.05, reactor=self.reactor,
+                                describe=lambda: f"still {last.get('state')}: {last.get('events', [])[-3:]}")
 
     async def run(self, worker_id: str, task: str, body: dict | None = None, deadline: float = 30.0) -> dict:
         """POST a job and wait for it to end."""

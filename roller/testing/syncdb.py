@@ -13,6 +13,10 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from roller.store import Database, Store, open_store
+from roller.testing.results import result_of
+
+# result_of is defined in roller.testing.results; many tests import it from here with the sync store.
+__all__ = ["SyncClock", "result_of", "run", "sync_database", "sync_store"]
 
 
 class _NonThreadPool:
@@ -55,16 +59,6 @@ def sync_database(path: str, clock: SyncClock) -> Database:
         pool.threadpool = _NonThreadPool()
         pool.running = True
     return db
-
-
-def result_of(d: Deferred) -> Any:
-    """The result a Deferred already has (its failure raised); fails if it has none yet."""
-    out: list = []
-    d.addBoth(out.append)
-    assert out, "Deferred has not fired"
-    if isinstance(out[0], Failure):
-        out[0].raiseException()
-    return out[0]
 
 
 def run(coro: Any) -> Any:
