@@ -41,6 +41,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
+from roller.drivers.errors import DriverError
+
 log = Logger()
 
 __all__ = [
@@ -84,7 +86,7 @@ class LivenessResult:
     lines: tuple[str, ...] = field(default=(), converter=tuple)
 
 
-class LivenessError(Exception):
+class LivenessError(DriverError):
     """
     A liveness check could not be carried out at all (as opposed to the
     machine not answering): unknown host name, C{ping} missing or failing
@@ -102,14 +104,10 @@ class LivenessError(Exception):
         exit_code: int | None = None,
         lines: tuple[str, ...] = (),
     ) -> None:
-        super().__init__(message)
-        self.message = message
+        super().__init__(message, host=address or None)
         self.address = address
         self.exit_code = exit_code
         self.lines = tuple(lines)
-
-    def __str__(self) -> str:
-        return self.message
 
 
 class ILiveness(Interface):

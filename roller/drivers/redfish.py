@@ -312,7 +312,7 @@ class RedfishTarget:
         return text
 
 
-def redfish_target(machine: Machine, secrets: Secrets, default_credential: str | None = None) -> RedfishTarget:
+def redfish_target(machine: Machine, secrets: Secrets | None, default_credential: str | None = None) -> RedfishTarget:
     """
     The L{RedfishTarget} for a L{roller.inventory.Machine}.
 
@@ -332,6 +332,8 @@ def redfish_target(machine: Machine, secrets: Secrets, default_credential: str |
         raise RedfishConfigError(f"machine {name}: no Redfish credential "
                                  "(set redfish.credential on the machine or a default)")
     try:
+        if secrets is None:
+            raise UnknownCredential(cred_name)
         cred = secrets.get(cred_name)
     except UnknownCredential as e:
         raise RedfishConfigError(f"machine {name}: Redfish {e}") from None
@@ -681,7 +683,7 @@ class RedfishDriver:
         self.default_credential = default_credential or None
         self._warned: set[str] = set()
 
-    def for_machine(self, machine: Machine, secrets: Secrets, *,
+    def for_machine(self, machine: Machine, secrets: Secrets | None, *,
                     on_progress: EventCallback | None = None) -> RedfishPower:
         """
         The L{IPowerDriver} of C{machine}'s Redfish BMC (with this driver's

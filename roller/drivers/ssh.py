@@ -113,6 +113,7 @@ from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from zope.interface import Interface, implementer
 
+from roller.drivers.errors import DriverError
 from roller.drivers.known_hosts import (
     KNOWN,
     REVOKED,
@@ -162,7 +163,7 @@ MAX_LINE = 64 * 1024
 # ---------------------------------------------------------------- errors
 
 
-class SshError(Exception):
+class SshError(DriverError):
     """
     An SSH command could not be run, or its outcome is not known.
 
@@ -170,15 +171,6 @@ class SshError(Exception):
     @ivar host: The target host, when known.
     @ivar port: The target port, when known.
     """
-
-    def __init__(self, message: str, *, host: str | None = None, port: int | None = None):
-        super().__init__(message)
-        self.message = message
-        self.host = host
-        self.port = port
-
-    def __str__(self) -> str:
-        return self.message
 
 
 class SshConfigError(SshError):

@@ -231,7 +231,7 @@ class XenTarget:
         return f"{cred}(user {self.username!r})"
 
 
-def xen_target(machine: Machine, secrets: Secrets, *, default_url: str | None = None,
+def xen_target(machine: Machine, secrets: Secrets | None, *, default_url: str | None = None,
                default_credential: str | None = None, ca_file: str | None = None,
                verify_tls: bool = True) -> XenTarget:
     """
@@ -254,6 +254,8 @@ def xen_target(machine: Machine, secrets: Secrets, *, default_url: str | None = 
         raise XenConfigError(f"machine {name}: no XenAPI credential "
                              "(set xen.credential on the machine or a default)")
     try:
+        if secrets is None:
+            raise UnknownCredential(cred_name)
         cred = secrets.get(cred_name)
     except UnknownCredential as e:
         raise XenConfigError(f"machine {name}: XenAPI {e}") from None
@@ -433,13 +435,13 @@ class XenApiDriver:
         self.verify_tls = verify_tls
         self._warned: set[str] = set()
 
-    def target(self, machine: Machine, secrets: Secrets) -> XenTarget:
+    def target(self, machine: Machine, secrets: Secrets | None) -> XenTarget:
         """L{xen_target} with this driver's defaults (pool URL, credential, TLS)."""
         return xen_target(machine, secrets, default_url=self.default_url,
                           default_credential=self.default_credential, ca_file=self.ca_file,
                           verify_tls=self.verify_tls)
 
-    def for_machine(self, machine: Machine, secrets: Secrets, *,
+    def for_machine(self, machine: Machine, secrets: Secrets | None, *,
                     on_progress: EventCallback | None = None) -> XenPower:
         """
         The L{IPowerDriver} of C{machine}'s VM.

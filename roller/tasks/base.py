@@ -9,18 +9,55 @@ cancels whatever the task is awaiting (a process, a connection).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 from attrs import field, frozen
 
+from roller.drivers.errors import DriverError
+from roller.drivers.reactor import IDriverReactor
 from roller.errors import ValidationError
 from roller.inventory import Machine
 from roller.jobs import Job
+from roller.secrets import Secrets
+
+if TYPE_CHECKING:
+    from roller.config import Settings
+    from roller.drivers.registry import Drivers
+    from roller.store import Store
 
 
 class TaskFailed(Exception):
     """The task ran and did not achieve its goal; the message says why."""
+
+
+@contextmanager
+def driver_errors(*errors: type[Exception], prefix: str = "", redact: Callable[[str], str] | None = None,
+                  on_error: Callable[[Exception], object] | None = None) -> Iterator[None]:
+    """
+    Run driver calls; an error of theirs becomes L{TaskFailed} (a failed
+    job) with the same one-line message::
+
+        with driver_errors():
+            detail = await ctx.drivers.ipmi.power(target, "on", ctx.log)
+
+    @param errors: The exceptions that mean "the driver failed"; by default
+        any L{roller.drivers.errors.DriverError} (which every driver's errors
+        are, the power drivers' through L{roller.drivers.power.PowerError}).
+    @param prefix: Put before the message (C{"not loaned: "}).
+    @param redact: Applied to the message (a peer may echo a secret).
+    @param on_error: Called with the error first (e.g. to log that the
+        command may have reached the device).
+    """
+    caught: tuple[type[Exception], ...] = errors or (DriverError,)
+    try:
+        yield
+    except caught as e:
+        if on_error is not None:
+            on_error(e)
+        message = str(e)
+        raise TaskFailed(prefix + (redact(message) if redact is not None else message)) from None
 
 
 _TYPES = {int: "integer", float: "number", str: "string", bool: "boolean"}
@@ -52,9 +89,9 @@ class Param:
             value = float(value)
         if isinstance(value, bool) and self.type is not bool or not isinstance(value, self.type):
             raise ValidationError(path, f"must be {_TYPES[self.type]}, got {value!r}"[:200])
-        if self.minimum is not None and value < self.minimum:
+        if self.minimum is not None and isinstance(value, (int, float)) and value < self.minimum:
             raise ValidationError(path, f"must be at least {self.minimum:g}")
-        if self.maximum is not None and value > self.maximum:
+        if self.maximum is not None and isinstance(value, (int, float)) and value > self.maximum:
             raise ValidationError(path, f"must be at most {self.maximum:g}")
         if self.choices and value not in self.choices:
             raise ValidationError(path, f"must be one of {', '.join(map(str, self.choices))}")
@@ -86,16 +123,36 @@ class Param:
 
 @frozen
 class TaskContext:
-    """What a running task may use."""
+    """
+    What a running task may use.
+
+    @ivar reactor: The injected reactor: the clock, process spawning, TCP
+        and UDP (tests give a C{MemoryReactorClock} or a C{Clock}).
+    @ivar log: C{log(message, **data)}: a job event, shown live.
+    """
 
     job: Job
     machine: Machine
-    reactor: Any  # clock, process spawning and connecting, injected
-    log: Callable[..., None]  # log(message, **data): a job event, shown live
-    settings: Any = None
-    secrets: Any = None
-    drivers: Any = None  # roller.drivers.registry.Drivers
-    store: Any = None  # roller.store.Store (loans)
+    reactor: IDriverReactor
+    log: Callable[..., None]
+    settings: Settings | None = None
+    secrets: Secrets | None = None
+    drivers: Drivers | None = None
+    store: Store | None = None  # loans
+
+    @property
+    def config(self) -> Settings:
+        """The settings; L{TaskFailed} if this job was given none."""
+        if self.settings is None:
+            raise TaskFailed(f"task {self.job.task_name} needs roller's settings, which this job was not given")
+        return self.settings
+
+    @property
+    def driver_set(self) -> Drivers:
+        """The drivers; L{TaskFailed} if this job was given none."""
+        if self.drivers is None:
+            raise TaskFailed(f"task {self.job.task_name} needs roller's drivers, which this job was not given")
+        return self.drivers
 
 
 RunFunction = Callable[[TaskContext, Mapping[str, Any]], Awaitable[str]]

@@ -25,7 +25,7 @@ from typing import Any
 
 from roller.bugzilla import BugzillaClient, BugzillaError
 from roller.secrets import UnknownCredential
-from roller.tasks.base import TaskContext, TaskFailed, TaskSpec
+from roller.tasks.base import TaskContext, TaskFailed, TaskSpec, driver_errors
 
 
 def not_applicable(ctx: TaskContext) -> str | None:
@@ -42,12 +42,14 @@ def client(ctx: TaskContext) -> BugzillaClient:
     existing = getattr(ctx.drivers, "bugzilla", None)
     if existing is not None:
         return existing
-    s = ctx.settings
+    s = ctx.config
     key = ""
     if s.bugzilla_credential:
         try:
+            if ctx.secrets is None:
+                raise UnknownCredential(s.bugzilla_credential)
             cred = ctx.secrets.get(s.bugzilla_credential)
-        except (UnknownCredential, AttributeError):
+        except UnknownCredential:
             raise TaskFailed(f"the Bugzilla credential {s.bugzilla_credential!r} is not in the secrets file") from None
         key = cred.value or cred.password or ""
     return BugzillaClient(ctx.reactor, s.bugzilla_url, key, timeout=s.bugzilla_timeout)
@@ -72,16 +74,15 @@ async def file_bug(ctx: TaskContext, attempts: Sequence[str]) -> str:
     """File or update the machine's reboot bug; a line saying what was done.  L{TaskFailed} otherwise."""
     bz = client(ctx)
     try:
-        return await _file_bug(ctx, bz, attempts)
-    except BugzillaError as e:
-        raise TaskFailed(bz.redact(str(e))) from None
+        with driver_errors(BugzillaError, redact=bz.redact):
+            return await _file_bug(ctx, bz, attempts)
     finally:
         if getattr(ctx.drivers, "bugzilla", None) is None:
             bz.close()
 
 
 async def _file_bug(ctx: TaskContext, bz: BugzillaClient, attempts: Sequence[str]) -> str:
-    s = ctx.settings
+    s = ctx.config
     values = template_fields(ctx, attempts)
     alias = values["host"]
     tracker = await bz.bug_by_alias(alias)

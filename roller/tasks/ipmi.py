@@ -19,40 +19,45 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from roller.drivers.ipmi import IpmiConfigError, IpmiError, IpmiTarget
-from roller.tasks.base import Param, TaskContext, TaskFailed, TaskSpec
+from roller.drivers.ipmi import IpmiTarget, IpmiTool
+from roller.inventory import Machine
+from roller.tasks.base import Param, TaskContext, TaskFailed, TaskSpec, driver_errors
 
 __all__ = ["TASKS", "METHOD_NAMES", "not_applicable", "initiate_cycle", "initiate_reset"]
 
 
-def not_applicable(machine: Any) -> str | None:
+def not_applicable(machine: Machine) -> str | None:
     """Why IPMI cannot be used on C{machine}, or C{None}."""
     if machine.ipmi is None:
         return "the machine has no ipmi settings"
     return None
 
 
-def endpoints(machine: Any) -> tuple[str, ...]:
+def endpoints(machine: Machine) -> tuple[str, ...]:
     """The shared endpoint of a machine's BMC: C{("bmc:HOST",)}."""
     return (f"bmc:{machine.ipmi.host}",) if machine.ipmi is not None else ()
+
+
+def tool(ctx: TaskContext) -> IpmiTool:
+    """The process's IPMI driver; L{TaskFailed} if this roller has none."""
+    ipmi = ctx.driver_set.ipmi
+    if ipmi is None:
+        raise TaskFailed("this roller has no ipmi power driver configured")
+    return ipmi
 
 
 def _target(ctx: TaskContext) -> IpmiTarget:
     reason = not_applicable(ctx.machine)
     if reason:
         raise TaskFailed(f"cannot use IPMI: {reason}")
-    try:
-        return ctx.drivers.ipmi.target(ctx.machine, ctx.secrets)
-    except IpmiConfigError as e:
-        raise TaskFailed(str(e)) from None
+    with driver_errors():
+        return tool(ctx).target(ctx.machine, ctx.secrets)
 
 
 async def _power(ctx: TaskContext, action: str) -> str:
     target = _target(ctx)
-    try:
-        return await ctx.drivers.ipmi.power(target, action, ctx.log)
-    except IpmiError as e:
-        raise TaskFailed(str(e)) from None
+    with driver_errors():
+        return await tool(ctx).power(target, action, ctx.log)
 
 
 async def run_on(ctx: TaskContext, params: Mapping[str, Any]) -> str:
@@ -73,10 +78,8 @@ async def run_reset(ctx: TaskContext, params: Mapping[str, Any]) -> str:
 
 async def run_status(ctx: TaskContext, params: Mapping[str, Any]) -> str:
     target = _target(ctx)
-    try:
-        state = await ctx.drivers.ipmi.status(target, ctx.log)
-    except IpmiError as e:
-        raise TaskFailed(str(e)) from None
+    with driver_errors():
+        state = await tool(ctx).status(target, ctx.log)
     ctx.log(f"chassis power is {state}", power=state)
     return f"{target.bmc}: chassis power is {state}"
 
@@ -85,10 +88,8 @@ async def run_list(ctx: TaskContext, params: Mapping[str, Any]) -> str:
     target = _target(ctx)
     last = params.get("last", 15)
     ctx.log(f"ipmi {target.address}: sel list last {last}", bmc=target.address)
-    try:
-        lines = await ctx.drivers.ipmi.sel_list(target, last, ctx.log)
-    except IpmiError as e:
-        raise TaskFailed(str(e)) from None
+    with driver_errors():
+        lines = await tool(ctx).sel_list(target, last, ctx.log)
     for line in lines:
         ctx.log(line, sel=True)
     if not lines:
@@ -98,10 +99,8 @@ async def run_list(ctx: TaskContext, params: Mapping[str, Any]) -> str:
 
 async def run_pxe(ctx: TaskContext, params: Mapping[str, Any]) -> str:
     target = _target(ctx)
-    try:
-        detail = await ctx.drivers.ipmi.set_boot_device(target, "pxe", bool(params.get("efi")), ctx.log)
-    except IpmiError as e:
-        raise TaskFailed(str(e)) from None
+    with driver_errors():
+        detail = await tool(ctx).set_boot_device(target, "pxe", bool(params.get("efi")), ctx.log)
     return f"{target.bmc}: {detail}" + (" (EFI)" if params.get("efi") else "")
 
 
@@ -119,18 +118,16 @@ async def _initiate(ctx: TaskContext, action: str) -> str:
     refuse a cycle of a machine that is off).
     """
     target = _target(ctx)
-    tool = ctx.drivers.ipmi
-    try:
-        state = await tool.status(target, ctx.log)
+    ipmi = tool(ctx)
+    with driver_errors():
+        state = await ipmi.status(target, ctx.log)
         ctx.log(f"ipmi {target.address}: chassis power is {state}", power=state)
         if state == "off":
             if action == "reset":
                 raise TaskFailed(f"{target.bmc}: chassis power is off; a reset would not start it")
-            detail = await tool.power(target, "on", ctx.log)
+            detail = await ipmi.power(target, "on", ctx.log)
             return f"ipmi power on (the machine was off): {detail}"
-        detail = await tool.power(target, action, ctx.log, verify=False)
-    except IpmiError as e:
-        raise TaskFailed(str(e)) from None
+        detail = await ipmi.power(target, action, ctx.log, verify=False)
     return f"ipmi power {action} sent: {detail}"
 
 

@@ -29,9 +29,10 @@ from typing import Any
 from roller.jobs import iso
 from roller.quarantine import QuarantineError, TaskclusterQueue, worker_pool
 from roller.secrets import UnknownCredential
+from roller.store import Store
 from roller.store.loans import AlreadyOnLoan, Loan
 from roller.tasks import reimage
-from roller.tasks.base import Param, TaskContext, TaskFailed, TaskSpec
+from roller.tasks.base import Param, TaskContext, TaskFailed, TaskSpec, driver_errors
 
 _EMAIL = re.compile(r"^[^@\s<>\"']{1,64}@[-A-Za-z0-9.]{1,253}\.[A-Za-z]{2,63}$")
 _DURATION = re.compile(r"^(\d{1,6})\s*([mhdw])$")
@@ -70,18 +71,18 @@ def expiry(value: str, now: float) -> float:
 
 def _queue(ctx: TaskContext) -> tuple[TaskclusterQueue, tuple[str, str]]:
     """The Taskcluster queue client and the machine's (provisionerId, workerType)."""
-    s = ctx.settings
-    try:
+    s = ctx.config
+    with driver_errors(QuarantineError):
         pool = worker_pool(ctx.machine, s.loans_provisioner_id)
-    except QuarantineError as e:
-        raise TaskFailed(str(e)) from None
     root = s.loans_root_url or s.auth_root_url
     if not root:
         raise TaskFailed("no Taskcluster deployment to quarantine the worker in: set loans.root_url "
                          "(or auth.root_url)")
     try:
+        if ctx.secrets is None:
+            raise UnknownCredential(s.loans_credential)
         cred = ctx.secrets.get(s.loans_credential)
-    except (UnknownCredential, AttributeError, KeyError):
+    except KeyError:  # UnknownCredential included
         raise TaskFailed(f"the Taskcluster credential {s.loans_credential!r} (loans.credential) is not in "
                          "the secrets file") from None
     if not cred.username or not cred.password:
@@ -90,7 +91,7 @@ def _queue(ctx: TaskContext) -> tuple[TaskclusterQueue, tuple[str, str]]:
     return TaskclusterQueue(ctx.reactor, root, cred.username, cred.password, timeout=s.loans_timeout), pool
 
 
-def _store(ctx: TaskContext) -> Any:
+def _store(ctx: TaskContext) -> Store:
     if ctx.store is None:
         raise TaskFailed("loans need roller's store, which this job was not given")
     return ctx.store
@@ -101,7 +102,7 @@ def _machine(ctx: TaskContext) -> str:
 
 
 async def run_loan(ctx: TaskContext, params: Mapping[str, Any]) -> str:
-    store, m, s = _store(ctx), ctx.machine, ctx.settings
+    store, m, s = _store(ctx), ctx.machine, ctx.config
     now = ctx.reactor.seconds()
     reason = (params.get("reason") or ctx.job.reason or "").strip()
     if not reason:
@@ -120,10 +121,8 @@ async def run_loan(ctx: TaskContext, params: Mapping[str, Any]) -> str:
     info = f"on loan to {params['borrower']}: {reason}"[:1000]
     ctx.log(f"quarantining {provisioner}/{worker_type}/{m.worker_group}/{m.worker_id} until {iso(until)}",
             step="quarantine")
-    try:
+    with driver_errors(QuarantineError, prefix="not loaned: "):
         await queue.quarantine(provisioner, worker_type, m.worker_group, m.worker_id, until, info)
-    except QuarantineError as e:
-        raise TaskFailed(f"not loaned: {e}") from None
     try:
         loan = await store.loans.insert(Loan(
             worker_group=m.worker_group, worker_id=m.worker_id, borrower=params["borrower"], reason=reason,
@@ -146,11 +145,10 @@ async def return_loan(ctx: TaskContext, params: Mapping[str, Any], reimage_run: 
     now = ctx.reactor.seconds()
     ctx.log(f"lifting the quarantine of {provisioner}/{worker_type}/{m.worker_group}/{m.worker_id}",
             step="unquarantine")
-    try:
+    with driver_errors(QuarantineError, prefix="not returned (still on loan): "):
         await queue.quarantine(provisioner, worker_type, m.worker_group, m.worker_id, now,
                                f"returned by {loan.borrower}")
-    except QuarantineError as e:
-        raise TaskFailed(f"not returned (still on loan): {e}") from None
+    assert loan.id is not None  # read from the store, so it has its row id
     await store.loans.close(loan.id, ctx.reactor.seconds(), ctx.job.id)
     ctx.log(f"loan {loan.id} of {loan.borrower} closed; reimaging", step="returned", loan=loan.id)
     try:

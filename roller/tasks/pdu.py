@@ -21,13 +21,15 @@ it sends to one PDU (see L{roller.drivers.snmp.pdu}).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
+from twisted.internet.defer import Deferred
+
 from roller.drivers.power import IPowerDriver, PowerError, PowerResult
 from roller.inventory import Machine
-from roller.tasks.base import Param, TaskContext, TaskFailed, TaskSpec
+from roller.tasks.base import Param, TaskContext, TaskFailed, TaskSpec, driver_errors
 
 __all__ = [
     "POWER_CYCLE",
@@ -54,7 +56,8 @@ def power_endpoints(machine: Machine) -> tuple[str, ...]:
     The queue endpoints of a machine's power control: its PDU and its BMC,
     whichever it has (the task may use either, so it holds both).
     """
-    bmc = (f"bmc:{machine.ipmi.host}",) if getattr(machine, "ipmi", None) is not None else ()
+    ipmi = getattr(machine, "ipmi", None)
+    bmc: tuple[str, ...] = (f"bmc:{ipmi.host}",) if ipmi is not None else ()
     redfish = getattr(machine, "redfish", None)
     host = urlsplit(redfish.url).hostname if redfish is not None else None
     if host and f"bmc:{host}" not in bmc:
@@ -92,23 +95,21 @@ def power_driver(ctx: TaskContext, via: str = "auto") -> IPowerDriver:
         drivers = getattr(ctx.drivers, driver_name, None)
         if drivers is None:
             raise TaskFailed(f"this roller has no {name} power driver configured")
-        try:
+        with driver_errors():
             return drivers.for_machine(machine, ctx.secrets, on_progress=ctx.log)
-        except PowerError as e:
-            raise TaskFailed(str(e)) from None
     if via != "auto":
         raise TaskFailed(f"machine {machine.worker_id} has no {via} settings")
     raise TaskFailed(f"machine {machine.worker_id} has no power control roller can use: it has "
                      "none of pdu, ipmi, redfish or xen settings")
 
 
-async def _act(ctx: TaskContext, what: str, call: Any) -> PowerResult:
-    try:
-        result = await call()
-    except PowerError as e:
-        if e.sent:
+async def _act(ctx: TaskContext, what: str, call: Callable[[], Deferred[PowerResult]]) -> PowerResult:
+    def note_sent(e: Exception) -> None:
+        if isinstance(e, PowerError) and e.sent:
             ctx.log(f"{what}: the command may have reached the device", sent=True, kind=e.kind)
-        raise TaskFailed(str(e)) from None
+
+    with driver_errors(PowerError, on_error=note_sent):
+        result = await call()
     ctx.log(result.detail, state=result.state)
     return result
 

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from roller.drivers.liveness import LivenessError, liveness_for
-from roller.tasks.base import Param, TaskContext, TaskFailed, TaskSpec
+from roller.tasks.base import Param, TaskContext, TaskFailed, TaskSpec, driver_errors
 
 
 async def run(ctx: TaskContext, params: Mapping[str, Any]) -> str:
@@ -28,10 +28,8 @@ async def run(ctx: TaskContext, params: Mapping[str, Any]) -> str:
     else:
         checker = liveness_for("tcp", ctx.reactor, port=machine.liveness.port, on_line=ctx.log)
         ctx.log(f"tcp connect {address}:{machine.liveness.port}")
-    try:
+    with driver_errors(LivenessError, ValueError):
         result = await checker.check(address)
-    except (LivenessError, ValueError) as e:
-        raise TaskFailed(str(e)) from None
     if not result.alive:
         raise TaskFailed(f"{address} is not answering: {result.detail}")
     return f"{address} is up: {result.detail}"

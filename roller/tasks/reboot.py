@@ -60,17 +60,17 @@ class Attempt:
 def _methods(ctx: TaskContext, params: Mapping[str, Any]) -> tuple[str, ...]:
     if params.get("methods"):
         return tuple(m.strip() for m in params["methods"].split(",") if m.strip())
-    return ctx.machine.reboot_methods or tuple(ctx.settings.reboot_methods)
+    return ctx.machine.reboot_methods or tuple(ctx.config.reboot_methods)
 
 
 async def run(ctx: TaskContext, params: Mapping[str, Any]) -> str:
-    s = ctx.settings
+    s = ctx.config
     machine = ctx.machine
     clock = ctx.reactor
     address = machine.address
     if address is None:
         raise TaskFailed(f"machine {machine.worker_id} has neither an ip nor an fqdn")
-    checker = ctx.drivers.liveness(machine)
+    checker = ctx.driver_set.liveness(machine)
     started = clock.seconds()
     attempts: list[Attempt] = []
 

@@ -23,34 +23,32 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-from roller.drivers.redfish import RedfishDriver, RedfishError, RedfishTarget, redfish_from_settings, redfish_target
-from roller.tasks.base import Param, TaskContext, TaskFailed, TaskSpec
+from roller.drivers.redfish import RedfishDriver, RedfishTarget, redfish_from_settings, redfish_target
+from roller.inventory import Machine
+from roller.tasks.base import Param, TaskContext, TaskFailed, TaskSpec, driver_errors
 
 ACTIONS = ("status", "on", "off", "graceful_off", "cycle", "reset", "pxe")
 
 
 def driver(ctx: TaskContext) -> RedfishDriver:
     """The process's Redfish driver (C{ctx.drivers.redfish}), else one built from the settings."""
-    existing = getattr(ctx.drivers, "redfish", None)
-    return existing if existing is not None else redfish_from_settings(ctx.reactor, ctx.settings)
+    existing: RedfishDriver | None = getattr(ctx.drivers, "redfish", None)
+    return existing if existing is not None else redfish_from_settings(ctx.reactor, ctx.config)
 
 
 def target(ctx: TaskContext) -> RedfishTarget:
     """The machine's L{RedfishTarget}; L{TaskFailed} if it cannot be built."""
-    try:
-        return redfish_target(ctx.machine, ctx.secrets,
-                              default_credential=ctx.settings.redfish_credential or None)
-    except RedfishError as e:
-        raise TaskFailed(str(e)) from None
+    with driver_errors():
+        return redfish_target(ctx.machine, ctx.secrets, default_credential=ctx.config.redfish_credential or None)
 
 
-def not_applicable(machine: Any) -> str | None:
+def not_applicable(machine: Machine) -> str | None:
     if machine.redfish is None:
         return "the machine has no redfish settings"
     return None
 
 
-def endpoints(machine: Any) -> tuple[str, ...]:
+def endpoints(machine: Machine) -> tuple[str, ...]:
     """The BMC, so the queue serializes and spaces commands to it."""
     if machine.redfish is None:
         return ()
@@ -64,13 +62,11 @@ async def initiate(ctx: TaskContext, pxe: bool = False) -> str:
     d = driver(ctx)
     system = f" system {t.system}" if t.system else ""
     ctx.log(f"redfish reboot {t.url}{system}")
-    try:
+    with driver_errors():
         boot = ""
         if pxe:
             boot = f"{await d.set_boot_device(t, 'pxe', on_event=ctx.log)}; "
         power = await d.reset(t, ctx.log)
-    except RedfishError as e:
-        raise TaskFailed(str(e)) from None
     return f"redfish reboot: {boot}{power}"
 
 
@@ -89,7 +85,7 @@ async def run_power(ctx: TaskContext, params: Mapping[str, Any]) -> str:
     t = target(ctx)
     d = driver(ctx)
     ctx.log(f"redfish {action} {t.url}" + (f" system {t.system}" if t.system else ""))
-    try:
+    with driver_errors():
         if action == "status":
             return f"power is {await d.status(t, ctx.log)}"
         if action == "on":
@@ -104,8 +100,6 @@ async def run_power(ctx: TaskContext, params: Mapping[str, Any]) -> str:
             return await d.reset(t, ctx.log)
         if action == "pxe":
             return await d.set_boot_device(t, "pxe", on_event=ctx.log)
-    except RedfishError as e:
-        raise TaskFailed(str(e)) from None
     raise TaskFailed(f"unknown action {action!r}")
 
 

@@ -12,15 +12,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from roller.drivers.ipmi import IpmiError
-from roller.drivers.redfish import RedfishError
+from roller.inventory import Machine
 from roller.tasks import ipmi as ipmi_task
 from roller.tasks import redfish as redfish_task
-from roller.tasks.base import Param, TaskContext, TaskFailed, TaskSpec
+from roller.tasks.base import Param, TaskContext, TaskFailed, TaskSpec, driver_errors
 from roller.tasks.verify import wait_down_then_up
 
 
-def _via(machine: Any) -> str:
+def _via(machine: Machine) -> str:
     if machine.ipmi is not None:
         return "ipmi"
     if machine.redfish is not None:
@@ -31,10 +30,10 @@ def _via(machine: Any) -> str:
 
 async def _pxe_and_cycle(ctx: TaskContext, via: str, efi: bool) -> str:
     if via == "ipmi":
-        ipmi = ctx.drivers.ipmi
-        target = ipmi.target(ctx.machine, ctx.secrets)
+        ipmi = ipmi_task.tool(ctx)
+        bmc = ipmi.target(ctx.machine, ctx.secrets)
         ctx.log("step 1/3: one-time PXE boot through IPMI", step="pxe")
-        said = await ipmi.set_boot_device(target, "pxe", efi, ctx.log)
+        said = await ipmi.set_boot_device(bmc, "pxe", efi, ctx.log)
         ctx.log(f"step 2/3: power cycle through IPMI ({said})", step="cycle")
         return await ipmi_task.initiate_cycle(ctx)
     driver = redfish_task.driver(ctx)
@@ -46,25 +45,23 @@ async def _pxe_and_cycle(ctx: TaskContext, via: str, efi: bool) -> str:
 
 
 async def run(ctx: TaskContext, params: Mapping[str, Any]) -> str:
-    s = ctx.settings
+    s = ctx.config
     machine = ctx.machine
     via = _via(machine)
     started = ctx.reactor.seconds()
-    try:
+    with driver_errors():
         detail = await _pxe_and_cycle(ctx, via, params["efi"])
-    except (IpmiError, RedfishError) as e:
-        raise TaskFailed(str(e)) from None
     address = machine.address
     if address is None:
         return f"{via}: PXE boot set and {detail}; not verified (the machine has no ip or fqdn)"
-    down, up = await wait_down_then_up(ctx, ctx.drivers.liveness(machine), address,
+    down, up = await wait_down_then_up(ctx, ctx.driver_set.liveness(machine), address,
                                        f"{via}: PXE boot set and {detail}",
                                        f"step 3/3: waiting for down (up to {s.reboot_down_timeout:g} s)")
     return (f"{via}: PXE boot set and {detail}; down after {down:.0f} s, up after {up:.0f} s. "
             f"Completed in {ctx.reactor.seconds() - started:.0f} seconds")
 
 
-def endpoints(machine: Any) -> tuple[str, ...]:
+def endpoints(machine: Machine) -> tuple[str, ...]:
     return ipmi_task.endpoints(machine) or redfish_task.endpoints(machine)
 
 

@@ -13,13 +13,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from roller.drivers.ssh import SshCommandInterrupted, SshConfigError, SshConnectionLost, SshError, ssh_target
-from roller.tasks.base import TaskContext, TaskFailed, TaskSpec
+from roller.drivers.ssh import SshCommandInterrupted, SshConnectionLost, ssh_target
+from roller.inventory import Machine
+from roller.tasks.base import TaskContext, TaskFailed, TaskSpec, driver_errors
 
 COMMANDS = ("reboot", "sudo reboot", "shutdown -f -t 3 -r")
 
 
-def not_applicable(machine: Any) -> str | None:
+def not_applicable(machine: Machine) -> str | None:
     if machine.ssh is None:
         return "the machine has no ssh settings"
     if machine.address is None:
@@ -29,27 +30,25 @@ def not_applicable(machine: Any) -> str | None:
 
 async def initiate(ctx: TaskContext) -> str:
     """Send the reboot; a line saying which command was accepted.  L{TaskFailed} otherwise."""
-    s = ctx.settings
-    try:
+    s = ctx.config
+    shell = ctx.driver_set.shell
+    with driver_errors():
         target = ssh_target(ctx.machine, ctx.secrets, default_user=s.ssh_user,
                             default_credential=s.ssh_credential or None,
                             default_policy=s.ssh_host_key_policy)
-    except SshConfigError as e:
-        raise TaskFailed(str(e)) from None
     refusals = []
     for command in COMMANDS:
         ctx.log(f"ssh {target.user}@{target.host}:{target.port}: {command}")
-        try:
-            result = await ctx.drivers.shell.run(target, command, on_line=ctx.log)
-        except SshCommandInterrupted as e:
-            # A host going down often drops or stalls the session: the reboot
-            # is initiated; verifying that it went down is the caller's job.
-            if e.command_sent:
+        with driver_errors():
+            try:
+                result = await shell.run(target, command, on_line=ctx.log)
+            except SshCommandInterrupted as e:
+                # A host going down often drops or stalls the session: the reboot
+                # is initiated; verifying that it went down is the caller's job.
+                if not e.command_sent:
+                    raise
                 how = "dropped" if isinstance(e, SshConnectionLost) else "stalled"
                 return f"ssh reboot sent (`{command}`; the connection {how} as the host went down)"
-            raise TaskFailed(str(e)) from None
-        except SshError as e:
-            raise TaskFailed(str(e)) from None
         if result.exit_status == 0:
             return f"ssh reboot sent (`{command}` accepted)"
         detail = (result.stderr or result.stdout).strip().splitlines()

@@ -10,11 +10,11 @@ from typing import Any
 from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.task import deferLater
 
-from roller.drivers.liveness import LivenessError
-from roller.tasks.base import TaskFailed
+from roller.drivers.liveness import ILiveness, LivenessError
+from roller.tasks.base import TaskContext, TaskFailed
 
 
-async def wait_for_state(ctx: Any, checker: Any, address: str, *, alive: bool, timeout: float,
+async def wait_for_state(ctx: TaskContext, checker: ILiveness, address: str, *, alive: bool, timeout: float,
                          interval: float) -> float | None:
     """
     Poll C{checker} until the machine's liveness is C{alive}; the seconds it
@@ -38,7 +38,7 @@ async def wait_for_state(ctx: Any, checker: Any, address: str, *, alive: bool, t
         await deferLater(clock, min(interval, max(deadline - now, 0.0)), lambda: None)
 
 
-async def wait_down_then_up(ctx: Any, checker: Any, address: str, what: str, waiting: str,
+async def wait_down_then_up(ctx: TaskContext, checker: ILiveness, address: str, what: str, waiting: str,
                             **fields: Any) -> tuple[float, float]:
     """
     After C{what} was done to the machine: log C{waiting}, wait for it to
@@ -49,7 +49,7 @@ async def wait_down_then_up(ctx: Any, checker: Any, address: str, what: str, wai
     @raise TaskFailed: It did not go down, or not up again, in time; the
         message starts with C{what}.
     """
-    s = ctx.settings
+    s = ctx.config
     ctx.log(waiting, step="waiting_for_down", **fields)
     down = await wait_for_state(ctx, checker, address, alive=False, timeout=s.reboot_down_timeout,
                                 interval=s.reboot_poll_interval)

@@ -23,28 +23,27 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from roller.drivers.xen import XenApiDriver, XenError, XenTarget, xen_from_settings, xen_target
-from roller.tasks.base import TaskContext, TaskFailed, TaskSpec
+from roller.drivers.xen import XenApiDriver, XenTarget, xen_from_settings, xen_target
+from roller.inventory import Machine
+from roller.tasks.base import TaskContext, TaskFailed, TaskSpec, driver_errors
 
 
 def driver(ctx: TaskContext) -> XenApiDriver:
     """The process's XenAPI driver (C{ctx.drivers.xen}), else one built from the settings."""
-    existing = getattr(ctx.drivers, "xen", None)
-    return existing if existing is not None else xen_from_settings(ctx.reactor, ctx.settings)
+    existing: XenApiDriver | None = getattr(ctx.drivers, "xen", None)
+    return existing if existing is not None else xen_from_settings(ctx.reactor, ctx.config)
 
 
 def target(ctx: TaskContext) -> XenTarget:
     """The machine's L{XenTarget}; L{TaskFailed} if it cannot be built."""
-    s = ctx.settings
-    try:
+    s = ctx.config
+    with driver_errors():
         return xen_target(ctx.machine, ctx.secrets, default_url=s.xen_url or None,
                           default_credential=s.xen_credential or None, ca_file=s.xen_ca_file or None,
                           verify_tls=s.xen_verify_tls)
-    except XenError as e:
-        raise TaskFailed(str(e)) from None
 
 
-def not_applicable(machine: Any) -> str | None:
+def not_applicable(machine: Machine) -> str | None:
     if machine.xen is None:
         return "the machine has no xen settings"
     return None
@@ -54,10 +53,8 @@ async def initiate(ctx: TaskContext) -> str:
     """Shut the VM down and start it again; a line saying how.  L{TaskFailed} otherwise."""
     t = target(ctx)
     ctx.log(f"xenapi reboot of VM {t.vm_uuid} on {t.host}")
-    try:
+    with driver_errors():
         result = await driver(ctx).reboot(t, ctx.log)
-    except XenError as e:
-        raise TaskFailed(str(e)) from None
     return f"xenapi reboot: {result}"
 
 

@@ -49,6 +49,7 @@ from pysnmp.proto.error import StatusInformation
 from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.logger import Logger
 
+from roller.drivers.errors import DriverError
 from roller.drivers.snmp import ber
 from roller.drivers.snmp.carrier import (
     SNMP_UDP6_DOMAIN,
@@ -114,7 +115,7 @@ _AUTH_INDICATIONS = {
 }
 
 
-class SnmpError(Exception):
+class SnmpError(DriverError):
     """
     An SNMP request failed.  The message is one readable line naming the
     agent (and the credential, never its secret).
@@ -123,14 +124,11 @@ class SnmpError(Exception):
     @ivar port: Its UDP port.
     """
 
-    def __init__(self, message: str, host: str = "", port: int = 0):
-        super().__init__(message)
-        self.message = message
-        self.host = host
-        self.port = port
+    host: str
+    port: int
 
-    def __str__(self) -> str:
-        return self.message
+    def __init__(self, message: str, host: str = "", port: int = 0):
+        super().__init__(message, host=host, port=port)
 
 
 class SnmpConfigError(SnmpError):
