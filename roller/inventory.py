@@ -29,6 +29,8 @@ HOSTNAME_RE = re.compile(
 )
 TAG_RE = re.compile(r"^[-_.:/0-9a-zA-Z]{1,64}$")
 EMAIL_RE = re.compile(r"^[^@\s,]{1,64}@[^@\s,]{1,255}$")
+#: One ipmitool bridging argument (-B/-b/-T/-t or a value), e.g. a Moonshot cartridge's.
+BRIDGE_ARG_RE = re.compile(r"^(-[BbTt]|0x[0-9a-fA-F]{1,2}|[0-9]{1,3})$")
 REBOOT_METHODS = (
     "ssh_reboot",
     "ipmi_reset",
@@ -189,7 +191,7 @@ class IpmiAccess:
         d = _section(path, data, {"host", "port", "credential", "interface", "bridge"})
         bridge = d.get("bridge") or ()
         if not isinstance(bridge, (list, tuple)) or not all(
-            isinstance(a, str) and re.fullmatch(r"(-[BbTt]|0x[0-9a-fA-F]{1,2}|[0-9]{1,3})", a) for a in bridge
+            isinstance(a, str) and BRIDGE_ARG_RE.fullmatch(a) for a in bridge
         ):
             raise ValidationError(f"{path}.bridge", "must be a list of ipmitool bridge arguments (-B/-b/-T/-t and values)")
         return cls(

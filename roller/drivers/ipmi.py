@@ -123,6 +123,7 @@ from roller.drivers.power import (
     PowerStateMismatch,
     PowerTimeout,
 )
+from roller.inventory import BRIDGE_ARG_RE
 from roller.secrets import UnknownCredential
 
 log = Logger()
@@ -285,11 +286,8 @@ def _check_user(instance: Any, attribute: Any, value: Any) -> None:
                               "printable characters, no spaces, not starting with '-')")
 
 
-_BRIDGE_RE = re.compile(r"-[BbTt]|0x[0-9a-fA-F]{1,2}|[0-9]{1,3}")
-
-
 def _check_bridge(instance: Any, attribute: Any, value: Any) -> None:
-    if not isinstance(value, tuple) or not all(isinstance(a, str) and _BRIDGE_RE.fullmatch(a)
+    if not isinstance(value, tuple) or not all(isinstance(a, str) and BRIDGE_ARG_RE.fullmatch(a)
                                                 for a in value):
         raise IpmiConfigError("IPMI bridge must be ipmitool bridging arguments "
                               "(-B/-b/-T/-t and their values)")
