@@ -54,6 +54,11 @@ pages, a bare dropped connection or a traceback.
 
 L{json_error} is the one place the error body is built; Klein handlers
 C{return json_error(request, 404, "not_found", "no such machine")}.
+
+This needs Twisted internals (private attributes of L{http.HTTPChannel} and
+L{server.Request}, a private hook, the signatures of the hooks it
+overrides); each is listed, with why, in L{TWISTED_INTERNALS}, which
+C{tests/test_twisted_internals.py} checks against the installed Twisted.
 """
 
 from __future__ import annotations
@@ -64,18 +69,100 @@ import json
 import resource
 import secrets
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import unquote_to_bytes
 
-from twisted.internet.interfaces import ITCPTransport
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IAddress, IDelayedCall, ITCPTransport, ITransport
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
+from twisted.protocols import basic
+from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.iweb import IRequest
 
 from roller.errors import BadRequest
 
 access_log = Logger(namespace="roller.access")
+
+
+class TwistedInternal(NamedTuple):
+    """
+    A name of Twisted's that this module relies on beyond its documented
+    interfaces: a private attribute it reads, a private hook it overrides,
+    or a hook whose signature its override must keep.
+    """
+
+    owner: type
+    name: str
+    #: a method: its parameters (self included) as this module calls or overrides it; None: an attribute
+    params: tuple[str, ...] | None
+    #: an attribute: where it exists -- "class", "connected" (after connectionMade) or
+    #: "request line" (from the request line until the request is handed on)
+    exists: str
+    why: str
+
+
+_C, _R, _L = http.HTTPChannel, server.Request, basic.LineReceiver
+
+#: Every use of Twisted's internals in this module, checked against the
+#: installed Twisted by tests/test_twisted_internals.py (presence, where it
+#: exists, signature, and that Twisted still calls the hooks).  Checked with
+#: Twisted 26.10.0.  A new Twisted that fails that test needs this module
+#: revisited, not the test relaxed.
+TWISTED_INTERNALS: tuple[TwistedInternal, ...] = (
+    # -- private names
+    TwistedInternal(_C, "_handlingRequest", None, "connected",
+                    "a byte arriving while a request is processed is pipelined, not the start of a new "
+                    "request's header deadline; a chunked body crossing max_body is refused only while it is read"),
+    TwistedInternal(_C, "_receivedHeaderSize", None, "class",
+                    "the header bytes of the request being read: 431 JSON before Twisted's own limit drops "
+                    "the connection"),
+    TwistedInternal(_C, "_receivedHeaderCount", None, "class",
+                    "the header lines of the request being read: 431 JSON past maxHeaders"),
+    TwistedInternal(_C, "_networkProducer", None, "connected",
+                    "lingering after an error answer: unregistered and resumed so the rest of the request is "
+                    "read and discarded (the transport, or Twisted's _NoPushProducer)"),
+    TwistedInternal(_C, "_command", None, "request line",
+                    "the method of a request refused before its body (_rejectEarly)"),
+    TwistedInternal(_C, "_path", None, "request line",
+                    "the request-target of a request refused before its body, checked against max_uri"),
+    TwistedInternal(_C, "_version", None, "request line",
+                    "the protocol version of a request refused before its body"),
+    TwistedInternal(_C, "_respondToBadRequestAndDisconnect", ("self",), "class",
+                    "Twisted calls it for whatever it cannot parse: overridden to answer 400 JSON"),
+    TwistedInternal(_R, "_disconnected", None, "class",
+                    "a write request deferred to a later reactor turn is not processed if its client left"),
+    # -- hooks overridden (their signatures must stay as the overrides have them)
+    TwistedInternal(_C, "dataReceived", ("self", "data"), "class", "a request's first byte starts its deadline"),
+    TwistedInternal(_C, "lineReceived", ("self", "line"), "class", "431 before Twisted's header-size limit"),
+    TwistedInternal(_C, "headerReceived", ("self", "line"), "class", "431 past maxHeaders"),
+    TwistedInternal(_C, "allHeadersReceived", ("self",), "class", "413/414 before 100 Continue and the body"),
+    TwistedInternal(_C, "allContentReceived", ("self",), "class", "the request is complete: its deadline ends"),
+    TwistedInternal(_C, "rawDataReceived", ("self", "data"), "class", "a chunked body crossing max_body: 413"),
+    TwistedInternal(_C, "requestDone", ("self", "request"), "class", "back to waiting for the next request"),
+    TwistedInternal(_C, "loseConnection", ("self",), "class", "closing lingering after an error answer"),
+    TwistedInternal(_C, "connectionLost", ("self", "reason"), "class", "deadlines cancelled, the site's count"),
+    TwistedInternal(_C, "getHost", ("self",), "class", "the local address asked of the socket once"),
+    TwistedInternal(_L, "lineLengthExceeded", ("self", "line"), "class", "an over-long line: 414 or 431 JSON"),
+    TwistedInternal(_R, "gotLength", ("self", "length"), "class", "a declared body over max_body is not stored"),
+    TwistedInternal(_R, "handleContentChunk", ("self", "data"), "class", "body bytes past max_body are dropped"),
+    TwistedInternal(_R, "process", ("self",), "class", "limits, UTF-8 path and the write admission first"),
+    TwistedInternal(_R, "processingFailed", ("self", "reason"), "class", "500 JSON with an id, no traceback"),
+    TwistedInternal(server.Site, "buildProtocol", ("self", "addr"), "class", "the connection cap"),
+    TwistedInternal(server.Site, "log", ("self", "request"), "class", "the structured access log"),
+)
+
+
+def _abort(transport: ITransport | None) -> None:
+    """
+    Abort (reset) a connection.  Every transport roller serves on has
+    C{abortConnection} (TCP, TLS, UNIX); another one is closed normally.
+    """
+    abort = getattr(transport, "abortConnection", None)
+    if abort is not None:
+        abort()
+    elif transport is not None:
+        transport.loseConnection()
 
 
 def _escape(value: bytes | str) -> str:
@@ -350,7 +437,7 @@ class LimitedRequest(server.Request):
         any resource, then let the channel close the connection.
         """
         if self.site is None:
-            self.site = self.channel.site
+            self.site = getattr(self.channel, "site", None)
         if not self.responseHeaders.hasHeader(b"Server"):
             self.setHeader(b"Server", server.version)
         if not self.responseHeaders.hasHeader(b"Date"):
@@ -395,7 +482,7 @@ class LimitedRequest(server.Request):
 
     # -- failures -----------------------------------------------------------
 
-    def processingFailed(self, reason):  # type: ignore[no-untyped-def]
+    def processingFailed(self, reason: Failure) -> Failure:
         """
         An exception escaped the resource: log it with a short id and answer
         C{500} JSON naming that id.  Never a traceback in the response.
@@ -412,7 +499,7 @@ class LimitedRequest(server.Request):
             return reason
         if self.startedWriting:
             # The status line is gone; a truncated body must not look whole.
-            self.channel.transport.abortConnection()
+            _abort(self.channel.transport)
             return reason
         # Headers the resource set for the response it never produced.
         for name in (b"Content-Disposition", b"ETag", b"Last-Modified", b"Location"):
@@ -524,7 +611,7 @@ class RollerHTTPChannel(http.HTTPChannel):
         self._siteCall("_channel_busy")
         super().allContentReceived()
 
-    def requestDone(self, request: Any) -> None:
+    def requestDone(self, request: http.Request) -> None:
         if self.persistent and not self._draining:
             # Idle until the next request (Twisted's idle timeout runs);
             # a pipelined one already buffered is played back just now.
@@ -699,8 +786,12 @@ class RollerHTTPChannel(http.HTTPChannel):
         # Lingering is the first thing to go when the site needs room.
         self._siteCall("_channel_waiting")
         transport = self.transport
+        if transport is None:
+            return
         self.setTimeout(None)
-        self._networkProducer.unregisterProducer()
+        # Twisted types _networkProducer IPushProducer; it is the transport (an IConsumer) or its
+        # _NoPushProducer, and HTTPChannel.loseConnection unregisters it the same way.
+        self._networkProducer.unregisterProducer()  # type: ignore[attr-defined]
         # HTTPChannel may have paused reading; we must read to discard.
         self._networkProducer.resumeProducing()
         if (
@@ -722,10 +813,9 @@ class RollerHTTPChannel(http.HTTPChannel):
         if self._lingerCall is not None and self._lingerCall.active():
             self._lingerCall.cancel()
         self._lingerCall = None
-        if self.transport is not None:
-            self.transport.abortConnection()
+        _abort(self.transport)
 
-    def connectionLost(self, reason) -> None:  # type: ignore[no-untyped-def]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._lingerCall is not None and self._lingerCall.active():
             self._lingerCall.cancel()
         self._lingerCall = None
@@ -743,7 +833,7 @@ class _Refused(Protocol):
     """
 
     def connectionMade(self) -> None:
-        self.transport.abortConnection()
+        _abort(self.transport)
 
 
 class RollerSite(server.Site):
@@ -788,10 +878,10 @@ class RollerSite(server.Site):
         for name, value in (("max_body", max_body), ("max_uri", max_uri), ("max_connections", max_connections)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be a non-negative int, not {value!r}")
-        for name, value in (("header_timeout", header_timeout), ("body_timeout", body_timeout),
-                            ("idle_timeout", idle_timeout)):
-            if value is not None and (not isinstance(value, (int, float)) or value <= 0):
-                raise ValueError(f"{name} must be a positive number or None, not {value!r}")
+        for name, seconds in (("header_timeout", header_timeout), ("body_timeout", body_timeout),
+                              ("idle_timeout", idle_timeout)):
+            if seconds is not None and (not isinstance(seconds, (int, float)) or seconds <= 0):
+                raise ValueError(f"{name} must be a positive number or None, not {seconds!r}")
         kwargs.setdefault("timeout", idle_timeout)
         # Forms are read by the routes that take them (roller.web.dashboard._form,
         # roller.web.admin._multipart); Twisted's own parsing would mix a POST's
@@ -816,7 +906,7 @@ class RollerSite(server.Site):
         self._waiting: dict[RollerHTTPChannel, None] = {}
         self._writes_started = 0
         self._writes_waiting: collections.deque[Callable[[], None]] = collections.deque()
-        self._turn_call: Any = None
+        self._turn_call: IDelayedCall | None = None
 
     # -- reads before writes --------------------------------------------------
 
@@ -845,14 +935,14 @@ class RollerSite(server.Site):
             process = waiting.popleft()
             try:
                 process()
-            except Exception:
+            except Exception:  # noqa: BLE001 -- one request failing must not stop the others waiting this turn
                 log.failure("A deferred request failed to start")
         if waiting or self._writes_started:
             self._turn_call = self.reactor.callLater(0, self._next_turn)
 
     # -- connections --------------------------------------------------------
 
-    def buildProtocol(self, addr: Any) -> Any:
+    def buildProtocol(self, addr: IAddress | None) -> Any:  # RollerHTTPChannel or _Refused
         if self.max_connections and self.connections_open >= self.max_connections:
             if not self._evict():
                 self.connections_refused += 1
@@ -876,7 +966,7 @@ class RollerSite(server.Site):
             channel._countedOut = True
             self.connections_open -= 1
             self.count_dropped("evicted")
-            channel.transport.abortConnection()
+            _abort(channel.transport)
             return True
         return False
 
@@ -909,7 +999,7 @@ class RollerSite(server.Site):
             "dropped": dict(self.connections_dropped),
         }
 
-    def log(self, request: IRequest) -> None:
+    def log(self, request: http.Request) -> None:
         """
         One access event per request, in the C{roller.access} namespace,
         with its fields (client, method, uri, status, bytes, referer,
