@@ -246,3 +246,76 @@ def test_the_same_bytes_decode_per_spec():
     _same(v1_answer, decoder.decode(response, asn1Spec=v1.Message())[0])
     assert type(v1.apiPDU.get_request_id(v1_answer[2].getComponent())) is not type(
         v2c.apiPDU.get_request_id(first[2].getComponent()))
+
+
+# ------------------------------------------------------------ pinned internals
+
+
+@pytest.fixture()
+def warnings_logged(monkeypatch):
+    """The warnings logged meanwhile (formatted), the once-per-process memory cleared."""
+    from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+
+    monkeypatch.setattr(ber, "_warned", set())
+    seen: list[str] = []
+
+    def observe(event: dict) -> None:
+        if event.get("log_level") == LogLevel.warn:
+            seen.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    yield seen
+    globalLogPublisher.removeObserver(observe)
+
+
+def test_every_pinned_name_is_there():
+    import importlib
+
+    for module_name, name in ber.PINNED:
+        module_path, _, owner = module_name.rpartition(".")
+        if owner[:1].isupper():  # read on instances of that class
+            assert isinstance(getattr(importlib.import_module(module_path), owner), type)
+            assert name == ber._STORAGE_ATTRIBUTE and ber.component_storage_ok()
+        else:
+            assert hasattr(importlib.import_module(module_name), name), (module_name, name)
+    assert ber.install() is True
+
+
+@pytest.mark.parametrize("change", ["missing", "replaced"])
+def test_install_warns_when_pysnmp_changed_the_encoder(monkeypatch, warnings_logged, change):
+    from pysnmp.proto.secmod import rfc2576 as secmod
+
+    if change == "missing":
+        monkeypatch.delattr(secmod, "encoder")
+    else:
+        monkeypatch.setattr(secmod, "encoder", object())
+    assert ber.install() is False
+    assert len(warnings_logged) == 1
+    assert "SNMP fast path encode is not in use" in warnings_logged[0]
+    assert "pysnmp.proto.secmod.rfc2576.encoder is " + ("missing" if change == "missing" else "not") \
+        in warnings_logged[0]
+    ber.install()
+    assert len(warnings_logged) == 1  # once per process
+
+
+def test_install_warns_when_pysnmp_changed_the_decoder(monkeypatch, warnings_logged):
+    from pysnmp.proto.mpmod import rfc2576 as mpmod
+
+    monkeypatch.delattr(mpmod, "decoder")
+    assert ber.install() is False
+    assert ["pysnmp.proto.mpmod.rfc2576.decoder is missing" in w for w in warnings_logged] == [True]
+
+
+def test_install_warns_when_pyasn1_moved_its_component_storage(monkeypatch, warnings_logged):
+    monkeypatch.setattr(ber, "_STORAGE_ATTRIBUTE", "_noSuchStorage")
+    assert ber.install() is False
+    assert ["pyasn1 SEQUENCEs have no _noSuchStorage list" in w for w in warnings_logged] == [True]
+
+
+def test_the_client_warns_when_the_version_peek_has_nothing_to_replace(monkeypatch, warnings_logged):
+    from pysnmp.proto.api import verdec
+    from twisted.internet.task import Clock
+
+    monkeypatch.delattr(verdec, "decode_message_version")
+    SnmpClient(Clock())
+    assert ["verdec.decode_message_version is missing" in w for w in warnings_logged] == [True]

@@ -37,8 +37,11 @@ from pyasn1.codec.ber import encoder as _ber_encoder
 from pyasn1.type import tag as _tag
 from pyasn1.type import tagmap, univ
 from pysnmp.proto import rfc1157, rfc1901, rfc1905
+from twisted.logger import Logger
 
-__all__ = ["decode", "encode", "install"]
+__all__ = ["PINNED", "decode", "encode", "install"]
+
+log = Logger()
 
 _pyasn1_encode = _ber_encoder.encode
 _pyasn1_decode = _ber_decoder.decode
@@ -209,7 +212,7 @@ def encode(value: Any, **options: Any) -> bytes:
             return _message(value)
         except _Unsupported:
             pass
-        except Exception:  # anything odd: pyasn1 decides, errors included
+        except Exception:  # noqa: BLE001 -- anything odd: pyasn1 decides, errors included
             pass
     return _pyasn1_encode(value, **options)
 
@@ -370,7 +373,7 @@ def decode(substrate: Any, asn1Spec: Any = None, **options: Any) -> tuple[Any, b
                 return _decode_value(substrate, start, stop, asn1Spec, octet, _tag_set(octet)), b""
         except _Unsupported:
             pass
-        except Exception:  # anything odd: pyasn1 decides, errors included
+        except Exception:  # noqa: BLE001 -- anything odd: pyasn1 decides, errors included
             pass
     return _pyasn1_decode(substrate, asn1Spec=asn1Spec, **options)
 
@@ -395,13 +398,77 @@ class _Encoder:
         return getattr(_ber_encoder, name)
 
 
-def install() -> None:
-    """Make pysnmp's v1/v2c security model serialize with L{encode} and its
-    v1/v2c message processing model parse with L{decode}."""
+#: The private names of pysnmp and pyasn1 the fast paths rely on, as
+#: C{(module, name)}: L{roller.drivers.snmp.client} swaps the first (its
+#: version peek), L{install} the next two, and L{_component} reads the
+#: last one on every pyasn1 SEQUENCE it encodes.  Checked against
+#: pysnmp 7.1 and pyasn1 0.6 (setup.py caps both); if one changes, the fast
+#: path it serves is not installed (or falls back to pyasn1 for every
+#: message) and L{install} logs a warning saying which.
+PINNED = (
+    ("pysnmp.proto.api.verdec", "decode_message_version"),
+    ("pysnmp.proto.secmod.rfc2576", "encoder"),
+    ("pysnmp.proto.mpmod.rfc2576", "decoder"),
+    ("pyasn1.type.univ.SequenceAndSetBase", "_componentValues"),
+)
+
+#: The storage attribute L{_component} reads (the last of L{PINNED}).
+_STORAGE_ATTRIBUTE = "_componentValues"
+
+_warned: set[str] = set()
+
+
+def warn_not_installed(what: str, why: str) -> None:
+    """Log (once per process) that the fast path C{what} is not in use, and C{why}."""
+    if what not in _warned:
+        _warned.add(what)
+        log.warn("SNMP fast path {what} is not in use: {why}; pyasn1 does that work (slower, same results). "
+                 "Check roller.drivers.snmp.ber.PINNED against the installed pysnmp and pyasn1.",
+                 what=what, why=why)
+
+
+def swap(module: Any, name: str, original: Any, stand_in: type, what: str) -> bool:
+    """
+    Replace C{module.name}, which must be C{original}, by a C{stand_in()};
+    whether the stand-in is in place.  A name that is missing or holds
+    something else (the library changed) is left alone, with a warning
+    (once per process).
+    """
+    current = getattr(module, name, None)
+    if isinstance(current, stand_in):
+        return True
+    if current is not original:
+        found = "missing" if current is None else f"not {getattr(original, '__name__', original)!s}"
+        warn_not_installed(what, f"{module.__name__}.{name} is {found}")
+        return False
+    setattr(module, name, stand_in())
+    return True
+
+
+def component_storage_ok() -> bool:
+    """
+    Whether pyasn1 still keeps a SEQUENCE's components where L{_component}
+    reads them; if not, every message goes to pyasn1's encoder (with a
+    warning, once per process).
+    """
+    probe = rfc1905.VarBind()
+    probe.setComponentByPosition(0, univ.ObjectIdentifier((1, 3)))
+    if isinstance(getattr(probe, _STORAGE_ATTRIBUTE, None), list):
+        return True
+    warn_not_installed("encode", f"pyasn1 SEQUENCEs have no {_STORAGE_ATTRIBUTE} list")
+    return False
+
+
+def install() -> bool:
+    """
+    Make pysnmp's v1/v2c security model serialize with L{encode} and its
+    v1/v2c message processing model parse with L{decode}; whether both
+    are in place and usable.  What cannot be installed is logged as a
+    warning (see L{PINNED}).
+    """
     from pysnmp.proto.mpmod import rfc2576 as mpmod
     from pysnmp.proto.secmod import rfc2576 as secmod
 
-    if secmod.encoder is _ber_encoder:
-        secmod.encoder = _Encoder()
-    if mpmod.decoder is _ber_decoder:
-        mpmod.decoder = _Decoder()
+    encoding = swap(secmod, "encoder", _ber_encoder, _Encoder, "encode") and component_storage_ok()
+    decoding = swap(mpmod, "decoder", _ber_decoder, _Decoder, "decode")
+    return encoding and decoding

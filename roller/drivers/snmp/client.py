@@ -1028,13 +1028,24 @@ def _peek_message_version(whole_msg: Any) -> Any:
     return _decode_message_version(whole_msg)
 
 
-_decode_message_version = verdec.decode_message_version
+_decode_message_version = getattr(verdec, "decode_message_version", None)
 
 
-def _install_version_peek() -> None:
-    """Make the engine's dispatcher (L{rfc3412}) use L{_peek_message_version}."""
-    if verdec.decode_message_version is _decode_message_version:
-        verdec.decode_message_version = _peek_message_version
+def _install_version_peek() -> bool:
+    """
+    Make the engine's dispatcher (L{rfc3412}) use L{_peek_message_version};
+    whether it does.  If pysnmp no longer has the function this replaces
+    (see L{ber.PINNED}), nothing is patched and a warning is logged.
+    """
+    current = getattr(verdec, "decode_message_version", None)
+    if current is _peek_message_version:
+        return True
+    if current is None or current is not _decode_message_version:
+        ber.warn_not_installed("version peek", "pysnmp.proto.api.verdec.decode_message_version is "
+                               + ("missing" if current is None else "not the function roller wraps"))
+        return False
+    verdec.decode_message_version = _peek_message_version
+    return True
 
 
 def _literal_address(host: str, port: int) -> tuple | None:
