@@ -851,3 +851,38 @@ async def test_command_timeout_closes_the_session(server: SshServer, keys: dict,
     e = await _failure(d, SshCommandTimeout)
     assert e.command_sent and "did not finish within 0.5 s" in str(e)
     await eventually(lambda: not server.alive(session.sshd_pid), what="sshd's session to end")
+
+
+# ------------------------------------------------------------ Conch internals
+
+
+def test_the_conch_internals_roller_relies_on_are_there():
+    """Fails loudly when a Twisted release removes or changes one (see ssh.CONCH_INTERNALS)."""
+    from roller.drivers import ssh
+
+    assert ssh.conch_internals_problems() == []
+
+
+def test_a_channel_still_looks_request_handlers_up_on_the_instance():
+    """What the exit-status and exit-signal hooks need of SSHChannel.requestReceived."""
+    from twisted.conch.ssh.channel import SSHChannel
+
+    channel = SSHChannel()
+    seen = []
+    channel.request_exit_status = lambda data: seen.append(data) or 1
+    assert channel.requestReceived(b"exit-status", b"\0\0\0\x07") == 1
+    assert seen == [b"\0\0\0\x07"]
+
+
+def test_a_changed_conch_internal_is_reported(monkeypatch):
+    from twisted.conch import endpoints
+    from twisted.conch.ssh.connection import SSHConnection
+
+    from roller.drivers import ssh
+
+    monkeypatch.delattr(endpoints, "_CommandChannel")
+    monkeypatch.setattr(SSHConnection, "sendEOF", lambda self, channel, flush: None)
+    problems = ssh.conch_internals_problems()
+    assert problems[0] == "twisted.conch.endpoints._CommandChannel.extReceived is missing"
+    assert problems[1] == ("twisted.conch.ssh.connection.SSHConnection.sendEOF takes (self, channel, flush), "
+                           "not (self, channel)")

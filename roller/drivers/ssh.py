@@ -93,6 +93,8 @@ Conch details this module relies on
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import os
 import struct
 import time
@@ -127,6 +129,41 @@ from roller.drivers.liveness import LineCallback, call_on_line, validate_address
 from roller.secrets import UnknownCredential
 
 log = Logger()
+
+#: Every private or undocumented piece of Conch this module relies on (see
+#: "Conch details" in the module docstring), as (module, attribute, its
+#: parameters).  L{conch_internals_problems} checks them; tests/test_ssh.py
+#: fails when a Twisted release removes one or changes its signature.
+CONCH_INTERNALS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    # wrapped per connection: it does not upcall once the command runs (twisted#7901)
+    ("twisted.conch.endpoints", "_CommandTransport.connectionLost", ("self", "reason")),
+    # replaced per channel, to get stderr (Conch drops extended data)
+    ("twisted.conch.endpoints", "_CommandChannel.extReceived", ("self", "dataType", "data")),
+    # looks request_exit_status / request_exit_signal up on the channel instance
+    ("twisted.conch.ssh.channel", "SSHChannel.requestReceived", ("self", "requestType", "data")),
+    # channel.conn: EOF on stdin at once, like ssh -n
+    ("twisted.conch.ssh.connection", "SSHConnection.sendEOF", ("self", "channel")),
+)
+
+
+def conch_internals_problems() -> list[str]:
+    """What of L{CONCH_INTERNALS} the installed Twisted lacks or has changed; empty if nothing."""
+    problems = []
+    for module_name, path, parameters in CONCH_INTERNALS:
+        try:
+            obj: object = importlib.import_module(module_name)
+            for part in path.split("."):
+                obj = getattr(obj, part)
+        except (ImportError, AttributeError):
+            problems.append(f"{module_name}.{path} is missing")
+            continue
+        if not callable(obj):
+            problems.append(f"{module_name}.{path} is not a function")
+            continue
+        found = tuple(inspect.signature(obj).parameters)
+        if found != parameters:
+            problems.append(f"{module_name}.{path} takes ({', '.join(found)}), not ({', '.join(parameters)})")
+    return problems
 
 __all__ = [
     "CommandResult",
