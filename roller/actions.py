@@ -73,8 +73,9 @@ async def register(reactor: Any, root_url: str, provisioner_id: str, actions: li
     header = mohawk.Sender(credentials={"id": client_id, "key": access_token, "algorithm": "sha256"},
                            url=url, method="PUT", content=body, content_type="application/json").request_header
     http = http or HTTPClient(Agent(reactor, connectTimeout=timeout))
-    d = http.put(url, data=body, headers={"Content-Type": ["application/json"], "Authorization": [header],
-                                          "User-Agent": [f"roller/{__version__}"]})
+    headers: dict[bytes | str, list[bytes | str]] = {
+        "Content-Type": ["application/json"], "Authorization": [header], "User-Agent": [f"roller/{__version__}"]}
+    d = http.put(url, data=body, headers=headers)
     d.addTimeout(timeout, reactor)
     try:
         response = await d

@@ -174,6 +174,7 @@ async def cmd_run(reactor: Any, settings: Settings, args: argparse.Namespace, ou
         queue.subscribe(show)
         job, _ = await queue.submit(args.task, machines[0], params=params, requester="cli", reason=args.reason)
         final = await queue.wait(job.id)
+        assert final is not None  # submitted by this queue
         out.write(f"job {final.id}: {final.state.value}\n")
         return 0 if final.state is State.succeeded else 1
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from attrs import asdict, evolve, field, frozen
@@ -283,12 +283,13 @@ class Liveness:
         return cls(method=method, port=port)
 
 
-_ACCESS = {
-    "ssh": SshAccess,
-    "ipmi": IpmiAccess,
-    "pdu": PduAccess,
-    "redfish": RedfishAccess,
-    "xen": XenAccess,
+#: the access sections of a machine, by key, and their parsers
+_ACCESS: dict[str, Callable[[str, Any], Any]] = {  # Any: each goes to its own Machine field
+    "ssh": SshAccess.from_json,
+    "ipmi": IpmiAccess.from_json,
+    "pdu": PduAccess.from_json,
+    "redfish": RedfishAccess.from_json,
+    "xen": XenAccess.from_json,
 }
 
 
@@ -354,8 +355,8 @@ class Machine:
         if not isinstance(notes, str) or len(notes) > NOTES_MAX:
             raise ValidationError("notes", f"must be a string of at most {NOTES_MAX} characters")
         access = {
-            name: None if d.get(name) is None else kind.from_json(name, d[name])
-            for name, kind in _ACCESS.items()
+            name: None if d.get(name) is None else parse(name, d[name])
+            for name, parse in _ACCESS.items()
         }
         return cls(
             worker_id=d["worker_id"],

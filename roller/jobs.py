@@ -141,7 +141,7 @@ class JobEvent:
     id: int | None = None
 
     def to_json(self) -> dict[str, Any]:
-        out = {"id": self.id, "time": iso(self.time), "kind": self.kind, "message": self.message}
+        out: dict[str, Any] = {"id": self.id, "time": iso(self.time), "kind": self.kind, "message": self.message}
         if self.data:
             out["data"] = self.data
         return out

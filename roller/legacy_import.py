@@ -345,7 +345,8 @@ class _Ipmi:
         try:
             bmc = self._bmc(key, section, own_host)
         except _Reject as e:
-            host = section.get("ip") if isinstance(section.get("ip"), str) else own_host
+            ip = section.get("ip")
+            host = ip if isinstance(ip, str) else own_host
             self.bmcs.setdefault(_normal_host(host), str(e))
         else:
             self.bmcs.setdefault(bmc.host, bmc)
@@ -538,7 +539,7 @@ def _server(key: str, server: Any, ipmi: _Ipmi, snmp: Credential | None) -> _Can
     """One WORKER_CONFIG server entry."""
     if not isinstance(server, Mapping):
         raise _Reject(f"entry must be an object, got {_typename(server)}")
-    machine = _identity(key)
+    machine: dict[str, Any] = {**_identity(key)}
     for name in ("fqdn", "ip"):
         if server.get(name) is not None:
             machine[name] = server[name]
@@ -565,9 +566,9 @@ def _server(key: str, server: Any, ipmi: _Ipmi, snmp: Credential | None) -> _Can
         machine["xen"] = {"vm_uuid": xen.get("xen_uuid", xen.get("vm_uuid"))}
         notes += _ignored("xen", xen, ("xen_uuid", "vm_uuid"))
     if server.get("ipmi") is not None:
-        section, cred, more = ipmi.resolve(key, server["ipmi"], _own_host(key, server))
+        section, cred, ipmi_notes = ipmi.resolve(key, server["ipmi"], _own_host(key, server))
         creds[cred.name] = cred
-        notes += more
+        notes += ipmi_notes
         others = [n for n in ("ssh", "pdu", "xen") if server.get(n) is not None]
         if not others and not ipmi.is_cartridge(server["ipmi"]) and ipmi.is_chassis(section["host"]):
             return _chassis(key, ipmi, section["host"], cred, tuple(notes))
@@ -691,6 +692,7 @@ class _Planner:
             raise _Reject(c.reject_reason)
         if c.skip_reason is not None:
             return "skipped", c.skip_reason, None
+        assert c.machine_json is not None  # only a skipped or rejected entry has none
         data = {**c.machine_json, "worker_group": self.group}
         try:
             imported = Machine.from_json(data)

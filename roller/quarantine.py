@@ -96,7 +96,8 @@ class TaskclusterQueue:
         raw = json.dumps({"quarantineUntil": iso(until), "quarantineInfo": info}).encode()
         sender = mohawk.Sender(credentials=self._creds, url=url, method="PUT", content=raw,
                                content_type="application/json")
-        headers = {"Content-Type": ["application/json"], "Authorization": [sender.request_header],
+        headers: dict[bytes | str, list[bytes | str]] = {
+                   "Content-Type": ["application/json"], "Authorization": [sender.request_header],
                    "User-Agent": [f"roller/{__version__}"]}
         response = await self.http.put(url, data=raw, headers=headers)
         body = await response.content()

@@ -15,18 +15,25 @@ from __future__ import annotations
 import heapq
 from collections import Counter, deque
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from attrs import define, field, frozen
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, gatherResults, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from roller.drivers.reactor import IDriverReactor
 from roller.errors import Conflict, NotFound, UnavailableError
 from roller.inventory import Machine
 from roller.jobs import Job, JobEvent, State, new_job_id
+from roller.secrets import Secrets
 from roller.store import StorageUnavailable, Store
 from roller.tasks import TaskContext, TaskFailed, TaskRegistry, TaskSpec
+
+if TYPE_CHECKING:
+    from roller.config import Settings
+    from roller.drivers.registry import Drivers
 
 log = Logger()
 
@@ -77,14 +84,14 @@ class JobRecorder:
     abandons what still fails, logging which job ended how.
     """
 
-    def __init__(self, store: Store, clock: Any):
+    def __init__(self, store: Store, clock: IReactorTime):
         self._store = store
         self._clock = clock
         self._queues: dict[str, deque[_Write]] = {}
         self._in_flight: set[str] = set()
         self._held: set[str] = set()  # job ids whose next write waits for the retry
         self._dropped: Counter[str] = Counter()
-        self._retry: Any = None
+        self._retry: IDelayedCall | None = None
         self._delay = RECORD_RETRY_FIRST
         self._since: float | None = None  # when writes started waiting
         self._logged = 0.0
@@ -143,13 +150,14 @@ class JobRecorder:
     def _written(self, result: Any, job_id: str, w: _Write) -> None:
         self._in_flight.discard(job_id)
         q = self._queues[job_id]
-        if isinstance(result, Failure) and result.check(StorageUnavailable) and not self._closing:
-            self._hold(job_id, result.value)
+        fault = result.value if isinstance(result, Failure) else None
+        if isinstance(fault, StorageUnavailable) and not self._closing:
+            self._hold(job_id, fault)
             return
         q.popleft()
         if isinstance(result, Failure):
-            if result.check(StorageUnavailable):  # closing: this was the last attempt
-                self._abandon(job_id, w, result)
+            if isinstance(fault, StorageUnavailable):  # closing: this was the last attempt
+                self._abandon(job_id, w, result, fault)
                 return
             what = f"the {w.job.state.value} state" if w.job is not None else "log lines"
             log.failure("Could not record {what} of job {job_id}", result, what=what, job_id=job_id)
@@ -196,9 +204,8 @@ class JobRecorder:
             for d in idle:
                 d.callback(None)
 
-    def _abandon(self, job_id: str, w: _Write, failure: Failure) -> None:
+    def _abandon(self, job_id: str, w: _Write, failure: Failure, fault: StorageUnavailable) -> None:
         """Give up on C{job_id}'s writes (shutting down, the database still refuses them)."""
-        fault = failure.value
         for item in [w, *self._queues.pop(job_id, ())]:
             if item.job is not None and item.job.state.final:
                 job = item.job
@@ -249,12 +256,12 @@ class JobQueue:
         self,
         store: Store,
         tasks: TaskRegistry,
-        reactor: Any,
+        reactor: IDriverReactor,
         *,
         limits: QueueLimits = QueueLimits(),
-        settings: Any = None,
-        secrets: Any = None,
-        drivers: Any = None,
+        settings: Settings | None = None,
+        secrets: Secrets | None = None,
+        drivers: Drivers | None = None,
     ):
         self._store = store
         self._tasks = tasks
@@ -331,8 +338,11 @@ class JobQueue:
     def depth(self) -> int:
         return len(self._jobs) - len(self._running)
 
-    def wait(self, job_id: str) -> Deferred[Job]:
-        """Fires with the job once it has reached a final state and been persisted."""
+    def wait(self, job_id: str) -> Deferred[Job | None]:
+        """
+        Fires with the job once it has reached a final state and been
+        persisted; with C{None} for a job this roller never had.
+        """
         if job_id not in self._jobs and job_id not in self._ended:
             return self._store.jobs.get(job_id)
         d: Deferred = Deferred()
@@ -614,7 +624,8 @@ class JobQueue:
         if soonest != float("inf") and (self._wakeup is None or not self._wakeup.active()):
             self._wakeup = self._reactor.callLater(soonest, self._pump)
 
-    def _start(self, job: Job, spec: TaskSpec, machine: Machine, endpoints: tuple[str, ...], now: float) -> None:
+    def _start(self, job: Job, spec: TaskSpec | None, machine: Machine, endpoints: tuple[str, ...],
+               now: float) -> None:
         job = job.transition(State.running, now)
         self._jobs[job.id] = job
         self._busy.add(job.machine_key)
@@ -630,14 +641,21 @@ class JobQueue:
         self._running[job.id] = run
         run.addBoth(self._finished, job.id)
 
-    async def _run(self, job: Job, spec: TaskSpec, machine: Machine, persisted: Deferred) -> str:
+    async def _run(self, job: Job, spec: TaskSpec | None, machine: Machine, persisted: Deferred) -> str:
         await persisted  # never act on a machine before the job is recorded as running
+        if spec is None:  # a job recovered from the store whose task this roller no longer has
+            raise TaskFailed(f"unknown task {job.task_name!r}")
         ctx = TaskContext(
             job=job, machine=machine, reactor=self._reactor,
             log=lambda message, **data: self._log(job.id, message, data),
             settings=self._settings, secrets=self._secrets, drivers=self._drivers, store=self._store,
         )
-        d = Deferred.fromCoroutine(spec.run(ctx, job.params))
+        run = spec.run
+
+        async def call() -> str:  # a Deferred around any awaitable the task returns
+            return await run(ctx, job.params)
+
+        d = Deferred.fromCoroutine(call())
         d.addTimeout(self._timeout(spec), self._reactor)
         return await d
 
@@ -654,14 +672,15 @@ class JobQueue:
             state, result = State.succeeded, str(outcome)
         elif outcome.check(TimeoutError):
             state = State.timed_out
-            error = f"timed out after {self._timeout(self._tasks.get(job.task_name)):g} s"
+            spec = self._tasks.get(job.task_name)
+            error = f"timed out after {self._timeout(spec):g} s" if spec is not None else "timed out"
         elif outcome.check(CancelledError):
             state, error = self._cancel_reason.pop(job_id, (State.cancelled, "cancelled"))
         elif outcome.check(TaskFailed):
             state, error = State.failed, str(outcome.value)
         else:
             log.failure("Job {job_id} ({task}) crashed", outcome, job_id=job_id, task=job.task_name)
-            state, error = State.failed, f"internal error ({outcome.type.__name__}); see the roller log"
+            state, error = State.failed, f"internal error ({type(outcome.value).__name__}); see the roller log"
         self._cancel_reason.pop(job_id, None)
         if error is not None and self._secrets is not None:
             error = self._secrets.redact(error)
@@ -714,6 +733,6 @@ class JobQueue:
         for listener in list(self._listeners):
             try:
                 listener(job, event)
-            except Exception:
+            except Exception:  # noqa: BLE001 -- a listener's bug must not stop the others or the job
                 log.failure("Job event listener failed")
 

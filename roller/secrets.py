@@ -362,6 +362,14 @@ def _check_snmp_v3(cred: Credential, where: str) -> None:
         raise ValidationError(f"{where}.priv_protocol", "privacy needs authentication: set auth_protocol too")
 
 
+def _credential_dict(credentials: Mapping[str, Credential]) -> dict[str, Credential]:
+    return dict(credentials)
+
+
+def _client_dict(clients: Mapping[str, HawkClient]) -> dict[str, HawkClient]:
+    return dict(clients)
+
+
 @frozen(repr=False)
 class Secrets:
     """
@@ -370,10 +378,10 @@ class Secrets:
     @ivar path: the file they came from, if any (used in messages).
     """
 
-    _credentials: Mapping[str, Credential] = field(factory=dict, converter=dict)
+    _credentials: Mapping[str, Credential] = field(factory=dict, converter=_credential_dict)
     path: str | None = None
     #: The Hawk clients of C{auth.mode = "local"}, by id.
-    clients: Mapping[str, HawkClient] = field(factory=dict, converter=dict)
+    clients: Mapping[str, HawkClient] = field(factory=dict, converter=_client_dict)
 
     def __attrs_post_init__(self) -> None:
         for name, cred in self._credentials.items():

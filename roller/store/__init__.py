@@ -8,18 +8,17 @@ roller's persistent store: SQLite through adbapi, one component per table.
 
 from __future__ import annotations
 
-from typing import Any
-
 from attrs import frozen
+from twisted.internet.defer import Deferred
 
 from roller.store.audit import AuditEntry, AuditTable
-from roller.store.db import Database, StorageUnavailable, StoreError
+from roller.store.db import Database, IStoreReactor, StorageUnavailable, StoreError
 from roller.store.jobs import JobTable
 from roller.store.loans import LoanTable
 from roller.store.machines import MachineTable
 from roller.store.users import UserTable
 
-__all__ = ["Store", "open_store", "StoreError", "StorageUnavailable", "AuditEntry"]
+__all__ = ["Store", "open_store", "StoreError", "StorageUnavailable", "AuditEntry", "IStoreReactor"]
 
 
 @frozen
@@ -31,11 +30,12 @@ class Store:
     users: UserTable
     loans: LoanTable
 
-    def close(self):
+    def close(self) -> Deferred[None]:
         return self.db.close()
 
 
-async def open_store(path: str, reactor: Any, *, synchronous: str = "NORMAL", db: Database | None = None) -> Store:
+async def open_store(path: str, reactor: IStoreReactor, *, synchronous: str = "NORMAL",
+                     db: Database | None = None) -> Store:
     """Open (creating and migrating as needed) the store at C{path}."""
     db = db or Database.connect(path, reactor, synchronous=synchronous)
     try:

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 from attrs import define
 from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorCore, IReactorFromThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -38,6 +39,15 @@ from roller.store.schema import HEARTBEAT_TABLE, MIGRATIONS
 
 log = Logger()
 T = TypeVar("T")
+
+
+class IStoreReactor(IReactorCore, IReactorFromThreads, IReactorTime):
+    """
+    What the store needs of a reactor: adbapi's start and shutdown
+    triggers, answers from the database thread, and the clock (fault logs,
+    machine timestamps).
+    """
+
 A = TypeVar("A")
 Cursor = sqlite3.Cursor
 
@@ -82,7 +92,7 @@ def _in_savepoint(cursor: Cursor, unit: list[_Write]) -> list[tuple[bool, Any]]:
     try:
         try:
             return [(True, r) for r in _call(cursor, unit)]
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 -- whatever a write raises fails that write alone
             cursor.execute("ROLLBACK TO w")
             if len(unit) == 1:
                 return [(False, e)]
@@ -205,7 +215,7 @@ def _read_fault(error: BaseException, reading: bool) -> StorageUnavailable | Non
 
 def _failure_as_fault(failure: Failure, reading: bool = False) -> Failure:
     """C{failure}, or a failure with its L{StorageUnavailable} if it is a storage fault."""
-    fault = _read_fault(failure.value, reading)
+    fault = _read_fault(failure.value, reading) if failure.value is not None else None
     if fault is None or fault is failure.value:
         return failure
     return Failure(fault)
@@ -222,7 +232,7 @@ class _Connection(adbapi.Connection):
         if self._connection is not None:
             try:
                 self._pool.disconnect(self._connection)
-            except Exception:  # closing a broken connection may itself fail
+            except Exception:  # noqa: BLE001 -- closing a broken connection may itself fail, in any way
                 self._pool.connections.pop(self._pool.threadID(), None)
             self._connection = None
 
@@ -338,11 +348,11 @@ class Database:
     """
 
     def __init__(self, pool: adbapi.ConnectionPool, readers: adbapi.ConnectionPool | None = None, *,
-                 path: str = ":memory:", clock: Any = None):
+                 path: str = ":memory:", reactor: IStoreReactor):
         self._pool = pool
         self._readers = readers
         self.path = path
-        self._clock = clock if clock is not None else pool._reactor
+        self._reactor = reactor  # the pools' (cp_reactor)
         #: the storage fault the last failed operation hit, until a write succeeds
         self.fault: StorageUnavailable | None = None
         self._fault_since = 0.0
@@ -356,7 +366,7 @@ class Database:
         self._close_waiters: list[Deferred] = []
 
     @classmethod
-    def connect(cls, path: str, reactor: Any, *, synchronous: str = "NORMAL") -> Database:
+    def connect(cls, path: str, reactor: IStoreReactor, *, synchronous: str = "NORMAL") -> Database:
         """
         Make the pool.  C{synchronous} is SQLite's: NORMAL survives a killed
         process (WAL), FULL also survives losing power.
@@ -378,8 +388,8 @@ class Database:
 
         writer = pool(lambda conn: _open_connection(conn, synchronous))
         if path == ":memory:":  # one connection is the whole database
-            return cls(writer, path=path, clock=reactor)
-        return cls(writer, pool(_open_reader), path=path, clock=reactor)
+            return cls(writer, path=path, reactor=reactor)
+        return cls(writer, pool(_open_reader), path=path, reactor=reactor)
 
     @property
     def pools(self) -> list[adbapi.ConnectionPool]:
@@ -477,7 +487,7 @@ class Database:
                 if single:
                     try:
                         outcomes.append((True, _call(cursor, units[0])[0]))
-                    except Exception as e:
+                    except Exception as e:  # noqa: BLE001 -- whatever the write raises fails it alone
                         cursor.execute("ROLLBACK")
                         return [(False, e)]
                 else:
@@ -511,7 +521,7 @@ class Database:
                     if len(failures) < len(outcomes) and not any(
                             isinstance(f.value, StorageUnavailable) for f in failures.values()):
                         self._recovered()  # writes are committed again
-                    for i, (w, (ok, value)) in enumerate(zip(writes, outcomes)):
+                    for i, (w, (ok, value)) in enumerate(zip(writes, outcomes, strict=True)):
                         if ok:
                             w.d.callback(value)
                         else:
@@ -552,10 +562,10 @@ class Database:
                 if conn is not None:
                     pool.disconnect(conn)
 
-            deferToThreadPool(pool._reactor, pool.threadpool, drop).addErrback(lambda f: None)
+            deferToThreadPool(self._reactor, pool.threadpool, drop).addErrback(lambda f: None)
 
     def _note_fault(self, fault: StorageUnavailable) -> None:
-        now = self._clock.seconds()
+        now = self._reactor.seconds()
         if self.fault is None or self.fault.kind != fault.kind:
             log.error("Database {path} unavailable: {why} ({detail}); what needs it is refused with 503 "
                       "until it recovers", path=self.path, why=fault.what, detail=fault.detail)
@@ -575,7 +585,7 @@ class Database:
     def _recovered(self) -> None:
         if self.fault is not None:
             log.info("Database {path} takes writes again, after {duration:.0f} s unavailable ({why})",
-                     path=self.path, duration=self._clock.seconds() - self._fault_since,
+                     path=self.path, duration=self._reactor.seconds() - self._fault_since,
                      why=self.fault.what)
             self.fault = None
 
@@ -585,7 +595,7 @@ class Database:
         does not grow); fails with L{StorageUnavailable} if the database
         cannot take one now.
         """
-        now = self._clock.seconds()
+        now = self._reactor.seconds()
         return self.write(write_heartbeat, now)
 
     def migrate(self) -> Deferred[int]:

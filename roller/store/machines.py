@@ -16,6 +16,7 @@ import json
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorTime
 
 from roller.errors import Conflict
 from roller.inventory import Machine
@@ -28,7 +29,7 @@ def _row(row: Any) -> Machine:
 
 
 class MachineTable:
-    def __init__(self, db: Database, clock: Any):
+    def __init__(self, db: Database, clock: IReactorTime):
         self._db = db
         self._clock = clock
         self._cache: dict[tuple[str, str], Machine] = {}
