@@ -25,7 +25,13 @@ setup(
         "twisted[tls,conch]>=24.7,<27",
         "klein>=24.8,<25",
         "treq>=24.9,<27",
-        "pysnmp>=7.1,<8",
+        # roller.drivers.snmp.ber swaps names inside pysnmp and reads pyasn1's storage
+        # (ber.PINNED): capped to the minor versions those fast paths were checked against.
+        "pysnmp>=7.1,<7.2",
+        "pyasn1>=0.6,<0.7",
+        "pyOpenSSL>=24",  # roller.http_client (TLS errors, CA files)
+        "cryptography>=42",  # roller.sim (host keys of the simulated fleet)
+        "markupsafe>=2.1",  # roller.web
         "jinja2>=3.1,<4",
         "attrs>=23.2",
         "zope.interface>=6",
