@@ -80,7 +80,7 @@ async def register(reactor: Any, root_url: str, provisioner_id: str, actions: li
     try:
         response = await d
         raw = await response.content()
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 -- every way the request can fail is one "cannot reach" line
         raise ActionsError(f"cannot reach {root}: {e.__class__.__name__}: {e}"[:300]) from None
     if response.code == 404:
         raise ActionsError(f"{root} has no queue.declareProvisioner (Taskcluster removed it and worker actions "

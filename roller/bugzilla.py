@@ -132,7 +132,7 @@ class BugzillaClient:
             raise
         except (DeferredTimeout, CancelledError):
             raise BugzillaError(f"{where}: no answer within {self.timeout:g} s") from None
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 -- every other way the request fails is one redacted line
             raise BugzillaError(self.redact(f"{where}: {_describe(e)}")) from None
         try:
             answer = load_json(raw)

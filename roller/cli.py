@@ -123,7 +123,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 def _cli_actor() -> str:
     try:
         return f"cli:{getpass.getuser()}"
-    except Exception:  # no user name for this uid
+    except (KeyError, OSError):  # no user name for this uid
         return f"cli:uid-{os.getuid()}"
 
 
@@ -297,7 +297,7 @@ async def cmd_user(reactor: Any, settings: Settings, args: argparse.Namespace, o
             check_user_name(args.name)
         except RollerError as e:
             raise CliError(e.message) from None
-    password = _read_password(args, stdin) if action in ("add", "passwd") else None
+    password = _read_password(args, stdin) if action in ("add", "passwd") else ""  # only they use it
 
     async def go(store: Store) -> int:
         now = reactor.seconds()

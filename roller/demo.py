@@ -13,6 +13,7 @@ The demo fleet, so a newcomer who runs roller with C{--demo} sees jobs work:
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from attrs import frozen
@@ -39,7 +40,7 @@ class DemoFleet:
     known_hosts: str
 
 
-async def seed_demo_fleet(store: Store, extra: list[dict] = ()) -> int:
+async def seed_demo_fleet(store: Store, extra: Sequence[Mapping[str, Any]] = ()) -> int:
     """Add (or refresh) the demo machines; how many were new."""
     added = 0
     for data in [*DEMO_MACHINES, *extra]:

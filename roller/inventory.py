@@ -193,7 +193,8 @@ class IpmiAccess:
         if not isinstance(bridge, (list, tuple)) or not all(
             isinstance(a, str) and BRIDGE_ARG_RE.fullmatch(a) for a in bridge
         ):
-            raise ValidationError(f"{path}.bridge", "must be a list of ipmitool bridge arguments (-B/-b/-T/-t and values)")
+            raise ValidationError(f"{path}.bridge",
+                                  "must be a list of ipmitool bridge arguments (-B/-b/-T/-t and values)")
         return cls(
             host=_host(f"{path}.host", d.get("host")),
             port=_port(f"{path}.port", d.get("port"), 623),

@@ -18,7 +18,7 @@ from typing import Any, overload
 from attrs import evolve, field, frozen
 
 
-class State(str, Enum):
+class State(str, Enum):  # noqa: UP042 -- a StrEnum would change str(state) ("State.queued") in messages
     queued = "queued"
     running = "running"
     succeeded = "succeeded"

@@ -6,29 +6,31 @@ stopped in order on one reactor.
 from __future__ import annotations
 
 import sys
-from typing import Any
 
 from attrs import evolve
-from twisted.application.service import MultiService
+from twisted.application.service import IServiceCollection, MultiService
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort, IReactorCore, IReactorThreads
 from twisted.internet.task import LoopingCall
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
+from twisted.python.failure import Failure
 
 from roller.auth import AnonymousAuthenticator, IAuthenticator, UnconfiguredAuthenticator
 from roller.auth.accounts import AccountAuth, PasswordHasher
 from roller.auth.hawk import LocalHawkAuthenticator
-from roller.auth.taskcluster import TaskclusterAuthenticator
+from roller.auth.taskcluster import IAuthReactor, TaskclusterAuthenticator
 from roller.config import Settings
-from roller.demo import seed_demo_fleet, start_demo_fleet
-from roller.drivers.registry import make_drivers
+from roller.demo import DemoFleet, seed_demo_fleet, start_demo_fleet
+from roller.drivers.reactor import IDriverReactor
+from roller.drivers.registry import Drivers, make_drivers
 from roller.logs import observer_for
 from roller.metrics import Metrics
 from roller.notify import Notifier, notifier_from_settings
 from roller.queue import JobQueue, QueueLimits
 from roller.secrets import Secrets, SecretsError, load_secrets
-from roller.store import StorageUnavailable, Store, open_store
+from roller.store import IStoreReactor, StorageUnavailable, Store, open_store
 from roller.tasks import builtin_tasks
 from roller.version import load_version
 from roller.web.admin import InventoryAdmin
@@ -43,7 +45,16 @@ log = Logger()
 INVENTORY_REFRESH_S = 2.0
 
 
-def make_authenticator(settings: Settings, reactor: Any, secrets: Secrets | None = None) -> IAuthenticator:
+class IRollerReactor(IDriverReactor, IStoreReactor, IAuthReactor, IReactorThreads):
+    """
+    Everything roller's process uses of its reactor: the drivers' TCP, UDP,
+    processes and clock, the store's threads and triggers, the thread pool
+    of password hashing and imports.  The global reactor provides it
+    (L{roller.tap}); tests pass a C{MemoryReactorClock} or the real one.
+    """
+
+
+def make_authenticator(settings: Settings, reactor: IRollerReactor, secrets: Secrets | None = None) -> IAuthenticator:
     """
     The authenticator for C{auth.mode}: C{none} lets everyone in (loopback
     only); C{taskcluster} asks C{auth.root_url}'s auth service; C{local}
@@ -72,7 +83,7 @@ def make_authenticator(settings: Settings, reactor: Any, secrets: Secrets | None
     return TaskclusterAuthenticator(reactor, settings.auth_root_url, timeout=settings.auth_timeout)
 
 
-def make_dashboard_auth(settings: Settings, store: Any, reactor: Any) -> AccountAuth:
+def make_dashboard_auth(settings: Settings, store: Store, reactor: IRollerReactor) -> AccountAuth:
     """
     The dashboard's accounts and sessions.  Only C{--demo} with C{auth.mode
     = "none"} on loopback listeners also lets loopback visitors in without
@@ -87,7 +98,7 @@ def make_dashboard_auth(settings: Settings, store: Any, reactor: Any) -> Account
     )
 
 
-def max_connections(settings: Settings, reactor: Any) -> int:
+def max_connections(settings: Settings, reactor: IReactorCore) -> int:
     """
     C{server.max_connections}, or 10000, within the open-files limit less a
     reserve for roller itself: 64 descriptors (database, logs, listeners)
@@ -118,7 +129,7 @@ class RollerService(MultiService):
 
     name = "roller"
 
-    def __init__(self, settings: Settings, reactor: Any):
+    def __init__(self, settings: Settings, reactor: IRollerReactor):
         super().__init__()
         self.settings = settings
         self.reactor = reactor
@@ -129,9 +140,9 @@ class RollerService(MultiService):
         self.authenticator: IAuthenticator | None = None
         self.ready: Deferred = Deferred()
         self._starting: Deferred | None = None
-        self.ports: list[Any] = []
-        self.demo: Any = None
-        self.drivers: Any = None
+        self.ports: list[IListeningPort] = []
+        self.demo: DemoFleet | None = None
+        self.drivers: Drivers | None = None
         self.hub: EventHub | None = None
         self.api: Api | None = None
         self.metrics: Metrics | None = None
@@ -139,7 +150,7 @@ class RollerService(MultiService):
         self._refresh: LoopingCall | None = None
         self.failed = False
 
-    def setServiceParent(self, parent: Any) -> None:
+    def setServiceParent(self, parent: IServiceCollection) -> None:
         # twistd starts its logger after building the application, and uses
         # an ILogObserver component of the application when there is one:
         # that is how log.format = "json" reaches twistd.
@@ -156,17 +167,17 @@ class RollerService(MultiService):
         s = self.settings
         self.secrets = load_secrets(s.secrets_file)
         try:
-            self.store = await open_store(s.db_path, self.reactor, synchronous=s.db_synchronous.upper())
-            await self.store.db.check_write()  # migrating may have written nothing
+            self.store = store = await open_store(s.db_path, self.reactor, synchronous=s.db_synchronous.upper())
+            await store.db.check_write()  # migrating may have written nothing
         except StorageUnavailable as e:
             raise StorageUnavailable(e.kind, f"the database {s.db_path} cannot take a write: {e.what}",
                                      e.retry_after, e.detail) from None
         if s.demo:
-            await self._start_demo()
+            self.secrets = await self._start_demo(store, self.secrets)
             s = self.settings
         tasks = builtin_tasks()
         self.drivers = make_drivers(self.reactor, s)
-        self.queue = JobQueue(self.store, tasks, self.reactor, limits=queue_limits(s),
+        self.queue = JobQueue(store, tasks, self.reactor, limits=queue_limits(s),
                               settings=s, secrets=self.secrets, drivers=self.drivers)
         self.notifier = notifier_from_settings(s, self.reactor, lambda: self.secrets)
         if self.notifier is not None:
@@ -213,27 +224,31 @@ class RollerService(MultiService):
             "({endpoints}); the link works once, until an admin exists. Or run "
             "`roller user add NAME --role admin`.", path=path, endpoints=", ".join(s.listen)))
 
-    async def _start_demo(self) -> None:
+    async def _start_demo(self, store: Store, secrets: Secrets) -> Secrets:
+        """Start the demo fleet and add its machines; the secrets with its credentials."""
         s = self.settings
         extra: list[dict] = []
         if s.demo_fleet_size:
             self.demo = await start_demo_fleet(self.reactor, s.state_dir, count=s.demo_fleet_size,
                                                ssh_port=s.demo_ssh_port)
-            self.secrets = self.secrets.merged(self.demo.secrets.as_dict(), replace=True)
+            secrets = secrets.merged(self.demo.secrets.as_dict(), replace=True)
             self.settings = evolve(s, ssh_known_hosts=self.demo.known_hosts)
             extra = self.demo.fleet.inventory_json("demo")
             log.info("Demo fleet: {count} simulated machines with SSH on 127.0.1.x port {port}",
                      count=s.demo_fleet_size, port=s.demo_ssh_port)
-        added = await seed_demo_fleet(self.store, extra)
+        added = await seed_demo_fleet(store, extra)
         log.info("Demo machines in worker group 'demo': {added} new", added=added)
+        return secrets
 
     async def _refresh_inventory(self) -> None:
+        if self.store is None:
+            return
         try:
             if await self.store.machines.refresh():
                 log.info("Inventory changed by another process: reloaded")
         except StorageUnavailable:
             pass  # the store logs the fault once; the next refresh tries again
-        except Exception:
+        except Exception:  # noqa: BLE001 -- logged; the next refresh (a LoopingCall) must still run
             log.failure("Could not refresh the inventory")
 
     def reload_secrets(self) -> bool:
@@ -265,7 +280,7 @@ class RollerService(MultiService):
                  path=self.settings.secrets_file, count=len(secrets.names()), clients=len(secrets.clients))
         return True
 
-    def _failed(self, failure: Any) -> None:
+    def _failed(self, failure: Failure) -> None:
         log.critical("roller could not start: {why}", why=failure.getErrorMessage())
         self.failed = True
         self.ready.errback(failure)
@@ -277,7 +292,7 @@ class RollerService(MultiService):
         if self._starting is not None and not self._starting.called:
             try:
                 await self._starting
-            except Exception:
+            except Exception:  # noqa: BLE001 -- a failed start was reported by _failed; stop what did start
                 pass
         if self._refresh is not None and self._refresh.running:
             self._refresh.stop()
@@ -293,7 +308,9 @@ class RollerService(MultiService):
         if self.metrics is not None:
             self.metrics.stop()
         for port in self.ports:
-            await port.stopListening()
+            stopped = port.stopListening()
+            if stopped is not None:
+                await stopped
         self.ports = []
         close = getattr(self.authenticator, "close", None)
         if close is not None:

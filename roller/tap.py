@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 import time
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IReactorCore
@@ -20,7 +20,7 @@ from roller.config import ConfigError, Settings, check_names, load_settings
 from roller.gctune import settle_heap
 from roller.inventory import REBOOT_METHODS
 from roller.secrets import SecretsError, load_secrets
-from roller.service import RollerService
+from roller.service import IRollerReactor, RollerService
 from roller.store.db import StoreError, check_writable
 from roller.tasks import builtin_tasks
 
@@ -97,7 +97,10 @@ def exit_with(message: str) -> None:
 
 
 def makeService(options: Options) -> RollerService:
-    from twisted.internet import reactor
+    from twisted.internet import reactor as global_reactor
+
+    # Twisted types the global reactor with a few of its interfaces only; it provides all of IRollerReactor's.
+    reactor = cast(IRollerReactor, global_reactor)
 
     try:
         settings = settings_from_options(options)
