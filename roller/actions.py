@@ -25,6 +25,7 @@ from treq.client import HTTPClient
 from twisted.web.client import Agent
 
 from roller import __version__
+from roller.drivers.reactor import ITcpReactor
 from roller.json_input import load_json
 from roller.tasks import TaskRegistry
 
@@ -60,7 +61,7 @@ def action_definitions(tasks: TaskRegistry, allowed: Iterable[str], public_url: 
     } for spec in tasks if spec.name in allowed]
 
 
-async def register(reactor: Any, root_url: str, provisioner_id: str, actions: list[dict[str, Any]],
+async def register(reactor: ITcpReactor, root_url: str, provisioner_id: str, actions: list[dict[str, Any]],
                    client_id: str, access_token: str, *, http: HTTPClient | None = None,
                    timeout: float = 30.0) -> str:
     """

@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from twisted.web.client import HTTPConnectionPool
 
 from roller import __version__
+from roller.drivers.reactor import ITcpReactor
 from roller.http_client import close_pool, pooled_client
 from roller.json_input import load_json
 
@@ -62,7 +63,7 @@ class BugzillaClient:
     @param treq_client: an L{HTTPClient}; by default one with its own pool.
     """
 
-    def __init__(self, reactor: Any, url: str, api_key: str = "", *, timeout: float = 30.0,
+    def __init__(self, reactor: ITcpReactor, url: str, api_key: str = "", *, timeout: float = 30.0,
                  treq_client: HTTPClient | None = None):
         self.reactor = reactor
         self.url = url.rstrip("/")

@@ -33,7 +33,7 @@ import hashlib
 import hmac
 import json
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mohawk
 from treq.client import HTTPClient
@@ -42,9 +42,14 @@ from twisted.logger import Logger
 from twisted.web.client import HTTPConnectionPool
 
 from roller import __version__
-from roller.config import STARTED, Rule, parse_rules
+from roller.config import STARTED, Rule, Settings, parse_rules
+from roller.drivers.reactor import ITcpReactor
 from roller.http_client import close_pool, pooled_client
 from roller.jobs import Job, JobEvent, State
+from roller.secrets import Credential, Secrets
+
+if TYPE_CHECKING:
+    from roller.queue import JobQueue
 
 __all__ = ["Notifier", "Rule", "SIGNATURE_HEADER", "parse_rules", "webhook_signature"]
 
@@ -96,7 +101,7 @@ class Notifier:
     @param dashboard_url: roller's public URL (C{server.public_url}), for a link to the job.
     """
 
-    def __init__(self, reactor: Any, rules: Sequence[Rule], *, root_url: str = "",
+    def __init__(self, reactor: ITcpReactor, rules: Sequence[Rule], *, root_url: str = "",
                  taskcluster: Callable[[], tuple[str, str] | None] = lambda: None,
                  webhook_secret: Callable[[], str | None] = lambda: None,
                  dashboard_url: str = "", timeout: float = 10.0, treq_client: HTTPClient | None = None):
@@ -118,7 +123,7 @@ class Notifier:
 
     # -- wiring
 
-    def start(self, queue: Any) -> None:
+    def start(self, queue: JobQueue) -> None:
         if self.rules and self._unsubscribe is None:
             self._unsubscribe = queue.subscribe(self.job_event)
 
@@ -218,18 +223,22 @@ class Notifier:
         return response.code
 
 
-def notifier_from_settings(settings: Any, reactor: Any, secrets: Callable[[], Any]) -> Notifier | None:
+def notifier_from_settings(settings: Settings, reactor: ITcpReactor,
+                           secrets: Callable[[], Secrets | None]) -> Notifier | None:
     """The process's notifier, or C{None} when no rule is configured."""
     s = settings
     if not s.notify_rules:
         return None
 
-    def credential(name: str) -> Any:
+    def credential(name: str) -> Credential | None:
         if not name:
             return None
+        current = secrets()
         try:
-            return secrets().get(name)
-        except (KeyError, AttributeError):
+            if current is None:
+                raise KeyError(name)
+            return current.get(name)
+        except KeyError:
             log.warn("Notification credential {name!r} is not in the secrets file", name=name)
             return None
 

@@ -28,6 +28,8 @@ from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.web.client import Agent
 
 from roller import __version__
+from roller.drivers.reactor import ITcpReactor
+from roller.inventory import Machine
 from roller.jobs import iso
 from roller.json_input import load_json
 
@@ -38,7 +40,7 @@ class QuarantineError(Exception):
     """The quarantine could not be set; the message says why in one line (never a secret)."""
 
 
-def worker_pool(machine: Any, default_provisioner: str) -> tuple[str, str]:
+def worker_pool(machine: Machine, default_provisioner: str) -> tuple[str, str]:
     """C{(provisionerId, workerType)} of a machine, or L{QuarantineError}."""
     pool = machine.pool or ""
     if not pool:
@@ -64,7 +66,7 @@ class TaskclusterQueue:
     @param client_id: and C{access_token}: the credentials to sign with.
     """
 
-    def __init__(self, reactor: Any, root_url: str, client_id: str, access_token: str, *,
+    def __init__(self, reactor: ITcpReactor, root_url: str, client_id: str, access_token: str, *,
                  timeout: float = 30.0, treq_client: HTTPClient | None = None):
         self.reactor = reactor
         self.root_url = root_url.rstrip("/")
