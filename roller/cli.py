@@ -19,8 +19,8 @@ import getpass
 import json
 import os
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import react
@@ -34,9 +34,12 @@ from roller.json_input import JSONInputError, load_json
 from roller.legacy_import import ImportFormatError, plan_import
 from roller.queue import JobQueue
 from roller.secrets import SecretsError, load_secrets, write_secrets
-from roller.store import AuditEntry, Store, StoreError, open_store
+from roller.store import AuditEntry, IStoreReactor, Store, StoreError, open_store
 from roller.store.users import NoSuchUser, UserExists
 from roller.tasks import builtin_tasks
+
+if TYPE_CHECKING:
+    from roller.service import IRollerReactor
 
 
 class CliError(Exception):
@@ -137,7 +140,7 @@ def _param(text: str) -> tuple[str, Any]:
         return name, value
 
 
-async def _with_store(reactor: Any, settings: Settings, fn: Any) -> int:
+async def _with_store(reactor: IStoreReactor, settings: Settings, fn: Callable[[Store], Awaitable[int]]) -> int:
     store = await open_store(settings.db_path, reactor, synchronous=settings.db_synchronous.upper())
     try:
         return await fn(store)
@@ -145,7 +148,7 @@ async def _with_store(reactor: Any, settings: Settings, fn: Any) -> int:
         await store.close()
 
 
-async def cmd_run(reactor: Any, settings: Settings, args: argparse.Namespace, out: Any) -> int:
+async def cmd_run(reactor: IRollerReactor, settings: Settings, args: argparse.Namespace, out: Any) -> int:
     params = dict(_param(p) for p in args.param)
 
     async def go(store: Store) -> int:
@@ -181,7 +184,7 @@ async def cmd_run(reactor: Any, settings: Settings, args: argparse.Namespace, ou
     return await _with_store(reactor, settings, go)
 
 
-async def cmd_import(reactor: Any, settings: Settings, args: argparse.Namespace, out: Any) -> int:
+async def cmd_import(reactor: IRollerReactor, settings: Settings, args: argparse.Namespace, out: Any) -> int:
     try:
         with open(args.file, "rb") as f:
             data = load_json(f.read())
@@ -217,7 +220,7 @@ async def cmd_import(reactor: Any, settings: Settings, args: argparse.Namespace,
     return await _with_store(reactor, settings, go)
 
 
-async def cmd_machines(reactor: Any, settings: Settings, args: argparse.Namespace, out: Any) -> int:
+async def cmd_machines(reactor: IRollerReactor, settings: Settings, args: argparse.Namespace, out: Any) -> int:
     async def go(store: Store) -> int:
         machines = await store.machines.list(worker_group=args.group, pool=args.pool, q=args.search,
                                              limit=args.limit)
@@ -234,7 +237,7 @@ async def cmd_machines(reactor: Any, settings: Settings, args: argparse.Namespac
     return await _with_store(reactor, settings, go)
 
 
-async def cmd_jobs(reactor: Any, settings: Settings, args: argparse.Namespace, out: Any) -> int:
+async def cmd_jobs(reactor: IRollerReactor, settings: Settings, args: argparse.Namespace, out: Any) -> int:
     states = []
     for name in (args.state or "").split(","):
         if name and name not in State.__members__:
@@ -257,7 +260,7 @@ async def cmd_jobs(reactor: Any, settings: Settings, args: argparse.Namespace, o
     return await _with_store(reactor, settings, go)
 
 
-async def cmd_audit(reactor: Any, settings: Settings, args: argparse.Namespace, out: Any) -> int:
+async def cmd_audit(reactor: IRollerReactor, settings: Settings, args: argparse.Namespace, out: Any) -> int:
     async def go(store: Store) -> int:
         entries = await store.audit.list(target=args.target, limit=args.limit)
         if args.json:
@@ -288,7 +291,7 @@ def _read_password(args: argparse.Namespace, stdin: Any) -> str:
         raise CliError(e.message) from None
 
 
-async def cmd_user(reactor: Any, settings: Settings, args: argparse.Namespace, out: Any,
+async def cmd_user(reactor: IRollerReactor, settings: Settings, args: argparse.Namespace, out: Any,
                    stdin: Any = None) -> int:
     stdin = sys.stdin if stdin is None else stdin
     action = args.user_command
@@ -342,7 +345,7 @@ async def cmd_user(reactor: Any, settings: Settings, args: argparse.Namespace, o
     return await _with_store(reactor, settings, go)
 
 
-async def cmd_actions(reactor: Any, settings: Settings, args: argparse.Namespace, out: Any) -> int:
+async def cmd_actions(reactor: IRollerReactor, settings: Settings, args: argparse.Namespace, out: Any) -> int:
     from roller.actions import ActionsError, action_definitions, register
 
     try:
@@ -372,7 +375,7 @@ def _toml_value(value: Any) -> str:
     return json.dumps(value)
 
 
-async def cmd_config(reactor: Any, settings: Settings, args: argparse.Namespace, out: Any) -> int:
+async def cmd_config(reactor: IRollerReactor, settings: Settings, args: argparse.Namespace, out: Any) -> int:
     from roller.config import describe
 
     entries = describe(settings)
@@ -402,7 +405,7 @@ COMMANDS = {"config": cmd_config, "run": cmd_run, "import": cmd_import, "machine
             "audit": cmd_audit, "user": cmd_user, "actions": cmd_actions}
 
 
-async def execute(reactor: Any, args: argparse.Namespace, out: Any, err: Any) -> int:
+async def execute(reactor: IRollerReactor, args: argparse.Namespace, out: Any, err: Any) -> int:
     """Run the parsed command on a running reactor; its exit status (errors as one line on C{err})."""
     try:
         settings = _settings(args)
@@ -420,7 +423,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(fleet_main(argv[1:]))
     args = _parser().parse_args(argv)
 
-    async def run(reactor: Any) -> None:
+    async def run(reactor: IRollerReactor) -> None:
         code = await execute(reactor, args, sys.stdout, sys.stderr)
         if code:
             raise SystemExit(code)

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from attrs import frozen
 
 from roller.inventory import Machine
 from roller.secrets import Secrets, load_secrets
 from roller.store import Store
+
+if TYPE_CHECKING:
+    from roller.service import IRollerReactor
 
 DEMO_MACHINES = [
     {"worker_id": "demo-1", "worker_group": "demo", "ip": "127.0.0.2", "pool": "demo-linux",
@@ -50,7 +53,7 @@ async def seed_demo_fleet(store: Store, extra: Sequence[Mapping[str, Any]] = ())
     return added
 
 
-async def start_demo_fleet(reactor: Any, state_dir: str, *, count: int, ssh_port: int,
+async def start_demo_fleet(reactor: IRollerReactor, state_dir: str, *, count: int, ssh_port: int,
                            down_for: float = 8.0, reboot_delay: float = 1.0) -> DemoFleet:
     from roller.sim.fleet import Fleet
 

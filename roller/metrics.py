@@ -27,15 +27,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from roller.jobs import Job, JobEvent
+
+if TYPE_CHECKING:
+    from roller.queue import JobQueue
 
 __all__ = ["Metrics", "CONTENT_TYPE", "LAG_INTERVAL_S"]
 
@@ -51,7 +55,7 @@ DURATION_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600,
 class _QueueCollector(Collector):
     """The queue's depth and running jobs, read when scraped."""
 
-    def __init__(self, queue: Any):
+    def __init__(self, queue: JobQueue):
         self._queue = queue
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
@@ -101,7 +105,7 @@ class Metrics:
     @param clock: the reactor (an C{IReactorTime}) the lag loop runs on.
     """
 
-    def __init__(self, queue: Any, clock: Any, *, lag_interval: float = LAG_INTERVAL_S):
+    def __init__(self, queue: JobQueue, clock: IReactorTime, *, lag_interval: float = LAG_INTERVAL_S):
         self.clock = clock
         self.lag_interval = lag_interval
         self.registry = CollectorRegistry(auto_describe=True)
