@@ -13,6 +13,7 @@ from twisted.internet.defer import Deferred
 
 from roller.store.audit import AuditEntry, AuditTable
 from roller.store.db import Database, IStoreReactor, StorageUnavailable, StoreError
+from roller.store.health import HealthTable
 from roller.store.jobs import JobTable
 from roller.store.loans import LoanTable
 from roller.store.machines import MachineTable
@@ -29,6 +30,7 @@ class Store:
     audit: AuditTable
     users: UserTable
     loans: LoanTable
+    health: HealthTable
 
     def close(self) -> Deferred[None]:
         return self.db.close()
@@ -44,7 +46,7 @@ async def open_store(path: str, reactor: IStoreReactor, *, synchronous: str = "N
         await db.close()
         raise
     store = Store(db=db, machines=MachineTable(db, reactor), jobs=JobTable(db), audit=AuditTable(db),
-                  users=UserTable(db), loans=LoanTable(db))
+                  users=UserTable(db), loans=LoanTable(db), health=HealthTable(db))
     try:
         await store.machines.load()
     except Exception:

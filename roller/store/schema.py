@@ -126,4 +126,45 @@ MIGRATIONS: list[str] = [
     # 5: one row the heartbeat and the start-up check overwrite: a real write that
     #    does not grow the database (roller.store.db.check_writable also makes it)
     HEARTBEAT_TABLE,
+    # 6: fleet health (roller.store.health): each machine's current health, its
+    #    transitions, the remediations started, and flags (remediation paused)
+    """
+    CREATE TABLE health (
+        worker_group TEXT NOT NULL,
+        worker_id    TEXT NOT NULL,
+        state        TEXT NOT NULL,
+        since        REAL NOT NULL,
+        findings     TEXT NOT NULL DEFAULT '[]',
+        maintenance  INTEGER NOT NULL DEFAULT 0,
+        maintenance_reason TEXT NOT NULL DEFAULT '',
+        PRIMARY KEY (worker_group, worker_id)
+    );
+    CREATE TABLE health_transitions (
+        id           INTEGER PRIMARY KEY AUTOINCREMENT,
+        worker_group TEXT NOT NULL,
+        worker_id    TEXT NOT NULL,
+        time         REAL NOT NULL,
+        old          TEXT NOT NULL,
+        new          TEXT NOT NULL,
+        reason       TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX health_transitions_machine ON health_transitions (worker_group, worker_id, id);
+    CREATE TABLE remediations (
+        id           INTEGER PRIMARY KEY AUTOINCREMENT,
+        worker_group TEXT NOT NULL,
+        worker_id    TEXT NOT NULL,
+        policy       TEXT NOT NULL,
+        task         TEXT NOT NULL,
+        time         REAL NOT NULL,
+        dry_run      INTEGER NOT NULL DEFAULT 0,
+        job_id       TEXT,
+        reason       TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX remediations_time ON remediations (time);
+    CREATE INDEX remediations_machine ON remediations (worker_group, worker_id, time);
+    CREATE TABLE health_flags (
+        name  TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    """,
 ]
