@@ -53,12 +53,13 @@ import re
 import secrets
 from collections import deque
 from collections.abc import Callable
-from typing import Any
 
 from attrs import define, field
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
 from twisted.web.iweb import IRequest
 from zope.interface import implementer
 
@@ -176,8 +177,8 @@ class PasswordHasher:
     @param threadpool: where the KDF runs (the reactor's, C{reactor.getThreadPool()}).
     """
 
-    reactor: Any
-    threadpool: Any
+    reactor: IReactorFromThreads
+    threadpool: ThreadPool
     ln: int = SCRYPT_LOG_N
     _dummy: str | None = field(default=None, init=False, repr=False)
 
@@ -187,10 +188,11 @@ class PasswordHasher:
     def verify(self, password: str, encoded: str | None) -> Deferred[bool]:
         """Checks against a throw-away hash when there is no user, so both take as long."""
         if encoded is None:
-            if self._dummy is None:
-                self._dummy = hash_password(secrets.token_urlsafe(16), ln=self.ln)
+            dummy = self._dummy
+            if dummy is None:
+                dummy = self._dummy = hash_password(secrets.token_urlsafe(16), ln=self.ln)
             return deferToThreadPool(self.reactor, self.threadpool,
-                                     lambda: verify_password(password, self._dummy) and False)
+                                     lambda: verify_password(password, dummy) and False)
         return deferToThreadPool(self.reactor, self.threadpool, verify_password, password, encoded)
 
 
@@ -354,7 +356,7 @@ class AccountAuth:
     """
 
     users: UserTable
-    clock: Any
+    clock: IReactorTime
     hasher: PasswordHasher
     scope_prefix: str = "project:releng:roller:"
     tasks: tuple[str, ...] = field(default=(), converter=tuple)
@@ -506,7 +508,7 @@ class AccountAuth:
             if name_key is not None:
                 self._names.release(name_key)
         now = self.clock.seconds()
-        if not ok:
+        if not ok or user is None or name_key is None:  # (no user or an invalid name: never ok)
             await self._failed(user, ip_key, name_key, ip, now)
             raise Unauthorized(f"{WRONG} After {self.max_failures} failed attempts an account is locked for "
                                f"{_minutes(self.lockout)}.", code="wrong_credentials")
@@ -558,11 +560,12 @@ class AccountAuth:
             await self.users.remove_session(viewer.session)
 
     def set_cookie(self, request: IRequest, session_id: str) -> None:
-        request.addCookie(self.cookie_name.encode(), session_id.encode(), path=b"/", httpOnly=True,
-                          sameSite="strict", secure=request.isSecure())
+        request.addCookie(self.cookie_name.encode(), session_id.encode(), path=b"/",  # type: ignore[call-arg]
+                          httpOnly=True, sameSite="strict", secure=request.isSecure())  # (IRequest omits them)
 
     def clear_cookie(self, request: IRequest) -> None:
-        request.addCookie(self.cookie_name.encode(), b"", path=b"/", httpOnly=True, sameSite="strict",
+        request.addCookie(self.cookie_name.encode(), b"", path=b"/",  # type: ignore[call-arg]
+                          httpOnly=True, sameSite="strict",  # (IRequest.addCookie omits them; Request has them)
                           secure=request.isSecure(), max_age=b"0",
                           expires=b"Thu, 01 Jan 1970 00:00:00 GMT")
 

@@ -56,7 +56,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeGuard
 from urllib.parse import urlparse
 
 import mohawk
@@ -255,7 +255,7 @@ def direct_target(request: IRequest) -> RequestTarget:
                          port=DEFAULT_PORTS[scheme] if port is None else port, source_ip=peer_address(request)[1])
 
 
-def authorization_header(request: Any) -> str | None:
+def authorization_header(request: IRequest) -> str | None:
     """
     The C{Authorization} header, or C{None} when there is none.
 
@@ -273,7 +273,7 @@ def authorization_header(request: Any) -> str | None:
     return value.strip() or None
 
 
-def request_body(request: Any) -> tuple[bytes, str]:
+def request_body(request: IRequest) -> tuple[bytes, str]:
     """
     The request body (the whole of it, whatever was read before) and its
     C{Content-Type} (C{""} when absent).  The body's read position is kept.
@@ -346,7 +346,7 @@ def decode_ext(ext: str) -> dict:
     return value
 
 
-def _valid_scope(scope: Any) -> bool:
+def _valid_scope(scope: object) -> bool:
     return isinstance(scope, str) and all(0x20 <= ord(c) <= 0x7E for c in scope)
 
 
@@ -357,7 +357,7 @@ def _js_number(value: int | float) -> str:
     return str(value) if isinstance(value, int) else repr(value)
 
 
-def _number(value: Any) -> bool:
+def _number(value: object) -> TypeGuard[int | float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 

@@ -24,13 +24,12 @@ since the API authenticates before it queues, nothing is queued.
 from __future__ import annotations
 
 import hmac
-from typing import Any
 
 import treq
 from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, fail
 from twisted.internet.error import ConnectError, DNSLookupError
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorTCP, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import HTTPConnectionPool, ResponseFailed
@@ -67,6 +66,10 @@ class _TooLarge(Exception):
     pass
 
 
+class IAuthReactor(IReactorTCP, IReactorTime):
+    """What L{TaskclusterAuthenticator} needs of a reactor: its HTTP pool's connections and the call's timeout."""
+
+
 def _valid_root_url(root_url: str) -> str:
     root = root_url.strip().rstrip("/")
     if not root.startswith(("http://", "https://")) or len(root) <= len("https://"):
@@ -74,7 +77,7 @@ def _valid_root_url(root_url: str) -> str:
     return root
 
 
-def _timed_out(result: Any, timeout: float) -> Any:
+def _timed_out(result: object, timeout: float) -> object:
     if isinstance(result, Failure):
         return Failure(TimeoutError(f"no answer within {timeout:g} s"))
     return result  # it came just in time
@@ -93,7 +96,7 @@ class TaskclusterAuthenticator:
 
     def __init__(
         self,
-        reactor: IReactorTime,
+        reactor: IAuthReactor,
         root_url: str,
         treq_client: HTTPClient | None = None,
         timeout: float = 5.0,
@@ -122,7 +125,7 @@ class TaskclusterAuthenticator:
                 target = direct_target(request)
         except RollerError as e:
             return fail(e)
-        question = {
+        question: dict[str, object] = {
             "method": target.method.lower(),
             "resource": target.resource,
             "host": target.host,
@@ -136,14 +139,12 @@ class TaskclusterAuthenticator:
         # cancellation became (Agent wraps it in ResponseNeverReceived), it is a timeout.
         d.addTimeout(self.timeout, self.reactor, onTimeoutCancel=_timed_out)
         d.addErrback(self._unavailable)
-        d.addCallback(self._principal, request, target)
-        return d
+        return d.addCallback(self._principal, request, target)
 
-    async def _ask(self, question: dict) -> Any:
-        response = await self.http.post(
-            self.url, json=question,
-            headers={"Accept": ["application/json"], "User-Agent": [f"roller/{__version__}"]},
-        )
+    async def _ask(self, question: dict[str, object]) -> object:
+        headers: dict[bytes | str, list[bytes | str]] = {
+            "Accept": ["application/json"], "User-Agent": [f"roller/{__version__}"]}
+        response = await self.http.post(self.url, json=question, headers=headers)
         chunks: list[bytes] = []
         size = 0
 
@@ -170,7 +171,8 @@ class TaskclusterAuthenticator:
 
     def _unavailable(self, failure: Failure) -> Failure:
         """Any failure to get an answer is a 503 (never a 401)."""
-        if failure.check(UnavailableError):
+        error: UnavailableError
+        if isinstance(failure.value, UnavailableError):
             error = failure.value
         elif failure.check(TimeoutError):
             error = UnavailableError(

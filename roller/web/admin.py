@@ -33,8 +33,10 @@ from urllib.parse import urlencode
 
 from attrs import define, field
 from klein import Klein
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from werkzeug.exceptions import NotFound as RouteNotFound
@@ -46,7 +48,7 @@ from roller.json_input import JSONInputError, load_json
 from roller.legacy_import import DEFAULT_GROUP, plan_import
 from roller.secrets import SecretsError, merge_into_secrets_file
 from roller.store import AuditEntry, Store
-from roller.web.dashboard import Dashboard, _form, machine_url
+from roller.web.dashboard import VIEWER_ATTR, Dashboard, _form, machine_url
 from roller.web.proxy import client_ip
 
 __all__ = ["InventoryAdmin", "form_to_json", "machine_to_form"]
@@ -158,9 +160,11 @@ def _multipart(request: IRequest) -> tuple[dict[str, str], dict[str, tuple[str, 
     files: dict[str, tuple[str, bytes]] = {}
     for part in msg.iter_parts():
         name = part.get_param("name", header="content-disposition")
-        if not name:
+        if not name or not isinstance(name, str):  # (a str; a tuple only for an RFC 2231 value)
             continue
         payload = part.get_payload(decode=True) or b""
+        if not isinstance(payload, bytes):  # decode=True gives bytes for a part that is not multipart
+            continue
         filename = part.get_filename()
         if filename is not None:
             files[name] = (filename.replace("\\", "/").rsplit("/", 1)[-1][:200], payload)
@@ -188,7 +192,7 @@ class InventoryAdmin:
     secrets_file: str | None = field(default=None, kw_only=True)
     #: where the secrets file is rewritten (it is fsynced), off the reactor
     #: thread; None: in the calling thread
-    threadpool: Any = field(default=None, kw_only=True)
+    threadpool: ThreadPool | None = field(default=None, kw_only=True)
 
     app = Klein()
 
@@ -222,7 +226,7 @@ class InventoryAdmin:
 
     async def _viewer(self, request: IRequest) -> Viewer:
         viewer = await self.dashboard.auth.viewer(request)
-        request._roller_viewer = viewer
+        setattr(request, VIEWER_ATTR, viewer)
         return viewer
 
     async def _writer(self, request: IRequest, form: dict[str, str] | None = None) -> Viewer:
@@ -365,7 +369,9 @@ class InventoryAdmin:
                     if self.threadpool is None:
                         merge()
                     else:
-                        await deferToThreadPool(self.dashboard.clock, self.threadpool, merge)
+                        # the dashboard's clock is the reactor when a thread pool is given (roller.service)
+                        reactor = IReactorFromThreads(self.dashboard.clock)
+                        await deferToThreadPool(reactor, self.threadpool, merge)
                 except SecretsError as e:
                     return again(f"The credentials could not be merged into the secrets file: {e}")
             await self.store.machines.put_many(list(plan.machines()))

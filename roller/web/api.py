@@ -16,6 +16,7 @@ from urllib.parse import quote, urlsplit
 from attrs import define, field
 from klein import Klein
 from twisted.internet.defer import TimeoutError as WriteTimeout
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
@@ -208,7 +209,7 @@ class Api:
     allowed_tasks: tuple[str, ...]
     scope_prefix: str = "project:releng:roller:"
     cors_origins: tuple[str, ...] = ()
-    clock: Any = field(kw_only=True)
+    clock: IReactorTime = field(kw_only=True)
     openapi: dict = field(factory=dict)
     #: Peers (IPs/CIDRs) whose X-Forwarded-For names the client (origin_ip, audit).
     trusted_proxies: tuple = field(default=(), converter=parse_trusted_proxies)
@@ -619,7 +620,7 @@ class Api:
         except WriteTimeout:
             checks["database"] = (f"error: not writable: a write did not finish within "
                                   f"{HEARTBEAT_WRITE_TIMEOUT:g} s (the database is locked or its disk is slow)")
-        except Exception as e:  # the check reports any failure
+        except Exception as e:  # noqa: BLE001 -- the heartbeat reports whatever made the check fail
             log.failure("Heartbeat database check failed")
             checks["database"] = f"error: not writable ({type(e).__name__})"
         lag = self.metrics.lag if self.metrics is not None else None
@@ -637,6 +638,8 @@ class Api:
     def prometheus_metrics(self, request: IRequest) -> bytes:
         request.setHeader(b"Content-Type", METRICS_CONTENT_TYPE.encode())
         request.setHeader(b"Cache-Control", b"no-store")
+        if self.metrics is None:
+            return json_error(request, 404, "not_found", "this roller keeps no metrics")
         return self.metrics.exposition()
 
     @app.route("/__version__", methods=["GET"])

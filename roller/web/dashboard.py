@@ -46,6 +46,7 @@ from attrs import define, field, frozen
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 from klein import Klein
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
@@ -53,12 +54,13 @@ from werkzeug.exceptions import NotFound as RouteNotFound
 
 import roller
 from roller import __version__
+from roller.auth.accounts import AccountAuth
 from roller.auth.dashboard import IDashboardAuth, LoopbackDashboardAuth, Viewer
 from roller.errors import BadRequest, Forbidden, NotFound, RollerError, Unauthorized
 from roller.inventory import TAG_RE, Machine, valid_worker_id
 from roller.jobs import Job, JobEvent, State, iso
 from roller.queue import JobQueue
-from roller.store import AuditEntry, Store
+from roller.store import AuditEntry, Store, StoreError
 from roller.store.fleet import FILTER_STATES, SORTS, FleetFilter, FleetPage, FleetQueries
 from roller.tasks import TaskRegistry
 from roller.web.events import EventHub
@@ -112,6 +114,10 @@ def find_asset_dir(name: str, override: str | os.PathLike | None = None) -> Path
     )
 
 
+#: what is worked out once per request and kept on it: the viewer (the error pages show it), the CSRF nonce
+VIEWER_ATTR, NONCE_ATTR = "_roller_viewer", "_roller_csrf_nonce"
+
+
 # -- CSRF ----------------------------------------------------------------------
 
 
@@ -147,16 +153,17 @@ class CsrfProtection:
 
     def nonce(self, request: IRequest) -> str:
         """This browser's nonce, setting the cookie if it has none yet."""
-        cached = getattr(request, "_roller_csrf_nonce", None)
+        cached: str | None = getattr(request, NONCE_ATTR, None)
         if cached is not None:
             return cached
         raw = request.getCookie(self.cookie_name.encode())
         value = raw.decode("ascii", "replace") if raw else ""
         if not _NONCE.fullmatch(value):
             value = _b64(os.urandom(32))
-            request.addCookie(self.cookie_name.encode(), value.encode(), path=b"/", httpOnly=True,
-                              sameSite="strict", secure=request.isSecure())
-        request._roller_csrf_nonce = value
+            request.addCookie(self.cookie_name.encode(), value.encode(), path=b"/",  # type: ignore[call-arg]
+                              httpOnly=True, sameSite="strict",  # (IRequest.addCookie omits them; Request has them)
+                              secure=request.isSecure())
+        setattr(request, NONCE_ATTR, value)
         return value
 
     def _sign(self, nonce: str, viewer: Viewer, issued: int) -> str:
@@ -394,9 +401,9 @@ class Dashboard:
     queue: JobQueue
     tasks: TaskRegistry
     allowed_tasks: tuple[str, ...]
-    clock: Any = field(kw_only=True)
+    clock: IReactorTime = field(kw_only=True)
     hub: EventHub | None = field(default=None, kw_only=True)
-    auth: Any = field(factory=LoopbackDashboardAuth, kw_only=True)
+    auth: IDashboardAuth = field(factory=LoopbackDashboardAuth, kw_only=True)
     csrf: CsrfProtection = field(factory=CsrfProtection, kw_only=True)
     scope_prefix: str = field(default="project:releng:roller:", kw_only=True)
     templates_dir: str | None = field(default=None, kw_only=True)
@@ -454,7 +461,7 @@ class Dashboard:
                 return self._to_login(request, e)
         if getattr(e, "retry_after", None) is not None:  # StorageUnavailable: 503, readable page
             request.setHeader(b"Retry-After", str(int(e.retry_after)).encode())
-        return self._error_page(request, e.status, e.message, getattr(request, "_roller_viewer", None),
+        return self._error_page(request, e.status, e.message, getattr(request, VIEWER_ATTR, None),
                                 csrf=isinstance(e, CsrfError))
 
     @app.handle_errors(MethodNotAllowed)
@@ -485,7 +492,7 @@ class Dashboard:
 
     async def _viewer(self, request: IRequest) -> Viewer:
         viewer = await self.auth.viewer(request)
-        request._roller_viewer = viewer
+        setattr(request, VIEWER_ATTR, viewer)
         return viewer
 
     async def _post(self, request: IRequest) -> tuple[Viewer, dict[str, str]]:
@@ -516,8 +523,8 @@ class Dashboard:
 
     # -- sign-in, sign-out and first-admin setup (L{roller.auth.accounts.AccountAuth})
 
-    def _accounts(self) -> Any:
-        if getattr(self.auth, "login", None) is None:
+    def _accounts(self) -> AccountAuth:
+        if not isinstance(self.auth, AccountAuth):
             raise NotFound("This roller's dashboard has no accounts to sign in to.", code="no_accounts")
         return self.auth
 
@@ -567,8 +574,9 @@ class Dashboard:
             user, session_id = await auth.login(name, password, ip)
         except RollerError as e:
             log.info("Dashboard sign-in refused for {name!r} from {ip}: {code}", name=name[:64], ip=ip, code=e.code)
-            if getattr(e, "retry_after", None):
-                request.setHeader(b"Retry-After", str(e.retry_after).encode())
+            retry_after = getattr(e, "retry_after", None)
+            if retry_after:
+                request.setHeader(b"Retry-After", str(retry_after).encode())
             return self._login_page(request, status=e.status, error=e.message, name=name[:64], next_=next_)
         auth.set_cookie(request, session_id)
         await self.store.audit.add(AuditEntry(
@@ -768,7 +776,7 @@ class Dashboard:
                 break
         try:
             machine = await self.store.machines.get(job.worker_group, job.worker_id)
-        except Exception:
+        except StoreError:  # the job page shows without its machine's details
             machine = None
         return self.render(
             request, "job.html", viewer, section="queue", job=job, events=timeline, stream_url=stream_url,

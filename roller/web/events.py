@@ -50,17 +50,18 @@ from typing import Any
 
 from attrs import frozen
 from twisted.internet.defer import maybeDeferred
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET
+from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from roller.errors import RollerError
 from roller.jobs import Job, JobEvent, iso
+from roller.queue import JobQueue
 from roller.web.http import json_error, query_arg
 
 __all__ = ["EventHub", "HubEvent", "EventStreamResource"]
@@ -140,8 +141,8 @@ class EventHub:
 
     def __init__(
         self,
-        queue: Any,
-        clock: Any,
+        queue: JobQueue,
+        clock: IReactorTime,
         *,
         capacity: int = 10_000,
         heartbeat_interval: float = 15.0,
@@ -178,7 +179,7 @@ class EventHub:
     def start(self) -> None:
         """Subscribe to the queue and start the heartbeat."""
         if self._unsubscribe is None:
-            self._unsubscribe = self.queue.subscribe(self.publish)
+            self._unsubscribe = self.queue.subscribe(self._listen)
         if self._heartbeat is None and self.heartbeat_interval > 0:
             self._heartbeat = LoopingCall(self._beat)
             self._heartbeat.clock = self.clock
@@ -224,6 +225,9 @@ class EventHub:
         return int(m.group(2))
 
     # -- events in
+
+    def _listen(self, job: Job, event: JobEvent) -> None:
+        self.publish(job, event)
 
     def publish(self, job: Job, event: JobEvent) -> HubEvent:
         """Number, keep and fan out one event (the queue listener)."""
@@ -275,7 +279,7 @@ class EventHub:
     def client_count(self) -> int:
         return len(self._everything) + sum(len(c) for c in self._by_job.values())
 
-    def attach(self, request: IRequest, *, job_id: str | None = None, kinds: tuple[str, ...] = KINDS,
+    def attach(self, request: Request, *, job_id: str | None = None, kinds: tuple[str, ...] = KINDS,
                last_event_id: str | None = None) -> _Client:
         """
         Start streaming to C{request}: headers, the catch-up (or a reset),
@@ -348,7 +352,7 @@ def _event_json(event: JobEvent) -> dict[str, Any]:
 class _Client:
     """One SSE connection: a push producer its request pauses and resumes."""
 
-    def __init__(self, hub: EventHub, request: IRequest, job_id: str | None, kinds: tuple[str, ...]):
+    def __init__(self, hub: EventHub, request: Request, job_id: str | None, kinds: tuple[str, ...]):
         self.hub = hub
         self.request = request
         self.job_id = job_id
@@ -407,7 +411,7 @@ class _Client:
         try:
             request.unregisterProducer()
             request.finish()
-        except Exception:
+        except Exception:  # noqa: BLE001 -- closing one stream must not stop the hub closing the others
             log.failure("Could not end a live-events stream")
 
     def abort(self) -> None:
@@ -435,7 +439,7 @@ class EventStreamResource(Resource):
         self.hub = hub
         self.authorize = authorize
 
-    def render_GET(self, request: IRequest) -> Any:
+    def render_GET(self, request: Request) -> bytes | int:
         try:
             job_id, kinds, after = self._parse(request)
         except RollerError as e:
@@ -459,7 +463,7 @@ class EventStreamResource(Resource):
         def refused(failure: Failure) -> None:
             if getattr(request, "_disconnected", False):
                 return
-            if failure.check(RollerError):
+            if isinstance(failure.value, RollerError):
                 e = failure.value
                 body = json_error(request, e.status, e.code, e.message)
             else:

@@ -35,13 +35,14 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections.abc import Iterable, Sequence
-from typing import Any
 from urllib.parse import urlsplit
 
+from twisted.internet.interfaces import IAddress
 from twisted.web import resource
 from twisted.web.iweb import IRequest
 
 from roller.auth.hawk import DEFAULT_PORTS
+from roller.config import Settings
 from roller.errors import BadRequest
 from roller.web.http import json_error
 from roller.web.proxy import Network, parse_trusted_proxies, request_authority
@@ -112,7 +113,7 @@ class AllowedHosts:
         self.machine_names = {_name(n) for n in machine_names if n}
         self.trusted_proxies: Sequence[Network] = parse_trusted_proxies(trusted_proxies)
 
-    def allows(self, host: str, port: int, local: Any = None) -> bool:
+    def allows(self, host: str, port: int, local: IAddress | None = None) -> bool:
         """
         Whether C{host}:C{port} (from a request) names this roller for a
         connection that reached C{local} (the request's C{getHost()}).
@@ -190,7 +191,7 @@ class HostCheck(resource.Resource):
         return self.wrapped.render(request)
 
 
-def host_check_from_settings(wrapped: resource.Resource, settings: Any) -> HostCheck:
+def host_check_from_settings(wrapped: resource.Resource, settings: Settings) -> HostCheck:
     """L{HostCheck} for C{server.allowed_hosts}, C{server.public_url} and C{server.trusted_proxies}."""
     return HostCheck(wrapped, AllowedHosts(settings.allowed_hosts, settings.public_url,
                                            trusted_proxies=settings.trusted_proxies))

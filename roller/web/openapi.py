@@ -15,7 +15,7 @@ document cannot drift from the code that enforces it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from roller.inventory import (
@@ -29,6 +29,7 @@ from roller.inventory import (
     WORKER_ID_RE,
 )
 from roller.jobs import PRIORITY_DEFAULT, PRIORITY_MAX, PRIORITY_MIN, State
+from roller.tasks import TaskRegistry
 
 __all__ = ["openapi_document", "WORKER_ID_PATTERN"]
 
@@ -166,7 +167,7 @@ def _json_response(description: str, schema: Schema, headers: dict[str, Schema] 
     return out
 
 
-def _links(pointer: str, targets: dict[str, tuple[str, tuple[str, ...]]]) -> dict[str, Schema]:
+def _links(pointer: str, targets: Mapping[str, tuple[str, tuple[str, ...]]]) -> dict[str, Schema]:
     """
     Links from a response body to other operations: C{{name: (operationId,
     path parameters)}}, each parameter read from C{pointer}/<name> in the body.
@@ -242,7 +243,7 @@ def _error_components() -> dict[str, Schema]:
     return out
 
 
-_HAWK = [{"hawk": []}]
+_HAWK: list[dict[str, list[str]]] = [{"hawk": []}]
 
 
 def _op(operation_id: str, summary: str, tag: str, responses: dict[str, Schema], *,
@@ -476,7 +477,7 @@ def _machine_schemas() -> dict[str, Schema]:
     }
 
 
-def _job_schemas(tasks: Any, allowed: tuple[str, ...]) -> dict[str, Schema]:
+def _job_schemas(tasks: TaskRegistry, allowed: tuple[str, ...]) -> dict[str, Schema]:
     nullable_str = {"type": ["string", "null"]}
     ts = {"type": "string", "format": "date-time"}
     job_properties: dict[str, Schema] = {
@@ -502,7 +503,9 @@ def _job_schemas(tasks: Any, allowed: tuple[str, ...]) -> dict[str, Schema]:
     }
     job_required = list(job_properties)
     event = _object({
-        "id": {"type": "integer"},
+        "id": {"type": ["integer", "null"],
+               "description": "null for an event not written to the database yet (in flight, or held while "
+                              "the database refuses writes)"},
         "time": ts,
         "kind": {"type": "string", "description": "`state` or `log`"},
         "message": {"type": "string"},
@@ -551,7 +554,7 @@ def _param_schema(param: Any) -> Schema:
     return out
 
 
-def _params_schema(tasks: Any, allowed: tuple[str, ...]) -> Schema:
+def _params_schema(tasks: TaskRegistry, allowed: tuple[str, ...]) -> Schema:
     """
     The union of the allowed tasks' parameter objects (or null).  The task
     is named in the query, so with several allowed tasks a body valid for
@@ -689,7 +692,7 @@ def _int_query(name: str, low: int, high: int, default: int | None, description:
                   "`invalid_query` otherwise; an empty value means the default)")
 
 
-def _submit_params(tasks: Any, allowed: tuple[str, ...]) -> list[Schema]:
+def _submit_params(tasks: TaskRegistry, allowed: tuple[str, ...]) -> list[Schema]:
     # exactly the tasks this roller runs over REST: with none allowed, no value
     # is valid (an empty enum), never "any string" that is then refused
     runnable = [name for name in dict.fromkeys(allowed) if name in tasks]
@@ -725,7 +728,7 @@ def _job_body() -> Schema:
 # ----------------------------------------------------------------- document
 
 
-def openapi_document(tasks: Any, allowed: tuple[str, ...], version: str) -> dict:
+def openapi_document(tasks: TaskRegistry, allowed: tuple[str, ...], version: str) -> dict:
     """
     The OpenAPI 3.1.0 document of the REST API.
 

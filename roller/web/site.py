@@ -20,13 +20,19 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from typing import Any
+from typing import TYPE_CHECKING
 
 from twisted.python.filepath import FilePath, InsecurePath
 from twisted.web import resource
 from twisted.web.iweb import IRequest
 
 from roller.web.http import json_error
+
+if TYPE_CHECKING:  # only for the annotations: this module stays importable without them
+    from roller.web.admin import InventoryAdmin
+    from roller.web.api import Api
+    from roller.web.dashboard import Dashboard
+    from roller.web.events import EventHub
 
 __all__ = ["root_resource", "security_headers", "StaticFiles"]
 
@@ -199,8 +205,8 @@ class _Root(resource.Resource):
         return self.dashboard.render(request)
 
 
-def root_resource(api: Any, dashboard: Any, hub: Any, *, static_dir: str | os.PathLike | None = None,
-                  admin: Any = None) -> resource.Resource:
+def root_resource(api: Api, dashboard: Dashboard, hub: EventHub, *, static_dir: str | os.PathLike | None = None,
+                  admin: InventoryAdmin | None = None) -> resource.Resource:
     """
     @param api: the L{roller.web.api.Api}.
     @param dashboard: the L{roller.web.dashboard.Dashboard}.
