@@ -20,7 +20,7 @@ import json
 import os
 import string
 import tomllib
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
 from attrs import field, frozen
@@ -319,6 +319,9 @@ def _template(value: Any, from_text: bool) -> str:
 #: the event of a job starting; the others are its final states
 STARTED = "started"
 FINAL_STATES = tuple(s.value for s in State if s.final)
+#: fleet health events: a machine entering a state, or a finding of a kind appearing
+HEALTH_EVENTS = tuple(f"health.{name}" for name in (
+    "healthy", "degraded", "down", "unknown", "loaned", "quarantined", "maintenance", "failing", "missing"))
 _RULE_KEYS = ("tasks", "on", "email", "matrix_rooms", "slack_channels", "webhooks")
 
 
@@ -333,6 +336,10 @@ class Rule:
 
     def matches(self, task_name: str, what: str) -> bool:
         return ("*" in self.tasks or task_name in self.tasks) and what in self.on
+
+    def matches_health(self, events: Iterable[str]) -> bool:
+        """A health rule (its C{tasks} do not apply): whether any of C{events} is one of its C{on}."""
+        return any(e in self.on for e in events)
 
 
 def parse_rules(value: Any, from_text: bool = False) -> tuple[Rule, ...]:
@@ -361,10 +368,10 @@ def parse_rules(value: Any, from_text: bool = False) -> tuple[Rule, ...]:
             if not isinstance(items, list) or not all(isinstance(v, str) and v.strip() for v in items):
                 raise ValueError(f"rule {i + 1}: {key} must be a list of strings")
             lists[key] = tuple(v.strip() for v in items)
-        bad = [w for w in lists.get("on", ()) if w not in (STARTED, *FINAL_STATES)]
+        bad = [w for w in lists.get("on", ()) if w not in (STARTED, *FINAL_STATES, *HEALTH_EVENTS)]
         if bad:
             raise ValueError(f"rule {i + 1}: on has unknown event(s) {', '.join(bad)} "
-                             f"(known: {', '.join((STARTED, *FINAL_STATES))})")
+                             f"(known: {', '.join((STARTED, *FINAL_STATES, *HEALTH_EVENTS))})")
         for url in lists.get("webhooks", ()):
             if not url.startswith(("http://", "https://")):
                 raise ValueError(f"rule {i + 1}: webhook {url[:80]!r} is not an http(s) URL")
@@ -375,13 +382,33 @@ def parse_rules(value: Any, from_text: bool = False) -> tuple[Rule, ...]:
     return tuple(rules)
 
 
+def _tables(value: Any, from_text: bool) -> tuple[dict[str, Any], ...]:
+    """An array of tables (C{[[health.policies]]}); what each table says is checked where it is used."""
+    if from_text:
+        raise ValueError("is an array of tables: set it in the configuration file")
+    if not isinstance(value, list) or not all(isinstance(t, Mapping) for t in value):
+        raise ValueError("must be an array of tables ([[...]] in TOML)")
+    return tuple(dict(t) for t in value)
+
+
+def _share(value: Any, from_text: bool) -> float:
+    """A number from 0 to 1."""
+    number = _float(0)(value, from_text)
+    if number > 1:
+        raise ValueError(f"must be a number from 0 to 1, got {number:g}")
+    return number
+
+
+_share.kind = "number from 0 to 1"  # type: ignore[attr-defined]
+
+
 #: What C{roller config} calls each parser's values (parsers made by
 #: C{_int}, C{_float} and C{_choice} carry their own C{kind}).
 _KINDS: dict[Callable[[Any, bool], Any], str] = {
     _text: "string", _bool: "boolean", _str_list: "list of strings",
     _endpoints: "list of Twisted endpoint strings", _networks: "list of addresses or CIDR networks",
     _root_url: "Taskcluster root URL", _timeouts: "table of task = seconds", _http_url: "http(s) URL",
-    _template: "template", parse_rules: "array of tables",
+    _template: "template", parse_rules: "array of tables", _tables: "array of tables",
 }
 
 
@@ -506,6 +533,21 @@ KEYS: dict[str, tuple[str, Callable[[Any, bool], Any], Any]] = {
     "dashboard.login_max_failures": ("login_max_failures", _int(1, 1000), 5),
     "dashboard.login_ip_max_failures": ("login_ip_max_failures", _int(1, 100_000), 20),
     "dashboard.login_lockout": ("login_lockout", _float(1), 900.0),
+    "health.enabled": ("health_enabled", _bool, True),
+    "health.sweep_interval": ("health_sweep_interval", _float(1), 300.0),
+    "health.sweep_concurrency": ("health_sweep_concurrency", _int(1, 10_000), 100),
+    "health.down_after": ("health_down_after", _int(1, 100), 2),
+    "health.probe_timeout": ("health_probe_timeout", _float(0.1), 2.0),
+    "health.tc_interval": ("health_tc_interval", _float(5), 120.0),
+    "health.root_url": ("health_root_url", _root_url, ""),
+    "health.credential": ("health_credential", _text, "taskcluster-health"),
+    "health.missing_after": ("health_missing_after", _float(60), 3600.0),
+    "health.fitness_window": ("health_fitness_window", _int(1, 100), 10),
+    "health.min_success_rate": ("health_min_success_rate", _share, 0.85),
+    "health.max_consecutive_failures": ("health_max_consecutive_failures", _int(0, 100), 3),
+    "health.remediate": ("health_remediate", _bool, False),
+    "health.tick": ("health_tick", _float(1), 10.0),
+    "health.policies": ("health_policies", _tables, ()),
 }
 
 
@@ -622,6 +664,22 @@ HELP: dict[str, str] = {
     "dashboard.login_max_failures": "Failed sign-ins before an account is locked for login_lockout.",
     "dashboard.login_ip_max_failures": "Failed sign-ins from one address before it is locked for login_lockout.",
     "dashboard.login_lockout": "Seconds a locked account or address stays locked.",
+    "health.enabled": "Run liveness sweeps and Taskcluster fitness polls (fleet health).",
+    "health.sweep_interval": "Seconds between two liveness probes of a machine; a round's probes are spread over it.",
+    "health.sweep_concurrency": "Liveness probes in flight at once during a sweep.",
+    "health.down_after": "Failed liveness probes in a row that make a machine down (one success brings it back).",
+    "health.probe_timeout": "Seconds a sweep's liveness probe waits for an answer.",
+    "health.tc_interval": "Seconds between two Taskcluster fitness polls of a pool.",
+    "health.root_url": "Taskcluster root URL for fitness polls (empty: auth.root_url; both empty: no polls).",
+    "health.credential": "Credential (Taskcluster client id and access token) that signs fitness polls.",
+    "health.missing_after": ("Seconds without activity after which a worker is missing while its pool has "
+                             "pending tasks."),
+    "health.fitness_window": "How many of a worker's latest resolved task runs its success rate is taken over.",
+    "health.min_success_rate": "A worker whose success rate is below this is failing (0 to 1).",
+    "health.max_consecutive_failures": "Failed task runs in a row that make a worker failing (0: off).",
+    "health.remediate": "Act on findings with [[health.policies]] (off: findings are only reported).",
+    "health.tick": "Seconds between two remediation decisions.",
+    "health.policies": "[[health.policies]] tables: which findings trigger which tasks, within which limits.",
 }
 
 
@@ -730,6 +788,21 @@ class Settings:
     login_max_failures: int
     login_ip_max_failures: int
     login_lockout: float
+    health_enabled: bool
+    health_sweep_interval: float
+    health_sweep_concurrency: int
+    health_down_after: int
+    health_probe_timeout: float
+    health_tc_interval: float
+    health_root_url: str
+    health_credential: str
+    health_missing_after: float
+    health_fitness_window: int
+    health_min_success_rate: float
+    health_max_consecutive_failures: int
+    health_remediate: bool
+    health_tick: float
+    health_policies: tuple[dict[str, Any], ...] = field(hash=False)
     config_file: str | None = None
 
     def listeners_on_loopback(self) -> bool:

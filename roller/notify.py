@@ -32,8 +32,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 import mohawk
 from treq.client import HTTPClient
@@ -153,11 +154,35 @@ class Notifier:
 
     # -- delivery
 
+    def health_transition(self, worker_group: str, worker_id: str, old: str, new: str, reason: str,
+                          kinds: Iterable[str] = ()) -> None:
+        """
+        A machine's health changed to C{new}: the rules whose C{on} names
+        C{health.<new>}, or C{health.<kind>} of a finding it has now, hear of it.
+        """
+        events = [f"health.{new}", *(f"health.{k}" for k in kinds)]
+        rules = [r for r in self.rules if r.matches_health(events)]
+        if not rules:
+            return
+        target = f"{worker_group}/{worker_id}"
+        link = (f"{self.dashboard_url}/machines/{quote(worker_group, safe='')}/{quote(worker_id, safe='')}"
+                if self.dashboard_url else None)
+        subject = f"roller: {target} is {new} (was {old})"
+        text = f"{target} is {new} (was {old}): {reason}" + (f"\n{link}" if link else "")
+        payload = {"event": f"health.{new}", "machine": {"worker_group": worker_group, "worker_id": worker_id},
+                   "old": old, "new": new, "reason": reason, "findings": sorted(set(kinds))}
+        for rule in rules:
+            self._deliver(rule, subject, text, link, payload)
+
     def notify(self, rule: Rule, job: Job, what: str) -> Deferred:
         """Send every notification of C{rule} about C{job}; fires when all have ended (never fails)."""
         link = f"{self.dashboard_url}/jobs/{job.id}" if self.dashboard_url else None
-        subject = _summary(job, what)
-        text = _details(job, link)
+        event = "job.started" if what == STARTED else "job.finished"
+        return self._deliver(rule, _summary(job, what), _details(job, link), link,
+                             {"event": event, "job": job.to_json()})
+
+    def _deliver(self, rule: Rule, subject: str, text: str, link: str | None,
+                 payload: dict[str, Any]) -> Deferred:
         calls: list[Deferred] = []
         for address in rule.email:
             body: dict[str, Any] = {"address": address, "subject": subject, "content": text, "template": "simple"}
@@ -170,7 +195,7 @@ class Notifier:
         for channel in rule.slack_channels:
             calls.append(self._taskcluster("slack", channel, {"channelId": channel, "text": f"*{subject}*\n{text}"}))
         for url in rule.webhooks:
-            calls.append(self._webhook(url, job, what))
+            calls.append(self._webhook(url, payload))
         return DeferredList(calls, consumeErrors=True)
 
     def _taskcluster(self, kind: str, target: str, body: dict) -> Deferred:
@@ -185,10 +210,9 @@ class Notifier:
         headers = {"Content-Type": ["application/json"], "Authorization": [hawk_header(*creds, url, raw)]}
         return self._post(kind, target, url, raw, headers)
 
-    def _webhook(self, url: str, job: Job, what: str) -> Deferred:
-        event = "job.started" if what == STARTED else "job.finished"
-        raw = json.dumps({"event": event, "job": job.to_json()}).encode()
-        headers = {"Content-Type": ["application/json"], "X-Roller-Event": [event]}
+    def _webhook(self, url: str, payload: dict[str, Any]) -> Deferred:
+        raw = json.dumps(payload).encode()
+        headers = {"Content-Type": ["application/json"], "X-Roller-Event": [payload["event"]]}
         secret = self.webhook_secret()
         if secret:
             headers[SIGNATURE_HEADER] = [webhook_signature(secret, raw)]
