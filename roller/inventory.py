@@ -31,6 +31,12 @@ TAG_RE = re.compile(r"^[-_.:/0-9a-zA-Z]{1,64}$")
 EMAIL_RE = re.compile(r"^[^@\s,]{1,64}@[^@\s,]{1,255}$")
 #: One ipmitool bridging argument (-B/-b/-T/-t or a value), e.g. a Moonshot cartridge's.
 BRIDGE_ARG_RE = re.compile(r"^(-[BbTt]|0x[0-9a-fA-F]{1,2}|[0-9]{1,3})$")
+SSH_USER_RE = re.compile(r"^[-_.a-zA-Z0-9]{1,64}$")
+#: A PDU outlet: its number, after up to two letters of tower and infeed (Sentry3 "AA8").
+OUTLET_RE = re.compile(r"^[A-Za-z]{0,2}[0-9]{1,4}$")
+REDFISH_URL_RE = re.compile(r"^https?://[^\s/]+(/\S*)?$")
+XEN_URL_RE = re.compile(r"^https?://\S+$")
+VM_UUID_RE = re.compile(r"^[-_.0-9a-zA-Z]{1,128}$")
 REBOOT_METHODS = (
     "ssh_reboot",
     "ipmi_reset",
@@ -168,7 +174,7 @@ class SshAccess:
     def from_json(cls, path: str, data: Any) -> SshAccess:
         d = _section(path, data, {"user", "port", "credential", "host_key_policy"})
         return cls(
-            user=_opt_str(f"{path}.user", d.get("user"), re.compile(r"^[-_.a-zA-Z0-9]{1,64}$"), "user name"),
+            user=_opt_str(f"{path}.user", d.get("user"), SSH_USER_RE, "user name"),
             port=_port(f"{path}.port", d.get("port"), 22),
             credential=_credential(f"{path}.credential", d.get("credential")),
             host_key_policy=None if d.get("host_key_policy") is None
@@ -220,7 +226,7 @@ class PduAccess:
             outlet = str(outlet)
         return cls(
             host=_host(f"{path}.host", d.get("host")),
-            outlet=_str(f"{path}.outlet", outlet, re.compile(r"^[A-Za-z]{0,2}[0-9]{1,4}$"), "outlet"),
+            outlet=_str(f"{path}.outlet", outlet, OUTLET_RE, "outlet"),
             model=_choice(f"{path}.model", d.get("model"), PDU_MODELS, "auto"),
             port=_port(f"{path}.port", d.get("port"), 161),
             credential=_credential(f"{path}.credential", d.get("credential")),
@@ -238,7 +244,7 @@ class RedfishAccess:
     @classmethod
     def from_json(cls, path: str, data: Any) -> RedfishAccess:
         d = _section(path, data, {"url", "system", "credential", "ca_file", "verify_tls"})
-        url = _str(f"{path}.url", d.get("url"), re.compile(r"^https?://[^\s/]+(/\S*)?$"), "URL")
+        url = _str(f"{path}.url", d.get("url"), REDFISH_URL_RE, "URL")
         verify = d.get("verify_tls", True)
         if not isinstance(verify, bool):
             raise ValidationError(f"{path}.verify_tls", "must be true or false")
@@ -261,8 +267,8 @@ class XenAccess:
     def from_json(cls, path: str, data: Any) -> XenAccess:
         d = _section(path, data, {"vm_uuid", "url", "credential"})
         return cls(
-            vm_uuid=_str(f"{path}.vm_uuid", d.get("vm_uuid"), re.compile(r"^[-_.0-9a-zA-Z]{1,128}$"), "VM uuid"),
-            url=_opt_str(f"{path}.url", d.get("url"), re.compile(r"^https?://\S+$"), "URL"),
+            vm_uuid=_str(f"{path}.vm_uuid", d.get("vm_uuid"), VM_UUID_RE, "VM uuid"),
+            url=_opt_str(f"{path}.url", d.get("url"), XEN_URL_RE, "URL"),
             credential=_credential(f"{path}.credential", d.get("credential")),
         )
 

@@ -15,18 +15,25 @@ document cannot drift from the code that enforces it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from roller.inventory import (
+    BRIDGE_ARG_RE,
     CREDENTIAL_RE,
     EMAIL_RE,
     HOSTNAME_RE,
     NOTES_MAX,
+    OUTLET_RE,
     PDU_MODELS,
     REBOOT_METHODS,
+    REDFISH_URL_RE,
+    SSH_USER_RE,
     TAG_RE,
+    VM_UUID_RE,
     WORKER_ID_RE,
+    XEN_URL_RE,
 )
 from roller.jobs import PRIORITY_DEFAULT, PRIORITY_MAX, PRIORITY_MIN, State
 from roller.tasks import TaskRegistry
@@ -60,16 +67,45 @@ def _space_class() -> str:
 PY_SPACE = _space_class()
 _NOT_SPACE = f"[^{PY_SPACE}]"
 
-# The same regular expressions roller.inventory validates with (kept here
-# as strings because they are private to their parsers there), with Python's
-# \s and \S written out.
-SSH_USER_PATTERN = r"^[-_.a-zA-Z0-9]{1,64}$"
-BRIDGE_ARG_PATTERN = r"^(-[BbTt]|0x[0-9a-fA-F]{1,2}|[0-9]{1,3})$"
-OUTLET_PATTERN = r"^[A-Za-z]{0,2}[0-9]{1,4}$"
-REDFISH_URL_PATTERN = rf"^https?://[^{PY_SPACE}/]+(/{_NOT_SPACE}*)?$"  # ^https?://[^\s/]+(/\S*)?$
-XEN_URL_PATTERN = rf"^https?://{_NOT_SPACE}+$"  # ^https?://\S+$
-VM_UUID_PATTERN = r"^[-_.0-9a-zA-Z]{1,128}$"
-EMAIL_PATTERN = EMAIL_RE.pattern.replace(r"\s", PY_SPACE)  # ^[^@\s,]{1,64}@[^@\s,]{1,255}$
+
+
+def ecma_pattern(regex: re.Pattern[str]) -> str:
+    """
+    C{regex}'s pattern as an OpenAPI (ECMA-262) pattern: Python's C{\\s} and
+    C{\\S} spelled out (L{PY_SPACE}), inside a character class or not.
+    """
+    out, in_class, i, text = [], False, 0, regex.pattern
+    while i < len(text):
+        c = text[i]
+        if c == "\\" and i + 1 < len(text):
+            pair = text[i:i + 2]
+            if pair == r"\s":
+                out.append(PY_SPACE if in_class else f"[{PY_SPACE}]")
+            elif pair == r"\S":
+                if in_class:
+                    raise ValueError(f"cannot spell \\S inside a character class: {text}")
+                out.append(_NOT_SPACE)
+            else:
+                out.append(pair)
+            i += 2
+            continue
+        if c == "[" and not in_class:
+            in_class = True
+        elif c == "]" and in_class:
+            in_class = False
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
+# The regular expressions roller.inventory validates with, for OpenAPI.
+SSH_USER_PATTERN = ecma_pattern(SSH_USER_RE)
+BRIDGE_ARG_PATTERN = ecma_pattern(BRIDGE_ARG_RE)
+OUTLET_PATTERN = ecma_pattern(OUTLET_RE)
+REDFISH_URL_PATTERN = ecma_pattern(REDFISH_URL_RE)
+XEN_URL_PATTERN = ecma_pattern(XEN_URL_RE)
+VM_UUID_PATTERN = ecma_pattern(VM_UUID_RE)
+EMAIL_PATTERN = ecma_pattern(EMAIL_RE)
 
 #: Values C{Machine.from_json} treats as "empty" where it reads C{value or
 #: default} (C{notes}, C{ipmi.bridge}): every JSON value Python finds false.
