@@ -9,7 +9,7 @@ RUN_PACKAGES := python3-venv iputils-ping ipmitool
 TEST_PACKAGES := $(RUN_PACKAGES) openssh-server openssh-client openipmi snmpd snmp chromium
 SOURCES := $(shell find roller twisted templates static -type f -not -name '*.pyc') setup.py roller.tac
 
-.PHONY: run test system-deps venv clean
+.PHONY: run test dev system-deps venv clean
 
 run: APT_PACKAGES = $(RUN_PACKAGES)
 run: system-deps venv
@@ -26,6 +26,20 @@ $(VENV)/.installed: $(SOURCES) constraints.txt
 	$(PY) -m pip install -q --disable-pip-version-check -U pip
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt '.[test]'
 	@touch $@
+
+# A contributor's checkout: roller installed editable into $(VENV), so `$(VENV)/bin/twistd roller` runs this
+# source tree.  Compat mode puts the checkout on sys.path (a .pth), which Twisted's plugin scan needs to find
+# twisted/plugins/roller_plugin.py; the default editable mode does not, and twistd would not know roller.
+dev: APT_PACKAGES = $(TEST_PACKAGES)
+dev: system-deps
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -U pip
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]' \
+		--config-settings editable_mode=compat
+	@cd / && $(abspath $(VENV))/bin/twistd roller --help | grep -q -- '--demo' \
+		|| { echo "twistd does not find the roller plugin" >&2; exit 1; }
+	@touch $(VENV)/.installed
+	@echo "editable install in $(VENV): $(VENV)/bin/twistd -n roller --demo runs this checkout"
 
 system-deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \

@@ -51,6 +51,8 @@ setup(
             "sushy-tools>=2.2,<3",
             "playwright>=1.40",  # drives Debian's chromium; never `playwright install`
             "psutil>=5.9",
+            # tests/test_dev_install.py builds an editable install without build isolation (bdist_wheel)
+            "setuptools>=70.1",
             # the static gates `make test` runs before the suite (configured in pyproject.toml)
             "ruff==0.17.6",
             "mypy==2.4.1",

@@ -47,6 +47,7 @@ from roller.auth.taskcluster import TaskclusterAuthenticator
 from roller.errors import BadRequest, Unauthorized, UnavailableError
 from roller.inventory import Machine
 from roller.queue import JobQueue
+from roller.sim.web import listen_closing
 from roller.store import open_store
 from roller.tasks import TaskRegistry, TaskSpec
 from roller.testing.tc_auth import FakeTaskclusterAuth
@@ -581,7 +582,7 @@ class Served:
                   allowed_tasks=("ping", "reboot"), clock=reactor, trusted_proxies=self.trusted)
         site = RollerSite(api.app.resource(), reactor=reactor)
         site.noisy = False
-        self.port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.port = listen_closing(reactor, site)  # its stop closes the official client's kept-alive connections
         self.base = f"http://127.0.0.1:{self.port.getHost().port}"
 
     @property

@@ -212,24 +212,24 @@ async def test_reboot_whose_every_method_fails_files_the_bug(fake):
     try:
         with pytest.raises(TaskFailed) as info:
             await Deferred.fromCoroutine(reboot.run(ctx, {}))
-    finally:
-        await client.close()
-    assert shell.commands  # ssh_reboot was tried
-    (bug,) = [b for b in fake.bugs.values() if b["alias"] is None]
-    tracker = fake.bugs[bug["blocks"][0]]
-    assert tracker["alias"] == "t-linux64-ms-001"
-    message = str(info.value)
-    assert message.startswith("failed: ssh_reboot failed: ")
-    assert "ipmi_reset skipped: the machine has no ipmi settings" in message
-    assert message.endswith(f"file_bugzilla_bug done: filed bug {bug['id']} blocking tracker bug {tracker['id']}")
-    description = fake.comments[bug["id"]][0]
-    assert "- ssh_reboot failed: " in description
-    assert "- ipmi_reset skipped: the machine has no ipmi settings" in description
-    assert events[-1][1] == {"method": "file_bugzilla_bug", "outcome": "done"}
+        assert shell.commands  # ssh_reboot was tried
+        (bug,) = [b for b in fake.bugs.values() if b["alias"] is None]
+        tracker = fake.bugs[bug["blocks"][0]]
+        assert tracker["alias"] == "t-linux64-ms-001"
+        message = str(info.value)
+        assert message.startswith("failed: ssh_reboot failed: ")
+        assert "ipmi_reset skipped: the machine has no ipmi settings" in message
+        assert message.endswith(f"file_bugzilla_bug done: filed bug {bug['id']} blocking tracker bug {tracker['id']}")
+        description = fake.comments[bug["id"]][0]
+        assert "- ssh_reboot failed: " in description
+        assert "- ipmi_reset skipped: the machine has no ipmi settings" in description
+        assert events[-1][1] == {"method": "file_bugzilla_bug", "outcome": "done"}
 
-    # a second failing reboot comments on the same bug
-    with pytest.raises(TaskFailed) as info:
-        await Deferred.fromCoroutine(reboot.run(ctx, {}))
-    assert info.value.args[0].endswith(f"file_bugzilla_bug done: commented on bug {bug['id']} "
-                                       f"(blocks tracker bug {tracker['id']})")
-    assert len(fake.bugs) == 2
+        # a second failing reboot comments on the same bug
+        with pytest.raises(TaskFailed) as info:
+            await Deferred.fromCoroutine(reboot.run(ctx, {}))
+        assert info.value.args[0].endswith(f"file_bugzilla_bug done: commented on bug {bug['id']} "
+                                           f"(blocks tracker bug {tracker['id']})")
+        assert len(fake.bugs) == 2
+    finally:
+        await client.close()  # after both runs: the second one uses it too

@@ -55,7 +55,8 @@ def bmc(clock):
 
 
 async def _call(bmc: RedfishBmc, method: str, path: str, body: Any = None, password: str = PASSWORD) -> tuple:
-    r = await treq.request(method, bmc.url + path, json=body, auth=("admin", password))
+    r = await treq.request(method, bmc.url + path, json=body, auth=("admin", password),
+                          persistent=False)
     content = await r.content()
     return r.code, json.loads(content) if content else None
 
@@ -66,7 +67,7 @@ RESET = SYSTEM + "/Actions/ComputerSystem.Reset"
 
 @pytest_twisted.ensureDeferred
 async def test_redfish_resources_and_auth(bmc):
-    r = await treq.get(bmc.url + "/redfish/v1/")  # the service root needs no auth
+    r = await treq.get(bmc.url + "/redfish/v1/", persistent=False)  # the service root needs no auth
     root = json.loads(await r.content())
     assert r.code == 200 and root["Systems"] == {"@odata.id": "/redfish/v1/Systems"}
     assert "SessionService" not in root
@@ -76,7 +77,7 @@ async def test_redfish_resources_and_auth(bmc):
     assert code == 200 and system["PowerState"] == "On"
     assert system["Actions"]["#ComputerSystem.Reset"]["ResetType@Redfish.AllowableValues"] == list(RESET_TYPES)
     assert system["Boot"]["BootSourceOverrideEnabled"] == "Disabled"
-    r = await treq.get(bmc.url + SYSTEM, auth=("admin", "wrong"))
+    r = await treq.get(bmc.url + SYSTEM, auth=("admin", "wrong"), persistent=False)
     assert r.code == 401 and r.headers.getRawHeaders("www-authenticate") == ['Basic realm="roller-sim"']
     assert PASSWORD not in (await r.text())
     assert (await _call(bmc, "GET", "/redfish/v1/Systems/nope"))[0] == 404

@@ -82,7 +82,7 @@ class Signed(ApiHarness):
         headers = {"Authorization": [header]}
         if body is not None:
             headers["Content-Type"] = [ctype]
-        r = await treq.request(method, url, data=raw or None, headers=headers).addTimeout(20, reactor)
+        r = await treq.request(method, url, data=raw or None, headers=headers, pool=self.pool).addTimeout(20, reactor)
         content = await r.content()
         self.seen.append(f"{method} {path} {r.code} {list(r.headers.getAllRawHeaders())!r}\n"
                          + content.decode("utf-8", "replace"))
@@ -257,7 +257,7 @@ async def _run(tmp_path, log: list[str]) -> None:
                      "/metrics", "/__heartbeat__", "/__lbheartbeat__", "/__version__"]:
             await h.request("GET", path)
         bad = await treq.get(  # a refused request (bad MAC): the 401 answer must not help either
-h.url + "/api/v1/jobs", headers={"Authorization": [
+h.url + "/api/v1/jobs", pool=h.pool, headers={"Authorization": [
             f'Hawk id="{CLIENT}", ts="1", nonce="x", mac="AAAA"']})
         assert bad.code == 401
         h.seen.append(f"{bad.code} {list(bad.headers.getAllRawHeaders())!r}\n{(await bad.content()).decode()}")

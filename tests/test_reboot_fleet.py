@@ -101,7 +101,7 @@ async def test_cancel_while_waiting_for_up(tmp_path):
     try:
         task_id = (await h.post("sim-001"))["task_id"]
         await h.wait(task_id, until=lambda j: any(e["message"].startswith("down after") for e in j["events"]))
-        r = await treq.delete(f"{h.url}/api/v1/jobs/{task_id}")
+        r = await treq.delete(f"{h.url}/api/v1/jobs/{task_id}", pool=h.pool)
         assert r.code == 200
         job = await h.job(task_id)
         assert job["state"] == "cancelled"

@@ -52,10 +52,9 @@ class Harness(ApiHarness):
         return [e for _, e in power.transitions()]
 
     async def stop(self) -> None:
-        await self.service.stopService()
         for sim in self.pdus:
             sim.stop()
-        await self.fleet.stop()
+        await super().stop()  # its HTTP connections, the service, the fleet
 
 
 async def start(tmp_path, machines: list[dict]) -> Harness:

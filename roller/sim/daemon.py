@@ -93,6 +93,10 @@ class DaemonProcess:
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    def stop(self) -> None:
+        """Stop the daemon (each fixture knows how); L{_wait_ready} calls it on a timeout."""
+        raise NotImplementedError
+
     def log_text(self) -> str:
         try:
             return self.log_path.read_text(errors="replace")

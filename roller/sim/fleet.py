@@ -84,11 +84,18 @@ from twisted.conch.ssh.transport import SSHServerTransport
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IDelayedCall, IListeningPort
-from twisted.internet.protocol import Factory, Protocol, ServerFactory
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IListeningPort,
+    IReactorTCP,
+    IReactorTime,
+    IReactorUNIX,
+)
+from twisted.internet.protocol import Factory, Protocol, ServerFactory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import Interface, implementer
 
 log = Logger()
 
@@ -111,6 +118,14 @@ DEFAULT_CREDENTIAL = "fleet-ssh"
 DEFAULT_BMC_CREDENTIAL = "fleet-bmc"
 
 PowerListener = Callable[[bool], object]
+
+
+class IFleetReactor(IReactorTime, IReactorTCP, IReactorUNIX):
+    """
+    What the fleet simulator needs of its reactor: time, TCP listeners (the
+    SSH servers, Redfish BMCs) and a UNIX listener (an IPMI BMC's chassis
+    control).  The global reactor and C{MemoryReactorClock} provide it.
+    """
 
 
 def generate_key() -> Key:
@@ -137,7 +152,7 @@ class PowerState:
     @ivar name: For log messages.
     """
 
-    def __init__(self, clock: Any, on: bool = True, *, default_down_for: float = 5.0, name: str = ""):
+    def __init__(self, clock: IReactorTime, on: bool = True, *, default_down_for: float = 5.0, name: str = ""):
         self._clock = clock
         self._on = bool(on)
         self._listeners: list[PowerListener] = []
@@ -237,7 +252,7 @@ class PowerState:
         for listener in list(self._listeners):
             try:
                 listener(on)
-            except Exception:
+            except Exception:  # noqa: BLE001 -- one failing front-end must not keep the others from the news
                 log.failure("power listener {listener!r} of {power!r} failed", listener=listener, power=self)
 
 
@@ -290,8 +305,10 @@ class _SessionChannel(SSHChannel):
 
     def __init__(self, *args: Any, **kw: Any):
         super().__init__(*args, **kw)
+        assert isinstance(self.avatar, _Avatar)
+        self.user: _Avatar = self.avatar
         self.machine: SimulatedMachine = self.avatar.machine
-        self._started = False
+        self._started: bool = False
         self._timer: IDelayedCall | None = None
 
     def request_pty_req(self, data: bytes) -> int:
@@ -327,6 +344,7 @@ class _SessionChannel(SSHChannel):
             self.write(out.encode("utf-8"))
         if err:
             self.writeExtended(connection.EXTENDED_DATA_STDERR, err.encode("utf-8"))
+        assert self.conn is not None  # set when the channel was opened
         self.conn.sendRequest(self, b"exit-status", struct.pack(">L", status & 0xFFFFFFFF))
         self.conn.sendEOF(self)
         self.loseConnection()
@@ -340,7 +358,10 @@ class _SessionChannel(SSHChannel):
 
     def drop_connection(self) -> None:
         """Close the TCP connection without an exit status or SSH goodbye."""
-        self.conn.transport.transport.loseConnection()
+        assert self.conn is not None and self.conn.transport is not None
+        tcp = self.conn.transport.transport
+        assert tcp is not None
+        tcp.loseConnection()
 
     def closed(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -361,13 +382,16 @@ class _Realm:
     def __init__(self, machine: SimulatedMachine):
         self.machine = machine
 
-    def requestAvatar(self, avatarId: bytes, mind: Any, *interfaces: Any):
-        if IConchUser not in interfaces:
+    def requestAvatar(self, avatarId: bytes | tuple[()], mind: object,
+                      *interfaces: type[Interface]) -> tuple[type[Interface], _Avatar, Callable[[], None]]:
+        if IConchUser not in interfaces or not isinstance(avatarId, bytes):
             raise NotImplementedError("only SSH")
         return IConchUser, _Avatar(avatarId, self.machine), lambda: None
 
 
 class _ServerTransport(SSHServerTransport):
+    factory: _SSHFactory
+
     def receiveError(self, reasonCode: int, description: bytes) -> None:
         # Conch logs every client's goodbye ("disconnected by user") as an
         # error; for a simulator that is noise.
@@ -378,7 +402,7 @@ class _ServerTransport(SSHServerTransport):
         self.factory.machine._connections.add(self)
         super().connectionMade()
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self.factory.machine._connections.discard(self)
         super().connectionLost(reason)
 
@@ -412,10 +436,11 @@ class _SSHFactory(SSHFactory):
             [SSHPublicKeyChecker(InMemorySSHKeyDB({machine.user.encode(): list(machine.authorized_keys)}))],
         )
 
-    def buildProtocol(self, addr: Any) -> SSHServerTransport:
+    def buildProtocol(self, addr: IAddress | None) -> SSHServerTransport:
         # SSHFactory.buildProtocol logs a line per connection about the
         # missing moduli file; do its work without the noise.
         t = Factory.buildProtocol(self, addr)
+        assert isinstance(t, SSHServerTransport)
         t.supportedPublicKeys = [
             alg for key in self.privateKeys.values() for alg in key.supportedSignatureAlgorithms()
         ]
@@ -426,11 +451,15 @@ class _SSHFactory(SSHFactory):
 class _Silent(Protocol):
     """The "hang" behaviour: accept, read and never answer."""
 
-    def connectionMade(self) -> None:
-        self.factory.machine._connections.add(self)
+    def _machine(self) -> SimulatedMachine:
+        assert isinstance(self.factory, _SilentFactory)
+        return self.factory.machine
 
-    def connectionLost(self, reason: Failure) -> None:
-        self.factory.machine._connections.discard(self)
+    def connectionMade(self) -> None:
+        self._machine()._connections.add(self)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._machine()._connections.discard(self)
 
 
 class _SilentFactory(ServerFactory):
@@ -459,7 +488,7 @@ class SimulatedMachine:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IFleetReactor,
         address: str,
         ssh_port: int,
         host_key: Key,
@@ -574,7 +603,11 @@ class SimulatedMachine:
         if self._closing is None:
             d.callback(None)
         else:
-            self._closing.addBoth(lambda r: (d.callback(None), r)[1])
+            def fire(result: object) -> object:
+                d.callback(None)
+                return result
+
+            self._closing.addBoth(fire)
         return d
 
     def _listen(self) -> Deferred:
@@ -584,7 +617,9 @@ class SimulatedMachine:
             if self._port is None:
                 factory = _SilentFactory(self) if self.behaviour == "hang" else _SSHFactory(self)
                 try:
-                    self._port = self.reactor.listenTCP(self.ssh_port, factory, backlog=128, interface=self.address)
+                    # Twisted annotates listenTCP's factory as a ServerFactory; any IProtocolFactory works.
+                    self._port = self.reactor.listenTCP(
+                        self.ssh_port, factory, backlog=128, interface=self.address)  # type: ignore[arg-type]
                 except Exception:
                     self.last_error = Failure()
                     log.error("{machine} cannot listen on {address}:{port}: {error}", machine=self.name,
@@ -644,7 +679,7 @@ class SimulatedMachine:
         elif program == "hostname":
             answer(0, self.name + "\n")
         elif program == "whoami":
-            answer(0, channel.avatar.username.decode() + "\n")
+            answer(0, channel.user.username.decode() + "\n")
         elif program == "uptime":
             answer(0, _uptime_line(now, now - self.booted_at))
         elif argv == ["cat", "/proc/uptime"]:
@@ -731,7 +766,7 @@ class Fleet:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IFleetReactor,
         count: int,
         base: str = "127.0.1.",
         ssh_port: int = 2222,
@@ -1031,8 +1066,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         redirectStandardIO=False,
     )
     try:
-        fleet = Fleet(reactor, args.count, args.base, args.ssh_port, reboot_delay=args.reboot_delay,
-                      down_for=args.down_for, reboot_style=args.reboot_style, overrides=overrides,
+        # The global reactor provides IFleetReactor; Twisted's stubs type it as a private common interface.
+        fleet = Fleet(reactor, args.count, args.base, args.ssh_port,  # type: ignore[arg-type]
+                      reboot_delay=args.reboot_delay, down_for=args.down_for, reboot_style=args.reboot_style,
+                      overrides=overrides,
                       ipmi=range(args.ipmi), redfish=range(args.redfish), redfish_port=args.redfish_port)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

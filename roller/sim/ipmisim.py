@@ -57,12 +57,16 @@ import sys
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from twisted.internet.interfaces import IReactorUNIX
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
 from roller.sim.daemon import DaemonProcess, free_udp_port
+
+if TYPE_CHECKING:
+    from roller.sim.fleet import PowerState
 
 log = Logger()
 
@@ -174,6 +178,7 @@ class _ChassisControl(Protocol):
         self.buffer = b""
 
     def dataReceived(self, data: bytes) -> None:
+        assert self.transport is not None  # connected
         self.buffer += data
         if b"\n" not in self.buffer:
             if len(self.buffer) > 4096:
@@ -182,7 +187,7 @@ class _ChassisControl(Protocol):
         line = self.buffer.split(b"\n", 1)[0].decode("utf-8", "replace")
         try:
             answer = self.server.handle(line.split())
-        except Exception:
+        except Exception:  # noqa: BLE001 -- any failure answers empty (ipmi_sim reads an error) and is logged
             log.failure("chassis_control request {line!r} failed", line=line)
             answer = ""
         self.transport.write(answer.encode())
@@ -199,7 +204,7 @@ class ChassisControlServer(Factory):
     @ivar boot: The boot device last set.
     """
 
-    def __init__(self, power: Any, reset_down_for: float | None = None):
+    def __init__(self, power: PowerState, reset_down_for: float | None = None):
         self.power = power
         self.reset_down_for = reset_down_for
         self.boot = "default"
@@ -220,7 +225,7 @@ class ChassisControlServer(Factory):
                     out.append(f"boot:{self.boot}")
             return "".join(line + "\n" for line in out)
         if op == "set":
-            for name, value in zip(args[::2], args[1::2]):
+            for name, value in zip(args[::2], args[1::2], strict=False):
                 if name == "power":
                     if value == "0":
                         self.power.power_off()
@@ -258,7 +263,7 @@ class IpmiSim(DaemonProcess):
 
     def __init__(self, *, workdir: str | os.PathLike | None = None, port: int | None = None,
                  username: str = "admin", password: str | None = None, on: bool = False,
-                 sel: Iterable[str] = DEFAULT_SEL, power: Any = None, reactor: Any = None,
+                 sel: Iterable[str] = DEFAULT_SEL, power: PowerState | None = None, reactor: IReactorUNIX | None = None,
                  reset_down_for: float | None = None, ipmi_sim: str = IPMI_SIM):
         if power is not None and reactor is None:
             raise ValueError("a PowerState-backed IpmiSim needs the reactor that serves it")
@@ -404,6 +409,7 @@ class IpmiSim(DaemonProcess):
         """Serve the chassis_control socket (PowerState-backed only; L{start} calls it)."""
         if self.power_state is None or self._listening is not None:
             return
+        assert self.reactor is not None  # checked in __init__ when power_state is given
         self.socket_path.unlink(missing_ok=True)
         self.control = ChassisControlServer(self.power_state, self.reset_down_for)
         self._listening = self.reactor.listenUNIX(str(self.socket_path), self.control)

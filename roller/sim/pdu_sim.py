@@ -37,6 +37,7 @@ from typing import Any
 
 from pyasn1.codec.ber import decoder, encoder
 from pysnmp.proto import api, rfc1902, rfc1905
+from twisted.internet.interfaces import IReactorTime, IReactorUDP
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
@@ -44,6 +45,10 @@ from roller.drivers.snmp.models import CHANGING, MODELS, OFF, ON, SYS_OBJECT_ID,
 from roller.sim.fleet import PowerState
 
 log = Logger()
+
+
+class IPduReactor(IReactorTime, IReactorUDP):
+    """What a simulated PDU needs of its reactor: time (settling outlets) and a UDP port."""
 
 __all__ = ["SimulatedPdu"]
 
@@ -68,7 +73,7 @@ class SimulatedPdu(DatagramProtocol):
 
     noisy = False
 
-    def __init__(self, reactor: Any, model: str = "sentry3", *, community: str = "private",
+    def __init__(self, reactor: IPduReactor, model: str = "sentry3", *, community: str = "private",
                  read_community: str = "public", name: str = "pdu", boot_delay: float = 0.0,
                  reboot_off: float | None = None):
         if model not in MODELS:
@@ -113,7 +118,7 @@ class SimulatedPdu(DatagramProtocol):
 
     def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
         """Listen; the UDP port."""
-        self._port = self.reactor.listenUDP(port, self, interface=host)
+        self._port = self.reactor.listenUDP(port, self, interface=host, maxPacketSize=8192)
         return self._port.getHost().port
 
     def stop(self) -> None:
@@ -219,7 +224,7 @@ class SimulatedPdu(DatagramProtocol):
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         try:
             reply = self._handle(data)
-        except Exception:
+        except Exception:  # noqa: BLE001 -- whatever a datagram does, the agent logs it and keeps serving
             log.failure("{pdu}: bad request from {addr!r}", pdu=self.name, addr=addr)
             return
         if reply is not None and self.transport is not None:

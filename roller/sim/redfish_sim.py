@@ -40,13 +40,17 @@ from __future__ import annotations
 
 import base64
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from attrs import define, field
 from klein import Klein
+from twisted.internet.interfaces import IReactorTCP
 from twisted.logger import Logger
 
 from roller.sim.web import base_url, serve
+
+if TYPE_CHECKING:
+    from roller.sim.fleet import PowerState
 
 log = Logger()
 
@@ -73,7 +77,7 @@ class RedfishBmc:
     @ivar reset_types: The ResetTypes advertised and accepted.
     """
 
-    power: Any
+    power: PowerState
     users: dict[str, str] = field(factory=lambda: {"admin": "admin"})
     system_id: str = "1"
     down_for: float | None = None
@@ -93,7 +97,7 @@ class RedfishBmc:
 
     # -- lifecycle
 
-    def listen(self, reactor: Any, interface: str = "127.0.0.1", port: int = 0) -> str:
+    def listen(self, reactor: IReactorTCP, interface: str = "127.0.0.1", port: int = 0) -> str:
         """Start listening; the BMC's base URL (C{http://ADDRESS:PORT})."""
         self._port = serve(self.app, reactor, interface, port)
         return self.url

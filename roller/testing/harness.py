@@ -17,6 +17,7 @@ from typing import Any
 
 import treq
 from attrs import evolve
+from twisted.web.client import HTTPConnectionPool
 
 from roller.config import load_settings
 from roller.inventory import Machine
@@ -45,17 +46,19 @@ class ApiHarness:
         self.reactor = reactor
         self.group = group
         self.url = f"http://127.0.0.1:{service.ports[0].getHost().port}"
+        #: the harness's own connections, closed by L{stop} (treq's global pool would keep them open)
+        self.pool = HTTPConnectionPool(reactor)
 
     async def post(self, worker_id: str, task: str = "reboot", body: dict | None = None) -> dict:
         """POST a job (Taskcluster form); the 201 answer."""
         r = await treq.post(f"{self.url}/api/v1/workers/{worker_id}/group/{self.group}/jobs?task_name={task}",
-                            json=body)
+                            json=body, pool=self.pool)
         payload = json.loads(await r.content())
         assert r.code == 201, payload
         return payload
 
     async def job(self, task_id: str) -> dict:
-        r = await treq.get(f"{self.url}/api/v1/jobs/{task_id}")
+        r = await treq.get(f"{self.url}/api/v1/jobs/{task_id}", pool=self.pool)
         return json.loads(await r.content())
 
     async def wait(self, task_id: str, deadline: float = 30.0,
@@ -63,9 +66,9 @@ class ApiHarness:
         """Poll the job until C{until(job)}; fails the test after C{deadline} seconds."""
         last: dict = {}
 
-        async def check() -> dict | None:
+        async def check() -> dict:
             last.update(await self.job(task_id))
-            return dict(last) if until(last) else None
+            return dict(last) if until(last) else {}
 
         return await eventually(check, f"job {task_id}", timeout=deadline, interval=0.05, reactor=self.reactor,
                                 describe=lambda: f"still {last.get('state')}: {last.get('events', [])[-3:]}")
@@ -75,6 +78,7 @@ class ApiHarness:
         return await self.wait((await self.post(worker_id, task, body))["task_id"], deadline)
 
     async def stop(self) -> None:
+        await self.pool.closeCachedConnections()
         await self.service.stopService()
         if self.fleet is not None:
             await self.fleet.stop()

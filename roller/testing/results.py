@@ -50,7 +50,7 @@ def result_of(d: Deferred[T]) -> T:
     assert result is not _NO_RESULT, f"{d!r} has no result yet"
     if isinstance(result, Failure):
         result.raiseException()
-    return result  # type: ignore[no-any-return]  # _outcome gives the Deferred's own result type back
+    return result
 
 
 def failure_of(d: Deferred[Any], *types: type[BaseException]) -> Failure:
@@ -70,7 +70,7 @@ def has_no_result(d: Deferred[Any]) -> bool:
 def _global_reactor() -> IReactorTime:
     from twisted.internet import reactor
 
-    return reactor  # type: ignore[return-value]  # the global reactor module object provides IReactorTime
+    return reactor
 
 
 async def eventually(
@@ -96,7 +96,7 @@ async def eventually(
         if inspect.isawaitable(value):
             value = await value
         if value:
-            return value  # type: ignore[return-value]  # awaited above: no longer an Awaitable
+            return value
         if clock.seconds() > deadline:
             extra = f": {describe()}" if describe is not None else ""
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}{extra}")
