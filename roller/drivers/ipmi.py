@@ -514,7 +514,8 @@ class _IpmitoolProtocol(ProcessProtocol):
         self.ended = False
 
     def connectionMade(self) -> None:
-        self.transport.closeStdin()
+        if self.transport is not None:
+            self.transport.closeStdin()
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         (self.err if childFD == 2 else self.out).add(data)
@@ -555,7 +556,7 @@ def _call(on_event: EventCallback | None, message: str, **data: Any) -> None:
         return
     try:
         on_event(message, **data)
-    except Exception:
+    except Exception:  # noqa: BLE001 -- a failing progress callback must not fail the action
         log.failure("on_event callback failed for {message!r}", message=message)
 
 
@@ -823,7 +824,7 @@ class IpmiTool:
                   user=target.username)
         try:
             self.reactor.spawnProcess(protocol, executable, args, env=self.env(target), path="/")
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 -- any failure to start ipmitool fails this command
             return fail(IpmiConfigError(f"cannot run {executable}: {type(e).__name__}: "
                                         f"{self.scrub(target, str(e))}",
                                         host=target.host, port=target.port))

@@ -24,7 +24,7 @@ import os
 import re
 import shutil
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from attrs import define, field, frozen, validators
@@ -69,6 +69,10 @@ CHILD_ENV: dict[str, str] = {
 LineCallback = Callable[[str], object]
 
 
+def _as_lines(lines: Iterable[str]) -> tuple[str, ...]:
+    return tuple(lines)
+
+
 @frozen
 class LivenessResult:
     """
@@ -83,7 +87,7 @@ class LivenessResult:
 
     alive: bool = field(validator=validators.instance_of(bool))
     detail: str = field(validator=validators.instance_of(str))
-    lines: tuple[str, ...] = field(default=(), converter=tuple)
+    lines: tuple[str, ...] = field(default=(), converter=_as_lines)
 
 
 class LivenessError(DriverError):
@@ -199,7 +203,7 @@ def call_on_line(on_line: LineCallback | None, line: str) -> None:
         return
     try:
         on_line(line)
-    except Exception:
+    except Exception:  # noqa: BLE001 -- a failing progress callback must not fail the action
         log.failure("on_line callback failed for {line!r}", line=line)
 
 
@@ -266,7 +270,8 @@ class _PingProtocol(ProcessProtocol):
         self._partial: dict[int, bytes] = {}
 
     def connectionMade(self) -> None:
-        self.transport.closeStdin()
+        if self.transport is not None:
+            self.transport.closeStdin()
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         buffered = self._partial.get(childFD, b"") + data
@@ -445,7 +450,7 @@ class IcmpPing:
             transport = self.reactor.spawnProcess(
                 protocol, executable, argv, env=dict(CHILD_ENV)
             )
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 -- any failure to start ping fails this check
             return fail(
                 LivenessError(f"cannot run {executable}: {e}", address=address)
             )
@@ -539,7 +544,8 @@ class TcpConnect:
         attempt = self.endpoint(address).connect(factory)
 
         def connected(protocol: Protocol) -> LivenessResult:
-            protocol.transport.loseConnection()
+            if protocol.transport is not None:
+                protocol.transport.loseConnection()
             elapsed_ms = (self.reactor.seconds() - started) * 1000
             detail = f"connected to {where} in {elapsed_ms:.1f} ms"
             say(detail)

@@ -98,7 +98,8 @@ import inspect
 import os
 import struct
 import time
-from typing import Any
+import typing
+from typing import Any, cast
 
 from attrs import field, frozen
 from twisted.conch.client.knownhosts import KnownHostsFile
@@ -144,6 +145,26 @@ CONCH_INTERNALS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     # channel.conn: EOF on stdin at once, like ssh -n
     ("twisted.conch.ssh.connection", "SSHConnection.sendEOF", ("self", "channel")),
 )
+
+
+class _TcpTransport(typing.Protocol):
+    def abortConnection(self) -> None: ...
+
+
+class _SshTransport(typing.Protocol):
+    transport: _TcpTransport
+
+
+class _SshConnection(typing.Protocol):
+    transport: _SshTransport
+
+    def sendEOF(self, channel: _Channel) -> None: ...
+
+
+class _Channel(typing.Protocol):
+    """What L{_CommandProtocol} uses of Conch's command channel (its transport)."""
+
+    conn: _SshConnection
 
 
 def conch_internals_problems() -> list[str]:
@@ -592,10 +613,10 @@ class _CommandProtocol(Protocol):
     # -- IProtocol
 
     def connectionMade(self) -> None:
-        channel = self.transport
         try:
+            channel = self._channel()
             channel.conn.sendEOF(channel)  # nothing on stdin, like ssh -n
-        except Exception:
+        except Exception:  # noqa: BLE001 -- the command runs anyway; logged
             log.failure("could not send EOF to {where}", where=self.target.where)
 
     def dataReceived(self, data: bytes) -> None:
@@ -637,10 +658,15 @@ class _CommandProtocol(Protocol):
             host=self.target.host, port=self.target.port,
         ))
 
+    def _channel(self) -> _Channel:
+        # Protocol types its transport ITransport; Conch gives this protocol
+        # its command channel, whose connection is set (see CONCH_INTERNALS).
+        return cast(_Channel, self.transport)
+
     def _abort(self, d: Deferred) -> None:
         try:
-            self.transport.conn.transport.transport.abortConnection()
-        except Exception:
+            self._channel().conn.transport.transport.abortConnection()
+        except Exception:  # noqa: BLE001 -- cancelling must not raise; logged
             log.failure("could not close the SSH connection to {where}", where=self.target.where)
 
 
@@ -675,7 +701,7 @@ class _HostKeyCheck(KnownHostsFile):
     def verifyHostKey(self, ui: Any, hostname: bytes, ip: bytes, key: Key) -> Deferred[bool]:
         try:
             self._run.check_host_key(key)
-        except Exception:
+        except Exception:  # noqa: BLE001 -- Conch wants the refusal as a failed Deferred
             return fail()
         return succeed(True)
 
@@ -704,8 +730,10 @@ class _Run:
             keys=[self.key],
             password=None,
             agentEndpoint=None,
-            knownHosts=_HostKeyCheck(self),
-            ui=_NoPrompts(),
+            # Conch types these as a file name and a ConsoleUI; it only calls
+            # verifyHostKey / prompt on them, which these provide.
+            knownHosts=_HostKeyCheck(self),  # type: ignore[arg-type]
+            ui=_NoPrompts(),  # type: ignore[arg-type]
         )
         log.debug("ssh {where}: connecting", where=t.where)
         d = endpoint.connect(_OneProtocolFactory(self.protocol))
@@ -750,7 +778,7 @@ class _Run:
         path = self.shell.known_hosts.path
         fp = fingerprint(blob)
         who = t.host if t.port == 22 else f"{t.host} (port {t.port})"
-        kw = dict(host=t.host, port=t.port, known_hosts=path, key_type=key_type, fingerprint=fp)
+        kw: dict[str, Any] = dict(host=t.host, port=t.port, known_hosts=path, key_type=key_type, fingerprint=fp)
         if found.status == KNOWN:
             return
         if found.status == UNKNOWN:
@@ -814,7 +842,7 @@ class _Run:
                 f"({self.key.sshType().decode()} {fp}): is that public key in the "
                 f"authorized_keys of {t.user!r} there?{hint}", **kw)
         if reason.check(ConchError):
-            what = reason.value.args[0] if reason.value.args else ""
+            what = reason.value.args[0] if reason.value is not None and reason.value.args else ""
             if what == "Channel closed.":
                 raise SshConnectionLost(
                     f"the connection to {t.where} was lost right after the command was sent, "
@@ -837,7 +865,7 @@ class _Run:
                                    reason="unreachable", **kw)
         log.failure("ssh {where}: unexpected failure", reason, where=t.where)
         raise SshConnectFailed(f"SSH session with {t.where} failed: "
-                               f"{reason.type.__name__}", reason="protocol", **kw)
+                               f"{getattr(reason.type, '__name__', reason.type)}", reason="protocol", **kw)
 
     # -- running
 
@@ -955,7 +983,7 @@ class ConchShell:
                               "or rsa, OpenSSH or PEM format)") from None
         except OSError as e:
             raise SshKeyError(f"cannot read SSH {what}: {e.strerror or e}") from None
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 -- Conch's parsers may raise anything
             # Conch's parsers may raise anything on a damaged file; never
             # show their message (it can quote the file's content).
             raise SshKeyError(f"SSH {what} could not be parsed ({type(e).__name__})") from None

@@ -83,7 +83,7 @@ class TwistedDispatcher(AbstractTransportDispatcher):
     def _tick(self) -> None:
         try:
             self.handle_timer_tick(self.reactor.seconds())
-        except Exception:
+        except Exception:  # noqa: BLE001 -- the timer loop must keep running; logged
             log.failure("pysnmp timer tick failed")
 
     def _start_ticking(self) -> None:
@@ -172,7 +172,7 @@ class _DgramTransport(DatagramProtocol, AbstractTransport):
             host, port = iface[0], iface[1]
         try:
             self._port = self.reactor.listenUDP(port or 0, self, interface=host)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 -- pysnmp's engine expects a CarrierError for any failure
             raise carrier_error.CarrierError(
                 f"cannot open a UDP socket on {host or '*'}:{port or 0}: {e}") from None
         return self
@@ -203,7 +203,7 @@ class _DgramTransport(DatagramProtocol, AbstractTransport):
             raise carrier_error.CarrierError(f"{type(self).__name__} is closed")
         try:
             self._port.write(bytes(outgoingMessage), self.normalize_address(transportAddress))
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 -- pysnmp's engine expects a CarrierError for any failure
             # The engine turns a CarrierError into a failed request.
             raise carrier_error.CarrierError(
                 f"cannot send to {transportAddress!r}: {type(e).__name__}: {e}") from None
@@ -216,7 +216,7 @@ class _DgramTransport(DatagramProtocol, AbstractTransport):
             return
         try:
             cb(self, self.ADDRESS_TYPE(addr), datagram)
-        except Exception:
+        except Exception:  # noqa: BLE001 -- a bad datagram must never hurt the socket; logged
             # A malformed or unexpected datagram must never hurt the socket.
             log.failure("pysnmp could not process a datagram from {addr!r}", addr=addr)
 

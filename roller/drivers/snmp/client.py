@@ -34,8 +34,8 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
-from collections.abc import Iterable, Sequence
-from typing import Any, Union
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 from attrs import field, frozen
 from pyasn1.type import univ
@@ -48,6 +48,7 @@ from pysnmp.proto.api import v2c, verdec
 from pysnmp.proto.error import StatusInformation
 from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from roller.drivers.errors import DriverError
 from roller.drivers.snmp import ber
@@ -78,7 +79,7 @@ __all__ = [
     "normalize_oid",
 ]
 
-Value = Union[int, bytes, str, None]
+Value = int | bytes | str | None
 
 #: secrets-file protocol names -> pysnmp USM service ids.
 AUTH_PROTOCOLS: dict[str, tuple[int, ...]] = {
@@ -299,6 +300,13 @@ class SnmpTarget:
             elif self.version not in ("1", "2c"):
                 raise SnmpConfigError(f"credential {cred.name!r} is a community; version must be "
                                       f"1 or 2c, not {self.version!r}", self.host, self.port)
+
+    @property
+    def settled_version(self) -> str:
+        """C{"1"}, C{"2c"} or C{"3"}: L{version} as settled when the target was built."""
+        if self.version is None:
+            raise SnmpConfigError("SNMP target built without a version", self.host, self.port)
+        return self.version
 
     @property
     def where(self) -> str:
@@ -557,12 +565,16 @@ class _Lane:
         cred = target.credential
         if cred.kind == "snmp-community":
             community = cred.community if write else (cred.read_community or cred.community)
+            if community is None:
+                raise SnmpConfigError(f"credential {cred.name!r} has no community", target.host, target.port)
             index = self.communities.get(community)
             if index is None:
                 index = f"c{next(self.names)}"
                 snmp_config.add_v1_system(self.engine, index, community)
                 self.communities[community] = index
             return index, "noAuthNoPriv"
+        if cred.user is None:
+            raise SnmpConfigError(f"credential {cred.name!r} has no SNMPv3 user", target.host, target.port)
         if (cred.priv_protocol or "none") != "none":
             return cred.user, "authPriv"
         if (cred.auth_protocol or "none") != "none":
@@ -584,7 +596,7 @@ class _Lane:
         host = address[0]
         domain = SNMP_UDP6_DOMAIN if ":" in host else SNMP_UDP_DOMAIN
         security_name, level = self.security(target, write)
-        mp_model = {"1": 0, "2c": 1, "3": 3}[target.version]
+        mp_model = {"1": 0, "2c": 1, "3": 3}[target.settled_version]
         key = (domain, host, address[1], security_name, level, mp_model)
         name = self.targets.get(key)
         if name is not None:
@@ -665,7 +677,7 @@ class _Lane:
             self.engine.message_dispatcher.release_state_information(self.engine, pdu_handle, mp_model)
             cb_fun(self.engine, None, None, None, None, None, None, None, None, _abandoned(),
                    pdu_handle, cb_ctx)
-        except Exception:
+        except Exception:  # noqa: BLE001 -- the engine's own cleanup; logged, the request is gone anyway
             log.failure("could not release SNMP request {handle}", handle=send_request_handle)
 
 
@@ -914,7 +926,11 @@ class SnmpClient:
                 f"cannot resolve {target.host!r}: {f.getErrorMessage()}", target.host, target.port))
 
         resolving.addCallbacks(resolved, unresolved)
-        request.deferred.addErrback(lambda f: (resolving.cancel(), f)[1])
+        def stop_resolving(f: Failure) -> Failure:
+            resolving.cancel()
+            return f
+
+        request.deferred.addErrback(stop_resolving)
         return request.deferred
 
     def _done(self, result: Any, request: _Request) -> Any:
@@ -1025,10 +1041,11 @@ def _peek_message_version(whole_msg: Any) -> Any:
             if 1 <= size <= 4 and start + 2 + size <= end:
                 return univ.Integer(int.from_bytes(whole_msg[start + 2:start + 2 + size], "big",
                                                    signed=True))
+    assert _decode_message_version is not None  # installed only where there is one
     return _decode_message_version(whole_msg)
 
 
-_decode_message_version = getattr(verdec, "decode_message_version", None)
+_decode_message_version: Callable[[Any], Any] | None = getattr(verdec, "decode_message_version", None)
 
 
 def _install_version_peek() -> bool:

@@ -282,7 +282,7 @@ class SnmpPdus:
             return d
         waiters_list = self._detecting[where] = [d]
 
-        def got(varbinds: list) -> None:
+        def got(varbinds: list) -> PduModel:
             value = varbinds[0].value
             model = model_for_sys_object_id(value) if isinstance(value, str) else None
             if model is None:
@@ -365,7 +365,7 @@ class PduOutletPower:
             return
         try:
             self.on_progress(message)
-        except Exception:
+        except Exception:  # noqa: BLE001 -- a failing progress callback must not fail the action
             log.failure("progress callback failed for {message!r}", message=message)
 
     # -- IPowerDriver
@@ -407,18 +407,18 @@ class PduOutletPower:
 
     def _error(self, e: SnmpError, what: str, sent: bool) -> PowerError:
         text = f"{what} {self.description}: {e}"
-        where = {"host": e.host or self.host, "port": e.port or self.port}
+        host, port = e.host or self.host, e.port or self.port
         if isinstance(e, SnmpTimeout):
-            return PowerTimeout(text, sent=sent, **where)
+            return PowerTimeout(text, sent=sent, host=host, port=port)
         if isinstance(e, SnmpAuthError):
-            return PowerAuthError(text, **where)
+            return PowerAuthError(text, host=host, port=port)
         if isinstance(e, SnmpNoSuchObject):
-            return PowerSettingError(text + " (check pdu.model and pdu.outlet)", **where)
+            return PowerSettingError(text + " (check pdu.model and pdu.outlet)", host=host, port=port)
         if isinstance(e, SnmpErrorStatus):
-            return PowerActionError(text, **where)
+            return PowerActionError(text, host=host, port=port)
         if isinstance(e, SnmpConfigError):
-            return PowerSettingError(text, **where)
-        return PowerError(text, kind="protocol", sent=sent, **where)
+            return PowerSettingError(text, host=host, port=port)
+        return PowerError(text, kind="protocol", sent=sent, host=host, port=port)
 
     async def _read(self, model: PduModel, outlet: OutletAddress, target: SnmpTarget) -> OutletStatus:
         varbinds = await self.pdus.request("get", target, [model.status(outlet)])
