@@ -13,6 +13,8 @@ default one), so several can live in one process (tests, several APIs):
     job log events carrying C{outcome="failed"} and a C{method});
   - C{roller_reactor_lag_seconds}: how late the last tick of a 1 s
     C{LoopingCall} on the injected clock fired (L{Metrics.start}/L{Metrics.stop});
+  - C{roller_machines{health,pool}} (read from the health watcher when
+    scraped) and C{roller_remediations_total{policy,task,outcome}};
   - C{roller_http_connections}, C{roller_http_connections_max},
     C{roller_http_connections_refused_total},
     C{roller_http_connections_dropped_total{reason}}: the web site's client
@@ -99,6 +101,21 @@ class _HTTPCollector(Collector):
         yield dropped
 
 
+class _HealthCollector(Collector):
+    """Machines by health state and pool, read when scraped (C{counts()}: pool -> state -> machines)."""
+
+    def __init__(self, counts: Callable[[], dict[str, dict[str, int]]]):
+        self._counts = counts
+
+    def collect(self) -> Iterator[Any]:
+        machines = GaugeMetricFamily("roller_machines", "Machines by health state and pool.",
+                                     labels=("health", "pool"))
+        for pool, states in sorted(self._counts().items()):
+            for state, count in sorted(states.items()):
+                machines.add_metric((state, pool), count)
+        yield machines
+
+
 class Metrics:
     """
     @param queue: the L{roller.queue.JobQueue} observed (subscribed to now).
@@ -120,6 +137,9 @@ class Metrics:
         self.driver_errors = Counter(
             "roller_driver_errors", "Failed attempts to act on a machine, by method (ssh_reboot, ipmi_reset, ...).",
             ("kind",), registry=self.registry)
+        self.remediations = Counter(
+            "roller_remediations", "Remediations fleet health started (queued), only reported (dry_run) or "
+            "could not queue (refused).", ("policy", "task", "outcome"), registry=self.registry)
         #: The last measured reactor lag in seconds (None before the first tick).
         self.lag: float | None = None
         self.registry.register(_QueueCollector(queue))
@@ -179,6 +199,15 @@ class Metrics:
     def watch_http(self, site: Any) -> None:
         """Report C{site}'s connections (a L{roller.web.http.RollerSite}) from now on."""
         self.registry.register(_HTTPCollector(site))
+
+    # -- fleet health
+
+    def watch_health(self, counts: Callable[[], dict[str, dict[str, int]]]) -> None:
+        """Report C{roller_machines{health,pool}} from C{counts()} from now on."""
+        self.registry.register(_HealthCollector(counts))
+
+    def remediation(self, policy: str, task: str, outcome: str) -> None:
+        self.remediations.labels(policy=policy, task=task, outcome=outcome).inc()
 
     # -- exposition
 

@@ -293,6 +293,10 @@ class JobQueue:
         self._listeners: list[Listener] = []
         self._arrival = 0
 
+    def machines_with_jobs(self) -> set[tuple[str, str]]:
+        """C{(worker_group, worker_id)} of every machine with a job queued or running."""
+        return {(group, worker) for group, worker, _ in self._active_key}
+
     def set_secrets(self, secrets: Any) -> None:
         """Use these secrets for jobs started from now on (SIGHUP reload)."""
         self._secrets = secrets

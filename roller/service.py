@@ -23,8 +23,8 @@ from roller.auth.hawk import LocalHawkAuthenticator
 from roller.auth.taskcluster import IAuthReactor, TaskclusterAuthenticator
 from roller.config import Settings
 from roller.demo import DemoFleet, seed_demo_fleet, start_demo_fleet
-from roller.drivers.reactor import IDriverReactor
 from roller.drivers.registry import Drivers, make_drivers
+from roller.health.watcher import HealthWatcher, IHealthReactor, policies_from_settings
 from roller.logs import observer_for
 from roller.metrics import Metrics
 from roller.notify import Notifier, notifier_from_settings
@@ -45,7 +45,7 @@ log = Logger()
 INVENTORY_REFRESH_S = 2.0
 
 
-class IRollerReactor(IDriverReactor, IStoreReactor, IAuthReactor, IReactorThreads):
+class IRollerReactor(IHealthReactor, IStoreReactor, IAuthReactor, IReactorThreads):
     """
     Everything roller's process uses of its reactor: the drivers' TCP, UDP,
     processes and clock, the store's threads and triggers, the thread pool
@@ -147,6 +147,7 @@ class RollerService(MultiService):
         self.api: Api | None = None
         self.metrics: Metrics | None = None
         self.notifier: Notifier | None = None
+        self.health: HealthWatcher | None = None
         self._refresh: LoopingCall | None = None
         self.failed = False
 
@@ -187,6 +188,11 @@ class RollerService(MultiService):
         self.metrics = Metrics(self.queue, self.reactor)
         self.metrics.start()  # the reactor lag loop
         interrupted, requeued = await self.queue.start()
+        self.health = HealthWatcher(self.reactor, store, self.queue, s,
+                                    policies=policies_from_settings(s, tasks.names()),
+                                    credential=self._credential, notifier=self.notifier, metrics=self.metrics)
+        self.metrics.watch_health(self.health.tracker.counts)
+        await self.health.start()
         # pick up inventory changes other processes (roller import) commit
         self._refresh = LoopingCall(self._refresh_inventory)
         self._refresh.clock = self.reactor
@@ -239,6 +245,16 @@ class RollerService(MultiService):
         added = await seed_demo_fleet(store, extra)
         log.info("Demo machines in worker group 'demo': {added} new", added=added)
         return secrets
+
+    def _credential(self, name: str) -> tuple[str, str] | None:
+        """A password credential's (username, password) from the secrets in force, or None."""
+        try:
+            cred = self.secrets.get(name) if self.secrets is not None else None
+        except KeyError:
+            return None
+        if cred is None or not cred.username or not cred.password:
+            return None
+        return cred.username, cred.password
 
     async def _refresh_inventory(self) -> None:
         if self.store is None:
@@ -296,6 +312,8 @@ class RollerService(MultiService):
                 pass
         if self._refresh is not None and self._refresh.running:
             self._refresh.stop()
+        if self.health is not None:
+            await self.health.stop()  # no sweep, poll or remediation after this
         if self.queue is not None:
             # still listening: new submissions get 503 shutting_down while the
             # running jobs finish (up to server.shutdown_grace); queued jobs

@@ -18,6 +18,7 @@ from twisted.python import usage
 
 from roller.config import ConfigError, Settings, check_names, load_settings
 from roller.gctune import settle_heap
+from roller.health.watcher import policies_from_settings
 from roller.inventory import REBOOT_METHODS
 from roller.secrets import SecretsError, load_secrets
 from roller.service import IRollerReactor, RollerService
@@ -73,6 +74,7 @@ def settings_from_options(options: Options, environ: Any = None) -> Settings:
         overrides["auth.mode"] = "none"
     settings = load_settings(options["config"], env, overrides)
     check_names(settings, tasks=builtin_tasks().names(), reboot_methods=REBOOT_METHODS)
+    policies_from_settings(settings, builtin_tasks().names())  # a bad [[health.policies]] stops start-up here
     return settings
 
 

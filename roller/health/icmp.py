@@ -24,11 +24,10 @@ import ipaddress
 import os
 import socket
 import struct
-from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IDelayedCall, IReadDescriptor
+from twisted.internet.interfaces import IDelayedCall, IReactorFDSet, IReactorTime, IReadDescriptor
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -64,14 +63,8 @@ class _Probe:
         self.timer: IDelayedCall | None = None
 
 
-class IcmpReactor(Protocol):
-    """What L{IcmpEcho} uses of the reactor: timers and a reader (C{IReactorTime}, C{IReactorFDSet})."""
-
-    def callLater(self, delay: float, callable: Callable[..., Any], *args: Any, **kw: Any) -> IDelayedCall: ...
-
-    def addReader(self, reader: IReadDescriptor) -> None: ...
-
-    def removeReader(self, reader: IReadDescriptor) -> None: ...
+class IcmpReactor(IReactorTime, IReactorFDSet):
+    """What L{IcmpEcho} uses of the reactor: timers and a reader."""
 
 
 @implementer(ILiveness, IReadDescriptor)

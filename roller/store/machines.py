@@ -76,6 +76,10 @@ class MachineTable:
         if not groups:
             self._by_worker.pop(worker_id, None)
 
+    def snapshot(self) -> builtins.list[Machine]:
+        """Every machine, from memory (the inventory as last loaded)."""
+        return list(self._cache.values())
+
     def get(self, worker_group: str, worker_id: str) -> Deferred[Machine | None]:
         if self._db.closed:
             return fail(StoreError("the database is closed"))
