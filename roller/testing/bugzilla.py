@@ -26,6 +26,7 @@ from typing import Any
 
 from attrs import define, field
 from klein import Klein
+from twisted.internet.interfaces import IListeningPort, IReactorTCP
 from twisted.web.iweb import IRequest
 
 from roller.sim.web import base_url, json_answer, serve
@@ -57,7 +58,7 @@ class FakeBugzilla:
 
     app = Klein()
 
-    def listen(self, reactor: Any, port: int = 0) -> Any:
+    def listen(self, reactor: IReactorTCP, port: int = 0) -> IListeningPort:
         listening = serve(self.app, reactor, port=port)
         self.url = base_url(listening)
         return listening

@@ -17,6 +17,7 @@ from typing import Any
 
 import treq
 from attrs import evolve
+from twisted.internet.address import IPv4Address
 from twisted.web.client import HTTPConnectionPool
 
 from roller.config import load_settings
@@ -45,7 +46,9 @@ class ApiHarness:
         self.fleet = fleet
         self.reactor = reactor
         self.group = group
-        self.url = f"http://127.0.0.1:{service.ports[0].getHost().port}"
+        address = service.ports[0].getHost()
+        assert isinstance(address, IPv4Address)
+        self.url = f"http://127.0.0.1:{address.port}"
         #: the harness's own connections, closed by L{stop} (treq's global pool would keep them open)
         self.pool = HTTPConnectionPool(reactor)
 
@@ -84,7 +87,7 @@ class ApiHarness:
             await self.fleet.stop()
 
 
-async def start_roller(tmp_path: Any, fleet: Any, reactor: Any, *, credentials: Mapping[str, Any] = (),
+async def start_roller(tmp_path: Any, fleet: Any, reactor: Any, *, credentials: Mapping[str, Any] | None = None,
                        inventory: Callable[[list[dict]], list[dict]] = lambda entries: entries,
                        harness: type[ApiHarness] = ApiHarness, **settings: Any) -> Any:
     """
@@ -95,7 +98,7 @@ async def start_roller(tmp_path: Any, fleet: Any, reactor: Any, *, credentials: 
     """
     files = fleet.write_client_files(str(tmp_path / "fleet"))
     secrets_file = tmp_path / "secrets.toml"
-    write_secrets(secrets_file, {**load_secrets(files.secrets).as_dict(), **dict(credentials)})
+    write_secrets(secrets_file, {**load_secrets(files.secrets).as_dict(), **dict(credentials or {})})
     s = load_settings(None, {}, {"auth.mode": "none", "server.listen": "tcp:0:interface=127.0.0.1",
                                  "state_dir": str(tmp_path / "state")})
     s = evolve(s, secrets_file=str(secrets_file), ssh_known_hosts=files.known_hosts_openssh,
@@ -103,6 +106,7 @@ async def start_roller(tmp_path: Any, fleet: Any, reactor: Any, *, credentials: 
     service = RollerService(s, reactor)
     service.startService()
     await service.ready
+    assert service.store is not None  # ready
     for entry in inventory(fleet.inventory_json("sim")):
         await service.store.machines.put(Machine.from_json(entry))
     return harness(service, fleet, reactor)

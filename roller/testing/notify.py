@@ -23,6 +23,7 @@ import mohawk
 from attrs import define, field
 from klein import Klein
 from mohawk import exc as hawk_exc
+from twisted.internet.interfaces import IListeningPort, IReactorTCP
 from twisted.web.iweb import IRequest
 
 from roller.sim.web import base_url, json_answer, serve
@@ -33,7 +34,7 @@ REQUIRED = {"email": ("address", "subject", "content"), "matrix": ("roomId", "bo
             "slack": ("channelId", "text")}
 
 
-def _listen(app: Klein, reactor: Any) -> tuple[Any, str]:
+def _listen(app: Klein, reactor: IReactorTCP) -> tuple[IListeningPort, str]:
     port = serve(app, reactor)
     return port, base_url(port)
 
@@ -52,7 +53,7 @@ class FakeTaskclusterNotify:
 
     app = Klein()
 
-    def listen(self, reactor: Any) -> Any:
+    def listen(self, reactor: IReactorTCP) -> IListeningPort:
         port, self.url = _listen(self.app, reactor)
         return port
 
@@ -91,7 +92,7 @@ class FakeWebhook:
 
     app = Klein()
 
-    def listen(self, reactor: Any) -> Any:
+    def listen(self, reactor: IReactorTCP) -> IListeningPort:
         port, base = _listen(self.app, reactor)
         self.url = base + "/hook"
         return port

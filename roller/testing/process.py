@@ -327,10 +327,12 @@ class RollerProcess:
             start_new_session=True,
         )
 
+        process = self.process
+
         def ready() -> bool:
-            if self.process.poll() is not None:
+            if process.poll() is not None:
                 raise RollerStartError(
-                    f"roller exited with status {self.process.returncode} before answering"
+                    f"roller exited with status {process.returncode} before answering"
                     f"\n{self.log_tail()}")
             try:
                 return self.get("/__lbheartbeat__", timeout=2).status == 200

@@ -222,6 +222,7 @@ class SnmpAgent(DaemonProcess):
         auth, old_auth, priv, old_priv, level = self.users[user]
         self.users[user] = (auth, auth_key or old_auth, priv, priv_key or old_priv, level)
         self.config_path.write_text(self._config())
+        assert self.process is not None  # running
         os.kill(self.process.pid, signal.SIGHUP)
         self._wait_ready(lambda: self._answers_v3(user), timeout, SnmpdStartError,
                          where=f"{self.host}:{self.port} (new keys of {user})")
@@ -348,11 +349,11 @@ class SnmpAgent(DaemonProcess):
 
     def pause(self) -> None:
         """SIGSTOP snmpd: it stops answering (a hung agent)."""
-        if self.running:
+        if self.running and self.process is not None:
             os.kill(self.process.pid, signal.SIGSTOP)
 
     def resume(self) -> None:
-        if self.running:
+        if self.running and self.process is not None:
             os.kill(self.process.pid, signal.SIGCONT)
 
     def close(self) -> None:
@@ -503,7 +504,7 @@ class _Emulator:
 
     def _objects(self) -> dict[str, tuple[str, str, Any]]:
         """OID -> (model, instance key, column kind)."""
-        out = {}
+        out: dict[str, tuple[str, str, Any]] = {}
         for model, spec in self.models.items():
             for inst in spec["instances"]:
                 suffix = ".".join(map(str, inst))

@@ -282,6 +282,7 @@ class SushyEmulator(DaemonProcess):
         env = {k: v for k, v in os.environ.items() if not k.startswith("SUSHY_")}
         env["PYTHONUNBUFFERED"] = "1"
         env["NO_COLOR"] = "1"
+        assert self.executable is not None  # checked by start()
         self._spawn([self.executable, "--config", str(self.config_path)], cwd=self.dir, env=env)
         return self._wait_ready(self._answers, timeout, SushyStartError, where=self.url)
 

@@ -30,7 +30,6 @@ import base64
 import json
 import math
 import time
-from typing import Any
 
 import mohawk
 from attrs import define, field
@@ -38,6 +37,7 @@ from klein import Klein
 from mohawk import exc as hawk_exc
 from mohawk.util import parse_authorization_header
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IListeningPort, IReactorTCP, IReactorTime
 from twisted.web.iweb import IRequest
 
 from roller.auth.scopes import satisfies
@@ -58,7 +58,7 @@ class FakeTaskclusterAuth:
     """
 
     clients: dict[str, tuple[str, list[str]]]
-    clock: Any = None
+    clock: IReactorTime | None = None
     skew: float = TASKCLUSTER_SKEW
     behaviour: str = "normal"
     url: str = ""
@@ -67,14 +67,14 @@ class FakeTaskclusterAuth:
 
     app = Klein()
 
-    def listen(self, reactor: Any, port: int = 0) -> Any:
+    def listen(self, reactor: IReactorTCP, port: int = 0) -> IListeningPort:
         """Serve on 127.0.0.1 and set C{url}; the listening port (C{stopListening} it)."""
         listening = serve(self.app, reactor, port=port)
         self.url = self.root_url(listening)
         return listening
 
     @staticmethod
-    def root_url(port: Any) -> str:
+    def root_url(port: IListeningPort) -> str:
         return base_url(port)
 
     @property
@@ -101,7 +101,12 @@ class FakeTaskclusterAuth:
         if self.behaviour == "hang":
             d: Deferred = Deferred()
             self._held.append(d)
-            request.notifyFinish().addErrback(lambda _: d.called or d.cancel())  # the client hung up
+            def hung_up(_: object) -> None:  # the client hung up
+                if not d.called:
+                    d.cancel()
+
+            # IRequest omits notifyFinish; the twisted.web.server.Request Klein passes has it
+            request.notifyFinish().addErrback(hung_up)  # type: ignore[attr-defined]
             try:
                 await d
             except CancelledError:

@@ -22,6 +22,7 @@ import mohawk
 from attrs import define, field
 from klein import Klein
 from mohawk import exc as hawk_exc
+from twisted.internet.interfaces import IListeningPort, IReactorTCP
 from twisted.web.iweb import IRequest
 
 from roller.sim.web import base_url, json_answer, serve
@@ -42,7 +43,7 @@ class FakeTaskclusterQueue:
 
     app = Klein()
 
-    def listen(self, reactor: Any) -> Any:
+    def listen(self, reactor: IReactorTCP) -> IListeningPort:
         port = serve(self.app, reactor)
         self.url = base_url(port)
         return port

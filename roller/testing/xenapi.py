@@ -47,12 +47,14 @@ from __future__ import annotations
 
 import uuid as uuidlib
 import xmlrpc.client
+from collections.abc import Awaitable, Callable
 from typing import Any
 from xml.parsers.expat import ExpatError
 
 from attrs import define, field
 from klein import Klein
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTCP
 from twisted.logger import Logger
 
 from roller.sim.web import base_url, serve
@@ -151,7 +153,7 @@ class FakeXenApi:
         """The methods called so far, in order."""
         return [m for m, _ in self.calls]
 
-    def listen(self, reactor: Any, interface: str = "127.0.0.1", port: int = 0) -> str:
+    def listen(self, reactor: IReactorTCP, interface: str = "127.0.0.1", port: int = 0) -> str:
         """Start listening; the pool URL (C{http://ADDRESS:PORT/})."""
         self._port = serve(self.app, reactor, interface, port)
         return self.url
@@ -183,6 +185,8 @@ class FakeXenApi:
         try:
             params, method = xmlrpc.client.loads(body)
         except (ExpatError, ValueError, TypeError):
+            return _answer({"Status": "Failure", "ErrorDescription": ["XMLRPC_UNMARSHAL_FAILURE"]})
+        if method is None:  # a methodResponse, not a call
             return _answer({"Status": "Failure", "ErrorDescription": ["XMLRPC_UNMARSHAL_FAILURE"]})
         self.calls.append((method, _masked(method, params)))
         try:
@@ -269,7 +273,7 @@ class FakeXenApi:
         return ""
 
 
-_HANDLERS = {
+_HANDLERS: dict[str, Callable[..., Awaitable[Any]]] = {
     "session.login_with_password": FakeXenApi._login,
     "session.logout": FakeXenApi._logout,
     "VM.get_by_uuid": FakeXenApi._get_by_uuid,
