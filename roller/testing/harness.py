@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import treq
@@ -23,8 +24,9 @@ from twisted.web.client import HTTPConnectionPool
 from roller.config import load_settings
 from roller.inventory import Machine
 from roller.secrets import load_secrets, write_secrets
-from roller.service import RollerService
+from roller.service import IRollerReactor, RollerService
 from roller.sim.daemon import free_port
+from roller.sim.fleet import Fleet
 from roller.testing.results import eventually
 
 __all__ = ["FAST", "ApiHarness", "free_port", "start_roller"]
@@ -41,7 +43,7 @@ def _finished(job: dict) -> bool:
 class ApiHarness:
     """The service, its fleet, and its REST API at C{url}."""
 
-    def __init__(self, service: RollerService, fleet: Any, reactor: Any, group: str = "sim"):
+    def __init__(self, service: RollerService, fleet: Fleet | None, reactor: IRollerReactor, group: str = "sim"):
         self.service = service
         self.fleet = fleet
         self.reactor = reactor
@@ -87,9 +89,10 @@ class ApiHarness:
             await self.fleet.stop()
 
 
-async def start_roller(tmp_path: Any, fleet: Any, reactor: Any, *, credentials: Mapping[str, Any] | None = None,
+async def start_roller(tmp_path: Path, fleet: Fleet, reactor: IRollerReactor, *,
+                       credentials: Mapping[str, Any] | None = None,
                        inventory: Callable[[list[dict]], list[dict]] = lambda entries: entries,
-                       harness: type[ApiHarness] = ApiHarness, **settings: Any) -> Any:
+                       harness: type[ApiHarness] = ApiHarness, **settings: Any) -> ApiHarness:
     """
     Start roller (auth none, loopback, a fresh state dir under C{tmp_path})
     for a started C{fleet}: its secrets (plus C{credentials}) and

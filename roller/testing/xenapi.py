@@ -57,6 +57,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTCP
 from twisted.logger import Logger
 
+from roller.sim.fleet import PowerState
 from roller.sim.web import base_url, serve
 
 log = Logger()
@@ -91,7 +92,7 @@ class FakeVM:
     ref: str
     name_label: str = ""
     power_state: str = "Running"
-    power: Any = None  # roller.sim.fleet.PowerState
+    power: PowerState | None = None
 
     @property
     def state(self) -> str:
@@ -139,7 +140,7 @@ class FakeXenApi:
 
     # -- set-up and inspection
 
-    def add_vm(self, uuid: str | None = None, *, power_state: str = "Running", power: Any = None,
+    def add_vm(self, uuid: str | None = None, *, power_state: str = "Running", power: PowerState | None = None,
                name_label: str = "") -> FakeVM:
         if power_state not in STATES:
             raise ValueError(f"power_state must be one of {', '.join(STATES)}")
