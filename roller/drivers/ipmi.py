@@ -100,8 +100,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from attrs import field, frozen
 from twisted.internet import error
@@ -122,9 +122,15 @@ from roller.drivers.power import (
     PowerSettingError,
     PowerStateMismatch,
     PowerTimeout,
+    password_login,
 )
-from roller.inventory import BRIDGE_ARG_RE
-from roller.secrets import UnknownCredential
+from roller.drivers.reactor import IProcessReactor
+from roller.inventory import BRIDGE_ARG_RE, Machine
+from roller.secrets import Secrets, UnknownCredential
+
+if TYPE_CHECKING:
+    from roller.config import Settings
+
 
 log = Logger()
 
@@ -286,6 +292,10 @@ def _check_user(instance: Any, attribute: Any, value: Any) -> None:
                               "printable characters, no spaces, not starting with '-')")
 
 
+def _as_args(value: Iterable[str]) -> tuple[str, ...]:
+    return tuple(value)
+
+
 def _check_bridge(instance: Any, attribute: Any, value: Any) -> None:
     if not isinstance(value, tuple) or not all(isinstance(a, str) and BRIDGE_ARG_RE.fullmatch(a)
                                                 for a in value):
@@ -312,7 +322,7 @@ class IpmiTarget:
     username: str = field(validator=_check_user)
     password: str = field(repr=False)
     interface: str = field(default="lanplus", validator=_check_interface)
-    bridge: tuple[str, ...] = field(default=(), converter=tuple, validator=_check_bridge)
+    bridge: tuple[str, ...] = field(default=(), converter=_as_args, validator=_check_bridge)
     credential: str | None = None
 
     def __attrs_post_init__(self) -> None:
@@ -344,7 +354,7 @@ class IpmiTarget:
         return (self.host.lower(), self.port)
 
 
-def ipmi_target(machine: Any, secrets: Any, default_credential: str | None = None) -> IpmiTarget:
+def ipmi_target(machine: Machine, secrets: Secrets | None, default_credential: str | None = None) -> IpmiTarget:
     """
     The L{IpmiTarget} of a L{roller.inventory.Machine}.
 
@@ -373,9 +383,10 @@ def ipmi_target(machine: Any, secrets: Any, default_credential: str | None = Non
     if cred.kind != "password":
         raise IpmiConfigError(f"machine {name}: credential {cred_name!r} is of type {cred.kind}, "
                               "not password", host=access.host, port=access.port)
+    username, password = password_login(cred)
     try:
-        return IpmiTarget(host=access.host, port=access.port, username=cred.username,
-                          password=cred.password, interface=access.interface,
+        return IpmiTarget(host=access.host, port=access.port, username=username,
+                          password=password, interface=access.interface,
                           bridge=access.bridge, credential=cred_name)
     except IpmiConfigError as e:
         raise IpmiConfigError(f"machine {name}: {e}", host=access.host, port=access.port) from None
@@ -637,7 +648,7 @@ class IpmiTool:
         silent BMC).
     """
 
-    def __init__(self, reactor: Any, *, ipmitool: str = "ipmitool", cipher_suite: int | None = 3,
+    def __init__(self, reactor: IProcessReactor, *, ipmitool: str = "ipmitool", cipher_suite: int | None = 3,
                  timeout: float = 30.0, request_timeout: int | None = 1,
                  request_retries: int | None = 2, retries: int = 3, retry_delay: float = 5.0,
                  retry_max_delay: float = 60.0, min_interval: float = 5.0,
@@ -676,11 +687,11 @@ class IpmiTool:
 
     # -- building blocks
 
-    def target(self, machine: Any, secrets: Any) -> IpmiTarget:
+    def target(self, machine: Machine, secrets: Secrets | None) -> IpmiTarget:
         """L{ipmi_target} with this driver's default credential."""
         return ipmi_target(machine, secrets, self.default_credential)
 
-    def for_machine(self, machine: Any, secrets: Any, *,
+    def for_machine(self, machine: Machine, secrets: Secrets | None, *,
                     on_progress: EventCallback | None = None) -> IpmiPower:
         """
         The L{IPowerDriver} of C{machine}'s BMC.
@@ -1076,7 +1087,7 @@ def sel_lines(stdout: str) -> list[str]:
     return out
 
 
-def ipmitool_from_settings(reactor: Any, settings: Any) -> IpmiTool:
+def ipmitool_from_settings(reactor: IProcessReactor, settings: Settings) -> IpmiTool:
     """The L{IpmiTool} configured by the C{ipmi.*} settings (see L{roller.config})."""
     cipher = settings.ipmi_cipher_suite
     return IpmiTool(

@@ -42,6 +42,7 @@ from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from roller.drivers.errors import DriverError
+from roller.drivers.reactor import IDriverReactor, IProcessReactor, ITcpReactor
 
 log = Logger()
 
@@ -354,7 +355,7 @@ class IcmpPing:
         as long as the deadline allows, at least 1.
     """
 
-    reactor: Any
+    reactor: IProcessReactor
     count: int = field(default=3)
     timeout: float = field(default=5.0)
     ping_binary: str = field(default="ping")
@@ -486,7 +487,7 @@ class TcpConnect:
     @ivar on_line: Called with progress lines, like L{IcmpPing.on_line}.
     """
 
-    reactor: Any
+    reactor: ITcpReactor
     port: int = field()
     timeout: float = field(default=5.0)
     on_line: LineCallback | None = field(default=None)
@@ -598,7 +599,7 @@ class TcpConnect:
 
 def liveness_for(
     method: str,
-    reactor: Any,
+    reactor: IDriverReactor,
     *,
     port: int | None = None,
     on_line: LineCallback | None = None,

@@ -8,7 +8,7 @@ of them; tests pass C{MemoryReactorClock} or a fake of their own.
 
 from __future__ import annotations
 
-from twisted.internet.interfaces import IReactorProcess, IReactorTCP, IReactorTime, IReactorUDP
+from twisted.internet.interfaces import IReactorCore, IReactorProcess, IReactorTCP, IReactorTime, IReactorUDP
 
 __all__ = ["IDriverReactor", "IProcessReactor", "ITcpReactor", "IUdpReactor"]
 
@@ -21,8 +21,8 @@ class IProcessReactor(IReactorProcess, IReactorTime):
     """Child processes and time: ipmitool, ping."""
 
 
-class IUdpReactor(IReactorUDP, IReactorTime):
-    """UDP ports and time: SNMP."""
+class IUdpReactor(IReactorUDP, IReactorCore, IReactorTime):
+    """UDP ports, time and name resolution (C{IReactorCore.resolve}): SNMP."""
 
 
 class IDriverReactor(ITcpReactor, IProcessReactor, IUdpReactor):

@@ -6,26 +6,36 @@ settings and handed to tasks through their context.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 from attrs import frozen
 
 from roller.drivers.liveness import ILiveness, liveness_for
+from roller.drivers.reactor import IDriverReactor
 from roller.inventory import Machine
+
+if TYPE_CHECKING:
+    from roller.bugzilla import BugzillaClient
+    from roller.config import Settings
+    from roller.drivers.ipmi import IpmiTool
+    from roller.drivers.redfish import RedfishDriver
+    from roller.drivers.snmp import SnmpPdus
+    from roller.drivers.ssh import IRemoteShell
+    from roller.drivers.xen import XenApiDriver
 
 
 @frozen
 class Drivers:
-    shell: Any  # roller.drivers.ssh.IRemoteShell
+    shell: IRemoteShell
     liveness: Callable[[Machine], ILiveness]  # a quick liveness probe for a machine
-    ipmi: Any = None  # roller.drivers.ipmi.IpmiTool
-    pdus: Any = None  # roller.drivers.snmp.SnmpPdus (.client is the process's SnmpClient)
-    redfish: Any = None  # roller.drivers.redfish.RedfishDriver
-    xen: Any = None  # roller.drivers.xen.XenApiDriver
-    bugzilla: Any = None  # roller.bugzilla.BugzillaClient; else built per job from the settings
+    ipmi: IpmiTool | None = None
+    pdus: SnmpPdus | None = None  # .client is the process's SnmpClient
+    redfish: RedfishDriver | None = None
+    xen: XenApiDriver | None = None
+    bugzilla: BugzillaClient | None = None  # else built per job from the settings
 
 
-def make_drivers(reactor: Any, settings: Any) -> Drivers:
+def make_drivers(reactor: IDriverReactor, settings: Settings) -> Drivers:
     from roller.drivers.ssh import ConchShell
 
     shell = ConchShell(reactor, settings.ssh_known_hosts, connect_timeout=settings.ssh_connect_timeout,

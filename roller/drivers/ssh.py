@@ -127,7 +127,9 @@ from roller.drivers.known_hosts import (
     host_name,
 )
 from roller.drivers.liveness import LineCallback, call_on_line, validate_address
-from roller.secrets import UnknownCredential
+from roller.drivers.reactor import ITcpReactor
+from roller.inventory import Machine
+from roller.secrets import Secrets, UnknownCredential
 
 log = Logger()
 
@@ -428,8 +430,8 @@ class CommandResult:
 
 
 def ssh_target(
-    machine: Any,
-    secrets: Any,
+    machine: Machine,
+    secrets: Secrets | None,
     default_user: str | None = None,
     default_credential: str | None = None,
     default_policy: str = "strict",
@@ -457,10 +459,12 @@ def ssh_target(
         raise SshConfigError(f"machine {name}: no SSH credential "
                              "(set ssh.credential on the machine or a default)")
     try:
+        if secrets is None:
+            raise UnknownCredential(cred_name)
         cred = secrets.get(cred_name)
     except UnknownCredential as e:
         raise SshConfigError(f"machine {name}: SSH {e}") from None
-    if cred.kind != "ssh-key":
+    if cred.kind != "ssh-key" or cred.path is None:
         raise SshConfigError(f"machine {name}: credential {cred_name!r} is of type {cred.kind}, "
                              "not ssh-key")
     policy = (access.host_key_policy if access else None) or default_policy
@@ -900,7 +904,7 @@ class ConchShell:
     @ivar command_timeout: Seconds for the command to exit once started.
     """
 
-    def __init__(self, reactor: Any, known_hosts_path: str | os.PathLike,
+    def __init__(self, reactor: ITcpReactor, known_hosts_path: str | os.PathLike,
                  connect_timeout: float = 10.0, command_timeout: float = 60.0, max_sessions: int = 100):
         for name, value in (("connect_timeout", connect_timeout),
                             ("command_timeout", command_timeout)):

@@ -12,8 +12,9 @@ L{make_pdus} builds the per-process L{SnmpPdus} from the settings.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from roller.drivers.reactor import IUdpReactor
 from roller.drivers.snmp.client import (
     SnmpAuthError,
     SnmpClient,
@@ -28,6 +29,9 @@ from roller.drivers.snmp.client import (
 )
 from roller.drivers.snmp.models import MODELS, OutletStatus, PduModel, model_for_sys_object_id
 from roller.drivers.snmp.pdu import EndpointPacer, PduOutletPower, SnmpPdus
+
+if TYPE_CHECKING:
+    from roller.config import Settings
 
 __all__ = [
     "EndpointPacer",
@@ -51,7 +55,7 @@ __all__ = [
 ]
 
 
-def make_pdus(reactor: Any, settings: Any = None) -> SnmpPdus:
+def make_pdus(reactor: IUdpReactor, settings: Settings | None = None) -> SnmpPdus:
     """
     The process's L{SnmpPdus} (and its L{SnmpClient}) from the settings'
     C{snmp_*} values; defaults for any that are missing.

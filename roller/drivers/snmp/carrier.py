@@ -35,6 +35,8 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from roller.drivers.reactor import IUdpReactor
+
 log = Logger()
 
 __all__ = [
@@ -65,7 +67,7 @@ class TwistedDispatcher(AbstractTransportDispatcher):
         coarse.
     """
 
-    def __init__(self, reactor: Any, timer_resolution: float = 0.5):
+    def __init__(self, reactor: IUdpReactor, timer_resolution: float = 0.5):
         super().__init__()
         self.reactor = reactor
         self.set_timer_resolution(timer_resolution)
@@ -146,7 +148,7 @@ class _DgramTransport(DatagramProtocol, AbstractTransport):
     DEFAULT_INTERFACE = ""
     noisy = False
 
-    def __init__(self, reactor: Any):
+    def __init__(self, reactor: IUdpReactor):
         self.reactor = reactor
         self._port: Any = None
 
@@ -171,7 +173,7 @@ class _DgramTransport(DatagramProtocol, AbstractTransport):
         if iface is not None:
             host, port = iface[0], iface[1]
         try:
-            self._port = self.reactor.listenUDP(port or 0, self, interface=host)
+            self._port = self.reactor.listenUDP(port or 0, self, interface=host, maxPacketSize=8192)
         except Exception as e:  # noqa: BLE001 -- pysnmp's engine expects a CarrierError for any failure
             raise carrier_error.CarrierError(
                 f"cannot open a UDP socket on {host or '*'}:{port or 0}: {e}") from None

@@ -51,6 +51,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from roller.drivers.errors import DriverError
+from roller.drivers.reactor import IUdpReactor
 from roller.drivers.snmp import ber
 from roller.drivers.snmp.carrier import (
     SNMP_UDP6_DOMAIN,
@@ -713,7 +714,7 @@ class SnmpClient:
     #: The engine's own request expiry, in seconds: a backstop only.
     ENGINE_TIMEOUT = 120.0
 
-    def __init__(self, reactor: Any, *, timeout: float = 2.0, retries: int = 2,
+    def __init__(self, reactor: IUdpReactor, *, timeout: float = 2.0, retries: int = 2,
                  timer_resolution: float = 0.5, idle_close: float = 300.0):
         _check_timeout(timeout)
         _check_retries(retries)

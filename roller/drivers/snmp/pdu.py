@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -62,6 +63,8 @@ from roller.drivers.snmp.models import (
     PduModel,
     model_for_sys_object_id,
 )
+from roller.inventory import Machine
+from roller.secrets import Credential, Secrets
 
 log = Logger()
 
@@ -90,7 +93,7 @@ class EndpointPacer:
     @param min_interval: Seconds of quiet between two operations on a key.
     """
 
-    def __init__(self, clock: Any, min_interval: float = 0.0):
+    def __init__(self, clock: IReactorTime, min_interval: float = 0.0):
         if isinstance(min_interval, bool) or not isinstance(min_interval, (int, float)) or min_interval < 0:
             raise ValueError(f"min_interval must be a non-negative number, not {min_interval!r}")
         self.clock = clock
@@ -192,7 +195,7 @@ class SnmpPdus:
     @param detect_ttl: Seconds a model found by C{auto} is remembered.
     """
 
-    def __init__(self, reactor: Any, client: SnmpClient, *, min_interval: float = 1.0,
+    def __init__(self, reactor: IReactorTime, client: SnmpClient, *, min_interval: float = 1.0,
                  settle_timeout: float = 30.0, reboot_timeout: float = 90.0,
                  poll_interval: float = 1.0, default_off_for: float = 5.0,
                  community_version: str | None = None, detect_ttl: float = 3600.0,
@@ -222,12 +225,12 @@ class SnmpPdus:
 
     # -- building drivers
 
-    def outlet(self, host: str, outlet: str, credential: Any, *, model: str = "auto",
+    def outlet(self, host: str, outlet: str, credential: Credential, *, model: str = "auto",
                port: int = 161, on_progress: ProgressCallback | None = None) -> PduOutletPower:
         """An L{IPowerDriver} for one outlet; raises L{PowerError} (config) at once if unusable."""
         return PduOutletPower(self, host, port, outlet, model, credential, on_progress)
 
-    def for_machine(self, machine: Any, secrets: Any, *,
+    def for_machine(self, machine: Machine, secrets: Secrets | None, *,
                     on_progress: ProgressCallback | None = None) -> PduOutletPower:
         """
         The L{IPowerDriver} of C{machine}'s PDU outlet (its C{pdu}
@@ -323,7 +326,7 @@ class PduOutletPower:
     """
 
     def __init__(self, pdus: SnmpPdus, host: str, port: int, outlet: str, model: str,
-                 credential: Any, on_progress: ProgressCallback | None = None):
+                 credential: Credential, on_progress: ProgressCallback | None = None):
         self.pdus = pdus
         self.host = host
         self.port = port
