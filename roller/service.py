@@ -203,6 +203,7 @@ class RollerService(MultiService):
             allowed_tasks=s.allowed_tasks, scope_prefix=s.scope_prefix, cors_origins=s.cors_origins,
             clock=self.reactor, trusted_proxies=s.trusted_proxies, metrics=self.metrics,
             max_lag=s.heartbeat_max_lag, version_info=load_version(s.version_file), public_url=s.public_url,
+            health=self.health,
         )
         self.dashboard_auth = dashboard_auth = make_dashboard_auth(s, self.store, self.reactor)
         dashboard = Dashboard(

@@ -27,7 +27,7 @@ from roller.tasks import redfish as redfish_task
 from roller.tasks import ssh_reboot
 from roller.tasks import xen as xen_task
 from roller.tasks.base import Param, TaskContext, TaskFailed, TaskSpec
-from roller.tasks.verify import wait_down_then_up
+from roller.tasks.verify import is_alive, wait_down_then_up
 
 
 @frozen
@@ -101,7 +101,9 @@ async def run(ctx: TaskContext, params: Mapping[str, Any]) -> str:
         if reason:
             record(Attempt(name, "skipped", reason))
             continue
-        ctx.log(f"{name}: starting", method=name, step="initiate")
+        # a machine that is down already (dead, powered off) only has to come back up
+        was_down = not await is_alive(checker, address)
+        ctx.log(f"{name}: starting" + (" (the host is down now)" if was_down else ""), method=name, step="initiate")
         try:
             detail = await method.initiate(ctx)
         except TaskFailed as e:
@@ -110,12 +112,14 @@ async def run(ctx: TaskContext, params: Mapping[str, Any]) -> str:
         try:
             down, up = await wait_down_then_up(
                 ctx, checker, address, detail,
-                f"{name}: {detail}; waiting for down (up to {s.reboot_down_timeout:g} s)", method=name)
+                f"{name}: {detail}; waiting for down (up to {s.reboot_down_timeout:g} s)", was_down=was_down,
+                method=name)
         except TaskFailed as e:
             record(Attempt(name, "failed", str(e)))
             continue
         ctx.log(f"up after {up:.0f} s", method=name, step="up")
-        record(Attempt(name, "succeeded", f"down after {down:.0f} s, up after {up:.0f} s"))
+        record(Attempt(name, "succeeded", f"up after {up:.0f} s (it was down before)" if was_down
+                       else f"down after {down:.0f} s, up after {up:.0f} s"))
         return f"{name}: {detail}. Completed in {clock.seconds() - started:.0f} seconds"
     if not attempts:
         raise TaskFailed("failed: no reboot method configured")

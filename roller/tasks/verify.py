@@ -38,25 +38,41 @@ async def wait_for_state(ctx: TaskContext, checker: ILiveness, address: str, *, 
         await deferLater(clock, min(interval, max(deadline - now, 0.0)), lambda: None)
 
 
+async def is_alive(checker: ILiveness, address: str) -> bool:
+    """One liveness check; one that errors counts as "not alive"."""
+    try:
+        return (await checker.check(address)).alive
+    except (LivenessError, DeferredTimeout):
+        return False
+
+
 async def wait_down_then_up(ctx: TaskContext, checker: ILiveness, address: str, what: str, waiting: str,
-                            **fields: Any) -> tuple[float, float]:
+                            *, was_down: bool = False, **fields: Any) -> tuple[float, float]:
     """
     After C{what} was done to the machine: log C{waiting}, wait for it to
     go down within C{reboot.down_timeout}, then to come back within
     C{reboot.up_timeout} (polled every C{reboot.poll_interval}); the
-    seconds each took.  Each step is logged with C{fields}.
+    seconds each took.  Each step is logged with C{fields}.  A machine that
+    was already down before (C{was_down}: a dead machine powered on) only
+    has to come up.
 
     @raise TaskFailed: It did not go down, or not up again, in time; the
         message starts with C{what}.
     """
     s = ctx.config
-    ctx.log(waiting, step="waiting_for_down", **fields)
-    down = await wait_for_state(ctx, checker, address, alive=False, timeout=s.reboot_down_timeout,
-                                interval=s.reboot_poll_interval)
-    if down is None:
-        raise TaskFailed(f"{what}, but the host did not go down within {s.reboot_down_timeout:g} s")
-    ctx.log(f"down after {down:.0f} s; waiting for up (up to {s.reboot_up_timeout:g} s)",
-            step="waiting_for_up", **fields)
+    if was_down:
+        down = 0.0
+        ctx.log(f"{what}; it was down before: waiting for up (up to {s.reboot_up_timeout:g} s)",
+                step="waiting_for_up", **fields)
+    else:
+        ctx.log(waiting, step="waiting_for_down", **fields)
+        found = await wait_for_state(ctx, checker, address, alive=False, timeout=s.reboot_down_timeout,
+                                     interval=s.reboot_poll_interval)
+        if found is None:
+            raise TaskFailed(f"{what}, but the host did not go down within {s.reboot_down_timeout:g} s")
+        down = found
+        ctx.log(f"down after {down:.0f} s; waiting for up (up to {s.reboot_up_timeout:g} s)",
+                step="waiting_for_up", **fields)
     up = await wait_for_state(ctx, checker, address, alive=True, timeout=s.reboot_up_timeout,
                               interval=s.reboot_poll_interval)
     if up is None:

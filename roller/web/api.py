@@ -24,9 +24,10 @@ from werkzeug.exceptions import NotFound as RouteNotFound
 
 from roller import __version__
 from roller.auth import IAuthenticator, Principal
-from roller.errors import BadRequest, Conflict, Forbidden, NotFound, RollerError, Unauthorized
+from roller.errors import BadRequest, Conflict, Forbidden, NotFound, RollerError, Unauthorized, UnavailableError
+from roller.health.watcher import HealthWatcher
 from roller.inventory import Machine, valid_worker_id
-from roller.jobs import PRIORITY_DEFAULT, PRIORITY_MAX, PRIORITY_MIN, State
+from roller.jobs import PRIORITY_DEFAULT, PRIORITY_MAX, PRIORITY_MIN, State, iso
 from roller.json_input import JSONInputError, JSONTooDeep, load_json
 from roller.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from roller.metrics import Metrics
@@ -190,6 +191,21 @@ def _body(request: IRequest, *, required: bool = False) -> Any:
         raise BadRequest(f"the body is not valid JSON: {e}"[:200], code="invalid_json") from None
 
 
+_HEALTH_STATES = ("healthy", "degraded", "down", "unknown", "loaned", "quarantined", "maintenance")
+
+
+def _health_states(value: str | None) -> frozenset[str] | None:
+    """C{?health=down,degraded}: the states asked for, or None for no filter; 400 for an unknown one."""
+    if value is None or not value.strip():
+        return None
+    states = frozenset(v.strip() for v in value.split(",") if v.strip())
+    unknown = sorted(states - set(_HEALTH_STATES))
+    if unknown:
+        raise BadRequest(f"health: unknown state(s) {', '.join(unknown)[:200]} (known: {', '.join(_HEALTH_STATES)})",
+                         code="invalid_query")
+    return states
+
+
 def _check_reason(reason: str) -> str:
     if len(reason) > 1000:
         raise BadRequest("reason must be at most 1000 characters", code="invalid_body")
@@ -222,6 +238,8 @@ class Api:
     version_info: dict = field(factory=load_version, kw_only=True)
     #: roller's public URL (C{server.public_url}): its origin may send mutating requests.
     public_url: str = field(default="", kw_only=True)
+    #: fleet health (L{roller.health.watcher.HealthWatcher}), when the service runs one
+    health: HealthWatcher | None = field(default=None, kw_only=True)
     _allowed_origins: frozenset = field(init=False, factory=frozenset)
 
     app = Klein()
@@ -536,10 +554,91 @@ class Api:
             _worker_id(group, "worker_group")
         limit = _int_arg(request, "limit", 100, 1, 1000)
         offset = _int_arg(request, "offset", 0, 0, 10**9)
-        machines = await self.store.machines.list(
-            worker_group=group, pool=query_arg(request, "pool"), q=query_arg(request, "q"), limit=limit, offset=offset,
-        )
+        pool, q = query_arg(request, "pool"), query_arg(request, "q")
+        states = _health_states(query_arg(request, "health"))
+        if states is None:
+            machines = await self.store.machines.list(worker_group=group, pool=pool, q=q, limit=limit, offset=offset)
+        else:
+            watcher = self._health()
+            needle = (q or "").lower()
+            wanted = [m for m in self.store.machines.snapshot()
+                      if (group is None or m.worker_group == group) and (pool is None or m.pool == pool)
+                      and (not needle or any(needle in (v or "").lower() for v in (m.worker_id, m.fqdn, m.ip)))
+                      and (h := watcher.health_of(m.key)) is not None and h.state.value in states]
+            machines = sorted(wanted, key=lambda m: m.key)[offset:offset + limit]
         return _json(request, {"machines": [m.to_json() for m in machines], "offset": offset, "limit": limit})
+
+    # -- fleet health
+
+    def _health(self) -> HealthWatcher:
+        if self.health is None:
+            raise UnavailableError("fleet health is not running in this roller", code="health_unavailable")
+        return self.health
+
+    @app.route("/api/v1/health", methods=["GET"])
+    async def get_health(self, request: IRequest) -> bytes:
+        self._cors(request)
+        await self._authorize(request, self.scope_prefix + "health:read")
+        return _json(request, self._health().status())
+
+    @app.route("/api/v1/health/pause", methods=["POST"])
+    async def pause_health(self, request: IRequest) -> bytes:
+        self._cors(request)
+        principal = await self._authorize(request, self.scope_prefix + "health:admin")
+        watcher = self._health()
+        await watcher.pause(principal.id)
+        await self._audit(principal, request, "health.pause", "health", "remediation paused")
+        return _json(request, watcher.status())
+
+    @app.route("/api/v1/health/resume", methods=["POST"])
+    async def resume_health(self, request: IRequest) -> bytes:
+        self._cors(request)
+        principal = await self._authorize(request, self.scope_prefix + "health:admin")
+        watcher = self._health()
+        await watcher.resume(principal.id)
+        await self._audit(principal, request, "health.resume", "health", "remediation resumed")
+        return _json(request, watcher.status())
+
+    @app.route("/api/v1/machines/<worker_group>/<worker_id>/health", methods=["GET"])
+    async def get_machine_health(self, request: IRequest, worker_group: str, worker_id: str) -> bytes:
+        self._cors(request)
+        await self._authorize(request, self.scope_prefix + "health:read")
+        machine = await self._machine(worker_group, worker_id)
+        return _json(request, await self._machine_health(machine))
+
+    @app.route("/api/v1/machines/<worker_group>/<worker_id>/maintenance", methods=["PUT"])
+    async def put_maintenance(self, request: IRequest, worker_group: str, worker_id: str) -> bytes:
+        self._cors(request)
+        _worker_id(worker_group, "worker_group")
+        _worker_id(worker_id)
+        principal = await self._authorize(request, self.scope_prefix + "health:admin")
+        body = _body(request, required=True)
+        if not isinstance(body, dict) or not isinstance(body.get("maintenance"), bool) \
+                or set(body) - {"maintenance", "reason"}:
+            raise BadRequest('the body must be {"maintenance": true|false, "reason": "..."}', code="invalid_body")
+        reason = _check_reason(body.get("reason") or "") if isinstance(body.get("reason", ""), str) else None
+        if reason is None:
+            raise BadRequest("reason must be a string", code="invalid_body")
+        machine = await self._machine(worker_group, worker_id)
+        watcher = self._health()
+        await watcher.set_maintenance(machine.key, body["maintenance"], principal.id, reason)
+        await self._audit(principal, request, "machine.maintenance", f"{worker_group}/{worker_id}",
+                          "on" if body["maintenance"] else "off", {"reason": reason})
+        return _json(request, await self._machine_health(machine))
+
+    async def _machine_health(self, machine: Machine) -> dict[str, Any]:
+        watcher = self._health()
+        h = watcher.health_of(machine.key)
+        transitions = await watcher.transitions(machine.key)
+        return {
+            "worker_group": machine.worker_group, "worker_id": machine.worker_id,
+            "pool": machine.pool,
+            "state": h.state.value if h else "unknown", "since": iso(h.since) if h else None,
+            "maintenance": bool(h and h.maintenance),
+            "findings": [{**f.to_json(), "since": iso(f.since)} for f in (h.finding_list() if h else [])],
+            "transitions": [{"time": iso(t.time), "old": t.old, "new": t.new, "reason": t.reason}
+                            for t in transitions],
+        }
 
     @app.route("/api/v1/machines", methods=["POST"])
     async def create_machine(self, request: IRequest) -> bytes:

@@ -670,6 +670,47 @@ def _task_schemas() -> dict[str, Schema]:
     }
 
 
+_HEALTH_STATES = ["healthy", "degraded", "down", "unknown", "loaned", "quarantined", "maintenance"]
+
+
+def _health_schemas() -> dict[str, Schema]:
+    ts = {"type": "string", "format": "date-time"}
+    counts = {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0},
+              "description": "machines per health state"}
+    return {
+        "HealthStatus": _object({
+            "enabled": {"type": "boolean"},
+            "paused": {"type": "boolean", "description": "remediation paused (no new remediation starts)"},
+            "paused_by": {"type": ["string", "null"]},
+            "remediate": {"type": "boolean", "description": "`health.remediate`"},
+            "policies": {"type": "array", "items": {"type": "string"}},
+            "pools": {"type": "object", "additionalProperties": counts, "description": "pool -> state -> count"},
+            "taskcluster": {"type": "object", "additionalProperties": {"type": "string"},
+                            "description": "worker pool -> `ok` or why Taskcluster could not be asked"},
+            "held": {"type": "array", "items": {"type": "string"},
+                     "description": "why remediations were held back at the last decision"},
+            "sweep": {"type": ["object", "null"], "description": "the latest liveness round"},
+        }, ["enabled", "paused", "pools"], closed=False),
+        "MachineHealth": _object({
+            "worker_group": {"type": "string"}, "worker_id": {"type": "string"},
+            "pool": {"type": ["string", "null"]},
+            "state": {"type": "string", "enum": _HEALTH_STATES},
+            "since": {"type": ["string", "null"], "format": "date-time"},
+            "maintenance": {"type": "boolean"},
+            "findings": {"type": "array", "items": _object({
+                "source": {"type": "string"}, "kind": {"type": "string"}, "since": ts,
+                "detail": {"type": "string"}}, ["source", "kind", "since", "detail"])},
+            "transitions": {"type": "array", "items": _object({
+                "time": ts, "old": {"type": "string"}, "new": {"type": "string"}, "reason": {"type": "string"}},
+                ["time", "old", "new", "reason"]), "description": "newest first"},
+        }, ["worker_group", "worker_id", "state", "maintenance", "findings", "transitions"]),
+        "Maintenance": _object({
+            "maintenance": {"type": "boolean"},
+            "reason": {"type": "string", "maxLength": 1000},
+        }, ["maintenance"]),
+    }
+
+
 def _ops_schemas() -> dict[str, Schema]:
     return {
         "Heartbeat": _object({
@@ -888,6 +929,9 @@ def openapi_document(tasks: TaskRegistry, allowed: tuple[str, ...], version: str
                     _param("pool", "query", {"type": "string"}, "Only this pool."),
                     _param("q", "query", {"type": "string"},
                            "Substring of the worker id, fqdn or ip."),
+                    _param("health", "query", {"type": "string", "pattern": "^(" + "|".join(_HEALTH_STATES)
+                                                          + ")(,(" + "|".join(_HEALTH_STATES) + "))*$"},
+                           "Only machines in these health states (comma-separated)."),
                     _int_query("limit", 1, 1000, 100, "Page size"),
                     _int_query("offset", 0, 10**9, 0, "Machines to skip"),
                 ],
@@ -932,6 +976,50 @@ def openapi_document(tasks: TaskRegistry, allowed: tuple[str, ...], version: str
                 description="Its job history is kept. " + secured_note + " Scope: `<prefix>inventory:write`.",
             ),
         },
+        "/api/v1/machines/{worker_group}/{worker_id}/health": {
+            "get": _op(
+                "getMachineHealth", "A machine's health: state, findings and transitions", "health",
+                {"200": _json_response("Its health.", _ref("MachineHealth")),
+                 **_errors("400", "401", "403", "404", "503")},
+                parameters=_machine_path_params(), secured=True,
+                description=secured_note + " Scope: `<prefix>health:read`.",
+            ),
+        },
+        "/api/v1/machines/{worker_group}/{worker_id}/maintenance": {
+            "put": _op(
+                "putMaintenance", "Set or clear a machine's maintenance flag", "health",
+                {"200": _json_response("Its health now.", _ref("MachineHealth")),
+                 **_errors("400", "401", "403", "404", "415", "503")},
+                parameters=_machine_path_params(),
+                body={"required": True, "content": _json_content(_ref("Maintenance"))},
+                secured=True,
+                description="A machine in maintenance is never remediated. Audited. " + secured_note
+                            + " Scope: `<prefix>health:admin`.",
+            ),
+        },
+        "/api/v1/health": {
+            "get": _op(
+                "getHealth", "Fleet health: machines by pool and state, remediation paused or not", "health",
+                {"200": _json_response("The fleet's health.", _ref("HealthStatus")),
+                 **_errors("401", "403", "503")},
+                secured=True, description=secured_note + " Scope: `<prefix>health:read`.",
+            ),
+        },
+        "/api/v1/health/pause": {
+            "post": _op(
+                "pauseRemediation", "Pause remediation (no new remediation starts)", "health",
+                {"200": _json_response("Paused.", _ref("HealthStatus")), **_errors("401", "403", "503")},
+                secured=True, description="Audited; kept across restarts. " + secured_note
+                                          + " Scope: `<prefix>health:admin`.",
+            ),
+        },
+        "/api/v1/health/resume": {
+            "post": _op(
+                "resumeRemediation", "Resume remediation", "health",
+                {"200": _json_response("Resumed.", _ref("HealthStatus")), **_errors("401", "403", "503")},
+                secured=True, description="Audited. " + secured_note + " Scope: `<prefix>health:admin`.",
+            ),
+        },
         "/api/v1/openapi.json": {
             "get": _op("getOpenApi", "This document", "meta",
                        {"200": _json_response("The OpenAPI 3.1 document.", {"type": "object"}), **_errors()}),
@@ -972,6 +1060,7 @@ def openapi_document(tasks: TaskRegistry, allowed: tuple[str, ...], version: str
         **_access_output_schemas(),
         **_access_input_schemas(),
         **_ops_schemas(),
+        **_health_schemas(),
     }
     return {
         "openapi": "3.1.0",

@@ -1,0 +1,180 @@
+"""
+Fleet health end to end: the real RollerService on the real reactor, a
+fleet of simulated machines that really stop listening when their power
+goes off, each with a Redfish service on the same power; liveness sweeps
+by TCP connect, remediation by policy through ordinary `reboot` jobs, and
+the REST API (health, machine health, maintenance, pause/resume, metrics).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest_twisted
+import treq
+from twisted.internet import reactor
+
+from roller.sim.fleet import Fleet
+from roller.store.loans import Loan
+from roller.testing.harness import ApiHarness, free_port, start_roller
+from roller.testing.results import eventually
+
+BASE = "127.0.7."
+POLICY = {"name": "revive", "pools": ["sim"], "when": ["down"], "after": 0, "do": ["reboot"],
+          "max_concurrent": 2, "cooldown": 30, "max_per_day": 5}
+
+
+async def _start(tmp_path: Any, count: int, **settings: Any) -> ApiHarness:
+    fleet = Fleet(reactor, count, BASE, free_port(BASE + "1"), reboot_delay=0.1, down_for=0.6,
+                  redfish=tuple(range(count)), bmc_dir=tmp_path / "bmc")
+    await fleet.start()
+    options = dict(health_sweep_interval=0.25, health_down_after=2, health_probe_timeout=0.5, health_tick=0.1,
+                   health_tc_interval=3600.0, health_remediate=True, health_policies=(POLICY,),
+                   redfish_request_timeout=5.0, redfish_power_timeout=5.0, redfish_poll_interval=0.05,
+                   reboot_poll_interval=0.05)
+    options.update(settings)
+    return await start_roller(tmp_path, fleet, reactor, **options)
+
+
+async def _get(h: ApiHarness, path: str) -> Any:
+    r = await treq.get(h.url + path, pool=h.pool)
+    body = json.loads(await r.content())
+    assert r.code == 200, body
+    return body
+
+
+async def _send(h: ApiHarness, method: str, path: str, body: Any = None) -> Any:
+    r = await treq.request(method, h.url + path, json=body, pool=h.pool)
+    answer = json.loads(await r.content())
+    assert r.code == 200, answer
+    return answer
+
+
+async def _state(h: ApiHarness, worker: str) -> str:
+    return str((await _get(h, f"/api/v1/machines/sim/{worker}/health"))["state"])
+
+
+async def _until_state(h: ApiHarness, worker: str, state: str, timeout: float = 30.0) -> None:
+    async def check() -> bool:
+        return await _state(h, worker) == state
+
+    await eventually(check, f"{worker} {state}", timeout=timeout, interval=0.05, reactor=reactor)
+
+
+async def _health_jobs(h: ApiHarness) -> list[dict]:
+    jobs = (await _get(h, "/api/v1/jobs?limit=200"))["jobs"]
+    return [j for j in jobs if j["requester"] == "roller/health"]
+
+
+def _most_at_once(jobs: list[dict]) -> int:
+    """The most jobs running at the same time, from their recorded start and end times."""
+    edges = []
+    for j in jobs:
+        edges.append((j["started"], 1))
+        edges.append((j["finished"], -1))
+    most = now = 0
+    for _, step in sorted(edges, key=lambda e: (e[0], e[1])):
+        now += step
+        most = max(most, now)
+    return most
+
+
+@pytest_twisted.ensureDeferred
+async def test_dead_machines_are_found_down_rebooted_within_limits_and_healthy_again(tmp_path: Any) -> None:
+    h = await _start(tmp_path, 7)
+    try:
+        for n in range(1, 8):
+            await _until_state(h, f"sim-00{n}", "healthy")
+        # sim-006 is loaned, sim-007 in maintenance: never touched, whatever happens to them
+        store = h.service.store
+        assert store is not None
+        now = reactor.seconds()
+        await store.loans.insert(Loan("sim", "sim-006", "alice", "debugging", now, now + 3600))
+        maintenance = await _send(h, "PUT", "/api/v1/machines/sim/sim-007/maintenance",
+                                  {"maintenance": True, "reason": "new disk"})
+        assert maintenance["state"] == "maintenance" and maintenance["maintenance"]
+        await _until_state(h, "sim-006", "loaned")
+        for n in range(1, 8):
+            if n != 5:
+                h.fleet.machine(f"sim-00{n}").power.power_off()
+        await _until_state(h, "sim-001", "down")
+
+        async def four_remediated() -> list[dict]:  # found down, rebooted by the policy, back up
+            jobs = await _health_jobs(h)
+            return jobs if len(jobs) == 4 and all(j["state"] not in ("queued", "running") for j in jobs) else []
+
+        jobs = await eventually(four_remediated, "four remediations", timeout=60, interval=0.1, reactor=reactor)
+        for n in (1, 2, 3, 4):
+            await _until_state(h, f"sim-00{n}", "healthy")
+        assert sorted(j["worker_id"] for j in jobs) == ["sim-001", "sim-002", "sim-003", "sim-004"]
+        assert all(j["task_name"] == "reboot" and j["state"] == "succeeded" for j in jobs), [(j["worker_id"], j["state"], j.get("error"), j.get("result")) for j in jobs]
+        assert all(j["reason"].startswith("revive: down since ") for j in jobs)
+        assert _most_at_once(jobs) <= 2
+        # the loaned and the maintenance machines stayed dark and untouched
+        assert not h.fleet.machine("sim-006").power.on and not h.fleet.machine("sim-007").power.on
+        assert await _state(h, "sim-006") == "loaned" and await _state(h, "sim-007") == "maintenance"
+        detail = await _get(h, "/api/v1/machines/sim/sim-001/health")
+        states = [(t["old"], t["new"]) for t in detail["transitions"]]
+        assert ("healthy", "down") in states and ("down", "healthy") in states
+        status = await _get(h, "/api/v1/health")
+        assert status["pools"]["sim"]["healthy"] == 5 and not status["paused"]
+        assert sorted(m["worker_id"] for m in (await _get(h, "/api/v1/machines?health=loaned,maintenance"))[
+            "machines"]) == ["sim-006", "sim-007"]
+        metrics = (await (await treq.get(h.url + "/metrics", pool=h.pool)).content()).decode()
+        assert 'roller_machines{health="healthy",pool="sim"} 5.0' in metrics
+        assert 'roller_remediations_total{outcome="queued",policy="revive",task="reboot"} 4.0' in metrics
+        audit = (await _get(h, "/api/v1/audit?limit=100"))["entries"]
+        assert sum(e["actor"] == "roller/health" and e["action"] == "job.create:reboot" for e in audit) == 4
+    finally:
+        await h.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_pause_stops_remediation_and_resume_restarts_it(tmp_path: Any) -> None:
+    h = await _start(tmp_path, 2)
+    try:
+        await _until_state(h, "sim-001", "healthy")
+        paused = await _send(h, "POST", "/api/v1/health/pause")
+        assert paused["paused"] and paused["paused_by"] == "anonymous"
+        h.fleet.machine("sim-001").power.power_off()
+        await _until_state(h, "sim-001", "down")
+        watcher = h.service.health
+        assert watcher is not None
+        ticks = len(watcher.held)
+
+        async def a_few_ticks() -> bool:
+            return "remediation is paused" in watcher.held and watcher.sweep.rounds[-1].number >= 8
+
+        await eventually(a_few_ticks, "ticks while paused", timeout=10, interval=0.05, reactor=reactor)
+        assert ticks is not None and await _health_jobs(h) == []
+        assert await _state(h, "sim-001") == "down"
+        await _send(h, "POST", "/api/v1/health/resume")
+        await _until_state(h, "sim-001", "healthy")
+        assert [j["worker_id"] for j in await _health_jobs(h)] == ["sim-001"]
+        actions = [e["action"] for e in (await _get(h, "/api/v1/audit?limit=100"))["entries"]]
+        assert "health.pause" in actions and "health.resume" in actions
+    finally:
+        await h.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_dry_run_queues_nothing_and_reports(tmp_path: Any) -> None:
+    h = await _start(tmp_path, 1, health_policies=({**POLICY, "dry_run": True},))
+    try:
+        await _until_state(h, "sim-001", "healthy")
+        h.fleet.machine("sim-001").power.power_off()
+        await _until_state(h, "sim-001", "down")
+        watcher = h.service.health
+        assert watcher is not None
+
+        async def reported() -> bool:
+            return ("revive", "reboot", "dry_run") in watcher.remediated
+
+        await eventually(reported, "dry run reported", timeout=10, interval=0.05, reactor=reactor)
+        assert await _health_jobs(h) == [] and await _state(h, "sim-001") == "down"
+        assert not h.fleet.machine("sim-001").power.on
+        metrics = (await (await treq.get(h.url + "/metrics", pool=h.pool)).content()).decode()
+        assert 'roller_remediations_total{outcome="dry_run",policy="revive",task="reboot"} 1.0' in metrics
+    finally:
+        await h.stop()
