@@ -67,12 +67,23 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--dry-run", action="store_true", help="report what would change; change nothing")
     imp.add_argument("--json", action="store_true", help="print the report as JSON")
 
-    m = sub.add_parser("machines", help="list machines")
+    m = sub.add_parser("machines", help="list machines; or set a machine's maintenance flag")
+    m.add_argument("worker_id", nargs="?", help="with --maintenance: the machine")
     m.add_argument("--group")
     m.add_argument("--pool")
     m.add_argument("--search", "-q")
     m.add_argument("--limit", type=int, default=1000)
     m.add_argument("--json", action="store_true")
+    m.add_argument("--maintenance", choices=("on", "off"),
+                   help="put WORKER_ID in maintenance (never remediated) or take it out")
+    m.add_argument("--reason", default="", help="why (with --maintenance; recorded and audited)")
+
+    hl = sub.add_parser("health", help="fleet health: machines by pool and state, the sick ones and why; "
+                                       "pause or resume remediation")
+    hl.add_argument("action", nargs="?", choices=("show", "pause", "resume"), default="show")
+    hl.add_argument("--pool", help="only this pool")
+    hl.add_argument("--all", action="store_true", help="list every machine, not only those with findings")
+    hl.add_argument("--json", action="store_true")
 
     sub.add_parser("simulate", help="run a fleet of simulated machines (SSH servers that really reboot); "
                                     "see `roller simulate --help`")
@@ -221,6 +232,11 @@ async def cmd_import(reactor: IRollerReactor, settings: Settings, args: argparse
 
 
 async def cmd_machines(reactor: IRollerReactor, settings: Settings, args: argparse.Namespace, out: Any) -> int:
+    if args.maintenance is not None:
+        return await _maintenance(reactor, settings, args, out)
+    if args.worker_id is not None:
+        raise CliError("a worker id is given only with --maintenance on|off")
+
     async def go(store: Store) -> int:
         machines = await store.machines.list(worker_group=args.group, pool=args.pool, q=args.search,
                                              limit=args.limit)
@@ -232,6 +248,76 @@ async def cmd_machines(reactor: IRollerReactor, settings: Settings, args: argpar
             out.write(f"{m.worker_group:<16} {m.worker_id:<32} {m.address or '-':<24} "
                       f"{m.pool or '-':<16} {methods or '-'}\n")
         out.write(f"{len(machines)} machine(s)\n")
+        return 0
+
+    return await _with_store(reactor, settings, go)
+
+
+async def _maintenance(reactor: IRollerReactor, settings: Settings, args: argparse.Namespace, out: Any) -> int:
+    if not args.worker_id:
+        raise CliError("--maintenance needs the machine: roller machines WORKER_ID --maintenance on|off")
+    if len(args.reason) > 1000:
+        raise CliError("--reason must be at most 1000 characters")
+    on = args.maintenance == "on"
+
+    async def go(store: Store) -> int:
+        found = await store.machines.by_worker_id(args.worker_id)
+        if args.group is not None:
+            found = [m for m in found if m.worker_group == args.group]
+        if not found:
+            raise CliError(f"no machine {args.worker_id[:100]!r}" + (f" in group {args.group!r}" if args.group else ""))
+        if len(found) > 1:
+            raise CliError(f"{args.worker_id} is in several groups ({', '.join(m.worker_group for m in found)}): "
+                           "say which with --group")
+        machine = found[0]
+        actor = _cli_actor()
+        text = f"{actor}: {args.reason}" if args.reason else actor
+        now = reactor.seconds()
+        await store.health.set_maintenance(machine.key, on, text, now)
+        await store.audit.add(AuditEntry(time=now, actor=actor, action="machine.maintenance",
+                                         target=f"{machine.worker_group}/{machine.worker_id}",
+                                         result=args.maintenance, params={"reason": args.reason}))
+        out.write(f"{machine.worker_group}/{machine.worker_id}: maintenance {args.maintenance}"
+                  + (" (a running roller picks it up within health.tick seconds)\n"))
+        return 0
+
+    return await _with_store(reactor, settings, go)
+
+
+async def cmd_health(reactor: IRollerReactor, settings: Settings, args: argparse.Namespace, out: Any) -> int:
+    async def go(store: Store) -> int:
+        actor = _cli_actor()
+        if args.action in ("pause", "resume"):
+            await store.health.set_flag("remediation_paused", actor if args.action == "pause" else "")
+            await store.audit.add(AuditEntry(time=reactor.seconds(), actor=actor, action=f"health.{args.action}",
+                                             target="health", result=f"remediation {args.action}d"))
+            out.write(f"remediation {args.action}d (a running roller stops or starts within health.tick seconds)\n")
+            return 0
+        pools = {m.key: m.pool or "" for m in store.machines.snapshot()}
+        rows = [r for r in await store.health.all() if (r.worker_group, r.worker_id) in pools
+                and (args.pool is None or pools[(r.worker_group, r.worker_id)] == args.pool)]
+        paused = await store.health.flag("remediation_paused")
+        if args.json:
+            out.write(json.dumps({"paused": bool(paused), "paused_by": paused or None, "machines": [
+                {"worker_group": r.worker_group, "worker_id": r.worker_id,
+                 "pool": pools[(r.worker_group, r.worker_id)], "state": r.state, "since": iso(r.since),
+                 "maintenance": r.maintenance, "findings": list(r.findings)} for r in rows]}, indent=2) + "\n")
+            return 0
+        counts: dict[str, dict[str, int]] = {}
+        for r in rows:
+            by = counts.setdefault(pools[(r.worker_group, r.worker_id)], {})
+            by[r.state] = by.get(r.state, 0) + 1
+        out.write(f"remediation {'paused by ' + paused if paused else 'not paused'}\n")
+        for pool, by in sorted(counts.items()):
+            out.write(f"{pool or '(no pool)':<24} " + "  ".join(f"{k} {v}" for k, v in sorted(by.items())) + "\n")
+        unseen = len(pools) - len(rows) if args.pool is None else 0
+        if unseen > 0:
+            out.write(f"{unseen} machine(s) not checked yet\n")
+        for r in sorted(rows, key=lambda r: (r.state == "healthy", r.worker_group, r.worker_id)):
+            if not args.all and not r.findings and r.state == "healthy":
+                continue
+            why = "; ".join(f"{f['kind']}: {f['detail']}" for f in r.findings) or "-"
+            out.write(f"{r.worker_group}/{r.worker_id:<32} {r.state:<12} since {iso(r.since)}  {why}\n")
         return 0
 
     return await _with_store(reactor, settings, go)
@@ -401,8 +487,8 @@ async def cmd_config(reactor: IRollerReactor, settings: Settings, args: argparse
     return 0
 
 
-COMMANDS = {"config": cmd_config, "run": cmd_run, "import": cmd_import, "machines": cmd_machines, "jobs": cmd_jobs,
-            "audit": cmd_audit, "user": cmd_user, "actions": cmd_actions}
+COMMANDS = {"health": cmd_health, "config": cmd_config, "run": cmd_run, "import": cmd_import,
+            "machines": cmd_machines, "jobs": cmd_jobs, "audit": cmd_audit, "user": cmd_user, "actions": cmd_actions}
 
 
 async def execute(reactor: IRollerReactor, args: argparse.Namespace, out: Any, err: Any) -> int:

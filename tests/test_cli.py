@@ -121,3 +121,32 @@ def test_config_lists_every_key_with_its_meaning(tmp_path):
 
     r = roller(tmp_path / "state", "config", "queue.nope")
     assert r.returncode == 2 and "unknown setting(s) queue.nope" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_maintenance_and_health_from_the_command_line(tmp_path):
+    src = tmp_path / "ipmi.json"
+    src.write_text(json.dumps(IPMI_JSON))
+    state = tmp_path / "state"
+    assert roller(state, "import", str(src), "--group", "mdc1").returncode == 0
+    r = roller(state, "machines", "10-49-58-3", "--maintenance", "on", "--reason", "new disk")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("mdc1/10-49-58-3: maintenance on")
+    r = roller(state, "health", "--json")
+    (m,) = [m for m in json.loads(r.stdout)["machines"] if m["worker_id"] == "10-49-58-3"]
+    assert m["maintenance"] and m["state"] == "maintenance"
+    r = roller(state, "health", "pause")
+    assert r.returncode == 0 and "remediation paused" in r.stdout
+    shown = roller(state, "health")
+    assert shown.returncode == 0 and "remediation paused by cli:" in shown.stdout
+    assert "mdc1/10-49-58-3" in shown.stdout and "maintenance" in shown.stdout
+    audit = json.loads(roller(state, "audit", "--json").stdout)
+    assert {"machine.maintenance", "health.pause"} <= {e["action"] for e in audit}
+    r = roller(state, "machines", "10-49-58-3", "--maintenance", "off")
+    assert r.returncode == 0
+    assert not [m for m in json.loads(roller(state, "health", "--json").stdout)["machines"] if m["maintenance"]]
+    # mistakes are one readable line
+    for args, message in ((("machines", "nope", "--maintenance", "on"), "no machine 'nope'"),
+                          (("machines", "--maintenance", "on"), "--maintenance needs the machine"),
+                          (("machines", "10-49-58-3"), "only with --maintenance")):
+        r = roller(state, *args)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -13,19 +13,25 @@ KEY = ("mdc1", "w1")
 def test_health_is_saved_with_its_transition_and_read_back(tmp_path: Path) -> None:
     store, _ = sync_store(str(tmp_path / "h.db"))
     finding = {"source": "liveness", "kind": "down", "since": 10.0, "detail": "2 checks failed"}
-    result_of(store.health.save(KEY, "down", 20.0, [finding], False, "", TransitionRow(20.0, "healthy", "down",
-                                                                                       "no reply")))
-    result_of(store.health.save(KEY, "maintenance", 30.0, [finding], True, "alice: disk",
+    result_of(store.health.save(KEY, "down", 20.0, [finding], TransitionRow(20.0, "healthy", "down", "no reply")))
+    result_of(store.health.set_maintenance(KEY, True, "alice: disk", 25.0))
+    # a later save (the watcher's) does not touch the flag another process set
+    result_of(store.health.save(KEY, "maintenance", 30.0, [finding],
                                 TransitionRow(30.0, "down", "maintenance", "alice: disk")))
-    result_of(store.health.save(("mdc1", "w2"), "healthy", 5.0, [], False, "", None))
+    result_of(store.health.save(("mdc1", "w2"), "healthy", 5.0, [], None))
+    assert result_of(store.health.maintenance()) == {KEY: "alice: disk"}
     rows = {(r.worker_group, r.worker_id): r for r in result_of(store.health.all())}
     assert rows[KEY].state == "maintenance" and rows[KEY].maintenance and rows[KEY].maintenance_reason == "alice: disk"
     assert rows[KEY].findings == (finding,) and rows[("mdc1", "w2")].state == "healthy"
     assert [(t.old, t.new) for t in result_of(store.health.transitions(KEY))] == [
         ("down", "maintenance"), ("healthy", "down")]
     assert result_of(store.health.transitions(("mdc1", "w2"))) == []
+    result_of(store.health.set_maintenance(KEY, False, "", 40.0))
+    assert result_of(store.health.maintenance()) == {}
+    result_of(store.health.set_maintenance(("mdc1", "w9"), True, "new", 41.0))  # no health row yet
+    assert result_of(store.health.maintenance()) == {("mdc1", "w9"): "new"}
     result_of(store.health.forget(KEY))
-    assert [r.worker_id for r in result_of(store.health.all())] == ["w2"]
+    assert sorted(r.worker_id for r in result_of(store.health.all())) == ["w2", "w9"]
 
 
 def test_remediations_and_flags(tmp_path: Path) -> None:

@@ -255,11 +255,33 @@ class HealthWatcher:
 
     async def set_maintenance(self, key: Key, on: bool, actor: str, reason: str = "") -> MachineHealth:
         text = f"{actor}: {reason}" if reason else actor
+        await self.store.health.set_maintenance(key, on, text, self.clock.seconds())
         self._maintenance_reason[key] = text if on else ""
         h = self.tracker.set_maintenance(key, on, f"maintenance {'on' if on else 'off'} by {text}")
         self._mark(key)
         await self._flush()
         return h
+
+    async def _refresh_flags(self) -> None:
+        """Maintenance flags and the pause that another process (the C{roller} command) set."""
+        try:
+            flags = await self.store.health.maintenance()
+            paused = await self.store.health.flag(PAUSED_FLAG)
+        except StoreError as e:
+            log.warn("Health: maintenance flags could not be read ({error})", error=e)
+            return
+        for key, reason in flags.items():
+            h = self.tracker.machines.get(key)
+            if h is None or not h.maintenance:
+                self._maintenance_reason[key] = reason
+                self.tracker.set_maintenance(key, True, f"maintenance on by {reason or 'another process'}")
+                self._mark(key)
+        for key, h in list(self.tracker.machines.items()):
+            if h.maintenance and key not in flags:
+                self._maintenance_reason[key] = ""
+                self.tracker.set_maintenance(key, False, "maintenance off (by another process)")
+                self._mark(key)
+        self.paused, self.paused_by = bool(paused), paused or ""
 
     async def pause(self, actor: str) -> None:
         await self.store.health.set_flag(PAUSED_FLAG, actor)
@@ -309,7 +331,7 @@ class HealthWatcher:
             row = None if t is None else TransitionRow(t.time, t.old.value, t.new.value, t.reason)
             try:
                 await self.store.health.save(key, h.state.value, h.since, [f.to_json() for f in h.finding_list()],
-                                             h.maintenance, self._maintenance_reason.get(key, ""), row)
+                                             row)
             except StoreError as e:
                 log.warn("Health of {group}/{worker} not recorded yet ({error}); retried at the next change or "
                          "tick", group=key[0], worker=key[1], error=e)
@@ -328,6 +350,7 @@ class HealthWatcher:
 
     async def _tick(self) -> None:
         await self._refresh_loans()
+        await self._refresh_flags()
         if self._dirty:
             await self._flush()
         if not self.settings.health_remediate or not self.policies:

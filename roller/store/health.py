@@ -76,23 +76,39 @@ class HealthTable:
         return self._db.read(run)
 
     def save(self, key: tuple[str, str], state: str, since: float, findings: builtins.list[dict[str, Any]],
-             maintenance: bool, maintenance_reason: str, transition: TransitionRow | None) -> Deferred[None]:
-        """Write a machine's health (and the transition that led to it, if any) in one transaction."""
+             transition: TransitionRow | None) -> Deferred[None]:
+        """
+        Write a machine's health (and the transition that led to it, if any)
+        in one transaction.  The maintenance flag is not written here: only
+        L{set_maintenance} changes it, so a flag set by another process (the
+        C{roller} command) is never overwritten.
+        """
         data = json.dumps(findings)
 
         def run(c: Cursor) -> None:
-            c.execute("INSERT INTO health (worker_group, worker_id, state, since, findings, maintenance,"
-                      " maintenance_reason) VALUES (?, ?, ?, ?, ?, ?, ?)"
+            c.execute("INSERT INTO health (worker_group, worker_id, state, since, findings) VALUES (?, ?, ?, ?, ?)"
                       " ON CONFLICT (worker_group, worker_id) DO UPDATE SET state = excluded.state,"
-                      " since = excluded.since, findings = excluded.findings,"
-                      " maintenance = excluded.maintenance, maintenance_reason = excluded.maintenance_reason",
-                      (*key, state, since, data, int(maintenance), maintenance_reason))
+                      " since = excluded.since, findings = excluded.findings",
+                      (*key, state, since, data))
             if transition is not None:
                 c.execute("INSERT INTO health_transitions (worker_group, worker_id, time, old, new, reason)"
                           " VALUES (?, ?, ?, ?, ?, ?)", (*key, transition.time, transition.old,
                                                          transition.new, transition.reason))
 
         return self._db.write(run)
+
+    def set_maintenance(self, key: tuple[str, str], on: bool, reason: str, now: float) -> Deferred[None]:
+        """Set or clear a machine's maintenance flag (the health watcher picks it up)."""
+        return self._db.write(lambda c: c.execute(
+            "INSERT INTO health (worker_group, worker_id, state, since, maintenance, maintenance_reason)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (worker_group, worker_id) DO UPDATE SET"
+            " maintenance = excluded.maintenance, maintenance_reason = excluded.maintenance_reason",
+            (*key, "maintenance" if on else "unknown", now, int(on), reason if on else "")) and None)
+
+    def maintenance(self) -> Deferred[dict[tuple[str, str], str]]:
+        """The machines in maintenance, with the reason given."""
+        return self._db.read(lambda c: {(r[0], r[1]): r[2] for r in c.execute(
+            "SELECT worker_group, worker_id, maintenance_reason FROM health WHERE maintenance = 1").fetchall()})
 
     def transitions(self, key: tuple[str, str], limit: int = 50) -> Deferred[builtins.list[TransitionRow]]:
         """A machine's transitions, newest first."""
