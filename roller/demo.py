@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from attrs import frozen
 
@@ -55,10 +55,12 @@ async def seed_demo_fleet(store: Store, extra: Sequence[Mapping[str, Any]] = ())
 
 async def start_demo_fleet(reactor: IRollerReactor, state_dir: str, *, count: int, ssh_port: int,
                            down_for: float = 8.0, reboot_delay: float = 1.0) -> DemoFleet:
-    from roller.sim.fleet import Fleet
+    from roller.sim.fleet import Fleet, IFleetReactor
 
-    fleet = Fleet(reactor, count, "127.0.1.", ssh_port, reboot_delay=reboot_delay, down_for=down_for,
-                  worker_prefix="sim", credential="demo-fleet-ssh")
+    # the process's reactor provides every IReactor* interface; IRollerReactor names the ones roller's
+    # own code uses, and the simulator's UNIX listeners are not among them
+    fleet = Fleet(cast(IFleetReactor, reactor), count, "127.0.1.", ssh_port, reboot_delay=reboot_delay,
+                  down_for=down_for, worker_prefix="sim", credential="demo-fleet-ssh")
     await fleet.start()
     files = fleet.write_client_files(os.path.join(state_dir, "demo"))
     return DemoFleet(fleet=fleet, secrets=load_secrets(files.secrets), known_hosts=files.known_hosts_openssh)

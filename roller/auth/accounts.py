@@ -52,7 +52,7 @@ import os
 import re
 import secrets
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from attrs import define, field
 from twisted.internet.defer import Deferred, ensureDeferred
@@ -339,6 +339,10 @@ def _minutes(seconds: float) -> str:
     return f"{m} minute{'s' if m != 1 else ''}"
 
 
+
+def _str_tuple(values: Iterable[str]) -> tuple[str, ...]:
+    return tuple(values)
+
 @implementer(IDashboardAuth)
 @define
 class AccountAuth:
@@ -359,7 +363,7 @@ class AccountAuth:
     clock: IReactorTime
     hasher: PasswordHasher
     scope_prefix: str = "project:releng:roller:"
-    tasks: tuple[str, ...] = field(default=(), converter=tuple)
+    tasks: tuple[str, ...] = field(default=(), converter=_str_tuple)
     session_idle: float = 12 * 3600.0
     session_max: float = 7 * 86400.0
     max_failures: int = 5
