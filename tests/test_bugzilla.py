@@ -56,6 +56,15 @@ MACHINE = {"worker_id": "t-linux64-ms-001", "worker_group": "mdc1", "fqdn": "t-l
            "ip": "10.49.40.1", "ssh": {"user": "u", "port": 22}, "bug_cc": ["owner@example.com"]}
 
 
+class Up:
+    """A liveness check that finds the machine up, without sending anything."""
+
+    def check(self, address: str) -> Deferred:
+        from roller.drivers.liveness import LivenessResult
+
+        return succeed(LivenessResult(True, f"{address} is up (scripted)"))
+
+
 def context(fake: FakeBugzilla, *, clock: Any = None, shell: Any = None, key: str = KEY, **settings: Any):
     s = evolve(load_settings(None, {}, {}), bugzilla_url=fake.url, bugzilla_cc=("relops@example.com",),
                ssh_credential="sshkey", **settings)
@@ -65,7 +74,7 @@ def context(fake: FakeBugzilla, *, clock: Any = None, shell: Any = None, key: st
     events: list[tuple[str, dict]] = []
     job = Job(id="job-1", task_name="reboot", worker_id=machine.worker_id, worker_group=machine.worker_group,
               created_at=0.0, requester="client/ci", reason="stuck in a loop")
-    drivers = Drivers(shell=shell, liveness=lambda m: None)
+    drivers = Drivers(shell=shell, liveness=lambda m: Up())
     ctx = TaskContext(job=job, machine=machine, reactor=clock or reactor,
                       log=lambda m, **d: events.append((m, d)), settings=s, secrets=secrets, drivers=drivers)
     return ctx, events

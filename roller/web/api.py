@@ -24,7 +24,7 @@ from werkzeug.exceptions import NotFound as RouteNotFound
 
 from roller import __version__
 from roller.auth import IAuthenticator, Principal
-from roller.errors import BadRequest, Conflict, Forbidden, NotFound, RollerError, Unauthorized, UnavailableError
+from roller.errors import BadRequest, Conflict, Forbidden, NotFound, RollerError, Unauthorized
 from roller.health.watcher import HealthWatcher
 from roller.inventory import Machine, valid_worker_id
 from roller.jobs import PRIORITY_DEFAULT, PRIORITY_MAX, PRIORITY_MIN, State, iso
@@ -196,10 +196,11 @@ _HEALTH_STATES = ("healthy", "degraded", "down", "unknown", "loaned", "quarantin
 
 def _health_states(value: str | None) -> frozenset[str] | None:
     """C{?health=down,degraded}: the states asked for, or None for no filter; 400 for an unknown one."""
-    if value is None or not value.strip():
+    if not value:
         return None
-    states = frozenset(v.strip() for v in value.split(",") if v.strip())
-    unknown = sorted(states - set(_HEALTH_STATES))
+    names = value.split(",")
+    states = frozenset(names)
+    unknown = sorted(repr(n) if not n else n for n in states - set(_HEALTH_STATES))
     if unknown:
         raise BadRequest(f"health: unknown state(s) {', '.join(unknown)[:200]} (known: {', '.join(_HEALTH_STATES)})",
                          code="invalid_query")
@@ -571,8 +572,8 @@ class Api:
     # -- fleet health
 
     def _health(self) -> HealthWatcher:
-        if self.health is None:
-            raise UnavailableError("fleet health is not running in this roller", code="health_unavailable")
+        if self.health is None:  # an API built without the service's watcher (tests, tools)
+            raise NotFound("fleet health is not part of this API", code="not_found")
         return self.health
 
     @app.route("/api/v1/health", methods=["GET"])

@@ -923,15 +923,15 @@ def openapi_document(tasks: TaskRegistry, allowed: tuple[str, ...], version: str
             "get": _op(
                 "listMachines", "List machines", "machines",
                 {"200": _json_response("A page of machines, by worker group and worker id.", _ref("MachineList")),
-                 **_errors("400", "401", "403", "503")},
+                 **_errors("400", "401", "403", "404", "503")},
                 parameters=[
                     _param("worker_group", "query", _string(WORKER_ID_PATTERN), "Only this worker group."),
                     _param("pool", "query", {"type": "string"}, "Only this pool."),
                     _param("q", "query", {"type": "string"},
                            "Substring of the worker id, fqdn or ip."),
-                    _param("health", "query", {"type": "string", "pattern": "^(" + "|".join(_HEALTH_STATES)
+                    _param("health", "query", {"type": "string", "pattern": "^$|^(" + "|".join(_HEALTH_STATES)
                                                           + ")(,(" + "|".join(_HEALTH_STATES) + "))*$"},
-                           "Only machines in these health states (comma-separated)."),
+                           "Only machines in these health states (comma-separated; empty: no filter)."),
                     _int_query("limit", 1, 1000, 100, "Page size"),
                     _int_query("offset", 0, 10**9, 0, "Machines to skip"),
                 ],
@@ -1001,14 +1001,14 @@ def openapi_document(tasks: TaskRegistry, allowed: tuple[str, ...], version: str
             "get": _op(
                 "getHealth", "Fleet health: machines by pool and state, remediation paused or not", "health",
                 {"200": _json_response("The fleet's health.", _ref("HealthStatus")),
-                 **_errors("401", "403", "503")},
+                 **_errors("401", "403", "404", "503")},
                 secured=True, description=secured_note + " Scope: `<prefix>health:read`.",
             ),
         },
         "/api/v1/health/pause": {
             "post": _op(
                 "pauseRemediation", "Pause remediation (no new remediation starts)", "health",
-                {"200": _json_response("Paused.", _ref("HealthStatus")), **_errors("401", "403", "503")},
+                {"200": _json_response("Paused.", _ref("HealthStatus")), **_errors("401", "403", "404", "503")},
                 secured=True, description="Audited; kept across restarts. " + secured_note
                                           + " Scope: `<prefix>health:admin`.",
             ),
@@ -1016,7 +1016,7 @@ def openapi_document(tasks: TaskRegistry, allowed: tuple[str, ...], version: str
         "/api/v1/health/resume": {
             "post": _op(
                 "resumeRemediation", "Resume remediation", "health",
-                {"200": _json_response("Resumed.", _ref("HealthStatus")), **_errors("401", "403", "503")},
+                {"200": _json_response("Resumed.", _ref("HealthStatus")), **_errors("401", "403", "404", "503")},
                 secured=True, description="Audited. " + secured_note + " Scope: `<prefix>health:admin`.",
             ),
         },
