@@ -437,6 +437,11 @@ class HealthWatcher:
     def health_of(self, key: Key) -> MachineHealth | None:
         return self.tracker.machines.get(key)
 
+    def state_of(self, key: Key) -> str:
+        """A machine's health state; C{unknown} for one not checked yet."""
+        h = self.tracker.machines.get(key)
+        return h.state.value if h is not None else Health.unknown.value
+
     def transitions(self, key: Key, limit: int = 50) -> Deferred[list[TransitionRow]]:
         return self.store.health.transitions(key, limit) if self.store is not None else succeed([])
 

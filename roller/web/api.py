@@ -565,7 +565,7 @@ class Api:
             wanted = [m for m in self.store.machines.snapshot()
                       if (group is None or m.worker_group == group) and (pool is None or m.pool == pool)
                       and (not needle or any(needle in (v or "").lower() for v in (m.worker_id, m.fqdn, m.ip)))
-                      and ((h := watcher.health_of(m.key)).state.value if h else "unknown") in states]
+                      and watcher.state_of(m.key) in states]
             machines = sorted(wanted, key=lambda m: m.key)[offset:offset + limit]
         return _json(request, {"machines": [m.to_json() for m in machines], "offset": offset, "limit": limit})
 
