@@ -208,7 +208,7 @@ class RollerService(MultiService):
         self.dashboard_auth = dashboard_auth = make_dashboard_auth(s, self.store, self.reactor)
         dashboard = Dashboard(
             self.store, self.queue, tasks, s.allowed_tasks, clock=self.reactor, hub=self.hub,
-            auth=dashboard_auth, scope_prefix=s.scope_prefix, trusted_proxies=s.trusted_proxies,
+            auth=dashboard_auth, scope_prefix=s.scope_prefix, trusted_proxies=s.trusted_proxies, health=self.health,
         )
         admin = InventoryAdmin(dashboard, self.store, secrets_file=s.secrets_file,
                                threadpool=self.reactor.getThreadPool())

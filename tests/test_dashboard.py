@@ -982,3 +982,64 @@ def test_row_cache_works_out_each_ago_once_a_second():
     assert [cache.ago(5.0, 100.2, fmt), cache.ago(5.0, 100.9, fmt), cache.ago(7.0, 100.9, fmt)] == ["5", "5", "7"]
     assert calls == [5.0, 7.0]
     assert cache.ago(5.0, 101.0, fmt) == "5" and calls == [5.0, 7.0, 5.0]  # a new second: worked out again
+
+
+# -- fleet health --------------------------------------------------------------------------
+
+
+def health_env(tmp_path: Path) -> tuple[Env, Any]:
+    from attrs import evolve
+
+    from roller.config import load_settings
+    from roller.health.watcher import HealthWatcher
+
+    e = make_env(tmp_path)
+    e.clock.advance(1_700_000_000)
+    e.add_machine("m1", "g1", ip="192.0.2.1", pool="mac")
+    e.add_machine("m2", "g1", ip="192.0.2.2", pool="mac")
+    settings = evolve(load_settings(None, {}, {}), health_enabled=False)
+    watcher = HealthWatcher(e.clock, e.store, e.queue, settings)  # type: ignore[arg-type]
+    run(watcher.start())
+    e.dashboard.health = watcher
+    return e, watcher
+
+
+def test_fleet_shows_health_filters_by_it_and_pauses_remediation(tmp_path: Path) -> None:
+    e, watcher = health_env(tmp_path)
+    watcher.tracker.liveness(("g1", "m1"), True, "up")
+    for _ in range(2):
+        watcher.tracker.liveness(("g1", "m2"), False, "no reply")
+    run(watcher._flush())
+    html = e.get("/").text
+    assert '<span class="health health-healthy">healthy</span>' in html
+    assert '<span class="health health-down">down</span>' in html
+    down = e.get("/?health=down").text
+    assert [r for r in rows_of(down)] and "m2" in down and "/machines/g1/m1" not in down
+    assert e.get("/?health=sad").code == 400
+    assert "Remediation is off" in html
+    token = csrf_of(html)
+    r = e.post("/health/pause", form={"csrf_token": token}, headers={"Origin": BASE})
+    assert r.code == 303 and watcher.paused and watcher.paused_by == "dashboard:local"
+    assert "Remediation is paused" in e.get("/").text
+    assert e.post("/health/pause", form={"csrf_token": "forged"}, headers={"Origin": BASE}).code == 403
+    r = e.post("/health/resume", form={"csrf_token": token}, headers={"Origin": BASE})
+    assert r.code == 303 and not watcher.paused
+    assert [a.action for a in e.audit()][:2] == ["health.resume", "health.pause"]
+
+
+def test_machine_page_health_and_maintenance_toggle(tmp_path: Path) -> None:
+    e, watcher = health_env(tmp_path)
+    page = e.get("/machines/g1/m1").text
+    assert "Health: <span class=\"health health-unknown\">unknown</span>" in page and "Not checked yet" in page
+    token = csrf_of(page)
+    r = e.post("/machines/g1/m1/maintenance", form={"csrf_token": token, "maintenance": "on", "reason": "disk"},
+               headers={"Origin": BASE})
+    assert r.code == 303 and watcher.tracker.get(("g1", "m1")).maintenance
+    page = e.get("/machines/g1/m1").text
+    assert "health-maintenance" in page and "End maintenance" in page
+    assert result_of(e.store.health.maintenance()) == {("g1", "m1"): "dashboard:local: disk"}
+    assert e.post("/machines/g1/m1/maintenance", form={"csrf_token": token, "maintenance": "maybe"},
+                  headers={"Origin": BASE}).code == 400
+    e.post("/machines/g1/m1/maintenance", form={"csrf_token": token, "maintenance": "off"}, headers={"Origin": BASE})
+    assert not watcher.tracker.get(("g1", "m1")).maintenance
+    assert [a.action for a in e.audit()].count("machine.maintenance") == 2

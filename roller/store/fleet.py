@@ -39,6 +39,10 @@ SORTS: dict[str, tuple[str, str, str]] = {
     "last": ("last job time", f"{_WHEN} IS NULL, {_WHEN} {{d}}", "desc"),
 }
 FILTER_STATES = (*(s.value for s in State), NEVER)
+#: fleet health states (L{roller.health.model.Health}); a machine without a health row is unknown
+HEALTH_STATES = ("healthy", "degraded", "down", "unknown", "loaned", "quarantined", "maintenance")
+_HEALTH_OF = ("COALESCE((SELECT h.state FROM health h WHERE h.worker_group = m.worker_group"
+              " AND h.worker_id = m.worker_id), 'unknown')")
 
 
 @frozen
@@ -47,6 +51,7 @@ class FleetFilter:
     group: str | None = None
     pool: str | None = None
     state: str | None = None  # a State value or NEVER
+    health: str | None = None  # one of HEALTH_STATES
 
 
 @frozen
@@ -76,6 +81,7 @@ class FleetRow:
     last: LastJob | None
     loan: LoanState | None = None
     liveness: Liveness | None = None
+    health: str | None = None  # the health state recorded (None: not checked yet)
 
 
 @frozen
@@ -103,8 +109,8 @@ class Liveness:
         return self.state == "succeeded"
 
 
-#: a machine's active loan and newest finished ping
-Extras = tuple[LoanState | None, Liveness | None]
+#: a machine's active loan, newest finished ping and recorded health state
+Extras = tuple[LoanState | None, Liveness | None, str | None]
 T = TypeVar("T")
 
 #: the newest finished ping of the page's machine, through the jobs_machine_task index
@@ -126,14 +132,16 @@ def extras_of(c: Cursor, keys: list[tuple[str, str]]) -> dict[tuple[str, str], E
         values = ", ".join(["(?, ?)"] * len(chunk))
         sql = (f"WITH page(g, w) AS (VALUES {values})"
                " SELECT page.g, page.w, l.borrower, l.expires_at, p.id, p.state,"
-               " COALESCE(p.finished_at, p.started_at, p.created_at), COALESCE(p.result, p.error)"
+               " COALESCE(p.finished_at, p.started_at, p.created_at), COALESCE(p.result, p.error), hh.state"
                " FROM page LEFT JOIN loans l ON l.worker_group = page.g AND l.worker_id = page.w"
                " AND l.returned_at IS NULL"
+               " LEFT JOIN health hh ON hh.worker_group = page.g AND hh.worker_id = page.w"
                f" LEFT JOIN jobs p ON p.seq = {_LAST_PING}")
         for r in c.execute(sql, [v for key in chunk for v in key]):
             out[(r[0], r[1])] = (
                 None if r[2] is None else LoanState(borrower=r[2], expires_at=r[3]),
                 None if r[4] is None else Liveness(job_id=r[4], state=r[5], at=r[6], detail=r[7]),
+                r[8],
             )
     return out
 
@@ -197,6 +205,8 @@ class FleetQueries:
             raise ValueError(f"unknown direction {direction!r}")
         w = Where().equal("m.worker_group", f.group).equal("m.pool", f.pool)
         w.contains(("m.worker_id", "m.fqdn", "m.ip"), f.q)
+        if f.health is not None:
+            w.add(f"{_HEALTH_OF} = ?", f.health)
         cond, args = w.clause, w.args
         base = (f"SELECT m.worker_group, m.worker_id, m.fqdn, m.ip, m.pool, {_LAST_SEQ} AS last_seq"
                 f" FROM machines m{cond}")
@@ -224,7 +234,7 @@ class FleetQueries:
             rows_sql = (f"SELECT f.worker_group, f.worker_id, f.fqdn, f.ip, f.pool, {cols} FROM ({base}) f"
                         f" LEFT JOIN jobs j ON j.seq = f.last_seq{state_where} ORDER BY {order} LIMIT ? OFFSET ?")
             rows_args = [*args, *state_args, limit, offset]
-        filter_key = ("filter", f.q, f.group, f.pool)
+        filter_key = ("filter", f.q, f.group, f.pool, f.health)
 
         def summary(c: Cursor) -> tuple[dict[str, int], list[str], list[str]]:
             counts = {
@@ -249,6 +259,7 @@ class FleetQueries:
                         finished_at=r[10], error=r[11], result=r[12], requester=r[13],
                     ),
                     loan=extras[(r[0], r[1])][0], liveness=extras[(r[0], r[1])][1],
+                    health=extras[(r[0], r[1])][2],
                 )
                 for r in found
             ]

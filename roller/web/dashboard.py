@@ -57,11 +57,12 @@ from roller import __version__
 from roller.auth.accounts import AccountAuth
 from roller.auth.dashboard import IDashboardAuth, LoopbackDashboardAuth, Viewer
 from roller.errors import BadRequest, Forbidden, NotFound, RollerError, Unauthorized
+from roller.health.watcher import HealthWatcher
 from roller.inventory import TAG_RE, Machine, valid_worker_id
 from roller.jobs import Job, JobEvent, State, iso
 from roller.queue import JobQueue
 from roller.store import AuditEntry, Store, StoreError
-from roller.store.fleet import FILTER_STATES, SORTS, FleetFilter, FleetPage, FleetQueries
+from roller.store.fleet import FILTER_STATES, HEALTH_STATES, SORTS, FleetFilter, FleetPage, FleetQueries
 from roller.tasks import TaskRegistry
 from roller.web.events import EventHub
 from roller.web.fleet_html import RowCache, fleet_rows_html
@@ -409,6 +410,8 @@ class Dashboard:
     templates_dir: str | None = field(default=None, kw_only=True)
     page_size: int = field(default=200, kw_only=True)
     trusted_proxies: tuple = field(default=(), converter=parse_trusted_proxies, kw_only=True)
+    #: fleet health (L{roller.health.watcher.HealthWatcher}), when the service runs one
+    health: HealthWatcher | None = field(default=None, kw_only=True)
     fleet: FleetQueries = field(init=False, default=None)
     fleet_rows: RowCache = field(init=False, factory=RowCache)
     env: Environment = field(init=False, default=None)
@@ -637,7 +640,9 @@ class Dashboard:
     async def fleet_page(self, request: IRequest) -> bytes:
         viewer = await self._viewer(request)
         group, pool, state = _arg(request, "group"), _arg(request, "pool"), _arg(request, "state")
-        q = _arg(request, "q")
+        q, health = _arg(request, "q"), _arg(request, "health")
+        if health is not None and health not in HEALTH_STATES:
+            raise BadRequest(f"health must be one of {', '.join(HEALTH_STATES)}")
         if group is not None and not valid_worker_id(group):
             raise BadRequest("group must be a worker group name (letters, digits, '-' and '_')")
         if pool is not None and not TAG_RE.fullmatch(pool):
@@ -656,7 +661,7 @@ class Dashboard:
         if not _INT.fullmatch(raw_page) or int(raw_page) < 1:
             raise BadRequest("page must be a number from 1")
         page_no = int(raw_page)
-        filt = FleetFilter(q=q, group=group, pool=pool, state=state)
+        filt = FleetFilter(q=q, group=group, pool=pool, state=state, health=health)
         page = await self.fleet.page(filt, sort=sort, direction=direction, limit=self.page_size,
                                      offset=(page_no - 1) * self.page_size)
         rows = []
@@ -667,7 +672,7 @@ class Dashboard:
                 if active is not None:
                     state_now = active.state.value
             rows.append((row, state_now))
-        params = {k: v for k, v in (("q", q), ("group", group), ("pool", pool), ("state", state),
+        params = {k: v for k, v in (("q", q), ("group", group), ("pool", pool), ("state", state), ("health", health),
                                     ("sort", None if sort == "name" else sort),
                                     ("dir", None if direction == SORTS[sort][2] else direction)) if v}
 
@@ -692,7 +697,8 @@ class Dashboard:
             page_size=self.page_size, link=link, sort_link=sort_link, aria_sort=aria_sort,
             rows_html=fleet_rows_html(rows, lambda ts: ago(ts, now), self.fleet_rows, now=now),
             running=len(self.queue.running()), queued=self.queue.depth,
-            machine_total=sum(page.counts.values()),
+            machine_total=sum(page.counts.values()), health_states=HEALTH_STATES,
+            health=self.health, may_admin_health=viewer.may(self.scope_prefix + "health:admin"),
         )
 
     @app.route("/machines/<worker_group>/<worker_id>", methods=["GET"])
@@ -704,10 +710,13 @@ class Dashboard:
         audit = None  # the section is left out for viewers who may not read the audit log
         if viewer.may(self.scope_prefix + "audit:read"):
             audit = await self.store.audit.list(target=f"{worker_group}/{worker_id}", limit=50)
-        loan, liveness = await self.fleet.machine_extras(worker_group, worker_id)
+        loan, liveness, _ = await self.fleet.machine_extras(worker_group, worker_id)
         now = self.clock.seconds()
+        health = self.health.health_of(machine.key) if self.health is not None else None
         return self.render(
             request, "machine.html", viewer, section="fleet", machine=machine, jobs=jobs, audit=audit,
+            health=health, health_state=self.health.state_of(machine.key) if self.health is not None else None,
+            may_admin_health=viewer.may(self.scope_prefix + "health:admin"),
             loan=loan, loan_overdue=loan is not None and loan.overdue(now), liveness=liveness,
             buttons=self._buttons(viewer), credentials=sorted(machine.credentials()),
             access=_access_rows(machine),
@@ -752,6 +761,49 @@ class Dashboard:
         )
         location = f"/jobs/{quote(job.id, safe='')}"
         return self._redirect(request, location if created else location + "?existing=1")
+
+    @app.route("/machines/<worker_group>/<worker_id>/maintenance", methods=["POST"])
+    async def set_maintenance(self, request: IRequest, worker_group: str, worker_id: str) -> bytes:
+        viewer, form = await self._post(request)
+        machine = await self._machine(worker_group, worker_id)
+        self._may_admin_health(viewer)
+        on = form.get("maintenance")
+        if on not in ("on", "off"):
+            raise BadRequest("maintenance must be on or off", code="invalid_form")
+        reason = form.get("reason", "").strip()
+        if len(reason) > 1000:
+            raise BadRequest("the reason must be at most 1000 characters", code="invalid_form")
+        watcher = self._watcher()
+        await watcher.set_maintenance(machine.key, on == "on", viewer.id, reason)
+        await self.store.audit.add(AuditEntry(
+            time=self.clock.seconds(), actor=viewer.id, source_ip=client_ip(request, self.trusted_proxies),
+            action="machine.maintenance", target=f"{machine.worker_group}/{machine.worker_id}", result=on,
+            params={"reason": reason, "via": "dashboard"}))
+        return self._redirect(request, machine_url(machine.worker_group, machine.worker_id))
+
+    @app.route("/health/<action>", methods=["POST"])
+    async def pause_or_resume(self, request: IRequest, action: str) -> bytes:
+        viewer, form = await self._post(request)
+        if action not in ("pause", "resume"):
+            raise NotFound("no such page", code="not_found")
+        self._may_admin_health(viewer)
+        watcher = self._watcher()
+        await (watcher.pause(viewer.id) if action == "pause" else watcher.resume(viewer.id))
+        await self.store.audit.add(AuditEntry(
+            time=self.clock.seconds(), actor=viewer.id, source_ip=client_ip(request, self.trusted_proxies),
+            action=f"health.{action}", target="health", result=f"remediation {action}d",
+            params={"via": "dashboard"}))
+        return self._redirect(request, "/")
+
+    def _may_admin_health(self, viewer: Viewer) -> None:
+        if not viewer.may(self.scope_prefix + "health:admin"):
+            raise Forbidden(f"{viewer.name} may not change fleet health settings (needs "
+                            f"{self.scope_prefix}health:admin).", code="insufficient_scope")
+
+    def _watcher(self) -> HealthWatcher:
+        if self.health is None:
+            raise NotFound("fleet health is not running in this roller", code="not_found")
+        return self.health
 
     @app.route("/jobs/<job_id>", methods=["GET"])
     async def job_page(self, request: IRequest, job_id: str) -> bytes:

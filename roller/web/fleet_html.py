@@ -87,8 +87,10 @@ def _parts(row: FleetRow) -> _Parts:
     """What of a row's HTML does not change with the time or the queue."""
     group, wid, last = row.worker_group, row.worker_id, row.last
     live_open, live_ts = _liveness(row)
+    health = _h(row.health or "unknown")
     head = (f'<tr>\n<th scope="row"><a href="/machines/{_q(group)}/{_q(wid)}">'
-            f"{_h(wid)}</a></th>\n<td>{_h(group)}</td>\n<td>{_h(row.pool or '—')}</td>\n"
+            f'{_h(wid)}</a></th>\n<td><span class="health health-{health}">{health}</span></td>\n'
+            f"<td>{_h(group)}</td>\n<td>{_h(row.pool or '—')}</td>\n"
             f'<td class="wide">{_h(row.ip or row.fqdn or "—")}</td>\n<td>')
     if last is None:
         return head + _DASH + "</td>\n<td>", "", None, "", live_open, live_ts
