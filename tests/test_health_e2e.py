@@ -178,3 +178,66 @@ async def test_dry_run_queues_nothing_and_reports(tmp_path: Any) -> None:
         assert 'roller_remediations_total{outcome="dry_run",policy="revive",task="reboot"} 1.0' in metrics
     finally:
         await h.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_taskcluster_fitness_findings_and_nothing_acts_while_it_is_down(tmp_path: Any) -> None:
+    from roller.secrets import Credential
+    from roller.testing.tc_workers import FakeTaskclusterWorkers
+
+    tc = FakeTaskclusterWorkers({"project/releng/roller-health": "health-token-0123456789abcdef"})
+    port = tc.listen(reactor)
+    now = reactor.seconds()
+    # the pool "sim" is a bare worker type: provisioner loans.provisioner_id ("releng-hardware")
+    pool = "releng-hardware/sim"
+    for n in (1, 2):
+        tc.add_worker(pool, "sim", f"sim-00{n}", last_active=now)
+    tc.add_runs(pool, "sim", "sim-001", ["failed", "completed"] * 4 + ["failed", "failed"])  # 6 of 10 failed
+    tc.add_runs(pool, "sim", "sim-002", ["completed"] * 10)
+    tc.down = True  # Taskcluster is down from the start
+    fleet = Fleet(reactor, 2, BASE, free_port(BASE + "1"), reboot_delay=0.1, down_for=0.6)
+    await fleet.start()
+    h = await start_roller(
+        tmp_path, fleet, reactor,
+        credentials={"taskcluster-health": Credential(name="taskcluster-health", kind="password",
+                                                      username="project/releng/roller-health",
+                                                      password="health-token-0123456789abcdef")},
+        health_sweep_interval=0.25, health_probe_timeout=0.5, health_tick=0.1, health_tc_interval=0.3,
+        health_root_url=tc.url, health_remediate=True,
+        health_policies=({**POLICY, "name": "fix-failing", "when": ["failing"]},))
+    try:
+        async def asked() -> bool:
+            return "HTTP 503" in (await _get(h, "/api/v1/health"))["taskcluster"].get(pool, "")
+
+        await eventually(asked, "a poll of the pool", timeout=10, interval=0.05, reactor=reactor)
+        await _until_state(h, "sim-001", "unknown")
+        detail = await _get(h, "/api/v1/machines/sim/sim-001/health")
+        assert [f["kind"] for f in detail["findings"]] == ["unknown"]
+        assert "HTTP 503" in detail["findings"][0]["detail"]
+        assert "HTTP 503" in (await _get(h, "/api/v1/health"))["taskcluster"][pool]
+        watcher = h.service.health
+        assert watcher is not None
+
+        async def polled_again() -> bool:
+            return tc.requests["listWorkers"] >= 4
+
+        await eventually(polled_again, "several polls while down", timeout=10, interval=0.05, reactor=reactor)
+        assert await _health_jobs(h) == []  # nothing acts on what is not known
+        # Taskcluster is back: 6 failures of 10 make sim-001 failing, and the policy acts on it
+        tc.down = False
+
+        async def remediated() -> list[dict]:
+            return [j for j in await _health_jobs(h) if j["state"] not in ("queued", "running")]
+
+        (job,) = await eventually(remediated, "the failing worker rebooted", timeout=30, interval=0.1,
+                                  reactor=reactor)
+        assert job["worker_id"] == "sim-001" and job["reason"].startswith("fix-failing: failing since ")
+        assert "4 of its last 10 task runs succeeded" in job["reason"]
+        detail = await _get(h, "/api/v1/machines/sim/sim-001/health")
+        assert [f["kind"] for f in detail["findings"] if f["source"] == "taskcluster"] == ["failing"]
+        assert await _state(h, "sim-002") == "healthy"
+        assert (await _get(h, "/api/v1/health"))["taskcluster"] == {pool: "ok"}
+        assert tc.refused == []
+    finally:
+        await h.stop()
+        await port.stopListening()
