@@ -431,7 +431,9 @@ class HealthWatcher:
             "sweep": None if last is None else {
                 "round": last.number, "started": last.started, "machines": last.machines, "probed": last.probed,
                 "errors": last.errors, "late": last.late, "skipped": last.skipped, "duration": last.duration,
-                "probe": "in-process ICMP" if self._icmp is not None else "ping binary"},
+                "probe": "in-process ICMP" if self._icmp is not None else "ping binary",
+                "recent": [{"round": r.number, "machines": r.machines, "probed": r.probed, "late": r.late,
+                            "duration": r.duration} for r in list(self.sweep.rounds)[-10:]]},
         }
 
     def health_of(self, key: Key) -> MachineHealth | None:
