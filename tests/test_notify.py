@@ -17,7 +17,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from roller.config import ConfigError, load_settings
 from roller.inventory import Machine
 from roller.jobs import State
-from roller.notify import SIGNATURE_HEADER, Notifier, notifier_from_settings, parse_rules
+from roller.notify import SIGNATURE_HEADER, Notifier, notifier_from_settings, parse_rules, webhook_signature
 from roller.queue import JobQueue
 from roller.secrets import Credential, Secrets
 from roller.tasks import TaskFailed, TaskRegistry, TaskSpec
@@ -195,3 +195,26 @@ def test_rules_from_toml(tmp_path):
     assert rules[1].matches("anything", "started")
 
 
+
+
+@pytest_twisted.ensureDeferred
+async def test_health_transitions_notify_the_rules_that_ask_for_them(peers):
+    _, good, _ = peers
+    rules = parse_rules([{"on": ["health.down", "health.failing"], "webhooks": [good.url]},
+                         {"on": ["succeeded"], "webhooks": [good.url]}], False)
+    notifier = Notifier(reactor, rules, webhook_secret=lambda: SECRET, dashboard_url="https://roller.example",
+                        timeout=5)
+    try:
+        notifier.health_transition("mdc1", "w1", "healthy", "down", "2 liveness checks in a row failed", ["down"])
+        notifier.health_transition("mdc1", "w2", "healthy", "degraded", "4 of 10 runs", ["failing"])
+        notifier.health_transition("mdc1", "w3", "down", "healthy", "1/1 replies", [])  # nobody asked
+        await notifier.stop()
+        bodies = [json.loads(body) for _, body in good.received]
+        assert [(b["event"], b["machine"]["worker_id"], b["new"]) for b in bodies] == [
+            ("health.down", "w1", "down"), ("health.degraded", "w2", "degraded")]
+        assert bodies[1]["findings"] == ["failing"]
+        headers = good.received[0][0]
+        assert headers["x-roller-event"] == "health.down"
+        assert headers["x-roller-signature-256"] == webhook_signature(SECRET, good.received[0][1])
+    finally:
+        await notifier.stop()
