@@ -31,7 +31,6 @@ from common import (
     REPO,
     ROLLER_TWISTD,
     Procs,
-    child_mode,
     cpu_seconds,
     free_port,
     percentile,
@@ -133,6 +132,8 @@ def tc_poll(spec: dict[str, Any]) -> dict[str, Any]:
             await pending_tasks(tc, pool)
         out["bare"] = {"seconds": time.perf_counter() - t0, "requests": 40}
         await port.stopListening()
+        json.dump(out, sys.stdout)  # task.react exits the process when main ends
+        sys.stdout.flush()
 
     task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
     return out
@@ -146,7 +147,8 @@ def main() -> None:
     parser.add_argument("--tc-only", action="store_true")
     parser.add_argument("--tc-poll", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if child_mode(args.tc_poll, tc_poll):
+    if args.tc_poll:
+        tc_poll(json.loads(args.tc_poll))
         return
     problems: list[str] = []
     procs = Procs()
