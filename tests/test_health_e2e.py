@@ -82,51 +82,52 @@ def _most_at_once(jobs: list[dict]) -> int:
 
 @pytest_twisted.ensureDeferred
 async def test_dead_machines_are_found_down_rebooted_within_limits_and_healthy_again(tmp_path: Any) -> None:
-    h = await _start(tmp_path, 7)
+    # a pool of 22: 10 die, sim-011 is loaned and sim-012 in maintenance (both die too), 10 stay up
+    h = await _start(tmp_path, 22)
+    dead = [f"sim-{n:03d}" for n in range(1, 11)]
     try:
-        for n in range(1, 8):
-            await _until_state(h, f"sim-00{n}", "healthy")
-        # sim-006 is loaned, sim-007 in maintenance: never touched, whatever happens to them
+        for n in range(1, 23):
+            await _until_state(h, f"sim-{n:03d}", "healthy")
         store = h.service.store
         assert store is not None
         now = reactor.seconds()
-        await store.loans.insert(Loan("sim", "sim-006", "alice", "debugging", now, now + 3600))
-        maintenance = await _send(h, "PUT", "/api/v1/machines/sim/sim-007/maintenance",
+        await store.loans.insert(Loan("sim", "sim-011", "alice", "debugging", now, now + 3600))
+        maintenance = await _send(h, "PUT", "/api/v1/machines/sim/sim-012/maintenance",
                                   {"maintenance": True, "reason": "new disk"})
         assert maintenance["state"] == "maintenance" and maintenance["maintenance"]
-        await _until_state(h, "sim-006", "loaned")
-        for n in range(1, 8):
-            if n != 5:
-                h.fleet.machine(f"sim-00{n}").power.power_off()
+        await _until_state(h, "sim-011", "loaned")
+        for worker in [*dead, "sim-011", "sim-012"]:
+            h.fleet.machine(worker).power.power_off()
         await _until_state(h, "sim-001", "down")
 
-        async def four_remediated() -> list[dict]:  # found down, rebooted by the policy, back up
+        async def all_remediated() -> list[dict]:  # found down, rebooted by the policy, back up
             jobs = await _health_jobs(h)
-            return jobs if len(jobs) == 4 and all(j["state"] not in ("queued", "running") for j in jobs) else []
+            return jobs if len(jobs) == 10 and all(j["state"] not in ("queued", "running") for j in jobs) else []
 
-        jobs = await eventually(four_remediated, "four remediations", timeout=60, interval=0.1, reactor=reactor)
-        for n in (1, 2, 3, 4):
-            await _until_state(h, f"sim-00{n}", "healthy")
-        assert sorted(j["worker_id"] for j in jobs) == ["sim-001", "sim-002", "sim-003", "sim-004"]
+        jobs = await eventually(all_remediated, "ten remediations", timeout=120, interval=0.1, reactor=reactor)
+        for worker in dead:
+            await _until_state(h, worker, "healthy")
+        assert sorted(j["worker_id"] for j in jobs) == dead
         assert all(j["task_name"] == "reboot" and j["state"] == "succeeded" for j in jobs), [
             (j["worker_id"], j["state"], j.get("error")) for j in jobs]
         assert all(j["reason"].startswith("revive: down since ") for j in jobs)
-        assert _most_at_once(jobs) <= 2
+        # never more than max_concurrent = 2 at once, from the jobs' recorded start and end times
+        assert 1 <= _most_at_once(jobs) <= 2
         # the loaned and the maintenance machines stayed dark and untouched
-        assert not h.fleet.machine("sim-006").power.on and not h.fleet.machine("sim-007").power.on
-        assert await _state(h, "sim-006") == "loaned" and await _state(h, "sim-007") == "maintenance"
+        assert not h.fleet.machine("sim-011").power.on and not h.fleet.machine("sim-012").power.on
+        assert await _state(h, "sim-011") == "loaned" and await _state(h, "sim-012") == "maintenance"
         detail = await _get(h, "/api/v1/machines/sim/sim-001/health")
         states = [(t["old"], t["new"]) for t in detail["transitions"]]
         assert ("healthy", "down") in states and ("down", "healthy") in states
         status = await _get(h, "/api/v1/health")
-        assert status["pools"]["sim"]["healthy"] == 5 and not status["paused"]
+        assert status["pools"]["sim"]["healthy"] == 20 and not status["paused"]
         assert sorted(m["worker_id"] for m in (await _get(h, "/api/v1/machines?health=loaned,maintenance"))[
-            "machines"]) == ["sim-006", "sim-007"]
+            "machines"]) == ["sim-011", "sim-012"]
         metrics = (await (await treq.get(h.url + "/metrics", pool=h.pool)).content()).decode()
-        assert 'roller_machines{health="healthy",pool="sim"} 5.0' in metrics
-        assert 'roller_remediations_total{outcome="queued",policy="revive",task="reboot"} 4.0' in metrics
+        assert 'roller_machines{health="healthy",pool="sim"} 20.0' in metrics
+        assert 'roller_remediations_total{outcome="queued",policy="revive",task="reboot"} 10.0' in metrics
         audit = (await _get(h, "/api/v1/audit?limit=100"))["entries"]
-        assert sum(e["actor"] == "roller/health" and e["action"] == "job.create:reboot" for e in audit) == 4
+        assert sum(e["actor"] == "roller/health" and e["action"] == "job.create:reboot" for e in audit) == 10
     finally:
         await h.stop()
 
