@@ -79,7 +79,7 @@ class RecordingRequest(LimitedRequest):
     Remembers how much body it ever held in C{content}.
     """
 
-    instances: list["RecordingRequest"] = []
+    instances: list[RecordingRequest] = []
 
     max_stored = 0
     stored_now = 0

@@ -28,14 +28,13 @@ from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.protocol import Protocol
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import MemoryReactorClock
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
-from zope.interface import implementer
 
 from roller.testing.process import RollerProcess, wait_for
+from roller.testing.transports import TCPStringTransport as SharedTransport
 from roller.web.http import (
     DEFAULT_HEADER_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
@@ -85,21 +84,7 @@ class Held(Resource):
         self.held = []
 
 
-@implementer(ITCPTransport)
-class TCPStringTransport(StringTransport):
-    write_closed = False
-    aborted = False
-
-    def setTcpNoDelay(self, enabled: bool) -> None:
-        pass
-
-    def loseWriteConnection(self) -> None:
-        self.write_closed = True
-
-    def abortConnection(self) -> None:
-        self.aborted = True
-        super().abortConnection()
-
+class TCPStringTransport(SharedTransport):
     @property
     def closing(self) -> bool:
         return self.write_closed or self.aborted or self.disconnecting
