@@ -78,3 +78,9 @@ def test_a_probe_that_cannot_run_is_unknown_not_down() -> None:
     h = t.get(KEY)
     assert h.state is Health.unknown and h.liveness_failures == 0
     assert h.finding_list()[0].detail == "liveness could not be checked: machine has neither an ip nor an fqdn"
+
+
+def test_the_store_and_the_api_name_the_same_states() -> None:
+    from roller.store.fleet import HEALTH_STATES
+
+    assert tuple(h.value for h in Health) == HEALTH_STATES

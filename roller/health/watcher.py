@@ -22,10 +22,12 @@ import ipaddress
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
+from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.web.client import HTTPConnectionPool
 
 from roller.config import ConfigError, Settings
 from roller.drivers.liveness import IcmpPing, ILiveness, LivenessResult, TcpConnect
@@ -96,12 +98,11 @@ class HealthWatcher:
                                    interval=settings.health_sweep_interval,
                                    concurrency=settings.health_sweep_concurrency)
         self._fitness: FitnessPoller | None = None
-        self._tc_pool: Any = None
+        self._tc_client: tuple[HTTPClient, HTTPConnectionPool] | None = None
         self._tc_loop: LoopingCall | None = None
         self._tick_loop: LoopingCall | None = None
         self._dirty: dict[Key, Transition | None] = {}
         self._saved: dict[Key, tuple[str, frozenset[tuple[str, str]], bool]] = {}
-        self._maintenance_reason: dict[Key, str] = {}
         self._flush_call: IDelayedCall | None = None
         self._history: list[Remediation] = []
         self._jobs_of: dict[int, str | None] = {}
@@ -117,7 +118,6 @@ class HealthWatcher:
             key = (row.worker_group, row.worker_id)
             h = self.tracker.get(key)
             h.maintenance = row.maintenance
-            self._maintenance_reason[key] = row.maintenance_reason
             h.state, h.since = Health(row.state), row.since
             self._saved[key] = (row.state, frozenset((f["source"], f["kind"]) for f in row.findings), row.maintenance)
         flag = await self.store.health.flag(PAUSED_FLAG)
@@ -153,8 +153,9 @@ class HealthWatcher:
             self._icmp.close()
             self._icmp = None
         await self._flush()
-        await close_pool(self._tc_pool)
-        self._tc_pool = None
+        if self._tc_client is not None:
+            await close_pool(self._tc_client[1])
+            self._tc_client = None
 
     # -- liveness
 
@@ -193,10 +194,9 @@ class HealthWatcher:
         if creds is None:
             return (f"credential {self.settings.health_credential!r} (health.credential) is not in the "
                     "secrets file")
-        if self._tc_pool is None:
-            http, self._tc_pool = pooled_client(self.reactor, connect_timeout=30, max_per_host=8)
-            self._http = http
-        return TaskclusterHttp(self.clock, self._http, root, *creds, timeout=30)
+        if self._tc_client is None:
+            self._tc_client = pooled_client(self.reactor, connect_timeout=30, max_per_host=8)
+        return TaskclusterHttp(self.clock, self._tc_client[0], root, *creds, timeout=30)
 
     def _rules(self) -> FitnessRules:
         s = self.settings
@@ -224,11 +224,9 @@ class HealthWatcher:
                 self.tc_status[label] = tc
                 self.tracker.fitness(keys, None, tc, pool=machines[0].pool or "")
             else:
-                if self._fitness is None or self._fitness.tc is not tc:
-                    cache = self._fitness
+                if self._fitness is None:
                     self._fitness = FitnessPoller(tc, self._rules())
-                    if cache is not None:  # keep what is known about resolved runs across credential reloads
-                        self._fitness._runs, self._fitness._recent = cache._runs, cache._recent
+                self._fitness.tc = tc  # the credential in force now (SIGHUP); the run caches stay
                 try:
                     result = await self._fitness.poll(provisioner, worker_type, keys, now)
                 except TaskclusterError as e:
@@ -253,10 +251,13 @@ class HealthWatcher:
             self.tracker.set_loaned(key, key in loaned)
             self._mark(key)
 
-    async def set_maintenance(self, key: Key, on: bool, actor: str, reason: str = "") -> MachineHealth:
+    async def set_maintenance(self, key: Key, on: bool, actor: str, reason: str = "", *,
+                              source_ip: str | None = None, via: str = "api") -> MachineHealth:
+        """Set or clear a machine's maintenance flag, recorded and audited."""
         text = f"{actor}: {reason}" if reason else actor
         await self.store.health.set_maintenance(key, on, text, self.clock.seconds())
-        self._maintenance_reason[key] = text if on else ""
+        await self._audit(actor, source_ip, "machine.maintenance", f"{key[0]}/{key[1]}", "on" if on else "off",
+                          {"reason": reason, "via": via})
         h = self.tracker.set_maintenance(key, on, f"maintenance {'on' if on else 'off'} by {text}")
         self._mark(key)
         await self._flush()
@@ -273,25 +274,28 @@ class HealthWatcher:
         for key, reason in flags.items():
             h = self.tracker.machines.get(key)
             if h is None or not h.maintenance:
-                self._maintenance_reason[key] = reason
                 self.tracker.set_maintenance(key, True, f"maintenance on by {reason or 'another process'}")
                 self._mark(key)
         for key, h in list(self.tracker.machines.items()):
             if h.maintenance and key not in flags:
-                self._maintenance_reason[key] = ""
                 self.tracker.set_maintenance(key, False, "maintenance off (by another process)")
                 self._mark(key)
         self.paused, self.paused_by = bool(paused), paused or ""
 
-    async def pause(self, actor: str) -> None:
-        await self.store.health.set_flag(PAUSED_FLAG, actor)
-        self.paused, self.paused_by = True, actor
-        log.info("Remediation paused by {actor}", actor=actor)
+    async def set_paused(self, paused: bool, actor: str, *, source_ip: str | None = None,
+                         via: str = "api") -> None:
+        """Pause remediation (no new one starts from the next tick on) or resume it; kept and audited."""
+        what = "paused" if paused else "resumed"
+        await self.store.health.set_flag(PAUSED_FLAG, actor if paused else "")
+        await self._audit(actor, source_ip, "health.pause" if paused else "health.resume", "health",
+                          f"remediation {what}", {"via": via})
+        self.paused, self.paused_by = paused, actor if paused else ""
+        log.info("Remediation {what} by {actor}", what=what, actor=actor)
 
-    async def resume(self, actor: str) -> None:
-        await self.store.health.set_flag(PAUSED_FLAG, "")
-        self.paused, self.paused_by = False, ""
-        log.info("Remediation resumed by {actor}", actor=actor)
+    async def _audit(self, actor: str, source_ip: str | None, action: str, target: str, result: str,
+                     params: dict[str, Any]) -> None:
+        await self.store.audit.add(AuditEntry(time=self.clock.seconds(), actor=actor, source_ip=source_ip,
+                                              action=action, target=target, result=result, params=params))
 
     # -- recording
 

@@ -33,6 +33,7 @@ from roller.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from roller.metrics import Metrics
 from roller.queue import JobQueue
 from roller.store import AuditEntry, StorageUnavailable, Store
+from roller.store.fleet import HEALTH_STATES
 from roller.tasks import TaskRegistry
 from roller.version import load_version
 from roller.web.http import json_error, query_arg
@@ -191,18 +192,15 @@ def _body(request: IRequest, *, required: bool = False) -> Any:
         raise BadRequest(f"the body is not valid JSON: {e}"[:200], code="invalid_json") from None
 
 
-_HEALTH_STATES = ("healthy", "degraded", "down", "unknown", "loaned", "quarantined", "maintenance")
-
-
 def _health_states(value: str | None) -> frozenset[str] | None:
     """C{?health=down,degraded}: the states asked for, or None for no filter; 400 for an unknown one."""
     if not value:
         return None
     names = value.split(",")
     states = frozenset(names)
-    unknown = sorted(repr(n) if not n else n for n in states - set(_HEALTH_STATES))
+    unknown = sorted(repr(n) if not n else n for n in states - set(HEALTH_STATES))
     if unknown:
-        raise BadRequest(f"health: unknown state(s) {', '.join(unknown)[:200]} (known: {', '.join(_HEALTH_STATES)})",
+        raise BadRequest(f"health: unknown state(s) {', '.join(unknown)[:200]} (known: {', '.join(HEALTH_STATES)})",
                          code="invalid_query")
     return states
 
@@ -584,20 +582,17 @@ class Api:
 
     @app.route("/api/v1/health/pause", methods=["POST"])
     async def pause_health(self, request: IRequest) -> bytes:
-        self._cors(request)
-        principal = await self._authorize(request, self.scope_prefix + "health:admin")
-        watcher = self._health()
-        await watcher.pause(principal.id)
-        await self._audit(principal, request, "health.pause", "health", "remediation paused")
-        return _json(request, watcher.status())
+        return await self._set_paused(request, True)
 
     @app.route("/api/v1/health/resume", methods=["POST"])
     async def resume_health(self, request: IRequest) -> bytes:
+        return await self._set_paused(request, False)
+
+    async def _set_paused(self, request: IRequest, paused: bool) -> bytes:
         self._cors(request)
         principal = await self._authorize(request, self.scope_prefix + "health:admin")
         watcher = self._health()
-        await watcher.resume(principal.id)
-        await self._audit(principal, request, "health.resume", "health", "remediation resumed")
+        await watcher.set_paused(paused, principal.id, source_ip=self._client_ip(request))
         return _json(request, watcher.status())
 
     @app.route("/api/v1/machines/<worker_group>/<worker_id>/health", methods=["GET"])
@@ -622,9 +617,8 @@ class Api:
             raise BadRequest("reason must be a string", code="invalid_body")
         machine = await self._machine(worker_group, worker_id)
         watcher = self._health()
-        await watcher.set_maintenance(machine.key, body["maintenance"], principal.id, reason)
-        await self._audit(principal, request, "machine.maintenance", f"{worker_group}/{worker_id}",
-                          "on" if body["maintenance"] else "off", {"reason": reason})
+        await watcher.set_maintenance(machine.key, body["maintenance"], principal.id, reason,
+                                      source_ip=self._client_ip(request))
         return _json(request, await self._machine_health(machine))
 
     async def _machine_health(self, machine: Machine) -> dict[str, Any]:

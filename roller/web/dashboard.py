@@ -774,11 +774,8 @@ class Dashboard:
         if len(reason) > 1000:
             raise BadRequest("the reason must be at most 1000 characters", code="invalid_form")
         watcher = self._watcher()
-        await watcher.set_maintenance(machine.key, on == "on", viewer.id, reason)
-        await self.store.audit.add(AuditEntry(
-            time=self.clock.seconds(), actor=viewer.id, source_ip=client_ip(request, self.trusted_proxies),
-            action="machine.maintenance", target=f"{machine.worker_group}/{machine.worker_id}", result=on,
-            params={"reason": reason, "via": "dashboard"}))
+        await watcher.set_maintenance(machine.key, on == "on", viewer.id, reason,
+                                      source_ip=client_ip(request, self.trusted_proxies), via="dashboard")
         return self._redirect(request, machine_url(machine.worker_group, machine.worker_id))
 
     @app.route("/health/<action>", methods=["POST"])
@@ -788,11 +785,8 @@ class Dashboard:
             raise NotFound("no such page", code="not_found")
         self._may_admin_health(viewer)
         watcher = self._watcher()
-        await (watcher.pause(viewer.id) if action == "pause" else watcher.resume(viewer.id))
-        await self.store.audit.add(AuditEntry(
-            time=self.clock.seconds(), actor=viewer.id, source_ip=client_ip(request, self.trusted_proxies),
-            action=f"health.{action}", target="health", result=f"remediation {action}d",
-            params={"via": "dashboard"}))
+        await watcher.set_paused(action == "pause", viewer.id, source_ip=client_ip(request, self.trusted_proxies),
+                                 via="dashboard")
         return self._redirect(request, "/")
 
     def _may_admin_health(self, viewer: Viewer) -> None:

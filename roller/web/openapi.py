@@ -36,6 +36,7 @@ from roller.inventory import (
     XEN_URL_RE,
 )
 from roller.jobs import PRIORITY_DEFAULT, PRIORITY_MAX, PRIORITY_MIN, State
+from roller.store.fleet import HEALTH_STATES
 from roller.tasks import TaskRegistry
 
 __all__ = ["openapi_document", "WORKER_ID_PATTERN"]
@@ -670,9 +671,6 @@ def _task_schemas() -> dict[str, Schema]:
     }
 
 
-_HEALTH_STATES = ["healthy", "degraded", "down", "unknown", "loaned", "quarantined", "maintenance"]
-
-
 def _health_schemas() -> dict[str, Schema]:
     ts = {"type": "string", "format": "date-time"}
     counts = {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0},
@@ -694,7 +692,7 @@ def _health_schemas() -> dict[str, Schema]:
         "MachineHealth": _object({
             "worker_group": {"type": "string"}, "worker_id": {"type": "string"},
             "pool": {"type": ["string", "null"]},
-            "state": {"type": "string", "enum": _HEALTH_STATES},
+            "state": {"type": "string", "enum": list(HEALTH_STATES)},
             "since": {"type": ["string", "null"], "format": "date-time"},
             "maintenance": {"type": "boolean"},
             "findings": {"type": "array", "items": _object({
@@ -929,8 +927,8 @@ def openapi_document(tasks: TaskRegistry, allowed: tuple[str, ...], version: str
                     _param("pool", "query", {"type": "string"}, "Only this pool."),
                     _param("q", "query", {"type": "string"},
                            "Substring of the worker id, fqdn or ip."),
-                    _param("health", "query", {"type": "string", "pattern": "^$|^(" + "|".join(_HEALTH_STATES)
-                                                          + ")(,(" + "|".join(_HEALTH_STATES) + "))*$"},
+                    _param("health", "query", {"type": "string", "pattern": "^$|^(" + "|".join(HEALTH_STATES)
+                                                          + ")(,(" + "|".join(HEALTH_STATES) + "))*$"},
                            "Only machines in these health states (comma-separated; empty: no filter)."),
                     _int_query("limit", 1, 1000, 100, "Page size"),
                     _int_query("offset", 0, 10**9, 0, "Machines to skip"),
