@@ -90,6 +90,7 @@ class Job:
     result: str | None = None
     error: str | None = None
     seq: int | None = None  # store row number: FIFO order and paging cursor
+    batch_id: str | None = None  # the batch it is a member of (roller.batches), if any
 
     @property
     def machine_key(self) -> tuple[str, str]:
@@ -128,6 +129,7 @@ class Job:
             "duration_s": duration,
             "result": self.result,
             "error": self.error,
+            "batch_id": self.batch_id,
         }
 
 

@@ -459,6 +459,7 @@ class JobQueue:
         reason: str = "",
         priority: int = 50,
         audit: Callable[[Job], Any] | None = None,
+        batch_id: str | None = None,
     ) -> tuple[Job, bool]:
         """
         Queue C{task_name} on C{machine}; (job, created).
@@ -466,7 +467,8 @@ class JobQueue:
         If the machine already has this task queued or running, that job is
         returned with C{created} False instead of a duplicate.  The job is
         committed to the store before this returns, with the audit entry
-        C{audit(job)} makes, if given, in the same transaction.
+        C{audit(job)} makes, if given, in the same transaction.  C{batch_id}:
+        the batch (L{roller.batches}) the job is a member of.
         """
         if not self._accepting:
             raise UnavailableError("roller is shutting down and not accepting jobs", code="shutting_down")
@@ -486,7 +488,7 @@ class JobQueue:
         job = Job(
             id=new_job_id(), task_name=task_name, worker_id=machine.worker_id,
             worker_group=machine.worker_group, created_at=now, params=clean,
-            requester=requester, origin_ip=origin_ip, reason=reason, priority=priority,
+            requester=requester, origin_ip=origin_ip, reason=reason, priority=priority, batch_id=batch_id,
         )
         event = JobEvent(job.id, now, "state", f"queued by {requester}", {"state": "queued"})
         self._submitting[key] = []

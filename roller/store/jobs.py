@@ -17,7 +17,7 @@ from roller.store.where import Where
 
 _COLUMNS = (
     "id, task_name, worker_group, worker_id, params, requester, origin_ip, reason,"
-    " priority, state, created_at, started_at, finished_at, result, error"
+    " priority, state, created_at, started_at, finished_at, result, error, batch_id"
 )
 
 
@@ -39,6 +39,7 @@ def _job(row: Any) -> Job:
         result=row["result"],
         error=row["error"],
         seq=row["seq"],
+        batch_id=row["batch_id"],
     )
 
 
@@ -66,7 +67,7 @@ def _insert_jobs(c: Cursor, items: list[tuple[Job, JobEvent | None, AuditEntry |
     seqs = dict(insert_rows(c, f"jobs ({_COLUMNS})", [
         (job.id, job.task_name, job.worker_group, job.worker_id, json.dumps(job.params),
          job.requester, job.origin_ip, job.reason, job.priority, job.state.value,
-         job.created_at, job.started_at, job.finished_at, job.result, job.error)
+         job.created_at, job.started_at, job.finished_at, job.result, job.error, job.batch_id)
         for job, _, _ in items
     ], returning="id, seq"))
     add_events(c, [event for _, event, _ in items if event is not None])
@@ -134,15 +135,31 @@ class JobTable:
         states: Iterable[State] = (),
         before: int | None = None,
         limit: int = 50,
+        batch_id: str | None = None,
     ) -> Deferred[builtins.list[Job]]:
         """Newest first; C{before} is a C{seq} cursor for the next page."""
         w = Where().equal("worker_id", worker_id).equal("worker_group", worker_group).equal("task_name", task_name)
+        w.equal("batch_id", batch_id)
         w.one_of("state", [s.value for s in states])
         if before is not None:
             w.add("seq < ?", before)
         sql = f"SELECT seq, {_COLUMNS} FROM jobs{w.clause} ORDER BY seq DESC LIMIT ?"
         args = [*w.args, limit]
         return self._db.read(lambda c: [_job(r) for r in c.execute(sql, args).fetchall()])
+
+    def jobs_of_batch(self, batch_id: str) -> Deferred[builtins.list[Job]]:
+        """Every job of batch C{batch_id} (through the partial C{jobs_batch} index), oldest first."""
+        sql = f"SELECT seq, {_COLUMNS} FROM jobs WHERE batch_id = ? ORDER BY seq"
+        return self._db.read(lambda c: [_job(r) for r in c.execute(sql, (batch_id,)).fetchall()])
+
+    def jobs_of_batches(self, batch_ids: Iterable[str]) -> Deferred[builtins.list[Job]]:
+        """Every job of the batches C{batch_ids}, oldest first."""
+        ids = builtins.list(batch_ids)
+        if not ids:
+            return self._db.read(lambda c: [])
+        w = Where().one_of("batch_id", ids)
+        sql = f"SELECT seq, {_COLUMNS} FROM jobs{w.clause} ORDER BY seq"
+        return self._db.read(lambda c: [_job(r) for r in c.execute(sql, w.args).fetchall()])
 
     def events(self, job_id: str, after: int | None = None, limit: int = 1000) -> Deferred[builtins.list[JobEvent]]:
         def q(c: Cursor) -> list[JobEvent]:

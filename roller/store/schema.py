@@ -167,4 +167,46 @@ MIGRATIONS: list[str] = [
         value TEXT NOT NULL
     );
     """,
+    # 7: batches (roller.store.batches): one task over many machines, rolled out
+    #    within limits; each member's job carries the batch's id
+    """
+    ALTER TABLE jobs ADD COLUMN batch_id TEXT;
+    CREATE INDEX jobs_batch ON jobs (batch_id, seq) WHERE batch_id IS NOT NULL;
+    CREATE TABLE batches (
+        seq          INTEGER PRIMARY KEY AUTOINCREMENT,
+        id           TEXT NOT NULL UNIQUE,
+        task_name    TEXT NOT NULL,
+        params       TEXT NOT NULL DEFAULT '{}',
+        selector     TEXT NOT NULL,
+        rollout      TEXT NOT NULL,
+        requester    TEXT NOT NULL,
+        origin_ip    TEXT,
+        reason       TEXT NOT NULL DEFAULT '',
+        priority     INTEGER NOT NULL,
+        state        TEXT NOT NULL CHECK (state IN ('running', 'succeeded', 'failed', 'halted', 'cancelled')),
+        created_at   REAL NOT NULL,
+        finished_at  REAL,
+        halt_reason  TEXT,
+        total        INTEGER NOT NULL DEFAULT 0,
+        excluded     TEXT NOT NULL DEFAULT '[]',
+        pool_sizes   TEXT NOT NULL DEFAULT '{}'
+    );
+    CREATE INDEX batches_running ON batches (seq) WHERE state = 'running';
+    CREATE TABLE batch_members (
+        batch_id     TEXT NOT NULL REFERENCES batches (id) ON DELETE CASCADE,
+        position     INTEGER NOT NULL,
+        worker_group TEXT NOT NULL,
+        worker_id    TEXT NOT NULL,
+        pool         TEXT,
+        state        TEXT NOT NULL,
+        job_id       TEXT,
+        joined       INTEGER NOT NULL DEFAULT 0,
+        attempts     INTEGER NOT NULL DEFAULT 0,
+        started_at   REAL,
+        finished_at  REAL,
+        error        TEXT,
+        PRIMARY KEY (batch_id, position)
+    ) WITHOUT ROWID;
+    CREATE INDEX batch_members_job ON batch_members (job_id) WHERE job_id IS NOT NULL;
+    """,
 ]
