@@ -12,6 +12,7 @@ from attrs import frozen
 from twisted.internet.defer import Deferred
 
 from roller.store.audit import AuditEntry, AuditTable
+from roller.store.batches import BatchTable
 from roller.store.db import Database, IStoreReactor, StorageUnavailable, StoreError
 from roller.store.health import HealthTable
 from roller.store.jobs import JobTable
@@ -31,6 +32,7 @@ class Store:
     users: UserTable
     loans: LoanTable
     health: HealthTable
+    batches: BatchTable
 
     def close(self) -> Deferred[None]:
         return self.db.close()
@@ -46,7 +48,8 @@ async def open_store(path: str, reactor: IStoreReactor, *, synchronous: str = "N
         await db.close()
         raise
     store = Store(db=db, machines=MachineTable(db, reactor), jobs=JobTable(db), audit=AuditTable(db),
-                  users=UserTable(db), loans=LoanTable(db), health=HealthTable(db))
+                  users=UserTable(db), loans=LoanTable(db), health=HealthTable(db),
+                  batches=BatchTable(db))
     try:
         await store.machines.load()
     except Exception:

@@ -191,7 +191,7 @@ MIGRATIONS: list[str] = [
         excluded     TEXT NOT NULL DEFAULT '[]',
         pool_sizes   TEXT NOT NULL DEFAULT '{}'
     );
-    CREATE INDEX batches_running ON batches (seq) WHERE state = 'running';
+    CREATE INDEX batches_unfinished ON batches (seq) WHERE finished_at IS NULL;
     CREATE TABLE batch_members (
         batch_id     TEXT NOT NULL REFERENCES batches (id) ON DELETE CASCADE,
         position     INTEGER NOT NULL,
