@@ -132,3 +132,68 @@ def test_a_broken_report_consumer_does_not_stop_the_sweep() -> None:
     clock.pump([0.1] * 50)
     assert calls.count("m000") >= 2 and calls.count("m001") >= 2
     s.stop()
+
+
+def test_probes_in_flight_when_the_next_round_starts_are_neither_late_nor_failed_nor_probed_twice() -> None:
+    clock = Clock()
+    probes = Probes(clock)  # answered by hand
+    machines = fleet(4)
+    s, reports = sweep(machines, probes, clock, interval=4.0, concurrency=10)
+    s.start()
+    clock.pump([1.0] * 3)  # m000..m003 started at 0, 1, 2, 3
+    probes.pending.pop("m000").callback(LivenessResult(True, "ok"))
+    probes.pending.pop("m001").callback(LivenessResult(True, "ok"))
+    slow = dict(probes.pending)
+    assert sorted(slow) == ["m002", "m003"]
+    clock.advance(1.0)  # the second round cuts the first short while m002 and m003 are in flight
+    first, second = s.rounds[0], s.rounds[1]
+    assert (first.late, first.errors, first.probed, first.ended) == (0, 0, 2, 4.0)
+    assert not any(d.called for d in slow.values())  # not cancelled: they may still answer
+    assert [w for w, _, _ in reports] == ["m000", "m001"]  # nothing reported for them (no failure)
+    assert s.in_flight == 3  # m002, m003 and the second round's m000
+
+    probes.pending.pop("m000").callback(LivenessResult(True, "ok"))
+    clock.advance(1.0)  # 5 s: m001 of the second round
+    probes.pending.pop("m001").callback(LivenessResult(True, "ok"))
+    clock.advance(1.0)  # 6 s: m002 is still in flight from the first round: skipped, not probed twice
+    assert [w for _, w in probes.started].count("m002") == 1
+    probes.pending.pop("m002").callback(LivenessResult(True, "slow but alive"))
+    assert reports[-1][0] == "m002" and reports[-1][1].alive and reports[-1][2] is None
+    clock.advance(1.0)  # 7 s: m003 too
+    assert [w for _, w in probes.started].count("m003") == 1
+    # the second round has nothing of its own left in flight: it is over, within its interval
+    assert (second.probed, second.skipped, second.late, second.errors) == (2, 2, 0, 0)
+    assert second.ended == 7.0
+    probes.pending.pop("m003").callback(LivenessResult(False, "no reply"))
+    # the late answers belong to the round that asked, as answers, not errors
+    assert (first.probed, first.errors, first.late) == (4, 0, 0)
+    assert (second.probed, second.errors) == (2, 0)
+    assert [(w, r.alive) for w, r, _ in reports] == [
+        ("m000", True), ("m001", True), ("m000", True), ("m001", True), ("m002", True), ("m003", False)]
+
+    clock.advance(1.0)  # 8 s: the third round probes every machine again, each once
+    third = s.rounds[2]
+    assert [w for t, w in probes.started if t >= 8.0] == ["m000"]
+    clock.pump([1.0] * 3)
+    assert [w for t, w in probes.started if t >= 8.0] == ["m000", "m001", "m002", "m003"]
+    assert third.skipped == 0
+    s.stop()
+    assert s.in_flight == 0
+
+
+def test_a_round_starting_before_the_last_tick_of_the_previous_one_leaves_one_tick_chain() -> None:
+    clock = Clock()
+    probes = Probes(clock, auto=0.01)
+    # 200 machines a second: starts are 5 ms apart, ticks 50 ms apart, so the round's last tick
+    # falls due together with the next round
+    s, _ = sweep(fleet(200), probes, clock, interval=1.0, concurrency=500)
+    s.start()
+    chains = []
+    for _ in range(100):  # five seconds
+        clock.advance(0.05)
+        chains.append(len([c for c in clock.getDelayedCalls() if c.active() and c.func == s._tick]))
+    assert max(chains) == 1, chains  # one tick chain, not one more per round
+    rounds = list(s.rounds)[:-1]
+    # the machines that fell due with the next round were probed in their own round, not dropped as late
+    assert [(r.probed, r.late) for r in rounds] == [(200, 0)] * len(rounds) and len(rounds) >= 4
+    s.stop()

@@ -4,9 +4,11 @@ spread evenly over the interval (machine i of N starts at i * interval / N
 into the round: no thundering herd), at most C{concurrency} probes in
 flight.  A round starts every C{interval} seconds of the injected clock
 whatever the previous one did; a machine whose previous probe is still in
-flight is skipped for that round, and a probe still waiting for a free slot
-when the next round starts is dropped (counted as C{late}), so a slow round
-never piles up work.
+flight is skipped for that round (never probed twice at once), and a probe
+still waiting for a free slot when the next round starts is dropped (counted
+as C{late}), so a slow round never piles up work.  Probes still in flight
+when the next round starts run on: their answers are reported and counted in
+the round that started them, never as late or failed.
 
 The sweep only probes and reports (C{report(machine, result, error)}); what
 a failed probe means is the health tracker's business.
@@ -100,7 +102,16 @@ class LivenessSweep:
         self._round_call = None
         if not self._running:
             return
+        # The previous round's tick chain ends here (a tick due now would start a second chain beside
+        # the new round's).  Its machines already due start now, if a slot is free: ticks are MIN_TICK
+        # apart, so with more than 1/MIN_TICK machines a second the last few fall due with the next
+        # round.  Only what still waits for a slot is late; probes in flight run on and report.
+        if self._tick_call is not None and self._tick_call.active():
+            self._tick_call.cancel()
+        self._tick_call = None
         if self._round is not None and self._round.ended is None:
+            self._take_due(self.clock.seconds())
+            self._launch()
             self._round.late += len(self._waiting) + len(self._due)
             self._finish_round_if_done(force=True)
         self._waiting.clear()
@@ -119,12 +130,16 @@ class LivenessSweep:
     def _tick(self) -> None:
         self._tick_call = None
         now = self.clock.seconds()
-        while self._due and self._due[0][0] <= now:
-            self._waiting.append(self._due.popleft()[1])
+        self._take_due(now)
         self._launch()
         if self._due:
             delay = max(self._due[0][0] - now, MIN_TICK)
             self._tick_call = self.clock.callLater(delay, self._tick)
+        self._finish_round_if_done()  # its last machines may all have been skipped or failed to start
+
+    def _take_due(self, now: float) -> None:
+        while self._due and self._due[0][0] <= now:
+            self._waiting.append(self._due.popleft()[1])
 
     def _launch(self) -> None:
         r = self._round
@@ -156,10 +171,11 @@ class LivenessSweep:
             self._report(machine, result, None)
         if r is self._round:
             self._outstanding -= 1
+        if self._round is not None:
+            # a slot is free (for the current round, whichever round this probe was of); the current
+            # round may be over now, also when this probe was of an earlier round
             self._launch()
             self._finish_round_if_done()
-        elif self._round is not None:
-            self._launch()
 
     def _finish_round_if_done(self, force: bool = False) -> None:
         r = self._round
