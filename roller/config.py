@@ -402,6 +402,23 @@ def _share(value: Any, from_text: bool) -> float:
 _share.kind = "number from 0 to 1"  # type: ignore[attr-defined]
 
 
+def _limit(value: Any, from_text: bool) -> str:
+    """A batch rollout limit: a count (C{10}), a percentage (C{"25%"}), or C{""} for none."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return ""
+    from roller.batches.model import Limit  # a leaf module; imported here so config stays below everything
+    from roller.errors import BadRequest
+
+    try:
+        return str(Limit.parse("limit", value.strip() if isinstance(value, str) else value).to_json())
+    except (ValueError, BadRequest):
+        raise ValueError(f"must be a count (e.g. 10), a percentage (e.g. \"25%\") or empty for none, got "
+                         f"{str(value)[:40]!r}") from None
+
+
+_limit.kind = "count, percentage or empty"  # type: ignore[attr-defined]
+
+
 #: What C{roller config} calls each parser's values (parsers made by
 #: C{_int}, C{_float} and C{_choice} carry their own C{kind}).
 _KINDS: dict[Callable[[Any, bool], Any], str] = {
@@ -548,6 +565,10 @@ KEYS: dict[str, tuple[str, Callable[[Any, bool], Any], Any]] = {
     "health.remediate": ("health_remediate", _bool, False),
     "health.tick": ("health_tick", _float(1), 10.0),
     "health.policies": ("health_policies", _tables, ()),
+    "batches.max_concurrent": ("batches_max_concurrent", _limit, ""),
+    "batches.max_per_pool": ("batches_max_per_pool", _limit, "25%"),
+    "batches.stop_after_failures": ("batches_stop_after_failures", _int(0, 20_000), 0),
+    "batches.pause_between": ("batches_pause_between", _float(0), 0.0),
 }
 
 
@@ -680,6 +701,12 @@ HELP: dict[str, str] = {
     "health.remediate": "Act on findings with [[health.policies]] (off: findings are only reported).",
     "health.tick": "Seconds between two remediation decisions.",
     "health.policies": "[[health.policies]] tables: which findings trigger which tasks, within which limits.",
+    "batches.max_concurrent": ("Default for a batch's members in flight at once: a count or a percentage of the "
+                               "batch (empty: no limit but queue.max_running)."),
+    "batches.max_per_pool": ("Default for a batch's members in flight at once per pool: a count or a percentage "
+                             "of the pool's machines (empty: no limit)."),
+    "batches.stop_after_failures": "Default circuit breaker: a batch halts after this many failed members (0: never).",
+    "batches.pause_between": "Default seconds between two member starts of a batch.",
 }
 
 
@@ -803,6 +830,10 @@ class Settings:
     health_remediate: bool
     health_tick: float
     health_policies: tuple[dict[str, Any], ...] = field(hash=False)
+    batches_max_concurrent: str = ""
+    batches_max_per_pool: str = "25%"
+    batches_stop_after_failures: int = 0
+    batches_pause_between: float = 0.0
     config_file: str | None = None
 
     def listeners_on_loopback(self) -> bool:

@@ -21,6 +21,7 @@ from roller.auth import AnonymousAuthenticator, IAuthenticator, UnconfiguredAuth
 from roller.auth.accounts import AccountAuth, PasswordHasher
 from roller.auth.hawk import LocalHawkAuthenticator
 from roller.auth.taskcluster import IAuthReactor, TaskclusterAuthenticator
+from roller.batches.service import BatchService, rollout_defaults
 from roller.config import Settings
 from roller.demo import DemoFleet, seed_demo_fleet, start_demo_fleet
 from roller.drivers.registry import Drivers, make_drivers
@@ -148,6 +149,7 @@ class RollerService(MultiService):
         self.metrics: Metrics | None = None
         self.notifier: Notifier | None = None
         self.health: HealthWatcher | None = None
+        self.batches: BatchService | None = None
         self._refresh: LoopingCall | None = None
         self.failed = False
 
@@ -193,6 +195,10 @@ class RollerService(MultiService):
                                     credential=self._credential, notifier=self.notifier, metrics=self.metrics)
         self.metrics.watch_health(self.health.tracker.counts)
         await self.health.start()
+        # batches submit through the queue: resumed once it runs (and after health, whose states they read)
+        self.batches = BatchService(store, self.queue, tasks, self.reactor, health=self.health,
+                                    defaults=rollout_defaults(s))
+        await self.batches.start()
         # pick up inventory changes other processes (roller import) commit
         self._refresh = LoopingCall(self._refresh_inventory)
         self._refresh.clock = self.reactor
@@ -203,12 +209,13 @@ class RollerService(MultiService):
             allowed_tasks=s.allowed_tasks, scope_prefix=s.scope_prefix, cors_origins=s.cors_origins,
             clock=self.reactor, trusted_proxies=s.trusted_proxies, metrics=self.metrics,
             max_lag=s.heartbeat_max_lag, version_info=load_version(s.version_file), public_url=s.public_url,
-            health=self.health,
+            health=self.health, batches=self.batches,
         )
         self.dashboard_auth = dashboard_auth = make_dashboard_auth(s, self.store, self.reactor)
         dashboard = Dashboard(
             self.store, self.queue, tasks, s.allowed_tasks, clock=self.reactor, hub=self.hub,
             auth=dashboard_auth, scope_prefix=s.scope_prefix, trusted_proxies=s.trusted_proxies, health=self.health,
+            batches=self.batches,
         )
         admin = InventoryAdmin(dashboard, self.store, secrets_file=s.secrets_file,
                                threadpool=self.reactor.getThreadPool())
@@ -315,6 +322,8 @@ class RollerService(MultiService):
             self._refresh.stop()
         if self.health is not None:
             await self.health.stop()  # no sweep, poll or remediation after this
+        if self.batches is not None:
+            await self.batches.stop()  # no member starts after this; members in flight are still followed
         if self.queue is not None:
             # still listening: new submissions get 503 shutting_down while the
             # running jobs finish (up to server.shutdown_grace); queued jobs
@@ -337,6 +346,9 @@ class RollerService(MultiService):
         await super().stopService()
         if self.queue is not None:
             await self.queue.stop()
+        if self.batches is not None:
+            await self.batches.flush()  # the members that ended while draining
+            self.batches.close()
         pdus = getattr(self.drivers, "pdus", None)
         if pdus is not None:
             pdus.client.close()

@@ -80,6 +80,10 @@ class MachineTable:
         """Every machine, from memory (the inventory as last loaded)."""
         return list(self._cache.values())
 
+    def cached(self, key: tuple[str, str]) -> Machine | None:
+        """The machine C{(worker_group, worker_id)} from memory, at once (None if there is none)."""
+        return self._cache.get(key)
+
     def get(self, worker_group: str, worker_id: str) -> Deferred[Machine | None]:
         if self._db.closed:
             return fail(StoreError("the database is closed"))
