@@ -436,8 +436,8 @@ class HealthWatcher:
                 "round": last.number, "started": last.started, "machines": last.machines, "probed": last.probed,
                 "errors": last.errors, "late": last.late, "skipped": last.skipped, "duration": last.duration,
                 "probe": "in-process ICMP" if self._icmp is not None else "ping binary",
-                "recent": [{"round": r.number, "machines": r.machines, "probed": r.probed, "late": r.late,
-                            "duration": r.duration} for r in list(self.sweep.rounds)[-10:]]},
+                "recent": [{"round": r.number, "started": r.started, "machines": r.machines, "probed": r.probed,
+                            "late": r.late, "duration": r.duration} for r in list(self.sweep.rounds)[-10:]]},
         }
 
     def health_of(self, key: Key) -> MachineHealth | None:
