@@ -24,6 +24,7 @@ from werkzeug.exceptions import NotFound as RouteNotFound
 
 from roller import __version__
 from roller.auth import IAuthenticator, Principal
+from roller.batches.service import BatchService
 from roller.errors import BadRequest, Conflict, Forbidden, NotFound, RollerError, Unauthorized
 from roller.health.watcher import HealthWatcher
 from roller.inventory import Machine, valid_worker_id
@@ -239,6 +240,8 @@ class Api:
     public_url: str = field(default="", kw_only=True)
     #: fleet health (L{roller.health.watcher.HealthWatcher}), when the service runs one
     health: HealthWatcher | None = field(default=None, kw_only=True)
+    #: batches (L{roller.batches.service.BatchService}), when the service runs them
+    batches: BatchService | None = field(default=None, kw_only=True)
     _allowed_origins: frozenset = field(init=False, factory=frozenset)
 
     app = Klein()

@@ -56,6 +56,7 @@ import roller
 from roller import __version__
 from roller.auth.accounts import AccountAuth
 from roller.auth.dashboard import IDashboardAuth, LoopbackDashboardAuth, Viewer
+from roller.batches.service import BatchService
 from roller.errors import BadRequest, Forbidden, NotFound, RollerError, Unauthorized
 from roller.health.watcher import HealthWatcher
 from roller.inventory import TAG_RE, Machine, valid_worker_id
@@ -412,6 +413,8 @@ class Dashboard:
     trusted_proxies: tuple = field(default=(), converter=parse_trusted_proxies, kw_only=True)
     #: fleet health (L{roller.health.watcher.HealthWatcher}), when the service runs one
     health: HealthWatcher | None = field(default=None, kw_only=True)
+    #: batches (L{roller.batches.service.BatchService}), when the service runs them
+    batches: BatchService | None = field(default=None, kw_only=True)
     fleet: FleetQueries = field(init=False, default=None)
     fleet_rows: RowCache = field(init=False, factory=RowCache)
     env: Environment = field(init=False, default=None)
