@@ -7,6 +7,10 @@ Each definition is what Taskcluster's UI showed as a button on a worker::
      "url": "https://roller.example.com/api/v1/workers/<workerId>/group/<workerGroup>/jobs?task_name=reboot",
      "description": "..."}
 
+L{batch_hook} is a Taskcluster hook definition (the body of
+C{hooks.createHook}) whose task creates a batch (C{POST /api/v1/batches})
+with the task's own credentials, through the worker's taskcluster-proxy.
+
 Taskcluster removed C{queue.declareProvisioner} (and with it worker
 actions) in v107.  L{register} still calls it (C{PUT
 /api/queue/v1/provisioners/ID}, Hawk-signed) for a deployment that has
@@ -17,8 +21,10 @@ a hook or an action task instead (see the README).
 from __future__ import annotations
 
 import json
+import shlex
 from collections.abc import Iterable
 from typing import Any
+from urllib.parse import urlsplit
 
 import mohawk
 from treq.client import HTTPClient
@@ -29,7 +35,7 @@ from roller.drivers.reactor import ITcpReactor
 from roller.json_input import load_json
 from roller.tasks import TaskRegistry
 
-__all__ = ["ActionsError", "action_definitions", "register"]
+__all__ = ["ActionsError", "action_definitions", "batch_hook", "hook_scopes", "register"]
 
 _UPPER = {"ipmi", "ssh", "snmp", "pdu", "xenapi", "bmc"}
 
@@ -59,6 +65,91 @@ def action_definitions(tasks: TaskRegistry, allowed: Iterable[str], public_url: 
         "method": "POST",
         "description": spec.description,
     } for spec in tasks if spec.name in allowed]
+
+
+#: the container the hook's task runs in: curl and a POSIX shell
+HOOK_IMAGE = "curlimages/curl:8.10.1"
+#: seconds the hook's task may run (it only sends the request; the batch runs on roller)
+HOOK_MAX_RUN_TIME = 300
+
+
+def hook_scopes(body: dict[str, Any], scope_prefix: str) -> list[str]:
+    """What creating the batch C{body} needs: the task's scope and C{batches:create}."""
+    return [f"{scope_prefix}{body['task_name']}", f"{scope_prefix}batches:create"]
+
+
+def _proxied(public_url: str) -> str:
+    """
+    C{public_url}'s C{/api/v1/batches} through taskcluster-proxy: its
+    hostname form (C{http://taskcluster/HOST/PATH}) forwards to
+    C{https://HOST/PATH}, signed with the task's credentials; so roller
+    must be reachable over https, on port 443, by a dotted host name.
+    """
+    parts = urlsplit(public_url.strip())
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    host = parts.hostname or ""
+    if parts.scheme != "https" or port not in (None, 443) or "." not in host or parts.path.strip("/"):
+        raise ActionsError(f"the hook's task reaches roller through taskcluster-proxy, which forwards only to "
+                           f"https://HOST/ (port 443, a dotted host name, no path): roller's public URL "
+                           f"{public_url[:100]!r} is not one (set server.public_url or pass --url)")
+    return f"http://taskcluster/{host}/api/v1/batches"
+
+
+def _escape_jsone(value: Any) -> Any:
+    """C{value} with every C{${} written C{$${}, so JSON-e (hooks render their task with it) leaves it as it is."""
+    if isinstance(value, str):
+        return value.replace("${", "$${")
+    if isinstance(value, list):
+        return [_escape_jsone(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _escape_jsone(v) for k, v in value.items()}
+    return value
+
+
+def batch_hook(body: dict[str, Any], public_url: str, *, task_queue: str, scope_prefix: str,
+               owner: str, image: str = HOOK_IMAGE) -> dict[str, Any]:
+    """
+    A Taskcluster hook definition (the body of C{hooks.createHook}) whose
+    task creates the batch C{body} (L{roller.batches.model.parse_request}'s
+    fields) on roller.  The task holds the scopes L{hook_scopes} names (the
+    hook's role must have them too) and sends the request through
+    taskcluster-proxy (C{features.taskclusterProxy}), which signs it with
+    the task's credentials; curl fails the task when roller refuses.
+    """
+    url = _proxied(public_url)
+    data = json.dumps(_escape_jsone(body), separators=(",", ":"))
+    script = (f"curl --silent --show-error --fail-with-body --max-time 60 --retry 5 --retry-connrefused "
+              f"-X POST -H 'Content-Type: application/json' --data {shlex.quote(data)} {url}")
+    name = f"roller batch: {body['task_name']}"
+    description = (f"Creates a roller batch: {body['task_name']} on the machines "
+                   f"{json.dumps(body.get('selector', {}), separators=(',', ':'))} "
+                   f"(POST {public_url.rstrip('/')}/api/v1/batches). The hook's role needs "
+                   f"{', '.join(hook_scopes(body, scope_prefix))} and queue:create-task for {task_queue}.")
+    return {
+        "metadata": {"name": name, "description": _escape_jsone(description), "owner": owner,
+                     "emailOnError": True},
+        "schedule": [],
+        "triggerSchema": {"type": "object", "properties": {}, "additionalProperties": True},
+        "task": {
+            "taskQueueId": task_queue,
+            "schedulerId": "-",
+            "created": {"$fromNow": "0 seconds"},
+            "deadline": {"$fromNow": "1 hour"},
+            "expires": {"$fromNow": "30 days"},
+            "scopes": hook_scopes(body, scope_prefix),
+            "payload": {
+                "image": image,
+                "command": ["sh", "-c", script],
+                "maxRunTime": HOOK_MAX_RUN_TIME,
+                "features": {"taskclusterProxy": True},
+            },
+            "metadata": {"name": name, "description": _escape_jsone(description), "owner": owner,
+                         "source": public_url.rstrip("/") + "/api/v1/openapi.json"},
+        },
+    }
 
 
 async def register(reactor: ITcpReactor, root_url: str, provisioner_id: str, actions: list[dict[str, Any]],

@@ -10,6 +10,7 @@ daemon (settings resolved the same way: --config, ROLLER_*, options).
     roller user add alice --role operator   # dashboard accounts: add, passwd, remove, list
     roller actions --url https://roller.example.com   # Taskcluster worker action definitions
     roller config [queue]               # every setting: type, default, environment variable, meaning
+    roller batch reboot --pool P --max-concurrent 10 --max-per-pool 25%   # see roller.batch_cli
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import react
 
+from roller import batch_cli
 from roller.auth.accounts import ROLES, check_password_policy, check_user_name, hash_password
 from roller.config import ConfigError, Settings, check_names, load_settings
 from roller.errors import RollerError
@@ -114,6 +116,13 @@ def _parser() -> argparse.ArgumentParser:
                     help="also declare them with queue.declareProvisioner (gone since Taskcluster v107)")
     ac.add_argument("--credential", default="taskcluster",
                     help="secrets file credential (type password: client id, access token) for --register")
+    ac.add_argument("--batch", metavar="TASK",
+                    help="instead: print a Taskcluster hook (hooks.createHook body) whose task creates a batch "
+                         "of TASK on the machines the selector flags name")
+    ac.add_argument("--task-queue", default="proj-releng/roller-hooks",
+                    help="with --batch: the hook task's queue (a worker with taskcluster-proxy and docker)")
+    ac.add_argument("--owner", help="with --batch: the hook's owner e-mail (default roller@ROLLER_HOST)")
+    batch_cli.add_request_arguments(ac)
 
     c = sub.add_parser("config", help="every setting: its type, default, environment variable and meaning")
     c.add_argument("--json", action="store_true", help="print the list as JSON (with the values in effect)")
@@ -125,6 +134,8 @@ def _parser() -> argparse.ArgumentParser:
     j.add_argument("--task")
     j.add_argument("--limit", type=int, default=50)
     j.add_argument("--json", action="store_true")
+
+    batch_cli.add_parser(sub)  # roller batch TASK ... | show ID | list | cancel ID
     return p
 
 
@@ -434,6 +445,8 @@ async def cmd_user(reactor: IRollerReactor, settings: Settings, args: argparse.N
 async def cmd_actions(reactor: IRollerReactor, settings: Settings, args: argparse.Namespace, out: Any) -> int:
     from roller.actions import ActionsError, action_definitions, register
 
+    if args.batch:
+        return _batch_hook(settings, args, out)
     try:
         actions = action_definitions(builtin_tasks(), settings.allowed_tasks, args.url or settings.public_url)
         out.write(json.dumps(actions, indent=2) + "\n")
@@ -450,6 +463,29 @@ async def cmd_actions(reactor: IRollerReactor, settings: Settings, args: argpars
         raise CliError(str(e)) from None
     except KeyError as e:  # UnknownCredential
         raise CliError(str(e)) from None
+    return 0
+
+
+def _batch_hook(settings: Settings, args: argparse.Namespace, out: Any) -> int:
+    from urllib.parse import urlsplit
+
+    from roller.actions import ActionsError, batch_hook, hook_scopes
+    from roller.batches.model import parse_request
+
+    args.task = args.batch
+    body = batch_cli.request_body(args)
+    parse_request(body, tasks=builtin_tasks(), allowed_tasks=settings.allowed_tasks)  # RollerError: one line
+    public_url = args.url or settings.public_url
+    owner = args.owner or f"roller@{urlsplit(public_url).hostname or 'localhost'}"
+    try:
+        hook = batch_hook(body, public_url, task_queue=args.task_queue, scope_prefix=settings.scope_prefix,
+                          owner=owner)
+    except ActionsError as e:
+        raise CliError(str(e)) from None
+    out.write(json.dumps(hook, indent=2) + "\n")
+    needs = [*hook_scopes(body, settings.scope_prefix), f"queue:create-task:lowest:{args.task_queue}",
+             "queue:scheduler-id:-"]
+    sys.stderr.write(f"# the hook's role (hook-id:GROUP/ID) needs: {', '.join(needs)}\n")
     return 0
 
 
@@ -488,7 +524,8 @@ async def cmd_config(reactor: IRollerReactor, settings: Settings, args: argparse
 
 
 COMMANDS = {"health": cmd_health, "config": cmd_config, "run": cmd_run, "import": cmd_import,
-            "machines": cmd_machines, "jobs": cmd_jobs, "audit": cmd_audit, "user": cmd_user, "actions": cmd_actions}
+            "machines": cmd_machines, "jobs": cmd_jobs, "audit": cmd_audit, "user": cmd_user, "actions": cmd_actions,
+            "batch": batch_cli.cmd_batch}
 
 
 async def execute(reactor: IRollerReactor, args: argparse.Namespace, out: Any, err: Any) -> int:
@@ -496,7 +533,8 @@ async def execute(reactor: IRollerReactor, args: argparse.Namespace, out: Any, e
     try:
         settings = _settings(args)
         return await COMMANDS[args.command](reactor, settings, args, out)
-    except (CliError, ConfigError, SecretsError, StoreError, ImportFormatError, RollerError) as e:
+    except (CliError, ConfigError, SecretsError, StoreError, ImportFormatError, RollerError,
+            batch_cli.BatchCliError) as e:
         err.write(f"roller {args.command}: {getattr(e, 'message', None) or e}\n")
         return 2
 
