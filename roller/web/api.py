@@ -24,6 +24,7 @@ from werkzeug.exceptions import NotFound as RouteNotFound
 
 from roller import __version__
 from roller.auth import IAuthenticator, Principal
+from roller.batches.model import Batch, parse_request
 from roller.batches.service import BatchService
 from roller.errors import BadRequest, Conflict, Forbidden, NotFound, RollerError, Unauthorized
 from roller.health.watcher import HealthWatcher
@@ -212,6 +213,31 @@ def _check_reason(reason: str) -> str:
     return reason
 
 
+_BATCH_ID = re.compile(r"[-_0-9a-zA-Z]{1,64}")
+
+
+def _batch_id(value: str | None) -> str | None:
+    """C{?batch_id=}: None when absent or empty; 400 for a value no batch can have."""
+    if not value:
+        return None
+    if not _BATCH_ID.fullmatch(value):
+        raise BadRequest(f"batch_id {value[:70]!r} is not a batch id (1-64 letters, digits, '-' and '_')",
+                         code="invalid_query")
+    return value
+
+
+def _flag(request: IRequest, name: str, true: tuple[str, ...] = ("true", "1"), default: bool = False) -> bool:
+    """A boolean query parameter: C{false} or C{0} is false, one of C{true} is true; absent or empty: C{default}."""
+    raw = (query_arg(request, name) or "").lower()
+    if raw == "":
+        return default
+    if raw in ("false", "0"):
+        return False
+    if raw in true:
+        return True
+    raise BadRequest(f"{name} must be {' or '.join(true)} or false, got {raw[:40]!r}", code="invalid_query")
+
+
 #: /__heartbeat__ waits this long (seconds) for its database write.
 HEARTBEAT_WRITE_TIMEOUT = 3.0
 
@@ -318,7 +344,8 @@ class Api:
     def _client_ip(self, request: IRequest) -> str | None:
         return client_ip(request, self.trusted_proxies)
 
-    async def _authorize(self, request: IRequest, scope: str) -> Principal:
+    async def _authorize(self, request: IRequest, scope: str, *more: str) -> Principal:
+        """The principal, which must hold C{scope} and every one of C{more} (a 403 names the first it lacks)."""
         try:
             target = request_target(request, self.trusted_proxies)
         except BadRequest:
@@ -326,8 +353,9 @@ class Api:
             # and refuses it in its own order (no credentials first)
             target = None
         principal = await self.authenticator.authenticate(request, target)
-        if not principal.has_scope(scope):
-            raise Forbidden(principal.lacks(scope), code="insufficient_scope")  # says if authorizedScopes removed it
+        for required in (scope, *more):
+            if not principal.has_scope(required):  # the message says if authorizedScopes removed it
+                raise Forbidden(principal.lacks(required), code="insufficient_scope")
         return principal
 
     async def _audit(self, principal: Principal, request: IRequest, action: str, target: str,
@@ -482,6 +510,7 @@ class Api:
         if worker_group is not None:
             _worker_id(worker_group, "worker_group")
         task_name = query_arg(request, "task_name")
+        batch_id = _batch_id(query_arg(request, "batch_id"))
         limit = _int_arg(request, "limit", 50, 1, 1000)
         before = query_arg(request, "before")
         before_seq = None
@@ -489,13 +518,93 @@ class Api:
             before_seq = _int_arg(request, "before", 0, 1, 2**62)
         jobs = await self.store.jobs.list(
             worker_id=worker_id, worker_group=worker_group, task_name=task_name,
-            states=states, before=before_seq, limit=limit,
+            states=states, before=before_seq, limit=limit, batch_id=batch_id,
         )
         live = [self.queue.active(j.id) or j for j in jobs]
         if states:  # a job whose end is not recorded yet is listed as what it is now
             live = [j for j in live if j.state in states]
         next_before = jobs[-1].seq if len(jobs) == limit else None
         return _json(request, {"jobs": [j.to_json() for j in live], "next_before": next_before})
+
+    # -- batches
+
+    def _batches(self) -> BatchService:
+        if self.batches is None:  # an API built without the service's batches (tests, tools)
+            raise NotFound("batches are not part of this API", code="not_found")
+        return self.batches
+
+    @app.route("/api/v1/batches", methods=["POST"])
+    async def post_batch(self, request: IRequest) -> bytes:
+        self._cors(request)
+        service = self._batches()
+        dry_run = _flag(request, "dry_run")
+        body = _body(request, required=True)
+        batch = parse_request(body, tasks=self.tasks, allowed_tasks=self.allowed_tasks, defaults=service.defaults)
+        task_name = batch.task_name
+        # both scopes before the selector is resolved: a refused request learns nothing about the fleet
+        principal = await self._authorize(request, self.scope_prefix + task_name,
+                                          self.scope_prefix + "batches:create")
+        if dry_run:
+            return _json(request, service.dry_run(batch, await service.resolve(batch)))
+        origin_ip = self._client_ip(request)
+
+        def audit(created: Batch) -> AuditEntry:
+            return AuditEntry(
+                time=created.created_at, actor=principal.id, source_ip=origin_ip,
+                action=f"batch.create:{task_name}", target=f"batch/{created.id}",
+                result=f"created {created.id}: {created.total} member(s)",
+                params={"params": created.params, "selector": created.selector.to_json(),
+                        "rollout": created.rollout.to_json(), "priority": created.priority,
+                        "reason": created.reason},
+            )
+
+        view = await service.create(batch, requester=principal.id, origin_ip=origin_ip, audit=audit)
+        request.setHeader(b"Location", f"/api/v1/batches/{quote(view['batch_id'])}".encode())
+        return _json(request, view, 201)
+
+    @app.route("/api/v1/batches", methods=["GET"])
+    async def list_batches(self, request: IRequest) -> bytes:
+        self._cors(request)
+        service = self._batches()
+        limit = _int_arg(request, "limit", 50, 1, 1000)
+        before = _int_arg(request, "before", 0, 1, 2**62) if query_arg(request, "before") else None
+        await self._authorize(request, self.scope_prefix + "jobs:read")
+        batches, next_before = await service.list(limit=limit, before=before)
+        return _json(request, {"batches": batches, "next_before": next_before})
+
+    @app.route("/api/v1/batches", methods=["OPTIONS"])
+    def options_batches(self, request: IRequest) -> bytes:
+        return self._preflight(request)
+
+    @app.route("/api/v1/batches/<batch_id>", methods=["GET"])
+    async def get_batch(self, request: IRequest, batch_id: str) -> bytes:
+        self._cors(request)
+        service = self._batches()
+        members = _flag(request, "members", default=True)
+        await self._authorize(request, self.scope_prefix + "jobs:read")
+        view = await service.view(batch_id, members=members) if _BATCH_ID.fullmatch(batch_id) else None
+        if view is None:
+            raise NotFound(f"no batch {batch_id[:64]}", code="unknown_batch")
+        return _json(request, view)
+
+    @app.route("/api/v1/batches/<batch_id>", methods=["DELETE"])
+    async def delete_batch(self, request: IRequest, batch_id: str) -> bytes:
+        self._cors(request)
+        service = self._batches()
+        running = _flag(request, "running", ("cancel", "true", "1"))
+        principal = await self._authorize(request, self.scope_prefix + "jobs:cancel")
+        if not _BATCH_ID.fullmatch(batch_id):
+            raise NotFound(f"no batch {batch_id[:64]}", code="unknown_batch")
+        view = await service.cancel(batch_id, by=principal.id, running=running)
+        counts = view.get("counts", {})
+        await self._audit(principal, request, "batch.cancel", f"batch/{batch_id}",
+                          f"{view.get('state')} {batch_id}: {counts.get('skipped', 0)} skipped, "
+                          f"{counts.get('cancelled', 0)} cancelled", {"running": running})
+        return _json(request, view)
+
+    @app.route("/api/v1/batches/<batch_id>", methods=["OPTIONS"])
+    def options_batch(self, request: IRequest, batch_id: str) -> bytes:
+        return self._preflight(request)
 
     # -- audit
 

@@ -44,6 +44,7 @@ __all__ = ["openapi_document", "WORKER_ID_PATTERN"]
 Schema = dict[str, Any]
 
 WORKER_ID_PATTERN = WORKER_ID_RE.pattern  # ^[-_0-9a-zA-Z]{1,128}$
+BATCH_ID_PATTERN = "^[-_0-9a-zA-Z]{1,64}$"  # roller.web.api._BATCH_ID
 STATES = [s.value for s in State]
 REASON_MAX = 1000
 
@@ -237,16 +238,17 @@ _TRANSPORT = ("400", "408", "413", "414", "421", "431")
 #: The shared error responses: {status: (component name, description with the error codes)}.
 _ERRORS: dict[str, tuple[str, str]] = {
     "400": ("BadRequest", "Bad input (`missing_parameter`, `invalid_query`, `invalid_worker_id`, "
-            "`unknown_task`, `task_not_allowed`, `invalid_body`, `invalid_json`, `bad_json` (nested deeper "
+            "`unknown_task`, `task_not_allowed`, `invalid_body`, `empty_selection` (a batch left with no "
+            "machine), `invalid_json`, `bad_json` (nested deeper "
             "than 32 levels), `missing_body`, `invalid`), or an unparsable HTTP request (`bad_request`)."),
     "401": ("Unauthorized", "Missing or invalid Hawk credentials (`unauthorized`, `auth_not_configured`)."),
     "403": ("Forbidden", "The credentials lack the required scope (`insufficient_scope`), or a call that "
             "changes something came from a web page on another origin (`cross_site_request`)."),
-    "404": ("NotFound", "No such resource (`unknown_machine`, `unknown_job`, `not_found`)."),
+    "404": ("NotFound", "No such resource (`unknown_machine`, `unknown_job`, `unknown_batch`, `not_found`)."),
     "408": ("RequestTimeout", "The request's headers or body did not arrive within `server.header_timeout` / "
             "`server.body_timeout` (`request_timeout`); the connection is closed."),
     "409": ("Conflict", "Conflict with the current state (`ambiguous_worker`, `job_finished`, "
-            "`machine_exists`)."),
+            "`machine_exists`, `batch_finished`)."),
     "413": ("PayloadTooLarge", "The request body is larger than the configured maximum (`payload_too_large`)."),
     "414": ("UriTooLong", "The request target is longer than the configured maximum (`uri_too_long`)."),
     "421": ("MisdirectedRequest", "The `Host` header names a host this roller does not answer for "
@@ -537,6 +539,7 @@ def _job_schemas(tasks: TaskRegistry, allowed: tuple[str, ...]) -> dict[str, Sch
         "duration_s": {"type": ["number", "null"], "description": "finished - started, in seconds"},
         "result": nullable_str,
         "error": nullable_str,
+        "batch_id": {"type": ["string", "null"], "description": "the batch it is a member of, if any"},
     }
     job_required = list(job_properties)
     event = _object({
@@ -812,6 +815,8 @@ def openapi_document(tasks: TaskRegistry, allowed: tuple[str, ...], version: str
     @param allowed: the task names reachable over REST (C{task_name}'s enum).
     @param version: roller's version, the document's C{info.version}.
     """
+    from roller.web.openapi_batches import batch_paths, batch_schemas  # it uses the helpers above
+
     allowed = tuple(allowed)
     secured_note = ("Requires Hawk credentials (Taskcluster) with the scope "
                     "`<prefix><what>`, the prefix being `project:releng:roller:` by default.")
@@ -838,6 +843,8 @@ def openapi_document(tasks: TaskRegistry, allowed: tuple[str, ...], version: str
                     _param("worker_id", "query", _string(WORKER_ID_PATTERN), "Only this worker id."),
                     _param("worker_group", "query", _string(WORKER_ID_PATTERN), "Only this worker group."),
                     _param("task_name", "query", {"type": "string"}, "Only this task."),
+                    _param("batch_id", "query", {"type": "string", "pattern": BATCH_ID_PATTERN},
+                           "Only the jobs of this batch (400 `invalid_query` for a value no batch id can be)."),
                     _int_query("limit", 1, 1000, 50, "Page size"),
                     _int_query("before", 1, 2**62, None, "Jobs older than this cursor (`next_before`)"),
                 ],
@@ -877,6 +884,7 @@ def openapi_document(tasks: TaskRegistry, allowed: tuple[str, ...], version: str
             "options": _preflight("preflightJob", [_param("task_id", "path", {"type": "string"},
                                                           "The job's id (not validated by the preflight).")]),
         },
+        **batch_paths(tasks, allowed, secured_note),
         "/api/v1/audit": {
             "get": _op(
                 "listAudit", "The audit log, newest first", "audit",
@@ -1059,6 +1067,7 @@ def openapi_document(tasks: TaskRegistry, allowed: tuple[str, ...], version: str
         **_access_input_schemas(),
         **_ops_schemas(),
         **_health_schemas(),
+        **batch_schemas(tasks, allowed),
     }
     return {
         "openapi": "3.1.0",
@@ -1073,6 +1082,7 @@ def openapi_document(tasks: TaskRegistry, allowed: tuple[str, ...], version: str
         },
         "tags": [
             {"name": "jobs", "description": "Running tasks on machines."},
+            {"name": "batches", "description": "One task over many machines, rolled out within limits."},
             {"name": "machines", "description": "The inventory."},
             {"name": "tasks", "description": "What can be run."},
             {"name": "cors", "description": "CORS preflights."},
