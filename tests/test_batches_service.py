@@ -432,3 +432,72 @@ def test_create_audit_in_the_same_transaction(env):
         time=b.created_at, actor="alice", action="batch.create:reboot", result="created", target=f"batch/{b.id}")))
     assert [a.action for a in result_of(e.store.audit.list(target=f"batch/{view['batch_id']}"))] == [
         "batch.create:reboot"]
+
+
+def test_refused_submit_is_retried_and_nothing_lost(env, monkeypatch):
+    e = env({"p1": 3})
+    real = e.queue.submit
+    refused = {"n": 0}
+
+    async def submit(*a, **kw):
+        if refused["n"] < 2:
+            refused["n"] += 1
+            raise StorageUnavailable("disk_full", "the disk holding the database is full", 30)
+        return await real(*a, **kw)
+
+    monkeypatch.setattr(e.queue, "submit", submit)
+    view = e.create(Selector(pool="p1"), Rollout(max_concurrent=Limit(1)))
+    bid = view["batch_id"]
+    assert e.fleet.running() == [] and e.view(bid)["counts"]["pending"] == 3
+    e.turn(1)  # first retry: refused again
+    assert e.fleet.running() == []
+    e.turn(1)
+    assert len(e.fleet.running()) == 1
+    final = drain(e, bid)
+    assert final["state"] == "succeeded" and [m["attempts"] for m in final["members"]] == [1, 1, 1]
+    assert e.fleet.max_overlap() == 1
+
+
+def test_create_is_one_write_whatever_the_size(env, monkeypatch):
+    e = env({"p1": 600, "p2": 400})
+    writes = []
+    real = e.store.db.write
+
+    def write(fn, *args):
+        writes.append(fn)
+        return real(fn, *args)
+
+    monkeypatch.setattr(e.store.db, "write", write)
+    request = BatchRequest("reboot", Selector(group="g"), Rollout(max_concurrent=Limit(200)))
+    view = run(e.service.create(request, requester="alice"))
+    assert view["total"] == 1000 and view["limits"]["max_concurrent"] == 200
+    batch_writes = [fn for fn in writes if fn.__qualname__.startswith("BatchTable.")]
+    assert [fn.__qualname__ for fn in batch_writes] == ["BatchTable.insert.<locals>.run"]  # 1000 members at once
+    e.turn()
+    batch_writes = [fn for fn in writes if fn.__qualname__.startswith("BatchTable.")]
+    assert len(batch_writes) == 2  # then the 200 members started: one coalesced save
+    assert len(e.fleet.running()) == 200
+    assert len(result_of(e.store.batches.get(view["batch_id"])).members) == 1000
+    stored = result_of(e.store.batches.get(view["batch_id"]))
+    assert sum(1 for m in stored.members if m.state is MemberState.running) == 200  # written coalesced
+
+
+def test_unknown_machine_after_creation_fails_the_member(env):
+    e = env({"p1": 2})
+    view = e.create(Selector(pool="p1"), Rollout(max_concurrent=Limit(1)))
+    result_of(e.store.machines.delete("g", "p1-m001"))
+    final = drain(e, view["batch_id"])
+    assert final["members"][1]["state"] == "failed"
+    assert "no longer in the inventory" in final["members"][1]["error"]
+
+
+def test_stopped_service_starts_nothing_and_refuses_batches(env):
+    e = env({"p1": 4})
+    view = e.create(Selector(pool="p1"), Rollout(max_concurrent=Limit(2)))
+    run(e.service.stop())
+    e.finish_all()
+    v = e.view(view["batch_id"])
+    assert v["counts"]["succeeded"] == 2 and v["counts"]["pending"] == 2 and len(e.fleet.starts) == 2
+    with pytest.raises(Exception) as info:
+        e.create(Selector(pool="p1"))
+    assert getattr(info.value, "code", None) == "shutting_down"

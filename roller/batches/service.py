@@ -261,17 +261,8 @@ class BatchService:
         maintenance = await self.store.health.maintenance()
         return {(loan.worker_group, loan.worker_id) for loan in loans}, set(maintenance)
 
-    async def _last_states(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
-        def run(c: Any) -> dict[tuple[str, str], str]:
-            out = {}
-            for group, worker in keys:
-                r = c.execute("SELECT state FROM jobs WHERE worker_id = ? AND worker_group = ?"
-                              " ORDER BY seq DESC LIMIT 1", (worker, group)).fetchone()
-                if r is not None:
-                    out[(group, worker)] = r[0]
-            return out
-
-        states: dict[tuple[str, str], str] = await self.store.db.read(run)
+    async def _last_states(self, keys: builtins.list[tuple[str, str]]) -> dict[tuple[str, str], str]:
+        states = await self.store.jobs.last_states(keys)
         for job in [*self.queue.queued(), *self.queue.running()]:  # fresher than the store
             states[job.machine_key] = job.state.value
         return states
@@ -529,6 +520,13 @@ class BatchService:
             live.starting.discard(pos)
             self._member_ended(live, pos, MemberState.failed, now, f"not started: {e}")
             return
+        except Exception:  # noqa: BLE001 -- not started (e.g. the database closed): kept pending, logged
+            log.failure("Batch {batch_id}: {group}/{worker} not started", batch_id=live.id,
+                        group=m.worker_group, worker=m.worker_id)
+            live.starting.discard(pos)
+            self._remove_inflight(live, pos)
+            self._repend(live, pos)
+            return
         live.starting.discard(pos)
         current = self.queue.active(job.id) or job
         self._attach(live, pos, current, joined=not created, attempts=m.attempts + 1, started_at=now)
@@ -696,7 +694,7 @@ class BatchService:
             pos = live.by_key.get(job.machine_key) if live is not None else None
             if live is not None and pos is not None and (live.id, pos) not in targets:
                 m = live.members[pos]
-                if pos in live.starting or m.job_id is None:
+                if not m.state.final and (pos in live.starting or m.job_id is None):
                     # its submit has not returned yet: the job is the member's
                     self._attach(live, pos, job, joined=False, attempts=m.attempts + 1,
                                  started_at=m.started_at or job.created_at)

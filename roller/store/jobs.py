@@ -161,6 +161,21 @@ class JobTable:
         sql = f"SELECT seq, {_COLUMNS} FROM jobs{w.clause} ORDER BY seq"
         return self._db.read(lambda c: [_job(r) for r in c.execute(sql, w.args).fetchall()])
 
+    def last_states(self, keys: Iterable[tuple[str, str]]) -> Deferred[dict[tuple[str, str], str]]:
+        """The state of each machine's newest job (C{(worker_group, worker_id)} -> state; none: left out)."""
+        keys = builtins.list(keys)
+
+        def run(c: Cursor) -> dict[tuple[str, str], str]:
+            out = {}
+            for group, worker in keys:  # one jobs_machine index lookup each
+                r = c.execute("SELECT state FROM jobs WHERE worker_id = ? AND worker_group = ? ORDER BY seq DESC"
+                              " LIMIT 1", (worker, group)).fetchone()
+                if r is not None:
+                    out[(group, worker)] = r[0]
+            return out
+
+        return self._db.read(run)
+
     def events(self, job_id: str, after: int | None = None, limit: int = 1000) -> Deferred[builtins.list[JobEvent]]:
         def q(c: Cursor) -> list[JobEvent]:
             rows = c.execute(
