@@ -108,6 +108,8 @@ class Env:
 
     def restart(self) -> None:
         """A new process on the same database (the old one gone without a word: kill -9)."""
+        for job_id in self.fleet.running():  # they died with the process
+            self.fleet.ends[job_id] = self.clock.seconds()
         self.fleet.runs.clear()
         self.store, self.clock = sync_store(self.path, self.clock)
         self.start()
@@ -501,3 +503,50 @@ def test_stopped_service_starts_nothing_and_refuses_batches(env):
     with pytest.raises(Exception) as info:
         e.create(Selector(pool="p1"))
     assert getattr(info.value, "code", None) == "shutting_down"
+
+
+class Health:
+    def __init__(self, states: dict[tuple[str, str], str]):
+        self.states = states
+
+    def state_of(self, key: tuple[str, str]) -> str:
+        return self.states.get(key, "unknown")
+
+
+def test_filters_health_last_state_and_text(env):
+    e = env({"p1": 6})
+    e.service.health = Health({("g", "p1-m000"): "down", ("g", "p1-m001"): "down", ("g", "p1-m002"): "loaned",
+                               ("g", "p1-m005"): "healthy"})
+    down = run(e.service.resolve(BatchRequest("reboot", Selector(health=("down", "loaned")), Rollout())))
+    assert [m.worker_id for m in down.members] == ["p1-m000", "p1-m001"]
+    assert [(x.worker_id, x.reason) for x in down.excluded] == [("p1-m002", "loaned")]
+    assert down.pool_sizes == {"p1": 6}
+    # last-job state: a failed ping on m003, a running one on m004, nothing on the others
+    m3, m4 = (result_of(e.store.machines.get("g", f"p1-m00{i}")) for i in (3, 4))
+    failed, _ = run(e.queue.submit("ping", m3))
+    e.fleet.finish(failed.id, "unreachable")
+    run(e.queue.submit("ping", m4))
+    by_state = run(e.service.resolve(BatchRequest("reboot", Selector(pool="p1", state=("failed", "running")),
+                                                  Rollout())))
+    assert [m.worker_id for m in by_state.members] == ["p1-m003", "p1-m004"]
+    never = run(e.service.resolve(BatchRequest("reboot", Selector(pool="p1", state=("none",)), Rollout())))
+    assert [m.worker_id for m in never.members] == ["p1-m000", "p1-m001", "p1-m005"]  # m002 is loaned
+    text = run(e.service.resolve(BatchRequest("reboot", Selector(q="M00"), Rollout())))
+    assert len(text.members) == 5
+    tagged = run(e.service.resolve(BatchRequest("reboot", Selector(tags=("even",), group="g"), Rollout())))
+    assert [m.worker_id for m in tagged.members] == ["p1-m000", "p1-m004"]  # m002 loaned
+
+
+def test_restart_with_queued_members_keeps_the_limit(env):
+    e = env({"p1": 8}, limits=QueueLimits(max_running=2))
+    view = e.create(Selector(pool="p1"), Rollout(max_concurrent=Limit(4)))
+    bid = view["batch_id"]
+    v = e.view(bid)
+    assert v["counts"]["running"] == 2 and v["counts"]["queued"] == 2
+    e.restart()  # 2 interrupted (started once more), 2 still queued: 4 in flight, not more
+    v = e.view(bid)
+    assert v["counts"]["running"] + v["counts"]["queued"] == 4 and v["counts"]["pending"] == 4
+    final = drain(e, bid)
+    assert final["state"] == "succeeded" and e.fleet.max_overlap() <= 2
+    jobs = result_of(e.store.jobs.list(batch_id=bid, limit=100))
+    assert len(jobs) == 10 and sum(1 for j in jobs if j.state is State.interrupted) == 2
