@@ -8,6 +8,13 @@
   document.addEventListener("submit", function (ev) {
     var form = ev.target;
     var button = ev.submitter || null;
+    // forms acting on a selection (the fleet's batch form, the queue's "Cancel selected") need one
+    var needs = form.getAttribute("data-needs");
+    if (needs && !checkedIn(form, needs.split(" ")).length) {
+      ev.preventDefault();
+      setText(form.getAttribute("data-needs-status") || "", form.getAttribute("data-needs-message") || "Select something first.");
+      return;
+    }
     var message = (button && button.getAttribute("data-confirm")) || form.getAttribute("data-confirm");
     var confirmField = form.querySelector("input[name=confirm]");
     if (confirmField) { confirmField.value = ""; }
@@ -17,6 +24,13 @@
   });
 
   var FINAL = ["succeeded", "failed", "cancelled", "timed_out", "interrupted"];
+
+  /* The checked checkboxes of a form (those outside it with form="id" too) named one of names. */
+  function checkedIn(form, names) {
+    return Array.prototype.filter.call(form.elements, function (el) {
+      return el.type === "checkbox" && el.checked && !el.disabled && names.indexOf(el.name) >= 0;
+    });
+  }
 
   function outcomeText(job) {
     switch (job.state) {
@@ -100,6 +114,156 @@
         }
       }
     };
+  }
+
+  // -- the fleet page: select machines (a page, or every machine matching the filter) for a batch
+  var batchForm = document.getElementById("batch-form");
+  if (batchForm) {
+    var pickPage = document.getElementById("pick-page");
+    var allMatching = document.getElementById("all-matching");
+    var rowBoxes = function () {
+      return Array.prototype.filter.call(batchForm.elements, function (el) { return el.name === "m"; });
+    };
+    var countPicks = function () {
+      var boxes = rowBoxes();
+      var n = boxes.filter(function (el) { return el.checked; }).length;
+      if (allMatching && allMatching.checked) {
+        setText("pick-count", "All machines matching the filter are selected (" +
+          allMatching.labels[0].textContent.replace(/[^0-9]/g, "") + ").");
+      } else {
+        setText("pick-count", n ? n + " selected." : "");
+      }
+      if (pickPage) {
+        pickPage.checked = boxes.length > 0 && n === boxes.length;
+        pickPage.indeterminate = n > 0 && n < boxes.length;
+      }
+    };
+    if (pickPage) {
+      pickPage.hidden = false;
+      pickPage.addEventListener("change", function () {
+        rowBoxes().forEach(function (el) { if (!el.disabled) { el.checked = pickPage.checked; } });
+        countPicks();
+      });
+    }
+    if (allMatching) {
+      allMatching.addEventListener("change", function () {
+        rowBoxes().forEach(function (el) {
+          el.disabled = allMatching.checked;
+          if (allMatching.checked) { el.checked = true; }
+        });
+        if (pickPage) { pickPage.disabled = allMatching.checked; }
+        countPicks();
+      });
+    }
+    batchForm.addEventListener("change", function (ev) { if (ev.target.name === "m") { countPicks(); } });
+    batchForm.setAttribute("data-needs", "m all");
+    batchForm.setAttribute("data-needs-status", "pick-count");
+    batchForm.setAttribute("data-needs-message", "Tick machines first (or select all matching the filter).");
+    countPicks();
+  }
+
+  // -- the queue page: "Cancel selected"
+  var cancelMany = document.getElementById("cancel-selected");
+  if (cancelMany) {
+    cancelMany.setAttribute("data-needs", "job");
+    cancelMany.setAttribute("data-needs-status", "cancel-count");
+    cancelMany.setAttribute("data-needs-message", "Tick the jobs to cancel first.");
+    document.addEventListener("change", function (ev) {
+      if (ev.target.name !== "job") { return; }
+      var n = checkedIn(cancelMany, ["job"]).length;
+      setText("cancel-count", n ? n + " selected." : "Tick the jobs to cancel below.");
+    });
+  }
+
+  // -- the batch page: progress, counts and members live over Server-Sent Events
+  function setBadge(el, state) {
+    if (!el) { return; }
+    var badge = document.createElement("span");
+    badge.className = "state state-" + state;
+    badge.textContent = state.replace("_", " ");
+    el.replaceChildren(badge);
+  }
+
+  var ACTIVE = ["pending", "queued", "running"];
+  var batchBox = document.getElementById("batch");
+
+  function applyBatch(b) {
+    if (!b) { return; }
+    setBadge(document.getElementById("batch-state"), b.state);
+    var halt = document.getElementById("batch-halt");
+    if (halt) { halt.textContent = b.halt_reason || ""; halt.hidden = !b.halt_reason; }
+    var counts = b.counts || {};
+    var done = b.total;
+    Object.keys(counts).forEach(function (s) {
+      if (ACTIVE.indexOf(s) >= 0) { done -= counts[s]; }
+      var item = document.getElementById("count-" + s);
+      if (item) {
+        var strong = item.querySelector("strong");
+        if (strong) { strong.textContent = String(counts[s]); }
+        item.classList.toggle("zero", !counts[s]);
+      }
+    });
+    var bar = document.getElementById("batch-progress");
+    if (bar && b.total) { bar.max = b.total; bar.value = done; bar.textContent = Math.round(b.progress * 100) + "%"; }
+    setText("batch-done", String(done));
+    setText("batch-percent", Math.round(b.progress * 100) + "%");
+    if (b.finished) { setTime("batch-finished", b.finished); }
+    if (b.state !== "running") {
+      var cancel = document.getElementById("batch-cancel");
+      if (cancel) { cancel.remove(); }
+    }
+    document.title = document.title.replace(/\([a-z_]+\)/, "(" + b.state + ")");
+  }
+
+  function applyMember(mb) {
+    var row = document.getElementById("member-" + mb.position);
+    if (!row) { return; }
+    setBadge(row.querySelector(".m-state"), mb.state);
+    var jobCell = row.querySelector(".m-job");
+    if (jobCell && mb.task_id) {
+      var link = document.createElement("a");
+      link.href = "/jobs/" + encodeURIComponent(mb.task_id);
+      link.textContent = mb.task_id.slice(0, 8) + "…";
+      var parts = [link];
+      if (mb.joined) {
+        var note = document.createElement("span");
+        note.className = "muted";
+        note.textContent = "(joined)";
+        parts.push(document.createTextNode(" "), note);
+      }
+      jobCell.replaceChildren.apply(jobCell, parts);
+    }
+    var errorCell = row.querySelector(".m-error");
+    if (errorCell) {
+      if (mb.error) {
+        var line = document.createElement("span");
+        line.className = "error-line";
+        line.textContent = mb.error.length > 165 ? mb.error.slice(0, 157) + "..." : mb.error;
+        errorCell.replaceChildren(line);
+      } else {
+        errorCell.replaceChildren();
+      }
+    }
+  }
+
+  if (batchBox && batchBox.dataset.stream && window.EventSource) {
+    var batchSource = new EventSource(batchBox.dataset.stream);
+    batchSource.onopen = function () { setText("live-status", "Live: members update as they start and end."); };
+    batchSource.onerror = function () {
+      if (batchSource.readyState !== EventSource.CLOSED) { setText("live-status", "Connection lost; reconnecting…"); }
+    };
+    batchSource.onmessage = function (message) {
+      var data;
+      try { data = JSON.parse(message.data); } catch (e) { return; }
+      if (!data.batch || data.batch.batch_id !== batchBox.dataset.batch) { return; }
+      (data.members || []).forEach(applyMember);
+      applyBatch(data.batch);
+    };
+    batchSource.addEventListener("end", function () {
+      batchSource.close();
+      var state = document.querySelector("#batch-state .state");
+      setText("live-status", "Finished: " + (state ? state.textContent : "ended") + ".");
+    });
   }
 
   // -- the queue page: say when it is out of date (no surprise reloads)

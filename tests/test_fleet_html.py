@@ -50,11 +50,11 @@ def _rows() -> list[tuple[FleetRow, str | None]]:
     return rows
 
 
-def _by_macro(rows: list[tuple[FleetRow, str | None]]) -> str:
+def _by_macro(rows: list[tuple[FleetRow, str | None]], pick: bool = False) -> str:
     template = template_environment().from_string(
-        '{% import "_macros.html" as m with context %}{% for row, shown in rows %}{{ m.fleet_row(row, shown) }}'
-        "{% endfor %}")
-    return template.render(rows=rows, now=NOW, ago=lambda ts: ago(ts, NOW))
+        '{% import "_macros.html" as m with context %}{% for row, shown in rows %}'
+        "{{ m.fleet_row(row, shown, pick) }}{% endfor %}")
+    return template.render(rows=rows, now=NOW, ago=lambda ts: ago(ts, NOW), pick=pick)
 
 
 def test_python_rows_are_the_macro_rows() -> None:
@@ -65,3 +65,9 @@ def test_python_rows_are_the_macro_rows() -> None:
     cache = RowCache()
     for _ in range(2):  # the cached parts give the same HTML, the second time too
         assert fleet_rows_html(rows, lambda ts: ago(ts, NOW), cache, now=NOW) == expected
+    picked = _by_macro(rows, pick=True)  # with a selection checkbox per row (the fleet page's batch form)
+    assert picked.count('<td class="pick"><input type="checkbox" name="m" value="') == len(rows)
+    assert 'value="grp &lt;b&gt;/m/..1"' in picked
+    for _ in range(2):
+        assert fleet_rows_html(rows, lambda ts: ago(ts, NOW), cache, now=NOW, pick=True) == picked
+    assert fleet_rows_html(rows, lambda ts: ago(ts, NOW), cache, now=NOW) == expected

@@ -6,8 +6,9 @@ Roles map to the API's scopes (L{role_scopes}), so the dashboard decides
 with the same L{roller.auth.scopes.satisfies} as the API:
 
   - C{viewer}: read (C{<prefix>jobs:read}, C{<prefix>machines:read}, C{<prefix>loans:read});
-  - C{operator}: read, run every offered task (C{<prefix><task>}) and cancel
-    jobs (C{<prefix>jobs:cancel});
+  - C{operator}: read, run every offered task (C{<prefix><task>}), also on
+    many machines at once (C{<prefix>batches:create}), and cancel jobs and
+    batches (C{<prefix>jobs:cancel});
   - C{admin}: everything under the prefix (C{<prefix>*}: also
     C{inventory:write} and C{audit:read}).
 
@@ -93,7 +94,7 @@ def role_scopes(role: str, prefix: str, tasks: tuple[str, ...] | list[str] = ())
     if role == "viewer":
         return read
     if role == "operator":
-        return (*read, *(prefix + t for t in tasks), prefix + "jobs:cancel")
+        return (*read, *(prefix + t for t in tasks), prefix + "jobs:cancel", prefix + "batches:create")
     if role == "admin":
         return (prefix + "*",)
     raise ValueError(f"unknown role {role!r} (one of {', '.join(ROLES)})")

@@ -1,6 +1,14 @@
 """
-The staff dashboard (Klein + Jinja2): fleet, machine, job, queue and audit
-pages, and the POST routes behind their buttons.
+The staff dashboard (Klein + Jinja2): fleet, machine, job, queue, batch and
+audit pages, and the POST routes behind their buttons.
+
+Batches (L{roller.web.batches_html}): the fleet page's rows carry checkboxes
+and an action menu (for viewers holding the task's scope and
+C{batches:create}); C{POST /batches} answers the confirmation page (a dry
+run: count, pools, machines left out, editable limits) and, confirmed,
+creates the batch and redirects to C{/batches/<id>}, whose progress, counts
+and members update live (C{/events?batch=<id>}).  The queue page cancels a
+selection of jobs at once (C{POST /queue/cancel}).
 
     dashboard = Dashboard(store, queue, tasks, allowed_tasks, clock=reactor, hub=hub)
     resource = root_resource(api, dashboard, hub)      # roller.web.site
@@ -56,8 +64,9 @@ import roller
 from roller import __version__
 from roller.auth.accounts import AccountAuth
 from roller.auth.dashboard import IDashboardAuth, LoopbackDashboardAuth, Viewer
+from roller.batches.model import Batch, parse_request
 from roller.batches.service import BatchService
-from roller.errors import BadRequest, Forbidden, NotFound, RollerError, Unauthorized
+from roller.errors import BadRequest, Conflict, Forbidden, NotFound, RollerError, Unauthorized
 from roller.health.watcher import HealthWatcher
 from roller.inventory import TAG_RE, Machine, valid_worker_id
 from roller.jobs import Job, JobEvent, State, iso
@@ -65,6 +74,7 @@ from roller.queue import JobQueue
 from roller.store import AuditEntry, Store, StoreError
 from roller.store.fleet import FILTER_STATES, HEALTH_STATES, SORTS, FleetFilter, FleetPage, FleetQueries
 from roller.tasks import TaskRegistry
+from roller.web.batches_html import MEMBERS_SHOWN, filter_selector, form_request, limit_fields, pool_rows
 from roller.web.events import EventHub
 from roller.web.fleet_html import RowCache, fleet_rows_html
 from roller.web.http import query_arg
@@ -270,6 +280,10 @@ def job_url(job_id: str) -> str:
     return f"/jobs/{quote(job_id, safe='')}"
 
 
+def batch_url(batch_id: str) -> str:
+    return f"/batches/{quote(batch_id, safe='')}"
+
+
 def template_environment(templates_dir: str | None = None,
                          scope_prefix: str = "project:releng:roller:") -> Environment:
     """The dashboard's Jinja2 environment: autoescaped, strict, with its filters and globals."""
@@ -286,8 +300,10 @@ def template_environment(templates_dir: str | None = None,
     env.filters["compact_json"] = lambda v: json.dumps(v, sort_keys=True, separators=(", ", ": "))
     env.globals["machine_url"] = machine_url
     env.globals["job_url"] = job_url
+    env.globals["batch_url"] = batch_url
     env.globals["version"] = __version__
     env.globals["scope_prefix"] = scope_prefix
+    env.globals["batches_enabled"] = False
     return env
 
 
@@ -318,8 +334,11 @@ def merge_events(stored: list[JobEvent], live: list[JobEvent]) -> list[JobEvent]
 
 
 _JOB_ID = re.compile(r"[-0-9A-Za-z]{1,64}")
+_BATCH_ID = re.compile(r"[-_0-9A-Za-z]{1,64}")
 _NEXT = re.compile(r"/(queue|jobs/[-0-9A-Za-z]{1,64}|machines/[-_0-9A-Za-z]{1,128}/[-_0-9A-Za-z]{1,128})?")
 _INT = re.compile(r"[0-9]{1,9}")
+#: jobs listed per table of the queue page (and so checked at most, per table, for "Cancel selected")
+_QUEUE_LIMIT = 500
 _FORM_MAX = 64 * 1024
 
 _CSP = (
@@ -345,6 +364,11 @@ def _safe_next(value: str | None) -> str | None:
     return value
 
 
+def _last(form: dict[str, list[str]], name: str) -> str:
+    values = form.get(name) or [""]
+    return values[-1]
+
+
 def _arg(request: IRequest, name: str) -> str | None:
     """A query parameter, stripped; None when missing or blank."""
     return (query_arg(request, name) or "").strip() or None
@@ -356,6 +380,14 @@ def _form(request: IRequest) -> dict[str, str]:
     not a urlencoded form reads as an empty form, which then lacks its
     CSRF token.
     """
+    return {k: v[-1] for k, v in form_lists(request).items()}
+
+
+def form_lists(request: IRequest, max_fields: int = 50) -> dict[str, list[str]]:
+    """
+    The urlencoded form body with every value of each field (checkboxes
+    sharing a name), at most C{max_fields} fields; as L{_form} otherwise.
+    """
     ctype = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
     if ctype != b"application/x-www-form-urlencoded" or request.content is None:
         return {}
@@ -364,10 +396,11 @@ def _form(request: IRequest) -> dict[str, str]:
     if len(raw) > _FORM_MAX:
         raise BadRequest(f"the form is larger than {_FORM_MAX} bytes", code="payload_too_large", status=413)
     try:
-        parsed = parse_qs(raw.decode("utf-8"), keep_blank_values=True, max_num_fields=50)
-    except (UnicodeDecodeError, ValueError):
+        return parse_qs(raw.decode("utf-8"), keep_blank_values=True, max_num_fields=max_fields)
+    except UnicodeDecodeError:
         raise BadRequest("the form is not valid UTF-8 form data", code="invalid_form") from None
-    return {k: v[-1] for k, v in parsed.items()}
+    except ValueError:
+        raise BadRequest(f"the form has more than {max_fields} fields", code="invalid_form") from None
 
 
 @frozen
@@ -397,6 +430,8 @@ class Dashboard:
     @param page_size: machines per fleet page.
     @param trusted_proxies: as the API's: whose C{X-Forwarded-For} names the
         client recorded with jobs and audit entries.
+    @param batches: the L{BatchService}; without one the fleet page offers
+        no selection and C{/batches} is a 404.
     """
 
     store: Store
@@ -413,7 +448,7 @@ class Dashboard:
     trusted_proxies: tuple = field(default=(), converter=parse_trusted_proxies, kw_only=True)
     #: fleet health (L{roller.health.watcher.HealthWatcher}), when the service runs one
     health: HealthWatcher | None = field(default=None, kw_only=True)
-    #: batches (L{roller.batches.service.BatchService}), when the service runs them
+    #: batches (L{roller.batches.service.BatchService}): the fleet page's selection, the batch pages
     batches: BatchService | None = field(default=None, kw_only=True)
     fleet: FleetQueries = field(init=False, default=None)
     fleet_rows: RowCache = field(init=False, factory=RowCache)
@@ -424,6 +459,9 @@ class Dashboard:
     def __attrs_post_init__(self) -> None:
         self.fleet = FleetQueries(self.store)
         self.env = template_environment(self.templates_dir, self.scope_prefix)
+        self.env.globals["batches_enabled"] = self.batches is not None
+        if self.hub is not None and self.batches is not None:
+            self.hub.watch_batches(self.batches)  # the batch pages' live stream
 
     def authorize(self, request: IRequest) -> Deferred[Viewer]:
         """The viewer behind C{request} (for other resources, e.g. the event stream)."""
@@ -508,6 +546,13 @@ class Dashboard:
         self.csrf.verify(request, form, viewer, self.clock.seconds())
         return viewer, form
 
+    async def _post_lists(self, request: IRequest, max_fields: int) -> tuple[Viewer, dict[str, list[str]]]:
+        """As L{_post}, keeping every value of a field (checkboxes)."""
+        viewer = await self._viewer(request)
+        lists = form_lists(request, max_fields)
+        self.csrf.verify(request, {k: v[-1] for k, v in lists.items()}, viewer, self.clock.seconds())
+        return viewer, lists
+
     @staticmethod
     def _redirect(request: IRequest, location: str) -> bytes:
         request.setResponseCode(303)
@@ -523,6 +568,12 @@ class Dashboard:
                 out.append(TaskButton(name, spec.description, spec.destructive,
                                       viewer.may(self.scope_prefix + name)))
         return out
+
+    def _batch_tasks(self, viewer: Viewer) -> list[TaskButton]:
+        """The tasks C{viewer} may run as a batch (none without C{batches:create}, or without batches)."""
+        if self.batches is None or not viewer.may(self.scope_prefix + "batches:create"):
+            return []
+        return [b for b in self._buttons(viewer) if b.permitted]
 
     def _live(self, job: Job) -> Job:
         return self.queue.active(job.id) or job
@@ -694,11 +745,16 @@ class Dashboard:
 
         pages = max(1, -(-page.total // self.page_size))
         now = self.clock.seconds()
+        batch_tasks = self._batch_tasks(viewer)
+        filter_values = {"q": q, "group": group, "pool": pool, "state": state, "health": health}
         return self.render(
             request, "fleet.html", viewer, section="fleet", rows=rows, page=page, filt=filt, sort=sort,
             direction=direction, sorts=SORTS, states=FILTER_STATES, page_no=page_no, pages=pages,
             page_size=self.page_size, link=link, sort_link=sort_link, aria_sort=aria_sort,
-            rows_html=fleet_rows_html(rows, lambda ts: ago(ts, now), self.fleet_rows, now=now),
+            rows_html=fleet_rows_html(rows, lambda ts: ago(ts, now), self.fleet_rows, now=now,
+                                      pick=bool(batch_tasks)),
+            batch_tasks=batch_tasks, batch_filter=[(k, v) for k, v in filter_values.items() if v],
+            filter_active=bool(filter_selector(filter_values)),
             running=len(self.queue.running()), queued=self.queue.depth,
             machine_total=sum(page.counts.values()), health_states=HEALTH_STATES,
             health=self.health, may_admin_health=viewer.may(self.scope_prefix + "health:admin"),
@@ -868,9 +924,6 @@ class Dashboard:
     @app.route("/queue", methods=["GET"])
     async def queue_page(self, request: IRequest) -> bytes:
         viewer = await self._viewer(request)
-        running = sorted(self.queue.running(), key=lambda j: j.started_at or 0)
-        queued = self.queue.queued()
-        limit = 500
         notice = None
         cancelled = _arg(request, "cancelled")
         if cancelled and _JOB_ID.fullmatch(cancelled):
@@ -878,15 +931,183 @@ class Dashboard:
             if job is not None:
                 notice = (f"Cancelled job {job.id[:8]}… ({job.task_name} on {job.worker_id}): "
                           f"it is now {job.state.value}.")
+        return self._queue_page(request, viewer, notice=notice)
+
+    @app.route("/queue/cancel", methods=["POST"])
+    async def cancel_jobs(self, request: IRequest) -> bytes:
+        """Cancel the checked jobs of the queue page, each as the single cancel does; say what became of each."""
+        viewer, form = await self._post_lists(request, 2 * _QUEUE_LIMIT + 10)
+        if not viewer.may(self.scope_prefix + "jobs:cancel"):
+            raise Forbidden(f"{viewer.name} may not cancel jobs (needs {self.scope_prefix}jobs:cancel).",
+                            code="insufficient_scope")
+        ids = list(dict.fromkeys(form.get("job", [])))
+        bad = [i for i in ids if not _JOB_ID.fullmatch(i)]
+        if bad:
+            raise BadRequest(f"{bad[0][:64]!r} is not a job id", code="invalid_form")
+        if not ids:
+            return self._queue_page(request, viewer, status=400,
+                                    notice="No job was selected: tick the jobs to cancel first. Nothing was done.")
+        ip = client_ip(request, self.trusted_proxies)
+        cancelled: list[Job] = []
+        ended: list[Job] = []
+        unknown: list[str] = []
+        for job_id in ids:
+            try:
+                job = await self.queue.cancel(job_id, by=viewer.id)
+            except NotFound:
+                unknown.append(job_id)
+                continue
+            except Conflict:
+                stored = await self.store.jobs.get(job_id)
+                if stored is None:
+                    unknown.append(job_id)
+                else:
+                    ended.append(stored)
+                continue
+            cancelled.append(job)
+            await self.store.audit.add(AuditEntry(
+                time=self.clock.seconds(), actor=viewer.id, source_ip=ip, action="job.cancel",
+                target=f"{job.worker_group}/{job.worker_id}", result=f"{job.state.value} {job.id}",
+                params={"via": "dashboard"},
+            ))
+        return self._queue_page(request, viewer, summary={"cancelled": cancelled, "ended": ended,
+                                                          "unknown": unknown})
+
+    def _queue_page(self, request: IRequest, viewer: Viewer, *, notice: str | None = None,
+                    summary: dict[str, Any] | None = None, status: int = 200) -> bytes:
+        running = sorted(self.queue.running(), key=lambda j: j.started_at or 0)
+        queued = self.queue.queued()
+        limit = _QUEUE_LIMIT
         stream_url = None
         if self.hub is not None:
             stream_url = "/events?" + urlencode({"kinds": "state", "after": self.hub.last_id})
         return self.render(
-            request, "queue.html", viewer, section="queue", running=running[:limit], queued=queued[:limit],
-            stream_url=stream_url,
-            running_total=len(running), queued_total=len(queued), limit=limit, notice=notice,
+            request, "queue.html", viewer, status=status, section="queue", running=running[:limit],
+            queued=queued[:limit], stream_url=stream_url,
+            running_total=len(running), queued_total=len(queued), limit=limit, notice=notice, summary=summary,
             may_cancel=viewer.may(self.scope_prefix + "jobs:cancel"),
         )
+
+    # -- batches
+
+    def _batches(self) -> BatchService:
+        if self.batches is None:
+            raise NotFound("batches are not running in this roller", code="not_found")
+        return self.batches
+
+    @app.route("/batches", methods=["POST"])
+    async def batch_form(self, request: IRequest) -> bytes:
+        """
+        The fleet page's selection: without C{confirm=yes}, the confirmation
+        page (what would run where, within which limits); with it, the batch.
+        """
+        service = self._batches()
+        viewer, form = await self._post_lists(request, self.page_size + 50)
+        body, hidden, typed = form_request(form)
+        task_name = body["task_name"]
+        spec = self.tasks.get(task_name) if task_name in self.allowed_tasks else None
+        if spec is None:
+            raise BadRequest(f"{task_name[:64]!r} is not a task this roller runs from the dashboard.",
+                             code="unknown_task")
+        for scope in (self.scope_prefix + task_name, self.scope_prefix + "batches:create"):
+            if not viewer.may(scope):
+                raise Forbidden(f"{viewer.name} may not run {task_name} on several machines at once (needs "
+                                f"{scope}).", code="insufficient_scope")
+        if len(body["reason"]) > 1000:
+            raise BadRequest("the reason must be at most 1000 characters", code="invalid_form")
+        error = None
+        try:
+            batch_request = parse_request(body, tasks=self.tasks, allowed_tasks=self.allowed_tasks,
+                                          defaults=service.defaults)
+        except BadRequest as e:
+            if "rollout" not in body or e.code != "invalid_body" or not e.message.startswith("rollout"):
+                raise
+            error = f"The limits were not accepted: {e.message}. Nothing was done."
+            batch_request = parse_request({**body, "rollout": None}, tasks=self.tasks,
+                                          allowed_tasks=self.allowed_tasks, defaults=service.defaults)
+        else:
+            typed = limit_fields(batch_request.rollout)
+        if error is None and _last(form, "confirm") == "yes":
+            ip = client_ip(request, self.trusted_proxies)
+
+            def audit(created: Batch) -> AuditEntry:
+                return AuditEntry(
+                    time=created.created_at, actor=viewer.id, source_ip=ip,
+                    action=f"batch.create:{created.task_name}", target=f"batch/{created.id}",
+                    result=f"created {created.id}: {created.total} member(s)",
+                    params={"params": created.params, "selector": created.selector.to_json(),
+                            "rollout": created.rollout.to_json(), "priority": created.priority,
+                            "reason": created.reason, "via": "dashboard"},
+                )
+
+            view = await service.create(batch_request, requester=viewer.id, origin_ip=ip, audit=audit)
+            return self._redirect(request, batch_url(view["batch_id"]))
+        resolution = await service.resolve(batch_request)
+        dry = service.dry_run(batch_request, resolution)
+        return self.render(
+            request, "batch_confirm.html", viewer, status=400 if error else 200, section="batches", spec=spec,
+            dry=dry, pools=pool_rows(dry, resolution.pool_sizes), hidden=hidden, limits=typed, error=error,
+            reason=batch_request.reason, selector=batch_request.selector, matched=resolution.matched,
+            members_shown=MEMBERS_SHOWN,
+        )
+
+    @app.route("/batches", methods=["GET"])
+    async def batches_page(self, request: IRequest) -> bytes:
+        viewer = await self._viewer(request)
+        service = self._batches()
+        raw = _arg(request, "before")
+        before = None
+        if raw is not None:
+            if not _INT.fullmatch(raw):
+                raise BadRequest("before must be a batch number")
+            before = int(raw)
+        batches, next_before = await service.list(limit=50, before=before)
+        older = None if next_before is None else "/batches?" + urlencode({"before": next_before})
+        return self.render(request, "batches.html", viewer, section="batches", batches=batches, older=older,
+                           newest=before is not None)
+
+    @app.route("/batches/<batch_id>", methods=["GET"])
+    async def batch_page(self, request: IRequest, batch_id: str) -> bytes:
+        viewer = await self._viewer(request)
+        view = await self._batch_view(batch_id)
+        stream_url = None
+        if self.hub is not None and view.get("finished") is None:
+            stream_url = "/events?" + urlencode({"batch": view["batch_id"]})
+        members = view.get("members") or []
+        return self.render(
+            request, "batch.html", viewer, section="batches", batch=view, members=members[:MEMBERS_SHOWN],
+            member_total=len(members), pools=pool_rows(view), stream_url=stream_url,
+            done=sum(n for s, n in view["counts"].items() if s not in ("pending", "queued", "running")),
+            may_cancel=viewer.may(self.scope_prefix + "jobs:cancel"),
+            cancelled=_arg(request, "cancelled") == "1",
+        )
+
+    async def _batch_view(self, batch_id: str) -> dict[str, Any]:
+        service = self._batches()
+        view = await service.view(batch_id) if _BATCH_ID.fullmatch(batch_id) else None
+        if view is None:
+            raise NotFound(f"There is no batch {batch_id[:64]}.", code="unknown_batch")
+        return view
+
+    @app.route("/batches/<batch_id>/cancel", methods=["POST"])
+    async def cancel_batch(self, request: IRequest, batch_id: str) -> bytes:
+        viewer, form = await self._post(request)
+        service = self._batches()
+        if not viewer.may(self.scope_prefix + "jobs:cancel"):
+            raise Forbidden(f"{viewer.name} may not cancel batches (needs {self.scope_prefix}jobs:cancel).",
+                            code="insufficient_scope")
+        await self._batch_view(batch_id)
+        running = form.get("running") == "1"
+        view = await service.cancel(batch_id, by=viewer.id, running=running)
+        counts = view.get("counts", {})
+        await self.store.audit.add(AuditEntry(
+            time=self.clock.seconds(), actor=viewer.id, source_ip=client_ip(request, self.trusted_proxies),
+            action="batch.cancel", target=f"batch/{batch_id}",
+            result=f"{view.get('state')} {batch_id}: {counts.get('skipped', 0)} skipped, "
+                   f"{counts.get('cancelled', 0)} cancelled",
+            params={"running": running, "via": "dashboard"},
+        ))
+        return self._redirect(request, batch_url(batch_id) + "?cancelled=1")
 
     @app.route("/audit", methods=["GET"])
     async def audit_page(self, request: IRequest) -> bytes:

@@ -31,6 +31,19 @@ Server-Sent Events (SSE) clients.
 Filters (query parameters): C{job=<id>} (only that job's events),
 C{kinds=state} or C{kinds=log} (only state changes or only log lines).
 
+C{batch=<id>} streams one batch instead (the batch page), fed by
+L{roller.batches.service.BatchService.subscribe} once L{EventHub.watch_batches}
+was called: first the batch's whole view, then, each time it changes, its
+summary and the members that changed; the stream ends (C{event: end}) once
+the batch has ended.  Every (re)connection starts with the whole view, so
+nothing is missed and no ids are needed::
+
+    {"batch": {"batch_id", "state", "halt_reason", "finished", "total",
+               "progress", "counts"},
+     "members": [{"position", "worker_group", "worker_id", "state",
+                  "task_id", "joined", "error", ...}],
+     "full": true|false}
+
 Each frame's data is one JSON object::
 
     {"job": {"task_id", "task_name", "worker_id", "worker_group", "state",
@@ -48,8 +61,8 @@ from collections.abc import Callable, Iterable
 from functools import cached_property
 from typing import Any
 
-from attrs import frozen
-from twisted.internet.defer import maybeDeferred
+from attrs import define, field, frozen
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -70,6 +83,7 @@ log = Logger()
 
 KINDS = ("state", "log")
 _JOB_ID = re.compile(r"[-0-9A-Za-z]{1,64}")
+_BATCH_ID = re.compile(r"[-_0-9A-Za-z]{1,64}")
 _WIRE_ID = re.compile(r"([0-9a-f]{1,32})-([0-9]{1,18})")
 
 
@@ -169,6 +183,11 @@ class EventHub:
         self._last = 0
         self._everything: set[_Client] = set()  # clients without a job filter
         self._by_job: dict[str, set[_Client]] = {}
+        self._by_batch: dict[str, set[_Client]] = {}
+        self._batches: Any = None  # the BatchService (L{watch_batches})
+        self._batch_watch: dict[str, _BatchWatch] = {}
+        self._unwatch_batches: Callable[[], None] | None = None
+        self._view_seq = 0
         self._unsubscribe: Callable[[], None] | None = None
         self._heartbeat: LoopingCall | None = None
         #: slow clients dropped since start (for metrics and tests)
@@ -190,6 +209,9 @@ class EventHub:
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
+        if self._unwatch_batches is not None:
+            self._unwatch_batches()
+            self._unwatch_batches = None
         if self._heartbeat is not None:
             if self._heartbeat.running:
                 self._heartbeat.stop()
@@ -274,10 +296,13 @@ class EventHub:
         yield from self._everything
         for clients in self._by_job.values():
             yield from clients
+        for clients in self._by_batch.values():
+            yield from clients
 
     @property
     def client_count(self) -> int:
-        return len(self._everything) + sum(len(c) for c in self._by_job.values())
+        return (len(self._everything) + sum(len(c) for c in self._by_job.values())
+                + sum(len(c) for c in self._by_batch.values()))
 
     def attach(self, request: Request, *, job_id: str | None = None, kinds: tuple[str, ...] = KINDS,
                last_event_id: str | None = None) -> _Client:
@@ -307,6 +332,15 @@ class EventHub:
         return client
 
     def _remove(self, client: _Client) -> None:
+        if client.batch_id is not None:
+            watchers = self._by_batch.get(client.batch_id)
+            if watchers is not None:
+                watchers.discard(client)
+                if not watchers:
+                    del self._by_batch[client.batch_id]
+                    self._batch_watch.pop(client.batch_id, None)
+            client.closed = True
+            return
         self._everything.discard(client)
         if client.job_id is not None:
             clients = self._by_job.get(client.job_id)
@@ -331,6 +365,115 @@ class EventHub:
             else:
                 client.send(HEARTBEAT)
 
+    # -- batches
+
+    def watch_batches(self, batches: Any) -> None:
+        """
+        Serve C{?batch=} streams from C{batches} (a
+        L{roller.batches.service.BatchService}: its C{subscribe} and C{view}).
+        """
+        if self._batches is batches:
+            return
+        if self._unwatch_batches is not None:
+            self._unwatch_batches()
+        self._batches = batches
+        self._unwatch_batches = batches.subscribe(self._batch_changed)
+
+    @property
+    def batches_watched(self) -> bool:
+        return self._batches is not None
+
+    def attach_batch(self, request: Request, batch_id: str) -> _Client:
+        """Stream batch C{batch_id} to C{request}: its whole view, then its changes, until it ends."""
+        request.setResponseCode(200)
+        request.setHeader(b"Content-Type", b"text/event-stream; charset=utf-8")
+        request.setHeader(b"Cache-Control", b"no-store")
+        request.setHeader(b"X-Accel-Buffering", b"no")
+        request.setHeader(b"X-Content-Type-Options", b"nosniff")
+        client = _Client(self, request, None, (), batch_id=batch_id)
+        self._by_batch.setdefault(batch_id, set()).add(client)
+        request.registerProducer(client, True)
+        request.notifyFinish().addBoth(lambda _: self._remove(client))
+        client.send(f"retry: {self.retry_ms}\n: connected to roller\n\n".encode())
+        self._snapshot(client)
+        return client
+
+    def _fetch(self, batch_id: str) -> tuple[int, Deferred[dict[str, Any] | None]]:
+        self._view_seq += 1
+        return self._view_seq, Deferred.fromCoroutine(self._batches.view(batch_id))
+
+    def _snapshot(self, client: _Client) -> None:
+        """The whole view to one client; it gets the changes seen after that view was asked for."""
+        batch_id = client.batch_id
+        assert batch_id is not None
+        seq, d = self._fetch(batch_id)
+
+        def got(view: dict[str, Any] | None) -> None:
+            if client.closed:
+                return
+            watch = self._batch_watch.get(batch_id)
+            if watch is not None and watch.sent_seq > seq:
+                self._snapshot(client)  # a change was sent while this view was on its way: ask again
+                return
+            if view is None:
+                client.send(sse_frame({"reason": f"no batch {batch_id}"}, event="end"))
+                client.close()
+                return
+            client.view_seq = seq
+            client.send(sse_frame({"batch": _batch_summary(view), "members": _members(view), "full": True}))
+            if view.get("finished") is not None:
+                client.send(sse_frame({"state": view.get("state")}, event="end"))
+                client.close()
+                return
+            if batch_id not in self._batch_watch:
+                self._batch_watch[batch_id] = _BatchWatch(sent_seq=seq, members=_member_map(view))
+
+        d.addCallbacks(got, lambda f: self._view_failed(client.batch_id, f, [client]))
+
+    def _batch_changed(self, batch_id: str) -> None:
+        watch = self._batch_watch.get(batch_id)
+        if watch is None or batch_id not in self._by_batch:
+            return  # nobody is watching it (or its first view is still on its way, and will be fresher)
+        if watch.fetching:
+            watch.dirty = True
+            return
+        watch.fetching, watch.dirty = True, False
+        seq, d = self._fetch(batch_id)
+
+        def got(view: dict[str, Any] | None) -> None:
+            clients = [c for c in self._by_batch.get(batch_id, ()) if c.view_seq is not None and c.view_seq < seq]
+            watch.sent_seq = max(watch.sent_seq, seq)
+            if view is None:
+                for c in clients:
+                    c.send(sse_frame({"reason": f"no batch {batch_id}"}, event="end"))
+                    c.close()
+                return
+            members = _member_map(view)
+            changed = [m for pos, m in members.items() if watch.members.get(pos) != m]
+            watch.members = members
+            frame = sse_frame({"batch": _batch_summary(view), "members": changed, "full": False})
+            finished = view.get("finished") is not None
+            end = sse_frame({"state": view.get("state")}, event="end") if finished else b""
+            for c in clients:
+                c.send(frame)
+                if finished:
+                    c.send(end)
+                    c.close()
+
+        def done(_: Any) -> None:
+            watch.fetching = False
+            if watch.dirty and self._batch_watch.get(batch_id) is watch:
+                self._batch_changed(batch_id)
+
+        d.addCallbacks(got, lambda f: self._view_failed(batch_id, f, list(self._by_batch.get(batch_id, ()))))
+        d.addBoth(done)
+
+    def _view_failed(self, batch_id: str | None, failure: Failure, clients: list[_Client]) -> None:
+        log.failure("Could not read batch {batch_id} for its live stream", failure, batch_id=batch_id)
+        for c in clients:  # the browser reconnects and starts over with the whole view
+            c.abort()
+            self._remove(c)
+
     # -- the web resource
 
     def resource(self, authorize: Callable[[IRequest], Any] | None = None) -> EventStreamResource:
@@ -339,6 +482,31 @@ class EventHub:
         a Deferred; when it fails (with a L{RollerError}) the stream is refused.
         """
         return EventStreamResource(self, authorize)
+
+
+@define
+class _BatchWatch:
+    """A watched batch: its members as last sent, and the view being fetched."""
+
+    sent_seq: int = 0  # the newest view sent
+    members: dict[int, dict[str, Any]] = field(factory=dict)
+    fetching: bool = False
+    dirty: bool = False  # changed while a view was on its way
+
+
+_SUMMARY = ("batch_id", "state", "halt_reason", "finished", "total", "progress", "counts")
+
+
+def _batch_summary(view: dict[str, Any]) -> dict[str, Any]:
+    return {k: view.get(k) for k in _SUMMARY}
+
+
+def _member_map(view: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    return {i: {"position": i, **m} for i, m in enumerate(view.get("members") or ())}
+
+
+def _members(view: dict[str, Any]) -> list[dict[str, Any]]:
+    return list(_member_map(view).values())
 
 
 def _event_json(event: JobEvent) -> dict[str, Any]:
@@ -352,11 +520,14 @@ def _event_json(event: JobEvent) -> dict[str, Any]:
 class _Client:
     """One SSE connection: a push producer its request pauses and resumes."""
 
-    def __init__(self, hub: EventHub, request: Request, job_id: str | None, kinds: tuple[str, ...]):
+    def __init__(self, hub: EventHub, request: Request, job_id: str | None, kinds: tuple[str, ...], *,
+                 batch_id: str | None = None):
         self.hub = hub
         self.request = request
         self.job_id = job_id
         self.kinds = kinds
+        self.batch_id = batch_id
+        self.view_seq: int | None = None  # the batch view it has (None: not yet)
         self.paused = False
         self.paused_since: float | None = None
         self.pending: deque[bytes] = deque()
@@ -442,6 +613,12 @@ class EventStreamResource(Resource):
     def render_GET(self, request: Request) -> bytes | int:
         try:
             job_id, kinds, after = self._parse(request)
+            batch_id = query_arg(request, "batch") or None
+            if batch_id is not None:
+                if not _BATCH_ID.fullmatch(batch_id) or job_id is not None:
+                    raise RollerError("batch must be a batch id (and no job with it)", code="invalid_query")
+                if not self.hub.batches_watched:
+                    raise RollerError("batches are not running in this roller", code="not_found", status=404)
         except RollerError as e:
             return json_error(request, e.status, e.code, e.message)
         if self.hub.client_count >= self.hub.max_clients:
@@ -451,14 +628,20 @@ class EventStreamResource(Resource):
         last = request.getHeader(b"last-event-id")
         last_id = last.decode("latin-1") if last is not None else after
         d = maybeDeferred(self.authorize, request) if self.authorize is not None else None
+        def attach() -> None:
+            if batch_id is not None:
+                self.hub.attach_batch(request, batch_id)
+            else:
+                self.hub.attach(request, job_id=job_id, kinds=kinds, last_event_id=last_id)
+
         if d is None:
-            self.hub.attach(request, job_id=job_id, kinds=kinds, last_event_id=last_id)
+            attach()
             return NOT_DONE_YET
 
         def allowed(_: Any) -> None:
             if getattr(request, "_disconnected", False):
                 return
-            self.hub.attach(request, job_id=job_id, kinds=kinds, last_event_id=last_id)
+            attach()
 
         def refused(failure: Failure) -> None:
             if getattr(request, "_disconnected", False):

@@ -29,9 +29,9 @@ from roller.store.fleet import FleetRow
 
 __all__ = ["RowCache", "fleet_rows_html", "truncate"]
 
-#: a row's HTML up to its state badge, the "when" <time> opening, its time, the error line,
-#: the liveness cell's opening and its time
-_Parts = tuple[str, str, float | None, str, str, float | None]
+#: a row's HTML up to its state badge (after its "<tr>" and selection cell), the "when" <time> opening,
+#: its time, the error line, the liveness cell's opening and its time, and its selection cell
+_Parts = tuple[str, str, float | None, str, str, float | None, str]
 
 _DASH = '<span class="muted">—</span>'
 #: text that HTML-escaping and URL-quoting leave as it is (worker ids, groups, pools, IPs, job ids)
@@ -88,17 +88,19 @@ def _parts(row: FleetRow) -> _Parts:
     group, wid, last = row.worker_group, row.worker_id, row.last
     live_open, live_ts = _liveness(row)
     health = _h(row.health or "unknown")
-    head = (f'<tr>\n<th scope="row"><a href="/machines/{_q(group)}/{_q(wid)}">'
+    pick = (f'<td class="pick"><input type="checkbox" name="m" value="{_h(group)}/{_h(wid)}" '
+            f'aria-label="Select {_h(wid)}"></td>\n')
+    head = (f'<th scope="row"><a href="/machines/{_q(group)}/{_q(wid)}">'
             f'{_h(wid)}</a></th>\n<td><span class="health health-{health}">{health}</span></td>\n'
             f"<td>{_h(group)}</td>\n<td>{_h(row.pool or '—')}</td>\n"
             f'<td class="wide">{_h(row.ip or row.fqdn or "—")}</td>\n<td>')
     if last is None:
-        return head + _DASH + "</td>\n<td>", "", None, "", live_open, live_ts
+        return head + _DASH + "</td>\n<td>", "", None, "", live_open, live_ts, pick
     ts = last.finished_at or last.started_at or last.created_at
     stamp = iso(ts)
     error = f'<p class="error-line">{escape(truncate(last.error))}</p>' if last.error else ""
     return (f'{head}<a href="/jobs/{_q(last.id)}">{_h(last.task_name)}</a></td>\n<td>',
-            f'<time datetime="{stamp}" title="{stamp}">', ts, error, live_open, live_ts)
+            f'<time datetime="{stamp}" title="{stamp}">', ts, error, live_open, live_ts, pick)
 
 
 class RowCache:
@@ -141,13 +143,15 @@ _STATES: dict[str | None, str] = {}
 
 
 def fleet_rows_html(rows: Iterable[tuple[FleetRow, str | None]], ago: Callable[[float], str],
-                    cache: RowCache | None = None, now: float | None = None) -> Markup:
+                    cache: RowCache | None = None, now: float | None = None, pick: bool = False) -> Markup:
     """
     C{<tr>} elements for C{rows}: pairs of a L{roller.store.fleet.FleetRow}
     and the state to show for its last job (the live one for jobs still in
     the queue).  C{now} decides which loans are overdue.  C{ago} must return
     plain text that needs no escaping (L{roller.web.dashboard.ago}: digits,
-    letters and spaces); it is inserted as it is.
+    letters and spaces); it is inserted as it is.  With C{pick}, each row
+    starts with a checkbox C{m} = C{"<worker_group>/<worker_id>"} (the fleet
+    page's selection for a batch).
     """
     parts = cache.parts if cache is not None else _parts
     if cache is not None and now is not None:
@@ -155,7 +159,8 @@ def fleet_rows_html(rows: Iterable[tuple[FleetRow, str | None]], ago: Callable[[
         ago = lambda ts: cache.ago(ts, now, fmt)  # noqa: E731
     out = []
     for row, state in rows:
-        head, time_open, ts, error, live_open, live_ts = parts(row)
+        head, time_open, ts, error, live_open, live_ts, pick_cell = parts(row)
+        head = ("<tr>\n" + pick_cell + head) if pick else ("<tr>\n" + head)
         live = f"{live_open}{ago(live_ts)}</time>" if live_ts is not None else _DASH
         tail = f"<td>{live}</td>\n<td>{_loan(row, now) if row.loan is not None else _DASH}</td>\n</tr>\n"
         badge = _STATES.get(state)
