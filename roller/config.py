@@ -550,6 +550,7 @@ KEYS: dict[str, tuple[str, Callable[[Any, bool], Any], Any]] = {
     "dashboard.login_max_failures": ("login_max_failures", _int(1, 1000), 5),
     "dashboard.login_ip_max_failures": ("login_ip_max_failures", _int(1, 100_000), 20),
     "dashboard.login_lockout": ("login_lockout", _float(1), 900.0),
+    "dashboard.page_size": ("dashboard_page_size", _int(10, 1000), 200),
     "health.enabled": ("health_enabled", _bool, True),
     "health.sweep_interval": ("health_sweep_interval", _float(1), 300.0),
     "health.sweep_concurrency": ("health_sweep_concurrency", _int(1, 10_000), 100),
@@ -685,6 +686,7 @@ HELP: dict[str, str] = {
     "dashboard.login_max_failures": "Failed sign-ins before an account is locked for login_lockout.",
     "dashboard.login_ip_max_failures": "Failed sign-ins from one address before it is locked for login_lockout.",
     "dashboard.login_lockout": "Seconds a locked account or address stays locked.",
+    "dashboard.page_size": "Machines per page of the fleet page (its \"select all matching\" reaches beyond it).",
     "health.enabled": "Run liveness sweeps and Taskcluster fitness polls (fleet health).",
     "health.sweep_interval": "Seconds between two liveness probes of a machine; a round's probes are spread over it.",
     "health.sweep_concurrency": "Liveness probes in flight at once during a sweep.",
@@ -815,6 +817,7 @@ class Settings:
     login_max_failures: int
     login_ip_max_failures: int
     login_lockout: float
+    dashboard_page_size: int
     health_enabled: bool
     health_sweep_interval: float
     health_sweep_concurrency: int

@@ -215,7 +215,7 @@ class RollerService(MultiService):
         dashboard = Dashboard(
             self.store, self.queue, tasks, s.allowed_tasks, clock=self.reactor, hub=self.hub,
             auth=dashboard_auth, scope_prefix=s.scope_prefix, trusted_proxies=s.trusted_proxies, health=self.health,
-            batches=self.batches,
+            batches=self.batches, page_size=s.dashboard_page_size,
         )
         admin = InventoryAdmin(dashboard, self.store, secrets_file=s.secrets_file,
                                threadpool=self.reactor.getThreadPool())
