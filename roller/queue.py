@@ -297,6 +297,11 @@ class JobQueue:
         """C{(worker_group, worker_id)} of every machine with a job queued or running."""
         return {(group, worker) for group, worker, _ in self._active_key}
 
+    def active_job(self, worker_group: str, worker_id: str, task_name: str) -> Job | None:
+        """The job of C{task_name} queued or running on the machine, if any (what L{submit} would return)."""
+        job_id = self._active_key.get((worker_group, worker_id, task_name))
+        return None if job_id is None else self._jobs.get(job_id)
+
     def set_secrets(self, secrets: Any) -> None:
         """Use these secrets for jobs started from now on (SIGHUP reload)."""
         self._secrets = secrets

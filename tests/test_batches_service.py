@@ -99,7 +99,8 @@ class Env:
         self.start()
 
     def start(self) -> None:
-        self.tasks = TaskRegistry([self.fleet.task("reboot"), self.fleet.task("ping", destructive=False)])
+        self.tasks = TaskRegistry([self.fleet.task("reboot"), self.fleet.task("reimage"),
+                                   self.fleet.task("ping", destructive=False)])
         self.queue = JobQueue(self.store, self.tasks, self.clock, limits=self.limits)
         run(self.queue.start())
         self.service = BatchService(self.store, self.queue, self.tasks, self.clock)
@@ -197,10 +198,9 @@ def test_destructive_jobs_elsewhere_in_the_pool_count(env):
     e = env({"p1": 8})
     first = e.create(Selector(machines=(("g", "p1-m000"), ("g", "p1-m001"))), Rollout(max_per_pool=Limit(2)))
     assert len(e.fleet.running()) == 2
-    second = e.create(Selector(pool="p1"), Rollout(max_per_pool=Limit(25, percent=True)))  # 2 of 8
+    second = e.create(Selector(pool="p1"), Rollout(max_per_pool=Limit(25, percent=True)), task="reimage")  # 2 of 8
     # the first batch's two jobs fill the pool's share: the second starts nothing, then one per end
-    live = second["counts"]
-    assert live["pending"] + live["queued"] == 8 - 0 and len(e.fleet.running()) == 2
+    assert second["counts"]["pending"] == 8 and len(e.fleet.running()) == 2
     e.fleet.finish(e.fleet.running()[0])
     e.turn()
     assert len(e.fleet.running()) == 2
@@ -550,3 +550,19 @@ def test_restart_with_queued_members_keeps_the_limit(env):
     assert final["state"] == "succeeded" and e.fleet.max_overlap() <= 2
     jobs = result_of(e.store.jobs.list(batch_id=bid, limit=100))
     assert len(jobs) == 10 and sum(1 for j in jobs if j.state is State.interrupted) == 2
+
+
+def test_join_is_not_held_back_by_the_pools_limit(env):
+    e = env({"p1": 4})
+    m0, m1 = (result_of(e.store.machines.get("g", f"p1-m00{i}")) for i in (0, 1))
+    existing, _ = run(e.queue.submit("reboot", m0, requester="carol"))
+    other, _ = run(e.queue.submit("reboot", m1, requester="carol"))
+    view = e.create(Selector(machines=(("g", "p1-m002"), ("g", "p1-m000"))), Rollout(max_per_pool=Limit(1)))
+    members = {m["worker_id"]: m for m in view["members"]}
+    assert members["p1-m000"]["joined"] is True and members["p1-m000"]["task_id"] == existing.id
+    assert members["p1-m002"]["state"] == "pending"  # the pool's one slot is taken
+    e.fleet.finish(existing.id)
+    e.fleet.finish(other.id)
+    e.turn()
+    assert e.view(view["batch_id"])["members"][0]["state"] == "running"
+    assert drain(e, view["batch_id"])["state"] == "succeeded"

@@ -169,6 +169,8 @@ class BatchService:
                      inflight=len(live.inflight), pending=sum(len(d) for d in live.pending.values()))
         self._running = True
         for live in list(self._live.values()):
+            if live.batch.state is BatchState.running:
+                self._join_existing(live)
             self._check_end(live)
             self._plan_soon(live.id)
 
@@ -307,6 +309,7 @@ class BatchService:
                                                 pool_sizes=resolution.pool_sizes,
                                                 audit=audit(batch) if audit is not None else None)
         live = self._load(BatchRecord(batch, members, resolution.excluded, resolution.pool_sizes))
+        self._join_existing(live)
         log.info("Batch {batch_id}: {task} on {total} machine(s) by {requester} ({excluded} excluded)",
                  batch_id=batch.id, task=batch.task_name, total=batch.total, requester=requester,
                  excluded=len(resolution.excluded))
@@ -447,6 +450,26 @@ class BatchService:
                                    "its job is missing from the database")
             else:
                 self._apply(live, m.position, job)
+
+    def _join_existing(self, live: _Live) -> None:
+        """
+        Pending members whose machine already runs (or queued) the task join
+        that job at once: they take nothing more out of service, so no limit
+        holds them back (they count as in flight from now on).
+        """
+        now = self.clock.seconds()
+        task = live.batch.task_name
+        for positions in list(live.pending.values()):
+            for pos in list(positions):
+                m = live.members[pos]
+                job = self.queue.active_job(m.worker_group, m.worker_id, task)
+                if job is None:
+                    continue
+                self._unpend(live, pos)
+                own = job.batch_id == live.id
+                self._attach(live, pos, job, joined=not own, attempts=m.attempts + 1,
+                             started_at=job.created_at if own else now)
+                self._apply(live, pos, job)
 
     def _plan_soon(self, batch_id: str) -> None:
         self._to_plan.add(batch_id)
