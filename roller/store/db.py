@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -34,6 +35,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from roller import __version__
 from roller.errors import UnavailableError
 from roller.store.schema import HEARTBEAT_TABLE, MIGRATIONS
 
@@ -58,6 +60,7 @@ class _Write:
     rows: bool  # made by write_rows: combines with its neighbours of the same fn
     args: Any  # write(): the arguments; write_rows(): the item
     d: Deferred
+    timed: bool = False  # made by write_timed: its result is (result, seconds the transaction held the lock)
 
 
 def _units(pending: list[_Write]) -> list[list[_Write]]:
@@ -131,6 +134,28 @@ def insert_rows(c: Cursor, into: str, rows: list[tuple], returning: str = "") ->
 
 class StoreError(Exception):
     """The database could not be opened or migrated; the message says why."""
+
+
+#: the migration that adds C{schema_version.roller_version}: the version of
+#: the roller that last upgraded the schema
+ROLLER_VERSION_MIGRATION = 8
+
+
+def upgraded_by(c: Cursor) -> str | None:
+    """The version of the roller that last upgraded the database's schema, if it says."""
+    try:
+        row = c.execute("SELECT roller_version FROM schema_version").fetchone()
+    except sqlite3.Error:
+        return None  # older than the column
+    return None if row is None or row[0] is None else str(row[0])
+
+
+def newer_schema_message(path: str, version: int, by: str | None) -> str:
+    """One line: the database at C{path} is from a newer roller, which this one will not touch."""
+    who, run = (f"roller {by}", f"roller {by} or newer") if by else ("a newer roller", "a newer roller")
+    return (f"the database {path} is at schema version {version}, upgraded by {who}; this roller ({__version__}) "
+            f"knows schema versions up to {len(MIGRATIONS)} and never downgrades one: run {run}, "
+            "or restore a backup this roller made")
 
 
 class StorageUnavailable(UnavailableError, StoreError):
@@ -302,6 +327,7 @@ def check_writable(path: str, now: float, *, timeout: float = 5.0) -> None:
     except (OSError, sqlite3.Error) as e:
         raise StoreError(f"cannot open the database {path}: {_why(e)}") from None
     try:
+        _incremental_if_new(conn)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("BEGIN IMMEDIATE")
         conn.execute(HEARTBEAT_TABLE)
@@ -320,8 +346,21 @@ def _why(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
 
+def _incremental_if_new(conn: sqlite3.Connection) -> None:
+    """
+    A new (empty) database frees the pages pruning empties with C{PRAGMA
+    incremental_vacuum} (L{roller.store.sqlite}): set before WAL and the
+    first table.  An older database keeps its mode until one C{VACUUM}
+    (C{roller db vacuum}, or at start-up when it is small); setting it on
+    one that has tables would rewrite its header at every commit.
+    """
+    if conn.execute("PRAGMA page_count").fetchone()[0] == 0:
+        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+
+
 def _open_connection(conn: sqlite3.Connection, synchronous: str = "NORMAL") -> None:
     conn.row_factory = sqlite3.Row
+    _incremental_if_new(conn)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute(f"PRAGMA synchronous={synchronous}")
     conn.execute("PRAGMA foreign_keys=ON")
@@ -411,7 +450,16 @@ class Database:
         """
         return self._read(self._pool, fn, args)
 
-    def _read(self, pool: adbapi.ConnectionPool, fn: Callable[..., T], args: tuple) -> Deferred[T]:
+    def on_writer(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
+        """
+        Run C{fn(cursor, *args)} on the writer's connection outside any
+        transaction, after the writes before it: for statements that make
+        their own (C{VACUUM}, C{PRAGMA incremental_vacuum}).
+        """
+        return self._read(self._pool, fn, args, reading=False)
+
+    def _read(self, pool: adbapi.ConnectionPool, fn: Callable[..., T], args: tuple,
+              reading: bool = True) -> Deferred[T]:
         if self._closed:
             return fail(StoreError("the database is closed"))
 
@@ -423,13 +471,13 @@ class Database:
                 finally:
                     cursor.close()
             except Exception as e:
-                _drop_if_broken(conn, e, reading=True)
+                _drop_if_broken(conn, e, reading=reading)
                 raise
 
         def answered(result: Any) -> Any:
             self._reads -= 1
             if isinstance(result, Failure):
-                result = self._fault_of(result, reading=True)
+                result = self._fault_of(result, reading=reading)
             self._maybe_finish_close()
             return result
 
@@ -453,11 +501,19 @@ class Database:
         """
         return self._add(fn, True, item)
 
-    def _add(self, fn: Callable[..., Any], rows: bool, args: Any) -> Deferred:
+    def write_timed(self, fn: Callable[..., T], *args: Any) -> Deferred[tuple[T, float]]:
+        """
+        Like L{write}; fires with C{(result, held)}: the seconds the
+        transaction it was committed in held the write lock (from C{BEGIN
+        IMMEDIATE} to C{COMMIT}, with whatever writes joined it).
+        """
+        return self._add(fn, False, args, timed=True)
+
+    def _add(self, fn: Callable[..., Any], rows: bool, args: Any, timed: bool = False) -> Deferred:
         if self._closed:
             return fail(StoreError("the database is closed"))
         d: Deferred = Deferred()
-        self._pending.append(_Write(fn, rows, args, d))
+        self._pending.append(_Write(fn, rows, args, d, timed))
         if not self._flushing:
             self._flush()
         return d
@@ -465,6 +521,8 @@ class Database:
     def _flush(self) -> None:
         batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
         units = _units(batch)
+        writes = [w for unit in units for w in unit]
+        timed = any(w.timed for w in writes)
         self._flushing = True
 
         def run(conn: Any) -> list[tuple[bool, Any]]:
@@ -482,6 +540,7 @@ class Database:
             outcomes: list[tuple[bool, Any]] = []
             cursor = conn.cursor()
             single = len(units) == 1 and len(units[0]) == 1  # a lone write needs no savepoint
+            began = time.perf_counter()
             cursor.execute("BEGIN IMMEDIATE")
             try:
                 if single:
@@ -494,6 +553,10 @@ class Database:
                     for unit in units:
                         outcomes.extend(_in_savepoint(cursor, unit))
                 cursor.execute("COMMIT")
+                if timed:
+                    held = time.perf_counter() - began  # BEGIN IMMEDIATE to COMMIT: the write lock's hold
+                    outcomes = [(ok, (value, held)) if ok and w.timed else (ok, value)
+                                for w, (ok, value) in zip(writes, outcomes, strict=True)]
             except BaseException:
                 try:
                     cursor.execute("ROLLBACK")
@@ -503,8 +566,6 @@ class Database:
             finally:
                 cursor.close()
             return outcomes
-
-        writes = [w for unit in units for w in unit]
 
         def done(outcomes: Any) -> None:
             # Still "flushing" while the callbacks run: a write they ask for
@@ -610,16 +671,15 @@ class Database:
             else:
                 version = row[0]
             if version > len(MIGRATIONS):
-                raise StoreError(
-                    f"the database is at schema version {version}, newer than this roller "
-                    f"knows ({len(MIGRATIONS)}); upgrade roller"
-                )
+                raise StoreError(newer_schema_message(self.path, version, upgraded_by(cursor)))
             for n, script in enumerate(MIGRATIONS[version:], start=version + 1):
                 for statement in script.split(";"):
                     if statement.strip():
                         cursor.execute(statement)
                 cursor.execute("UPDATE schema_version SET version = ?", (n,))
                 log.info("Database migrated to schema version {version}", version=n)
+            if version < len(MIGRATIONS) and len(MIGRATIONS) >= ROLLER_VERSION_MIGRATION:
+                cursor.execute("UPDATE schema_version SET roller_version = ?", (__version__,))
             return len(MIGRATIONS)
 
         return self.write(run)

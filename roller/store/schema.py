@@ -209,4 +209,9 @@ MIGRATIONS: list[str] = [
     ) WITHOUT ROWID;
     CREATE INDEX batch_members_job ON batch_members (job_id) WHERE job_id IS NOT NULL;
     """,
+    # 8: which roller last upgraded the schema (a roller too old for the database
+    #    says which one it needs: roller.store.db.newer_schema_message)
+    """
+    ALTER TABLE schema_version ADD COLUMN roller_version TEXT;
+    """,
 ]
