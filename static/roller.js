@@ -223,7 +223,8 @@
     if (jobCell && mb.task_id) {
       var link = document.createElement("a");
       link.href = "/jobs/" + encodeURIComponent(mb.task_id);
-      link.textContent = mb.task_id.slice(0, 8) + "…";
+      link.className = "nowrap";
+      link.textContent = "…" + mb.task_id.slice(-8);
       var parts = [link];
       if (mb.joined) {
         var note = document.createElement("span");
