@@ -19,7 +19,7 @@ from typing import Any
 
 import attrs
 import pytest
-from test_dashboard import BASE, Controlled, Env, NoCookies, StreamRequest, csrf_of
+from test_dashboard import BASE, Controlled, Env, NoCookies, StreamRequest, csrf_of, make_env
 from test_dashboard_login import PASSWORD
 from treq.client import HTTPClient
 from treq.testing import RequestTraversalAgent, _SynchronousProducer
@@ -350,6 +350,16 @@ def test_batch_stream_sends_the_view_then_changes_and_ends_with_the_batch(env: A
     # over HTTP: bad ids are refused as JSON
     r = env.get("/events?batch=a%20b")
     assert r.code == 400 and b"invalid_query" in r.body
+
+
+def test_without_a_batch_service_there_is_no_selection_and_no_batch_pages(tmp_path: Path) -> None:
+    e = make_env(tmp_path)
+    e.add_machine("m1", "g1", pool="mac")
+    html = e.get("/?pool=mac").text
+    assert 'name="m"' not in html and 'id="batch-form"' not in html and 'href="/batches"' not in html
+    assert e.get("/batches").code == 404 and e.get("/batches/x").code == 404
+    r = e.get("/events?batch=x")
+    assert r.code == 404 and b"not_found" in r.body
 
 
 # -- the queue page: cancel a selection ---------------------------------------------------------------------
