@@ -173,13 +173,13 @@ def env(tmp_path: Any) -> Env:
     e = Env(store, clock, ctl, tasks, queue, service)
     e.use(AnonymousAuthenticator())
     # pool "mac": 8 machines, pool "linux": 4, one machine without a pool
-    for i in range(8):
-        result_of(store.machines.put(Machine.from_json({"worker_id": f"mac-{i}", "worker_group": "mdc1", "pool": "mac",
-                                                  "ip": f"192.0.2.{i + 1}", "tags": ["m1"]})))
-    for i in range(4):
-        result_of(store.machines.put(Machine.from_json({"worker_id": f"lin-{i}", "worker_group": "mdc2", "pool": "linux",
-                                                  "ip": f"192.0.2.{i + 20}"})))
-    result_of(store.machines.put(Machine.from_json({"worker_id": "lonely", "worker_group": "mdc2", "ip": "192.0.2.40"})))
+    entries = [{"worker_id": f"mac-{i}", "worker_group": "mdc1", "pool": "mac", "ip": f"192.0.2.{i + 1}",
+                "tags": ["m1"]} for i in range(8)]
+    entries += [{"worker_id": f"lin-{i}", "worker_group": "mdc2", "pool": "linux", "ip": f"192.0.2.{i + 20}"}
+                for i in range(4)]
+    entries.append({"worker_id": "lonely", "worker_group": "mdc2", "ip": "192.0.2.40"})
+    for entry in entries:
+        result_of(store.machines.put(Machine.from_json(entry)))
     return e
 
 
