@@ -442,8 +442,8 @@ def summary(view: dict[str, Any]) -> list[str]:
         rows.append((_machine(m), m.get("pool") or "-", state, m.get("task_id") or "-",
                      (m.get("error") or "").replace("\n", " ")[:100]))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r[:4], widths, strict=True)).rstrip()
-             + (f"  {r[4]}" if r[4] else "") for r in rows]
+    lines = [("  ".join(cell.ljust(w) for cell, w in zip(r[:4], widths, strict=True)) + "  " + r[4]).rstrip()
+             for r in rows]
     counts = ", ".join(f"{n} {state}" for state, n in _counts(view).items() if n)
     outcome = f"batch {view.get('batch_id')} {view.get('state')}: {counts or 'no members'}"
     if view.get("halt_reason"):
@@ -532,7 +532,10 @@ async def cmd_batch(reactor: IRollerReactor, settings: Settings, args: argparse.
     body = request_body(args) if action == "create" else None
     backend: Any
     if args.url:
-        backend = UrlBackend(RollerClient.from_env(reactor, args.url, environ))
+        try:
+            backend = UrlBackend(RollerClient.from_env(reactor, args.url, environ))
+        except ClientError as e:
+            raise BatchCliError(str(e)) from None
     else:
         backend = LocalBackend(reactor, settings)
     try:
