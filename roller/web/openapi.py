@@ -843,8 +843,9 @@ def openapi_document(tasks: TaskRegistry, allowed: tuple[str, ...], version: str
                     _param("worker_id", "query", _string(WORKER_ID_PATTERN), "Only this worker id."),
                     _param("worker_group", "query", _string(WORKER_ID_PATTERN), "Only this worker group."),
                     _param("task_name", "query", {"type": "string"}, "Only this task."),
-                    _param("batch_id", "query", {"type": "string", "pattern": BATCH_ID_PATTERN},
-                           "Only the jobs of this batch (400 `invalid_query` for a value no batch id can be)."),
+                    _param("batch_id", "query", {"type": "string", "pattern": "^$|" + BATCH_ID_PATTERN},
+                           "Only the jobs of this batch (empty: no filter; 400 `invalid_query` for a value no "
+                           "batch id can be)."),
                     _int_query("limit", 1, 1000, 50, "Page size"),
                     _int_query("before", 1, 2**62, None, "Jobs older than this cursor (`next_before`)"),
                 ],
