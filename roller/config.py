@@ -570,6 +570,11 @@ KEYS: dict[str, tuple[str, Callable[[Any, bool], Any], Any]] = {
     "batches.max_per_pool": ("batches_max_per_pool", _limit, "25%"),
     "batches.stop_after_failures": ("batches_stop_after_failures", _int(0, 20_000), 0),
     "batches.pause_between": ("batches_pause_between", _float(0), 0.0),
+    "history.keep_days": ("history_keep_days", _int(0, 100_000), 90),
+    "history.keep_events_days": ("history_keep_events_days", _int(0, 100_000), 14),
+    "history.keep_audit_days": ("history_keep_audit_days", _int(0, 100_000), 0),
+    "history.keep_loans_days": ("history_keep_loans_days", _int(0, 100_000), 365),
+    "history.prune_interval": ("history_prune_interval", _float(0), 3600.0),
 }
 
 
@@ -709,6 +714,12 @@ HELP: dict[str, str] = {
                              "of the pool's machines (empty: no limit)."),
     "batches.stop_after_failures": "Default circuit breaker: a batch halts after this many failed members (0: never).",
     "batches.pause_between": "Default seconds between two member starts of a batch.",
+    "history.keep_days": "Days finished jobs (with their events) and finished batches are kept (0: forever).",
+    "history.keep_events_days": ("Days the output lines of succeeded jobs are kept; their state changes and result "
+                                 "stay for history.keep_days (0: as long as the job)."),
+    "history.keep_audit_days": "Days audit entries are kept (0: forever).",
+    "history.keep_loans_days": "Days returned loans are kept (0: forever); active loans always stay.",
+    "history.prune_interval": "Seconds between two prunings of the history by a running roller (0: never).",
 }
 
 
@@ -837,6 +848,11 @@ class Settings:
     batches_max_per_pool: str = "25%"
     batches_stop_after_failures: int = 0
     batches_pause_between: float = 0.0
+    history_keep_days: int = 90
+    history_keep_events_days: int = 14
+    history_keep_audit_days: int = 0
+    history_keep_loans_days: int = 365
+    history_prune_interval: float = 3600.0
     config_file: str | None = None
 
     def listeners_on_loopback(self) -> bool:

@@ -32,6 +32,8 @@ from roller.notify import Notifier, notifier_from_settings
 from roller.queue import JobQueue, QueueLimits
 from roller.secrets import Secrets, SecretsError, load_secrets
 from roller.store import IStoreReactor, StorageUnavailable, Store, open_store
+from roller.store.retention import PruneLoop, Pruner, RetentionPolicy, ensure_incremental_vacuum
+from roller.store.sqlite import DatabaseLock, acquire_lock
 from roller.tasks import builtin_tasks
 from roller.version import load_version
 from roller.web.admin import InventoryAdmin
@@ -150,6 +152,8 @@ class RollerService(MultiService):
         self.notifier: Notifier | None = None
         self.health: HealthWatcher | None = None
         self.batches: BatchService | None = None
+        self.retention: PruneLoop | None = None
+        self._db_lock: DatabaseLock | None = None
         self._refresh: LoopingCall | None = None
         self.failed = False
 
@@ -175,6 +179,8 @@ class RollerService(MultiService):
         except StorageUnavailable as e:
             raise StorageUnavailable(e.kind, f"the database {s.db_path} cannot take a write: {e.what}",
                                      e.retry_after, e.detail) from None
+        self._db_lock = acquire_lock(s.db_path)  # held while roller runs: restore and a second roller refuse
+        await ensure_incremental_vacuum(store.db)
         if s.demo:
             self.secrets = await self._start_demo(store, self.secrets)
             s = self.settings
@@ -199,6 +205,9 @@ class RollerService(MultiService):
         self.batches = BatchService(store, self.queue, tasks, self.reactor, health=self.health,
                                     defaults=rollout_defaults(s))
         await self.batches.start()
+        self.retention = PruneLoop(Pruner(store.db, clock=self.reactor), RetentionPolicy.from_settings(s),
+                                   self.reactor, s.history_prune_interval)
+        self.retention.start()  # history.*: the first pruning one interval from now
         # pick up inventory changes other processes (roller import) commit
         self._refresh = LoopingCall(self._refresh_inventory)
         self._refresh.clock = self.reactor
@@ -304,8 +313,14 @@ class RollerService(MultiService):
                  path=self.settings.secrets_file, count=len(secrets.names()), clients=len(secrets.clients))
         return True
 
+    def _release_db_lock(self) -> None:
+        if self._db_lock is not None:
+            self._db_lock.release()
+            self._db_lock = None
+
     def _failed(self, failure: Failure) -> None:
         log.critical("roller could not start: {why}", why=failure.getErrorMessage())
+        self._release_db_lock()
         self.failed = True
         self.ready.errback(failure)
         self.ready.addErrback(lambda f: None)
@@ -320,6 +335,8 @@ class RollerService(MultiService):
                 pass
         if self._refresh is not None and self._refresh.running:
             self._refresh.stop()
+        if self.retention is not None:
+            await self.retention.stop()  # a pruning in progress ends after its current transaction
         if self.health is not None:
             await self.health.stop()  # no sweep, poll or remediation after this
         if self.batches is not None:
@@ -354,6 +371,7 @@ class RollerService(MultiService):
             pdus.client.close()
         if self.store is not None:
             await self.store.close()
+        self._release_db_lock()
         if self.demo is not None:
             await self.demo.fleet.stop()
 

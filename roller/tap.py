@@ -23,6 +23,7 @@ from roller.inventory import REBOOT_METHODS
 from roller.secrets import SecretsError, load_secrets
 from roller.service import IRollerReactor, RollerService
 from roller.store.db import StoreError, check_writable
+from roller.store.sqlite import check_not_in_use, check_schema
 from roller.tasks import builtin_tasks
 
 
@@ -108,7 +109,9 @@ def makeService(options: Options) -> RollerService:
         settings = settings_from_options(options)
         check_endpoints(settings, reactor)
         load_secrets(settings.secrets_file)  # refuse a readable secrets file before starting
+        check_schema(settings.db_path)  # refuse a database from a newer roller, naming both versions
         check_writable(settings.db_path, time.time())  # refuse a database that cannot take a write
+        check_not_in_use(settings.db_path)  # refuse a database another roller runs on
     except (ConfigError, SecretsError, StoreError) as e:
         exit_with(str(e))
     service = RollerService(settings, reactor)
