@@ -11,6 +11,7 @@ daemon (settings resolved the same way: --config, ROLLER_*, options).
     roller actions --url https://roller.example.com   # Taskcluster worker action definitions
     roller config [queue]               # every setting: type, default, environment variable, meaning
     roller batch reboot --pool P --max-concurrent 10 --max-per-pool 25%   # see roller.batch_cli
+    roller db check | backup PATH | restore PATH | prune [--dry-run] | vacuum   # see roller.db_cli
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import react
 
-from roller import batch_cli
+from roller import batch_cli, db_cli
 from roller.auth.accounts import ROLES, check_password_policy, check_user_name, hash_password
 from roller.config import ConfigError, Settings, check_names, load_settings
 from roller.errors import RollerError
@@ -136,6 +137,7 @@ def _parser() -> argparse.ArgumentParser:
     j.add_argument("--json", action="store_true")
 
     batch_cli.add_parser(sub)  # roller batch TASK ... | show ID | list | cancel ID
+    db_cli.add_parser(sub)  # roller db check | backup PATH | restore PATH | prune [--dry-run] | vacuum
     return p
 
 
@@ -525,7 +527,7 @@ async def cmd_config(reactor: IRollerReactor, settings: Settings, args: argparse
 
 COMMANDS = {"health": cmd_health, "config": cmd_config, "run": cmd_run, "import": cmd_import,
             "machines": cmd_machines, "jobs": cmd_jobs, "audit": cmd_audit, "user": cmd_user, "actions": cmd_actions,
-            "batch": batch_cli.cmd_batch}
+            "batch": batch_cli.cmd_batch, "db": db_cli.cmd_db}
 
 
 async def execute(reactor: IRollerReactor, args: argparse.Namespace, out: Any, err: Any) -> int:

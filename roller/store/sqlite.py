@@ -176,8 +176,8 @@ class Check:
     def problems(self) -> list[str]:
         out = []
         if self.integrity != ["ok"]:
-            out.append(f"integrity check failed: {'; '.join(self.integrity[:5])}"
-                       + (f" (and {len(self.integrity) - 5} more)" if len(self.integrity) > 5 else ""))
+            out.append(f"integrity check failed: {'; '.join(self.integrity[:3])}"
+                       + (f" (and {len(self.integrity) - 3} more)" if len(self.integrity) > 3 else ""))
         if self.version == 0:
             out.append("not a roller database (no schema version)")
         elif self.version > self.known:
@@ -193,10 +193,22 @@ class Check:
 
 
 def _check(conn: sqlite3.Connection, path: str, quick: bool = False) -> Check:
-    integrity = [str(r[0]) for r in conn.execute("PRAGMA quick_check" if quick else "PRAGMA integrity_check")]
+    try:
+        rows = conn.execute("PRAGMA quick_check" if quick else "PRAGMA integrity_check").fetchall()
+        integrity = [line.strip() for r in rows for line in str(r[0]).splitlines()
+                     if line.strip() and not line.startswith("*** in database")]
+    except sqlite3.DatabaseError as e:  # too damaged to check
+        integrity = [str(e)]
     tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'"
                                          " AND name NOT LIKE 'sqlite_%' ORDER BY name")]
-    counts = {t: conn.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0] for t in tables}
+    counts: dict[str, int] = {}
+    for t in tables:
+        try:
+            counts[t] = conn.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0]
+        except sqlite3.DatabaseError as e:  # a damaged table: the integrity check says more
+            counts[t] = -1
+            if integrity == ["ok"]:
+                integrity = [f"table {t}: {e}"]
     return Check(path=path, integrity=integrity, version=schema_version(conn), known=len(MIGRATIONS),
                  upgraded_by=upgraded_by(conn.cursor()), counts=counts,
                  size=os.path.getsize(path) if os.path.isfile(path) else 0,
@@ -292,6 +304,8 @@ def backup(db_path: str, dest: str, *, step_pages: int = 4096, max_restarts: int
         raise StoreError(f"{dest} exists already (remove it, or use --overwrite)")
     if os.path.abspath(db_path) == dest:
         raise StoreError("the backup cannot be the database itself")
+    if not os.path.isdir(os.path.dirname(dest)):
+        raise StoreError(f"the directory {os.path.dirname(dest)} does not exist")
     check_schema(db_path)
     partial = dest + ".partial"
     started = time.perf_counter()
@@ -306,9 +320,9 @@ def backup(db_path: str, dest: str, *, step_pages: int = 4096, max_restarts: int
             report = _check(out, partial, quick=True)
         finally:
             out.close()
-    except sqlite3.Error as e:
+    except (sqlite3.Error, OSError) as e:
         _remove(partial)
-        raise StoreError(f"backup of {db_path} failed: {e}") from None
+        raise StoreError(f"backup of {db_path} into {dest} failed: {getattr(e, 'strerror', None) or e}") from None
     except BaseException:
         _remove(partial)
         raise
@@ -317,8 +331,12 @@ def backup(db_path: str, dest: str, *, step_pages: int = 4096, max_restarts: int
     if report.integrity != ["ok"]:
         _remove(partial)
         raise StoreError(f"the backup of {db_path} failed its check: {'; '.join(report.integrity[:3])}")
-    _fsync(partial)
-    os.replace(partial, dest)
+    try:
+        _fsync(partial)
+        os.replace(partial, dest)
+    except OSError as e:
+        _remove(partial)
+        raise StoreError(f"cannot write the backup {dest}: {e.strerror}") from None
     _fsync_dir(dest)
     return Backup(path=dest, size=os.path.getsize(dest), pages=report.pages, seconds=time.perf_counter() - started,
                   steps=steps, restarts=restarts, check=_with_path(report, dest))
