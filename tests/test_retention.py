@@ -24,7 +24,7 @@ from roller.jobs import Job, JobEvent, State, new_job_id
 from roller.store import AuditEntry, Store, open_store
 from roller.store.fleet import FleetFilter, FleetQueries
 from roller.store.loans import Loan
-from roller.store.retention import DAY, PruneLoop, Pruner, RetentionPolicy
+from roller.store.retention import DAY, PruneLoop, Pruner, RetentionPolicy, ensure_incremental_vacuum
 from roller.testing.syncdb import SyncClock, result_of, run, sync_store
 
 NOW = 1_700_000_000.0
@@ -329,3 +329,23 @@ def test_report_json_and_summary(store: Store) -> None:
     data = report.to_json()
     assert json.loads(json.dumps(data))["counts"]["jobs"] == 1
     assert "removed 1 jobs, 4 job events" in report.summary()
+
+
+def test_an_old_small_database_switches_to_incremental_vacuum_at_start(tmp_path: Path) -> None:
+    path = str(tmp_path / "old.db")
+    conn = sqlite3.connect(path)  # made the way roller did before incremental auto-vacuum
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.close()
+    store, _ = sync_store(path)
+    mode = "PRAGMA auto_vacuum"
+    assert rows(store, mode) == [(0,)]
+    run(ensure_incremental_vacuum(store.db, max_bytes=0))  # too large: left as it is (a warning says what to do)
+    assert rows(store, mode) == [(0,)]
+    add_job(store, "m1", "ping", "succeeded", 200)
+    run(ensure_incremental_vacuum(store.db))
+    assert result_of(store.db.read_on_writer(lambda c: c.execute(mode).fetchone()[0])) == 2
+    assert len(job_ids(store)) == 1
+    result_of(store.close())
+    conn = sqlite3.connect(path)
+    assert conn.execute(mode).fetchone()[0] == 2
+    conn.close()

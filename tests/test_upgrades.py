@@ -74,8 +74,9 @@ def build(path: Path, version: int) -> None:
     if "heartbeat" in have:
         conn.execute("INSERT INTO heartbeat VALUES (1, ?)", (T,))
     if "health" in have:
-        conn.execute("INSERT INTO health VALUES ('mdc1', ?, 'down', ?, '[{\"source\": \"sweep\", \"kind\": \"unreachable\","
-                     " \"since\": 1, \"detail\": \"no reply\"}]', 1, 'rack move')", (MACHINE["worker_id"], T))
+        findings = json.dumps([{"source": "sweep", "kind": "unreachable", "since": 1, "detail": "no reply"}])
+        conn.execute("INSERT INTO health VALUES ('mdc1', ?, 'down', ?, ?, 1, 'rack move')",
+                     (MACHINE["worker_id"], T, findings))
         conn.execute("INSERT INTO health_transitions (worker_group, worker_id, time, old, new, reason) VALUES"
                      " ('mdc1', ?, ?, 'healthy', 'down', 'no reply')", (MACHINE["worker_id"], T))
         conn.execute("INSERT INTO remediations (worker_group, worker_id, policy, task, time, dry_run, job_id, reason)"
