@@ -30,8 +30,8 @@ if TYPE_CHECKING:
 
 __all__ = ["add_parser", "cmd_db"]
 
-#: seconds a C{roller db prune} waits between its transactions, so a running roller's writes
-#: (waiting in SQLite's busy handler, which polls) get the lock in between
+#: seconds a C{roller db prune} waits between its transactions while a roller runs on the database,
+#: so the roller's writes (waiting in SQLite's busy handler, which polls) get the lock in between
 CLI_PRUNE_PAUSE = 0.02
 
 
@@ -113,9 +113,23 @@ async def cmd_db(reactor: IRollerReactor, settings: Settings, args: argparse.Nam
     # prune
     sq.check_schema(path)
     policy = RetentionPolicy.from_settings(settings)
-    store = await open_store(path, reactor, synchronous=settings.db_synchronous.upper())
+    try:  # no roller runs on the database: no pause needed, and none starts meanwhile
+        lock = sq.acquire_lock(path, "roller db prune")
+        pause = 0.0
+    except sq.DatabaseInUse:  # a roller runs: its writes go between the transactions
+        lock, pause = None, CLI_PRUNE_PAUSE
     try:
-        pruner = Pruner(store.db, clock=reactor, pause=CLI_PRUNE_PAUSE)
+        return await _prune(reactor, settings, args, policy, pause, out)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+async def _prune(reactor: IRollerReactor, settings: Settings, args: argparse.Namespace, policy: RetentionPolicy,
+                 pause: float, out: Any) -> int:
+    store = await open_store(settings.db_path, reactor, synchronous=settings.db_synchronous.upper())
+    try:
+        pruner = Pruner(store.db, clock=reactor, pause=pause)
         now = reactor.seconds()
         if args.dry_run:
             counts = await pruner.count(policy, now)
