@@ -135,7 +135,8 @@ def machines(roller: RollerProcess) -> set[tuple[str, str]]:
 def mutating_routes() -> list[tuple[str, str]]:
     """(method, path) of every API route that may change something, placeholders filled in."""
     group, wid = TARGET
-    values = {"worker_group": group, "worker_id": wid, "task_id": "00000000-0000-0000-0000-000000000000"}
+    values = {"worker_group": group, "worker_id": wid, "task_id": "00000000-0000-0000-0000-000000000000",
+              "batch_id": "00000000-0000-0000-0000-000000000000"}
     routes = []
     for rule in Api.app.url_map.iter_rules():
         for method in sorted((rule.methods or set()) - {"GET", "HEAD", "OPTIONS"}):
