@@ -6,7 +6,10 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 # Debian packages roller uses at run time, and the real peers its tests drive.
 RUN_PACKAGES := python3-venv iputils-ping ipmitool
-TEST_PACKAGES := $(RUN_PACKAGES) openssh-server openssh-client openipmi snmpd snmp chromium
+TEST_PACKAGES := $(RUN_PACKAGES) openssh-server openssh-client openipmi snmpd snmp chromium postgresql
+# axe-core (npm) checks every dashboard page's accessibility in the browser tests.
+AXE_VERSION := 4.14.1
+AXE := $(VENV)/axe/node_modules/axe-core/axe.min.js
 SOURCES := $(shell find roller twisted templates static -type f -not -name '*.pyc') setup.py roller.tac
 
 .PHONY: run test lint dev system-deps venv clean
@@ -16,7 +19,7 @@ run: system-deps venv
 	$(VENV)/bin/twistd -n --pidfile= --logger roller.logs.observer roller --demo $(ARGS)
 
 test: APT_PACKAGES = $(TEST_PACKAGES)
-test: system-deps venv lint
+test: system-deps venv lint $(AXE)
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
 # The static gates (configured in pyproject.toml): roller/ stays at zero findings.
@@ -44,7 +47,14 @@ dev: system-deps
 	@cd / && $(abspath $(VENV))/bin/twistd roller --help | grep -q -- '--demo' \
 		|| { echo "twistd does not find the roller plugin" >&2; exit 1; }
 	@touch $(VENV)/.installed
+	@$(MAKE) --no-print-directory $(AXE)
 	@echo "editable install in $(VENV): $(VENV)/bin/twistd -n roller --demo runs this checkout"
+
+$(AXE):
+	@command -v npm >/dev/null || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q nodejs npm; }
+	npm install -q --prefix $(VENV)/axe --no-audit --no-fund axe-core@$(AXE_VERSION)
+	@test -f $@
 
 system-deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \

@@ -74,6 +74,7 @@ from roller.queue import JobQueue
 from roller.store import AuditEntry, Store, StoreError
 from roller.store.fleet import FILTER_STATES, HEALTH_STATES, SORTS, FleetFilter, FleetPage, FleetQueries
 from roller.tasks import TaskRegistry
+from roller.web import history_html, stats_html
 from roller.web.batches_html import MEMBERS_SHOWN, filter_selector, form_request, limit_fields, pool_rows
 from roller.web.events import EventHub
 from roller.web.fleet_html import RowCache, fleet_rows_html
@@ -758,6 +759,7 @@ class Dashboard:
             running=len(self.queue.running()), queued=self.queue.depth,
             machine_total=sum(page.counts.values()), health_states=HEALTH_STATES,
             health=self.health, may_admin_health=viewer.may(self.scope_prefix + "health:admin"),
+            sparkline=await stats_html.fleet_sparkline(self),
         )
 
     @app.route("/machines/<worker_group>/<worker_id>", methods=["GET"])
@@ -857,6 +859,18 @@ class Dashboard:
         if self.health is None:
             raise NotFound("fleet health is not running in this roller", code="not_found")
         return self.health
+
+    @app.route("/jobs", methods=["GET"])
+    async def jobs_history(self, request: IRequest) -> bytes:
+        """Finished and live jobs, filtered and paged (L{roller.web.history_html})."""
+        viewer = await self._viewer(request)
+        return await history_html.jobs_page(self, request, viewer)
+
+    @app.route("/stats", methods=["GET"])
+    async def stats(self, request: IRequest) -> bytes:
+        """Charts of the job history (L{roller.web.stats_html})."""
+        viewer = await self._viewer(request)
+        return await stats_html.stats_page(self, request, viewer)
 
     @app.route("/jobs/<job_id>", methods=["GET"])
     async def job_page(self, request: IRequest, job_id: str) -> bytes:
