@@ -336,7 +336,7 @@ class BatchService:
     async def list(self, *, limit: int = 50, before: int | None = None) -> tuple[builtins.list[dict[str, Any]],
                                                                                  int | None]:
         """Newest first, without members; and the C{before} cursor of the next page (None: no more)."""
-        limit = max(1, min(limit, 500))
+        limit = max(1, min(limit, 1000))
         summaries = await self.store.batches.list(limit=limit + 1, before=before)
         more = len(summaries) > limit
         summaries = summaries[:limit]
