@@ -205,7 +205,9 @@ def test_scopes_and_credentials(env: Env) -> None:
 
 
 def test_ctrl_c_leaves_the_batch_running_and_says_how_to_cancel(env: Env) -> None:
-    child = subprocess.Popen(env.argv("reboot", "--pool", "p2", "--max-concurrent", "1", "--yes"),
+    # a long pause between members keeps the batch running while show, list and cancel run on a busy machine
+    child = subprocess.Popen(env.argv("reboot", "--pool", "p2", "--max-concurrent", "1", "--pause-between", "600",
+                                      "--yes"),
                              env=env.env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, cwd=str(env.tmp))
     try:
