@@ -310,9 +310,13 @@ def test_fleet_filters_by_group_pool_state_and_search(env: Env) -> None:
     assert rows_of(env.get("/?q=m_").text) == []  # LIKE wildcards are literal
     empty = env.get("/?q=zzz").text
     assert "No machine matches this search" in empty
-    for bad in ("/?state=bogus", "/?group=a%20b", "/?sort=evil", "/?page=0", "/?dir=sideways"):
+    for bad, why in (("/?state=bogus", "state must be one of"), ("/?group=a%20b", "group must be"),
+                     ("/?sort=evil", "sort must be one of"), ("/?page=0", "page must be"), ("/?dir=sideways", "dir must"),
+                     ("/?liveness=sideways", "liveness must be one of up, down, never"),
+                     ("/?loan=maybe", "loan must be one of loaned, overdue, free"),
+                     ("/?tag=a%20b", "tag must be a tag")):
         r = env.get(bad)
-        assert r.code == 400 and "Bad request" in r.text, bad
+        assert r.code == 400 and "Bad request" in r.text and why in r.text, bad
 
 
 def test_fleet_sorts_and_paginates(env: Env) -> None:
@@ -324,7 +328,7 @@ def test_fleet_sorts_and_paginates(env: Env) -> None:
     assert "Page 1 of 3" in first and 'href="/?page=2" rel="next"' in first
     assert rows_of(env.get("/?page=3").text) == ["m7"]
     assert "There is no page 9" in env.get("/?page=9").text
-    desc = env.get("/?dir=desc").text
+    desc = env.get("/?sort=name&dir=desc").text
     assert rows_of(desc) == ["m7", "m6", "m5"] and 'aria-sort="descending"' in desc
     assert rows_of(env.get("/?sort=pool").text) == ["m5", "m6", "m7"]  # aaa < linux < mac, none last
     j = env.submit("ping", "m4", "g2")
@@ -359,7 +363,8 @@ def test_fleet_query_uses_the_job_index_and_is_fast_for_5000_machines(tmp_path: 
     assert "<strong>5000</strong> machines" in r.text
     page = result_of(e.dashboard.fleet.page(FleetFilter(), limit=200))
     assert len(page.rows) == 200 and page.total == 5000
-    assert page.rows[0].worker_id == "w00000" and page.rows[0].last.id == "job-15000"  # the newest of four
+    assert page.rows[0].worker_id == "w00042"  # problems first: its last job failed
+    assert page.rows[1].worker_id == "w00000" and page.rows[1].last.id == "job-15000"  # the newest of four
     assert rows_of(e.get("/?page=25").text)  # the last page renders (its timing: bench/dashboard.py)
 
 
@@ -939,7 +944,7 @@ def test_fleet_and_machine_pages_show_liveness_and_loans(env: Env) -> None:
     result_of(env.store.loans.insert(Loan(worker_group="g2", worker_id="m3", borrower="late@example.com",
                                           reason="debug", started_at=now - 7200, expires_at=now + 60)))
     html = env.get("/").text
-    assert "<th scope=\"col\">Liveness</th>" in html and "<th scope=\"col\">Loan</th>" in html
+    assert ">Liveness</a></th>" in html and ">Loan</a></th>" in html  # sortable, like every column
     row = {w: html[html.index(f">{w}<"):html.index("</tr>", html.index(f">{w}<"))] for w in ("m1", "m2", "m3", "m4")}
     assert f'href="/jobs/{down.id}" class="live live-down"' in row["m1"] and "2 min ago" in row["m1"]
     assert f'href="/jobs/{up.id}" class="live live-up"' in row["m3"] and "just now" in row["m3"]
@@ -948,6 +953,16 @@ def test_fleet_and_machine_pages_show_liveness_and_loans(env: Env) -> None:
     # m3's loan ended 60 s ago (the clock moved 120 s): overdue, highlighted
     assert "loan-overdue" in row["m3"] and ">overdue</strong> late@example.com" in row["m3"]
     assert "loan" not in row["m1"] and "loan" not in row["m4"]
+    # filters by liveness (newest finished ping) and loan
+    assert rows_of(env.get("/?liveness=down").text) == ["m1"]
+    assert rows_of(env.get("/?liveness=up").text) == ["m3"]
+    assert rows_of(env.get("/?liveness=never").text) == ["m2", "m4"]
+    assert rows_of(env.get("/?loan=loaned").text) == ["m2", "m3"]
+    assert rows_of(env.get("/?loan=overdue").text) == ["m3"]
+    assert rows_of(env.get("/?loan=free&group=g1").text) == ["m1"]
+    assert rows_of(env.get("/?sort=liveness").text)[:2] == ["m1", "m3"]  # down, up, then never pinged
+    assert rows_of(env.get("/?sort=loan").text)[:2] == ["m3", "m2"]  # the loan ending first
+    assert rows_of(html)[0] == "m1"  # problems first: its newest ping failed
 
     m3 = env.get("/machines/g2/m3").text
     assert 'class="live live-up">up</a>' in m3 and "192.0.2.3 is up" in m3
@@ -1043,3 +1058,40 @@ def test_machine_page_health_and_maintenance_toggle(tmp_path: Path) -> None:
     e.post("/machines/g1/m1/maintenance", form={"csrf_token": token, "maintenance": "off"}, headers={"Origin": BASE})
     assert not watcher.tracker.get(("g1", "m1")).maintenance
     assert [a.action for a in e.audit()].count("machine.maintenance") == 2
+
+
+def test_fleet_problems_first_pool_strip_and_tags(tmp_path: Path) -> None:
+    """Down, then degraded, then a failed last job, then the rest (by name within); the pool strip's links filter."""
+    e, watcher = health_env(tmp_path)  # m1, m2 in pool mac
+    e.add_machine("a0", "g1", ip="192.0.2.10", pool="mac", tags=["gpu", "rack-4"])
+    e.add_machine("m3", "g2", ip="192.0.2.3", pool="linux", tags=["gpu"])
+    e.add_machine("z9", "g2", ip="192.0.2.9", pool="linux")
+    e.add_machine("m4", "g2", ip="192.0.2.4")
+    failed = e.submit("ping", "a0")
+    e.ctl.finish(failed.id, TaskFailed("no reply"))
+    e.submit("reboot", "m4", "g2")  # running
+    for _ in range(2):
+        watcher.tracker.liveness(("g2", "z9"), False, "no reply")  # down
+    watcher.tracker.liveness(("g1", "m1"), True, "up")
+    watcher.tracker.liveness(("g2", "m3"), True, "up")
+    run(watcher._flush())
+    html = e.get("/").text
+    # problems first: z9 (down), a0 (its ping failed: liveness down), m4 (running) is not a problem
+    order = rows_of(html)
+    assert order[:2] == ["a0", "z9"] or order[:2] == ["z9", "a0"], order
+    assert order[2:] == ["m1", "m2", "m3", "m4"]  # the rest by name (group, then id)
+    assert "problems first" in html
+    assert rows_of(e.get("/?sort=health").text)[0] == "z9"
+    # the pool strip: per pool, each count a link to the machines counted
+    strip = html[html.index('id="pool-strip"'):html.index("</section>", html.index('id="pool-strip"'))]
+    assert '<a href="/?pool=linux"' in strip and '<a href="/?pool=mac"' in strip
+    assert 'href="/?pool=linux&amp;health=down" aria-label="1 down in linux">1</a>' in strip
+    assert 'href="/?pool=mac&amp;health=healthy" aria-label="1 healthy in mac">1</a>' in strip
+    assert rows_of(e.get("/?pool=linux&health=down").text) == ["z9"]
+    # tags
+    assert rows_of(e.get("/?tag=gpu").text) == ["a0", "m3"]
+    assert rows_of(e.get("/?tag=rack-4").text) == ["a0"]
+    assert rows_of(e.get("/?tag=rack").text) == []  # whole tags only
+    # every column header is a sort link
+    thead = html[html.index("<thead>", html.index('class="fleet"')):html.index("</thead>", html.index('class="fleet"'))]
+    assert thead.count("<a href=") == 10

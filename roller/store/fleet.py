@@ -2,7 +2,12 @@
 The fleet page's queries: every machine with its newest job in one
 statement (an index lookup per machine, not a scan of the job history),
 counts by state, filter values, and each machine's active loan and newest
-finished ping.  Read-only; the dashboard renders what they return.
+finished ping; the per-pool health strip.  Read-only; the dashboard renders
+what they return.
+
+The default order is "problems first" (L{PROBLEMS}): machines whose health
+is down or whose newest ping failed, then degraded or quarantined ones,
+then those whose last job failed, then the rest; by name within each.
 """
 
 from __future__ import annotations
@@ -31,18 +36,54 @@ _STATE_RANK = (
     "CASE j.state WHEN 'failed' THEN 0 WHEN 'timed_out' THEN 1 WHEN 'interrupted' THEN 2"
     " WHEN 'running' THEN 3 WHEN 'queued' THEN 4 WHEN 'cancelled' THEN 5 WHEN 'succeeded' THEN 6 ELSE 7 END"
 )
+#: the health state, newest finished ping state and active loan's expiry of machine m
+_HEALTH_OF = ("COALESCE((SELECT h.state FROM health h WHERE h.worker_group = m.worker_group"
+              " AND h.worker_id = m.worker_id), 'unknown')")
+_PING_OF = ("(SELECT p.state FROM jobs p WHERE p.worker_id = m.worker_id AND p.worker_group = m.worker_group"
+            " AND p.task_name = 'ping' AND p.state IN ('succeeded', 'failed', 'timed_out')"
+            " ORDER BY p.seq DESC LIMIT 1)")
+_LOAN_OF = ("(SELECT l.expires_at FROM loans l WHERE l.worker_group = m.worker_group"
+            " AND l.worker_id = m.worker_id AND l.returned_at IS NULL)")
+#: 0 down (health, or its newest ping failed outside maintenance and loans), 1 degraded or quarantined,
+#: 2 its last job failed, 3 the rest
+_PROBLEM_RANK = (
+    "CASE WHEN f.hs = 'down' OR (f.ps IN ('failed', 'timed_out') AND f.hs NOT IN ('maintenance', 'loaned'))"
+    " THEN 0 WHEN f.hs IN ('degraded', 'quarantined') THEN 1"
+    " WHEN j.state IN ('failed', 'timed_out', 'interrupted') THEN 2 ELSE 3 END"
+)
+_HEALTH_RANK = (
+    "CASE f.hs WHEN 'down' THEN 0 WHEN 'degraded' THEN 1 WHEN 'quarantined' THEN 2 WHEN 'maintenance' THEN 3"
+    " WHEN 'loaned' THEN 4 WHEN 'unknown' THEN 5 ELSE 6 END"
+)
+_ADDRESS = "COALESCE(f.ip, f.fqdn)"
+#: the default order
+PROBLEMS = "problems"
 #: sort name -> (label, primary ordering with {d} for the direction, default direction)
 SORTS: dict[str, tuple[str, str, str]] = {
+    PROBLEMS: ("problems first", _PROBLEM_RANK + " {d}", "asc"),
     "name": ("name", "f.worker_group {d}, f.worker_id {d}", "asc"),
+    "health": ("health (worst first)", _HEALTH_RANK + " {d}", "asc"),
+    "group": ("group", "f.worker_group {d}", "asc"),
     "pool": ("pool", "f.pool IS NULL, f.pool {d}", "asc"),
+    "address": ("address", f"{_ADDRESS} IS NULL, {_ADDRESS} {{d}}", "asc"),
+    "task": ("last job's task", "j.task_name IS NULL, j.task_name {d}", "asc"),
     "state": ("last job state (problems first)", _STATE_RANK + " {d}", "asc"),
     "last": ("last job time", f"{_WHEN} IS NULL, {_WHEN} {{d}}", "desc"),
+    "liveness": ("liveness (down first)",
+                 "CASE WHEN f.ps IS NULL THEN 2 WHEN f.ps = 'succeeded' THEN 1 ELSE 0 END {d}", "asc"),
+    "loan": ("loan (ending first)", "f.lu IS NULL, f.lu {d}", "asc"),
 }
+#: the sorts that need each machine's health, ping and loan (columns hs, ps, lu of the inner query)
+_NEEDS_EXTRAS = (PROBLEMS, "health", "liveness", "loan")
 FILTER_STATES = (*(s.value for s in State), NEVER)
 #: fleet health states (L{roller.health.model.Health}); a machine without a health row is unknown
 HEALTH_STATES = ("healthy", "degraded", "down", "unknown", "loaned", "quarantined", "maintenance")
-_HEALTH_OF = ("COALESCE((SELECT h.state FROM health h WHERE h.worker_group = m.worker_group"
-              " AND h.worker_id = m.worker_id), 'unknown')")
+#: liveness filter values: the newest finished ping succeeded, failed, or there is none
+LIVENESS_STATES = ("up", "down", "never")
+#: loan filter values: on loan (overdue or not), on loan past its end, not on loan
+LOAN_STATES = ("loaned", "overdue", "free")
+#: the pool strip's columns: health states, then machines running a job and machines on loan
+STRIP = ("healthy", "degraded", "down", "running", "loaned", "maintenance")
 
 
 @frozen
@@ -52,6 +93,13 @@ class FleetFilter:
     pool: str | None = None
     state: str | None = None  # a State value or NEVER
     health: str | None = None  # one of HEALTH_STATES
+    liveness: str | None = None  # one of LIVENESS_STATES
+    loan: str | None = None  # one of LOAN_STATES
+    tag: str | None = None  # machines carrying this tag
+
+    @property
+    def key(self) -> tuple[str | None, ...]:
+        return (self.q, self.group, self.pool, self.health, self.liveness, self.loan, self.tag)
 
 
 @frozen
@@ -146,6 +194,29 @@ def extras_of(c: Cursor, keys: list[tuple[str, str]]) -> dict[tuple[str, str], E
     return out
 
 
+def machine_where(f: FleetFilter, now: float | None = None) -> Where:
+    """The conditions on machine C{m} of a filter (all but its last-job state)."""
+    w = Where().equal("m.worker_group", f.group).equal("m.pool", f.pool)
+    w.contains(("m.worker_id", "m.fqdn", "m.ip"), f.q)
+    if f.health is not None:
+        w.add(f"{_HEALTH_OF} = ?", f.health)
+    if f.liveness == "up":
+        w.add(f"{_PING_OF} = 'succeeded'")
+    elif f.liveness == "down":
+        w.add(f"{_PING_OF} IN ('failed', 'timed_out')")
+    elif f.liveness == "never":
+        w.add(f"{_PING_OF} IS NULL")
+    if f.loan == "loaned":
+        w.add(f"{_LOAN_OF} IS NOT NULL")
+    elif f.loan == "free":
+        w.add(f"{_LOAN_OF} IS NULL")
+    elif f.loan == "overdue":
+        w.add(f"{_LOAN_OF} <= ?", now if now is not None else 0.0)
+    if f.tag is not None:
+        w.add("EXISTS (SELECT 1 FROM json_each(m.data, '$.tags') t WHERE t.value = ?)", f.tag)
+    return w
+
+
 @frozen
 class FleetPage:
     rows: list[FleetRow]
@@ -189,13 +260,14 @@ class FleetQueries:
         self._cache[key] = value
         return value
 
-    def page(self, f: FleetFilter, *, sort: str = "name", direction: str | None = None,
-             limit: int = 200, offset: int = 0) -> Deferred[FleetPage]:
+    def page(self, f: FleetFilter, *, sort: str = PROBLEMS, direction: str | None = None,
+             limit: int = 200, offset: int = 0, now: float | None = None) -> Deferred[FleetPage]:
         """
         One page of the fleet.  Results are cached until the next commit to
         the database (any job event, inventory change or import; see
         L{version}): a page viewed again, the state counts over the whole
-        fleet and the filter values cost one C{PRAGMA} until then.
+        fleet and the filter values cost one C{PRAGMA} until then.  C{now}
+        decides which loans are overdue (the C{loan="overdue"} filter).
         """
         if sort not in SORTS:
             raise ValueError(f"unknown sort {sort!r}")
@@ -203,24 +275,23 @@ class FleetQueries:
         d = (direction or default_dir).upper()
         if d not in ("ASC", "DESC"):
             raise ValueError(f"unknown direction {direction!r}")
-        w = Where().equal("m.worker_group", f.group).equal("m.pool", f.pool)
-        w.contains(("m.worker_id", "m.fqdn", "m.ip"), f.q)
-        if f.health is not None:
-            w.add(f"{_HEALTH_OF} = ?", f.health)
+        w = machine_where(f, now)
         cond, args = w.clause, w.args
-        base = (f"SELECT m.worker_group, m.worker_id, m.fqdn, m.ip, m.pool, {_LAST_SEQ} AS last_seq"
+        extras = (f", {_HEALTH_OF} AS hs, {_PING_OF} AS ps, {_LOAN_OF} AS lu" if sort in _NEEDS_EXTRAS else "")
+        base = (f"SELECT m.worker_group, m.worker_id, m.fqdn, m.ip, m.pool, {_LAST_SEQ} AS last_seq{extras}"
                 f" FROM machines m{cond}")
         cols = ("j.id AS job_id, j.task_name, j.state, j.created_at, j.started_at, j.finished_at, j.error,"
                 " j.result, j.requester")
-        if sort == "name" and f.state is None:
+        if sort in ("name", "group") and f.state is None:
             # Page through the primary key first; look up the newest job of
             # those machines only.
+            second = d if sort == "name" else "ASC"
             rows_sql = (
                 f"SELECT f.worker_group, f.worker_id, f.fqdn, f.ip, f.pool, {cols} FROM"
                 f" (SELECT m.worker_group, m.worker_id, m.fqdn, m.ip, m.pool FROM machines m{cond}"
-                f" ORDER BY m.worker_group {d}, m.worker_id {d} LIMIT ? OFFSET ?) f"
+                f" ORDER BY m.worker_group {d}, m.worker_id {second} LIMIT ? OFFSET ?) f"
                 f" LEFT JOIN jobs j ON j.seq = {_LAST_SEQ.replace('m.', 'f.')}"
-                f" ORDER BY f.worker_group {d}, f.worker_id {d}"
+                f" ORDER BY f.worker_group {d}, f.worker_id {second}"
             )
             rows_args = [*args, limit, offset]
         else:
@@ -234,7 +305,8 @@ class FleetQueries:
             rows_sql = (f"SELECT f.worker_group, f.worker_id, f.fqdn, f.ip, f.pool, {cols} FROM ({base}) f"
                         f" LEFT JOIN jobs j ON j.seq = f.last_seq{state_where} ORDER BY {order} LIMIT ? OFFSET ?")
             rows_args = [*args, *state_args, limit, offset]
-        filter_key = ("filter", f.q, f.group, f.pool, f.health)
+        base = (f"SELECT m.worker_group, m.worker_id, {_LAST_SEQ} AS last_seq FROM machines m{cond}")
+        filter_key = ("filter", *f.key, *args)
 
         def summary(c: Cursor) -> tuple[dict[str, int], list[str], list[str]]:
             counts = {
@@ -273,6 +345,36 @@ class FleetQueries:
             rows = self._cached(c, ("rows", rows_sql, *rows_args), lambda: fetch_rows(c))
             total = counts.get(f.state, 0) if f.state is not None else sum(counts.values())
             return FleetPage(rows=rows, total=total, counts=counts, groups=groups, pools=pools)
+
+        return self.db.read(run)
+
+    def pools(self) -> Deferred[dict[str, dict[str, int]]]:
+        """
+        The pool strip: for each pool (machines without one are left out),
+        how many machines are in each health state and how many are on loan
+        (C{"loaned"}: an active loan, whatever the health watcher says).
+        Cached until the next commit, like L{page}.
+        """
+        sql = ("SELECT m.pool, COALESCE(h.state, 'unknown'), count(*), count(l.id) FROM machines m"
+               " LEFT JOIN health h ON h.worker_group = m.worker_group AND h.worker_id = m.worker_id"
+               " LEFT JOIN loans l ON l.worker_group = m.worker_group AND l.worker_id = m.worker_id"
+               " AND l.returned_at IS NULL WHERE m.pool IS NOT NULL GROUP BY 1, 2 ORDER BY 1")
+
+        def compute(c: Cursor) -> dict[str, dict[str, int]]:
+            out: dict[str, dict[str, int]] = {}
+            for pool, state, n, loaned in c.execute(sql):
+                counts = out.setdefault(pool, {"total": 0, "loaned_now": 0})
+                counts[state] = counts.get(state, 0) + n
+                counts["total"] += n
+                counts["loaned_now"] += loaned
+            return out
+
+        def run(c: Cursor) -> dict[str, dict[str, int]]:
+            version = self.version(c)
+            if version != self._version:
+                self._cache.clear()
+                self._version = version
+            return self._cached(c, ("pools",), lambda: compute(c))
 
         return self.db.read(run)
 

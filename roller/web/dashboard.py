@@ -72,14 +72,26 @@ from roller.inventory import TAG_RE, Machine, valid_worker_id
 from roller.jobs import Job, JobEvent, State, iso
 from roller.queue import JobQueue
 from roller.store import AuditEntry, Store, StoreError
-from roller.store.fleet import FILTER_STATES, HEALTH_STATES, SORTS, FleetFilter, FleetPage, FleetQueries
+from roller.store.fleet import (
+    FILTER_STATES,
+    HEALTH_STATES,
+    LIVENESS_STATES,
+    LOAN_STATES,
+    PROBLEMS,
+    SORTS,
+    STRIP,
+    FleetFilter,
+    FleetPage,
+    FleetQueries,
+)
 from roller.tasks import TaskRegistry
 from roller.web import history_html, stats_html
-from roller.web.batches_html import MEMBERS_SHOWN, filter_selector, form_request, limit_fields, pool_rows
+from roller.web.batches_html import FILTER_FIELDS, MEMBERS_SHOWN, filter_selector, form_request, limit_fields, pool_rows
 from roller.web.events import EventHub
-from roller.web.fleet_html import RowCache, fleet_rows_html
+from roller.web.fleet_html import RowCache, fleet_rows_html, pool_strip
 from roller.web.http import query_arg
 from roller.web.proxy import client_ip, parse_trusted_proxies
+from roller.web.times import utc
 
 __all__ = [
     "CsrfError",
@@ -298,6 +310,7 @@ def template_environment(templates_dir: str | None = None,
     env.filters["iso"] = iso
     env.filters["duration"] = duration
     env.filters["hms"] = lambda ts: datetime.fromtimestamp(ts, UTC).strftime("%H:%M:%S")
+    env.filters["utc"] = utc
     env.filters["compact_json"] = lambda v: json.dumps(v, sort_keys=True, separators=(", ", ": "))
     env.globals["machine_url"] = machine_url
     env.globals["job_url"] = job_url
@@ -696,8 +709,15 @@ class Dashboard:
         viewer = await self._viewer(request)
         group, pool, state = _arg(request, "group"), _arg(request, "pool"), _arg(request, "state")
         q, health = _arg(request, "q"), _arg(request, "health")
+        liveness, loan, tag = _arg(request, "liveness"), _arg(request, "loan"), _arg(request, "tag")
         if health is not None and health not in HEALTH_STATES:
             raise BadRequest(f"health must be one of {', '.join(HEALTH_STATES)}")
+        if liveness is not None and liveness not in LIVENESS_STATES:
+            raise BadRequest(f"liveness must be one of {', '.join(LIVENESS_STATES)}")
+        if loan is not None and loan not in LOAN_STATES:
+            raise BadRequest(f"loan must be one of {', '.join(LOAN_STATES)}")
+        if tag is not None and not TAG_RE.fullmatch(tag):
+            raise BadRequest("tag must be a tag (letters, digits and -_.:/)")
         if group is not None and not valid_worker_id(group):
             raise BadRequest("group must be a worker group name (letters, digits, '-' and '_')")
         if pool is not None and not TAG_RE.fullmatch(pool):
@@ -706,7 +726,7 @@ class Dashboard:
             raise BadRequest(f"state must be one of {', '.join(FILTER_STATES)}")
         if q is not None and len(q) > 200:
             raise BadRequest("the search text must be at most 200 characters")
-        sort = _arg(request, "sort") or "name"
+        sort = _arg(request, "sort") or PROBLEMS
         if sort not in SORTS:
             raise BadRequest(f"sort must be one of {', '.join(SORTS)}")
         direction = _arg(request, "dir") or SORTS[sort][2]
@@ -716,9 +736,11 @@ class Dashboard:
         if not _INT.fullmatch(raw_page) or int(raw_page) < 1:
             raise BadRequest("page must be a number from 1")
         page_no = int(raw_page)
-        filt = FleetFilter(q=q, group=group, pool=pool, state=state, health=health)
+        now = self.clock.seconds()
+        filt = FleetFilter(q=q, group=group, pool=pool, state=state, health=health, liveness=liveness, loan=loan,
+                           tag=tag)
         page = await self.fleet.page(filt, sort=sort, direction=direction, limit=self.page_size,
-                                     offset=(page_no - 1) * self.page_size)
+                                     offset=(page_no - 1) * self.page_size, now=now)
         rows = []
         for row in page.rows:
             state_now = row.last.state if row.last else None
@@ -727,8 +749,10 @@ class Dashboard:
                 if active is not None:
                     state_now = active.state.value
             rows.append((row, state_now))
-        params = {k: v for k, v in (("q", q), ("group", group), ("pool", pool), ("state", state), ("health", health),
-                                    ("sort", None if sort == "name" else sort),
+        filter_values = {"q": q, "group": group, "pool": pool, "state": state, "health": health,
+                         "liveness": liveness, "loan": loan, "tag": tag}
+        params = {k: v for k, v in (*filter_values.items(),
+                                    ("sort", None if sort == PROBLEMS else sort),
                                     ("dir", None if direction == SORTS[sort][2] else direction)) if v}
 
         def link(**changes: Any) -> str:
@@ -739,28 +763,49 @@ class Dashboard:
         def sort_link(key: str) -> str:
             default = SORTS[key][2]
             new = ("desc" if direction == "asc" else "asc") if key == sort else default
-            return link(sort=None if key == "name" else key, dir=None if new == default else new, page=None)
+            return link(sort=None if key == PROBLEMS else key, dir=None if new == default else new, page=None)
 
         def aria_sort(key: str) -> str | None:
             return None if key != sort else ("ascending" if direction == "asc" else "descending")
 
         pages = max(1, -(-page.total // self.page_size))
-        now = self.clock.seconds()
         batch_tasks = self._batch_tasks(viewer)
-        filter_values = {"q": q, "group": group, "pool": pool, "state": state, "health": health}
+        running_jobs = self.queue.running()
+        stream_url = None
+        if self.hub is not None:
+            stream_url = "/events?" + urlencode({"kinds": "state", "after": self.hub.last_id})
         return self.render(
             request, "fleet.html", viewer, section="fleet", rows=rows, page=page, filt=filt, sort=sort,
             direction=direction, sorts=SORTS, states=FILTER_STATES, page_no=page_no, pages=pages,
             page_size=self.page_size, link=link, sort_link=sort_link, aria_sort=aria_sort,
             rows_html=fleet_rows_html(rows, lambda ts: ago(ts, now), self.fleet_rows, now=now,
                                       pick=bool(batch_tasks)),
-            batch_tasks=batch_tasks, batch_filter=[(k, v) for k, v in filter_values.items() if v],
-            filter_active=bool(filter_selector(filter_values)),
-            running=len(self.queue.running()), queued=self.queue.depth,
-            machine_total=sum(page.counts.values()), health_states=HEALTH_STATES,
+            batch_tasks=batch_tasks,
+            batch_filter=[(k, v) for k, v in filter_values.items() if v and k in FILTER_FIELDS],
+            # "select all matching" only for filters a batch selector says the same way
+            filter_active=bool(filter_selector(filter_values)) and not (liveness or loan or tag),
+            filtered=any(filter_values.values()),
+            running=len(running_jobs), queued=self.queue.depth, stream_url=stream_url,
+            pool_strip=pool_strip(await self.fleet.pools(), self._running_by_pool(running_jobs)),
+            machine_total=sum(page.counts.values()), health_states=HEALTH_STATES, strip_columns=STRIP,
+            liveness_states=LIVENESS_STATES, loan_states=LOAN_STATES, default_sort=PROBLEMS,
+            history_since=iso(now - 86400)[:19] + "Z",
             health=self.health, may_admin_health=viewer.may(self.scope_prefix + "health:admin"),
             sparkline=await stats_html.fleet_sparkline(self),
         )
+
+    def _running_by_pool(self, running: list[Job]) -> dict[str, int]:
+        """Machines running a job now, by pool (from the queue: what runs this very moment)."""
+        out: dict[str, int] = {}
+        seen: set[tuple[str, str]] = set()
+        for job in running:
+            key = (job.worker_group, job.worker_id)
+            machine = self.store.machines.cached(key)
+            if key in seen or machine is None or not machine.pool:
+                continue
+            seen.add(key)
+            out[machine.pool] = out.get(machine.pool, 0) + 1
+        return out
 
     @app.route("/machines/<worker_group>/<worker_id>", methods=["GET"])
     async def machine_page(self, request: IRequest, worker_group: str, worker_id: str) -> bytes:

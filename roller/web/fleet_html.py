@@ -22,12 +22,14 @@ import re
 from collections.abc import Callable, Iterable
 from urllib.parse import quote
 
+from attrs import frozen
 from markupsafe import Markup, escape
 
 from roller.jobs import iso
-from roller.store.fleet import FleetRow
+from roller.store.fleet import STRIP, FleetRow
+from roller.web.times import utc
 
-__all__ = ["RowCache", "fleet_rows_html", "truncate"]
+__all__ = ["PoolRow", "RowCache", "fleet_rows_html", "pool_strip", "truncate"]
 
 #: a row's HTML up to its state badge (after its "<tr>" and selection cell), the "when" <time> opening,
 #: its time, the error line, the liveness cell's opening and its time, and its selection cell
@@ -69,7 +71,7 @@ def _liveness(row: FleetRow) -> tuple[str, float | None]:
     word = "up" if live.up else "down"
     title = _h(truncate(live.detail, 120)) if live.detail else word
     return (f'<a href="/jobs/{_q(live.job_id)}" class="live live-{word}" title="{title}">{word}</a> '
-            f'<time datetime="{stamp}" title="{stamp}">'), live.at
+            f'<time datetime="{stamp}" data-relative title="{utc(live.at)}">'), live.at
 
 
 def _loan(row: FleetRow, now: float | None) -> str:
@@ -80,7 +82,8 @@ def _loan(row: FleetRow, now: float | None) -> str:
     overdue = now is not None and loan.overdue(now)
     status = '<strong class="overdue">overdue</strong> ' if overdue else ""
     return (f'<span class="loan{" loan-overdue" if overdue else ""}">{status}{_h(loan.borrower)} until '
-            f'<time datetime="{stamp}">{stamp[:10]}</time></span>')
+            f'<time datetime="{stamp}" data-format="date" title="{utc(loan.expires_at)}">'
+            f'{utc(loan.expires_at, "date")}</time></span>')
 
 
 def _parts(row: FleetRow) -> _Parts:
@@ -100,7 +103,7 @@ def _parts(row: FleetRow) -> _Parts:
     stamp = iso(ts)
     error = f'<p class="error-line">{escape(truncate(last.error))}</p>' if last.error else ""
     return (f'{head}<a href="/jobs/{_q(last.id)}">{_h(last.task_name)}</a></td>\n<td>',
-            f'<time datetime="{stamp}" title="{stamp}">', ts, error, live_open, live_ts, pick)
+            f'<time datetime="{stamp}" data-relative title="{utc(ts)}">', ts, error, live_open, live_ts, pick)
 
 
 class RowCache:
@@ -175,3 +178,35 @@ def fleet_rows_html(rows: Iterable[tuple[FleetRow, str | None]], ago: Callable[[
                 error = ""
             out.append(f"{head}{badge}{error}</td>\n<td>{time_open}{ago(ts)}</time></td>\n{tail}")
     return Markup("".join(out))
+
+
+@frozen
+class PoolRow:
+    """One pool of the fleet page's strip: its machines, and how many are in each of L{STRIP}."""
+
+    pool: str
+    total: int
+    counts: dict[str, int]
+
+    def query(self, column: str) -> dict[str, str]:
+        """The fleet filter that lists the machines counted in C{column}."""
+        if column == "running":
+            return {"pool": self.pool, "state": "running"}
+        if column == "loaned":
+            return {"pool": self.pool, "loan": "loaned"}
+        return {"pool": self.pool, "health": column}
+
+
+def pool_strip(pools: dict[str, dict[str, int]], running: dict[str, int]) -> list[PoolRow]:
+    """
+    The strip's rows from L{roller.store.fleet.FleetQueries.pools} and the
+    machines running a job now by pool: health counts as recorded, "loaned"
+    the machines with an active loan, "running" those the queue runs a job on.
+    """
+    out = []
+    for pool, counts in pools.items():
+        row = {c: counts.get(c, 0) for c in STRIP}
+        row["loaned"] = counts.get("loaned_now", 0)
+        row["running"] = running.get(pool, 0)
+        out.append(PoolRow(pool, counts.get("total", 0), row))
+    return out
