@@ -1,0 +1,163 @@
+"""
+The job history's queries (the dashboard's C{/jobs} page): every job,
+newest first, filtered and paged by keyset.
+
+A page is C{seq < before} (the last row's C{seq} of the previous page), so
+going older never counts or skips rows, whatever arrives meanwhile.  The
+time range is on C{created_at}; jobs are numbered in the order they were
+requested, so a time bound becomes a C{seq} bound by a binary search over
+the primary key (L{first_seq_at}: a few dozen index probes, whatever the
+size of the history).
+
+Filters an index answers (a machine, a batch, states alone) are one
+statement.  Others (task, pool, group, requester) walk C{seq} backwards in
+spans of L{SPAN} jobs and look at no more than C{max_scan} jobs per page:
+when a rare filter has not filled the page by then, the page says how far
+back it looked and its "older" cursor continues from there.  So no page
+ever reads the whole history.
+"""
+
+from __future__ import annotations
+
+from attrs import frozen
+from twisted.internet.defer import Deferred
+
+from roller.jobs import Job
+from roller.store import Store
+from roller.store.db import Cursor
+from roller.store.jobs import _COLUMNS, _job
+from roller.store.where import Where
+
+__all__ = ["JobQuery", "HistoryPage", "HistoryQueries", "first_seq_at", "SPAN"]
+
+#: jobs looked at per statement when a filter has no index
+SPAN = 20_000
+
+
+@frozen
+class JobQuery:
+    """What the C{/jobs} page asks for; C{None} (or empty) is no filter."""
+
+    states: tuple[str, ...] = ()
+    task: str | None = None
+    pool: str | None = None
+    group: str | None = None
+    worker: str | None = None
+    requester: str | None = None
+    batch: str | None = None
+    since: float | None = None  # created_at >= since
+    until: float | None = None  # created_at < until
+    before: int | None = None  # the keyset cursor: seq < before
+
+    @property
+    def indexed(self) -> bool:
+        """Whether one index answers the filters (no bounded walk needed)."""
+        if self.batch is not None or (self.worker is not None and self.group is not None):
+            return True
+        others = (self.task, self.pool, self.group, self.worker, self.requester)
+        return all(v is None for v in others)
+
+
+@frozen
+class HistoryPage:
+    """
+    @ivar jobs: newest first, at most the limit asked for.
+    @ivar older: the cursor of the next (older) page, or None at the end.
+    @ivar searched_to: when the page stopped short (a filter without an
+        index, L{HistoryQueries.page}'s C{max_scan}), the time the walk
+        reached; None when the page is complete.
+    """
+
+    jobs: list[Job]
+    older: int | None
+    searched_to: float | None = None
+
+
+def first_seq_at(c: Cursor, when: float, lo: int | None = None, hi: int | None = None) -> int:
+    """
+    The C{seq} of the first job requested at or after C{when} (one past the
+    newest if there is none): a binary search over the primary key, which
+    assumes C{created_at} grows with C{seq} (jobs are numbered as they are
+    requested).
+    """
+    if lo is None or hi is None:
+        row = c.execute("SELECT min(seq), max(seq) FROM jobs").fetchone()
+        if row is None or row[0] is None:
+            return 1
+        lo, hi = row[0], row[1] + 1
+    probe = "SELECT seq, created_at FROM jobs WHERE seq >= ? ORDER BY seq LIMIT 1"
+    while lo < hi:
+        mid = (lo + hi) // 2
+        r = c.execute(probe, (mid,)).fetchone()
+        if r is None:
+            hi = mid
+        elif r[1] >= when:
+            hi = mid
+        else:
+            lo = r[0] + 1
+    return lo
+
+
+def _where(q: JobQuery) -> Where:
+    w = Where()
+    w.one_of("state", q.states)
+    w.equal("task_name", q.task)
+    w.equal("worker_group", q.group)
+    w.equal("worker_id", q.worker)
+    w.equal("requester", q.requester)
+    w.equal("batch_id", q.batch)
+    if q.pool is not None:
+        w.add("EXISTS (SELECT 1 FROM machines m WHERE m.worker_group = jobs.worker_group"
+              " AND m.worker_id = jobs.worker_id AND m.pool = ?)", q.pool)
+    if q.since is not None:
+        w.add("created_at >= ?", q.since)
+    if q.until is not None:
+        w.add("created_at < ?", q.until)
+    return w
+
+
+def history_page(c: Cursor, q: JobQuery, limit: int, max_scan: int) -> HistoryPage:
+    """L{HistoryQueries.page} on a cursor."""
+    bounds = c.execute("SELECT min(seq), max(seq) FROM jobs").fetchone()
+    if bounds is None or bounds[0] is None:
+        return HistoryPage([], None)
+    lo_all, hi_all = bounds[0], bounds[1] + 1
+    hi = hi_all if q.before is None else min(q.before, hi_all)
+    if q.until is not None:
+        hi = min(hi, first_seq_at(c, q.until, lo_all, hi_all))
+    lo = lo_all if q.since is None else first_seq_at(c, q.since, lo_all, hi_all)
+    w = _where(q)
+    select = f"SELECT seq, {_COLUMNS} FROM jobs{w.clause}{' AND' if w.conditions else ' WHERE'}" \
+             " seq < ? AND seq >= ? ORDER BY seq DESC LIMIT ?"
+    rows: list[Job] = []
+    if q.indexed:
+        rows = [_job(r) for r in c.execute(select, [*w.args, hi, lo, limit + 1])]
+        cursor = lo
+    else:
+        cursor, scanned = hi, 0
+        while len(rows) <= limit and cursor > lo and scanned < max_scan:
+            start = max(lo, cursor - min(SPAN, max_scan - scanned))
+            rows += [_job(r) for r in c.execute(select, [*w.args, cursor, start, limit + 1 - len(rows)])]
+            scanned += cursor - start
+            cursor = start
+    if len(rows) > limit:
+        return HistoryPage(rows[:limit], rows[limit - 1].seq)
+    if cursor > lo:  # stopped short: say how far back it looked, and continue from there
+        r = c.execute("SELECT created_at FROM jobs WHERE seq >= ? ORDER BY seq LIMIT 1", (cursor,)).fetchone()
+        return HistoryPage(rows, cursor, None if r is None else r[0])
+    return HistoryPage(rows, None)
+
+
+class HistoryQueries:
+    """The C{/jobs} page's reads, on the store's reader connections."""
+
+    def __init__(self, store: Store):
+        self._db = store.db
+
+    def page(self, q: JobQuery, *, limit: int = 100, max_scan: int = 200_000) -> Deferred[HistoryPage]:
+        """
+        The jobs matching C{q}, newest first: at most C{limit}, looking at
+        no more than C{max_scan} jobs when a filter has no index.
+        """
+        return self._db.read(history_page, q, limit, max_scan)
+
