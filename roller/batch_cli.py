@@ -245,8 +245,14 @@ class LocalBackend:
         self.queue: Any = None
         self.service: Any = None
         self.tasks: Any = None
+        self._lock: Any = None
 
-    async def open(self) -> LocalBackend:
+    async def open(self, action: str = "show", batch_id: str | None = None) -> LocalBackend:
+        """
+        Open the store; to create or cancel a batch, first take the
+        database's lock: a roller serving it would run the same machines'
+        jobs beside this process, so that is refused (C{--url} runs it there).
+        """
         from roller.batches.service import BatchService, rollout_defaults
         from roller.drivers.registry import make_drivers
         from roller.queue import JobQueue
@@ -256,14 +262,21 @@ class LocalBackend:
         from roller.tasks import builtin_tasks
 
         s = self.settings
+        if action in ("create", "cancel"):
+            from roller.store.sqlite import DatabaseInUse, acquire_lock
+
+            try:
+                self._lock = acquire_lock(s.db_path, "roller batch")
+            except DatabaseInUse as e:
+                raise BatchCliError(f"{e}: to {action} a batch on the roller serving it, pass --url URL") from None
         self.store = await open_store(s.db_path, self.reactor, synchronous=s.db_synchronous.upper())
         self.tasks = builtin_tasks()
         self.queue = JobQueue(self.store, self.tasks, self.reactor, limits=queue_limits(s), settings=s,
                               secrets=load_secrets(s.secrets_file), drivers=make_drivers(self.reactor, s))
         self.service = BatchService(self.store, self.queue, self.tasks, self.reactor, defaults=rollout_defaults(s))
-        # like `roller run`, the queue does not take over the database's queued jobs (a roller may be
-        # serving it); the service does resume batches left unfinished in it (in process, run earlier)
-        await self.service.start()
+        # like `roller run`, the queue does not take over the database's queued jobs, and the service
+        # follows only the batch it creates (or the one it cancels), not other unfinished ones
+        await self.service.start(resume=[batch_id] if action == "cancel" and batch_id else False)
         return self
 
     def _request(self, body: dict[str, Any]) -> Any:
@@ -326,6 +339,9 @@ class LocalBackend:
             self.service.close()
         if self.store is not None:
             await self.store.close()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
 
 # ---------------------------------------------------------------- output
@@ -540,7 +556,7 @@ async def cmd_batch(reactor: IRollerReactor, settings: Settings, args: argparse.
         backend = LocalBackend(reactor, settings)
     try:
         if isinstance(backend, LocalBackend):
-            await backend.open()
+            await backend.open(action if action != "create" or not args.dry_run else "show", args.batch_id)
         if action == "show":
             view = await backend.view(args.batch_id)
             _print_view(view, args, out)

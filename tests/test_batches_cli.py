@@ -10,6 +10,7 @@ flags as one readable line.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import select
@@ -353,6 +354,46 @@ def test_in_process_ctrl_c_cancels_the_batch(env: Env, local_db: Path) -> None:
     assert re.search(rf"batch {m.group(1)} cancelled: .*skipped", rest), rest
     shown = env.run("show", m.group(1), url=False, state_dir=local_db)
     assert f"batch {m.group(1)}: cancelled" in shown.stdout
+
+
+def test_in_process_refuses_a_database_a_roller_serves(env: Env, local_db: Path) -> None:
+    from roller.store.sqlite import acquire_lock
+
+    lock = acquire_lock(str(local_db / "roller.db"), "a roller")  # what a running roller holds
+    try:
+        for args in (["reboot", "--pool", "p2", "--yes"], ["cancel", "0" * 8 + "-0000-7000-8000-" + "0" * 12]):
+            r = env.run(*args, url=False, state_dir=local_db)
+            line = _one_line_error(r, "in use by a roller", "--url")
+            assert str(os.getpid()) in line
+        dry = env.run("reboot", "--pool", "p2", "--dry-run", url=False, state_dir=local_db)
+        assert dry.returncode == 0 and "4 machine(s)" in dry.stdout, (dry.stdout, dry.stderr)
+    finally:
+        lock.release()
+
+
+def test_in_process_batch_leaves_other_unfinished_batches_alone(env: Env, local_db: Path) -> None:
+    # a batch left unfinished in the database (its roller stopped before starting any member): a
+    # later `roller batch` in process runs its own batch only and starts none of the other's members
+    from roller.batches.model import Batch, Limit, Member, Rollout, Selector
+
+    other = "01900000-0000-7000-8000-000000000001"
+    group = env.fleet.inventory()[0]["worker_group"]
+    batch = Batch(id=other, task_name="ping", selector=Selector(pool="p1"), rollout=Rollout(max_concurrent=Limit(4)),
+                  created_at=time.time(), requester="alice", origin_ip="127.0.0.1", params={}, reason="",
+                  priority=50, total=4)
+    store, _ = sync_store(str(local_db / "roller.db"))
+    try:
+        result_of(store.batches.insert(batch, [Member(other, i, group, w, pool="p1")
+                                               for i, w in enumerate(POOLS["p1"])], pool_sizes={"p1": 4}))
+    finally:
+        result_of(store.close())
+    mine = env.run("reboot", "--pool", "p2", "--yes", url=False, state_dir=local_db)
+    assert mine.returncode == 0, (mine.stdout, mine.stderr)
+    shown = env.run("show", other, "--json", url=False, state_dir=local_db)
+    assert shown.returncode == 0, (shown.stdout, shown.stderr)
+    view = json.loads(shown.stdout)
+    assert view["state"] == "running" and view["counts"].get("pending") == 4, view["counts"]
+    assert all(m["task_id"] is None for m in view["members"]), view["members"]
 
 
 def test_actions_prints_a_hook_that_creates_the_batch(env: Env) -> None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import builtins
 from collections import Counter, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any, Protocol
 
 from attrs import define, evolve, field, frozen
@@ -152,11 +152,17 @@ class BatchService:
 
     # -- lifecycle
 
-    async def start(self) -> None:
-        """After C{queue.start()}: resume the unfinished batches, within their limits."""
+    async def start(self, *, resume: bool | Collection[str] = True) -> None:
+        """
+        After C{queue.start()}: resume the unfinished batches, within their
+        limits; C{resume} false: none (only the batches created here are
+        followed), a collection of batch ids: only those.
+        """
         for job in [*self.queue.queued(), *self.queue.running()]:
             self._track_destructive(job)
-        records = await self.store.batches.unfinished()
+        records = await self.store.batches.unfinished() if resume else []
+        if not isinstance(resume, bool):
+            records = [r for r in records if r.batch.id in resume]
         jobs = await self.store.jobs.jobs_of_batches([r.batch.id for r in records]) if records else []
         own: dict[tuple[str, tuple[str, str]], list[Job]] = {}
         for job in jobs:
