@@ -28,6 +28,7 @@ from roller.store.db import Database
 from roller.store.stats import FAILED, Buckets, StatsQueries, WeekStats
 from roller.web import charts
 from roller.web.charts import HBar, Series
+from roller.web.times import utc
 
 if TYPE_CHECKING:
     from roller.web.dashboard import Dashboard
@@ -107,14 +108,19 @@ def _series(b: Buckets, keys: tuple[str, ...] = STATES) -> list[Series]:
     return [Series(k, k.replace("_", " "), tuple(float(v) for v in b.counts[k])) for k in present]
 
 
-def _table(b: Buckets, series: list[Series], fmt: str) -> dict[str, Any]:
-    """A chart's table alternative: one row per bucket (start time, each series, total)."""
+def _table(b: Buckets, series: list[Series]) -> dict[str, Any]:
+    """
+    A chart's table alternative: one row per bucket (its start as a
+    C{<time>} in L{roller.web.times}' "datetime" or "date" format, each
+    series, the total).
+    """
+    fmt = "date" if b.width >= 86400 else "datetime"
     rows = []
     for i in range(b.n):
         start = b.since + i * b.width
-        rows.append({"iso": iso(start), "text": _utc(start, fmt), "values": [int(s.values[i]) for s in series],
-                     "total": b.total(i)})
-    return {"columns": [s.label for s in series], "rows": rows,
+        rows.append({"iso": iso(start), "text": utc(start, fmt), "title": utc(start),
+                     "values": [int(s.values[i]) for s in series], "total": b.total(i)})
+    return {"columns": [s.label for s in series], "rows": rows, "format": fmt,
             "totals": [int(sum(s.values)) for s in series], "total": sum(b.totals)}
 
 
@@ -127,7 +133,7 @@ def day_chart(b: Buckets, chart_id: str = "jobs-24h") -> tuple[Markup, dict[str,
             + (": " + ", ".join(f"{int(sum(s.values))} {s.label}" for s in series) if series else "") + ".")
     svg = charts.stacked_bars(chart_id, "Jobs per hour by final state, last 24 hours (UTC)", desc, labels,
                               series, bar_titles=titles)
-    return svg, {**_table(b, series, "%d %b %H:00"), "desc": desc}
+    return svg, {**_table(b, series), "desc": desc}
 
 
 def week_chart(b: Buckets) -> tuple[Markup, dict[str, Any]]:
@@ -142,7 +148,7 @@ def week_chart(b: Buckets) -> tuple[Markup, dict[str, Any]]:
     days = b.n // 24
     day = Buckets(b.since, 86400, days, {k: tuple(sum(v[d * 24:(d + 1) * 24]) for d in range(days))
                                          for k, v in b.counts.items()})
-    return svg, {**_table(day, _series(day), "%a %d %b"), "desc": desc}
+    return svg, {**_table(day, _series(day)), "desc": desc}
 
 
 def pools_chart(week: WeekStats, since: float) -> tuple[Markup, list[dict[str, Any]]]:
@@ -199,7 +205,7 @@ def remediations_chart(b: Buckets) -> tuple[Markup, dict[str, Any]]:
             f"{int(sum(series[1].values))} dry runs over {b.n} days.")
     svg = charts.stacked_bars("remediations", f"Remediations per day, last {b.n} days (UTC)", desc, labels,
                               series, height=200)
-    return svg, {**_table(b, series, "%a %d %b"), "desc": desc}
+    return svg, {**_table(b, series), "desc": desc}
 
 
 async def _compute(dashboard: Dashboard, now: float) -> dict[str, Any]:
