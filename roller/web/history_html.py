@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 __all__ = ["PAGE_SIZE", "STATES", "jobs_page", "parse_query", "parse_time"]
 
 PAGE_SIZE = 100
+#: jobs looked at, at most, per page of a filter without an index (L{roller.store.history})
+MAX_SCAN = 200_000
 STATES = tuple(s.value for s in State)
 _TASK = re.compile(r"[-_.0-9A-Za-z]{1,64}")
 _BATCH = re.compile(r"[-_0-9A-Za-z]{1,64}")
@@ -153,7 +155,7 @@ def _summary(q: JobQuery, pairs: list[tuple[str, str]]) -> str:
 async def jobs_page(dashboard: Dashboard, request: IRequest, viewer: Viewer) -> bytes:
     """The C{/jobs} page."""
     q = parse_query(request)
-    page = await HistoryQueries(dashboard.store).page(q, limit=PAGE_SIZE)
+    page = await HistoryQueries(dashboard.store).page(q, limit=PAGE_SIZE, max_scan=MAX_SCAN)
     jobs = [dashboard.queue.active(j.id) or j for j in page.jobs]
     pairs = _filters(request, q)
     older = None
