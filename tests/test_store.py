@@ -1,9 +1,10 @@
 """
 The contract suite for L{roller.store}.
 
-Every contract test runs on real SQLite, never a mock, twice: on an
-in-memory database and on a database file in C{tmp_path}, both through
-L{roller.testing.syncdb.sync_store} (the adbapi pool answers at once, so
+Every contract test runs on real databases, never a mock, three times: on
+an in-memory SQLite database, on a SQLite file in C{tmp_path} and on a
+database of its own on a real PostgreSQL server (L{roller.testing.postgres},
+one server for the session), all through L{roller.testing.syncdb.sync_store} (the adbapi pool answers at once, so
 results are checked synchronously).  A few tests use a pool whose "thread"
 work is held until the test releases it, to pin down group commit
 deterministically; the rest of the concurrency and durability checks run
@@ -28,7 +29,9 @@ from roller.errors import Conflict
 from roller.inventory import Machine
 from roller.jobs import Job, JobEvent, State, new_job_id
 from roller.store import AuditEntry, Store, StoreError, open_store
+from roller.store.db import integrity_errors
 from roller.store.schema import MIGRATIONS
+from roller.testing.postgres import PostgresServer, pg_rows, postgres_server  # noqa: F401 -- a fixture
 from roller.testing.results import failure_of, has_no_result, result_of
 from roller.testing.syncdb import SyncClock, sync_database, sync_store
 
@@ -127,7 +130,9 @@ def held_store(path: str) -> tuple[Store, HeldThreadPool, SyncClock]:
 
 
 def sqlite_rows(path: str, sql: str, *args: Any) -> list[tuple]:
-    """Ask a separate, plain sqlite3 connection."""
+    """Ask a separate, plain sqlite3 (or psycopg, for a URL) connection."""
+    if path.startswith("postgresql://"):
+        return pg_rows(path, sql, *args)
     conn = sqlite3.connect(path)
     try:
         return conn.execute(sql, args).fetchall()
@@ -145,20 +150,56 @@ class Opened:
 
     @property
     def is_file(self) -> bool:
+        """A SQLite file."""
+        return self.path != ":memory:" and not self.is_postgresql
+
+    @property
+    def is_postgresql(self) -> bool:
+        return self.path.startswith("postgresql://")
+
+    @property
+    def durable(self) -> bool:
+        """What a reopened store finds again."""
         return self.path != ":memory:"
 
     def reopen(self) -> Store:
-        assert self.is_file
+        assert self.durable
         result_of(self.store.close())
         self.store, self.clock = sync_store(self.path)
         return self.store
 
 
-@pytest.fixture(params=["memory", "file"])
+def database(kind: str, request: pytest.FixtureRequest, tmp_path: Path, name: str = "roller.db") -> str:
+    """Where a test's database is, for each engine: memory, file (SQLite) or postgresql (a new database)."""
+    if kind == "memory":
+        return ":memory:"
+    if kind == "postgresql":
+        server: PostgresServer = request.getfixturevalue("postgres_server")
+        return server.create_database()
+    return str(tmp_path / name)
+
+
+ENGINES = ["memory", "file", "postgresql"]
+
+
+@pytest.fixture(params=ENGINES)
 def opened(request: pytest.FixtureRequest, tmp_path: Path):
-    o = Opened(":memory:" if request.param == "memory" else str(tmp_path / "roller.db"))
+    o = Opened(database(request.param, request, tmp_path))
     yield o
     result_of(o.store.close())
+
+
+@pytest.fixture(params=["memory", "file"])
+def sqlite_opened(request: pytest.FixtureRequest, tmp_path: Path):
+    o = Opened(database(request.param, request, tmp_path))
+    yield o
+    result_of(o.store.close())
+
+
+@pytest.fixture(params=["file", "postgresql"])
+def durable_path(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A SQLite file or a PostgreSQL database: what survives closing the store."""
+    return database(request.param, request, tmp_path, "r.db")
 
 
 @pytest.fixture
@@ -190,9 +231,9 @@ def test_fresh_database_is_at_the_latest_version(store: Store) -> None:
     assert schema_version(store) == len(MIGRATIONS)
     rows = result_of(store.db.read(lambda c: c.execute("SELECT count(*) FROM schema_version").fetchone()[0]))
     assert rows == 1
-    tables = result_of(store.db.read(
-        lambda c: {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    ))
+    sql = ("SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'"
+           if store.db.dialect.postgresql else "SELECT name FROM sqlite_master WHERE type = 'table'")
+    tables = result_of(store.db.read(lambda c: {r[0] for r in c.execute(sql)}))
     assert {"machines", "jobs", "job_events", "audit", "schema_version"} <= tables
 
 
@@ -242,7 +283,8 @@ def test_opening_a_file_with_a_newer_schema_fails(tmp_path: Path) -> None:
     assert sqlite_rows(path, "SELECT version FROM schema_version") == [(newer,)]
 
 
-def test_connection_pragmas(opened: Opened) -> None:
+def test_connection_pragmas(sqlite_opened: Opened) -> None:
+    opened = sqlite_opened
     store = opened.store
     assert pragma(store, "journal_mode") == ("wal" if opened.is_file else "memory")
     assert pragma(store, "foreign_keys") == 1
@@ -283,7 +325,7 @@ def test_a_read_is_not_queued_behind_writes(tmp_path: Path) -> None:
 
 
 def test_foreign_keys_are_enforced(store: Store) -> None:
-    failure_of(store.jobs.add_events([JobEvent("no-such-job", 1.0, "log", "x")]), sqlite3.IntegrityError)
+    failure_of(store.jobs.add_events([JobEvent("no-such-job", 1.0, "log", "x")]), *integrity_errors())
 
 
 # -- machines
@@ -472,7 +514,7 @@ def test_job_insert_with_first_event(store: Store) -> None:
 
 def test_job_insert_duplicate_id_fails(store: Store) -> None:
     j = result_of(store.jobs.insert(job()))
-    failure_of(store.jobs.insert(evolve(job(), id=j.id)), sqlite3.IntegrityError)
+    failure_of(store.jobs.insert(evolve(job(), id=j.id)), *integrity_errors())
     assert len(result_of(store.jobs.list())) == 1
 
 
@@ -597,7 +639,7 @@ def test_recover_interrupts_running_and_orders_queued(opened: Opened) -> None:
     assert result_of(store.jobs.counts()) == {"queued": 4, "interrupted": 2, "succeeded": 1, "cancelled": 1}
 
     # Again (the next start-up): nothing more to interrupt, the same queue.
-    store = opened.reopen() if opened.is_file else store
+    store = opened.reopen() if opened.durable else store
     again_interrupted, again_queued = result_of(store.jobs.recover(3000.0))
     assert again_interrupted == [] and again_queued == queued
     assert len(result_of(store.jobs.events(stored["r2"].id))) == 1
@@ -670,9 +712,9 @@ def test_read_after_close_fails(opened: Opened) -> None:
 # -- group commit, deterministically (a held "thread" pool on real SQLite)
 
 
-@pytest.fixture(params=["memory", "file"])
+@pytest.fixture(params=ENGINES)
 def held(request: pytest.FixtureRequest, tmp_path: Path):
-    path = ":memory:" if request.param == "memory" else str(tmp_path / "held.db")
+    path = database(request.param, request, tmp_path, "held.db")
     store, pool, clock = held_store(path)
     yield store, pool
     d = store.close()
@@ -719,7 +761,7 @@ def test_one_failing_write_fails_only_itself(held) -> None:
     result_of(blocker)
     assert len(pool.queue) == 1
     pool.run_one()  # the batch with the failures
-    failure_of(dup, sqlite3.IntegrityError)
+    failure_of(dup, *integrity_errors())
     assert failure_of(conflict2, Conflict).value.code == "machine_exists"
     assert result_of(conflict) == machine("m1")
     j1, j2 = result_of(ok1), result_of(ok2)
@@ -738,8 +780,17 @@ def test_one_failing_write_fails_only_itself(held) -> None:
     assert result_of(read) == 1
 
 
-def test_a_burst_of_submissions_is_one_insert_per_table(held) -> None:
-    store, pool = held
+@pytest.fixture(params=["memory", "file"])
+def sqlite_held(request: pytest.FixtureRequest, tmp_path: Path):
+    store, pool, clock = held_store(database(request.param, request, tmp_path, "held.db"))
+    yield store, pool
+    d = store.close()
+    pool.run_all()
+    result_of(d)
+
+
+def test_a_burst_of_submissions_is_one_insert_per_table(sqlite_held) -> None:
+    store, pool = sqlite_held  # SQLite's trace callback counts the statements
     statements: list[str] = []
     traced = store.db.read_on_writer(lambda c: c.connection.set_trace_callback(statements.append))
     pool.run_all()
@@ -818,8 +869,8 @@ def test_close_finishes_writes_already_accepted(held) -> None:
 # -- durability on a file (sync pool)
 
 
-def test_committed_before_the_callback(tmp_path: Path) -> None:
-    path = str(tmp_path / "durable.db")
+def test_committed_before_the_callback(durable_path: str) -> None:
+    path = durable_path
     store, _ = sync_store(path)
     seen: list = []
 
@@ -876,8 +927,8 @@ async def test_threaded_newer_schema_fails(tmp_path: Path) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_threaded_200_concurrent_inserts(tmp_path: Path) -> None:
-    path = str(tmp_path / "r.db")
+async def test_threaded_200_concurrent_inserts(durable_path: str) -> None:
+    path = durable_path
     store = await open_store(path, _real_reactor())
     jobs = [job(f"w{i}", created=float(i)) for i in range(200)]
     try:
@@ -903,8 +954,8 @@ async def test_threaded_200_concurrent_inserts(tmp_path: Path) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_threaded_failing_write_in_a_batch(tmp_path: Path) -> None:
-    path = str(tmp_path / "r.db")
+async def test_threaded_failing_write_in_a_batch(durable_path: str) -> None:
+    path = durable_path
     store = await open_store(path, _real_reactor())
     try:
         first = job("w0")
@@ -922,7 +973,7 @@ async def test_threaded_failing_write_in_a_batch(tmp_path: Path) -> None:
         assert oks == [True, True, False, True, False, True]
         for ok, value in results:
             if not ok:
-                assert value.check(sqlite3.IntegrityError)
+                assert value.check(*integrity_errors())
     finally:
         await store.close()
     rows = sqlite_rows(path, "SELECT worker_id FROM jobs ORDER BY seq")
@@ -930,8 +981,8 @@ async def test_threaded_failing_write_in_a_batch(tmp_path: Path) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_threaded_write_is_on_disk_when_its_deferred_fires(tmp_path: Path) -> None:
-    path = str(tmp_path / "r.db")
+async def test_threaded_write_is_on_disk_when_its_deferred_fires(durable_path: str) -> None:
+    path = durable_path
     store = await open_store(path, _real_reactor())
     try:
         for i in range(3):
@@ -948,9 +999,9 @@ async def test_threaded_write_is_on_disk_when_its_deferred_fires(tmp_path: Path)
 
 
 @pytest_twisted.ensureDeferred
-async def test_threaded_close_finishes_accepted_writes(tmp_path: Path) -> None:
+async def test_threaded_close_finishes_accepted_writes(durable_path: str) -> None:
     reactor = _real_reactor()
-    path = str(tmp_path / "r.db")
+    path = durable_path
     store = await open_store(path, reactor)
     writes = [store.jobs.insert(job(f"w{i}")) for i in range(20)]
     reads = [store.jobs.counts()]
@@ -980,8 +1031,8 @@ async def test_threaded_read_and_write_after_close_fail(tmp_path: Path) -> None:
 # -- the in-memory inventory and changes made by another process
 
 
-def test_machines_written_elsewhere_appear_after_refresh(tmp_path: Path) -> None:
-    path = str(tmp_path / "shared.db")
+def test_machines_written_elsewhere_appear_after_refresh(durable_path: str) -> None:
+    path = durable_path
     daemon, _ = sync_store(path)
     cli, _ = sync_store(path)  # e.g. `roller import` in another process
     assert result_of(daemon.machines.refresh()) is False

@@ -37,6 +37,8 @@ from twisted.python.failure import Failure
 
 from roller import __version__
 from roller.errors import UnavailableError
+from roller.store import pg
+from roller.store.dialect import POSTGRESQL, SQLITE, Dialect, ddl, is_postgresql_url
 from roller.store.schema import HEARTBEAT_TABLE, MIGRATIONS
 
 log = Logger()
@@ -145,7 +147,7 @@ def upgraded_by(c: Cursor) -> str | None:
     """The version of the roller that last upgraded the database's schema, if it says."""
     try:
         row = c.execute("SELECT roller_version FROM schema_version").fetchone()
-    except sqlite3.Error:
+    except Exception:  # noqa: BLE001 -- sqlite3's or psycopg's "no such column"
         return None  # older than the column
     return None if row is None or row[0] is None else str(row[0])
 
@@ -163,7 +165,9 @@ class StorageUnavailable(UnavailableError, StoreError):
     The database cannot take this operation now (a storage fault); answered
     503 C{storage_unavailable} with C{Retry-After: retry_after}.
 
-    @ivar kind: C{locked}, C{disk_full}, C{read_only}, C{io_error} or C{cannot_open}.
+    @ivar kind: C{locked}, C{disk_full}, C{read_only}, C{io_error} or C{cannot_open};
+        on PostgreSQL also C{unreachable} (server down, connection lost) and
+        C{busy} (too many connections).
     @ivar what: what is wrong, e.g. "the disk holding the database is full".
     @ivar detail: SQLite's own words (for the log, not the client).
     """
@@ -191,9 +195,9 @@ _FAULTS = {
 _FAULT_WORDS = (("database is locked", 5), ("database table is locked", 6), ("readonly database", 8),
                 ("disk i/o error", 10), ("disk is full", 13), ("unable to open database file", 14))
 #: Faults after which the connection is closed and a new one opened.
-_REOPEN = frozenset({"read_only", "io_error", "cannot_open"})
+_REOPEN = frozenset({"read_only", "io_error", "cannot_open", "unreachable"})
 #: Seconds a client is told to wait (Retry-After) per kind of fault.
-RETRY_AFTER = {"locked": 5}
+RETRY_AFTER = {"locked": 5, "busy": 5, "unreachable": 10}
 RETRY_AFTER_DEFAULT = 30
 #: While a fault lasts, it is logged again at most this often (seconds).
 FAULT_LOG_INTERVAL = 60.0
@@ -216,6 +220,12 @@ def storage_fault(error: BaseException) -> StorageUnavailable | None:
     for e in _chain(error):
         if isinstance(e, StorageUnavailable):
             return e
+        found = pg.pg_fault(e)
+        if found is not None:
+            kind, what = found
+            detail = " ".join(str(e).split())
+            return StorageUnavailable(kind, what, RETRY_AFTER.get(kind, RETRY_AFTER_DEFAULT),
+                                      detail=f"{type(e).__name__}: {detail}")
         if not isinstance(e, sqlite3.Error):
             continue
         code = getattr(e, "sqlite_errorcode", None)
@@ -269,12 +279,34 @@ class _Connection(adbapi.Connection):
         if self._connection is not None:
             try:
                 self._connection.rollback()
-            except sqlite3.Error:
+            except Exception:  # noqa: BLE001 -- sqlite3's or psycopg's: the connection is gone anyway
                 pass
+
+    @property
+    def stale(self) -> bool:
+        """A PostgreSQL connection known to be closed or broken (SQLite's never are)."""
+        c = self._connection
+        return c is None or bool(getattr(c, "closed", False) or getattr(c, "broken", False))
+
+    def renew(self) -> None:
+        """Close this connection (whatever state it is in) and open a new one."""
+        self.drop()
+        self._connection = self._pool.connect()
 
 
 class _Pool(adbapi.ConnectionPool):
     connectionFactory = _Connection
+
+
+def integrity_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions a broken constraint (UNIQUE, CHECK, FOREIGN KEY) raises, on either engine."""
+    return (sqlite3.IntegrityError, *pg.integrity_errors())
+
+
+def _unreachable(error: BaseException) -> bool:
+    """Whether C{error} is PostgreSQL's server gone or connection lost: a new connection may work at once."""
+    fault = storage_fault(error)
+    return fault is not None and fault.kind == "unreachable"
 
 
 def _drop_if_broken(conn: Any, error: BaseException, reading: bool = False) -> None:
@@ -308,7 +340,7 @@ def write_heartbeat(c: Cursor, now: float) -> None:
               (now,))
 
 
-def check_writable(path: str, now: float, *, timeout: float = 5.0) -> None:
+def check_writable(path: str, now: float, *, timeout: float = 5.0, password: str | None = None) -> None:
     """
     Synchronously, before roller starts: open the database at C{path}
     (creating it, owner-only, if new) and commit a write.  L{StoreError}
@@ -316,6 +348,9 @@ def check_writable(path: str, now: float, *, timeout: float = 5.0) -> None:
     file, full disk, missing permissions, locked for C{timeout} seconds).
     """
     if path == ":memory:":
+        return
+    if is_postgresql_url(path):
+        _check_writable_pg(path, now, password)
         return
     try:
         create_private(path)
@@ -337,6 +372,37 @@ def check_writable(path: str, now: float, *, timeout: float = 5.0) -> None:
         raise StoreError(f"the database {path} cannot take a write: {_why(e)}") from None
     finally:
         conn.close()
+
+
+def _check_writable_pg(url: str, now: float, password: str | None) -> None:
+    """L{check_writable} on PostgreSQL: connect, make the heartbeat table, commit a write."""
+    try:
+        target = pg.parse_url(url)
+    except pg.PgUrlError as e:
+        raise StoreError(str(e)) from None
+    try:
+        conn = pg.connect(**target.kwargs(password))
+    except ImportError as e:
+        raise StoreError(str(e)) from None
+    except Exception as e:  # noqa: BLE001 -- psycopg's connection errors say why
+        raise StoreError(f"cannot connect to the database {target.display}: {_why(e)}") from None
+    try:
+        c = conn.cursor()
+        c.execute("BEGIN")
+        c.execute("SELECT pg_advisory_xact_lock(?)", (MIGRATION_LOCK,))
+        for statement in ddl(HEARTBEAT_TABLE, POSTGRESQL):
+            c.execute(statement)
+        write_heartbeat(c, now)
+        c.execute("COMMIT")
+    except Exception as e:  # noqa: BLE001 -- psycopg's errors say why
+        raise StoreError(f"the database {target.display} cannot take a write: {_why(e)}") from None
+    finally:
+        conn.close()
+
+
+#: the advisory lock (a number of roller's own) migrations hold on PostgreSQL, so two rollers starting
+#: together migrate one after the other
+MIGRATION_LOCK = 0x726F6C6C6572  # "roller"
 
 
 def _why(e: BaseException) -> str:
@@ -387,10 +453,12 @@ class Database:
     """
 
     def __init__(self, pool: adbapi.ConnectionPool, readers: adbapi.ConnectionPool | None = None, *,
-                 path: str = ":memory:", reactor: IStoreReactor):
+                 path: str = ":memory:", reactor: IStoreReactor, dialect: Dialect = SQLITE):
         self._pool = pool
         self._readers = readers
+        #: the SQLite file, or the PostgreSQL URL (which never holds a password)
         self.path = path
+        self.dialect = dialect
         self._reactor = reactor  # the pools' (cp_reactor)
         #: the storage fault the last failed operation hit, until a write succeeds
         self.fault: StorageUnavailable | None = None
@@ -410,6 +478,8 @@ class Database:
         Make the pool.  C{synchronous} is SQLite's: NORMAL survives a killed
         process (WAL), FULL also survives losing power.
         """
+        if is_postgresql_url(path):
+            return cls.connect_postgresql(path, reactor)
         create_private(path)
 
         def pool(openfun: Callable[[sqlite3.Connection], None]) -> adbapi.ConnectionPool:
@@ -429,6 +499,26 @@ class Database:
         if path == ":memory:":  # one connection is the whole database
             return cls(writer, path=path, reactor=reactor)
         return cls(writer, pool(_open_reader), path=path, reactor=reactor)
+
+    @classmethod
+    def connect_postgresql(cls, url: str, reactor: IStoreReactor, *, password: str | None = None,
+                           readers: int = 4) -> Database:
+        """
+        The pools on PostgreSQL: one connection for the writes (group commit
+        as on SQLite), and up to C{readers} for reads, which need not wait
+        for one another.  No connection is made until the first operation.
+        """
+        try:
+            target = pg.parse_url(url)
+        except pg.PgUrlError as e:
+            raise StoreError(str(e)) from None
+        pg._psycopg()  # psycopg missing: say so now, in one line
+
+        def pool(size: int) -> adbapi.ConnectionPool:
+            return _Pool("roller.store.pg", cp_min=1, cp_max=size, cp_reactor=reactor, cp_noisy=False,
+                         **target.kwargs(password))
+
+        return cls(pool(1), pool(readers), path=target.display, reactor=reactor, dialect=POSTGRESQL)
 
     @property
     def pools(self) -> list[adbapi.ConnectionPool]:
@@ -463,13 +553,25 @@ class Database:
         if self._closed:
             return fail(StoreError("the database is closed"))
 
+        def attempt(conn: Any) -> T:
+            cursor = conn.cursor()
+            try:
+                return fn(cursor, *args)
+            finally:
+                cursor.close()
+
         def run(conn: Any) -> T:
             try:
-                cursor = conn.cursor()
-                try:
-                    return fn(cursor, *args)
-                finally:
-                    cursor.close()
+                if self.dialect.postgresql:
+                    if conn.stale:
+                        conn.renew()
+                    try:
+                        return attempt(conn)
+                    except Exception as e:
+                        if not (reading and _unreachable(e)):
+                            raise
+                    conn.renew()  # a server restarted since this connection's last use: once more, anew
+                return attempt(conn)
             except Exception as e:
                 _drop_if_broken(conn, e, reading=reading)
                 raise
@@ -527,6 +629,8 @@ class Database:
 
         def run(conn: Any) -> list[tuple[bool, Any]]:
             try:
+                if self.dialect.postgresql and conn.stale:
+                    conn.renew()
                 outcomes = transaction(conn)
             except Exception as e:
                 _drop_if_broken(conn, e)
@@ -536,12 +640,30 @@ class Database:
                     _drop_if_broken(conn, value)
             return outcomes
 
+        def begin(conn: Any) -> Cursor:
+            """
+            Open the write transaction.  On PostgreSQL, a connection whose
+            server restarted since its last use fails here, before anything
+            was written: then once more on a new connection.
+            """
+            cursor = conn.cursor()
+            try:
+                cursor.execute(self.dialect.begin_write)
+                return cursor
+            except Exception as e:
+                cursor.close()
+                if not (self.dialect.postgresql and _unreachable(e)):
+                    raise
+            conn.renew()
+            cursor = conn.cursor()
+            cursor.execute(self.dialect.begin_write)
+            return cursor
+
         def transaction(conn: Any) -> list[tuple[bool, Any]]:
             outcomes: list[tuple[bool, Any]] = []
-            cursor = conn.cursor()
             single = len(units) == 1 and len(units[0]) == 1  # a lone write needs no savepoint
             began = time.perf_counter()
-            cursor.execute("BEGIN IMMEDIATE")
+            cursor = begin(conn)
             try:
                 if single:
                     try:
@@ -560,7 +682,7 @@ class Database:
             except BaseException:
                 try:
                     cursor.execute("ROLLBACK")
-                except sqlite3.Error:
+                except Exception:  # noqa: BLE001 -- sqlite3's or psycopg's: the transaction is gone anyway
                     pass
                 raise
             finally:
@@ -663,6 +785,8 @@ class Database:
         """Apply the migrations not yet applied; the resulting version."""
 
         def run(cursor: Cursor) -> int:
+            if self.dialect.postgresql:  # two rollers starting together: one migrates, the other waits
+                cursor.execute("SELECT pg_advisory_xact_lock(?)", (MIGRATION_LOCK,))
             cursor.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
             row = cursor.execute("SELECT version FROM schema_version").fetchone()
             if row is None:
@@ -673,9 +797,8 @@ class Database:
             if version > len(MIGRATIONS):
                 raise StoreError(newer_schema_message(self.path, version, upgraded_by(cursor)))
             for n, script in enumerate(MIGRATIONS[version:], start=version + 1):
-                for statement in script.split(";"):
-                    if statement.strip():
-                        cursor.execute(statement)
+                for statement in ddl(script, self.dialect):
+                    cursor.execute(statement)
                 cursor.execute("UPDATE schema_version SET version = ?", (n,))
                 log.info("Database migrated to schema version {version}", version=n)
             if version < len(MIGRATIONS) and len(MIGRATIONS) >= ROLLER_VERSION_MIGRATION:

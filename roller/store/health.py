@@ -129,10 +129,10 @@ class HealthTable:
     def add_remediation(self, key: tuple[str, str], policy: str, task: str, time: float, dry_run: bool,
                         job_id: str | None, reason: str) -> Deferred[int]:
         def run(c: Cursor) -> int:
-            c.execute("INSERT INTO remediations (worker_group, worker_id, policy, task, time, dry_run, job_id,"
-                      " reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                      (*key, policy, task, time, int(dry_run), job_id, reason))
-            return int(c.lastrowid or 0)
+            row = c.execute("INSERT INTO remediations (worker_group, worker_id, policy, task, time, dry_run, job_id,"
+                            " reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                            (*key, policy, task, time, int(dry_run), job_id, reason)).fetchone()
+            return int(row[0])
 
         return self._db.write(run)
 

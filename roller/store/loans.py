@@ -9,14 +9,13 @@ with L{AlreadyOnLoan}.
 from __future__ import annotations
 
 import builtins
-import sqlite3
 from typing import Any
 
 from attrs import evolve, frozen
 from twisted.internet.defer import Deferred
 
 from roller.jobs import iso
-from roller.store.db import Cursor, Database
+from roller.store.db import Cursor, Database, integrity_errors
 from roller.store.where import Where
 
 
@@ -72,14 +71,14 @@ class LoanTable:
 
         def run(c: Cursor) -> Loan:
             try:
-                c.execute(
+                row = c.execute(
                     "INSERT INTO loans (worker_group, worker_id, borrower, reason, started_at, expires_at,"
-                    " returned_at, job_id, return_job_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " returned_at, job_id, return_job_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
                     (loan.worker_group, loan.worker_id, loan.borrower, loan.reason, loan.started_at,
-                     loan.expires_at, loan.returned_at, loan.job_id, loan.return_job_id))
-            except sqlite3.IntegrityError:
+                     loan.expires_at, loan.returned_at, loan.job_id, loan.return_job_id)).fetchone()
+            except integrity_errors():
                 raise AlreadyOnLoan(f"{loan.worker_id} ({loan.worker_group}) is already on loan") from None
-            return evolve(loan, id=c.lastrowid)
+            return evolve(loan, id=row[0])
 
         return self._db.write(run)
 

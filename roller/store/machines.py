@@ -6,7 +6,9 @@ submission makes cost no trip to the database thread.  Writes through this
 table update the cache once committed; writes by another process (the
 C{roller import} command) are picked up by L{MachineTable.refresh}, which
 the service calls every few seconds and which reloads only when SQLite's
-C{data_version} says another connection committed.
+C{data_version} says another connection committed (on PostgreSQL, where
+several rollers may share the table, when the C{change_counters} row that
+every write here bumps moved on).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ class MachineTable:
     async def _load(self) -> int:
 
         def q(c: Cursor) -> tuple[int, list[Machine]]:
-            version = c.execute("PRAGMA data_version").fetchone()[0]
+            version = self._version(c)
             return version, [_row(r) for r in c.execute("SELECT data FROM machines").fetchall()]
 
         version, machines = await self._db.read_on_writer(q)
@@ -59,11 +61,33 @@ class MachineTable:
         return len(machines)
 
     async def _refresh(self) -> bool:
-        version = await self._db.read_on_writer(lambda c: c.execute("PRAGMA data_version").fetchone()[0])
+        version = await self._db.read_on_writer(self._version)
         if version == self._data_version:
             return False
         await self._load()
         return True
+
+    def _version(self, c: Cursor) -> int:
+        """What changes when another connection (or roller) changed the table."""
+        if self._db.dialect.postgresql:
+            return int(c.execute("SELECT version FROM change_counters WHERE name = 'machines'").fetchone()[0])
+        return int(c.execute("PRAGMA data_version").fetchone()[0])
+
+    def _bump(self, c: Cursor) -> int:
+        """On PostgreSQL, count a change (in the write's transaction); the counter's new value."""
+        if not self._db.dialect.postgresql:
+            return 0
+        return int(c.execute("UPDATE change_counters SET version = version + 1 WHERE name = 'machines'"
+                             " RETURNING version").fetchone()[0])
+
+    def _own_change(self, version: int) -> None:
+        """
+        A write of ours committed, bumping the counter to C{version}: on
+        PostgreSQL, no reload for it, unless another roller's change came
+        between (then the next refresh reloads).
+        """
+        if self._db.dialect.postgresql and self._data_version is not None and version == self._data_version + 1:
+            self._data_version = version
 
     def _remember(self, m: Machine) -> None:
         self._cache[m.key] = m
@@ -120,7 +144,7 @@ class MachineTable:
         """Add a new machine; L{Conflict} if one with its key exists."""
         now = self._clock.seconds()
 
-        def run(c: Cursor) -> Machine:
+        def run(c: Cursor) -> int:
             exists = c.execute(
                 "SELECT 1 FROM machines WHERE worker_group = ? AND worker_id = ?", machine.key
             ).fetchone()
@@ -130,22 +154,28 @@ class MachineTable:
                     code="machine_exists",
                 )
             self._upsert(c, machine, now)
-            return machine
+            return self._bump(c)
 
-        return self._db.write(run).addCallback(self._committed)
+        def committed(version: int) -> Machine:
+            self._own_change(version)
+            return self._committed(machine)
+
+        return self._db.write(run).addCallback(committed)
 
     def put(self, machine: Machine) -> Deferred[bool]:
         """Insert or replace; True if it was created."""
         now = self._clock.seconds()
 
-        def run(c: Cursor) -> bool:
+        def run(c: Cursor) -> tuple[bool, int]:
             existed = c.execute(
                 "SELECT 1 FROM machines WHERE worker_group = ? AND worker_id = ?", machine.key
             ).fetchone()
             self._upsert(c, machine, now)
-            return existed is None
+            return existed is None, self._bump(c)
 
-        def committed(created: bool) -> bool:
+        def committed(result: tuple[bool, int]) -> bool:
+            created, version = result
+            self._own_change(version)
             self._remember(machine)
             return created
 
@@ -154,12 +184,14 @@ class MachineTable:
     def put_many(self, machines: builtins.list[Machine]) -> Deferred[int]:
         now = self._clock.seconds()
 
-        def run(c: Cursor) -> int:
+        def run(c: Cursor) -> tuple[int, int]:
             for m in machines:
                 self._upsert(c, m, now)
-            return len(machines)
+            return len(machines), self._bump(c)
 
-        def committed(count: int) -> int:
+        def committed(result: tuple[int, int]) -> int:
+            count, version = result
+            self._own_change(version)
             for m in machines:
                 self._remember(m)
             return count
@@ -178,13 +210,17 @@ class MachineTable:
         )
 
     def delete(self, worker_group: str, worker_id: str) -> Deferred[bool]:
-        def run(c: Cursor) -> bool:
+        def run(c: Cursor) -> tuple[bool, int | None]:
             c.execute(
                 "DELETE FROM machines WHERE worker_group = ? AND worker_id = ?", (worker_group, worker_id)
             )
-            return c.rowcount > 0
+            deleted = c.rowcount > 0
+            return deleted, self._bump(c) if deleted else None
 
-        def committed(deleted: bool) -> bool:
+        def committed(result: tuple[bool, int | None]) -> bool:
+            deleted, version = result
+            if version is not None:
+                self._own_change(version)
             self._forget(worker_group, worker_id)
             return deleted
 

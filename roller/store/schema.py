@@ -3,6 +3,12 @@ Schema migrations, applied in order at start-up.
 
 Append a new string to L{MIGRATIONS} to change the schema; never edit an
 applied one.  C{schema_version} holds how many have been applied.
+
+One history serves SQLite and PostgreSQL: write SQLite's spelling, which
+L{roller.store.dialect.ddl} maps where PostgreSQL differs (C{REAL} ->
+C{DOUBLE PRECISION}, C{INTEGER PRIMARY KEY AUTOINCREMENT} -> an identity,
+no C{WITHOUT ROWID}); a statement for one engine only starts with the line
+C{-- sqlite only} or C{-- postgresql only}.
 """
 
 #: One row, overwritten by every heartbeat (C{roller.store.db.write_heartbeat}).
@@ -213,5 +219,17 @@ MIGRATIONS: list[str] = [
     #    says which one it needs: roller.store.db.newer_schema_message)
     """
     ALTER TABLE schema_version ADD COLUMN roller_version TEXT;
+    """,
+    # 9: on PostgreSQL, a counter every write to the machines table bumps
+    #    (roller.store.machines), so a roller sees another's inventory changes
+    #    without reloading it all (SQLite's PRAGMA data_version does this there)
+    """
+    -- postgresql only
+    CREATE TABLE change_counters (
+        name    TEXT PRIMARY KEY,
+        version INTEGER NOT NULL
+    );
+    -- postgresql only
+    INSERT INTO change_counters (name, version) VALUES ('machines', 0);
     """,
 ]
