@@ -391,6 +391,30 @@ def test_machine_page_shows_inventory_jobs_audit_and_buttons(env: Env) -> None:
     assert 'value="ping"' in html and 'value="loan"' not in html  # loan is not allowed
     assert csrf_of(html).startswith("v1.")
     assert '<label for="reason">' in html
+    # the status first, then the tasks; destructive ones in a menu, help collapsed; one "Liveness" row
+    assert html.index('id="status"') < html.index('id="run-h"') < html.index('id="inv-h"')
+    menu = html[html.index('<details class="menu" id="destructive-tasks">'):]
+    assert menu.index('value="reboot"') < menu.index("</details>")
+    assert '<details class="help">' in html and "<summary>What each task does</summary>" in html
+    assert html.count("<dt>Liveness</dt>") == 1 and "<dt>Liveness check</dt>" not in html
+    assert f'href="/jobs/{job.id}">ping</a> <span class="state state-' in html  # the last job, in the status
+    assert 'href="/jobs?group=g1&amp;worker=m1" id="all-jobs">All jobs of this machine</a>' in html
+
+
+def test_machine_page_offers_only_the_tasks_its_settings_can_run(env: Env) -> None:
+    """m2 has an address and nothing else: ping runs; reboot is listed with why not, as no button."""
+    html = env.get("/machines/g1/m2").text
+    assert 'name="task" value="ping"' in html
+    assert 'value="reboot"' not in html
+    unavailable = html[html.index('id="unavailable-tasks"'):]
+    unavailable = unavailable[:unavailable.index("</details>")]
+    assert "1 task m2's settings cannot run" in unavailable
+    assert "<strong>reboot</strong>: the machine has none of ssh, ipmi, pdu, redfish or xen settings." in unavailable
+    m1 = env.get("/machines/g1/m1").text  # ssh and ipmi: reboot offered, nothing listed as unavailable
+    assert 'value="reboot"' in m1 and 'id="unavailable-tasks"' not in m1
+    env.add_machine("m9", "g1", ip="192.0.2.9", reboot_methods=["snmp_reboot"], ssh={"user": "x"})
+    m9 = env.get("/machines/g1/m9").text  # its own reboot methods decide
+    assert 'value="reboot"' not in m9 and "none of its reboot methods (snmp_reboot)" in m9
 
 
 def test_machine_page_empty_states_and_unknown(env: Env) -> None:
@@ -515,7 +539,7 @@ def test_viewer_without_scope_cannot_run_or_cancel(tmp_path: Path) -> None:
             return succeed(Viewer(id="u", name="Una", scopes=("project:releng:roller:ping",)))
 
     e = make_env(tmp_path, auth=PingOnly())
-    e.add_machine("m1", "g1", ip="192.0.2.1")
+    e.add_machine("m1", "g1", ip="192.0.2.1", ipmi={"host": "192.0.2.101"})
     html = e.get("/machines/g1/m1").text
     assert re.search(r'value="reboot"[^>]* disabled', html) and "You may not run this task." in html
     assert "Una" in html

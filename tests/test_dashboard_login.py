@@ -35,7 +35,7 @@ def make(tmp_path: Path, users: dict[str, str] | None = None, **auth_kw: Any) ->
     e.clock.advance(1_700_000_000)
     for name, role in (users or {}).items():
         result_of(e.store.users.add(name, role, hash_password(PASSWORD, ln=10), e.clock.seconds()))
-    e.add_machine("m1", "g1", ip="192.0.2.1")
+    e.add_machine("m1", "g1", ip="192.0.2.1", ssh={"user": "builder"})  # settings reboot can use
     return e
 
 

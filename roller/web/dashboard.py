@@ -91,6 +91,7 @@ from roller.web.events import EventHub
 from roller.web.fleet_html import RowCache, fleet_rows_html, pool_strip
 from roller.web.http import query_arg
 from roller.web.proxy import client_ip, parse_trusted_proxies
+from roller.web.runnable import why_not
 from roller.web.times import utc
 
 __all__ = [
@@ -819,13 +820,21 @@ class Dashboard:
         loan, liveness, _ = await self.fleet.machine_extras(worker_group, worker_id)
         now = self.clock.seconds()
         health = self.health.health_of(machine.key) if self.health is not None else None
+        buttons, unavailable = [], []
+        for b in self._buttons(viewer):
+            reason = why_not(b.name, machine, loan)
+            if reason is None:
+                buttons.append(b)
+            else:
+                unavailable.append((b, reason))
         return self.render(
             request, "machine.html", viewer, section="fleet", machine=machine, jobs=jobs, audit=audit,
             health=health, health_state=self.health.state_of(machine.key) if self.health is not None else None,
             may_admin_health=viewer.may(self.scope_prefix + "health:admin"),
             loan=loan, loan_overdue=loan is not None and loan.overdue(now), liveness=liveness,
-            buttons=self._buttons(viewer), credentials=sorted(machine.credentials()),
-            access=_access_rows(machine),
+            buttons=buttons, unavailable=unavailable, any_tasks=bool(buttons or unavailable),
+            credentials=sorted(machine.credentials()), access=_access_rows(machine),
+            history_url="/jobs?" + urlencode({"group": machine.worker_group, "worker": machine.worker_id}),
         )
 
     async def _machine(self, worker_group: str, worker_id: str) -> Machine:
@@ -1218,6 +1227,4 @@ def _access_rows(machine: Machine) -> list[tuple[str, str]]:
         x = machine.xen
         rows.append(("Xen", f"VM {x.vm_uuid}" + (f" at {x.url}" if x.url else "")
                      + (f", credential {x.credential}" if x.credential else "")))
-    lv = machine.liveness
-    rows.append(("Liveness", "ICMP ping" if lv.method == "icmp" else f"TCP connect to port {lv.port}"))
-    return rows
+    return rows  # (the liveness check is in the status header's one "Liveness" row)
