@@ -21,7 +21,7 @@ import pytest
 from roller.errors import BadRequest
 from roller.jobs import Job, State
 from roller.store import AuditEntry
-from roller.store.history import SPAN, HistoryQueries, JobQuery, first_seq_at
+from roller.store.history import SPAN, HistoryQueries, JobQuery, JobRow, first_seq_at
 from roller.testing.syncdb import result_of
 from roller.web import history_html
 from roller.web.history_html import parse_time
@@ -126,7 +126,7 @@ def test_every_filter(env: Env, history: list[Job], filters: dict[str, Any], mat
     assert got.older is None and got.searched_to is None
     if expected:  # the jobs come back whole
         first = next(j for j in history if j.id == got.jobs[0].id)
-        assert got.jobs[0] == first
+        assert got.jobs[0] == JobRow.of(first)
 
 
 @pytest.mark.parametrize("filters", [{}, {"states": ("failed", "succeeded")}, {"task": "ping"}, {"pool": "mac"},
@@ -156,6 +156,7 @@ def test_a_filter_without_an_index_looks_at_a_bounded_number_of_jobs(env: Env, h
     first = page(env, q, limit=100, max_scan=50)
     newest_50 = sorted(history, key=lambda j: j.seq or 0)[-50:]
     assert [j.id for j in first.jobs] == newest_first([j for j in newest_50 if j in rare])
+    assert all(isinstance(j, JobRow) for j in first.jobs)
     # it stopped short: it says how far back it looked, and the cursor continues from there
     assert first.older == newest_50[0].seq
     assert first.searched_to == newest_50[0].created_at

@@ -19,16 +19,17 @@ ever reads the whole history.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from attrs import frozen
 from twisted.internet.defer import Deferred
 
 from roller.jobs import Job
 from roller.store import Store
 from roller.store.db import Cursor
-from roller.store.jobs import _COLUMNS, _job
 from roller.store.where import Where
 
-__all__ = ["JobQuery", "HistoryPage", "HistoryQueries", "first_seq_at", "SPAN"]
+__all__ = ["JobQuery", "JobRow", "HistoryPage", "HistoryQueries", "first_seq_at", "SPAN"]
 
 #: jobs looked at per statement when a filter has no index
 SPAN = 20_000
@@ -58,6 +59,37 @@ class JobQuery:
         return all(v is None for v in others)
 
 
+class JobRow(NamedTuple):
+    """What the history shows of a job (no parameters: a page of them is read and built cheaply)."""
+
+    seq: int
+    id: str
+    task_name: str
+    worker_group: str
+    worker_id: str
+    requester: str
+    state: str
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    result: str | None
+    error: str | None
+    batch_id: str | None
+
+    @property
+    def final(self) -> bool:
+        return self.state not in ("queued", "running")
+
+    @classmethod
+    def of(cls, job: Job) -> JobRow:
+        return cls(job.seq or 0, job.id, job.task_name, job.worker_group, job.worker_id, job.requester,
+                   job.state.value, job.created_at, job.started_at, job.finished_at, job.result, job.error,
+                   job.batch_id)
+
+
+_ROW_COLUMNS = ", ".join(JobRow._fields)
+
+
 @frozen
 class HistoryPage:
     """
@@ -68,7 +100,7 @@ class HistoryPage:
         reached; None when the page is complete.
     """
 
-    jobs: list[Job]
+    jobs: list[JobRow]
     older: int | None
     searched_to: float | None = None
 
@@ -127,17 +159,17 @@ def history_page(c: Cursor, q: JobQuery, limit: int, max_scan: int) -> HistoryPa
         hi = min(hi, first_seq_at(c, q.until, lo_all, hi_all))
     lo = lo_all if q.since is None else first_seq_at(c, q.since, lo_all, hi_all)
     w = _where(q)
-    select = f"SELECT seq, {_COLUMNS} FROM jobs{w.clause}{' AND' if w.conditions else ' WHERE'}" \
+    select = f"SELECT {_ROW_COLUMNS} FROM jobs{w.clause}{' AND' if w.conditions else ' WHERE'}" \
              " seq < ? AND seq >= ? ORDER BY seq DESC LIMIT ?"
-    rows: list[Job] = []
+    rows: list[JobRow] = []
     if q.indexed:
-        rows = [_job(r) for r in c.execute(select, [*w.args, hi, lo, limit + 1])]
+        rows = [JobRow._make(r) for r in c.execute(select, [*w.args, hi, lo, limit + 1])]
         cursor = lo
     else:
         cursor, scanned = hi, 0
         while len(rows) <= limit and cursor > lo and scanned < max_scan:
             start = max(lo, cursor - min(SPAN, max_scan - scanned))
-            rows += [_job(r) for r in c.execute(select, [*w.args, cursor, start, limit + 1 - len(rows)])]
+            rows += [JobRow._make(r) for r in c.execute(select, [*w.args, cursor, start, limit + 1 - len(rows)])]
             scanned += cursor - start
             cursor = start
     if len(rows) > limit:

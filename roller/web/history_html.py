@@ -27,7 +27,8 @@ from roller.auth.dashboard import Viewer
 from roller.errors import BadRequest
 from roller.inventory import TAG_RE, valid_worker_id
 from roller.jobs import State
-from roller.store.history import HistoryQueries, JobQuery
+from roller.store.history import HistoryQueries, JobQuery, JobRow
+from roller.web import history_rows
 from roller.web.http import query_arg
 
 if TYPE_CHECKING:
@@ -156,7 +157,10 @@ async def jobs_page(dashboard: Dashboard, request: IRequest, viewer: Viewer) -> 
     """The C{/jobs} page."""
     q = parse_query(request)
     page = await HistoryQueries(dashboard.store).page(q, limit=PAGE_SIZE, max_scan=MAX_SCAN)
-    jobs = [dashboard.queue.active(j.id) or j for j in page.jobs]
+    jobs = []
+    for j in page.jobs:  # live ones as the queue has them now
+        live = None if j.final else dashboard.queue.active(j.id)
+        jobs.append(j if live is None else JobRow.of(live))
     pairs = _filters(request, q)
     older = None
     if page.older is not None:
@@ -169,7 +173,8 @@ async def jobs_page(dashboard: Dashboard, request: IRequest, viewer: Viewer) -> 
     values.update((k, v) for k, v in pairs if k != "state")
     task_names = sorted({*dashboard.tasks.names(), *([q.task] if q.task else [])})
     return dashboard.render(
-        request, "jobs.html", viewer, section="jobs", jobs=jobs, older=older, newest=newest,
+        request, "jobs.html", viewer, section="jobs", jobs=bool(jobs), older=older,
+        rows_html=history_rows.rows_html(jobs, history_rows.cache_of(dashboard.store.db)), newest=newest,
         searched_to=page.searched_to, states=STATES, chosen=set(q.states), values=values, task_names=task_names,
         filtered=bool(pairs), summary=_summary(q, pairs), page_size=PAGE_SIZE,
         machine_only=q.worker is not None and q.group is not None,
