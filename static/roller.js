@@ -50,15 +50,92 @@
     if (el) { el.textContent = text; }
   }
 
-  function setTime(id, iso) {
+  // -- times: <time datetime="ISO-8601 UTC"> from the server (UTC text) shown in the browser's time zone, one
+  // format per page, with UTC in the tooltip; relative ones (data-relative: "5 min ago") tick.  Also for
+  // <time> elements added later (live updates).
+  function pad(n) { return (n < 10 ? "0" : "") + n; }
+
+  function localText(d, format) {
+    var date = d.getFullYear() + "-" + pad(d.getMonth() + 1) + "-" + pad(d.getDate());
+    var hm = pad(d.getHours()) + ":" + pad(d.getMinutes());
+    if (format === "date") { return date; }
+    if (format === "time") { return hm + ":" + pad(d.getSeconds()); }
+    return date + " " + hm;
+  }
+
+  function utcText(d) { return d.toISOString().slice(0, 19).replace("T", " ") + " UTC"; }
+
+  function agoText(d, now) {
+    var delta = (now - d.getTime()) / 1000, future = delta < 0, text;
+    delta = Math.abs(delta);
+    if (delta < 1) { return "just now"; }
+    if (delta < 90) { text = Math.round(delta) + " s"; }
+    else if (delta < 90 * 60) { text = Math.round(delta / 60) + " min"; }
+    else if (delta < 36 * 3600) { text = Math.round(delta / 3600) + " h"; }
+    else { text = Math.round(delta / 86400) + " days"; }
+    return future ? "in " + text : text + " ago";
+  }
+
+  function showTime(el, now) {
+    var d = new Date(el.getAttribute("datetime"));
+    if (isNaN(d.getTime())) { return; }
+    if (el.hasAttribute("data-relative")) {
+      el.textContent = agoText(d, now);
+      el.title = localText(d, "datetime") + " (local) · " + utcText(d);
+    } else {
+      el.textContent = localText(d, el.getAttribute("data-format") || "datetime");
+      el.title = utcText(d);
+    }
+    el.setAttribute("data-shown", "1");
+  }
+
+  function showTimes(root, all) {
+    var now = Date.now();
+    var found = root.querySelectorAll ? root.querySelectorAll(all ? "time[datetime]" : "time[datetime]:not([data-shown])") : [];
+    Array.prototype.forEach.call(found, function (el) { showTime(el, now); });
+    if (root.matches && root.matches("time[datetime]")) { showTime(root, now); }
+  }
+
+  showTimes(document, true);
+  var zone = "";
+  try { zone = Intl.DateTimeFormat().resolvedOptions().timeZone || ""; } catch (e) { zone = ""; }
+  var zoneNote = document.getElementById("tz-note");
+  if (zoneNote) {
+    zoneNote.textContent = "times are in your time zone" + (zone ? " (" + zone + ")" : "") + "; hover for UTC";
+  }
+  window.setInterval(function () {
+    var now = Date.now();
+    Array.prototype.forEach.call(document.querySelectorAll("time[datetime][data-relative]"),
+      function (el) { showTime(el, now); });
+  }, 10000);
+  if (window.MutationObserver) {
+    new MutationObserver(function (records) {
+      records.forEach(function (r) {
+        Array.prototype.forEach.call(r.addedNodes, function (n) { if (n.nodeType === 1) { showTimes(n, false); } });
+      });
+    }).observe(document.body, { childList: true, subtree: true });
+  }
+
+  /* A <time> for an ISO time (live updates), shown like the server's: relative, or absolute. */
+  function setTime(id, iso, relative) {
     var el = document.getElementById(id);
     if (!el) { return; }
     var time = document.createElement("time");
-    time.dateTime = iso;
-    time.title = iso;
-    time.textContent = iso.slice(0, 19).replace("T", " ");
+    time.setAttribute("datetime", iso);
+    if (relative) { time.setAttribute("data-relative", ""); }
+    time.textContent = iso.slice(0, 19).replace("T", " ") + " UTC";
+    showTime(time, Date.now());
     el.replaceChildren(time);
   }
+
+  // -- "/" focuses the page's search field (the fleet's), unless typing somewhere already
+  document.addEventListener("keydown", function (ev) {
+    if (ev.key !== "/" || ev.ctrlKey || ev.metaKey || ev.altKey) { return; }
+    var t = ev.target, tag = t && t.tagName;
+    if (tag === "INPUT" || tag === "TEXTAREA" || tag === "SELECT" || (t && t.isContentEditable)) { return; }
+    var search = document.querySelector("input[type=search][aria-keyshortcuts='/']");
+    if (search) { ev.preventDefault(); search.focus(); search.select(); }
+  });
 
   // -- the job page: append events as they happen
   var timeline = document.getElementById("timeline");
@@ -83,7 +160,8 @@
       var item = document.createElement("li");
       item.className = "ev ev-" + (event.kind === "state" ? "state" : "log");
       var time = document.createElement("time");
-      time.dateTime = event.time || "";
+      time.setAttribute("datetime", event.time || "");
+      time.setAttribute("data-format", "time");
       time.textContent = (event.time || "").slice(11, 19);
       var text = document.createElement("span");
       text.className = "msg";
@@ -104,8 +182,8 @@
           outcome.textContent = outcomeText(job);
         }
         document.title = document.title.replace(/\([a-z_]+\)/, "(" + job.state + ")");
-        if (job.started) { setTime("job-started", job.started); }
-        if (job.finished) { setTime("job-finished", job.finished); }
+        if (job.started) { setTime("job-started", job.started, true); }
+        if (job.finished) { setTime("job-finished", job.finished, true); }
         if (FINAL.indexOf(job.state) >= 0) {
           var cancel = document.getElementById("job-cancel");
           if (cancel) { cancel.remove(); }
@@ -275,5 +353,73 @@
       queueLive.hidden = false;
       queueSource.close();
     };
+  }
+
+  // -- the fleet page: counts, pool strip and rows follow the job events without a reload.  On a state
+  // change the page's own URL is fetched again and its live parts swapped in; the ticked checkboxes,
+  // the focus and the scroll position stay.
+  var fleet = document.getElementById("fleet");
+  var LIVE_PARTS = ["fleet-counts", "pool-strip", "showing", "fleet-rows"];
+  if (fleet && fleet.dataset.stream && window.EventSource && window.fetch && window.DOMParser) {
+    var fleetSource = new EventSource(fleet.dataset.stream);
+    var busy = false, again = false, settle = null;
+
+    var swapIn = function (fresh) {
+      var form = document.getElementById("batch-form");
+      var ticked = {};
+      if (form) {
+        Array.prototype.forEach.call(form.elements, function (el) {
+          if (el.name === "m" && el.checked) { ticked[el.value] = true; }
+        });
+      }
+      var all = document.getElementById("all-matching");
+      var focused = document.activeElement, focusKey = null;
+      if (focused && focused.name === "m") { focusKey = focused.value; }
+      var x = window.scrollX, y = window.scrollY;
+      LIVE_PARTS.forEach(function (id) {
+        var now = document.getElementById(id), next = fresh.getElementById(id);
+        if (now && next) { now.replaceChildren.apply(now, Array.prototype.map.call(next.childNodes, function (n) {
+          return document.importNode(n, true);
+        })); }
+      });
+      if (form) {
+        Array.prototype.forEach.call(form.elements, function (el) {
+          if (el.name !== "m") { return; }
+          if (all && all.checked) { el.checked = true; el.disabled = true; } else { el.checked = !!ticked[el.value]; }
+          if (focusKey !== null && el.value === focusKey) { el.focus({ preventScroll: true }); }
+        });
+        var box = form.querySelector("input[name=m]");
+        if (box) { box.dispatchEvent(new Event("change", { bubbles: true })); }  // the "n selected" line
+      }
+      window.scrollTo(x, y);
+      fleet.setAttribute("data-refreshed", String((Number(fleet.getAttribute("data-refreshed")) || 0) + 1));
+    };
+
+    var refresh = function () {
+      if (busy) { again = true; return; }
+      busy = true;
+      window.fetch(window.location.href, { credentials: "same-origin", headers: { "Accept": "text/html" } })
+        .then(function (r) { return r.ok ? r.text() : null; })
+        .then(function (text) {
+          if (text) { swapIn(new DOMParser().parseFromString(text, "text/html")); }
+        })
+        .catch(function () { return null; })
+        .then(function () {
+          busy = false;
+          if (again) { again = false; refresh(); }
+        });
+    };
+
+    var soon = null;
+    fleetSource.onmessage = function (message) {
+      var data;
+      try { data = JSON.parse(message.data); } catch (e) { return; }
+      if (!data.job) { return; }
+      // coalesce bursts; then once more after a quiet moment, when the counts' writes have landed
+      if (soon === null) { soon = window.setTimeout(function () { soon = null; refresh(); }, 300); }
+      if (settle !== null) { window.clearTimeout(settle); }
+      settle = window.setTimeout(function () { settle = null; refresh(); }, 2500);
+    };
+    fleetSource.addEventListener("reset", function () { refresh(); });
   }
 })();
