@@ -290,8 +290,10 @@ def test_connection_pragmas(sqlite_opened: Opened) -> None:
     assert pragma(store, "foreign_keys") == 1
     assert pragma(store, "synchronous") == 1  # NORMAL
     assert pragma(store, "busy_timeout") == 5000
-    # reads: their own connection on a file (never queued behind writes), read-only
-    assert len(store.db.pools) == (2 if opened.is_file else 1)
+    # reads: their own connection on a file (never queued behind writes), read-only; WAL
+    # checkpoints on a third (never inside the writer's COMMIT)
+    assert len(store.db.pools) == (3 if opened.is_file else 1)
+    assert pragma(store, "wal_autocheckpoint") == (0 if opened.is_file else 1000)
     if opened.is_file:
         assert pragma(store, "query_only", reader=True) == 1
         assert pragma(store, "journal_mode", reader=True) == "wal"
@@ -322,6 +324,42 @@ def test_a_read_is_not_queued_behind_writes(tmp_path: Path) -> None:
     writer.run_all()
     reader.run_all()
     result_of(closing)
+
+
+def test_wal_checkpoints_run_beside_the_writer_one_at_a_time(tmp_path: Path) -> None:
+    from roller.store.db import CHECKPOINT_EVERY
+
+    path = str(tmp_path / "ckpt.db")
+    clock = SyncClock()
+    db = sync_database(path, clock)
+    checkpointer = HeldThreadPool()
+    db.pools[2].threadpool = checkpointer
+    store = result_of(Deferred.fromCoroutine(open_store(path, clock, db=db)))
+    committed = checkpointer.submitted  # the migrations' commits may have asked for one already
+    checkpointer.run_all()
+    for i in range(CHECKPOINT_EVERY):
+        result_of(store.jobs.insert(job(f"a{i}")))  # each write answered at its commit, not after a checkpoint
+    assert checkpointer.submitted == committed + 1 and len(checkpointer.queue) == 1
+    for i in range(2 * CHECKPOINT_EVERY):
+        result_of(store.jobs.insert(job(f"b{i}")))
+    assert len(checkpointer.queue) == 1  # never two at once
+
+    def file_pages() -> int:  # the database file's own header: what checkpoints have copied into it
+        with open(path, "rb") as f:
+            return int.from_bytes(f.read(100)[28:32], "big")
+
+    before = file_pages()
+    result_of(store.jobs.insert(job("big", params={"blob": "x" * 4_500_000})))  # > 1000 pages: in the WAL only
+    assert file_pages() == before  # the writer's commits never checkpoint
+    checkpointer.run_one()
+    assert file_pages() > before + 1000
+    for i in range(CHECKPOINT_EVERY):
+        result_of(store.jobs.insert(job(f"c{i}")))
+    assert len(checkpointer.queue) == 1  # the next one, CHECKPOINT_EVERY commits later
+    closing = store.close()
+    checkpointer.run_all()
+    result_of(closing)
+    assert sqlite_rows(path, "SELECT count(*) FROM jobs") == [(4 * CHECKPOINT_EVERY + 1,)]
 
 
 def test_foreign_keys_are_enforced(store: Store) -> None:

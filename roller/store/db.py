@@ -111,6 +111,13 @@ def _in_savepoint(cursor: Cursor, unit: list[_Write]) -> list[tuple[bool, Any]]:
 #: (and every other request) for a quarter of a second.
 MAX_BATCH = 64
 
+#: SQLite: a passive WAL checkpoint, on a connection and thread of its own, after this many group
+#: commits (the writer's own automatic checkpoint is off: run inside COMMIT, it made that commit, and
+#: every write waiting behind it, wait for the copy and its fsync — seconds on a busy disk)
+CHECKPOINT_EVERY = 32
+#: SQLite: after a checkpoint let the writer restart the WAL, its file is cut back to this size
+WAL_SIZE_LIMIT = 64 << 20
+
 #: rows per multi-row INSERT (16 parameters a row stays far below SQLite's 32766)
 ROWS_PER_INSERT = 256
 
@@ -424,13 +431,28 @@ def _incremental_if_new(conn: sqlite3.Connection) -> None:
         conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
 
 
-def _open_connection(conn: sqlite3.Connection, synchronous: str = "NORMAL") -> None:
+def _open_connection(conn: sqlite3.Connection, synchronous: str = "NORMAL", *, autocheckpoint: bool = True) -> None:
     conn.row_factory = sqlite3.Row
     _incremental_if_new(conn)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute(f"PRAGMA synchronous={synchronous}")
     conn.execute("PRAGMA foreign_keys=ON")
     conn.execute("PRAGMA busy_timeout=5000")
+    if not autocheckpoint:  # L{Database} checkpoints on a connection of its own
+        conn.execute("PRAGMA wal_autocheckpoint=0")
+        conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
+
+
+def _open_checkpointer(conn: sqlite3.Connection) -> None:
+    conn.execute("PRAGMA busy_timeout=0")  # a passive checkpoint never waits anyway
+
+
+def _passive_checkpoint(conn: Any) -> None:
+    cursor = conn.cursor()
+    try:
+        cursor.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+    finally:
+        cursor.close()
 
 
 def _open_reader(conn: sqlite3.Connection) -> None:
@@ -450,12 +472,19 @@ class Database:
         reader sees every transaction committed before its read began and
         never waits for the writer: a status query is not queued behind a
         burst of a thousand job updates.
+    @param checkpoints: SQLite: the pool that runs the WAL checkpoints (the
+        writer's connection has its automatic ones off), every
+        L{CHECKPOINT_EVERY} group commits, never more than one at a time.
     """
 
     def __init__(self, pool: adbapi.ConnectionPool, readers: adbapi.ConnectionPool | None = None, *,
-                 path: str = ":memory:", reactor: IStoreReactor, dialect: Dialect = SQLITE):
+                 path: str = ":memory:", reactor: IStoreReactor, dialect: Dialect = SQLITE,
+                 checkpoints: adbapi.ConnectionPool | None = None):
         self._pool = pool
         self._readers = readers
+        self._checkpoints = checkpoints
+        self._commits = 0  # group commits since the last checkpoint began
+        self._checkpointing = False
         #: the SQLite file, or the PostgreSQL URL (which never holds a password)
         self.path = path
         self.dialect = dialect
@@ -495,10 +524,10 @@ class Database:
                 cp_reactor=reactor,
             )
 
-        writer = pool(lambda conn: _open_connection(conn, synchronous))
         if path == ":memory:":  # one connection is the whole database
-            return cls(writer, path=path, reactor=reactor)
-        return cls(writer, pool(_open_reader), path=path, reactor=reactor)
+            return cls(pool(lambda conn: _open_connection(conn, synchronous)), path=path, reactor=reactor)
+        writer = pool(lambda conn: _open_connection(conn, synchronous, autocheckpoint=False))
+        return cls(writer, pool(_open_reader), path=path, reactor=reactor, checkpoints=pool(_open_checkpointer))
 
     @classmethod
     def connect_postgresql(cls, url: str, reactor: IStoreReactor, *, password: str | None = None,
@@ -522,8 +551,8 @@ class Database:
 
     @property
     def pools(self) -> list[adbapi.ConnectionPool]:
-        """The writer's pool, then the readers' if there is one."""
-        return [self._pool] + ([self._readers] if self._readers is not None else [])
+        """The writer's pool, then the readers' and the checkpointer's if there are."""
+        return [self._pool] + [p for p in (self._readers, self._checkpoints) if p is not None]
 
     @property
     def closed(self) -> bool:
@@ -709,6 +738,7 @@ class Database:
                             w.d.callback(value)
                         else:
                             w.d.errback(failures[i])
+                    self._committed()
             finally:
                 self._flushing = False
             if self._pending:
@@ -717,6 +747,36 @@ class Database:
                 self._maybe_finish_close()
 
         self._pool.runWithConnection(run).addBoth(done)
+
+    def checkpoint(self) -> Deferred[None]:
+        """
+        SQLite: a passive WAL checkpoint now, beside the writer (on the
+        checkpointer's connection; on the writer's for an in-memory one);
+        nothing on PostgreSQL.
+        """
+        if self.dialect.postgresql:
+            return succeed(None)
+        if self._checkpoints is None or self._closed:
+            return self.on_writer(lambda c: c.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall() and None)
+        return self._checkpoints.runWithConnection(_passive_checkpoint).addErrback(self._fault_of)
+
+    def _committed(self) -> None:
+        """After a group commit: every L{CHECKPOINT_EVERY}, a passive checkpoint in its own thread."""
+        if self._checkpoints is None:
+            return
+        self._commits += 1
+        if self._checkpointing or self._closed or self._commits < CHECKPOINT_EVERY:
+            return
+        self._commits = 0
+        self._checkpointing = True
+
+        def done(result: Any) -> None:
+            self._checkpointing = False
+            if isinstance(result, Failure):  # the next write says what is wrong with the storage
+                log.debug("WAL checkpoint failed: {error}", error=result.getErrorMessage())
+            self._maybe_finish_close()
+
+        self._checkpoints.runWithConnection(_passive_checkpoint).addBoth(done)
 
     # -- storage faults
 
@@ -824,7 +884,7 @@ class Database:
     def _maybe_finish_close(self) -> None:
         if not self._closed or self._pool_closed:
             return
-        if self._flushing or self._pending or self._reads:
+        if self._flushing or self._pending or self._reads or self._checkpointing:
             return
         self._pool_closed = True
         for pool in self.pools:

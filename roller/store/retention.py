@@ -48,6 +48,8 @@ from roller.store.db import Cursor, Database, StorageUnavailable
 log = Logger()
 
 DAY = 86400.0
+#: the fewest pages one incremental-vacuum step gives back (the step adapts to the write-lock target)
+MIN_VACUUM_PAGES = 16
 
 TERMINAL = ("succeeded", "failed", "cancelled", "timed_out", "interrupted")
 #: the states the fleet page's "last ping" reads (roller.store.fleet)
@@ -294,6 +296,7 @@ class Pruner:
         self.target_hold = target_hold
         self.vacuum_pages = vacuum_pages
         self._rows = max_rows
+        self._pages = max(MIN_VACUUM_PAGES, vacuum_pages // 4)
         self._stopping = False
 
     def stop(self) -> None:
@@ -405,17 +408,22 @@ class Pruner:
     async def _vacuum(self, report: PruneReport) -> None:
         """Give the freed pages back to the file system, a few at a time (incremental auto-vacuum only)."""
         while not self._stopping:
-            step = await self._db.on_writer(sqlite.incremental_vacuum, self.vacuum_pages)
+            pages = self._pages
+            step = await self._db.on_writer(sqlite.incremental_vacuum, pages)
             if step is None:  # not an incremental-vacuum database
                 return
             freed, held, page_size = step
             report.note_hold(held)
             report.pages_freed += freed
             report.bytes_freed += freed * page_size
-            if freed < self.vacuum_pages:
+            if held > self.target_hold:  # moving pages costs more towards the end of a big file: fewer
+                self._pages = max(MIN_VACUUM_PAGES, int(pages * self.target_hold / held * 0.8))
+            elif held < self.target_hold / 3:
+                self._pages = min(self.vacuum_pages, pages * 2)
+            if freed < pages:
                 break
             await self._yield()
-        await self._db.on_writer(sqlite.checkpoint)  # the file shrinks when the WAL is folded back
+        await self._db.checkpoint()  # the file shrinks when the WAL is folded back
 
 
 class _Stopped(Exception):
