@@ -128,6 +128,24 @@
     el.replaceChildren(time);
   }
 
+  // -- a table wider than the screen scrolls inside its wrapper: make that region reachable by keyboard
+  function scrollableTables() {
+    Array.prototype.forEach.call(document.querySelectorAll(".table-wrap"), function (wrap, i) {
+      var scrolls = wrap.scrollWidth > wrap.clientWidth + 1;
+      if (scrolls && !wrap.hasAttribute("tabindex")) {
+        var section = wrap.closest("section"), heading = section && section.querySelector("h2, h1");
+        wrap.setAttribute("tabindex", "0");
+        wrap.setAttribute("role", "region");
+        wrap.setAttribute("aria-label", (heading ? heading.textContent.trim() : "Table " + (i + 1)) + " (scrolls sideways)");
+        wrap.setAttribute("data-scroll-region", "1");
+      } else if (!scrolls && wrap.hasAttribute("data-scroll-region")) {
+        ["tabindex", "role", "aria-label", "data-scroll-region"].forEach(function (a) { wrap.removeAttribute(a); });
+      }
+    });
+  }
+  scrollableTables();
+  window.addEventListener("resize", scrollableTables);
+
   // -- "/" focuses the page's search field (the fleet's), unless typing somewhere already
   document.addEventListener("keydown", function (ev) {
     if (ev.key !== "/" || ev.ctrlKey || ev.metaKey || ev.altKey) { return; }
