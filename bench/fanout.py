@@ -31,6 +31,13 @@ C{POST /api/v1/machines}:
 3. roller with 10% hung machines (a second fleet whose last 10% accept TCP
    and never speak): every job must still end -- the hung ones C{failed}
    after the SSH connect timeout -- and the API must stay responsive.
+4. xargs + asyncio, on the first fleet once it is back up: what a capable
+   operator writes without roller, the honest baseline for wall time.
+   C{xargs -P 64} runs C{ssh ... reboot} (OpenSSH, with the curve25519 key
+   exchange roller's Conch negotiates) over every machine, while one
+   asyncio loop in this process polls each machine's SSH port every
+   second (TCP connect, 1 s timeout) until it was seen down and then up.
+   Wall time from the start until the last machine is seen up again.
 
 Everything listens on loopback addresses only (127.0.5.x, 127.0.9.x).
 CPU seconds of roller, the fleet and the bench's own clients are printed,
@@ -40,12 +47,14 @@ and the CPU other processes used meanwhile (a NOTE above 0.25 cores).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import concurrent.futures
 import http.client
 import json
 import math
 import os
 import random
+import resource
 import shutil
 import socket
 import subprocess
@@ -409,6 +418,72 @@ def seed_run(fleet: Fleet, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def xargs_run(fleet: Fleet, workdir: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The baseline: C{xargs -P 64 ssh ... reboot} beside one asyncio TCP poll loop."""
+    ips = [m["ip"] for m in fleet.inventory if "hang" not in m["tags"]]
+    deadline = time.monotonic() + args.up_timeout
+    while not all(tcp_alive(ip, fleet.port) for ip in ips):  # the roller run left every machine up again
+        if time.monotonic() > deadline:
+            raise SystemExit("xargs run: the fleet did not come back up after the roller run")
+        time.sleep(0.5)
+    hosts = os.path.join(workdir, "xargs-hosts")
+    with open(hosts, "w") as f:
+        f.write("".join(f"roller@{ip}\n" for ip in ips))
+    ssh = ["ssh", "-F", "/dev/null", "-i", fleet.key, "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
+           "-o", f"UserKnownHostsFile={fleet.known_hosts_openssh}", "-o", "StrictHostKeyChecking=yes",
+           "-o", "KexAlgorithms=curve25519-sha256", "-o", f"ConnectTimeout={args.connect_timeout:g}",
+           "-o", "LogLevel=ERROR", "-p", str(fleet.port)]
+    # ssh exits 255 when the simulated machine drops the connection as it reboots: not an error here
+    argv = ["xargs", "-P", str(args.xargs_parallel), "-I{}", "sh", "-c", " ".join(ssh) + " {} reboot || true"]
+    children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    self0 = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.monotonic()
+    with open(hosts) as stdin:
+        xargs = subprocess.Popen(argv, stdin=stdin, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        ended: list[float] = []
+        err: list[str] = []
+        waiter = threading.Thread(target=lambda: (err.append(xargs.communicate(timeout=600)[1]),
+                                                  ended.append(time.monotonic())), daemon=True)
+        waiter.start()
+        seen = asyncio.run(_poll_all(ips, fleet.port, poll=1.0, down_timeout=args.down_timeout + 300,
+                                     up_timeout=args.up_timeout))
+        waiter.join(600)
+    xargs_s = (ended[0] if ended else time.monotonic()) - t0
+    children1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    self1 = resource.getrusage(resource.RUSAGE_SELF)
+    ups = [t - t0 for t in seen.values() if t is not None]
+    return {
+        "count": len(ips), "verified": len(ups), "wall_s": max(ups) if ups else float("nan"),
+        "xargs_s": xargs_s, "xargs_exit": xargs.returncode, "errors": "".join(err).strip().splitlines()[:3],
+        "ssh_cpu_s": (children1.ru_utime + children1.ru_stime) - (children0.ru_utime + children0.ru_stime),
+        "poll_cpu_s": (self1.ru_utime + self1.ru_stime) - (self0.ru_utime + self0.ru_stime),
+    }
+
+
+async def _poll_all(ips: list[str], port: int, *, poll: float, down_timeout: float,
+                    up_timeout: float) -> dict[str, float | None]:
+    """Poll every machine at once: when (monotonic) each was seen up after having been seen down."""
+
+    async def alive(ip: str) -> bool:
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(ip, port), timeout=1.0)
+        except OSError:  # refused, unreachable, or the 1 s timeout (TimeoutError)
+            return False
+        writer.close()
+        return True
+
+    async def one(ip: str) -> tuple[str, float | None]:
+        for want, limit in ((False, down_timeout), (True, up_timeout)):
+            start = time.monotonic()
+            while await alive(ip) is not want:
+                if time.monotonic() - start > limit:
+                    return ip, None
+                await asyncio.sleep(poll)
+        return ip, time.monotonic()
+
+    return dict(await asyncio.gather(*(one(ip) for ip in ips)))
+
+
 # -- main
 
 
@@ -447,7 +522,8 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=20.0, help="GET /api/v1/jobs/<id> per second (20)")
     parser.add_argument("--connect-timeout", type=float, default=10.0, help="SSH connect timeout (10)")
     parser.add_argument("--poll", type=float, default=1.0, help="roller's reboot.poll_interval (1)")
-    parser.add_argument("--skip", default="", help="comma-separated scenarios to skip: roller,seed,hung")
+    parser.add_argument("--xargs-parallel", type=int, default=64, help="the xargs baseline's -P (64)")
+    parser.add_argument("--skip", default="", help="comma-separated scenarios to skip: roller,seed,hung,xargs")
     parser.add_argument("--quick", action="store_true", help="smoke run, about 1 min: 100 machines, down 3 s")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, databases)")
     parser.add_argument("--sampler", help=argparse.SUPPRESS)
@@ -472,7 +548,7 @@ def main() -> None:
           f"after {args.reboot_delay:g} s, poll {args.poll:g} s; work dir {workdir}", flush=True)
     results: dict[str, Any] = {}
     try:
-        if not {"roller", "seed"} <= skip:
+        if not {"roller", "seed", "xargs"} <= skip:
             fleet = Fleet(procs, workdir, "fleet", args.count, "127.0.5.", args.down_for, args.reboot_delay)
             print(f"  fleet of {args.count} up in {fleet.started_in:.1f} s on 127.0.5.x:{fleet.port}", flush=True)
             if "roller" not in skip:
@@ -484,6 +560,12 @@ def main() -> None:
                       f"{s['ok']} ok; mean {s['mean_s']:.1f} s per reboot (ssh {s['ssh_mean_s']:.2f} s); "
                       f"projected for {args.count}: {fmt_s(s['projected_s'])}"
                       + (f"; errors {s['errors']}" if s["errors"] else ""), flush=True)
+            if "xargs" not in skip:
+                results["xargs"] = x = xargs_run(fleet, workdir, args)
+                print(f"  xargs -P {args.xargs_parallel} ssh + asyncio poll: {x['verified']}/{x['count']} verified "
+                      f"after {fmt_s(x['wall_s'])} (xargs done after {x['xargs_s']:.1f} s, exit {x['xargs_exit']}); "
+                      f"CPU ssh {x['ssh_cpu_s']:.1f} s, poll loop {x['poll_cpu_s']:.1f} s"
+                      + (f"; stderr {x['errors']}" if x["errors"] else ""), flush=True)
             fleet.stop()
         if "hung" not in skip:
             fleet = Fleet(procs, workdir, "fleet-hung", args.count, "127.0.9.", args.down_for, args.reboot_delay,
@@ -520,6 +602,17 @@ def main() -> None:
             print(f"{'  roller speed-up':<36} {s['projected_s'] / results['roller']['wall_s']:8.0f}x")
         if s["ok"] != s["sample"]:
             problems.append(f"seed run: {s['sample'] - s['ok']} failed: {s['errors']}")
+    if "xargs" in results:
+        x = results["xargs"]
+        label = f"xargs -P {args.xargs_parallel} ssh + asyncio poll"
+        print(f"{label:<36} {fmt_s(x['wall_s']):>9} {'':>8} {'':>8}  {x['verified']}/{x['count']} verified; CPU "
+              f"{x['ssh_cpu_s'] + x['poll_cpu_s']:.1f} s")
+        if "roller" in results and results["roller"]["states"].get("succeeded") == results["roller"]["count"]:
+            r = results["roller"]
+            print(f"{'  roller vs xargs + asyncio':<36} {x['wall_s'] / r['wall_s']:8.2f}x wall, "
+                  f"{(x['ssh_cpu_s'] + x['poll_cpu_s']) / r['roller_cpu_s']:.2f}x less CPU")
+        if x["verified"] != x["count"]:
+            problems.append(f"xargs run: {x['count'] - x['verified']} machines not seen down and up again")
     if "hung" in results:
         r = results["hung"]
         label = f"roller, {r['hung']} hung ({args.hung:g}%)"
