@@ -41,6 +41,8 @@ setup(
         "prometheus_client>=0.17",
     ],
     extras_require={
+        # database.url = "postgresql://...": the store on PostgreSQL (roller.store.pg)
+        "postgresql": ["psycopg[binary]>=3.1"],
         "test": [
             "pytest>=8",
             "pytest-twisted>=1.14",
@@ -51,6 +53,7 @@ setup(
             "sushy-tools>=2.2,<3",
             "playwright>=1.40",  # drives Debian's chromium; never `playwright install`
             "psutil>=5.9",
+            "psycopg[binary]>=3.1",  # the store's tests also run on PostgreSQL
             # tests/test_dev_install.py builds an editable install without build isolation (bdist_wheel)
             "setuptools>=70.1",
             # the static gates `make test` runs before the suite (configured in pyproject.toml)

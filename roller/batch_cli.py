@@ -258,18 +258,18 @@ class LocalBackend:
         from roller.queue import JobQueue
         from roller.secrets import load_secrets
         from roller.service import queue_limits
-        from roller.store import open_store
+        from roller.store.engine import is_postgresql, open_configured_store
         from roller.tasks import builtin_tasks
 
         s = self.settings
-        if action in ("create", "cancel"):
+        if action in ("create", "cancel") and not is_postgresql(s):
             from roller.store.sqlite import DatabaseInUse, acquire_lock
 
             try:
                 self._lock = acquire_lock(s.db_path, "roller batch")
             except DatabaseInUse as e:
                 raise BatchCliError(f"{e}: to {action} a batch on the roller serving it, pass --url URL") from None
-        self.store = await open_store(s.db_path, self.reactor, synchronous=s.db_synchronous.upper())
+        self.store = await open_configured_store(s, self.reactor)
         self.tasks = builtin_tasks()
         self.queue = JobQueue(self.store, self.tasks, self.reactor, limits=queue_limits(s), settings=s,
                               secrets=load_secrets(s.secrets_file), drivers=make_drivers(self.reactor, s))

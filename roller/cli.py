@@ -37,7 +37,8 @@ from roller.json_input import JSONInputError, load_json
 from roller.legacy_import import ImportFormatError, plan_import
 from roller.queue import JobQueue
 from roller.secrets import SecretsError, load_secrets, write_secrets
-from roller.store import AuditEntry, IStoreReactor, Store, StoreError, open_store
+from roller.store import AuditEntry, IStoreReactor, Store, StoreError
+from roller.store.engine import open_configured_store
 from roller.store.users import NoSuchUser, UserExists
 from roller.tasks import builtin_tasks
 
@@ -165,7 +166,7 @@ def _param(text: str) -> tuple[str, Any]:
 
 
 async def _with_store(reactor: IStoreReactor, settings: Settings, fn: Callable[[Store], Awaitable[int]]) -> int:
-    store = await open_store(settings.db_path, reactor, synchronous=settings.db_synchronous.upper())
+    store = await open_configured_store(settings, reactor)
     try:
         return await fn(store)
     finally:

@@ -286,6 +286,19 @@ def _timeouts(value: Any, from_text: bool) -> dict[str, float]:
     return out
 
 
+def _database_url(value: Any, from_text: bool) -> str:
+    """A C{postgresql://user@host:port/database} URL (no password: that is in the secrets file), or C{""}."""
+    url = _text(value, from_text).strip()
+    if url:
+        from roller.store.pg import PgUrlError, parse_url  # the store's own parser; imported late (layering)
+
+        try:
+            parse_url(url)
+        except PgUrlError as e:
+            raise ValueError(str(e)) from None
+    return url
+
+
 def _http_url(value: Any, from_text: bool) -> str:
     """An http(s) base URL, or C{""} for none."""
     url = _text(value, from_text).strip().rstrip("/")
@@ -456,6 +469,8 @@ KEYS: dict[str, tuple[str, Callable[[Any, bool], Any], Any]] = {
     "server.allowed_hosts": ("allowed_hosts", _allowed_hosts, ()),
     "database.path": ("db_path", _text, "{state_dir}/roller.db"),
     "database.synchronous": ("db_synchronous", _choice("normal", "full"), "normal"),
+    "database.url": ("db_url", _database_url, ""),
+    "database.credential": ("db_credential", _text, ""),
     "auth.mode": ("auth_mode", _choice("none", "taskcluster", "local"), "taskcluster"),
     "auth.root_url": ("auth_root_url", _root_url, ""),
     "auth.timeout": ("auth_timeout", _float(0.1), 5.0),
@@ -603,6 +618,10 @@ HELP: dict[str, str] = {
         "besides the address they reached, localhost on loopback, the machine's names and public_url's host."),
     "database.path": "The SQLite database file.",
     "database.synchronous": "SQLite synchronous mode: normal (survives a crash) or full (also power loss).",
+    "database.url": ("PostgreSQL instead of the SQLite file: postgresql://user@host:port/database (no password "
+        "here; ?sslmode=... allowed). Empty: SQLite at database.path."),
+    "database.credential": ("Credential (type password) in the secrets file holding the PostgreSQL password "
+        "(and the user, if database.url names none). Empty: none (trust, peer or ~/.pgpass)."),
     "auth.mode": ("How API clients authenticate: taskcluster (Hawk via authenticate-hawk), local "
         "(Hawk clients in the secrets file) or none (loopback listeners only)."),
     "auth.root_url": "Taskcluster root URL for auth.mode = taskcluster.",
@@ -745,6 +764,8 @@ class Settings:
     allowed_hosts: tuple[str, ...]
     db_path: str
     db_synchronous: str
+    db_url: str
+    db_credential: str
     auth_mode: str
     auth_root_url: str
     auth_timeout: float

@@ -8,7 +8,11 @@ C{roller db}: keep roller's database for years.
     roller db vacuum                        # rewrite the file once (roller stopped): pruning then shrinks it
 
 Every one but C{check} refuses a database from a newer roller (one line,
-naming both versions).  Exit status: 0 done (C{check}: the database is
+naming both versions).
+
+On PostgreSQL (C{database.url}), C{check} and C{prune} work the same;
+C{backup}, C{restore} and C{vacuum} say in one line that PostgreSQL's own
+tools do that (C{pg_dump}, C{pg_restore}, autovacuum).  Exit status: 0 done (C{check}: the database is
 sound); 1 C{check} found a problem; 2 refused, with one line saying why.
 """
 
@@ -21,9 +25,11 @@ from typing import TYPE_CHECKING, Any
 
 from roller import __version__
 from roller.config import Settings
-from roller.store import open_store
 from roller.store import sqlite as sq
+from roller.store.db import StoreError, newer_schema_message
+from roller.store.engine import database_login, database_target, is_postgresql, open_configured_store
 from roller.store.retention import Pruner, RetentionPolicy
+from roller.store.schema import MIGRATIONS
 
 if TYPE_CHECKING:
     from roller.service import IRollerReactor
@@ -74,9 +80,57 @@ def _show_check(report: sq.Check, out: Any) -> None:
         out.write(f"  {table:<{width}}  {n:>12,}\n" if n >= 0 else f"  {table:<{width}}  {'unreadable':>12}\n")
 
 
+#: what C{roller db backup/restore/vacuum} say on PostgreSQL
+PG_TOOLS = {
+    "backup": "back it up with pg_dump (e.g. pg_dump -Fc -f roller.dump DBNAME), while rollers run",
+    "restore": "restore a pg_dump archive with pg_restore (rollers stopped), e.g. pg_restore --clean -d DBNAME "
+               "roller.dump",
+    "vacuum": "PostgreSQL's autovacuum reclaims pruned rows by itself (VACUUM FULL rewrites tables, rollers stopped)",
+}
+
+
+def _pg_check(settings: Settings, args: argparse.Namespace, out: Any) -> int:
+    from roller.store import pg
+
+    login = database_login(settings)
+    try:
+        report = pg.check(database_target(settings), user=login.user, password=login.password)
+    except pg.PgCheckError as e:
+        raise StoreError(str(e)) from None
+    problems = []
+    if report["schema_version"] == 0:
+        problems.append("not a roller database (no schema version)")
+    elif report["schema_version"] > len(MIGRATIONS):
+        problems.append(newer_schema_message(report["path"], report["schema_version"], report["upgraded_by"]))
+    report.update(ok=not problems, problems=problems, roller_schema_version=len(MIGRATIONS),
+                  roller_version=__version__, engine="postgresql")
+    if args.json:
+        out.write(json.dumps(report, indent=2) + "\n")
+        return 0 if report["ok"] else 1
+    out.write(f"database {report['path']}: {'ok' if report['ok'] else 'PROBLEMS'}\n")
+    for problem in problems:
+        out.write(f"  problem: {problem}\n")
+    by = f", upgraded by roller {report['upgraded_by']}" if report["upgraded_by"] else ""
+    out.write(f"schema version {report['schema_version']}{by}; this roller ({__version__}) knows up to "
+              f"{len(MIGRATIONS)}\n")
+    out.write(f"PostgreSQL {report['server_version']}; size {_mb(report['size'])} (pages are checked by the server; "
+              "pg_amcheck checks indexes)\n")
+    counts = report["counts"]
+    width = max((len(t) for t in counts), default=5)
+    for table, n in counts.items():
+        out.write(f"  {table:<{width}}  {n:>12,}\n")
+    return 0 if report["ok"] else 1
+
+
 async def cmd_db(reactor: IRollerReactor, settings: Settings, args: argparse.Namespace, out: Any) -> int:
     path = settings.db_path
     action = args.db_command
+    if is_postgresql(settings):
+        if action == "check":
+            return _pg_check(settings, args, out)
+        if action in PG_TOOLS:
+            raise StoreError(f"the database is PostgreSQL ({database_target(settings)}): {PG_TOOLS[action]}")
+        return await _prune(reactor, settings, args, RetentionPolicy.from_settings(settings), 0.0, out)
     if action == "check":
         report = sq.check(path, quick=args.quick)
         if args.json:
@@ -127,7 +181,7 @@ async def cmd_db(reactor: IRollerReactor, settings: Settings, args: argparse.Nam
 
 async def _prune(reactor: IRollerReactor, settings: Settings, args: argparse.Namespace, policy: RetentionPolicy,
                  pause: float, out: Any) -> int:
-    store = await open_store(settings.db_path, reactor, synchronous=settings.db_synchronous.upper())
+    store = await open_configured_store(settings, reactor)
     try:
         pruner = Pruner(store.db, clock=reactor, pause=pause)
         now = reactor.seconds()

@@ -31,7 +31,8 @@ from roller.metrics import Metrics
 from roller.notify import Notifier, notifier_from_settings
 from roller.queue import JobQueue, QueueLimits
 from roller.secrets import Secrets, SecretsError, load_secrets
-from roller.store import IStoreReactor, StorageUnavailable, Store, open_store
+from roller.store import IStoreReactor, StorageUnavailable, Store
+from roller.store.engine import database_target, is_postgresql, open_configured_store
 from roller.store.retention import PruneLoop, Pruner, RetentionPolicy, ensure_incremental_vacuum
 from roller.store.sqlite import DatabaseLock, acquire_lock
 from roller.tasks import builtin_tasks
@@ -174,12 +175,14 @@ class RollerService(MultiService):
         s = self.settings
         self.secrets = load_secrets(s.secrets_file)
         try:
-            self.store = store = await open_store(s.db_path, self.reactor, synchronous=s.db_synchronous.upper())
+            self.store = store = await open_configured_store(s, self.reactor, secrets=self.secrets)
             await store.db.check_write()  # migrating may have written nothing
         except StorageUnavailable as e:
-            raise StorageUnavailable(e.kind, f"the database {s.db_path} cannot take a write: {e.what}",
+            where = self.store.db.path if self.store is not None else database_target(s)
+            raise StorageUnavailable(e.kind, f"the database {where} cannot take a write: {e.what}",
                                      e.retry_after, e.detail) from None
-        self._db_lock = acquire_lock(s.db_path)  # held while roller runs: restore and a second roller refuse
+        if not is_postgresql(s):  # several rollers share a PostgreSQL database; a SQLite file has one
+            self._db_lock = acquire_lock(s.db_path)  # held while roller runs: restore and a second roller refuse
         await ensure_incremental_vacuum(store.db)
         if s.demo:
             self.secrets = await self._start_demo(store, self.secrets)

@@ -23,6 +23,7 @@ from roller.inventory import REBOOT_METHODS
 from roller.secrets import SecretsError, load_secrets
 from roller.service import IRollerReactor, RollerService
 from roller.store.db import StoreError, check_writable
+from roller.store.engine import database_login, database_target, is_postgresql
 from roller.store.sqlite import check_not_in_use, check_schema
 from roller.tasks import builtin_tasks
 
@@ -108,10 +109,15 @@ def makeService(options: Options) -> RollerService:
     try:
         settings = settings_from_options(options)
         check_endpoints(settings, reactor)
-        load_secrets(settings.secrets_file)  # refuse a readable secrets file before starting
-        check_schema(settings.db_path)  # refuse a database from a newer roller, naming both versions
-        check_writable(settings.db_path, time.time())  # refuse a database that cannot take a write
-        check_not_in_use(settings.db_path)  # refuse a database another roller runs on
+        secrets = load_secrets(settings.secrets_file)  # refuse a readable secrets file before starting
+        if is_postgresql(settings):
+            login = database_login(settings, secrets)
+            # refuse a server that cannot be reached or take a write, or a database from a newer roller
+            check_writable(database_target(settings), time.time(), user=login.user, password=login.password)
+        else:
+            check_schema(settings.db_path)  # refuse a database from a newer roller, naming both versions
+            check_writable(settings.db_path, time.time())  # refuse a database that cannot take a write
+            check_not_in_use(settings.db_path)  # refuse a database another roller runs on
     except (ConfigError, SecretsError, StoreError) as e:
         exit_with(str(e))
     service = RollerService(settings, reactor)

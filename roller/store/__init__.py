@@ -1,5 +1,5 @@
 """
-roller's persistent store: SQLite through adbapi, one component per table.
+roller's persistent store: SQLite (or PostgreSQL) through adbapi, one component per table.
 
     store = await open_store(path, reactor)
     await store.machines.get(group, worker_id)
@@ -39,9 +39,13 @@ class Store:
 
 
 async def open_store(path: str, reactor: IStoreReactor, *, synchronous: str = "NORMAL",
-                     db: Database | None = None) -> Store:
-    """Open (creating and migrating as needed) the store at C{path}."""
-    db = db or Database.connect(path, reactor, synchronous=synchronous)
+                     db: Database | None = None, user: str | None = None, password: str | None = None) -> Store:
+    """
+    Open (creating and migrating as needed) the store at C{path}: a SQLite
+    file, C{:memory:}, or a C{postgresql://} URL (logging in as C{user}
+    with C{password} if given).
+    """
+    db = db or Database.connect(path, reactor, synchronous=synchronous, user=user, password=password)
     try:
         await db.migrate()
     except Exception:

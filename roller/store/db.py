@@ -347,7 +347,8 @@ def write_heartbeat(c: Cursor, now: float) -> None:
               (now,))
 
 
-def check_writable(path: str, now: float, *, timeout: float = 5.0, password: str | None = None) -> None:
+def check_writable(path: str, now: float, *, timeout: float = 5.0, user: str | None = None,
+                   password: str | None = None) -> None:
     """
     Synchronously, before roller starts: open the database at C{path}
     (creating it, owner-only, if new) and commit a write.  L{StoreError}
@@ -357,7 +358,7 @@ def check_writable(path: str, now: float, *, timeout: float = 5.0, password: str
     if path == ":memory:":
         return
     if is_postgresql_url(path):
-        _check_writable_pg(path, now, password)
+        _check_writable_pg(path, now, user, password)
         return
     try:
         create_private(path)
@@ -381,14 +382,14 @@ def check_writable(path: str, now: float, *, timeout: float = 5.0, password: str
         conn.close()
 
 
-def _check_writable_pg(url: str, now: float, password: str | None) -> None:
+def _check_writable_pg(url: str, now: float, user: str | None, password: str | None) -> None:
     """L{check_writable} on PostgreSQL: connect, make the heartbeat table, commit a write."""
     try:
         target = pg.parse_url(url)
     except pg.PgUrlError as e:
         raise StoreError(str(e)) from None
     try:
-        conn = pg.connect(**target.kwargs(password))
+        conn = pg.connect(**target.kwargs(password, user))
     except ImportError as e:
         raise StoreError(str(e)) from None
     except Exception as e:  # noqa: BLE001 -- psycopg's connection errors say why
@@ -397,10 +398,16 @@ def _check_writable_pg(url: str, now: float, password: str | None) -> None:
         c = conn.cursor()
         c.execute("BEGIN")
         c.execute("SELECT pg_advisory_xact_lock(?)", (MIGRATION_LOCK,))
+        if c.execute("SELECT to_regclass('schema_version')").fetchone()[0] is not None:
+            version = int(c.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0])
+            if version > len(MIGRATIONS):
+                raise StoreError(newer_schema_message(target.display, version, upgraded_by(c)))
         for statement in ddl(HEARTBEAT_TABLE, POSTGRESQL):
             c.execute(statement)
         write_heartbeat(c, now)
         c.execute("COMMIT")
+    except StoreError:
+        raise
     except Exception as e:  # noqa: BLE001 -- psycopg's errors say why
         raise StoreError(f"the database {target.display} cannot take a write: {_why(e)}") from None
     finally:
@@ -502,13 +509,14 @@ class Database:
         self._close_waiters: list[Deferred] = []
 
     @classmethod
-    def connect(cls, path: str, reactor: IStoreReactor, *, synchronous: str = "NORMAL") -> Database:
+    def connect(cls, path: str, reactor: IStoreReactor, *, synchronous: str = "NORMAL", user: str | None = None,
+                password: str | None = None) -> Database:
         """
         Make the pool.  C{synchronous} is SQLite's: NORMAL survives a killed
         process (WAL), FULL also survives losing power.
         """
         if is_postgresql_url(path):
-            return cls.connect_postgresql(path, reactor)
+            return cls.connect_postgresql(path, reactor, user=user, password=password)
         create_private(path)
 
         def pool(openfun: Callable[[sqlite3.Connection], None]) -> adbapi.ConnectionPool:
@@ -530,8 +538,8 @@ class Database:
         return cls(writer, pool(_open_reader), path=path, reactor=reactor, checkpoints=pool(_open_checkpointer))
 
     @classmethod
-    def connect_postgresql(cls, url: str, reactor: IStoreReactor, *, password: str | None = None,
-                           readers: int = 4) -> Database:
+    def connect_postgresql(cls, url: str, reactor: IStoreReactor, *, user: str | None = None,
+                           password: str | None = None, readers: int = 4) -> Database:
         """
         The pools on PostgreSQL: one connection for the writes (group commit
         as on SQLite), and up to C{readers} for reads, which need not wait
@@ -545,7 +553,7 @@ class Database:
 
         def pool(size: int) -> adbapi.ConnectionPool:
             return _Pool("roller.store.pg", cp_min=1, cp_max=size, cp_reactor=reactor, cp_noisy=False,
-                         **target.kwargs(password))
+                         **target.kwargs(password, user))
 
         return cls(pool(1), pool(readers), path=target.display, reactor=reactor, dialect=POSTGRESQL)
 

@@ -16,6 +16,7 @@ appears in logs and messages: L{parse_url} refuses one).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -52,11 +53,12 @@ class PgUrl:
         user = f"{self.user}@" if self.user else ""
         return f"postgresql://{user}{self.host}:{self.port}/{self.database}"
 
-    def kwargs(self, password: str | None = None) -> dict[str, Any]:
+    def kwargs(self, password: str | None = None, user: str | None = None) -> dict[str, Any]:
+        """psycopg's connect arguments; C{user} serves when the URL names none."""
         kw: dict[str, Any] = {"host": self.host, "port": self.port, "dbname": self.database,
                               "connect_timeout": CONNECT_TIMEOUT, "application_name": "roller", **self.options}
-        if self.user:
-            kw["user"] = self.user
+        if self.user or user:
+            kw["user"] = self.user or user
         if password is not None:
             kw["password"] = password
         return kw
@@ -184,15 +186,20 @@ def connect(**kwargs: Any) -> Any:
     return conn
 
 
+def _loaded() -> Any:
+    """psycopg if something imported it (an error can only be psycopg's then)."""
+    return sys.modules.get("psycopg")
+
+
 def is_pg_error(e: BaseException) -> bool:
-    if _driver is None:
-        return False
-    return isinstance(e, _driver[0].Error)
+    psycopg = _loaded()
+    return psycopg is not None and isinstance(e, psycopg.Error)
 
 
 def integrity_errors() -> tuple[type[BaseException], ...]:
-    """psycopg's IntegrityError (empty until PostgreSQL is used)."""
-    return () if _driver is None else (_driver[0].IntegrityError,)
+    """psycopg's IntegrityError (none while psycopg is not loaded)."""
+    psycopg = _loaded()
+    return () if psycopg is None else (psycopg.IntegrityError,)
 
 
 #: SQLSTATE (or its class, the first two characters) -> (kind, what is wrong)
@@ -213,10 +220,8 @@ _FAULTS = {
 
 def pg_fault(e: BaseException) -> tuple[str, str] | None:
     """(kind, what) if C{e} is a psycopg error that is a storage fault."""
-    if _driver is None:
-        return None
-    psycopg = _driver[0]
-    if not isinstance(e, psycopg.Error):
+    psycopg = _loaded()
+    if psycopg is None or not isinstance(e, psycopg.Error):
         return None
     state = getattr(e, "sqlstate", None) or ""
     if state:
@@ -226,3 +231,40 @@ def pg_fault(e: BaseException) -> tuple[str, str] | None:
     if isinstance(e, (psycopg.OperationalError, psycopg.InterfaceError)) and not state:
         return "unreachable", "the database server cannot be reached"  # no answer: connecting, or the link broke
     return None
+
+
+def check(url: str, *, user: str | None = None, password: str | None = None) -> dict[str, Any]:
+    """
+    C{roller db check} on PostgreSQL, synchronously, reading only: the
+    schema version, who upgraded it, the rows of every table, the
+    database's size and the server's version.  (PostgreSQL checks its own
+    pages; C{pg_amcheck} checks indexes.)
+    """
+    target = parse_url(url)
+    psycopg = _psycopg()[0]
+    conn = connect(**target.kwargs(password, user))
+    try:
+        c = conn.cursor()
+        c.execute("BEGIN READ ONLY")
+        tables = [r[0] for r in c.execute("SELECT table_name FROM information_schema.tables WHERE table_schema ="
+                                          " current_schema() AND table_type = 'BASE TABLE' ORDER BY table_name")]
+        version, by = 0, None
+        if "schema_version" in tables:
+            row = c.execute("SELECT * FROM schema_version").fetchone()
+            if row is not None:
+                version = int(row["version"])
+                by = row["roller_version"] if "roller_version" in row.keys() else None
+        counts = {t: int(c.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0]) for t in tables}
+        size = int(c.execute("SELECT pg_database_size(current_database())").fetchone()[0])
+        server = str(c.execute("SHOW server_version").fetchone()[0])
+        c.execute("ROLLBACK")
+    except psycopg.Error as e:
+        raise PgCheckError(f"cannot check {target.display}: {' '.join(str(e).split())}") from None
+    finally:
+        conn.close()
+    return {"path": target.display, "schema_version": version, "upgraded_by": by, "counts": counts, "size": size,
+            "server_version": server}
+
+
+class PgCheckError(Exception):
+    pass

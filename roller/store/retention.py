@@ -254,7 +254,7 @@ def count(c: Cursor, cutoffs: Cutoffs) -> dict[str, int]:
     if cutoffs.jobs is not None:
         jobs = f"SELECT j.id FROM jobs j WHERE {_JOB_MAY_GO}"
         args = (cutoffs.jobs, cutoffs.jobs)
-        out["jobs"] = c.execute(f"SELECT count(*) FROM ({jobs})", args).fetchone()[0]
+        out["jobs"] = c.execute(f"SELECT count(*) FROM ({jobs}) AS going", args).fetchone()[0]
         out["job_events"] = c.execute(f"SELECT count(*) FROM job_events WHERE job_id IN ({jobs})", args).fetchone()[0]
         out["batches"], out["batch_members"] = c.execute(
             "SELECT count(*), COALESCE(sum((SELECT count(*) FROM batch_members m WHERE m.batch_id = b.id)), 0)"
@@ -406,7 +406,13 @@ class Pruner:
                 return
 
     async def _vacuum(self, report: PruneReport) -> None:
-        """Give the freed pages back to the file system, a few at a time (incremental auto-vacuum only)."""
+        """
+        Give the freed pages back to the file system, a few at a time
+        (SQLite with incremental auto-vacuum only: PostgreSQL's autovacuum
+        makes the space reusable by itself).
+        """
+        if self._db.dialect.postgresql:
+            return
         while not self._stopping:
             pages = self._pages
             step = await self._db.on_writer(sqlite.incremental_vacuum, pages)
@@ -438,6 +444,8 @@ async def ensure_incremental_vacuum(db: Database, max_bytes: int = sqlite.START_
     with a warning (pruning then frees pages for reuse, but the file only
     shrinks after C{roller db vacuum}).
     """
+    if db.dialect.postgresql:
+        return  # SQLite's file format only
     mode, size = await db.on_writer(sqlite.start_vacuum_needed)
     if mode == "incremental":
         return

@@ -126,7 +126,7 @@ class PostgresServer:
 
     def _start(self, max_connections: int = 300) -> None:
         opts = (f"-k {self.base} -p {self.port} -c listen_addresses={self.host} -c fsync=off "
-                f"-c synchronous_commit=off -c full_page_writes=off -c max_connections={max_connections}")
+                f"-c full_page_writes=off -c max_connections={max_connections}")
         self._run("pg_ctl", "-D", self.data, "-o", opts, "-l", self.log_path, "-w", "-t", "60", "start")
         self.running = True
 
@@ -197,4 +197,5 @@ def pg_rows(url: str, sql: str, *args: Any) -> list[tuple]:
     from roller.store.dialect import translate
 
     with psycopg.connect(url, autocommit=True, cursor_factory=psycopg.ClientCursor) as conn:
-        return [tuple(r) for r in conn.execute(translate(sql), args).fetchall()]
+        cursor = conn.execute(translate(sql), args)
+        return [tuple(r) for r in cursor.fetchall()] if cursor.description else []
