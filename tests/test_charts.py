@@ -121,7 +121,7 @@ def test_hbars_lengths() -> None:
     root = parse(svg)
     named(root)
     bars = bars_of(root)
-    plot_w = 600 - 100 - 90.0
+    plot_w = 600 - 100 - 130.0
     top, _ = nice_scale(30)
     assert [float(b.get("width")) for b in bars] == pytest.approx([30 / top * plot_w, 15 / top * plot_w, 0])
     assert all(b.get("x") == "100" for b in bars)

@@ -192,4 +192,44 @@ def run_browser(browser: Any, base: str, shots: Path, expect: Any) -> None:
     spark.click()
     expect(page).to_have_url(re.compile(r"/stats$"))
     assert problems == [], problems
+    state = context.storage_state()
     context.close()
+    check_accessibility(browser, base, state, shots)
+
+
+#: the pages of this test, as axe-core checks them (the stats page with its tables open)
+AXE_PAGES = ("/jobs", "/jobs?state=failed&state=timed_out&task=reboot", "/jobs?group=lab&worker=hist-3",
+             "/jobs?before=101", "/stats")
+
+
+def check_accessibility(browser: Any, base: str, state: Any, shots: Path) -> None:
+    """
+    axe-core (tests/axe.py) on every page of the history and the charts at
+    1440x900 and 390x844, light and dark: no violation; and no sideways
+    scrolling of the page on a phone.
+    """
+    try:
+        from axe import axe_violations, format_violations
+    except ImportError:  # tests/axe.py comes with the accessibility tests
+        return
+    found = []
+    for width, height in ((1440, 900), (390, 844)):
+        for scheme in ("light", "dark"):
+            context = browser.new_context(viewport={"width": width, "height": height}, color_scheme=scheme,
+                                          storage_state=state, bypass_csp=True)
+            page = context.new_page()
+            for path in AXE_PAGES:
+                page.goto(base + path)
+                page.evaluate("document.querySelectorAll('details').forEach(d => d.open = true)")
+                where = f"{path} at {width}x{height} {scheme}: "
+                found += [format_violations([v], where) for v in axe_violations(page)]
+                overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+                if overflow > 0:
+                    found.append(f"{where}the page scrolls sideways by {overflow} px")
+            if width == 390:
+                page.goto(base + "/stats")
+                page.screenshot(path=str(shots / f"stats-phone-{scheme}.png"), full_page=True)
+                page.goto(base + "/jobs")
+                page.screenshot(path=str(shots / f"jobs-phone-{scheme}.png"), full_page=True)
+            context.close()
+    assert not found, "\n".join(found)

@@ -54,7 +54,7 @@ PATTERNS = {
     "dry_run": "dots",
 }
 
-_FONT = 11  # px in the viewBox; charts.css sets the same size
+_FONT = 12  # px in the viewBox; charts.css sets the same size
 
 
 def _n(value: float) -> str:
@@ -92,7 +92,8 @@ def _open(chart_id: str, title: str, desc: str, width: float, height: float, kin
     t, d = _ids(chart_id)
     return [
         f'<svg xmlns="http://www.w3.org/2000/svg" id="{escape(chart_id)}" class="chart chart-{kind}" '
-        f'viewBox="0 0 {_n(width)} {_n(height)}" role="img" aria-labelledby="{escape(t)} {escape(d)}" '
+        f'width="{_n(width)}" height="{_n(height)}" viewBox="0 0 {_n(width)} {_n(height)}" role="img" '
+        f'aria-labelledby="{escape(t)} {escape(d)}" '
         f'focusable="false">',
         f'<title id="{escape(t)}">{escape(title)}</title>',
         f'<desc id="{escape(d)}">{escape(desc)}</desc>',
@@ -159,13 +160,13 @@ def _legend(chart_id: str, series: Sequence[Series], y: float, left: float, line
                        f'{_fill(chart_id, s.key)}/>')
         x += 22 if line else 16
         out.append(f'<text x="{_n(x)}" y="{_n(y)}">{escape(s.label)}</text>')
-        x += 7 * len(s.label) + 18
+        x += 12 * len(s.label) + 18  # room for the larger text of small screens (charts.css)
     out.append("</g>")
     return out
 
 
 def stacked_bars(chart_id: str, title: str, desc: str, labels: Sequence[str], series: Sequence[Series], *,
-                 width: float = 720, height: float = 240, bar_titles: Sequence[str] | None = None) -> Markup:
+                 width: float = 880, height: float = 260, bar_titles: Sequence[str] | None = None) -> Markup:
     """
     One bar per bucket (C{labels}: each bucket's x-axis label, "" for none),
     the series stacked in order from the axis up; each segment's tooltip
@@ -212,7 +213,7 @@ def stacked_bars(chart_id: str, title: str, desc: str, labels: Sequence[str], se
 
 
 def line_chart(chart_id: str, title: str, desc: str, labels: Sequence[str], series: Sequence[Series], *,
-               width: float = 720, height: float = 240) -> Markup:
+               width: float = 880, height: float = 260) -> Markup:
     """
     One line per series over the buckets of C{labels}, each dashed after
     its own fashion (C{s-<key>}) and named at its right end.
@@ -247,7 +248,7 @@ def line_chart(chart_id: str, title: str, desc: str, labels: Sequence[str], seri
 
 
 def hbars(chart_id: str, title: str, desc: str, bars: Sequence[HBar], *, max_value: float | None = None,
-          width: float = 720, key: str = "bar", label_width: float = 150) -> Markup:
+          width: float = 720, key: str = "bar", label_width: float = 160) -> Markup:
     """
     Horizontal bars, one row each, top to bottom in the order given, the
     label on the left and the text (or value) after the bar.  C{max_value}
@@ -255,7 +256,7 @@ def hbars(chart_id: str, title: str, desc: str, bars: Sequence[HBar], *, max_val
     """
     row, top = 22.0, 4.0
     height = top * 2 + row * max(len(bars), 1)
-    left, right = label_width, 90.0
+    left, right = label_width, 130.0
     plot_w = width - left - right
     top_value = max_value if max_value else nice_scale(max((b.value for b in bars), default=0))[0]
     out = _open(chart_id, title, desc, width, height, "hbars")

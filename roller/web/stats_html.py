@@ -158,7 +158,8 @@ def pools_chart(week: WeekStats, since: float) -> tuple[Markup, list[dict[str, A
     failed = sum(p.failed for p in pools)
     desc = (f"{failed} failed or timed-out jobs in {sum(1 for p in pools if p.failed)} pools over {DAYS} days"
             + (f"; most in {bars[0].label}: {bars[0].text}" if bars else "") + ".")
-    svg = charts.hbars("failures-by-pool", f"Failed jobs by pool, last {DAYS} days", desc, bars, key="failed")
+    svg = charts.hbars("failures-by-pool", f"Failed jobs by pool, last {DAYS} days", desc, bars, key="failed",
+                       width=560)
     since_text = iso(since)
     rows = []
     for p in pools:
