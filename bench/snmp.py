@@ -11,13 +11,18 @@ process (this file with C{--client}) and keeps at most W SETs in flight:
 
   - roller: L{roller.drivers.snmp.client.SnmpClient} on the Twisted reactor;
   - pysnmp-asyncio: pysnmp's high-level API, C{pysnmp.hlapi.v3arch.asyncio.set_cmd}
-    (one SnmpEngine, one target, an asyncio.Semaphore(W));
+    (one SnmpEngine, one target, an asyncio.Semaphore(W)); it resolves
+    the OID through the MIB machinery on every request;
+  - pysnmp-lowlevel: pysnmp's own low-level API on asyncio, the honest
+    baseline: one SnmpEngine configured once (C{config.add_target_address}),
+    C{cmdgen.SetCommandGenerator().send_varbinds} with a parsed OID, W in
+    flight;
   - snmpset: one C{snmpset} process per SET, W at a time.
 
 Printed per client: SETs/s, client CPU ms per SET (user+sys of the client
 process and, for snmpset, of its children) and the agent's CPU per SET;
-then the ratios roller/snmpset and roller/pysnmp-asyncio (targets: >= 5x
-and >= 1x).  Rounds are interleaved; the best round of each is kept.
+then the ratios roller/snmpset, roller/pysnmp-asyncio and
+roller/pysnmp-lowlevel (targets: >= 5x, >= 1x and >= 1x).  Rounds are interleaved; the best round of each is kept.
 Every SET must succeed, and the last value must read back.
 """
 
@@ -147,6 +152,65 @@ def client_asyncio(args: argparse.Namespace) -> dict:
     return asyncio.run(main())
 
 
+def client_lowlevel(args: argparse.Namespace) -> dict:
+    import asyncio
+
+    from pysnmp.carrier.asyncio.dgram import udp
+    from pysnmp.entity import config, engine
+    from pysnmp.entity.rfc3413 import cmdgen
+    from pysnmp.proto.rfc1902 import Integer32, ObjectName
+
+    from roller.testing.snmpd import BENCH_OID
+
+    cred = _credential(args)
+
+    async def main() -> dict:
+        eng = engine.SnmpEngine()
+        if args.v3:
+            config.add_v3_user(eng, cred.user, config.USM_AUTH_HMAC96_SHA, cred.auth_key,
+                               config.USM_PRIV_CFB128_AES, cred.priv_key)
+            config.add_target_parameters(eng, "creds", cred.user, "authPriv", 3)
+        else:
+            config.add_v1_system(eng, "area", cred.community)
+            config.add_target_parameters(eng, "creds", "area", "noAuthNoPriv", 1)
+        config.add_transport(eng, udp.DOMAIN_NAME, udp.UdpAsyncioTransport().open_client_mode())
+        config.add_target_address(eng, "target", udp.DOMAIN_NAME, ("127.0.0.1", args.port), "creds",
+                                  timeout=500, retryCount=1)
+        loop = asyncio.get_running_loop()
+        oid = ObjectName(BENCH_OID)
+        setter, getter = cmdgen.SetCommandGenerator(), cmdgen.GetCommandGenerator()
+
+        def send(generator: Any, varbinds: list) -> asyncio.Future:
+            done: asyncio.Future = loop.create_future()
+
+            def answered(snmp_engine: Any, handle: Any, indication: Any, status: Any, index: Any, vbs: Any,
+                         ctx: Any) -> None:
+                if done.done():
+                    return
+                if indication or status:
+                    done.set_exception(RuntimeError(f"{indication or status.prettyPrint()}"))
+                else:
+                    done.set_result(vbs)
+
+            generator.send_varbinds(eng, "target", None, "", varbinds, answered)
+            return done
+
+        async def one(i: int, sem: asyncio.Semaphore) -> None:
+            async with sem:
+                await send(setter, [(oid, Integer32(i))])
+
+        await one(0, asyncio.Semaphore(1))  # warm-up: v3 discovery
+        sem = asyncio.Semaphore(args.window)
+        started, cpu = time.perf_counter(), _cpu_self()
+        await asyncio.gather(*(one(i, sem) for i in range(args.count)))
+        seconds, used = time.perf_counter() - started, _cpu_self() - cpu
+        vbs = await send(getter, [(oid, None)])
+        eng.close_dispatcher()
+        return {"seconds": seconds, "cpu": used, "last": int(vbs[0][1])}
+
+    return asyncio.run(main())
+
+
 def client_snmpset(args: argparse.Namespace) -> dict:
     from roller.testing.snmpd import BENCH_OID
 
@@ -181,7 +245,8 @@ def client_snmpset(args: argparse.Namespace) -> dict:
     return {"seconds": seconds, "cpu": used, "last": args.count - 1}
 
 
-CLIENTS = {"roller": client_roller, "pysnmp-asyncio": client_asyncio, "snmpset": client_snmpset}
+CLIENTS = {"roller": client_roller, "pysnmp-asyncio": client_asyncio, "pysnmp-lowlevel": client_lowlevel,
+           "snmpset": client_snmpset}
 
 
 # ---------------------------------------------------------------- driver
@@ -236,7 +301,7 @@ def main() -> None:
           f"{args.sets} SETs (snmpset: {args.snmpset_sets}) per round, {os.cpu_count()} cores")
     with SnmpAgent(pdus=False) as agent:
         for round_no in range(1, args.rounds + 1):
-            for name in ("roller", "pysnmp-asyncio", "snmpset"):
+            for name in CLIENTS:
                 count = args.snmpset_sets if name == "snmpset" else args.sets
                 r = run_client(name, agent.port, count, args.window, args.v3, agent.pid)
                 print(f"  round {round_no} {name:15s} {r['rate']:8.0f} SETs/s   client CPU "
@@ -245,15 +310,18 @@ def main() -> None:
                     best[name] = r
     print()
     print(f"{'client':15s} {'SETs/s':>8s} {'client CPU ms/SET':>18s}")
-    for name in ("roller", "pysnmp-asyncio", "snmpset"):
+    for name in CLIENTS:
         r = best[name]
         print(f"{name:15s} {r['rate']:8.0f} {r['cpu_ms']:18.3f}")
     roller, asyncio_, snmpset = best["roller"], best["pysnmp-asyncio"], best["snmpset"]
+    low = best["pysnmp-lowlevel"]
     print()
     print(f"throughput  roller/snmpset {roller['rate'] / snmpset['rate']:5.1f}x (target >= 5x)   "
-          f"roller/pysnmp-asyncio {roller['rate'] / asyncio_['rate']:4.2f}x (target >= 1x)")
+          f"roller/pysnmp-asyncio {roller['rate'] / asyncio_['rate']:4.2f}x (target >= 1x)   "
+          f"roller/pysnmp-lowlevel {roller['rate'] / low['rate']:4.2f}x (target >= 1x)")
     print(f"CPU per SET snmpset/roller {snmpset['cpu_ms'] / roller['cpu_ms']:5.1f}x   "
-          f"pysnmp-asyncio/roller {asyncio_['cpu_ms'] / roller['cpu_ms']:4.2f}x")
+          f"pysnmp-asyncio/roller {asyncio_['cpu_ms'] / roller['cpu_ms']:4.2f}x   "
+          f"pysnmp-lowlevel/roller {low['cpu_ms'] / roller['cpu_ms']:4.2f}x")
 
 
 if __name__ == "__main__":
