@@ -24,6 +24,9 @@ _ROOT = str(Path(__file__).resolve().parent.parent)
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
+#: the session's PostgreSQL server (postgres_server) and a store per engine (store_path)
+pytest_plugins = ["roller.testing.postgres"]
+
 #: How many reactor turns (of at most 10 ms each) a transport, a port or a
 #: killed process gets to finish closing before the test is judged.
 SETTLE_TURNS = 50

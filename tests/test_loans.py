@@ -45,10 +45,13 @@ def fake():
     port.stopListening()
 
 
-@pytest.fixture
-def store():
-    s, _ = sync_store()
+@pytest.fixture(params=["memory", "postgresql"])
+def store(request):
+    """The loan tests that use the store directly run on SQLite and on PostgreSQL."""
+    path = ":memory:" if request.param == "memory" else request.getfixturevalue("postgres_server").create_database()
+    s, _ = sync_store(path)
     yield s
+    result_of(s.close())
 
 
 class At:

@@ -25,7 +25,6 @@ from roller.store import AuditEntry, Store, open_store
 from roller.store.fleet import FleetFilter, FleetQueries
 from roller.store.loans import Loan
 from roller.store.retention import DAY, PruneLoop, Pruner, RetentionPolicy, ensure_incremental_vacuum
-from roller.testing.postgres import postgres_server  # noqa: F401 -- a fixture
 from roller.testing.syncdb import SyncClock, result_of, run, sync_store
 
 NOW = 1_700_000_000.0

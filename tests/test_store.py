@@ -31,7 +31,7 @@ from roller.jobs import Job, JobEvent, State, new_job_id
 from roller.store import AuditEntry, Store, StoreError, open_store
 from roller.store.db import integrity_errors
 from roller.store.schema import MIGRATIONS
-from roller.testing.postgres import PostgresServer, pg_rows, postgres_server  # noqa: F401 -- a fixture
+from roller.testing.postgres import PostgresServer, pg_rows
 from roller.testing.results import failure_of, has_no_result, result_of
 from roller.testing.syncdb import SyncClock, sync_database, sync_store
 

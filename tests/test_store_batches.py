@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import sqlite3
-
 from attrs import evolve
 
 from roller.batches.model import Batch, BatchState, Excluded, Limit, Member, MemberState, Rollout, Selector
 from roller.jobs import Job
 from roller.store import AuditEntry
+from roller.store.db import integrity_errors
 from roller.testing.syncdb import result_of, sync_store
 
 
@@ -22,8 +21,8 @@ def _batch(n: int = 3, bid: str = "b1") -> tuple[Batch, list[Member]]:
     return batch, members
 
 
-def test_insert_get_roundtrip_with_audit(tmp_path):
-    store, clock = sync_store(str(tmp_path / "b.db"))
+def test_insert_get_roundtrip_with_audit(store_path):
+    store, clock = sync_store(store_path)
     batch, members = _batch()
     audit = AuditEntry(time=100.0, actor="alice", action="batch.create:reboot", result="created b1", target="batch/b1")
     saved = result_of(store.batches.insert(batch, members, excluded=[Excluded("g", "x", "loaned")],
@@ -39,20 +38,20 @@ def test_insert_get_roundtrip_with_audit(tmp_path):
     assert result_of(store.batches.get("nope")) is None
 
 
-def test_insert_is_one_transaction(tmp_path):
-    store, _ = sync_store(str(tmp_path / "b.db"))
+def test_insert_is_one_transaction(store_path):
+    store, _ = sync_store(store_path)
     batch, members = _batch()
     members.append(members[0])  # the same position twice: the whole batch is refused
     failure = store.batches.insert(batch, members)
     err = []
     failure.addErrback(err.append)
-    assert err and err[0].check(sqlite3.IntegrityError)
+    assert err and err[0].check(*integrity_errors())
     assert result_of(store.batches.get("b1")) is None
     assert result_of(store.batches.list()) == []
 
 
-def test_save_unfinished_and_list(tmp_path):
-    store, _ = sync_store(str(tmp_path / "b.db"))
+def test_save_unfinished_and_list(store_path):
+    store, _ = sync_store(store_path)
     for i in range(3):
         batch, members = _batch(bid=f"b{i}")
         result_of(store.batches.insert(batch, members))
@@ -75,8 +74,8 @@ def test_save_unfinished_and_list(tmp_path):
     assert older[0].pools == {"": 2, "p1": 1}
 
 
-def test_jobs_carry_batch_id(tmp_path):
-    store, _ = sync_store(str(tmp_path / "b.db"))
+def test_jobs_carry_batch_id(store_path):
+    store, _ = sync_store(store_path)
     for i, bid in enumerate(["b1", None, "b1", "b2"]):
         result_of(store.jobs.insert(Job(id=f"j{i}", task_name="ping", worker_id=f"m{i}", worker_group="g",
                                         created_at=float(i), batch_id=bid)))

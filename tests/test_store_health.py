@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from roller.store.health import TransitionRow
 from roller.testing.syncdb import result_of, sync_store
 
 KEY = ("mdc1", "w1")
 
 
-def test_health_is_saved_with_its_transition_and_read_back(tmp_path: Path) -> None:
-    store, _ = sync_store(str(tmp_path / "h.db"))
+def test_health_is_saved_with_its_transition_and_read_back(store_path: str) -> None:
+    store, _ = sync_store(store_path)
     finding = {"source": "liveness", "kind": "down", "since": 10.0, "detail": "2 checks failed"}
     result_of(store.health.save(KEY, "down", 20.0, [finding], TransitionRow(20.0, "healthy", "down", "no reply")))
     result_of(store.health.set_maintenance(KEY, True, "alice: disk", 25.0))
@@ -34,8 +32,8 @@ def test_health_is_saved_with_its_transition_and_read_back(tmp_path: Path) -> No
     assert sorted(r.worker_id for r in result_of(store.health.all())) == ["w2", "w9"]
 
 
-def test_remediations_and_flags(tmp_path: Path) -> None:
-    store, _ = sync_store(str(tmp_path / "h.db"))
+def test_remediations_and_flags(store_path: str) -> None:
+    store, _ = sync_store(store_path)
     first = result_of(store.health.add_remediation(KEY, "reboot-down", "reboot", 100.0, False, "job-1", "down"))
     result_of(store.health.add_remediation(KEY, "reboot-down", "loan", 200.0, True, None, "still down"))
     rows = result_of(store.health.remediations(150.0))

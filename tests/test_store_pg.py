@@ -21,15 +21,15 @@ import pytest_twisted
 
 from roller.config import ConfigError, load_settings
 from roller.jobs import Job, new_job_id
-from roller.secrets import Credential, Secrets, write_secrets
+from roller.secrets import Credential, write_secrets
 from roller.store import StorageUnavailable, StoreError, open_store
 from roller.store.db import storage_fault
 from roller.store.dialect import POSTGRESQL, SQLITE, ddl, translate
 from roller.store.engine import database_login, open_configured_store
 from roller.store.pg import parse_url
 from roller.store.schema import MIGRATIONS
-from roller.testing.postgres import PostgresServer, pg_rows, postgres_server  # noqa: F401 -- a fixture
-from roller.testing.process import RollerProcess
+from roller.testing.postgres import PostgresServer, pg_rows
+from roller.testing.process import RollerProcess, RollerStartError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -261,7 +261,7 @@ def test_twistd_roller_refuses_an_unreachable_server_in_one_line(tmp_path: Path)
         port = s.getsockname()[1]  # nobody listens there once closed
     roller = RollerProcess(["--auth", "none"], state_dir=tmp_path / "state",
                            env=_env(f"postgresql://roller@127.0.0.1:{port}/nothing"))
-    with pytest.raises(Exception):
+    with pytest.raises(RollerStartError, match="roller exited with status 2 before answering"):
         roller.start(timeout=15)
     text = roller.log_text()
     roller.close()

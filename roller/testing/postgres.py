@@ -199,3 +199,23 @@ def pg_rows(url: str, sql: str, *args: Any) -> list[tuple]:
     with psycopg.connect(url, autocommit=True, cursor_factory=psycopg.ClientCursor) as conn:
         cursor = conn.execute(translate(sql), args)
         return [tuple(r) for r in cursor.fetchall()] if cursor.description else []
+
+
+def _store_path_fixture() -> Any:
+    import pytest
+
+    @pytest.fixture(params=["sqlite", "postgresql"])
+    def store_path(request: Any, tmp_path: Any) -> str:
+        """
+        Where a store-level test opens its store, once per engine: a SQLite
+        file in C{tmp_path}, then a new database on the session's server.
+        (Import it with C{postgres_server} into the test module.)
+        """
+        if request.param == "postgresql":
+            return str(request.getfixturevalue("postgres_server").create_database())
+        return str(tmp_path / "roller.db")
+
+    return store_path
+
+
+store_path = _store_path_fixture()
