@@ -33,6 +33,8 @@ __all__ = ["JobQuery", "JobRow", "HistoryPage", "HistoryQueries", "first_seq_at"
 
 #: jobs looked at per statement when a filter has no index
 SPAN = 20_000
+#: the oldest and newest job's seq: two primary-key lookups (min and max together would scan the table)
+_BOUNDS = "SELECT (SELECT min(seq) FROM jobs), (SELECT max(seq) FROM jobs)"
 
 
 @frozen
@@ -113,7 +115,7 @@ def first_seq_at(c: Cursor, when: float, lo: int | None = None, hi: int | None =
     requested).
     """
     if lo is None or hi is None:
-        row = c.execute("SELECT min(seq), max(seq) FROM jobs").fetchone()
+        row = c.execute(_BOUNDS).fetchone()
         if row is None or row[0] is None:
             return 1
         lo, hi = row[0], row[1] + 1
@@ -150,7 +152,7 @@ def _where(q: JobQuery) -> Where:
 
 def history_page(c: Cursor, q: JobQuery, limit: int, max_scan: int) -> HistoryPage:
     """L{HistoryQueries.page} on a cursor."""
-    bounds = c.execute("SELECT min(seq), max(seq) FROM jobs").fetchone()
+    bounds = c.execute(_BOUNDS).fetchone()
     if bounds is None or bounds[0] is None:
         return HistoryPage([], None)
     lo_all, hi_all = bounds[0], bounds[1] + 1

@@ -113,10 +113,12 @@ def jobs_by_state(c: Cursor, since: int, until: int, width: int) -> Buckets:
 def failures_by_pool(c: Cursor, since: float, until: float) -> list[PoolFailures]:
     """Per pool (the machines' current pools), the jobs that ended in [since, until) and how many failed."""
     marks = ", ".join("?" * len(FAILED))
+    # counted per machine first, then one machines lookup per machine rather than per job
     rows = c.execute(
-        f"SELECT m.pool, count(*), sum(CASE WHEN j.state IN ({marks}) THEN 1 ELSE 0 END) FROM jobs j"
-        " LEFT JOIN machines m ON m.worker_group = j.worker_group AND m.worker_id = j.worker_id"
-        " WHERE j.seq >= ? AND j.finished_at >= ? AND j.finished_at < ? GROUP BY m.pool",
+        "SELECT m.pool, sum(x.n), sum(x.f) FROM (SELECT worker_group AS g, worker_id AS w, count(*) AS n,"
+        f" sum(CASE WHEN state IN ({marks}) THEN 1 ELSE 0 END) AS f FROM jobs"
+        " WHERE seq >= ? AND finished_at >= ? AND finished_at < ? GROUP BY worker_group, worker_id) x"
+        " LEFT JOIN machines m ON m.worker_group = x.g AND m.worker_id = x.w GROUP BY m.pool",
         (*FAILED, _window_seq(c, since), since, until)).fetchall()
     out = [PoolFailures(pool, finished, failed or 0) for pool, finished, failed in rows]
     return sorted(out, key=lambda p: (-p.failed, -p.rate, p.pool or ""))
@@ -129,9 +131,10 @@ def reboot_methods(c: Cursor, since: float, until: float) -> dict[str, MethodSta
     C{outcome}, as L{roller.tasks.reboot} records them).  Time to recover:
     from the method's C{initiate} event to its C{succeeded} one.
     """
+    # the window's reboot jobs first (a range of the primary key), then each one's events (job_events_job)
     rows = c.execute(
-        "SELECT e.job_id, e.time, e.data FROM jobs j JOIN job_events e ON e.job_id = j.id"
-        " WHERE j.seq >= ? AND j.task_name = 'reboot' AND j.finished_at >= ? AND j.finished_at < ?"
+        "SELECT e.job_id, e.time, e.data FROM job_events e WHERE e.job_id IN (SELECT j.id FROM jobs j"
+        " WHERE j.seq >= ? AND j.task_name = 'reboot' AND j.finished_at >= ? AND j.finished_at < ?)"
         " AND e.kind = 'log' AND e.data IS NOT NULL ORDER BY e.job_id, e.id",
         (_window_seq(c, since), since, until)).fetchall()
     ok: dict[str, int] = defaultdict(int)
@@ -185,18 +188,11 @@ class WeekStats:
     remediations: Buckets
 
 
-def week_stats(c: Cursor, hour_until: int, day_until: int, days: int) -> WeekStats:
-    since = hour_until - days * 86400
-    return WeekStats(
-        hourly=jobs_by_state(c, since, hour_until, 3600),
-        pools=failures_by_pool(c, since, hour_until),
-        methods=reboot_methods(c, since, hour_until),
-        remediations=remediations_per_day(c, day_until - days * 86400, day_until),
-    )
-
-
 class StatsQueries:
-    """The charts' reads, on the store's reader connections (one read transaction each)."""
+    """
+    The charts' reads, on the store's reader connection: one read per
+    aggregate, so other reads get their turn in between.
+    """
 
     def __init__(self, store: Store):
         self._db = store.db
@@ -211,4 +207,13 @@ class StatsQueries:
         C{hour_until}), reboot methods, and remediations per day (whole days
         to C{day_until}).
         """
-        return self._db.read(week_stats, hour_until, day_until, days)
+        return Deferred.fromCoroutine(self._week(hour_until, day_until, days))
+
+    async def _week(self, hour_until: int, day_until: int, days: int) -> WeekStats:
+        since, read = hour_until - days * 86400, self._db.read
+        return WeekStats(
+            hourly=await read(jobs_by_state, since, hour_until, 3600),
+            pools=await read(failures_by_pool, since, hour_until),
+            methods=await read(reboot_methods, since, hour_until),
+            remediations=await read(remediations_per_day, day_until - days * 86400, day_until),
+        )
