@@ -341,6 +341,21 @@ def create_private(path: str) -> None:
     os.close(fd)
 
 
+def data_version(c: Cursor, dialect: Dialect) -> tuple[Any, ...]:
+    """
+    A value that changes whenever anything was committed to the database,
+    by any connection (for caches of query results).  SQLite: C{PRAGMA
+    data_version} (other connections' commits) with the connection's own
+    C{total_changes}; PostgreSQL: the WAL insert position (every committed
+    change writes WAL before its COMMIT returns; it may also move for
+    other reasons, which only costs a cache miss).
+    """
+    if dialect.postgresql:
+        return ("pg", str(c.execute("SELECT pg_current_wal_insert_lsn()").fetchone()[0]))
+    conn = c.connection
+    return (id(conn), c.execute("PRAGMA data_version").fetchone()[0], conn.total_changes)
+
+
 def write_heartbeat(c: Cursor, now: float) -> None:
     """A real, committed write that does not grow the database: one row, overwritten."""
     c.execute("INSERT INTO heartbeat (id, at) VALUES (1, ?) ON CONFLICT (id) DO UPDATE SET at = excluded.at",
