@@ -199,6 +199,7 @@ def test_dashboard_in_chromium(tmp_path: Path) -> None:
 
             page.once("dialog", accept)
             page.get_by_label("Reason").fill("browser test: reboot sim-001")
+            page.get_by_text(re.compile(r"^Power, reboot and other disruptive tasks")).click()  # the menu
             page.get_by_role("button", name="Run reboot", exact=True).click()
             expect(page).to_have_url(re.compile(r"/jobs/[0-9a-f-]{36}$"))
             assert dialogs and "Run reboot on sim-001?" in dialogs[0]
@@ -219,6 +220,7 @@ def test_dashboard_in_chromium(tmp_path: Path) -> None:
             # -- the queue: a ping waits behind sim-002's reboot; cancel it there
             page.goto(base + "/machines/demo/sim-002")
             page.once("dialog", lambda d: d.accept())
+            page.locator("#destructive-tasks summary").click()
             page.get_by_role("button", name="Run reboot", exact=True).click()
             expect(page).to_have_url(re.compile(r"/jobs/"))
             page.goto(base + "/machines/demo/sim-002")
