@@ -1,9 +1,11 @@
 """
-Fleet page (GET /) of roller with 5000 machines, side by side with a static
-file of the same size served by plain twisted.web.static.File.  Manual; not
-part of CI.  See bench/README.md.
+Fleet page (GET /) of roller with 5000 machines, and the job history (GET
+/jobs) and charts (GET /stats) over 100 000 jobs, each side by side with a
+static file of the same bytes served by plain twisted.web.static.File.
+Manual; not part of CI.  See bench/README.md.
 
-    python bench/dashboard.py [--machines N] [--requests N] [--walks N] [--concurrency C] [--quick] [--keep]
+    python bench/dashboard.py [--machines N] [--history N] [--requests N] [--walks N] [--concurrency C]
+                              [--quick] [--keep]
 
 roller (this source tree, twistd, --auth none, a temporary state dir) gets
 N machines and one finished ping job per machine (every 10th failed, the
@@ -19,6 +21,18 @@ changes), so what is timed is
 - the last page (`/?page=LAST`: the same work, with OFFSET N-200),
 - a walk of every page (`/?page=1` .. `/?page=LAST`, one after the other on
   one connection): what seeing all N machines costs,
+
+and, over a history of --history jobs (default 100 000) written to the
+database before roller starts (spread over the last 7 days across the
+machines, every 8th failed, every 10th a reboot with its attempts' log
+events), the history and the charts:
+
+- `/jobs` (the newest 100), `/jobs?state=failed` (a filter an index
+  answers), `/jobs?task=reboot` (one that walks the history backwards),
+  `/jobs?before=SEQ` (a page from the middle of the history);
+- `/stats` (six charts and their tables; the aggregates are recomputed
+  at most once a minute, so what is timed is mostly the cached page; the
+  first computation, over the whole 7 days, is timed once on its own),
 
 each against the same bytes (roller's answer, saved to files) served by
 `twistd -n web --path DIR` (twisted.web.static.File), its own process.
@@ -172,14 +186,65 @@ def fetch_page(port: int, path: str, cookie: str) -> tuple[int, bytes]:
         conn.close()
 
 
-def start_roller(servers: Procs, workdir: str, machines: int) -> tuple[subprocess.Popen, int]:
+async def seed_history(reactor: Any, path: str, count: int, machines: int) -> None:
+    """
+    C{count} finished jobs over the last 7 days through roller's own store
+    (many inserts in flight, so the store commits them in groups): machine
+    bd<i % machines>, every 8th failed, every 10th a reboot whose log has
+    its attempts (ssh_reboot, then ipmi_cycle when ssh failed).
+    """
+    from twisted.internet.defer import gatherResults
+
+    from roller.jobs import Job, JobEvent, State
+    from roller.store import open_store
+
+    store = await open_store(path, reactor)
+    try:
+        now = time.time()
+        step = 7 * 86400 / max(count, 1)
+        for start in range(0, count, 2000):
+            jobs, events = [], []
+            for i in range(start, min(count, start + 2000)):
+                created = now - 7 * 86400 + i * step
+                failed = i % 8 == 5
+                reboot = i % 10 == 0
+                job = Job(id=f"00000000-0000-7000-8000-{i:012d}", task_name="reboot" if reboot else "ping",
+                          worker_id=f"bd{i % machines}", worker_group="bench", created_at=created,
+                          params={} if reboot else {"count": 3}, requester=("bench", "roller/health")[i % 2],
+                          state=State.failed if failed else State.succeeded, started_at=created + 1,
+                          finished_at=created + (95 if reboot else 2.1),
+                          result=None if failed else ("ssh_reboot: rebooted. Completed in 94 seconds" if reboot
+                                                      else "3/3 replies, rtt 0.05 ms"),
+                          error="failed: ssh_reboot failed: no route; ipmi_cycle failed: timeout" if failed else None)
+                jobs.append(job)
+                if reboot:
+                    events += [JobEvent(job.id, created + 2, "log", "ssh_reboot: starting",
+                                        {"method": "ssh_reboot", "step": "initiate"}),
+                               JobEvent(job.id, created + 40, "log", "ssh_reboot",
+                                        {"method": "ssh_reboot", "outcome": "failed" if failed else "succeeded"})]
+                    if failed:
+                        events += [JobEvent(job.id, created + 41, "log", "ipmi_cycle: starting",
+                                            {"method": "ipmi_cycle", "step": "initiate"}),
+                                   JobEvent(job.id, created + 94, "log", "ipmi_cycle",
+                                            {"method": "ipmi_cycle", "outcome": "failed"})]
+            await gatherResults([store.jobs.insert(j) for j in jobs])
+            await store.jobs.add_events(events)
+    finally:
+        await store.close()
+
+
+def start_roller(servers: Procs, workdir: str, machines: int, history: int) -> tuple[subprocess.Popen, int]:
     state = os.path.join(workdir, "roller")
     os.makedirs(state)
     config = os.path.join(state, "bench.toml")
     with open(config, "w") as f:
         f.write(ROLLER_CONFIG)
     env = roller_env()
-    seed_db(os.path.join(state, "roller.db"), "bd", machines, jobs=True, env=env, cwd=state)
+    db = os.path.join(state, "roller.db")
+    seed_db(db, "bd", machines, jobs=True, env=env, cwd=state)
+    if history:
+        subprocess.run([sys.executable, os.path.abspath(__file__), "--seed-history",
+                        json.dumps({"db": db, "count": history, "machines": machines})], env=env, cwd=state, check=True)
     subprocess.run([sys.executable, "-m", "roller.cli", "--state-dir", state, "--config", config, "user", "add",
                     BENCH_USER, "--role", "viewer", "--password-stdin"], input=BENCH_PASSWORD + "\n", text=True,
                    env=env, cwd=state, check=True, stdout=subprocess.DEVNULL)
@@ -233,13 +298,24 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=0, help="rounds, alternating roller and static (3, quick 1)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 20 requests, 2 walks, 1 round")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, database, pages)")
+    parser.add_argument("--history", type=int, default=100_000,
+                        help="finished jobs in the history behind /jobs and /stats (100000, quick 10000)")
     parser.add_argument("--client", help=argparse.SUPPRESS)
+    parser.add_argument("--seed-history", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if child_mode(args.client, client):
         return
+    if args.seed_history:
+        from twisted.internet import task
+        from twisted.internet.defer import ensureDeferred
+
+        spec = json.loads(args.seed_history)
+        task.react(lambda reactor: ensureDeferred(seed_history(reactor, spec["db"], spec["count"], spec["machines"])))
+        return
     if args.quick:
         args.requests, args.walks = min(args.requests, 20), min(args.walks, 2)
+        args.history = min(args.history, 10_000)
     args.rounds = args.rounds or (1 if args.quick else 3)
     pages = max(1, -(-args.machines // PAGE_SIZE))
 
@@ -251,14 +327,34 @@ def main() -> None:
           f"{PAGE_SIZE}), {args.rounds} round(s); work dir {workdir}", flush=True)
     problems: list[str] = []
     results: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    sizes: dict[Any, int] = {}
     try:
         t = time.monotonic()
-        roller, rport = start_roller(servers, workdir, args.machines)
-        print(f"  {args.machines} machines + {args.machines} finished jobs written and roller started in "
-              f"{time.monotonic() - t:.1f} s", flush=True)
+        roller, rport = start_roller(servers, workdir, args.machines, args.history)
+        print(f"  {args.machines} machines + {args.machines + args.history} finished jobs written and roller "
+              f"started in {time.monotonic() - t:.1f} s", flush=True)
         cookie = sign_in(rport)
+        t = time.monotonic()
+        status, body = fetch_page(rport, "/stats", cookie)
+        stats_first = time.monotonic() - t
+        if status != 200 or body.count(b'role="img"') < 6:
+            raise SystemExit(f"GET /stats: {status} {body[:300]!r}")
+        print(f"  /stats computed over {args.machines + args.history} jobs (7 days) in {stats_first * 1000:.0f} ms "
+              "(once; then cached for a minute)", flush=True)
+        # the history and charts pages, saved as the static server's files
+        middle = args.machines + args.history // 2
+        history_pages = {"jobs": "/jobs", "jobs-failed": "/jobs?state=failed", "jobs-reboot": "/jobs?task=reboot",
+                         "jobs-middle": f"/jobs?before={middle}", "stats": "/stats"}
+        for name, path in history_pages.items():
+            status, body = fetch_page(rport, path, cookie)
+            if status != 200:
+                raise SystemExit(f"GET {path}: {status} {body[:300]!r}")
+            if name.startswith("jobs") and body.count(b"<tr>") < 100:
+                problems.append(f"{path} does not show 100 jobs")
+            with open(os.path.join(docroot, f"{name}.html"), "wb") as f:
+                f.write(body)
+            sizes[name] = len(body)
         # roller's answers, saved as the static server's files
-        sizes = {}
         for n in range(1, pages + 1):
             status, body = fetch_page(rport, f"/?page={n}", cookie)
             if status != 200:
@@ -267,11 +363,12 @@ def main() -> None:
                 f.write(body)
             sizes[n] = len(body)
         first = open(os.path.join(docroot, "page1.html"), encoding="utf-8").read()
-        if f"of {args.machines}." not in first or first.count('<tr') < PAGE_SIZE:
+        if not re.search(rf"of {args.machines}[.,]", first) or first.count('<tr') < PAGE_SIZE:
             problems.append(f"page 1 does not show {PAGE_SIZE} rows 'of {args.machines}'")
         static, sport = start_static(servers, workdir, docroot)
         print(f"  page 1: {sizes[1]} bytes, last page ({pages}): {sizes[pages]} bytes, all {pages} pages: "
-              f"{sum(sizes.values())} bytes", flush=True)
+              f"{sum(v for k, v in sizes.items() if isinstance(k, int))} bytes; "
+              + ", ".join(f"{history_pages[k]}: {sizes[k]} bytes" for k in history_pages), flush=True)
 
         cases = [
             ("page 1, sequential", ["/"], ["/page1.html"], args.requests, 1),
@@ -279,6 +376,9 @@ def main() -> None:
             (f"page 1, {args.concurrency} concurrent", ["/"], ["/page1.html"], args.requests, args.concurrency),
             (f"all {pages} pages, walk", [f"/?page={n}" for n in range(1, pages + 1)],
              [f"/page{n}.html" for n in range(1, pages + 1)], args.walks, 1),
+            *((f"{path}, sequential", [path], [f"/{name}.html"], args.requests, 1)
+              for name, path in history_pages.items()),
+            (f"/jobs, {args.concurrency} concurrent", ["/jobs"], ["/jobs.html"], args.requests, args.concurrency),
         ]
         for rnd in range(args.rounds):
             for name, rpaths, spaths, iterations, conc in cases:
@@ -297,7 +397,7 @@ def main() -> None:
             shutil.rmtree(workdir, ignore_errors=True)
 
     print()
-    print(f"fleet page, {args.machines} machines       server   p50 ms   p95 ms    req/s  CPU ms/req"
+    print(f"{args.machines} machines, {args.history} jobs     server   p50 ms   p95 ms    req/s  CPU ms/req"
           "   ratio p50  ratio CPU")
     worst = 0.0
     others = 0.0
@@ -310,7 +410,7 @@ def main() -> None:
         ratio = ro["p50"] / st["p50"]
         worst = max(worst, ratio)
         unit = "walk" if "walk" in name else "req"
-        print(f"{name:<32} roller {ro['p50']:8.1f} {ro['p95']:8.1f} {ro['rate']:8.1f} {ro['cpu_ms']:11.2f}"
+        print(f"{name[:32]:<32} roller {ro['p50']:8.1f} {ro['p95']:8.1f} {ro['rate']:8.1f} {ro['cpu_ms']:11.2f}"
               f"   {ratio:8.1f}x  " + (f"{ro['cpu_ms'] / st['cpu_ms']:8.1f}x" if st["cpu_ms"] else "     n/a"))
         print(f"{'':<32} static {st['p50']:8.1f} {st['p95']:8.1f} {st['rate']:8.1f} {st['cpu_ms']:11.2f}"
               + (f"   (p50/p95 per {unit} of {pages} GETs)" if unit == "walk" else ""))
@@ -320,7 +420,7 @@ def main() -> None:
     if others > 0.25:
         print(f"NOTE: other processes (not roller, static or the client) used up to {others:.2f} of {os.cpu_count()} CPUs: noisy figures")
     if worst > 5:
-        problems.append(f"roller's fleet page is {worst:.1f}x the static file's time (target <= 5x)")
+        problems.append(f"a roller page is {worst:.1f}x the static file's time (target <= 5x)")
     report(problems)
 
 
