@@ -9,19 +9,26 @@ A viewer signs in, filters C{/jobs} with the form (states ticked, a task
 chosen), pages to older jobs and back, gets a readable 400 for a bad date,
 opens C{/stats}: every chart is an image with its name, and its table
 alternative opens to the same figures; the fleet's sparkline leads there.
-Light and dark screenshots go where tests/test_browser.py puts them.
+Light and dark screenshots go where tests/test_browser.py puts them (and,
+with C{ROLLER_UPDATE_SCREENSHOTS=1}, those the README shows over
+C{static/screenshots/}).
 """
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 from roller.testing.process import RollerProcess, roller_env
-from test_browser import CHROMIUM, CHROMIUM_ARGS, PASSWORD, _playwright, add_users, screenshot_dir
+from test_browser import CHROMIUM, CHROMIUM_ARGS, PASSWORD, REPO, _playwright, add_users, screenshot_dir
+
+#: the screenshots the README shows, refreshed with ROLLER_UPDATE_SCREENSHOTS=1
+README_SHOTS = ("jobs-filtered.png", "stats.png", "stats-dark.png")
 
 SEED = r'''
 import sys, time
@@ -114,7 +121,11 @@ def run_browser(browser: Any, base: str, shots: Path, expect: Any) -> None:
     rows = page.locator("table.history tbody tr")
     expect(rows).to_have_count(100)
     expect(rows.first).to_contain_text("hist-5")  # job 299 ran on hist-5
-    shot = lambda name: page.screenshot(path=str(shots / name), full_page=True)  # noqa: E731
+    def shot(name: str, target: Any = None, full_page: bool = True) -> None:
+        (target or page).screenshot(path=str(shots / name), full_page=full_page)
+        if os.environ.get("ROLLER_UPDATE_SCREENSHOTS") == "1" and name in README_SHOTS:
+            shutil.copyfile(shots / name, REPO / "static" / "screenshots" / name)
+
     shot("jobs.png")
 
     # -- filters from the form: failed and timed out reboots
@@ -130,7 +141,7 @@ def run_browser(browser: Any, base: str, shots: Path, expect: Any) -> None:
     assert len(states) == 25 and set(states) <= {"failed", "timed out"} and set(tasks) == {"reboot"}
     expect(page.get_by_label("failed", exact=True)).to_be_checked()
     expect(page.get_by_label("succeeded", exact=True)).not_to_be_checked()
-    shot("jobs-filtered.png")
+    shot("jobs-filtered.png", full_page=False)
 
     # -- one machine's jobs, from a row's machine link, and its job page
     page.goto(base + "/jobs?group=lab&worker=hist-3")
@@ -175,14 +186,17 @@ def run_browser(browser: Any, base: str, shots: Path, expect: Any) -> None:
     page.locator("section", has=methods).get_by_text("Table of these figures").click()
     ssh = methods.locator("tbody tr").first.locator("td").all_inner_texts()
     assert methods.locator("tbody tr").first.locator("th").inner_text() == "ssh" and ssh[-1] == "37 s"
-    shot("stats.png")
+    shot("stats-full.png")
+    page.locator("details[open]").evaluate_all("ds => ds.forEach(d => d.open = false)")
+    page.evaluate("window.scrollTo(0, 0)")
+    shot("stats.png", full_page=False)
     dark = browser.new_context(viewport={"width": 1280, "height": 900}, color_scheme="dark",
                                storage_state=context.storage_state())
     dpage = dark.new_page()
     dpage.goto(base + "/stats")
     fill = dpage.evaluate("getComputedStyle(document.querySelector('#jobs-24h .fill.s-succeeded')).fill")
     assert fill == "rgb(92, 196, 106)", fill  # the dark theme's colour
-    dpage.screenshot(path=str(shots / "stats-dark.png"), full_page=True)
+    shot("stats-dark.png", dpage, full_page=False)
     dark.close()
 
     # -- the fleet's sparkline leads to the charts
