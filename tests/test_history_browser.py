@@ -24,8 +24,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from roller.testing.process import RollerProcess, roller_env
 from test_browser import CHROMIUM, CHROMIUM_ARGS, PASSWORD, REPO, _playwright, add_users, screenshot_dir
+
+from roller.testing.process import RollerProcess, roller_env
 
 #: the screenshots the README shows, refreshed with ROLLER_UPDATE_SCREENSHOTS=1
 README_SHOTS = ("jobs-filtered.png", "stats.png", "stats-dark.png")

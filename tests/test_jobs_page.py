@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
+from test_dashboard import Env, make_env
 
 from roller.errors import BadRequest
 from roller.jobs import Job, State
@@ -25,7 +26,6 @@ from roller.store.history import SPAN, HistoryQueries, JobQuery, JobRow, first_s
 from roller.testing.syncdb import result_of
 from roller.web import history_html
 from roller.web.history_html import parse_time
-from test_dashboard import Env, make_env
 
 T0 = 1_700_000_000.0  # 2023-11-14T22:13:20Z
 STATES = [State.succeeded, State.failed, State.timed_out, State.cancelled, State.interrupted, State.succeeded]

@@ -3,7 +3,8 @@ The charts' aggregates (roller/store/stats.py) on a real SQLite store with
 jobs, reboot events and remediations at known times on a task.Clock, and
 the C{/stats} page and fleet sparkline (roller/web/stats_html.py): each
 chart with its table, the cache that recomputes at most once a minute of
-the dashboard's clock, and empty history.
+the dashboard's clock, and empty history; and the history's and the
+aggregates' statements giving the same answers on PostgreSQL.
 """
 
 from __future__ import annotations
@@ -11,16 +12,18 @@ from __future__ import annotations
 import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Any
 
 import pytest
+from test_dashboard import Env, make_env
 from twisted.internet.defer import Deferred, ensureDeferred
 
+from roller.inventory import Machine
 from roller.jobs import Job, JobEvent, State
+from roller.store.history import HistoryQueries, JobQuery
 from roller.store.stats import SLACK, StatsQueries
-from roller.testing.syncdb import result_of
+from roller.testing.postgres import postgres_server, store_path  # noqa: F401 -- fixtures
+from roller.testing.syncdb import SyncClock, result_of, sync_store
 from roller.web.stats_html import CACHE_SECONDS, StatsCache, day_end, hour_end
-from test_dashboard import Env, make_env
 
 #: 2023-11-14T22:00:00Z, a whole hour; "now" is 30 minutes into the next one
 HOUR = 1_699_999_200
@@ -251,3 +254,43 @@ def test_windows() -> None:
     assert day_end(HOUR) % 86400 == 0 and 0 < day_end(HOUR) - HOUR <= 86400
 
 
+
+
+# -- both engines ----------------------------------------------------------------------------
+
+def test_history_and_aggregates_on_both_engines(store_path: str) -> None:
+    """The same answers from SQLite and PostgreSQL: the statements are portable."""
+    clock = SyncClock()
+    clock.advance(NOW)
+    store, _ = sync_store(store_path, clock)
+    try:
+        for worker, pool in (("m1", "mac"), ("m2", None)):
+            result_of(store.machines.put(Machine.from_json({"worker_id": worker, "worker_group": "g1",
+                                                            **({"pool": pool} if pool else {})})))
+        jobs = [job(HOUR + i * 60, (State.succeeded, State.failed, State.timed_out)[i % 3],
+                    worker=("m1", "m2")[i % 2], task=("ping", "reboot")[i % 2 and i % 3 == 1]) for i in range(30)]
+        jobs = [result_of(store.jobs.insert(j)) for j in jobs]
+        j = next(x for x in jobs if x.task_name == "reboot")
+        result_of(store.jobs.add_events([
+            JobEvent(j.id, HOUR + 10, "log", "s", {"method": "redfish_reboot", "step": "initiate"}),
+            JobEvent(j.id, HOUR + 55, "log", "ok", {"method": "redfish_reboot", "outcome": "succeeded"})]))
+        result_of(store.health.add_remediation(("g1", "m1"), "p", "reboot", NOW - 10, True, None, "r"))
+        history = HistoryQueries(store)
+        newest = [x.id for x in sorted(jobs, key=lambda x: x.seq, reverse=True)]
+        assert [x.id for x in result_of(history.page(JobQuery(), limit=100)).jobs] == newest
+        failed = result_of(history.page(JobQuery(states=("failed", "timed_out"), pool="mac"), limit=5))
+        expected = [x.id for x in sorted(jobs, key=lambda x: x.seq, reverse=True)
+                    if x.state in (State.failed, State.timed_out) and x.worker_id == "m1"]
+        assert [x.id for x in failed.jobs] == expected[:5] and failed.older is not None
+        since = result_of(history.page(JobQuery(since=HOUR + 600, until=HOUR + 1200, task="ping"), limit=100))
+        assert [x.id for x in since.jobs] == [x.id for x in sorted(jobs, key=lambda x: x.seq, reverse=True)
+                                              if HOUR + 600 <= x.created_at < HOUR + 1200 and x.task_name == "ping"]
+        queries = StatsQueries(store)
+        day = result_of(queries.hourly(hour_end(NOW), 24))
+        assert sum(day.totals) == 30 and day.counts["failed"][22] == 10
+        week = result_of(queries.week(hour_end(NOW), day_end(NOW), 7))
+        assert {p.pool: (p.failed, p.finished) for p in week.pools} == {"mac": (10, 15), None: (10, 15)}
+        assert (week.methods["redfish"].succeeded, week.methods["redfish"].median_recover) == (1, 45)
+        assert week.remediations.counts["dry_run"][-1] == 1
+    finally:
+        result_of(store.close())
