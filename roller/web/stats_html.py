@@ -241,7 +241,7 @@ async def _sparkline(dashboard: Dashboard, now: float) -> Markup:
              if total else "Jobs per hour, last 24 hours: none ended")
     svg = charts.sparkline("fleet-sparkline", title, [float(v) for v in totals])
     return Markup('<a class="sparkline-link" href="/stats">{svg}<span class="sparkline-text">{text}</span></a>'
-                  ).format(svg=svg, text=escape(f"{total} jobs in 24 h"))
+                  ).format(svg=svg, text=escape(f"{total} job{'' if total == 1 else 's'} in 24 h"))
 
 
 async def fleet_sparkline(dashboard: Dashboard) -> Markup:
