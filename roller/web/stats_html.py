@@ -209,7 +209,7 @@ def remediations_chart(b: Buckets) -> tuple[Markup, dict[str, Any]]:
     return svg, {**_table(b, series), "desc": desc}
 
 
-async def _compute(dashboard: Dashboard, now: float) -> dict[str, Any]:
+async def _compute(dashboard: Dashboard, now: float) -> Markup:
     queries = StatsQueries(dashboard.store)
     h_end, d_end = hour_end(now), day_end(now)
     day = await queries.hourly(h_end, 24)
@@ -219,17 +219,19 @@ async def _compute(dashboard: Dashboard, now: float) -> dict[str, Any]:
     pools_svg, pools = pools_chart(week, h_end - DAYS * 86400)
     rates_svg, times_svg, methods = methods_charts(week)
     rem_svg, rem_table = remediations_chart(week.remediations)
-    return {"computed_at": now, "day_svg": day_svg, "day": day_table, "week_svg": week_svg, "week": week_table,
-            "pools_svg": pools_svg, "pools": pools, "rates_svg": rates_svg, "times_svg": times_svg,
-            "methods": methods, "rem_svg": rem_svg, "rem": rem_table}
+    context = {"computed_at": now, "day_svg": day_svg, "day": day_table, "week_svg": week_svg, "week": week_table,
+               "pools_svg": pools_svg, "pools": pools, "rates_svg": rates_svg, "times_svg": times_svg,
+               "methods": methods, "rem_svg": rem_svg, "rem": rem_table,
+               "health_running": dashboard.health is not None, "cache_seconds": int(CACHE_SECONDS)}
+    # the same for every viewer until the figures are computed again: rendered once, here
+    return Markup(dashboard.env.get_template("_stats_body.html").render(**context))
 
 
 async def stats_page(dashboard: Dashboard, request: IRequest, viewer: Viewer) -> bytes:
     """The C{/stats} page."""
     now = dashboard.clock.seconds()
-    context = await cache_of(dashboard).get("stats", now, lambda: _compute(dashboard, now))
-    return dashboard.render(request, "stats.html", viewer, section="stats", health_running=dashboard.health is not None,
-                            cache_seconds=int(CACHE_SECONDS), **context)
+    body = await cache_of(dashboard).get("stats", now, lambda: _compute(dashboard, now))
+    return dashboard.render(request, "stats.html", viewer, section="stats", body=body)
 
 
 async def _sparkline(dashboard: Dashboard, now: float) -> Markup:
