@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from attrs import frozen
+from attrs import evolve, frozen
 from twisted.internet.defer import Deferred
 
 from roller.jobs import Job
@@ -150,6 +150,13 @@ def _where(q: JobQuery) -> Where:
     return w
 
 
+def _select(q: JobQuery) -> tuple[str, list]:
+    """The page's statement for C{q}, and its arguments before the range's (seq < ?, seq >= ?, limit)."""
+    w = _where(q)
+    return (f"SELECT {_ROW_COLUMNS} FROM jobs{w.clause}{' AND' if w.conditions else ' WHERE'}"
+            " seq < ? AND seq >= ? ORDER BY seq DESC LIMIT ?", w.args)
+
+
 def history_page(c: Cursor, q: JobQuery, limit: int, max_scan: int) -> HistoryPage:
     """L{HistoryQueries.page} on a cursor."""
     bounds = c.execute(_BOUNDS).fetchone()
@@ -160,18 +167,25 @@ def history_page(c: Cursor, q: JobQuery, limit: int, max_scan: int) -> HistoryPa
     if q.until is not None:
         hi = min(hi, first_seq_at(c, q.until, lo_all, hi_all))
     lo = lo_all if q.since is None else first_seq_at(c, q.since, lo_all, hi_all)
-    w = _where(q)
-    select = f"SELECT {_ROW_COLUMNS} FROM jobs{w.clause}{' AND' if w.conditions else ' WHERE'}" \
-             " seq < ? AND seq >= ? ORDER BY seq DESC LIMIT ?"
     rows: list[JobRow] = []
-    if q.indexed:
-        rows = [JobRow._make(r) for r in c.execute(select, [*w.args, hi, lo, limit + 1])]
+    if q.indexed and len(q.states) > 1:
+        # one walk of jobs_state (state, seq) per state, merged: IN over several states would
+        # read every matching entry of the range and sort them
+        for state in q.states:
+            sql, args = _select(evolve(q, states=(state,)))
+            rows += [JobRow._make(r) for r in c.execute(sql, [*args, hi, lo, limit + 1])]
+        rows = sorted(rows, key=lambda r: r.seq, reverse=True)[:limit + 1]
+        cursor = lo
+    elif q.indexed:
+        sql, args = _select(q)
+        rows = [JobRow._make(r) for r in c.execute(sql, [*args, hi, lo, limit + 1])]
         cursor = lo
     else:
+        sql, args = _select(q)
         cursor, scanned = hi, 0
         while len(rows) <= limit and cursor > lo and scanned < max_scan:
             start = max(lo, cursor - min(SPAN, max_scan - scanned))
-            rows += [JobRow._make(r) for r in c.execute(select, [*w.args, cursor, start, limit + 1 - len(rows)])]
+            rows += [JobRow._make(r) for r in c.execute(sql, [*args, cursor, start, limit + 1 - len(rows)])]
             scanned += cursor - start
             cursor = start
     if len(rows) > limit:
