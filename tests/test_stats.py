@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_dashboard import Env, make_env
@@ -294,3 +295,15 @@ def test_history_and_aggregates_on_both_engines(store_path: str) -> None:
         assert week.remediations.counts["dry_run"][-1] == 1
     finally:
         result_of(store.close())
+
+
+def test_the_fleet_page_shows_without_its_sparkline_when_the_figures_fail(env: Env, monkeypatch: Any) -> None:
+    def broken(self: Any, until: int, hours: int = 24) -> Any:
+        raise RuntimeError("the figures failed")
+
+    monkeypatch.setattr(StatsQueries, "hourly", broken)
+    r = env.get("/")
+    assert r.code == 200 and "sparkline-link" not in r.text
+    monkeypatch.undo()
+    env.clock.advance(1)  # a failure is not cached: the next page has it
+    assert "sparkline-link" in env.get("/").text

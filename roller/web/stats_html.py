@@ -19,6 +19,7 @@ from weakref import WeakKeyDictionary
 
 from markupsafe import Markup, escape
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 
@@ -44,6 +45,7 @@ DAYS = 7
 POOLS_SHOWN = 15
 
 T = TypeVar("T")
+log = Logger()
 
 
 class StatsCache:
@@ -247,6 +249,14 @@ async def _sparkline(dashboard: Dashboard, now: float) -> Markup:
 
 
 async def fleet_sparkline(dashboard: Dashboard) -> Markup:
-    """The fleet page's small chart of recent jobs (jobs per hour over 24 h), linking to C{/stats}."""
+    """
+    The fleet page's small chart of recent jobs (jobs per hour over 24 h),
+    linking to C{/stats}; nothing (and a log line) if it cannot be had: the
+    fleet page shows without it.
+    """
     now = dashboard.clock.seconds()
-    return await cache_of(dashboard).get("sparkline", now, lambda: _sparkline(dashboard, now))
+    try:
+        return await cache_of(dashboard).get("sparkline", now, lambda: _sparkline(dashboard, now))
+    except Exception as e:  # noqa: BLE001 -- the fleet page matters more than its sparkline
+        log.warn("The fleet page's sparkline is left out: {error}", error=e)
+        return Markup("")
