@@ -77,14 +77,20 @@ def parse_time(name: str, text: str, *, end_of_day: bool = False) -> float:
         except ValueError:
             raise BadRequest(f"{name} {text!r} is not a date ({_EXAMPLE})") from None
         start = datetime(day.year, day.month, day.day, tzinfo=UTC)
-        return (start + (timedelta(days=1) if end_of_day else timedelta())).timestamp()
+        try:
+            return (start + (timedelta(days=1) if end_of_day else timedelta())).timestamp()
+        except OverflowError:
+            raise BadRequest(f"{name} {text!r} is out of range") from None
     try:
         when = datetime.fromisoformat(text.replace(" ", "T", 1))
     except ValueError:
         raise BadRequest(f"{name} {text!r} is not an ISO-8601 date or date-time ({_EXAMPLE})") from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
-    return when.timestamp()
+    try:
+        return when.timestamp()
+    except (OverflowError, ValueError):
+        raise BadRequest(f"{name} {text!r} is out of range") from None
 
 
 def parse_query(request: IRequest) -> JobQuery:
