@@ -1119,3 +1119,15 @@ def test_fleet_problems_first_pool_strip_and_tags(tmp_path: Path) -> None:
     # every column header is a sort link
     thead = html[html.index("<thead>", html.index('class="fleet"')):html.index("</thead>", html.index('class="fleet"'))]
     assert thead.count("<a href=") == 10
+
+
+def test_fleet_order_settles_within_two_seconds_while_rows_are_fresh(env: Env) -> None:
+    """The order over the whole fleet is reused for up to 2 s of commits; each row shown is always fresh."""
+    assert rows_of(env.get("/").text) == ["m1", "m2", "m3", "m4"]
+    j = env.submit("ping", "m4", "g2")
+    env.ctl.finish(j.id, TaskFailed("down"))
+    html = env.get("/").text
+    assert rows_of(html) == ["m1", "m2", "m3", "m4"]  # the order of a moment ago...
+    assert "state-failed" in html[html.index(">m4<"):]  # ...with m4's row as it is now
+    env.clock.advance(2)
+    assert rows_of(env.get("/").text) == ["m4", "m1", "m2", "m3"]  # problems first again

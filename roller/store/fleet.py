@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 from attrs import frozen
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 
 from roller.jobs import State
 from roller.store import Store
@@ -233,12 +234,39 @@ class FleetQueries:
     machine, not a scan of the job history), counts by state, filter values.
     """
 
-    def __init__(self, store: Store, cache_size: int = 64):
+    def __init__(self, store: Store, cache_size: int = 64, *, clock: IReactorTime | None = None,
+                 settle: float = 2.0):
         self.db = store.db
         self.cache_size = cache_size
+        #: with a clock, the fleet's order and the pool strip (the costly parts: a few index lookups
+        #: per machine) are worked out at most once every C{settle} seconds while commits keep coming
+        self.clock = clock
+        self.settle = settle
         # Only ever touched inside db.read, i.e. by the one reader thread.
         self._version: tuple[int, int, int] | None = None
         self._cache: dict[tuple, Any] = {}
+        self._settled: dict[tuple, tuple[float, Any]] = {}
+
+    def _settling(self, c: Cursor, key: tuple, compute: Callable[[], T]) -> tuple[T, bool]:
+        """
+        As L{_cached}, but a value computed less than C{settle} seconds ago
+        is used again even though the database changed since: what a busy
+        fleet (commits every moment) would otherwise recompute on every view.
+        Also says whether the value is of the current version (what is built
+        from an older one must not be cached as current).
+        """
+        if key in self._cache or self.clock is None:
+            return self._cached(c, key, compute), True  # (only values of the current version are in _cache)
+        now = self.clock.seconds()
+        hit = self._settled.get(key)
+        if hit is not None and 0 <= now - hit[0] < self.settle:
+            reused: T = hit[1]
+            return reused, False
+        value = compute()
+        if len(self._settled) >= self.cache_size:
+            self._settled.pop(next(iter(self._settled)))
+        self._settled[key] = (now, value)
+        return self._cached(c, key, lambda: value), True
 
     @staticmethod
     def version(c: Cursor) -> tuple[int, int, int]:
@@ -301,10 +329,14 @@ class FleetQueries:
             elif f.state is not None:
                 state_where = " WHERE j.state = ?"
                 state_args = [f.state]
+            # Every machine matching, in order, is worked out once (an index lookup or four per
+            # machine; see _settling), then each page looks up its own rows only, fresh: paging
+            # through the fleet costs one ordering, not one per page.
             order = primary.format(d=d) + ", f.worker_group, f.worker_id"
-            rows_sql = (f"SELECT f.worker_group, f.worker_id, f.fqdn, f.ip, f.pool, {cols} FROM ({base}) f"
-                        f" LEFT JOIN jobs j ON j.seq = f.last_seq{state_where} ORDER BY {order} LIMIT ? OFFSET ?")
-            rows_args = [*args, *state_args, limit, offset]
+            order_sql = (f"SELECT f.worker_group, f.worker_id FROM ({base}) f"
+                         f" LEFT JOIN jobs j ON j.seq = f.last_seq{state_where} ORDER BY {order}")
+            order_args = [*args, *state_args]
+            rows_sql, rows_args = "", [order_sql, *order_args, limit, offset]
         base = (f"SELECT m.worker_group, m.worker_id, {_LAST_SEQ} AS last_seq FROM machines m{cond}")
         filter_key = ("filter", *f.key, *args)
 
@@ -320,8 +352,26 @@ class FleetQueries:
             ))
             return counts, groups, pools
 
-        def fetch_rows(c: Cursor) -> list[FleetRow]:
-            found = c.execute(rows_sql, rows_args).fetchall()
+        def ordered(c: Cursor) -> list[tuple[str, str]]:
+            return [(r[0], r[1]) for r in c.execute(order_sql, order_args)]
+
+        def page_of(c: Cursor, keys: list[tuple[str, str]]) -> list[Any]:
+            if not keys:
+                return []
+            found: list[Any] = []
+            for i in range(0, len(keys), 400):
+                chunk = keys[i:i + 400]
+                values = ", ".join(["(?, ?, ?)"] * len(chunk))
+                found += c.execute(
+                    f"WITH page(n, g, w) AS (VALUES {values})"
+                    f" SELECT f.worker_group, f.worker_id, f.fqdn, f.ip, f.pool, {cols} FROM page"
+                    " JOIN machines f ON f.worker_group = page.g AND f.worker_id = page.w"
+                    f" LEFT JOIN jobs j ON j.seq = {_LAST_SEQ.replace('m.', 'f.')} ORDER BY page.n",
+                    [v for n, key in enumerate(chunk, i) for v in (n, *key)]).fetchall()
+            return found
+
+        def fetch_rows(c: Cursor, keys: list[tuple[str, str]] | None = None) -> list[FleetRow]:
+            found = c.execute(rows_sql, rows_args).fetchall() if keys is None else page_of(c, keys)
             extras = extras_of(c, [(r[0], r[1]) for r in found]) if found else {}
             return [
                 FleetRow(
@@ -341,8 +391,15 @@ class FleetQueries:
             if version != self._version:
                 self._cache.clear()
                 self._version = version
-            counts, groups, pools = self._cached(c, filter_key, lambda: summary(c))
-            rows = self._cached(c, ("rows", rows_sql, *rows_args), lambda: fetch_rows(c))
+            (counts, groups, pools), _ = self._settling(c, filter_key, lambda: summary(c))
+            rows_key = ("rows", rows_sql, *rows_args)
+            if rows_sql or rows_key in self._cache:
+                rows = self._cached(c, rows_key, lambda: fetch_rows(c))
+            else:
+                order, current = self._settling(c, ("order", order_sql, *order_args), lambda: ordered(c))
+                rows = fetch_rows(c, order[offset:offset + limit])
+                if current:
+                    rows = self._cached(c, rows_key, lambda: rows)
             total = counts.get(f.state, 0) if f.state is not None else sum(counts.values())
             return FleetPage(rows=rows, total=total, counts=counts, groups=groups, pools=pools)
 
@@ -374,7 +431,7 @@ class FleetQueries:
             if version != self._version:
                 self._cache.clear()
                 self._version = version
-            return self._cached(c, ("pools",), lambda: compute(c))
+            return self._settling(c, ("pools",), lambda: compute(c))[0]
 
         return self.db.read(run)
 

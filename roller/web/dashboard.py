@@ -472,7 +472,7 @@ class Dashboard:
     app = Klein()
 
     def __attrs_post_init__(self) -> None:
-        self.fleet = FleetQueries(self.store)
+        self.fleet = FleetQueries(self.store, clock=self.clock)
         self.env = template_environment(self.templates_dir, self.scope_prefix)
         self.env.globals["batches_enabled"] = self.batches is not None
         if self.hub is not None and self.batches is not None:

@@ -108,15 +108,15 @@ def _parts(row: FleetRow) -> _Parts:
 
 class RowCache:
     """
-    The fixed parts of rows already shown, by row object: the fleet
-    queries hand out the same (immutable) row objects until the database
-    changes, so a page seen again only adds its states and times.  Each
-    entry holds its row, so an id is never reused while cached.
+    The fixed parts of rows already shown, by row: the fleet queries hand
+    out the same (immutable) row objects until the database changes, and
+    equal ones after (a row compares by value), so a page seen again only
+    adds its states and times.
     """
 
     def __init__(self, size: int = 20000):
         self.size = size
-        self._parts: dict[int, tuple[FleetRow, _Parts]] = {}
+        self._parts: dict[FleetRow, _Parts] = {}
         self._ago: dict[float, str] = {}  # "5 min ago" by time, for the current second
         self._ago_second: int | None = None
 
@@ -132,13 +132,12 @@ class RowCache:
         return text
 
     def parts(self, row: FleetRow) -> _Parts:
-        hit = self._parts.get(id(row))
-        if hit is not None and hit[0] is row:
-            return hit[1]
+        hit = self._parts.get(row)
+        if hit is not None:
+            return hit
         if len(self._parts) >= self.size:
             self._parts.clear()
-        parts = _parts(row)
-        self._parts[id(row)] = (row, parts)
+        parts = self._parts[row] = _parts(row)
         return parts
 
 
