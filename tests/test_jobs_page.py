@@ -274,6 +274,7 @@ BAD = [
     ("group=g%2F1", "group must be a worker group name"),
     ("worker=m%3B1", "worker must be a worker id"),
     ("requester=" + "r" * 201, "requester must be at most 200 characters"),
+    ("requester=a%00b", "requester must be at most 200 characters, without control characters"),
     ("batch=b%2F1", "batch must be a batch id"),
     ("since=yesterday", "since 'yesterday' is not an ISO-8601 date or date-time"),
     ("until=2026-02-30", "until '2026-02-30' is not a date"),

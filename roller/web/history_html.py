@@ -43,6 +43,7 @@ STATES = tuple(s.value for s in State)
 _TASK = re.compile(r"[-_.0-9A-Za-z]{1,64}")
 _BATCH = re.compile(r"[-_0-9A-Za-z]{1,64}")
 _CURSOR = re.compile(r"[0-9]{1,18}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _EXAMPLE = "e.g. 2026-03-01 or 2026-03-01T08:30 (UTC) or 2026-03-01T08:30+01:00"
 
 
@@ -119,8 +120,8 @@ def parse_query(request: IRequest) -> JobQuery:
     if worker is not None and not valid_worker_id(worker):
         raise BadRequest("worker must be a worker id (letters, digits, '-' and '_')")
     requester = _arg(request, "requester")
-    if requester is not None and len(requester) > 200:
-        raise BadRequest("requester must be at most 200 characters")
+    if requester is not None and (len(requester) > 200 or _CONTROL.search(requester)):
+        raise BadRequest("requester must be at most 200 characters, without control characters")
     batch = _arg(request, "batch")
     if batch is not None and not _BATCH.fullmatch(batch):
         raise BadRequest("batch must be a batch id (letters, digits, '-' and '_')")
