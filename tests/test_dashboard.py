@@ -1131,3 +1131,9 @@ def test_fleet_order_settles_within_two_seconds_while_rows_are_fresh(env: Env) -
     assert "state-failed" in html[html.index(">m4<"):]  # ...with m4's row as it is now
     env.clock.advance(2)
     assert rows_of(env.get("/").text) == ["m4", "m1", "m2", "m3"]  # problems first again
+    # the viewer's own change (here: put in maintenance, which calls forget()) shows at once
+    j = env.submit("ping", "m3", "g2")
+    env.ctl.finish(j.id, TaskFailed("down"))
+    assert rows_of(env.get("/").text)[:2] == ["m4", "m1"]  # settled again
+    env.dashboard.fleet.forget()
+    assert rows_of(env.get("/").text) == ["m3", "m4", "m1", "m2"]

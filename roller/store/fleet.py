@@ -246,6 +246,15 @@ class FleetQueries:
         self._version: tuple[int, int, int] | None = None
         self._cache: dict[tuple, Any] = {}
         self._settled: dict[tuple, tuple[float, Any]] = {}
+        self._fresh_until = float("-inf")  # until then nothing is reused
+
+    def forget(self) -> None:
+        """
+        Reuse nothing for the next C{settle} seconds: after a change the
+        viewer made and expects to see (its write may still be on its way).
+        """
+        if self.clock is not None:
+            self._fresh_until = self.clock.seconds() + self.settle
 
     def _settling(self, c: Cursor, key: tuple, compute: Callable[[], T]) -> tuple[T, bool]:
         """
@@ -259,7 +268,7 @@ class FleetQueries:
             return self._cached(c, key, compute), True  # (only values of the current version are in _cache)
         now = self.clock.seconds()
         hit = self._settled.get(key)
-        if hit is not None and 0 <= now - hit[0] < self.settle:
+        if hit is not None and 0 <= now - hit[0] < self.settle and now >= self._fresh_until:
             reused: T = hit[1]
             return reused, False
         value = compute()

@@ -874,6 +874,7 @@ class Dashboard:
                 params={"params": job.params, "priority": job.priority, "reason": reason, "via": "dashboard"},
             ),
         )
+        self.fleet.forget()
         location = f"/jobs/{quote(job.id, safe='')}"
         return self._redirect(request, location if created else location + "?existing=1")
 
@@ -891,6 +892,7 @@ class Dashboard:
         watcher = self._watcher()
         await watcher.set_maintenance(machine.key, on == "on", viewer.id, reason,
                                       source_ip=client_ip(request, self.trusted_proxies), via="dashboard")
+        self.fleet.forget()  # the fleet page shows it at once
         return self._redirect(request, machine_url(machine.worker_group, machine.worker_id))
 
     @app.route("/health/<action>", methods=["POST"])
