@@ -162,9 +162,13 @@ def test_a_filter_without_an_index_looks_at_a_bounded_number_of_jobs(env: Env, h
     assert first.searched_to == newest_50[0].created_at
     rest = page(env, JobQuery(task="loan", group="g2", before=first.older), limit=100, max_scan=1000)
     assert [j.id for j in first.jobs + rest.jobs] == newest_first(rare) and rest.older is None
-    # an indexed filter (one machine) is not bounded: one statement finds all of them
+    # an indexed filter (one machine, one worker id) is not bounded: one statement finds all of them
     machine = page(env, JobQuery(worker="m3", group="g2"), limit=100, max_scan=5)
     assert len(machine.jobs) == 30 and machine.older is None and machine.searched_to is None
+    worker = page(env, JobQuery(worker="m1", task="ping"), limit=100, max_scan=5)
+    assert [j.id for j in worker.jobs] == newest_first([j for j in history if j.worker_id == "m1"
+                                                        and j.task_name == "ping"])
+    assert worker.searched_to is None
     assert SPAN >= 1000
 
 

@@ -55,7 +55,7 @@ class JobQuery:
     @property
     def indexed(self) -> bool:
         """Whether one index answers the filters (no bounded walk needed)."""
-        if self.batch is not None or (self.worker is not None and self.group is not None):
+        if self.batch is not None or self.worker is not None:  # jobs_batch; jobs_machine (worker_id, ...)
             return True
         others = (self.task, self.pool, self.group, self.worker, self.requester)
         return all(v is None for v in others)
