@@ -590,6 +590,10 @@ KEYS: dict[str, tuple[str, Callable[[Any, bool], Any], Any]] = {
     "history.keep_audit_days": ("history_keep_audit_days", _int(0, 100_000), 0),
     "history.keep_loans_days": ("history_keep_loans_days", _int(0, 100_000), 365),
     "history.prune_interval": ("history_prune_interval", _float(0), 3600.0),
+    "cluster.takeover_after": ("cluster_takeover_after", _float(3), 30.0),
+    "cluster.reach": ("cluster_reach", _str_list, ()),
+    "cluster.poll_interval": ("cluster_poll_interval", _float(0.05), 1.0),
+    "cluster.host": ("cluster_host", _text, ""),
 }
 
 
@@ -739,6 +743,14 @@ HELP: dict[str, str] = {
     "history.keep_audit_days": "Days audit entries are kept (0: forever).",
     "history.keep_loans_days": "Days returned loans are kept (0: forever); active loans always stay.",
     "history.prune_interval": "Seconds between two prunings of the history by a running roller (0: never).",
+    "cluster.takeover_after": ("PostgreSQL: seconds without a heartbeat after which another roller marks a roller's "
+        "running jobs interrupted and runs its queued ones."),
+    "cluster.reach": ("PostgreSQL: the worker groups this roller runs jobs for (empty: all); jobs of groups no "
+        "running roller reaches stay queued."),
+    "cluster.poll_interval": ("PostgreSQL: seconds between two looks at the shared queue and at the events of jobs "
+        "other rollers run."),
+    "cluster.host": ("PostgreSQL: the host name this roller registers under (empty: the machine's); rollers of one "
+        "host name take over a stopped one's jobs at once, when its process is gone."),
 }
 
 
@@ -874,6 +886,10 @@ class Settings:
     history_keep_audit_days: int = 0
     history_keep_loans_days: int = 365
     history_prune_interval: float = 3600.0
+    cluster_takeover_after: float = 30.0
+    cluster_reach: tuple[str, ...] = ()
+    cluster_poll_interval: float = 1.0
+    cluster_host: str = ""
     config_file: str | None = None
 
     def listeners_on_loopback(self) -> bool:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import heapq
 from collections import Counter, deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from attrs import define, field, frozen
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, gatherResults, succeed
@@ -38,6 +38,24 @@ if TYPE_CHECKING:
 log = Logger()
 
 Listener = Callable[[Job, JobEvent], None]
+
+#: how many job ids submitted here are remembered (their events need no relaying from the shared database)
+MINE_REMEMBERED = 20_000
+
+
+class Cluster(Protocol):
+    """
+    The shared queue of several rollers (L{roller.cluster.node.ClusterNode}):
+    a job starts only once the database says this roller claimed it.
+    """
+
+    poll_interval: float
+
+    def reaches(self, worker_group: str) -> bool: ...
+
+    def claim(self, job: Job, endpoints: tuple[str, ...], now: float) -> Deferred[str]: ...
+
+    def cancel_queued(self, job: Job, event: JobEvent) -> Deferred[bool]: ...
 
 
 @frozen
@@ -262,8 +280,15 @@ class JobQueue:
         settings: Settings | None = None,
         secrets: Secrets | None = None,
         drivers: Drivers | None = None,
+        cluster: Cluster | None = None,
     ):
         self._store = store
+        self._cluster = cluster
+        self._claiming: set[str] = set()  # jobs whose claim is in flight (cluster)
+        self._parked: list[tuple[int, int, str]] = []  # claims refused for now (cluster): retried after a while
+        self._unpark: Any = None
+        self._mine: set[str] = set()  # jobs submitted here, recently (cluster)
+        self._mine_order: deque[str] = deque()
         self._tasks = tasks
         self._reactor = reactor
         self._limits = limits
@@ -361,7 +386,15 @@ class JobQueue:
     # -- lifecycle
 
     async def start(self) -> tuple[int, int]:
-        """Recover after a restart: (jobs interrupted, jobs queued again)."""
+        """
+        Recover after a restart: (jobs interrupted, jobs queued again).  In
+        a cluster, nothing here: another roller's running jobs are not this
+        one's to interrupt (L{roller.cluster.node} takes over dead rollers),
+        and the shared queue is read by the node's polls.
+        """
+        if self._cluster is not None:
+            self._pump()
+            return 0, 0
         now = self._reactor.seconds()
         interrupted, queued = await self._store.jobs.recover(now)
         for job in interrupted:
@@ -395,7 +428,7 @@ class JobQueue:
         more; queued jobs stay queued in the store and run after a restart.
         """
         self._accepting = False
-        for call in (self._wakeup, self._next_turn):
+        for call in (self._wakeup, self._next_turn, self._unpark):
             if call is not None and call.active():
                 call.cancel()
 
@@ -504,7 +537,12 @@ class JobQueue:
                 d.errback()
             raise
         waiters = self._submitting.pop(key)
-        self._enqueue(job, machine)
+        if self._cluster is None:
+            self._enqueue(job, machine)
+        else:
+            self._remember_mine(job.id)
+            if self._cluster.reaches(job.worker_group):
+                self._enqueue(job, machine)
         self._emit(job, event)
         for d in waiters:
             d.callback(job)
@@ -537,7 +575,11 @@ class JobQueue:
             self._ended[job_id] = final
             event = JobEvent(job_id, now, "state", message, {"state": "cancelled"})
             try:
-                final = await self._store.jobs.update(final, event)
+                if self._cluster is None:
+                    final = await self._store.jobs.update(final, event)
+                elif not await self._cluster.cancel_queued(final, event):
+                    raise Conflict(f"job {job_id} was just started by another roller: cancel it again there",
+                                   code="job_running_elsewhere")
             except BaseException:
                 del self._ended[job_id]
                 self._requeue(job, machine)
@@ -568,6 +610,110 @@ class JobQueue:
         self._active_key.setdefault((job.worker_group, job.worker_id, job.task_name), job.id)
         self._arrival += 1
         heapq.heappush(self._heap, (-job.priority, job.seq or self._arrival, job.id))
+        self._pump()
+
+    # -- the shared queue (cluster)
+
+    def pump(self) -> None:
+        """Look at the queue again now (a roller was taken over, a machine or endpoint may be free)."""
+        self._pump()
+
+    def _remember_mine(self, job_id: str) -> None:
+        self._mine.add(job_id)
+        self._mine_order.append(job_id)
+        if len(self._mine_order) > MINE_REMEMBERED:
+            self._mine.discard(self._mine_order.popleft())
+
+    def adopt(self, jobs: list[Job]) -> int:
+        """
+        Queued jobs read from the shared queue (in the order to run them):
+        those this roller does not hold yet and can reach join its queue,
+        to be claimed like its own.  How many joined.
+        """
+        if self._cluster is None or not self._accepting:
+            return 0
+        added = 0
+        for job in jobs:
+            if job.id in self._jobs or job.id in self._ended or job.state is not State.queued:
+                continue
+            if not self._cluster.reaches(job.worker_group):
+                continue
+            machine = self._store.machines.cached((job.worker_group, job.worker_id))
+            if machine is None:
+                continue  # not in this roller's inventory (yet): another roller may run it
+            self._enqueue(job, machine)
+            added += 1
+        if added:
+            self._pump()
+        return added
+
+    def relay(self, job: Job, event: JobEvent, running_here: bool = False) -> None:
+        """
+        An event another roller wrote (a job it runs, or one queued there):
+        announced to this roller's listeners (live streams, the dashboard)
+        unless this roller announced it itself.  A job this roller holds
+        as queued that another roller now runs leaves this roller's queue.
+        """
+        if running_here or job.id in self._ended or job.id in self._running or job.id in self._claiming:
+            return
+        local = self._jobs.get(job.id)
+        if local is not None:
+            if job.state is State.queued:
+                return  # still queued: its queued event was announced when it was adopted or submitted
+            self._forget(local)  # claimed (or cancelled) elsewhere
+        elif job.id in self._mine and event.kind == "state" and event.data.get("state") == "queued":
+            return  # submitted here: announced then
+        self._emit(job, event)
+        if job.state.final and event.kind == "state" and event.data.get("state") == job.state.value:
+            self._notify(job)
+
+    def _claim(self, job: Job, spec: TaskSpec | None, machine: Machine, endpoints: tuple[str, ...],
+               now: float) -> None:
+        """Claim C{job} in the shared queue; start it if this roller got it."""
+        assert self._cluster is not None
+        self._claiming.add(job.id)
+        self._busy.add(job.machine_key)
+        for e in endpoints:
+            self._endpoint_running[e] += 1
+
+        def release() -> None:
+            self._claiming.discard(job.id)
+            self._busy.discard(job.machine_key)
+            for e in endpoints:
+                self._endpoint_running[e] -= 1
+                if not self._endpoint_running[e]:
+                    del self._endpoint_running[e]
+
+        def answered(outcome: Any) -> None:
+            release()
+            current = self._jobs.get(job.id)
+            if isinstance(outcome, Failure):
+                if not outcome.check(StorageUnavailable):
+                    log.failure("Claiming job {job_id} failed", outcome, job_id=job.id)
+                outcome = "blocked"
+            if outcome == "claimed":
+                if current is None or current.state is not State.queued or not self._accepting:
+                    return  # cancelled here meanwhile (recorded after the claim), or shutting down
+                self._start(current, spec, machine, endpoints, now)
+            elif outcome == "gone":
+                if current is not None and current.state is State.queued:
+                    self._forget(current)
+            else:  # blocked: tried again after a poll interval (never in this pump: it would spin)
+                if current is not None and current.state is State.queued:
+                    self._arrival += 1
+                    self._parked.append((-current.priority, current.seq or self._arrival, current.id))
+                    if self._unpark is None or not self._unpark.active():
+                        delay = self._cluster.poll_interval if self._cluster is not None else 1.0
+                        self._unpark = self._reactor.callLater(delay, self._unpark_all)
+                return
+            self._pump()
+
+        self._cluster.claim(job, endpoints, now).addBoth(answered)
+
+    def _unpark_all(self) -> None:
+        parked, self._parked = self._parked, []
+        for entry in parked:
+            heapq.heappush(self._heap, entry)
         self._pump()
 
     def _forget(self, job: Job) -> None:
@@ -608,14 +754,14 @@ class JobQueue:
         blocked: list[tuple[int, int, str]] = []
         soonest = float("inf")
         started = 0
-        while self._heap and len(self._running) < self._limits.max_running:
+        while self._heap and len(self._running) + len(self._claiming) < self._limits.max_running:
             if started >= self._limits.starts_per_turn:
                 if self._next_turn is None or not self._next_turn.active():
                     self._next_turn = self._reactor.callLater(0, self._pump)
                 break
             entry = heapq.heappop(self._heap)
             job = self._jobs.get(entry[2])
-            if job is None or job.state is not State.queued:
+            if job is None or job.state is not State.queued or job.id in self._claiming:
                 continue
             if job.machine_key in self._busy:
                 blocked.append(entry)
@@ -628,7 +774,10 @@ class JobQueue:
                 soonest = min(soonest, wait)
                 blocked.append(entry)
                 continue
-            self._start(job, spec, machine, endpoints, now)
+            if self._cluster is not None:
+                self._claim(job, spec, machine, endpoints, now)
+            else:
+                self._start(job, spec, machine, endpoints, now)
             started += 1
         for entry in blocked:
             heapq.heappush(self._heap, entry)

@@ -22,6 +22,7 @@ from roller.auth.accounts import AccountAuth, PasswordHasher
 from roller.auth.hawk import LocalHawkAuthenticator
 from roller.auth.taskcluster import IAuthReactor, TaskclusterAuthenticator
 from roller.batches.service import BatchService, rollout_defaults
+from roller.cluster.node import ClusterNode
 from roller.config import Settings
 from roller.demo import DemoFleet, seed_demo_fleet, start_demo_fleet
 from roller.drivers.registry import Drivers, make_drivers
@@ -156,6 +157,7 @@ class RollerService(MultiService):
         self.retention: PruneLoop | None = None
         self._db_lock: DatabaseLock | None = None
         self._refresh: LoopingCall | None = None
+        self.cluster: ClusterNode | None = None
         self.failed = False
 
     def setServiceParent(self, parent: IServiceCollection) -> None:
@@ -189,7 +191,10 @@ class RollerService(MultiService):
             s = self.settings
         tasks = builtin_tasks()
         self.drivers = make_drivers(self.reactor, s)
-        self.queue = JobQueue(store, tasks, self.reactor, limits=queue_limits(s),
+        if is_postgresql(s):  # several rollers may share it: jobs are claimed in the database
+            self.cluster = ClusterNode(store, self.reactor, s)
+            await self.cluster.join()
+        self.queue = JobQueue(store, tasks, self.reactor, limits=queue_limits(s), cluster=self.cluster,
                               settings=s, secrets=self.secrets, drivers=self.drivers)
         self.notifier = notifier_from_settings(s, self.reactor, lambda: self.secrets)
         if self.notifier is not None:
@@ -199,6 +204,8 @@ class RollerService(MultiService):
         self.metrics = Metrics(self.queue, self.reactor)
         self.metrics.start()  # the reactor lag loop
         interrupted, requeued = await self.queue.start()
+        if self.cluster is not None:
+            self.cluster.start(self.queue)  # heartbeats, takeovers, the shared queue, other rollers' events
         self.health = HealthWatcher(self.reactor, store, self.queue, s,
                                     policies=policies_from_settings(s, tasks.names()),
                                     credential=self._credential, notifier=self.notifier, metrics=self.metrics)
@@ -338,6 +345,8 @@ class RollerService(MultiService):
                 pass
         if self._refresh is not None and self._refresh.running:
             self._refresh.stop()
+        if self.cluster is not None:
+            self.cluster.stop_polling()  # the heartbeat goes on while the running jobs finish
         if self.retention is not None:
             await self.retention.stop()  # a pruning in progress ends after its current transaction
         if self.health is not None:
@@ -366,6 +375,8 @@ class RollerService(MultiService):
         await super().stopService()
         if self.queue is not None:
             await self.queue.stop()
+        if self.cluster is not None:
+            await self.cluster.leave()  # its running jobs are recorded as ended by now
         if self.batches is not None:
             await self.batches.flush()  # the members that ended while draining
             self.batches.close()

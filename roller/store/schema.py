@@ -232,4 +232,34 @@ MIGRATIONS: list[str] = [
     -- postgresql only
     INSERT INTO change_counters (name, version) VALUES ('machines', 0);
     """,
+    # 10: several rollers on one PostgreSQL database (roller.cluster): the rollers
+    #     and their heartbeats; which roller runs a job, and the shared endpoints it
+    #     holds; at most one running job per machine, whichever roller runs it; when
+    #     each shared endpoint was last given a command
+    """
+    -- postgresql only
+    CREATE TABLE rollers (
+        id        TEXT PRIMARY KEY,
+        host      TEXT NOT NULL,
+        pid       INTEGER NOT NULL,
+        started   REAL NOT NULL,
+        heartbeat REAL NOT NULL,
+        reach     TEXT NOT NULL DEFAULT '[]'
+    );
+    -- postgresql only
+    ALTER TABLE jobs ADD COLUMN roller_id TEXT;
+    -- postgresql only
+    ALTER TABLE jobs ADD COLUMN endpoints TEXT;
+    -- postgresql only
+    CREATE UNIQUE INDEX jobs_one_running_per_machine ON jobs (worker_group, worker_id) WHERE state = 'running';
+    -- postgresql only
+    CREATE INDEX jobs_running_by_roller ON jobs (roller_id) WHERE state = 'running';
+    -- postgresql only
+    CREATE INDEX jobs_queued_order ON jobs (priority DESC, seq) WHERE state = 'queued';
+    -- postgresql only
+    CREATE TABLE endpoint_last (
+        endpoint TEXT PRIMARY KEY,
+        at       REAL NOT NULL
+    );
+    """,
 ]

@@ -1,0 +1,213 @@
+"""
+One roller's part in a cluster of rollers sharing a PostgreSQL database.
+
+    node = ClusterNode(store, reactor, settings)
+    await node.join()                       # registered in the rollers table
+    queue = JobQueue(..., cluster=node)     # starts jobs only once node.claim() says so
+    node.start(queue)                       # heartbeats, takeovers, the shared queue, others' events
+    ...
+    await node.leave()                      # after the queue stopped
+
+Every C{takeover_after / 3} seconds the node renews its heartbeat (its
+running jobs live as long as it does) and looks for rollers silent for
+C{takeover_after} seconds (or, on this host, whose process is gone): their
+running jobs become C{interrupted} and they leave the table, in one
+transaction only one survivor gets.  Their queued jobs need no handing over:
+every C{poll_interval} the node reads the shared queue and offers the jobs
+it can reach to its L{JobQueue}, which claims them (L{roller.cluster.sql.claim}).
+It also reads the events other rollers wrote and hands them to the queue's
+listeners, so the API's live streams and the dashboard show jobs that run
+elsewhere as they happen.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from roller.cluster import sql
+from roller.config import Settings
+from roller.jobs import Job, JobEvent
+from roller.store import StorageUnavailable, Store
+
+if TYPE_CHECKING:
+    from roller.queue import JobQueue
+
+log = Logger()
+
+#: events read at most per poll; and how far back each poll looks again (ids
+#: are taken before their transaction commits, so a later id may show first)
+EVENTS_PER_POLL = 2000
+EVENT_LOOKBACK = 2000
+#: queued jobs read per poll
+QUEUED_PER_POLL = 2000
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class ClusterNode:
+    def __init__(self, store: Store, clock: IReactorTime, settings: Settings, *, host: str | None = None,
+                 pid: int | None = None, pid_alive: Callable[[int], bool] = _pid_alive):
+        self._store = store
+        self._db = store.db
+        self._clock = clock
+        self.takeover_after = settings.cluster_takeover_after
+        self.reach = tuple(settings.cluster_reach)
+        self.poll_interval = settings.cluster_poll_interval
+        self.endpoint_max_running = settings.endpoint_max_running
+        self.endpoint_min_interval = settings.endpoint_min_interval
+        self.host = host or settings.cluster_host or socket.gethostname()
+        self.pid = os.getpid() if pid is None else pid
+        self.id = f"{self.host}/{self.pid}/{uuid.uuid4().hex[:8]}"
+        self._pid_alive = pid_alive
+        self._queue: JobQueue | None = None
+        self._beat: LoopingCall | None = None
+        self._poll: LoopingCall | None = None
+        self._events_after = 0
+        self._floor = 0  # events up to this id were written before this roller joined
+        self._seen: set[int] = set()
+        self._seen_order: deque[int] = deque()
+        self._joined = False
+        self.taken_over = 0  # rollers this node took over
+
+    # -- what the queue asks
+
+    def reaches(self, worker_group: str) -> bool:
+        return not self.reach or worker_group in self.reach
+
+    def claim(self, job: Job, endpoints: tuple[str, ...], now: float) -> Deferred[str]:
+        """L{sql.CLAIMED}, L{sql.GONE} or L{sql.BLOCKED} (also when another roller's claim of the machine won)."""
+        d = self._db.write(sql.claim, job.id, job.worker_group, job.worker_id, endpoints, now, self.id,
+                           self.endpoint_max_running, self.endpoint_min_interval)
+
+        def raced(failure: Any) -> str:
+            from roller.store.db import integrity_errors
+
+            failure.trap(*integrity_errors())  # jobs_one_running_per_machine: another roller's claim won
+            return sql.BLOCKED
+
+        return d.addErrback(raced)
+
+    def cancel_queued(self, job: Job, event: JobEvent) -> Deferred[bool]:
+        return self._db.write(sql.cancel_queued, job, event)
+
+    # -- membership
+
+    async def join(self) -> None:
+        await self._db.write(sql.register, self.id, self.host, self.pid, self.reach)
+        self._events_after = self._floor = await self._db.read(sql.last_event_id)
+        self._joined = True
+        log.info("Joined the rollers sharing {db} as {id} (reach: {reach}; takeover after {after:g} s)",
+                 db=self._db.path, id=self.id, reach=", ".join(self.reach) or "all worker groups",
+                 after=self.takeover_after)
+
+    def start(self, queue: JobQueue) -> None:
+        self._queue = queue
+        self._beat = LoopingCall(self._heartbeat)
+        self._beat.clock = self._clock
+        self._beat.start(max(self.takeover_after / 3, 0.5), now=True).addErrback(
+            lambda f: log.failure("Cluster heartbeat loop failed", f))
+        self._poll = LoopingCall(self._look)
+        self._poll.clock = self._clock
+        self._poll.start(self.poll_interval, now=True).addErrback(
+            lambda f: log.failure("Cluster poll loop failed", f))
+
+    def stop_polling(self) -> None:
+        """No more jobs from the shared queue (shutting down); the heartbeat goes on while jobs finish."""
+        if self._poll is not None and self._poll.running:
+            self._poll.stop()
+
+    def stop(self) -> None:
+        for loop in (self._beat, self._poll):
+            if loop is not None and loop.running:
+                loop.stop()
+
+    async def leave(self) -> None:
+        """Leave the table (after the queue stopped: its running jobs are recorded as ended)."""
+        self.stop()
+        if self._joined:
+            self._joined = False
+            try:
+                await self._db.write(sql.leave, self.id)
+            except StorageUnavailable:
+                pass  # the others take it over after takeover_after
+
+    async def _heartbeat(self) -> None:
+        try:
+            if not await self._db.write(sql.heartbeat, self.id):
+                log.error("Another roller took this one ({id}) over (no heartbeat for {after:g} s): its running jobs "
+                          "were marked interrupted; joining again", id=self.id, after=self.takeover_after)
+                await self._db.write(sql.register, self.id, self.host, self.pid, self.reach)
+            await self._take_over_dead()
+        except StorageUnavailable:
+            pass  # logged by the store; the next beat tries again
+
+    async def _take_over_dead(self) -> None:
+        for r in await self._db.read(sql.rollers):
+            if r["id"] == self.id:
+                continue
+            if r["silent"] > self.takeover_after:
+                why = (f"roller {r['id']} stopped (no heartbeat for {r['silent']:.0f} s; "
+                       f"cluster.takeover_after = {self.takeover_after:g})")
+            elif r["host"] == self.host and (r["pid"] == self.pid or not self._pid_alive(r["pid"])):
+                why = f"roller {r['id']} stopped (its process on {self.host} is gone)"
+            else:
+                continue
+            jobs = await self._db.write(sql.take_over, r["id"], why, self._clock.seconds())
+            if jobs is None:
+                continue
+            self.taken_over += 1
+            log.warn("Took over roller {dead}: {why}; {count} running job(s) marked interrupted, its queued jobs "
+                     "run here or on the other rollers", dead=r["id"], why=why, count=len(jobs))
+            if self._queue is not None:
+                self._queue.pump()
+
+    # -- the shared queue and the others' events
+
+    async def _look(self) -> None:
+        queue = self._queue
+        if queue is None or not queue.accepting:
+            return
+        try:
+            await self._store.machines.refresh()  # machines another roller added
+            jobs = await self._db.read(sql.queued, self.reach, QUEUED_PER_POLL)
+            queue.adopt(jobs)
+            await self._relay_events(queue)
+        except StorageUnavailable:
+            pass  # logged by the store; the next poll tries again
+
+    async def _relay_events(self, queue: JobQueue) -> None:
+        after = max(self._floor, self._events_after - EVENT_LOOKBACK)
+        rows = await self._db.read(sql.events_after, after, EVENTS_PER_POLL)
+        for job, event, roller_id in rows:
+            assert event.id is not None
+            if event.id in self._seen:
+                continue
+            self._remember(event.id)
+            if roller_id != self.id:
+                queue.relay(job, event, running_here=False)
+        if rows:
+            self._events_after = max(self._events_after, max(e.id or 0 for _, e, _ in rows))
+        while self._seen_order and self._seen_order[0] <= self._events_after - EVENT_LOOKBACK:
+            self._seen.discard(self._seen_order.popleft())
+
+    def _remember(self, event_id: int) -> None:
+        self._seen.add(event_id)
+        self._seen_order.append(event_id)

@@ -1,0 +1,173 @@
+"""
+The shared queue's statements on PostgreSQL (migration 10: C{rollers},
+C{jobs.roller_id}, C{jobs.endpoints}, C{endpoint_last}, and the unique
+index that allows one running job per machine).
+
+Like Buildbot's masters, rollers poll the shared queue for jobs and then try
+to claim them; a claim is one short transaction that may find the job gone
+(another roller claimed or cancelled it) or blocked (its machine runs a job
+on another roller, an endpoint it needs is at its cap or inside its minimum
+interval).  The database decides, so the limits hold across rollers:
+
+- the job row is locked with C{FOR UPDATE SKIP LOCKED} (a roller never
+  waits for another's claim) and must still be C{queued};
+- C{jobs_one_running_per_machine} refuses a second running job per machine
+  even if two claims race;
+- the C{endpoint_last} rows of the job's endpoints are locked (in name
+  order) while their running jobs are counted and their last command time
+  checked: two claims on one PDU take turns.
+
+Times that several rollers compare (heartbeats, endpoint intervals) are the
+database server's clock, never a roller's.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from roller.jobs import Job, JobEvent, State
+from roller.store.db import Cursor
+from roller.store.jobs import _COLUMNS, _job, add_events
+
+CLAIMED = "claimed"
+GONE = "gone"  # no longer queued: another roller runs it, or it was cancelled
+BLOCKED = "blocked"  # not now: its machine or an endpoint is busy elsewhere, or another roller is claiming it
+
+_NOW = "extract(epoch from clock_timestamp())"
+
+
+def server_now(c: Cursor) -> float:
+    return float(c.execute(f"SELECT {_NOW}").fetchone()[0])
+
+
+def endpoints_text(endpoints: tuple[str, ...]) -> str | None:
+    """C{jobs.endpoints}: each endpoint between spaces, so C{LIKE '% pdu:host %'} finds it."""
+    return " " + " ".join(endpoints) + " " if endpoints else None
+
+
+def claim(c: Cursor, job_id: str, worker_group: str, worker_id: str, endpoints: tuple[str, ...], started: float,
+          roller_id: str, endpoint_max_running: int, endpoint_min_interval: float) -> str:
+    """Try to make queued job C{job_id} this roller's running job; L{CLAIMED}, L{GONE} or L{BLOCKED}."""
+    row = c.execute("SELECT state FROM jobs WHERE id = ? FOR UPDATE SKIP LOCKED", (job_id,)).fetchone()
+    if row is None:
+        gone = c.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is None
+        return GONE if gone else BLOCKED  # locked: another roller is claiming it this moment
+    if row[0] != State.queued.value:
+        return GONE
+    if c.execute("SELECT 1 FROM jobs WHERE worker_group = ? AND worker_id = ? AND state = 'running'",
+                 (worker_group, worker_id)).fetchone() is not None:
+        return BLOCKED
+    names = sorted(set(endpoints))
+    if names:
+        for name in names:
+            c.execute("INSERT INTO endpoint_last (endpoint, at) VALUES (?, 0) ON CONFLICT (endpoint) DO NOTHING",
+                      (name,))
+        marks = ", ".join("?" * len(names))
+        rows = c.execute(f"SELECT endpoint, at, {_NOW} FROM endpoint_last WHERE endpoint IN ({marks})"
+                         " ORDER BY endpoint FOR UPDATE", names).fetchall()
+        for _, at, now in rows:
+            if at + endpoint_min_interval > now:
+                return BLOCKED
+        for name in names:
+            running = c.execute("SELECT count(*) FROM jobs WHERE state = 'running' AND endpoints LIKE ?",
+                                (f"% {name} %",)).fetchone()[0]
+            if running >= endpoint_max_running:
+                return BLOCKED
+        c.execute(f"UPDATE endpoint_last SET at = {_NOW} WHERE endpoint IN ({marks})", names)
+    c.execute("UPDATE jobs SET state = 'running', started_at = ?, roller_id = ?, endpoints = ? WHERE id = ?",
+              (started, roller_id, endpoints_text(tuple(names)), job_id))
+    return CLAIMED
+
+
+def cancel_queued(c: Cursor, job: Job, event: JobEvent) -> bool:
+    """Record a queued job's cancellation unless another roller has claimed it meanwhile."""
+    done = c.execute("UPDATE jobs SET state = ?, started_at = ?, finished_at = ?, result = ?, error = ?"
+                     " WHERE id = ? AND state = 'queued'",
+                     (job.state.value, job.started_at, job.finished_at, job.result, job.error, job.id)).rowcount
+    if done:
+        add_events(c, [event])
+    return bool(done)
+
+
+# -- membership
+
+
+def register(c: Cursor, roller_id: str, host: str, pid: int, reach: tuple[str, ...]) -> float:
+    now = server_now(c)
+    c.execute("INSERT INTO rollers (id, host, pid, started, heartbeat, reach) VALUES (?, ?, ?, ?, ?, ?)",
+              (roller_id, host, pid, now, now, json.dumps(list(reach))))
+    return now
+
+
+def heartbeat(c: Cursor, roller_id: str) -> bool:
+    """Renew this roller's heartbeat (and so its running jobs'); False if its row is gone (taken over)."""
+    return bool(c.execute(f"UPDATE rollers SET heartbeat = {_NOW} WHERE id = ?", (roller_id,)).rowcount)
+
+
+def leave(c: Cursor, roller_id: str) -> None:
+    c.execute("DELETE FROM rollers WHERE id = ?", (roller_id,))
+
+
+def rollers(c: Cursor) -> list[dict[str, Any]]:
+    """Every registered roller, with the seconds since its heartbeat (the server's clock)."""
+    return [{"id": r["id"], "host": r["host"], "pid": r["pid"], "started": r["started"],
+             "silent": float(r["silent"]), "reach": json.loads(r["reach"])}
+            for r in c.execute(f"SELECT id, host, pid, started, reach, {_NOW} - heartbeat AS silent FROM rollers"
+                               " ORDER BY started").fetchall()]
+
+
+def take_over(c: Cursor, roller_id: str, why: str, now: float) -> list[Job] | None:
+    """
+    A dead roller's running jobs become C{interrupted} and it leaves the
+    table; None if another roller is taking it over this moment (or did).
+    """
+    if c.execute("SELECT 1 FROM rollers WHERE id = ? FOR UPDATE SKIP LOCKED", (roller_id,)).fetchone() is None:
+        return None
+    jobs = [_job(r) for r in c.execute(f"SELECT seq, {_COLUMNS} FROM jobs WHERE state = 'running' AND roller_id = ?"
+                                       " ORDER BY seq", (roller_id,)).fetchall()]
+    out = []
+    for job in jobs:
+        job = job.transition(State.interrupted, now, error=why)
+        c.execute("UPDATE jobs SET state = ?, finished_at = ?, error = ? WHERE id = ?",
+                  (job.state.value, job.finished_at, job.error, job.id))
+        out.append(job)
+    add_events(c, [JobEvent(j.id, now, "state", f"interrupted: {why}", {"state": "interrupted"}) for j in out])
+    leave(c, roller_id)
+    return out
+
+
+# -- what other rollers do
+
+
+def queued(c: Cursor, reach: tuple[str, ...], limit: int) -> list[Job]:
+    """The queued jobs (of the groups in C{reach}, if any), in the order to run them."""
+    if reach:
+        marks = ", ".join("?" * len(reach))
+        rows = c.execute(f"SELECT seq, {_COLUMNS} FROM jobs WHERE state = 'queued' AND worker_group IN ({marks})"
+                         " ORDER BY priority DESC, seq LIMIT ?", (*reach, limit)).fetchall()
+    else:
+        rows = c.execute(f"SELECT seq, {_COLUMNS} FROM jobs WHERE state = 'queued' ORDER BY priority DESC, seq"
+                         " LIMIT ?", (limit,)).fetchall()
+    return [_job(r) for r in rows]
+
+
+_JOB_COLUMNS = ", ".join(f"j.{name.strip()}" for name in _COLUMNS.split(","))
+
+
+def last_event_id(c: Cursor) -> int:
+    return int(c.execute("SELECT coalesce(max(id), 0) FROM job_events").fetchone()[0])
+
+
+def events_after(c: Cursor, after: int, limit: int) -> list[tuple[Job, JobEvent, str | None]]:
+    """Events with an id above C{after}, oldest first, each with its job and the roller running it."""
+    rows = c.execute(
+        f"SELECT e.id AS event_id, e.time AS event_time, e.kind, e.message, e.data, j.roller_id, j.seq,"
+        f" {_JOB_COLUMNS} FROM job_events e JOIN jobs j ON j.id = e.job_id WHERE e.id > ? ORDER BY e.id LIMIT ?",
+        (after, limit)).fetchall()
+    out = []
+    for r in rows:
+        event = JobEvent(r["id"], r["event_time"], r["kind"], r["message"],
+                         json.loads(r["data"]) if r["data"] else {}, id=r["event_id"])
+        out.append((_job(r), event, r["roller_id"]))
+    return out

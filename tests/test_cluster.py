@@ -1,0 +1,151 @@
+"""
+Several rollers on one PostgreSQL database (roller.cluster): two real
+twistd rollers on the test server share the inventory and the queue.
+
+The burst: 250 machines (loopback addresses, ICMP), a ping for every
+machine submitted through each roller (500 jobs, two per machine racing
+for it), roller A killed with C{kill -9} in the middle.  Checked from the
+database afterwards: every job answered 201 ended (none lost, none left
+queued or running), none ran twice (one "running" event each), no machine
+ran two jobs at once (from the recorded start and end times), A's queued
+jobs ran on B, and A's running jobs were marked interrupted by B within
+C{cluster.takeover_after} plus one heartbeat.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from roller.testing.postgres import PostgresServer, pg_rows
+from roller.testing.process import RollerProcess, ping_skip_reason, wait_for
+
+pytestmark = pytest.mark.skipif(ping_skip_reason() is not None, reason=ping_skip_reason() or "")
+
+TAKEOVER_AFTER = 3.0
+MACHINES = 250
+
+
+def cluster_env(url: str, **extra: str) -> dict[str, str]:
+    return {"ROLLER_DATABASE_URL": url, "ROLLER_CLUSTER_TAKEOVER_AFTER": str(TAKEOVER_AFTER),
+            "ROLLER_CLUSTER_POLL_INTERVAL": "0.2", **extra}
+
+
+def machine_json(i: int) -> dict[str, Any]:
+    return {"worker_id": f"cl-{i:03d}", "worker_group": "cl", "ip": f"127.0.{10 + i // 200}.{1 + i % 200}"}
+
+
+def submit(roller: RollerProcess, i: int) -> Any:
+    try:
+        return roller.post(f"/api/v1/workers/cl-{i:03d}/group/cl/jobs?task_name=ping", {"params": {"count": 2}},
+                           timeout=30)
+    except OSError as e:
+        return e
+
+
+def test_500_jobs_through_two_rollers_while_one_is_killed(postgres_server: PostgresServer, tmp_path: Path) -> None:
+    url = postgres_server.create_database()
+    # as if on two hosts: A's death is seen from its silence alone
+    a = RollerProcess(["--auth", "none"], state_dir=tmp_path / "a", env=cluster_env(url, ROLLER_CLUSTER_HOST="host-a"))
+    b = RollerProcess(["--auth", "none"], state_dir=tmp_path / "b", env=cluster_env(url, ROLLER_CLUSTER_HOST="host-b"))
+    try:
+        a.start(timeout=30)
+        b.start(timeout=30)
+        for i in range(MACHINES):
+            a.json("POST", "/api/v1/machines", machine_json(i), expect=201)
+        last = f"/api/v1/machines/cl/cl-{MACHINES - 1:03d}"
+        wait_for(lambda: b.get(last).status == 200, 30, "roller B to see the machines roller A added")
+
+        accepted: dict[str, tuple[str, int]] = {}  # job id -> (roller, machine)
+        answers: Counter[str] = Counter()
+        lock = threading.Lock()
+        killed_at: list[float] = []
+
+        def burst(roller: RollerProcess, name: str, machines: range) -> None:
+            for i in machines:
+                r, label = submit(roller, i), name
+                if isinstance(r, OSError):  # A is gone: the rest of its burst goes through B
+                    with lock:
+                        answers[f"{name}:refused"] += 1
+                    r, label = submit(b, i), "a->b"
+                    assert not isinstance(r, OSError), r
+                with lock:
+                    answers[f"{label}:{r.status}"] += 1
+                    if r.status == 201:
+                        accepted[r.json()["task_id"]] = (label, i)
+
+        def kill_a_midway() -> None:
+            wait_for(lambda: answers["a:201"] >= MACHINES // 2, 60, "half of A's submissions")
+            killed_at.append(time.time())
+            a.kill()
+
+        threads = [threading.Thread(target=burst, args=(a, "a", range(MACHINES))),
+                   threading.Thread(target=burst, args=(b, "b", range(MACHINES - 1, -1, -1))),
+                   threading.Thread(target=kill_a_midway)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert killed_at, answers
+        # every submission was answered 201, or 200 with the same task already queued there for the machine
+        assert answers["b:201"] + answers["b:200"] == MACHINES, answers
+        assert answers["a:201"] + answers["a:200"] + answers["a->b:201"] + answers["a->b:200"] == MACHINES, answers
+        assert answers["a:201"] >= MACHINES // 2 and answers["a:refused"] > 0, answers
+        assert len(accepted) == answers["a:201"] + answers["b:201"] + answers["a->b:201"] >= 400, answers
+
+        def all_ended() -> bool:
+            rows = pg_rows(url, "SELECT count(*) FROM jobs WHERE state IN ('queued', 'running')")
+            return rows == [(0,)]
+
+        wait_for(all_ended, 60, "every job to end", interval=0.2,
+                 describe=lambda: str(pg_rows(url, "SELECT state, roller_id, count(*) FROM jobs GROUP BY 1, 2")))
+
+        rows = pg_rows(url, "SELECT id, worker_id, state, started_at, finished_at, roller_id, error FROM jobs")
+        jobs = {r[0]: r for r in rows}
+        # none lost: every job answered 201 is there, ended
+        assert set(accepted) <= set(jobs), set(accepted) - set(jobs)
+        states = Counter(r[2] for r in rows)
+        assert set(states) <= {"succeeded", "interrupted"}, states
+        # none ran twice
+        running = Counter(job_id for (job_id,) in pg_rows(
+            url, "SELECT job_id FROM job_events WHERE kind = 'state' AND message = 'running'"))
+        assert max(running.values()) == 1, running.most_common(3)
+        # no machine ran two jobs at once
+        by_machine: dict[str, list[tuple[float, float]]] = defaultdict(list)
+        for _, worker, _, started, finished, _, _ in rows:
+            if started is not None:
+                by_machine[worker].append((started, finished))
+        for worker, spans in by_machine.items():
+            spans.sort()
+            for (_, e1), (s2, _) in zip(spans, spans[1:], strict=False):
+                assert s2 >= e1, (worker, spans)
+        # A's running jobs: interrupted by B, within takeover_after and a heartbeat of the kill
+        rollers = {r[5] for r in rows if r[5]}
+        assert len(rollers) == 2, rollers
+        interrupted = [r for r in rows if r[2] == "interrupted"]
+        for r in interrupted:
+            assert "no heartbeat" in r[6], r
+            assert r[4] - killed_at[0] <= TAKEOVER_AFTER * 4 / 3 + 2.0, (r, killed_at)
+        # A's queued jobs ran on B
+        from_a = [j for j, (name, _) in accepted.items() if name == "a"]
+        assert len(from_a) == answers["a:201"]
+        ran_on_b = [j for j in from_a if jobs[j][2] == "succeeded" and jobs[j][5] not in (None,)
+                    and jobs[j][5].startswith("host-b/")]
+        assert ran_on_b, "no job submitted to A ran on B"
+        assert pg_rows(url, "SELECT count(*) FROM rollers") == [(1,)]  # A left the table (taken over)
+        log = b.log_text()
+        assert "Traceback" not in log, b.log_tail(120)
+        assert "Took over roller" in log, b.log_tail(80)
+        print(dict(answers), dict(states), len(interrupted), "interrupted;", len(ran_on_b), "of A's ran on B")
+    except BaseException:
+        print(a.log_tail(80))
+        print(b.log_tail(120))
+        raise
+    finally:
+        a.close()
+        b.close()
