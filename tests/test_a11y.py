@@ -53,7 +53,7 @@ def test_every_page_passes_axe_in_both_themes_at_both_sizes(tmp_path: Path) -> N
             try:
                 batch_url = None
                 for name, (width, height), scheme in LOOKS:
-                    batch_url = _walk(browser, roller.base_url, name, width, height, scheme, ok, batch_url,
+                    batch_url = _walk(browser, roller, name, width, height, scheme, ok, batch_url,
                                       found, shots, expect)
             finally:
                 browser.close()
@@ -65,8 +65,9 @@ def test_every_page_passes_axe_in_both_themes_at_both_sizes(tmp_path: Path) -> N
         roller.close()
 
 
-def _walk(browser: Any, base: str, look: str, width: int, height: int, scheme: str, job_id: str,
+def _walk(browser: Any, roller: Any, look: str, width: int, height: int, scheme: str, job_id: str,
           batch_url: str | None, found: list[str], shots: Path, expect: Any) -> str:
+    base = roller.base_url
     context = browser.new_context(viewport={"width": width, "height": height}, color_scheme=scheme,
                                   is_mobile=width < 500, has_touch=width < 500)
     page = context.new_page()
@@ -104,6 +105,15 @@ def _walk(browser: Any, base: str, look: str, width: int, height: int, scheme: s
                         ("not found", "/no/such/page"), ("bad request", "/?state=bogus")):
         page.goto(base + path)
         check(label)
+
+    # -- a busy queue (a reboot running, a ping waiting behind it): its tables and cancel buttons fit
+    reboot = roller.post("/api/v1/jobs?tc_worker_id=sim-001&task_name=reboot").json()["task_id"]
+    waiting = roller.post("/api/v1/jobs?tc_worker_id=sim-001&task_name=ping").json()["task_id"]
+    page.goto(base + "/queue")
+    expect(page.locator(f'input[name="job"][value="{waiting}"]')).to_have_count(1)
+    check("queue with jobs")
+    roller.wait_job(reboot, timeout=60)
+    roller.wait_job(waiting, timeout=60)
 
     # -- a batch: its confirmation page, then (once) the batch page
     page.goto(base + "/?pool=demo")

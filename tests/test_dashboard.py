@@ -1137,3 +1137,16 @@ def test_fleet_order_settles_within_two_seconds_while_rows_are_fresh(env: Env) -
     assert rows_of(env.get("/").text)[:2] == ["m4", "m1"]  # settled again
     env.dashboard.fleet.forget()
     assert rows_of(env.get("/").text) == ["m3", "m4", "m1", "m2"]
+
+
+def test_fleet_and_machine_pages_link_to_the_job_history(env: Env) -> None:
+    j = env.submit("ping", "m1")
+    env.ctl.finish(j.id, TaskFailed("no reply"))
+    fleet = env.get("/").text
+    link = re.search(r'<a href="(/jobs\?state=failed&amp;since=[^"]+)">Jobs failed in the last 24 h</a>', fleet)
+    assert link, "no link to the failed jobs"
+    r = env.get(link.group(1).replace("&amp;", "&"))
+    assert r.code == 200 and f"/jobs/{j.id}" in r.text
+    machine = env.get("/machines/g1/m1").text
+    r = env.get(re.search(r'<a href="([^"]+)" id="all-jobs">', machine).group(1).replace("&amp;", "&"))
+    assert r.code == 200 and f"/jobs/{j.id}" in r.text
