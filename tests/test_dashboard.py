@@ -311,7 +311,8 @@ def test_fleet_filters_by_group_pool_state_and_search(env: Env) -> None:
     empty = env.get("/?q=zzz").text
     assert "No machine matches this search" in empty
     for bad, why in (("/?state=bogus", "state must be one of"), ("/?group=a%20b", "group must be"),
-                     ("/?sort=evil", "sort must be one of"), ("/?page=0", "page must be"), ("/?dir=sideways", "dir must"),
+                     ("/?sort=evil", "sort must be one of"), ("/?page=0", "page must be"),
+                     ("/?dir=sideways", "dir must"),
                      ("/?liveness=sideways", "liveness must be one of up, down, never"),
                      ("/?loan=maybe", "loan must be one of loaned, overdue, free"),
                      ("/?tag=a%20b", "tag must be a tag")):
