@@ -1,6 +1,9 @@
-/* roller dashboard: confirmations and live updates.  No framework; every
- * page works without it (destructive tasks then get a confirmation page).
- * Text from the server is only ever set with textContent. */
+/* roller dashboard: confirmations, live updates and times.  No framework;
+ * every page works without it (destructive tasks then get a confirmation
+ * page, times stay in UTC, the fleet page is reloaded by hand).  Text from
+ * the server's JSON is only ever set with textContent; the fleet page's live
+ * parts are copied from the page itself fetched again (DOMParser over
+ * roller's own autoescaped HTML, never text spliced into markup). */
 (function () {
   "use strict";
 
