@@ -12,6 +12,7 @@ then those whose last job failed, then the rest; by name within each.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -21,7 +22,8 @@ from twisted.internet.interfaces import IReactorTime
 
 from roller.jobs import State
 from roller.store import Store
-from roller.store.db import Cursor
+from roller.store.db import Cursor, data_version
+from roller.store.dialect import SQLITE
 from roller.store.where import Where
 
 #: the state filter value for machines that never had a job
@@ -195,7 +197,7 @@ def extras_of(c: Cursor, keys: list[tuple[str, str]]) -> dict[tuple[str, str], E
     return out
 
 
-def machine_where(f: FleetFilter, now: float | None = None) -> Where:
+def machine_where(f: FleetFilter, now: float | None = None, postgresql: bool = False) -> Where:
     """The conditions on machine C{m} of a filter (all but its last-job state)."""
     w = Where().equal("m.worker_group", f.group).equal("m.pool", f.pool)
     w.contains(("m.worker_id", "m.fqdn", "m.ip"), f.q)
@@ -213,8 +215,11 @@ def machine_where(f: FleetFilter, now: float | None = None) -> Where:
         w.add(f"{_LOAN_OF} IS NULL")
     elif f.loan == "overdue":
         w.add(f"{_LOAN_OF} <= ?", now if now is not None else 0.0)
-    if f.tag is not None:
-        w.add("EXISTS (SELECT 1 FROM json_each(m.data, '$.tags') t WHERE t.value = ?)", f.tag)
+    if f.tag is not None:  # the machine's JSON document lists it in "tags"
+        if postgresql:
+            w.add("jsonb_exists(CAST(m.data AS jsonb) -> 'tags', ?)", f.tag)
+        else:
+            w.add("EXISTS (SELECT 1 FROM json_each(m.data, '$.tags') t WHERE t.value = ?)", f.tag)
     return w
 
 
@@ -242,8 +247,9 @@ class FleetQueries:
         #: per machine) are worked out at most once every C{settle} seconds while commits keep coming
         self.clock = clock
         self.settle = settle
-        # Only ever touched inside db.read, i.e. by the one reader thread.
-        self._version: tuple[int, int, int] | None = None
+        # Only ever touched inside db.read, under this lock (PostgreSQL reads on several threads).
+        self._lock = threading.Lock()
+        self._version: tuple[Any, ...] | None = None
         self._cache: dict[tuple, Any] = {}
         self._settled: dict[tuple, tuple[float, Any]] = {}
         self._fresh_until = float("-inf")  # until then nothing is reused
@@ -277,16 +283,14 @@ class FleetQueries:
         self._settled[key] = (now, value)
         return self._cached(c, key, lambda: value), True
 
-    @staticmethod
-    def version(c: Cursor) -> tuple[int, int, int]:
+    def version(self, c: Cursor) -> tuple[Any, ...]:
         """
-        Changes whenever anything was committed to the database: C{PRAGMA
-        data_version} counts other connections' commits (the writer's, seen
-        from the reader, and other processes'), C{total_changes()} this
-        connection's own (when one connection does everything).
+        Changes whenever anything was committed to the database
+        (L{roller.store.db.data_version}: on SQLite C{PRAGMA data_version}
+        for other connections' commits and C{total_changes()} for this
+        connection's own; on PostgreSQL the WAL position).
         """
-        conn = c.connection
-        return (id(conn), c.execute("PRAGMA data_version").fetchone()[0], conn.total_changes)
+        return data_version(c, getattr(self.db, "dialect", SQLITE))
 
     def _cached(self, c: Cursor, key: tuple, compute: Callable[[], T]) -> T:
         if key in self._cache:
@@ -312,7 +316,7 @@ class FleetQueries:
         d = (direction or default_dir).upper()
         if d not in ("ASC", "DESC"):
             raise ValueError(f"unknown direction {direction!r}")
-        w = machine_where(f, now)
+        w = machine_where(f, now, getattr(self.db, "dialect", SQLITE).postgresql)
         cond, args = w.clause, w.args
         extras = (f", {_HEALTH_OF} AS hs, {_PING_OF} AS ps, {_LOAN_OF} AS lu" if sort in _NEEDS_EXTRAS else "")
         base = (f"SELECT m.worker_group, m.worker_id, m.fqdn, m.ip, m.pool, {_LAST_SEQ} AS last_seq{extras}"
@@ -396,6 +400,10 @@ class FleetQueries:
             ]
 
         def run(c: Cursor) -> FleetPage:
+            with self._lock:
+                return locked(c)
+
+        def locked(c: Cursor) -> FleetPage:
             version = self.version(c)
             if version != self._version:
                 self._cache.clear()
@@ -436,6 +444,10 @@ class FleetQueries:
             return out
 
         def run(c: Cursor) -> dict[str, dict[str, int]]:
+            with self._lock:
+                return locked(c)
+
+        def locked(c: Cursor) -> dict[str, dict[str, int]]:
             version = self.version(c)
             if version != self._version:
                 self._cache.clear()
