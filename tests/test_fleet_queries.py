@@ -24,7 +24,7 @@ def _job(worker: str, task: str, state: State, at: float, group: str = "g") -> J
                error="no" if state is State.failed else None)
 
 
-def test_fleet_queries_on_both_engines(store_path: str) -> None:
+def test_fleet_queries_on_both_engines(store_path: str) -> None:  # noqa: F811 -- the fixture
     clock = SyncClock()
     clock.advance(NOW)
     store, _ = sync_store(store_path, clock)
@@ -43,8 +43,8 @@ def test_fleet_queries_on_both_engines(store_path: str) -> None:
                                           started_at=NOW - 100, expires_at=NOW - 1)))
         fleet = FleetQueries(store, clock=clock)
 
-        def ids(f: FleetFilter = FleetFilter(), **kw: object) -> list[str]:
-            page = result_of(fleet.page(f, now=clock.seconds(), **kw))  # type: ignore[arg-type]
+        def ids(f: FleetFilter | None = None, **kw: object) -> list[str]:
+            page = result_of(fleet.page(f or FleetFilter(), now=clock.seconds(), **kw))  # type: ignore[arg-type]
             return [r.worker_id for r in page.rows]
 
         # down (health; b2's ping failed), degraded, failed last job, the rest; by name within
