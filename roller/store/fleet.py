@@ -12,6 +12,7 @@ then those whose last job failed, then the rest; by name within each.
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -249,6 +250,7 @@ class FleetQueries:
         self.settle = settle
         # Only ever touched inside db.read, under this lock (PostgreSQL reads on several threads).
         self._lock = threading.Lock()
+        self._orders = itertools.count()
         self._version: tuple[Any, ...] | None = None
         self._cache: dict[tuple, Any] = {}
         self._settled: dict[tuple, tuple[float, Any]] = {}
@@ -365,8 +367,9 @@ class FleetQueries:
             ))
             return counts, groups, pools
 
-        def ordered(c: Cursor) -> list[tuple[str, str]]:
-            return [(r[0], r[1]) for r in c.execute(order_sql, order_args)]
+        def ordered(c: Cursor) -> tuple[int, list[tuple[str, str]]]:
+            """The machines in order, numbered (the pages cut from it are cached under that number)."""
+            return next(self._orders), [(r[0], r[1]) for r in c.execute(order_sql, order_args)]
 
         def page_of(c: Cursor, keys: list[tuple[str, str]]) -> list[Any]:
             if not keys:
@@ -409,14 +412,14 @@ class FleetQueries:
                 self._cache.clear()
                 self._version = version
             (counts, groups, pools), _ = self._settling(c, filter_key, lambda: summary(c))
-            rows_key = ("rows", rows_sql, *rows_args)
-            if rows_sql or rows_key in self._cache:
-                rows = self._cached(c, rows_key, lambda: fetch_rows(c))
+            if rows_sql:
+                rows = self._cached(c, ("rows", rows_sql, *rows_args), lambda: fetch_rows(c))
             else:
-                order, current = self._settling(c, ("order", order_sql, *order_args), lambda: ordered(c))
-                rows = fetch_rows(c, order[offset:offset + limit])
-                if current:
-                    rows = self._cached(c, rows_key, lambda: rows)
+                # a page of this order, as the database is now (its rows are current even when the
+                # order is a moment old)
+                (number, order), _ = self._settling(c, ("order", order_sql, *order_args), lambda: ordered(c))
+                rows = self._cached(c, ("rows", number, offset, limit),
+                                    lambda: fetch_rows(c, order[offset:offset + limit]))
             total = counts.get(f.state, 0) if f.state is not None else sum(counts.values())
             return FleetPage(rows=rows, total=total, counts=counts, groups=groups, pools=pools)
 
