@@ -214,6 +214,10 @@ def test_dashboard_in_chromium(tmp_path: Path) -> None:
             expect(page.locator("#timeline")).to_contain_text("up after")
             expect(page.locator("#job-cancel")).to_have_count(0)
             expect(page.locator("#live-status")).to_have_text("Finished: succeeded.")
+            # the times the update filled in read like the others: relative, UTC in the tooltip
+            for cell in ("#job-started", "#job-finished"):
+                expect(page.locator(f"{cell} time")).to_have_text(re.compile(r"(ago|just now)$"))
+                expect(page.locator(f"{cell} time")).to_have_attribute("title", re.compile(r" UTC$"))
             shot(page, "job-reboot-succeeded.png")
             assert roller.json("GET", f"/api/v1/jobs/{job_id}")["state"] == "succeeded"
 
