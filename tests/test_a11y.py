@@ -23,7 +23,7 @@ from typing import Any
 from axe import axe_source, axe_violations, format_violations
 from test_browser import CHROMIUM, CHROMIUM_ARGS, PASSWORD, _playwright, add_users, screenshot_dir
 
-from roller.testing.process import RollerProcess, free_port
+from roller.testing.process import RollerProcess, free_port, wait_for
 
 #: (name, viewport, colour scheme)
 LOOKS = (("desktop-light", (1440, 900), "light"), ("desktop-dark", (1440, 900), "dark"),
@@ -41,7 +41,13 @@ def test_every_page_passes_axe_in_both_themes_at_both_sizes(tmp_path: Path) -> N
         "ROLLER_REBOOT_POLL_INTERVAL": "0.2"})
     add_users(roller)
     roller.start()
+    # a roller without any account yet: its one-time first-admin page (the link is in its log)
+    fresh = RollerProcess(["--auth", "none"])
+    fresh.start()
     try:
+        setup_path = wait_for(lambda: (re.findall(r"/setup\?token=[-_A-Za-z0-9]+", fresh.log_text()) or [None])[0],
+                              15, "the setup link in the log")
+        setup_url = fresh.base_url + setup_path
         # a finished job and a failed one, so the fleet, machine and job pages show both
         ok = roller.post("/api/v1/jobs?tc_worker_id=sim-001&task_name=ping").json()["task_id"]
         bad = roller.post("/api/v1/jobs?tc_worker_id=demo-closed&task_name=ping").json()["task_id"]
@@ -54,7 +60,7 @@ def test_every_page_passes_axe_in_both_themes_at_both_sizes(tmp_path: Path) -> N
                 batch_url = None
                 for name, (width, height), scheme in LOOKS:
                     batch_url = _walk(browser, roller, name, width, height, scheme, ok, batch_url,
-                                      found, shots, expect)
+                                      found, shots, expect, setup_url)
             finally:
                 browser.close()
         assert not found, "\n" + "\n".join(found)
@@ -63,10 +69,11 @@ def test_every_page_passes_axe_in_both_themes_at_both_sizes(tmp_path: Path) -> N
         raise
     finally:
         roller.close()
+        fresh.close()
 
 
 def _walk(browser: Any, roller: Any, look: str, width: int, height: int, scheme: str, job_id: str,
-          batch_url: str | None, found: list[str], shots: Path, expect: Any) -> str:
+          batch_url: str | None, found: list[str], shots: Path, expect: Any, setup_url: str) -> str:
     base = roller.base_url
     context = browser.new_context(viewport={"width": width, "height": height}, color_scheme=scheme,
                                   is_mobile=width < 500, has_touch=width < 500)
@@ -86,7 +93,10 @@ def _walk(browser: Any, roller: Any, look: str, width: int, height: int, scheme:
         if wide > 0:
             found.append(f"{where}the page scrolls sideways by {wide} px")
 
-    # -- signed out: the sign-in page
+    # -- signed out: the first-admin setup page (of the roller without accounts), the sign-in page
+    page.goto(setup_url)
+    expect(page.get_by_role("heading", name=re.compile("first admin", re.I))).to_be_visible()
+    check("setup")
     page.goto(base + "/login")
     check("sign-in")
     page.get_by_label("User name").fill("ada")
