@@ -1151,3 +1151,22 @@ def test_fleet_and_machine_pages_link_to_the_job_history(env: Env) -> None:
     machine = env.get("/machines/g1/m1").text
     r = env.get(re.search(r'<a href="([^"]+)" id="all-jobs">', machine).group(1).replace("&amp;", "&"))
     assert r.code == 200 and f"/jobs/{j.id}" in r.text
+
+
+def test_navigation_and_the_fleet_page_live_hooks(env: Env) -> None:
+    html = env.get("/").text
+    nav = html[html.index('<nav aria-label="Main">'):html.index("</nav>")]
+    assert [m for m in re.findall(r'<a href="([^"]+)"', nav)] == ["/", "/queue", "/jobs", "/stats", "/audit"]
+    assert 'aria-current="page">Fleet</a>' in nav
+    # the table names its event stream (kinds=state, after the hub's last id); the search answers "/"
+    assert f'id="fleet" aria-describedby="showing" data-stream="/events?kinds=state&amp;after={env.hub.last_id}"' in html
+    assert '<input id="q" name="q" type="search"' in html and 'aria-keyshortcuts="/"' in html
+    for part in ('id="fleet-counts"', 'id="pool-strip"', 'id="showing"', 'id="fleet-rows"'):
+        assert part in html, part  # what the live update swaps in
+    # times carry UTC text and a UTC tooltip; the footer says so until the browser rewrites them
+    j = env.submit("ping", "m1")
+    env.ctl.finish(j.id)
+    page = env.get(f"/jobs/{j.id}").text
+    assert re.search(r'<time datetime="[^"]+Z" data-relative title="\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC">', page)
+    assert re.search(r'<time datetime="[^"]+Z" data-format="time" title="[^"]+ UTC">\d\d:\d\d:\d\d</time>', page)
+    assert '<span id="tz-note">times are UTC</span>' in page
