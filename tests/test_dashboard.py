@@ -1159,7 +1159,8 @@ def test_navigation_and_the_fleet_page_live_hooks(env: Env) -> None:
     assert [m for m in re.findall(r'<a href="([^"]+)"', nav)] == ["/", "/queue", "/jobs", "/stats", "/audit"]
     assert 'aria-current="page">Fleet</a>' in nav
     # the table names its event stream (kinds=state, after the hub's last id); the search answers "/"
-    assert f'id="fleet" aria-describedby="showing" data-stream="/events?kinds=state&amp;after={env.hub.last_id}"' in html
+    stream = f"/events?kinds=state&amp;after={env.hub.last_id}"
+    assert f'id="fleet" aria-describedby="showing" data-stream="{stream}"' in html
     assert '<input id="q" name="q" type="search"' in html and 'aria-keyshortcuts="/"' in html
     for part in ('id="fleet-counts"', 'id="pool-strip"', 'id="showing"', 'id="fleet-rows"'):
         assert part in html, part  # what the live update swaps in
