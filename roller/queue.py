@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from attrs import define, field, frozen
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, gatherResults, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -39,6 +40,8 @@ log = Logger()
 
 Listener = Callable[[Job, JobEvent], None]
 
+#: seconds a cancellation of a job running on another roller waits for that roller to end it
+CANCEL_ELSEWHERE_WAIT = 30.0
 #: how many job ids submitted here are remembered (their events need no relaying from the shared database)
 MINE_REMEMBERED = 20_000
 
@@ -56,6 +59,10 @@ class Cluster(Protocol):
     def claim(self, job: Job, endpoints: tuple[str, ...], now: float) -> Deferred[str]: ...
 
     def cancel_queued(self, job: Job, event: JobEvent) -> Deferred[bool]: ...
+
+    def unreachable(self, worker_group: str) -> str | None: ...
+
+    def request_cancel(self, job_id: str, by: str) -> Deferred[str | None]: ...
 
 
 @frozen
@@ -87,6 +94,16 @@ class _Write:
     job: Job | None
     events: list[JobEvent]
     d: Deferred = field(factory=Deferred)
+
+
+class RelayedEvents:
+    """A L{JobQueue} whose C{subscribe} gives every job's events, other rollers' too."""
+
+    def __init__(self, queue: JobQueue):
+        self._queue = queue
+
+    def subscribe(self, listener: Listener) -> Callable[[], None]:
+        return self._queue.subscribe(listener, relayed=True)
 
 
 class JobRecorder:
@@ -286,6 +303,7 @@ class JobQueue:
         self._cluster = cluster
         self._claiming: set[str] = set()  # jobs whose claim is in flight (cluster)
         self._parked: list[tuple[int, int, str]] = []  # claims refused for now (cluster): retried after a while
+        self._claimed: dict[str, list[Deferred]] = {}  # fire once a claim in flight is answered
         self._unpark: Any = None
         self._mine: set[str] = set()  # jobs submitted here, recently (cluster)
         self._mine_order: deque[str] = deque()
@@ -316,6 +334,7 @@ class JobQueue:
         self._cancel_reason: dict[str, tuple[State, str]] = {}
         self._waiters: dict[str, list[Deferred]] = {}
         self._listeners: list[Listener] = []
+        self._relay_listeners: list[Listener] = []  # also other rollers' events
         self._arrival = 0
 
     def machines_with_jobs(self) -> set[tuple[str, str]]:
@@ -333,10 +352,20 @@ class JobQueue:
 
     # -- observation
 
-    def subscribe(self, listener: Listener) -> Callable[[], None]:
-        """Call C{listener(job, event)} for every job event; returns an unsubscribe."""
-        self._listeners.append(listener)
-        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+    def subscribe(self, listener: Listener, *, relayed: bool = False) -> Callable[[], None]:
+        """
+        Call C{listener(job, event)} for every job event of this roller;
+        with C{relayed}, also for those of jobs other rollers run (a
+        cluster: live streams show every job; metrics and notifications
+        stay each roller's own).  Returns an unsubscribe.
+        """
+        listeners = self._relay_listeners if relayed else self._listeners
+        listeners.append(listener)
+        return lambda: listeners.remove(listener) if listener in listeners else None
+
+    def relayed(self) -> RelayedEvents:
+        """This queue as something whose C{subscribe} also gives other rollers' job events (for L{EventHub})."""
+        return RelayedEvents(self)
 
     def active(self, job_id: str) -> Job | None:
         """
@@ -544,6 +573,11 @@ class JobQueue:
             if self._cluster.reaches(job.worker_group):
                 self._enqueue(job, machine)
         self._emit(job, event)
+        why = self._cluster.unreachable(job.worker_group) if self._cluster is not None else None
+        if why is not None:  # in the job's events, for the API and the dashboard
+            waiting = JobEvent(job.id, now, "log", why, {"waiting": "unreachable"})
+            self._emit(job, waiting)
+            self._recorder.log(waiting)
         for d in waiters:
             d.callback(job)
         self._pump()
@@ -555,6 +589,10 @@ class JobQueue:
         cancelled.  The final job, once persisted.  L{Conflict} if it has
         already finished, L{NotFound} if there is no such job.
         """
+        while job_id in self._claiming:  # a claim in flight: cancel what it leads to
+            d: Deferred = Deferred()
+            self._claimed.setdefault(job_id, []).append(d)
+            await d
         job = self._jobs.get(job_id)
         if job is None and job_id in self._ended:
             raise Conflict(f"job {job_id} already ended: {self._ended[job_id].state.value}", code="job_finished")
@@ -562,6 +600,8 @@ class JobQueue:
             stored = await self._store.jobs.get(job_id)
             if stored is None:
                 raise NotFound(f"no job {job_id}", code="unknown_job")
+            if self._cluster is not None and not stored.state.final:
+                return await self._cancel_elsewhere(stored, by)
             raise Conflict(f"job {job_id} already ended: {stored.state.value}", code="job_finished")
         message = f"cancelled by {by}"
         if job.state is State.queued:
@@ -614,6 +654,41 @@ class JobQueue:
 
     # -- the shared queue (cluster)
 
+    async def _cancel_elsewhere(self, job: Job, by: str) -> Job:
+        """Cancel a job this roller does not hold: queued in the shared queue, or running on another roller."""
+        assert self._cluster is not None
+        message = f"cancelled by {by}"
+        if job.state is State.queued:
+            now = self._reactor.seconds()
+            final = job.transition(State.cancelled, now, error=message)
+            event = JobEvent(job.id, now, "state", message, {"state": "cancelled"})
+            if await self._cluster.cancel_queued(final, event):
+                self._emit(final, event)
+                return final
+            job = await self._store.jobs.get(job.id) or job  # claimed meanwhile
+        if job.state is State.running:
+            runner = await self._cluster.request_cancel(job.id, by)
+            deadline = self._reactor.seconds() + CANCEL_ELSEWHERE_WAIT
+            while runner is not None and self._reactor.seconds() < deadline:
+                await deferLater(self._reactor, self._cluster.poll_interval, lambda: None)
+                current = await self._store.jobs.get(job.id)
+                if current is None or current.state.final:
+                    return current or job
+            if runner is not None:
+                raise Conflict(f"job {job.id} runs on roller {runner}, which was asked to cancel it and has not "
+                               "ended it yet", code="cancel_pending")
+        current = await self._store.jobs.get(job.id)
+        if current is not None and current.state.final:
+            raise Conflict(f"job {job.id} already ended: {current.state.value}", code="job_finished")
+        raise Conflict(f"job {job.id} could not be cancelled: it is {job.state.value}", code="job_busy")
+
+    def cancel_here(self, job_id: str, by: str) -> None:
+        """Another roller was asked to cancel this roller's running job C{job_id}."""
+        if job_id not in self._running or job_id in self._cancel_reason:
+            return
+        self._cancel_reason[job_id] = (State.cancelled, f"cancelled by {by}")
+        self._running[job_id].cancel()
+
     def pump(self) -> None:
         """Look at the queue again now (a roller was taken over, a machine or endpoint may be free)."""
         self._pump()
@@ -663,7 +738,7 @@ class JobQueue:
             self._forget(local)  # claimed (or cancelled) elsewhere
         elif job.id in self._mine and event.kind == "state" and event.data.get("state") == "queued":
             return  # submitted here: announced then
-        self._emit(job, event)
+        self._emit(job, event, relayed=True)
         if job.state.final and event.kind == "state" and event.data.get("state") == job.state.value:
             self._notify(job)
 
@@ -685,6 +760,13 @@ class JobQueue:
                     del self._endpoint_running[e]
 
         def answered(outcome: Any) -> None:
+            try:
+                settle(outcome)
+            finally:
+                for d in self._claimed.pop(job.id, []):
+                    d.callback(None)
+
+        def settle(outcome: Any) -> None:
             release()
             current = self._jobs.get(job.id)
             if isinstance(outcome, Failure):
@@ -889,8 +971,8 @@ class JobQueue:
             self._emit(job, event)
         self._recorder.log(event)
 
-    def _emit(self, job: Job, event: JobEvent) -> None:
-        for listener in list(self._listeners):
+    def _emit(self, job: Job, event: JobEvent, relayed: bool = False) -> None:
+        for listener in list(self._relay_listeners) if relayed else list(self._listeners) + self._relay_listeners:
             try:
                 listener(job, event)
             except Exception:  # noqa: BLE001 -- a listener's bug must not stop the others or the job

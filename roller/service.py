@@ -6,6 +6,7 @@ stopped in order on one reactor.
 from __future__ import annotations
 
 import sys
+from typing import cast
 
 from attrs import evolve
 from twisted.application.service import IServiceCollection, MultiService
@@ -199,7 +200,8 @@ class RollerService(MultiService):
         self.notifier = notifier_from_settings(s, self.reactor, lambda: self.secrets)
         if self.notifier is not None:
             self.notifier.start(self.queue)  # job start and end notifications (roller.notify)
-        self.hub = EventHub(self.queue, self.reactor)
+        # live streams show other rollers' jobs too (EventHub needs only the queue's subscribe)
+        self.hub = EventHub(cast(JobQueue, self.queue.relayed()), self.reactor)
         self.hub.start()  # before queue.start(): it also sees the jobs queued again at start-up
         self.metrics = Metrics(self.queue, self.reactor)
         self.metrics.start()  # the reactor lag loop

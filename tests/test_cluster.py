@@ -149,3 +149,111 @@ def test_500_jobs_through_two_rollers_while_one_is_killed(postgres_server: Postg
     finally:
         a.close()
         b.close()
+
+
+def test_a_job_submitted_on_one_roller_runs_on_another_and_is_seen_live_reach_and_cancel(
+        postgres_server: PostgresServer, tmp_path: Path) -> None:
+    url = postgres_server.create_database()
+    # A reaches no group of this fleet: every job runs on B, which reaches "cl" only
+    a = RollerProcess(["--auth", "none"], state_dir=tmp_path / "a",
+                      env=cluster_env(url, ROLLER_CLUSTER_HOST="host-a", ROLLER_CLUSTER_REACH="nowhere"))
+    b = RollerProcess(["--auth", "none"], state_dir=tmp_path / "b",
+                      env=cluster_env(url, ROLLER_CLUSTER_HOST="host-b", ROLLER_CLUSTER_REACH="cl"))
+    try:
+        a.start(timeout=30)
+        b.start(timeout=30)
+        a.json("POST", "/api/v1/machines", machine_json(1), expect=201)
+        a.json("POST", "/api/v1/machines", machine_json(2), expect=201)
+        a.json("POST", "/api/v1/machines", {**machine_json(3), "worker_id": "far-1", "worker_group": "far"},
+               expect=201)
+        wait_for(lambda: b.get("/api/v1/machines/far/far-1").status == 200, 30, "B to see the machines")
+
+        # submitted on A, run by B, followed live on A's event stream
+        watcher = dashboard_session(a, url)
+        r = a.post("/api/v1/workers/cl-001/group/cl/jobs?task_name=ping", {"params": {"count": 2}})
+        assert r.status == 201, r
+        job_id = r.json()["task_id"]
+        seen = read_stream_until(watcher, a, f"/events?job={job_id}", "succeeded", timeout=30)
+        assert '"running"' in seen and "succeeded" in seen and "ping -c 2" in seen, seen
+        view = a.json("GET", f"/api/v1/jobs/{job_id}")
+        assert view["state"] == "succeeded", view
+        assert [e["message"] for e in view["events"] if e["kind"] == "state"][:2] == ["queued by anonymous", "running"]
+        assert pg_rows(url, "SELECT roller_id FROM jobs WHERE id = ?", job_id)[0][0].startswith("host-b/")
+
+        # a group no running roller reaches: the job stays queued, and its view says why
+        r = a.post("/api/v1/workers/far-1/group/far/jobs?task_name=ping", {"params": {"count": 1}})
+        assert r.status == 201, r
+        far = r.json()["task_id"]
+        view = a.json("GET", f"/api/v1/jobs/{far}")
+        assert view["state"] == "queued", view
+        waiting = [e["message"] for e in view["events"] if e["kind"] == "log"]
+        assert waiting and waiting[0].startswith("waiting: no running roller reaches worker group far ("), view
+        time.sleep(1.0)  # several polls of B: it still does not take it
+        assert b.json("GET", f"/api/v1/jobs/{far}")["state"] == "queued"
+        # B cancels it (queued in the shared queue, held by no roller)
+        assert b.json("DELETE", f"/api/v1/jobs/{far}")["state"] == "cancelled"
+
+        # a long job running on B, cancelled through A
+        r = a.post("/api/v1/workers/cl-002/group/cl/jobs?task_name=ping", {"params": {"count": 10}})
+        long_id = r.json()["task_id"]
+        wait_for(lambda: a.json("GET", f"/api/v1/jobs/{long_id}")["state"] == "running", 30, "the long job to run")
+        cancelled = a.json("DELETE", f"/api/v1/jobs/{long_id}")
+        assert cancelled["state"] == "cancelled" and cancelled["error"] == "cancelled by anonymous", cancelled
+        assert b.json("GET", f"/api/v1/jobs/{long_id}")["state"] == "cancelled"
+        for roller in (a, b):
+            assert "Traceback" not in roller.log_text(), roller.log_tail(100)
+    except BaseException:
+        print(a.log_tail(60))
+        print(b.log_tail(60))
+        raise
+    finally:
+        a.close()
+        b.close()
+
+
+PASSWORD = "cluster-test-password-1"
+
+
+def dashboard_session(roller: RollerProcess, url: str) -> Any:
+    """An account in the shared database (added through the roller command), signed in on C{roller}: an opener."""
+    import http.cookiejar
+    import os
+    import re
+    import subprocess
+    import sys
+    import urllib.parse
+    import urllib.request
+
+    from roller.testing.process import roller_env
+
+    env = roller_env({"ROLLER_DATABASE_URL": url})
+    env.pop("ROLLER_STATE_DIR", None)
+    done = subprocess.run([sys.executable, "-m", "roller.cli", "--state-dir", str(roller.state_dir), "user", "add",
+                           "watcher", "--role", "viewer", "--password-stdin"], input=PASSWORD + "\n", env=env,
+                          capture_output=True, text=True, timeout=60, cwd=os.fspath(roller.workdir))
+    assert done.returncode == 0 or "exists" in done.stderr, done.stderr
+    jar = http.cookiejar.CookieJar()
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+    page = opener.open(roller.url("/login"), timeout=10).read().decode()
+    field, token = re.search(r'name="([^"]+)" value="([^"]+)"', page.split("<form", 1)[1]).groups()
+    form = urllib.parse.urlencode({field: token, "user": "watcher", "password": PASSWORD, "next": "/"}).encode()
+    opener.open(roller.url("/login"), data=form, timeout=10).read()
+    assert any(True for _ in jar), "no session cookie"
+    return opener
+
+
+def read_stream_until(opener: Any, roller: RollerProcess, path: str, needle: str, timeout: float) -> str:
+    """Read the SSE stream at C{path} until C{needle} shows up (or the timeout); what was read."""
+    response = opener.open(roller.url(path), timeout=timeout)
+    assert response.status == 200, response.status
+    seen = ""
+    deadline = time.monotonic() + timeout
+    try:
+        while needle not in seen and time.monotonic() < deadline:
+            line = response.readline()
+            if not line:
+                break
+            seen += line.decode("utf-8", "replace")
+    finally:
+        response.close()
+    return seen

@@ -86,6 +86,7 @@ class ClusterNode:
         self._seen_order: deque[int] = deque()
         self._joined = False
         self.taken_over = 0  # rollers this node took over
+        self._rollers: list[dict[str, Any]] = []  # as last read (every heartbeat)
 
     # -- what the queue asks
 
@@ -105,14 +106,31 @@ class ClusterNode:
 
         return d.addErrback(raced)
 
+    def unreachable(self, worker_group: str) -> str | None:
+        """
+        Why a job of C{worker_group} waits, if no running roller reaches its
+        group (as of the last heartbeat); None if one does.
+        """
+        alive = [r for r in self._rollers if r["id"] == self.id or r["silent"] <= self.takeover_after]
+        if any(not r["reach"] or worker_group in r["reach"] for r in alive) or not alive:
+            return None
+        reaches = "; ".join(f"{r['id']}: {', '.join(r['reach'])}" for r in alive)
+        return (f"waiting: no running roller reaches worker group {worker_group} ({reaches}); the job stays queued "
+                "until a roller whose cluster.reach includes it runs")
+
     def cancel_queued(self, job: Job, event: JobEvent) -> Deferred[bool]:
         return self._db.write(sql.cancel_queued, job, event)
+
+    def request_cancel(self, job_id: str, by: str) -> Deferred[str | None]:
+        """Ask the roller running C{job_id} to cancel it (it does at its next poll); its id, None if none runs it."""
+        return self._db.write(sql.request_cancel, job_id, by)
 
     # -- membership
 
     async def join(self) -> None:
         await self._db.write(sql.register, self.id, self.host, self.pid, self.reach)
         self._events_after = self._floor = await self._db.read(sql.last_event_id)
+        self._rollers = await self._db.read(sql.rollers)
         self._joined = True
         log.info("Joined the rollers sharing {db} as {id} (reach: {reach}; takeover after {after:g} s)",
                  db=self._db.path, id=self.id, reach=", ".join(self.reach) or "all worker groups",
@@ -160,7 +178,8 @@ class ClusterNode:
             pass  # logged by the store; the next beat tries again
 
     async def _take_over_dead(self) -> None:
-        for r in await self._db.read(sql.rollers):
+        self._rollers = await self._db.read(sql.rollers)
+        for r in self._rollers:
             if r["id"] == self.id:
                 continue
             if r["silent"] > self.takeover_after:
@@ -189,6 +208,8 @@ class ClusterNode:
             await self._store.machines.refresh()  # machines another roller added
             jobs = await self._db.read(sql.queued, self.reach, QUEUED_PER_POLL)
             queue.adopt(jobs)
+            for job_id, by in await self._db.read(sql.cancels_for, self.id):
+                queue.cancel_here(job_id, by)
             await self._relay_events(queue)
         except StorageUnavailable:
             pass  # logged by the store; the next poll tries again

@@ -90,6 +90,20 @@ def cancel_queued(c: Cursor, job: Job, event: JobEvent) -> bool:
     return bool(done)
 
 
+def request_cancel(c: Cursor, job_id: str, by: str) -> str | None:
+    """Ask the roller running job C{job_id} to cancel it; that roller's id (None: not running any more)."""
+    row = c.execute("UPDATE jobs SET cancel_requested = ? WHERE id = ? AND state = 'running' RETURNING roller_id",
+                    (by, job_id)).fetchone()
+    return None if row is None else str(row[0])
+
+
+def cancels_for(c: Cursor, roller_id: str) -> list[tuple[str, str]]:
+    """(job id, who asked) of this roller's running jobs another roller was asked to cancel."""
+    return [(r[0], r[1]) for r in c.execute("SELECT id, cancel_requested FROM jobs WHERE state = 'running'"
+                                             " AND roller_id = ? AND cancel_requested IS NOT NULL",
+                                             (roller_id,)).fetchall()]
+
+
 # -- membership
 
 

@@ -262,4 +262,10 @@ MIGRATIONS: list[str] = [
         at       REAL NOT NULL
     );
     """,
+    # 11: a job running on one roller cancelled through another: who asked, until
+    #     the roller running it ends it (roller.cluster)
+    """
+    -- postgresql only
+    ALTER TABLE jobs ADD COLUMN cancel_requested TEXT;
+    """,
 ]
