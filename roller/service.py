@@ -216,7 +216,8 @@ class RollerService(MultiService):
         # batches submit through the queue: resumed once it runs (and after health, whose states they read)
         self.batches = BatchService(store, self.queue, tasks, self.reactor, health=self.health,
                                     defaults=rollout_defaults(s))
-        await self.batches.start()
+        # with several rollers, unfinished batches are resumed by the first one only (they are not divided yet)
+        await self.batches.start(resume=self.cluster is None or self.cluster.alone())
         self.retention = PruneLoop(Pruner(store.db, clock=self.reactor), RetentionPolicy.from_settings(s),
                                    self.reactor, s.history_prune_interval)
         self.retention.start()  # history.*: the first pruning one interval from now

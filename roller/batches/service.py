@@ -148,7 +148,8 @@ class BatchService:
         self._writing: Deferred | None = None
         self._write_delay = WRITE_RETRY_FIRST
         self._running = False
-        self._unsubscribe: Callable[[], None] | None = queue.subscribe(self._job_event)
+        # relayed: with several rollers (roller.cluster), a member may run on another one
+        self._unsubscribe: Callable[[], None] | None = queue.subscribe(self._job_event, relayed=True)
 
     # -- lifecycle
 

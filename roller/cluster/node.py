@@ -47,7 +47,7 @@ log = Logger()
 #: events read at most per poll; and how far back each poll looks again (ids
 #: are taken before their transaction commits, so a later id may show first)
 EVENTS_PER_POLL = 2000
-EVENT_LOOKBACK = 2000
+EVENT_LOOKBACK = 500
 #: queued jobs read per poll
 QUEUED_PER_POLL = 2000
 
@@ -105,6 +105,10 @@ class ClusterNode:
             return sql.BLOCKED
 
         return d.addErrback(raced)
+
+    def alone(self) -> bool:
+        """No other roller is alive (as of the last heartbeat, or joining)."""
+        return not [r for r in self._rollers if r["id"] != self.id and not self._dead(r)]
 
     def unreachable(self, worker_group: str) -> str | None:
         """
@@ -177,17 +181,22 @@ class ClusterNode:
         except StorageUnavailable:
             pass  # logged by the store; the next beat tries again
 
+    def _dead(self, r: dict[str, Any]) -> str | None:
+        """Why the registered roller C{r} counts as dead; None while it lives."""
+        if r["silent"] > self.takeover_after:
+            return (f"roller {r['id']} stopped (no heartbeat for {r['silent']:.0f} s; "
+                    f"cluster.takeover_after = {self.takeover_after:g})")
+        if r["host"] == self.host and (r["pid"] == self.pid or not self._pid_alive(r["pid"])):
+            return f"roller {r['id']} stopped (its process on {self.host} is gone)"
+        return None
+
     async def _take_over_dead(self) -> None:
         self._rollers = await self._db.read(sql.rollers)
         for r in self._rollers:
             if r["id"] == self.id:
                 continue
-            if r["silent"] > self.takeover_after:
-                why = (f"roller {r['id']} stopped (no heartbeat for {r['silent']:.0f} s; "
-                       f"cluster.takeover_after = {self.takeover_after:g})")
-            elif r["host"] == self.host and (r["pid"] == self.pid or not self._pid_alive(r["pid"])):
-                why = f"roller {r['id']} stopped (its process on {self.host} is gone)"
-            else:
+            why = self._dead(r)
+            if why is None:
                 continue
             jobs = await self._db.write(sql.take_over, r["id"], why, self._clock.seconds())
             if jobs is None:
