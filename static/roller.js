@@ -155,8 +155,21 @@
     var t = ev.target, tag = t && t.tagName;
     if (tag === "INPUT" || tag === "TEXTAREA" || tag === "SELECT" || (t && t.isContentEditable)) { return; }
     var search = document.querySelector("input[type=search][aria-keyshortcuts='/']");
-    if (search) { ev.preventDefault(); search.focus(); search.select(); }
+    if (search) {
+      ev.preventDefault();
+      var box = search.closest("details");
+      if (box) { box.open = true; }
+      search.focus();
+      search.select();
+    }
   });
+
+  // -- the fleet's filters fold away on a phone, unless some are set
+  var filterBox = document.getElementById("filter-box");
+  if (filterBox && !filterBox.hasAttribute("data-active") && window.matchMedia &&
+      window.matchMedia("(max-width: 40rem)").matches) {
+    filterBox.open = false;
+  }
 
   // -- the job page: append events as they happen
   var timeline = document.getElementById("timeline");

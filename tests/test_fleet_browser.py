@@ -234,5 +234,11 @@ def _walk(browser: Any, roller: Any, shot: Any, expect: Any) -> None:
     page.goto(base + "/")
     assert page.evaluate("document.scrollingElement.scrollWidth <= innerWidth"), "the phone page scrolls sideways"
     shot(page, "fleet-phone.png")
+    search = page.get_by_label(re.compile("^Search"))
+    expect(search).to_be_hidden()  # the filters are folded on a phone...
+    page.get_by_text("Search and filters").click()
+    expect(search).to_be_visible()
+    page.goto(base + "/?pool=bulk")
+    expect(search).to_be_visible()  # ...unless some are set
     phone.close()
     assert not problems, problems
