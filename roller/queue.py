@@ -682,6 +682,14 @@ class JobQueue:
             raise Conflict(f"job {job.id} already ended: {current.state.value}", code="job_finished")
         raise Conflict(f"job {job.id} could not be cancelled: it is {job.state.value}", code="job_busy")
 
+    def interrupt_running(self, why: str) -> int:
+        """End every running job as C{interrupted} (this roller was taken over, or lost the database); how many."""
+        running = [job_id for job_id in self._running if job_id not in self._cancel_reason]
+        for job_id in running:
+            self._cancel_reason[job_id] = (State.interrupted, why)
+            self._running[job_id].cancel()
+        return len(running)
+
     def cancel_here(self, job_id: str, by: str) -> None:
         """Another roller was asked to cancel this roller's running job C{job_id}."""
         if job_id not in self._running or job_id in self._cancel_reason:

@@ -87,6 +87,7 @@ class ClusterNode:
         self._joined = False
         self.taken_over = 0  # rollers this node took over
         self._rollers: list[dict[str, Any]] = []  # as last read (every heartbeat)
+        self._beat_ok = clock.seconds()  # when a heartbeat was last written
 
     # -- what the queue asks
 
@@ -172,14 +173,28 @@ class ClusterNode:
                 pass  # the others take it over after takeover_after
 
     async def _heartbeat(self) -> None:
+        now = self._clock.seconds()
         try:
             if not await self._db.write(sql.heartbeat, self.id):
                 log.error("Another roller took this one ({id}) over (no heartbeat for {after:g} s): its running jobs "
-                          "were marked interrupted; joining again", id=self.id, after=self.takeover_after)
+                          "were marked interrupted; stopping them here and joining again", id=self.id,
+                          after=self.takeover_after)
+                self._fence("another roller took this one over (its heartbeat stopped for cluster.takeover_after)")
                 await self._db.write(sql.register, self.id, self.host, self.pid, self.reach)
+            self._beat_ok = now
             await self._take_over_dead()
         except StorageUnavailable:
-            pass  # logged by the store; the next beat tries again
+            # logged by the store.  Silent this long, the others take this roller's jobs over: stop them
+            # here too, so no machine is driven by two rollers
+            if now - self._beat_ok >= self.takeover_after:
+                self._fence(f"roller lost the database for {now - self._beat_ok:.0f} s (cluster.takeover_after "
+                            f"= {self.takeover_after:g}): another roller may have taken its jobs over")
+
+    def _fence(self, why: str) -> None:
+        if self._queue is not None:
+            stopped = self._queue.interrupt_running(why)
+            if stopped:
+                log.warn("Interrupted {count} running job(s): {why}", count=stopped, why=why)
 
     def _dead(self, r: dict[str, Any]) -> str | None:
         """Why the registered roller C{r} counts as dead; None while it lives."""
@@ -215,6 +230,7 @@ class ClusterNode:
             return
         try:
             await self._store.machines.refresh()  # machines another roller added
+            self._rollers = await self._db.read(sql.rollers)  # who runs, and what they reach
             jobs = await self._db.read(sql.queued, self.reach, QUEUED_PER_POLL)
             queue.adopt(jobs)
             for job_id, by in await self._db.read(sql.cancels_for, self.id):
