@@ -300,3 +300,39 @@ def test_roller_db_on_postgresql(postgres_server: PostgresServer, tmp_path: Path
     assert r.returncode == 1 and f"schema version {len(MIGRATIONS) + 1}" in r.stdout, r.stdout
     r = roller_cli(env, state, "db", "prune")
     assert r.returncode == 2 and "never downgrades" in r.stderr, r.stderr
+
+
+def test_the_password_from_the_secrets_file_logs_in_and_never_shows(postgres_server: PostgresServer,
+                                                                   tmp_path: Path) -> None:
+    from roller.testing.postgres import require_password
+
+    url = postgres_server.create_database()
+    password = "pw-Zq8#looks-like-a-secret"
+    app_url = require_password(postgres_server, f"app_{tmp_path.name[-12:].replace('-', '_')}", password,
+                               url.rsplit("/", 1)[1])
+    state = tmp_path / "state"
+    state.mkdir()
+    secrets = state / "secrets.toml"
+    write_secrets(secrets, {"roller-db": Credential(name="roller-db", kind="password", username="ignored",
+                                                    password=password)})
+    env = {"ROLLER_DATABASE_URL": app_url, "ROLLER_DATABASE_CREDENTIAL": "roller-db"}
+    roller = RollerProcess(["--auth", "none"], state_dir=state, env=env)
+    try:
+        roller.start()
+        roller.json("POST", "/api/v1/machines", {"worker_id": "pw-1", "worker_group": "pw", "ip": "127.0.0.63"},
+                    expect=201)
+        assert pg_rows(url, "SELECT worker_id FROM machines") == [("pw-1",)]
+        roller.stop()
+        # a wrong password: start-up refused in one line, naming the database, never a password
+        write_secrets(secrets, {"roller-db": Credential(name="roller-db", kind="password", username="ignored",
+                                                        password="not-the-password")})
+        with pytest.raises(RollerStartError):
+            roller.start(timeout=15)
+        text = roller.log_text()
+        assert f"cannot connect to the database {app_url}" in text and "password authentication failed" in text
+        assert password not in text and "not-the-password" not in text and "Traceback" not in text, text
+        # without the credential, the server refuses too
+        r = roller_cli({"ROLLER_DATABASE_URL": app_url}, state, "db", "check")
+        assert r.returncode == 2 and "password" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    finally:
+        roller.close()

@@ -242,7 +242,10 @@ def check(url: str, *, user: str | None = None, password: str | None = None) -> 
     """
     target = parse_url(url)
     psycopg = _psycopg()[0]
-    conn = connect(**target.kwargs(password, user))
+    try:
+        conn = connect(**target.kwargs(password, user))
+    except psycopg.Error as e:
+        raise PgCheckError(f"cannot connect to the database {target.display}: {' '.join(str(e).split())}") from None
     try:
         c = conn.cursor()
         c.execute("BEGIN READ ONLY")

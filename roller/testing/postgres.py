@@ -219,3 +219,25 @@ def _store_path_fixture() -> Any:
 
 
 store_path = _store_path_fixture()
+
+
+def require_password(server: PostgresServer, role: str, password: str, database: str) -> str:
+    """
+    A login role of C{database} that must give C{password} (SCRAM) over
+    TCP, ahead of the server's C{trust} lines; the database's URL for it
+    (without the password).
+    """
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(server.url(), autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(role), sql.Literal(password)))
+        conn.execute(sql.SQL("GRANT ALL ON DATABASE {} TO {}").format(sql.Identifier(database), sql.Identifier(role)))
+        conn.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(sql.Identifier(database), sql.Identifier(role)))
+        hba = os.path.join(server.data, "pg_hba.conf")
+        with open(hba) as f:
+            lines = f.read()
+        with open(hba, "w") as f:
+            f.write(f"host all {role} 127.0.0.1/32 scram-sha-256\n" + lines)
+        conn.execute("SELECT pg_reload_conf()")
+    return f"postgresql://{role}@{server.host}:{server.port}/{database}"
