@@ -18,6 +18,7 @@ from roller.batches.model import Rollout, Selector
 from roller.inventory import Machine
 from roller.jobs import Job, State, new_job_id
 from roller.store import AuditEntry
+from roller.store.dialect import SQLITE, ddl
 from roller.store.schema import MIGRATIONS
 from roller.testing.process import free_port, run_twistd
 from roller.testing.syncdb import result_of, sync_store
@@ -42,9 +43,8 @@ def build(path: Path, version: int) -> None:
     conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")  # as Database.migrate makes it
     conn.execute("INSERT INTO schema_version VALUES (?)", (version,))
     for script in MIGRATIONS[:version]:
-        for statement in script.split(";"):
-            if statement.strip():
-                conn.execute(statement)
+        for statement in ddl(script, SQLITE):  # as a SQLite roller applies them (no PostgreSQL-only ones)
+            conn.execute(statement)
     have = tables(conn)
     if "machines" in have:
         conn.execute("INSERT INTO machines VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
