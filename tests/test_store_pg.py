@@ -336,3 +336,36 @@ def test_the_password_from_the_secrets_file_logs_in_and_never_shows(postgres_ser
         assert r.returncode == 2 and "password" in r.stderr and "Traceback" not in r.stderr, r.stderr
     finally:
         roller.close()
+
+
+@pytest.mark.parametrize("version", [1, 3, 6, 8, 9, 10])
+def test_an_earlier_postgresql_schema_upgrades_with_its_data(postgres_server: PostgresServer, version: int) -> None:
+    url = postgres_server.create_database()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        conn.execute("INSERT INTO schema_version VALUES (%s)", (version,))
+        for script in MIGRATIONS[:version]:
+            for statement in ddl(script, POSTGRESQL):
+                conn.execute(statement)
+        conn.execute("INSERT INTO machines VALUES ('mdc1', 'w1', NULL, '10.0.0.1', 'p', %s, 1.5, 2.5)",
+                     ('{"worker_id": "w1", "worker_group": "mdc1", "ip": "10.0.0.1", "pool": "p"}',))
+        conn.execute("INSERT INTO jobs (id, task_name, worker_group, worker_id, requester, priority, state,"
+                     " created_at, started_at) VALUES ('j1', 'ping', 'mdc1', 'w1', 'alice', 50, 'running', 1.25,"
+                     " 1.5), ('j2', 'ping', 'mdc1', 'w1', 'bob', 60, 'queued', 1.75, NULL)")
+        conn.execute("INSERT INTO job_events (job_id, time, kind, message) VALUES ('j1', 1.5, 'state', 'running')")
+
+    from roller.testing.syncdb import result_of, sync_store
+
+    store, _ = sync_store(url)
+    try:
+        assert pg_rows(url, "SELECT version FROM schema_version") == [(len(MIGRATIONS),)]
+        assert result_of(store.machines.get("mdc1", "w1")).pool == "p"
+        assert result_of(store.jobs.get("j2")).priority == 60
+        interrupted, queued = result_of(store.jobs.recover(9.0))
+        assert [j.id for j in interrupted] == ["j1"] and [j.id for j in queued] == ["j2"]
+        assert [e.message for e in result_of(store.jobs.events("j1"))] == ["running", "interrupted: roller restarted"]
+        new = result_of(store.jobs.insert(Job(id="j3", task_name="ping", worker_id="w1", worker_group="mdc1",
+                                               created_at=10.0)))
+        assert new.seq is not None and new.seq > result_of(store.jobs.get("j2")).seq
+    finally:
+        result_of(store.close())
