@@ -213,7 +213,8 @@ class ClusterNode:
             why = self._dead(r)
             if why is None:
                 continue
-            jobs = await self._db.write(sql.take_over, r["id"], why, self._clock.seconds())
+            silent_for = self.takeover_after if r["silent"] > self.takeover_after else 0.0  # checked again, locked
+            jobs = await self._db.write(sql.take_over, r["id"], why, self._clock.seconds(), silent_for)
             if jobs is None:
                 continue
             self.taken_over += 1

@@ -131,12 +131,14 @@ def rollers(c: Cursor) -> list[dict[str, Any]]:
                                " ORDER BY started").fetchall()]
 
 
-def take_over(c: Cursor, roller_id: str, why: str, now: float) -> list[Job] | None:
+def take_over(c: Cursor, roller_id: str, why: str, now: float, silent_for: float = 0.0) -> list[Job] | None:
     """
     A dead roller's running jobs become C{interrupted} and it leaves the
-    table; None if another roller is taking it over this moment (or did).
+    table; None if another roller is taking it over this moment (or did),
+    or if it has heartbeated within C{silent_for} seconds after all.
     """
-    if c.execute("SELECT 1 FROM rollers WHERE id = ? FOR UPDATE SKIP LOCKED", (roller_id,)).fetchone() is None:
+    if c.execute(f"SELECT 1 FROM rollers WHERE id = ? AND heartbeat <= {_NOW} - ? FOR UPDATE SKIP LOCKED",
+                 (roller_id, silent_for)).fetchone() is None:
         return None
     jobs = [_job(r) for r in c.execute(f"SELECT seq, {_COLUMNS} FROM jobs WHERE state = 'running' AND roller_id = ?"
                                        " ORDER BY seq", (roller_id,)).fetchall()]
