@@ -369,3 +369,33 @@ def test_an_earlier_postgresql_schema_upgrades_with_its_data(postgres_server: Po
         assert new.seq is not None and new.seq > result_of(store.jobs.get("j2")).seq
     finally:
         result_of(store.close())
+
+
+@pytest_twisted.ensureDeferred
+async def test_too_many_connections_is_storage_unavailable_and_recovers() -> None:
+    server = PostgresServer.start(max_connections=4)
+    try:
+        url = server.create_database()
+        store = await open_store(url, _reactor())
+        try:
+            await store.jobs.insert(job())
+            server.halt()
+            server.restart()  # the store's connections are gone; other clients take every slot first
+            hogs = [psycopg.connect(url, autocommit=True) for _ in range(4)]
+            with pytest.raises(psycopg.OperationalError, match="too many clients|remaining connection slots"):
+                psycopg.connect(url, autocommit=True)
+            with pytest.raises(StorageUnavailable) as e:
+                await store.jobs.insert(job("w2"))
+            assert e.value.kind == "busy" and e.value.retry_after == 5
+            assert e.value.what == "the database server has too many connections"
+            with pytest.raises(StorageUnavailable):
+                await store.jobs.counts()
+            for h in hogs:
+                h.close()
+            assert (await store.jobs.insert(job("w3"))).seq is not None  # slots free again: no restart needed
+            assert await store.jobs.counts() == {"queued": 2}
+            assert store.db.fault is None
+        finally:
+            await store.close()
+    finally:
+        server.stop()

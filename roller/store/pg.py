@@ -229,6 +229,9 @@ def pg_fault(e: BaseException) -> tuple[str, str] | None:
         if found:
             return found
     if isinstance(e, (psycopg.OperationalError, psycopg.InterfaceError)) and not state:
+        text = str(e).lower()  # refused while connecting: psycopg gives the server's words, not its code
+        if "too many clients" in text or "remaining connection slots" in text:
+            return _FAULTS["53300"]
         return "unreachable", "the database server cannot be reached"  # no answer: connecting, or the link broke
     return None
 

@@ -83,6 +83,7 @@ class PostgresServer:
         self.role = "roller"
         self._names = itertools.count(1)
         self.running = False
+        self.max_connections = 300
 
     @property
     def data(self) -> str:
@@ -115,6 +116,7 @@ class PostgresServer:
             pw = pwd.getpwnam(user)
             os.chown(base, pw.pw_uid, pw.pw_gid)
         server = cls(bindir, base, _free_port(), user)
+        server.max_connections = max_connections
         try:
             server._run("initdb", "-D", server.data, "-A", "trust", "-U", server.role, "-E", "UTF8",
                         "--locale=C", "--no-sync")
@@ -125,14 +127,15 @@ class PostgresServer:
         return server
 
     def _start(self, max_connections: int = 300) -> None:
+        # no slots kept for superusers (the test role is one): max_connections is what anyone gets
         opts = (f"-k {self.base} -p {self.port} -c listen_addresses={self.host} -c fsync=off "
-                f"-c full_page_writes=off -c max_connections={max_connections}")
+                f"-c full_page_writes=off -c max_connections={max_connections} -c superuser_reserved_connections=0")
         self._run("pg_ctl", "-D", self.data, "-o", opts, "-l", self.log_path, "-w", "-t", "60", "start")
         self.running = True
 
     def restart(self) -> None:
         """Start the server again after L{halt}, on the same port."""
-        self._start()
+        self._start(self.max_connections)
 
     def halt(self) -> None:
         """Stop the server now (connections are cut), keeping its data: what a storage outage looks like."""
