@@ -183,3 +183,16 @@ def test_reach_and_why_a_job_waits(postgres_server: PostgresServer) -> None:
     finally:
         for n in (a, b):
             result_of(n._store.close())
+
+
+def test_priority_then_arrival_per_machine_across_rollers(two: Any) -> None:
+    url, a, b = two
+    low = queued(a, "w1")
+    high = result_of(b._store.jobs.insert(Job(id=new_job_id(), task_name="ping", worker_id="w1", worker_group="mdc1",
+                                               created_at=2.0, priority=90)))
+    assert claim(a, low) == sql.BLOCKED  # B holds a better job for w1: it goes first
+    assert claim(b, high) == sql.CLAIMED
+    end(b, high)
+    later = queued(b, "w1")  # same priority as low, arrived after it
+    assert claim(b, later) == sql.BLOCKED
+    assert claim(a, low) == sql.CLAIMED

@@ -49,14 +49,21 @@ def endpoints_text(endpoints: tuple[str, ...]) -> str | None:
 def claim(c: Cursor, job_id: str, worker_group: str, worker_id: str, endpoints: tuple[str, ...], started: float,
           roller_id: str, endpoint_max_running: int, endpoint_min_interval: float) -> str:
     """Try to make queued job C{job_id} this roller's running job; L{CLAIMED}, L{GONE} or L{BLOCKED}."""
-    row = c.execute("SELECT state FROM jobs WHERE id = ? FOR UPDATE SKIP LOCKED", (job_id,)).fetchone()
+    row = c.execute("SELECT state, priority, seq FROM jobs WHERE id = ? FOR UPDATE SKIP LOCKED",
+                    (job_id,)).fetchone()
     if row is None:
         gone = c.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is None
         return GONE if gone else BLOCKED  # locked: another roller is claiming it this moment
-    if row[0] != State.queued.value:
+    state, priority, seq = row
+    if state != State.queued.value:
         return GONE
     if c.execute("SELECT 1 FROM jobs WHERE worker_group = ? AND worker_id = ? AND state = 'running'",
                  (worker_group, worker_id)).fetchone() is not None:
+        return BLOCKED
+    # priority, then arrival, per machine across rollers: a job queued before it (wherever) goes first
+    if c.execute("SELECT 1 FROM jobs WHERE worker_group = ? AND worker_id = ? AND state = 'queued' AND id <> ?"
+                 " AND (priority > ? OR (priority = ? AND seq < ?)) LIMIT 1",
+                 (worker_group, worker_id, job_id, priority, priority, seq)).fetchone() is not None:
         return BLOCKED
     names = sorted(set(endpoints))
     if names:
