@@ -64,6 +64,8 @@ class Cluster(Protocol):
 
     def request_cancel(self, job_id: str, by: str) -> Deferred[str | None]: ...
 
+    def unclaim(self, job_id: str) -> Deferred[bool]: ...
+
 
 @frozen
 class QueueLimits:
@@ -783,7 +785,11 @@ class JobQueue:
                 outcome = "blocked"
             if outcome == "claimed":
                 if current is None or current.state is not State.queued or not self._accepting:
-                    return  # cancelled here meanwhile (recorded after the claim), or shutting down
+                    # shutting down meanwhile: queued again in the database, for whichever roller runs next
+                    assert self._cluster is not None
+                    self._cluster.unclaim(job.id).addErrback(
+                        lambda f: log.failure("Could not give back job {job_id}", f, job_id=job.id))
+                    return
                 self._start(current, spec, machine, endpoints, now)
             elif outcome == "gone":
                 if current is not None and current.state is State.queued:

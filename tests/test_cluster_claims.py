@@ -196,3 +196,18 @@ def test_priority_then_arrival_per_machine_across_rollers(two: Any) -> None:
     later = queued(b, "w1")  # same priority as low, arrived after it
     assert claim(b, later) == sql.BLOCKED
     assert claim(a, low) == sql.CLAIMED
+
+
+def test_a_claim_given_back_and_leaving_with_a_job_still_running(two: Any) -> None:
+    url, a, b = two
+    job, other = queued(a, "w1"), queued(a, "w2")
+    assert claim(a, job) == sql.CLAIMED
+    assert result_of(b._db.write(sql.unclaim, job.id, b.id)) is False  # not B's to give back
+    assert result_of(a.unclaim(job.id)) is True
+    assert pg_rows(url, "SELECT state, started_at, roller_id, endpoints FROM jobs WHERE id = ?", job.id) == [
+        ("queued", None, None, None)]
+    assert claim(b, job) == sql.CLAIMED  # any roller may run it now
+    assert claim(a, other) == sql.CLAIMED
+    run(a.leave())  # its end never recorded: marked interrupted as it leaves, so w2 is not held for good
+    assert pg_rows(url, "SELECT state FROM jobs WHERE id = ?", other.id) == [("interrupted",)]
+    assert pg_rows(url, "SELECT id FROM rollers") == [(b.id,)]

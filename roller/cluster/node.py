@@ -126,6 +126,9 @@ class ClusterNode:
     def cancel_queued(self, job: Job, event: JobEvent) -> Deferred[bool]:
         return self._db.write(sql.cancel_queued, job, event)
 
+    def unclaim(self, job_id: str) -> Deferred[bool]:
+        return self._db.write(sql.unclaim, job_id, self.id)
+
     def request_cancel(self, job_id: str, by: str) -> Deferred[str | None]:
         """Ask the roller running C{job_id} to cancel it (it does at its next poll); its id, None if none runs it."""
         return self._db.write(sql.request_cancel, job_id, by)
@@ -168,9 +171,14 @@ class ClusterNode:
         if self._joined:
             self._joined = False
             try:
-                await self._db.write(sql.leave, self.id)
+                # a job still marked running here (its end could not be recorded) would hold its machine for good
+                left = await self._db.write(sql.take_over, self.id, "roller stopped before the end of the job was "
+                                            "recorded", self._clock.seconds(), -1e12)
             except StorageUnavailable:
-                pass  # the others take it over after takeover_after
+                return  # the others take it over after takeover_after
+            if left:
+                log.warn("Left the rollers with {count} job(s) still recorded as running here: marked interrupted",
+                         count=len(left))
 
     async def _heartbeat(self) -> None:
         now = self._clock.seconds()

@@ -87,6 +87,12 @@ def claim(c: Cursor, job_id: str, worker_group: str, worker_id: str, endpoints: 
     return CLAIMED
 
 
+def unclaim(c: Cursor, job_id: str, roller_id: str) -> bool:
+    """Give back a job this roller claimed and will not run (it is stopping): queued again, for any roller."""
+    return bool(c.execute("UPDATE jobs SET state = 'queued', started_at = NULL, roller_id = NULL, endpoints = NULL"
+                          " WHERE id = ? AND roller_id = ? AND state = 'running'", (job_id, roller_id)).rowcount)
+
+
 def cancel_queued(c: Cursor, job: Job, event: JobEvent) -> bool:
     """Record a queued job's cancellation unless another roller has claimed it meanwhile."""
     done = c.execute("UPDATE jobs SET state = ?, started_at = ?, finished_at = ?, result = ?, error = ?"
