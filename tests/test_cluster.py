@@ -3,8 +3,11 @@ Several rollers on one PostgreSQL database (roller.cluster): two real
 twistd rollers on the test server share the inventory and the queue.
 
 The burst: 250 machines (loopback addresses, ICMP), a ping for every
-machine submitted through each roller (500 jobs, two per machine racing
-for it), roller A killed with C{kill -9} in the middle.  Checked from the
+machine submitted through each roller (500 submissions, two per machine
+racing for it; one for a machine whose ping is already queued or running
+on the roller asked is answered 200 with that job), roller A (at most 20
+jobs at once, so its backlog waits in the shared queue) killed with
+C{kill -9} in the middle.  Checked from the
 database afterwards: every job answered 201 ended (none lost, none left
 queued or running), none ran twice (one "running" event each), no machine
 ran two jobs at once (from the recorded start and end times), A's queued
@@ -51,7 +54,9 @@ def submit(roller: RollerProcess, i: int) -> Any:
 def test_500_jobs_through_two_rollers_while_one_is_killed(postgres_server: PostgresServer, tmp_path: Path) -> None:
     url = postgres_server.create_database()
     # as if on two hosts: A's death is seen from its silence alone
-    a = RollerProcess(["--auth", "none"], state_dir=tmp_path / "a", env=cluster_env(url, ROLLER_CLUSTER_HOST="host-a"))
+    # A runs at most 20 jobs at once: the rest of its submissions wait in the shared queue, where B takes them
+    a = RollerProcess(["--auth", "none"], state_dir=tmp_path / "a",
+                      env=cluster_env(url, ROLLER_CLUSTER_HOST="host-a", ROLLER_QUEUE_MAX_RUNNING="20"))
     b = RollerProcess(["--auth", "none"], state_dir=tmp_path / "b", env=cluster_env(url, ROLLER_CLUSTER_HOST="host-b"))
     try:
         a.start(timeout=30)
@@ -96,7 +101,8 @@ def test_500_jobs_through_two_rollers_while_one_is_killed(postgres_server: Postg
         assert answers["b:201"] + answers["b:200"] == MACHINES, answers
         assert answers["a:201"] + answers["a:200"] + answers["a->b:201"] + answers["a->b:200"] == MACHINES, answers
         assert answers["a:201"] >= MACHINES // 2 and answers["a:refused"] > 0, answers
-        assert len(accepted) == answers["a:201"] + answers["b:201"] + answers["a->b:201"] >= 400, answers
+        # (200: that machine had a ping queued or running already, held by the roller asked: that job is the answer)
+        assert len(accepted) == answers["a:201"] + answers["b:201"] + answers["a->b:201"] >= 300, answers
 
         def all_ended() -> bool:
             rows = pg_rows(url, "SELECT count(*) FROM jobs WHERE state IN ('queued', 'running')")
