@@ -507,6 +507,7 @@ class Database:
         self._checkpoints = checkpoints
         self._commits = 0  # group commits since the last checkpoint began
         self._checkpointing = False
+        self._last_checkpoint = False  # the one at close was started
         #: the SQLite file, or the PostgreSQL URL (which never holds a password)
         self.path = path
         self.dialect = dialect
@@ -908,6 +909,17 @@ class Database:
         if not self._closed or self._pool_closed:
             return
         if self._flushing or self._pending or self._reads or self._checkpointing:
+            return
+        if self._checkpoints is not None and not self._last_checkpoint:
+            # one last passive checkpoint, so the file is whole (and shrunk after pruning) at close even
+            # when another process still has the database open (then no close folds the WAL back)
+            self._last_checkpoint = self._checkpointing = True
+
+            def done(result: Any) -> None:
+                self._checkpointing = False
+                self._maybe_finish_close()
+
+            self._checkpoints.runWithConnection(_passive_checkpoint).addBoth(done)
             return
         self._pool_closed = True
         for pool in self.pools:
