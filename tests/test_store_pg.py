@@ -45,7 +45,7 @@ def _reactor() -> Any:
 
 def test_translate_placeholders_percent_and_like_outside_literals() -> None:
     assert translate("SELECT * FROM t WHERE a = ? AND b LIKE ? ESCAPE '\\' AND c = 'x?%' -- what?") == (
-        "SELECT * FROM t WHERE a = %s AND b ILIKE %s ESCAPE '\\' AND c = 'x?%' -- what?")
+        "SELECT * FROM t WHERE a = %s AND b ILIKE %s ESCAPE '\\' AND c = 'x?%%' -- what?")
     assert translate("SELECT 50 % 7, \"we?ird\" FROM t WHERE n NOT LIKE 'LIKE'") == (
         "SELECT 50 %% 7, \"we?ird\" FROM t WHERE n NOT ILIKE 'LIKE'")
 
@@ -399,3 +399,15 @@ async def test_too_many_connections_is_storage_unavailable_and_recovers() -> Non
             await store.close()
     finally:
         server.stop()
+
+
+def test_percent_signs_in_literals_reach_the_server_as_written(postgres_server: PostgresServer) -> None:
+    from roller.testing.syncdb import result_of, sync_store
+
+    store, _ = sync_store(postgres_server.create_database())
+    try:
+        got = result_of(store.db.read(lambda c: c.execute("SELECT '50% ?', ?, 7 % 3 -- 100%", ("x",)).fetchone()))
+        assert tuple(got) == ("50% ?", "x", 1)
+        assert tuple(result_of(store.db.read(lambda c: c.execute("SELECT 'a%b' LIKE 'A%'").fetchone()))) == (True,)
+    finally:
+        result_of(store.close())

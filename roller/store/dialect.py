@@ -64,7 +64,8 @@ def translate(sql: str) -> str:
     A statement in SQLite's spelling, in PostgreSQL's: C{?} placeholders as
     C{%s}, a literal C{%} doubled (the driver formats the text), C{LIKE} as
     C{ILIKE} (SQLite's C{LIKE} ignores ASCII case; roller's searches rely on
-    it).  Text inside quotes, dollar quotes and comments is left alone.
+    it).  Inside quotes, dollar quotes and comments only C{%} is doubled
+    (the driver's formatting does not know SQL's quoting).
     """
 
     def one(m: re.Match[str]) -> str:
@@ -74,7 +75,7 @@ def translate(sql: str) -> str:
             return "%%"
         if m.group("like"):
             return "ILIKE"
-        return m.group(0)
+        return m.group(0).replace("%", "%%")
 
     return _TOKENS.sub(one, sql)
 
