@@ -2,7 +2,8 @@
 Submission throughput and queue memory of roller, side by side with a bare
 Klein app, on this machine.  Manual; not part of CI.  See bench/README.md.
 
-    python bench/submit.py [--seconds N] [--warmup S] [--concurrency C] [--rounds R] [--quick] [--keep]
+    python bench/submit.py [--seconds N] [--warmup S] [--concurrency C] [--rounds R]
+                           [--engines sqlite,postgresql,postgresql-2] [--quick] [--keep]
 
 1. Throughput: roller (this source tree, via twistd, auth none, SQLite in a
    temporary state dir; its machines written to the database first through
@@ -14,6 +15,14 @@ Klein app, on this machine.  Manual; not part of CI.  See bench/README.md.
    kept; every roller answer must be 201 and the jobs table must hold one
    row per 201.  Server CPU per request (from /proc) is printed too: it
    does not depend on how busy the machine is.
+   With the PostgreSQL engines (Debian's postgresql package, a private
+   server started here on 127.0.0.1 by roller.testing.postgres, fsync on
+   and synchronous_commit off: as durable as SQLite's WAL with
+   synchronous=NORMAL), the same load also goes to one roller on
+   PostgreSQL (postgresql) and to two rollers sharing one PostgreSQL
+   database (postgresql-2: half the connections and half the machines
+   each, the two rates added), in the same rounds; the database server's
+   own CPU per request is printed beside roller's.
 2. Memory: a fresh roller's VmRSS idle (10 000 machines POSTed) and holding
    10 000 queued jobs (max_running = 1, ping count 10: one runs, the rest wait).
 
@@ -33,6 +42,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from typing import Any
 
@@ -304,19 +314,23 @@ def get_json(port: int, path: str) -> Any:
     return json.loads(fetch(port, path, timeout=10)[1])
 
 
-def start_roller(servers: Procs, workdir: str, name: str, seed: int = 0, prefix: str = "bt"
-                 ) -> tuple[subprocess.Popen, int, str]:
+def start_roller(servers: Procs, workdir: str, name: str, seed: int = 0, prefix: str = "bt",
+                 db_url: str | None = None) -> tuple[subprocess.Popen, int, str]:
     """
     A roller from the source tree on a fresh state dir; C{seed} machines
     C{prefix}0.. written to its database first, through roller's own store.
+    C{db_url}: its database is that PostgreSQL one instead of the state
+    dir's SQLite file.
     """
     state = os.path.join(workdir, name)
     os.makedirs(state)
     config = os.path.join(state, "bench.toml")
     with open(config, "w") as f:
         f.write(ROLLER_CONFIG)
-    db_path = os.path.join(state, "roller.db")
+    db_path = db_url or os.path.join(state, "roller.db")
     env = roller_env()
+    if db_url:
+        env["ROLLER_DATABASE_URL"] = db_url
     if seed:
         seed_db(db_path, prefix, seed, env=env, cwd=state)
     port = free_port()
@@ -331,6 +345,11 @@ def start_roller(servers: Procs, workdir: str, name: str, seed: int = 0, prefix:
 
 
 def db_counts(db_path: str) -> dict[str, int]:
+    if db_path.startswith("postgresql://"):
+        import psycopg
+
+        with psycopg.connect(db_path, autocommit=True) as pg:
+            return {state: n for state, n in pg.execute("SELECT state, count(*) FROM jobs GROUP BY state")}
     conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10)
     try:
         return {state: n for state, n in conn.execute("SELECT state, count(*) FROM jobs GROUP BY state")}
@@ -358,55 +377,163 @@ def us_per_request(r: dict[str, Any], key: str = "server_cpu") -> float:
 
 
 def describe(name: str, r: dict[str, Any]) -> str:
-    return (f"  {name:<7} {r['rate']:6.0f} req/s  p50 {r['p50_ms']:5.1f} ms  p99 {r['p99_ms']:6.1f} ms  "
+    db = f"  database server CPU {r['db_cpu_us']:4.0f} us/req" if r.get("db_cpu_us") is not None else ""
+    return (f"  {name:<10} {r['rate']:6.0f} req/s  p50 {r['p50_ms']:5.1f} ms  p99 {r['p99_ms']:6.1f} ms  "
             f"server CPU {us_per_request(r):4.0f} us/req (reactor thread {us_per_request(r, 'server_main_cpu'):4.0f})"
-            f"  cores used: server {r['server_cpu']:.2f}  client {r['client_cpu']:.2f}  others {r['other_cpu']:.2f}")
+            f"  cores used: server {r['server_cpu']:.2f}  client {r['client_cpu']:.2f}  others {r['other_cpu']:.2f}"
+            + db)
+
+
+ENGINES = ("sqlite", "postgresql", "postgresql-2")
+
+
+class Target:
+    """One engine's roller (two for postgresql-2), the machines it still has, what it was sent."""
+
+    def __init__(self, name: str, rollers: list[tuple[subprocess.Popen, int]], db_path: str, machines: int):
+        self.name, self.rollers, self.db_path, self.machines = name, rollers, db_path, machines
+        self.next = 0
+        self.sent = self.created = 0
+        self.before = db_counts(db_path)
+        self.db_pid: int | None = None  # the PostgreSQL server's postmaster
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds of process C{pid} and its children (a PostgreSQL server: the postmaster and its backends)."""
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(entry) == pid or int(fields[1]) == pid:
+            total += (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return total
+
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def postmaster_pid(data_dir: str) -> int:
+    with open(os.path.join(data_dir, "postmaster.pid")) as f:
+        return int(f.readline())
+
+
+def run_target(target: Target, args: argparse.Namespace) -> dict[str, Any]:
+    """The round's load on C{target}: split over its rollers, run at once, the figures added up."""
+    n = len(target.rollers)
+    share = (target.machines - target.next) // n
+    specs = []
+    for i, (proc, port) in enumerate(target.rollers):
+        specs.append({"host": "127.0.0.1", "concurrency": args.concurrency // n, "method": "POST",
+                      "path": SUBMIT_PATH, "prefix": "bt", "warmup": args.warmup, "seconds": args.seconds,
+                      "port": port, "pid": proc.pid, "first": target.next + i * share, "count": share})
+    db_cpu0 = tree_cpu(target.db_pid) if target.db_pid else 0.0
+    results: list[dict[str, Any]] = [{} for _ in specs]
+    threads = [threading.Thread(target=lambda i=i: results[i].update(run_loadgen(specs[i]))) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    db_cpu = (tree_cpu(target.db_pid) - db_cpu0) if target.db_pid else 0.0
+    target.next += n * share
+    if n == 1:
+        r = results[0]
+    else:  # one figure for the pair: rates and CPU added; latencies the worse of the two
+        r = dict(results[0])
+        for key in ("rate", "sent", "server_cpu", "server_main_cpu", "client_cpu", "reconnects"):
+            r[key] = sum(x[key] for x in results)
+        for key in ("p50_ms", "p99_ms"):
+            r[key] = max(x[key] for x in results)
+        r["exhausted"] = any(x["exhausted"] for x in results)
+        r["errors"] = [e for x in results for e in x["errors"]][:5]
+        r["statuses"] = {}
+        for x in results:
+            for k, v in x["statuses"].items():
+                r["statuses"][k] = r["statuses"].get(k, 0) + v
+        # each one's "others" included the other roller and its client
+        r["other_cpu"] = max(0.0, min(results[0]["other_cpu"] - results[1]["server_cpu"] - results[1]["client_cpu"],
+                                      results[1]["other_cpu"] - results[0]["server_cpu"] - results[0]["client_cpu"]))
+    total = sum(r["statuses"].values())
+    r["db_cpu_us"] = 1e6 * db_cpu / total if total and target.db_pid else None
+    target.sent += r["sent"]
+    target.created += r["statuses"].get(201, 0)
+    return r
+
+
+def start_targets(servers: Procs, workdir: str, engines: list[str], machines: int, pg: Any) -> list[Target]:
+    targets = []
+    for engine in engines:
+        t = time.monotonic()
+        if engine == "sqlite":
+            proc, port, db_path = start_roller(servers, workdir, "throughput", seed=machines, prefix="bt")
+            target = Target("roller", [(proc, port)], db_path, machines)
+        else:
+            url = pg.create_database()
+            first, port, _ = start_roller(servers, workdir, engine, seed=machines, prefix="bt", db_url=url)
+            rollers = [(first, port)]
+            if engine == "postgresql-2":
+                proc, port, _ = start_roller(servers, workdir, engine + "-b", db_url=url)
+                rollers.append((proc, port))
+            target = Target("roller-pg" if engine == "postgresql" else "roller-pg2", rollers, url, machines)
+            target.db_pid = postmaster_pid(pg.data)
+        print(f"  {engine}: {machines} machines written to roller's database and {len(target.rollers)} "
+              f"roller(s) started in {time.monotonic() - t:.1f} s", flush=True)
+        targets.append(target)
+    return targets
 
 
 def bench_throughput(servers: Procs, workdir: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Rounds of (bare klein, roller) or (roller, bare klein), same load; every figure kept."""
+    """Rounds of bare klein and each engine's roller(s), in turn, same load; every figure kept."""
     port = free_port()
     log_path = os.path.join(workdir, "bare_klein.log")
     bare = servers.start([sys.executable, os.path.join(HERE, "bare_klein.py"), "--port", str(port)],
                          log_path, cwd=workdir)
     wait_ready(bare, port, "/", log_path)
     machines = args.machines or args.rounds * (8_000 if args.quick else 40_000)
-    t = time.monotonic()
-    roller, roller_port, db_path = start_roller(servers, workdir, "throughput", seed=machines, prefix="bt")
-    print(f"  {machines} machines written to roller's database and roller started in "
-          f"{time.monotonic() - t:.1f} s", flush=True)
-    out: dict[str, Any] = {"bare": [], "roller": [], "machines": machines, "db_path": db_path}
-    next_machine = 0
-    sent = created = 0
-    before = db_counts(db_path)
+    pg = None
+    if any(e.startswith("postgresql") for e in args.engines):
+        sys.path.insert(0, os.path.dirname(HERE))
+        from roller.testing.postgres import PostgresServer
+
+        pg = PostgresServer.start(durable=True)
+    targets = start_targets(servers, workdir, args.engines, machines, pg)
+    out: dict[str, Any] = {"bare": [], "machines": machines, "targets": targets}
+    for target in targets:
+        out[target.name] = []
     try:
+        names = ["bare", *[t.name for t in targets]]
         for n in range(args.rounds):
-            order = ("bare", "roller") if n % 2 == 0 else ("roller", "bare")
+            order = names[n % len(names):] + names[:n % len(names)]
             for which in order:
-                spec = {"host": "127.0.0.1", "concurrency": args.concurrency, "method": "POST",
-                        "path": SUBMIT_PATH, "prefix": "bt", "warmup": args.warmup, "seconds": args.seconds}
                 if which == "bare":
-                    spec.update(port=port, pid=bare.pid, first=0, count=10**9)
+                    spec = {"host": "127.0.0.1", "concurrency": args.concurrency, "method": "POST",
+                            "path": SUBMIT_PATH, "prefix": "bt", "warmup": args.warmup, "seconds": args.seconds,
+                            "port": port, "pid": bare.pid, "first": 0, "count": 10**9}
+                    r = run_loadgen(spec)
                 else:
-                    spec.update(port=roller_port, pid=roller.pid, first=next_machine,
-                                count=machines - next_machine)
-                r = run_loadgen(spec)
-                if which == "roller":
-                    next_machine += r["sent"]
-                    sent += r["sent"]
-                    created += r["statuses"].get(201, 0)
+                    r = run_target(next(t for t in targets if t.name == which), args)
                 print(describe(which, r), flush=True)
                 out[which].append(r)
         out["bare_rss_mb"] = rss_mb(bare.pid)
-        out["roller_rss_mb"] = rss_mb(roller.pid)
-        after = db_counts(db_path)
-        out["sent"], out["created"] = sent, created
-        out["db_jobs"] = sum(after.values()) - sum(before.values())
-        out["db_states"] = after
-        out["queue"] = get_json(roller_port, "/__heartbeat__").get("queue")
+        for target in targets:
+            after = db_counts(target.db_path)
+            target.db_jobs = sum(after.values()) - sum(target.before.values())
+            target.db_states = after
+            target.queue = get_json(target.rollers[0][1], "/__heartbeat__").get("queue")
+        first = targets[0]
+        out["sent"], out["created"], out["db_jobs"] = first.sent, first.created, first.db_jobs
+        out["db_states"], out["queue"] = first.db_states, first.queue
     finally:
-        servers.stop(roller)
+        for target in targets:
+            for proc, _ in target.rollers:
+                servers.stop(proc)
         servers.stop(bare)
+        if pg is not None:
+            pg.stop()
     return out
 
 
@@ -446,6 +573,8 @@ def main() -> None:
     parser.add_argument("--machines", type=int, default=0, help="machines for the throughput runs (40000/round)")
     parser.add_argument("--quick", action="store_true", help="smoke run, about 10 s: 1.5 s windows, 1000 jobs")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, databases)")
+    parser.add_argument("--engines", default=",".join(ENGINES),
+                        help="roller's databases to measure, in the same rounds (sqlite,postgresql,postgresql-2)")
     parser.add_argument("--loadgen", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -455,6 +584,11 @@ def main() -> None:
         args.seconds, args.warmup = min(args.seconds, 1.5), min(args.warmup, 0.5)
         args.jobs = min(args.jobs, 1000)
     args.rounds = args.rounds or (1 if args.quick else 3)
+    args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    unknown = set(args.engines) - set(ENGINES)
+    if unknown or "sqlite" not in args.engines:
+        raise SystemExit(f"--engines: sqlite and any of {', '.join(ENGINES[1:])} (not {', '.join(sorted(unknown))})")
+    args.engines.sort(key=ENGINES.index)
 
     workdir = tempfile.mkdtemp(prefix="roller-bench-")
     servers = Procs()
@@ -475,6 +609,17 @@ def main() -> None:
             shutil.rmtree(workdir, ignore_errors=True)
 
     problems = []
+    for target in thr["targets"][1:]:
+        states: dict[int, int] = {}
+        for r in thr[target.name]:
+            for k, v in r["statuses"].items():
+                states[k] = states.get(k, 0) + v
+            if r["exhausted"]:
+                problems.append(f"{target.name}: ran out of machines (use --machines)")
+        if set(states) != {201}:
+            problems.append(f"{target.name} answered {states}, not only 201: {thr[target.name][-1]['errors']}")
+        if target.db_jobs != target.created:
+            problems.append(f"{target.name}: {target.created} x 201 but {target.db_jobs} new rows in jobs")
     statuses: dict[int, int] = {}
     for r in thr["roller"]:
         for k, v in r["statuses"].items():
@@ -505,6 +650,13 @@ def main() -> None:
           f"ratio {ratio:.2f}x (target >= 0.5x){rounds}")
     print(f"CPU per request     roller {cpu_roller:.0f} us   bare klein {cpu_bare:.0f} us   "
           f"ratio {cpu_bare / cpu_roller:.2f}x")
+    for target in thr["targets"][1:]:
+        best = max(thr[target.name], key=lambda r: r["rate"])
+        label = {"roller-pg": "one roller on PostgreSQL", "roller-pg2": "two rollers on one PostgreSQL"}[target.name]
+        print(f"{label:<31} {best['rate']:.0f} req/s ({best['rate'] / best_roller['rate']:.2f}x roller on SQLite, "
+              f"{best['rate'] / best_bare['rate']:.2f}x bare klein), p99 {best['p99_ms']:.1f} ms; CPU per request: "
+              f"roller(s) {min(us_per_request(r) for r in thr[target.name]):.0f} us, database server "
+              f"{min(r['db_cpu_us'] for r in thr[target.name]):.0f} us")
     line = (f"memory              idle {memory['idle_mb']:.1f} MB   {memory['jobs']} queued "
             f"{memory['loaded_mb']:.1f} MB   +{grow:.1f} MB")
     if scale != 1:

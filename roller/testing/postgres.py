@@ -84,6 +84,7 @@ class PostgresServer:
         self._names = itertools.count(1)
         self.running = False
         self.max_connections = 300
+        self.durable = False
 
     @property
     def data(self) -> str:
@@ -107,7 +108,14 @@ class PostgresServer:
         return done
 
     @classmethod
-    def start(cls, *, max_connections: int = 300) -> PostgresServer:
+    def start(cls, *, max_connections: int = 300, durable: bool = False) -> PostgresServer:
+        """
+        A new server.  Not C{durable} (tests): no fsync at all.  C{durable}
+        (benchmarks): fsync on, commits acknowledged before their WAL is
+        flushed (C{synchronous_commit = off}), as durable as roller's
+        SQLite default (WAL, C{synchronous = NORMAL}): a killed process
+        loses nothing, a power cut may lose the last moments.
+        """
         bindir = find_bindir()
         user = _server_user()
         base = tempfile.mkdtemp(prefix="roller-pg-")
@@ -117,6 +125,7 @@ class PostgresServer:
             os.chown(base, pw.pw_uid, pw.pw_gid)
         server = cls(bindir, base, _free_port(), user)
         server.max_connections = max_connections
+        server.durable = durable
         try:
             server._run("initdb", "-D", server.data, "-A", "trust", "-U", server.role, "-E", "UTF8",
                         "--locale=C", "--no-sync")
@@ -128,8 +137,9 @@ class PostgresServer:
 
     def _start(self, max_connections: int = 300) -> None:
         # no slots kept for superusers (the test role is one): max_connections is what anyone gets
-        opts = (f"-k {self.base} -p {self.port} -c listen_addresses={self.host} -c fsync=off "
-                f"-c full_page_writes=off -c max_connections={max_connections} -c superuser_reserved_connections=0")
+        durability = ("-c synchronous_commit=off" if self.durable else "-c fsync=off -c full_page_writes=off")
+        opts = (f"-k {self.base} -p {self.port} -c listen_addresses={self.host} {durability} "
+                f"-c max_connections={max_connections} -c superuser_reserved_connections=0")
         self._run("pg_ctl", "-D", self.data, "-o", opts, "-l", self.log_path, "-w", "-t", "60", "start")
         self.running = True
 
