@@ -210,14 +210,15 @@ class RollerService(MultiService):
             self.cluster.start(self.queue)  # heartbeats, takeovers, the shared queue, other rollers' events
         self.health = HealthWatcher(self.reactor, store, self.queue, s,
                                     policies=policies_from_settings(s, tasks.names()),
-                                    credential=self._credential, notifier=self.notifier, metrics=self.metrics)
+                                    credential=self._credential, notifier=self.notifier, metrics=self.metrics,
+                                    cluster=self.cluster)
         self.metrics.watch_health(self.health.tracker.counts)
         await self.health.start()
         # batches submit through the queue: resumed once it runs (and after health, whose states they read)
         self.batches = BatchService(store, self.queue, tasks, self.reactor, health=self.health,
-                                    defaults=rollout_defaults(s))
-        # with several rollers, unfinished batches are resumed by the first one only (they are not divided yet)
-        await self.batches.start(resume=self.cluster is None or self.cluster.alone())
+                                    defaults=rollout_defaults(s), cluster=self.cluster)
+        # with several rollers, each unfinished batch is resumed by one of them (its owner, or an adopter)
+        await self.batches.start()
         self.retention = PruneLoop(Pruner(store.db, clock=self.reactor), RetentionPolicy.from_settings(s),
                                    self.reactor, s.history_prune_interval)
         self.retention.start()  # history.*: the first pruning one interval from now

@@ -16,6 +16,15 @@ reconciles each member with its job (a job carrying the batch's id whose
 member row was not written is adopted; a job interrupted by the restart is
 started once more), counts the members in flight and only then starts
 more, within the limits.
+
+With several rollers on one database (L{roller.cluster}), one roller
+drives each unfinished batch, recorded as its owner: the roller that
+created it.  Every C{takeover_after / 3} seconds each roller adopts the
+unfinished batches whose owner left the rollers (stopped, or taken over as
+dead) and resumes them the way a restart does, so the limits hold across
+the handover (the members in flight are counted from their jobs).  A
+roller taken over while it was only slow lets its batches go (their new
+owner drives them).  The others show a batch from the database.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from typing import Any, Protocol
 from attrs import define, evolve, field, frozen
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -45,6 +55,7 @@ from roller.batches.model import (
     batch_view,
 )
 from roller.batches.rollout import plan, tripped
+from roller.cluster import sql as cluster_sql
 from roller.config import Settings
 from roller.errors import BadRequest, Conflict, NotFound, RollerError, UnavailableError
 from roller.inventory import Machine
@@ -80,6 +91,15 @@ def rollout_defaults(settings: Settings) -> Rollout:
 
 #: no limits: the rollout of a service built without configured defaults
 NO_LIMITS = Rollout()
+
+
+class BatchCluster(Protocol):
+    """What the service asks of L{roller.cluster.node.ClusterNode}."""
+
+    id: str
+    takeover_after: float
+
+    def on_fence(self, listener: Callable[[str], None]) -> None: ...
 
 
 class HealthStates(Protocol):
@@ -126,8 +146,12 @@ class _Live:
 
 class BatchService:
     def __init__(self, store: Store, queue: JobQueue, tasks: TaskRegistry, clock: IReactorTime, *,
-                 health: HealthStates | None = None, defaults: Rollout = NO_LIMITS):
+                 health: HealthStates | None = None, defaults: Rollout = NO_LIMITS,
+                 cluster: BatchCluster | None = None):
         self.store = store
+        self.cluster = cluster
+        self._adopt_loop: LoopingCall | None = None
+        self._adopting = False
         self.queue = queue
         self.tasks = tasks
         self.clock = clock
@@ -161,29 +185,78 @@ class BatchService:
         """
         for job in [*self.queue.queued(), *self.queue.running()]:
             self._track_destructive(job)
+        if self.cluster is not None:
+            # several rollers: this one drives its own batches and those nobody alive drives
+            resume = await self.store.db.write(cluster_sql.adopt_batches, self.cluster.id)
         records = await self.store.batches.unfinished() if resume else []
         if not isinstance(resume, bool):
             records = [r for r in records if r.batch.id in resume]
+        self._running = True
+        await self._resume(records, "resumed")
+        if self.cluster is not None:
+            self.cluster.on_fence(self._let_go)
+            self._adopt_loop = LoopingCall(self._adopt)
+            self._adopt_loop.clock = self.clock
+            self._adopt_loop.start(max(self.cluster.takeover_after / 3, 0.5), now=False).addErrback(
+                lambda f: log.failure("Batch adoption loop stopped", f))
+
+    async def _resume(self, records: builtins.list[BatchRecord], how: str) -> None:
+        """Load unfinished batches, reconcile each member with its job, then plan each within its limits."""
+        records = [r for r in records if r.batch.id not in self._live]
         jobs = await self.store.jobs.jobs_of_batches([r.batch.id for r in records]) if records else []
         own: dict[tuple[str, tuple[str, str]], list[Job]] = {}
         for job in jobs:
             own.setdefault((job.batch_id or "", job.machine_key), []).append(job)
+        loaded = []
         for record in records:
+            if record.batch.id in self._live:
+                continue
             live = self._load(record)
+            loaded.append(live)
             await self._reconcile(live, own)
-            log.info("Batch {batch_id} ({task}, {total} members) resumed: {inflight} in flight, {pending} to start",
-                     batch_id=live.id, task=live.batch.task_name, total=live.batch.total,
+            log.info("Batch {batch_id} ({task}, {total} members) {how}: {inflight} in flight, {pending} to start",
+                     batch_id=live.id, task=live.batch.task_name, total=live.batch.total, how=how,
                      inflight=len(live.inflight), pending=sum(len(d) for d in live.pending.values()))
-        self._running = True
-        for live in list(self._live.values()):
+        for live in loaded:
             if live.batch.state is BatchState.running:
                 self._join_existing(live)
             self._check_end(live)
             self._plan_soon(live.id)
+            self._changed_batch(live)
+
+    async def _adopt(self) -> None:
+        """Several rollers: take up the unfinished batches of rollers that left or were taken over."""
+        if not self._running or self.cluster is None or self._adopting:
+            return
+        self._adopting = True
+        try:
+            ids = set(await self.store.db.write(cluster_sql.adopt_batches, self.cluster.id)) - set(self._live)
+            if ids:
+                records = [r for r in await self.store.batches.unfinished() if r.batch.id in ids]
+                if self._running:
+                    await self._resume(records, "adopted from a roller that left")
+        except StorageUnavailable:
+            pass  # logged by the store; the next look tries again
+        finally:
+            self._adopting = False
+
+    def _let_go(self, why: str) -> None:
+        """Taken over (another roller adopts these batches): stop driving them here."""
+        unfinished = [live for live in self._live.values() if live.batch.finished_at is None]
+        for live in unfinished:
+            if live.wake is not None and live.wake.active():
+                live.wake.cancel()
+            self._dirty_batches.discard(live.id)
+            self._dirty_members.pop(live.id, None)
+            self._forget(live)
+        if unfinished:
+            log.warn("Let {count} unfinished batch(es) go to the other rollers: {why}", count=len(unfinished), why=why)
 
     async def stop(self) -> None:
         """Before C{queue.drain()}: start no more members; members in flight are still followed."""
         self._running = False
+        if self._adopt_loop is not None and self._adopt_loop.running:
+            self._adopt_loop.stop()
         for live in self._live.values():
             if live.wake is not None and live.wake.active():
                 live.wake.cancel()
@@ -314,7 +387,8 @@ class BatchService:
         members = [evolve(m, batch_id=batch.id) for m in resolution.members]
         batch = await self.store.batches.insert(batch, members, excluded=resolution.excluded,
                                                 pool_sizes=resolution.pool_sizes,
-                                                audit=audit(batch) if audit is not None else None)
+                                                audit=audit(batch) if audit is not None else None,
+                                                owner=self.cluster.id if self.cluster is not None else None)
         live = self._load(BatchRecord(batch, members, resolution.excluded, resolution.pool_sizes))
         self._join_existing(live)
         log.info("Batch {batch_id}: {task} on {total} machine(s) by {requester} ({excluded} excluded)",
@@ -374,6 +448,10 @@ class BatchService:
             if record is None:
                 raise NotFound(f"no batch {batch_id[:64]}", code="unknown_batch")
             live = self._live.get(batch_id)
+            if live is None and record.batch.finished_at is None and self.cluster is not None:
+                owner = await self.store.db.read(cluster_sql.batch_owner, batch_id)
+                raise Conflict(f"batch {batch_id} is driven by roller {owner or '(none yet)'}: cancel it through "
+                               "that roller (or again once another roller adopted it)", code="batch_elsewhere")
             if live is None:
                 raise Conflict(f"batch {batch_id} already ended: {record.batch.state.value}", code="batch_finished")
         if live.ended == len(live.members):

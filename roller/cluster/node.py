@@ -35,6 +35,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from roller.cluster import sql
+from roller.cluster.shares import owner
 from roller.config import Settings
 from roller.jobs import Job, JobEvent
 from roller.store import StorageUnavailable, Store
@@ -50,6 +51,24 @@ EVENTS_PER_POLL = 2000
 EVENT_LOOKBACK = 500
 #: queued jobs read per poll
 QUEUED_PER_POLL = 2000
+
+
+class Shares:
+    """
+    A snapshot of the live rollers: the owner of each machine by rendezvous
+    hashing (L{roller.cluster.shares}); None when no live roller reaches it.
+    """
+
+    def __init__(self, me: str, rollers: list[dict[str, Any]]):
+        self.me = me
+        self.rollers = rollers
+        self.ids = tuple(sorted(r["id"] for r in rollers))
+
+    def owner(self, worker_group: str, worker_id: str) -> str | None:
+        return owner(worker_group, worker_id, self.rollers)
+
+    def mine(self, worker_group: str, worker_id: str) -> bool:
+        return self.owner(worker_group, worker_id) == self.me
 
 
 def _pid_alive(pid: int) -> bool:
@@ -88,6 +107,11 @@ class ClusterNode:
         self.taken_over = 0  # rollers this node took over
         self._rollers: list[dict[str, Any]] = []  # as last read (every heartbeat)
         self._beat_ok = clock.seconds()  # when a heartbeat was last written
+        self._fence_listeners: list[Callable[[str], None]] = []
+
+    def on_fence(self, listener: Callable[[str], None]) -> None:
+        """C{listener(why)} when this roller learns the others may have taken its work over (batches let go)."""
+        self._fence_listeners.append(listener)
 
     # -- what the queue asks
 
@@ -122,6 +146,16 @@ class ClusterNode:
         reaches = "; ".join(f"{r['id']}: {', '.join(r['reach'])}" for r in alive)
         return (f"waiting: no running roller reaches worker group {worker_group} ({reaches}); the job stays queued "
                 "until a roller whose cluster.reach includes it runs")
+
+    def live(self) -> list[dict[str, Any]]:
+        """The rollers alive as of the last look (this one always among them, with its reach)."""
+        out = [r for r in self._rollers if r["id"] != self.id and not self._dead(r)]
+        out.append({"id": self.id, "reach": list(self.reach)})
+        return out
+
+    def shares(self) -> Shares:
+        """Who looks after which machine now (health sweeps, fitness polls, remediation)."""
+        return Shares(self.id, self.live())
 
     def cancel_queued(self, job: Job, event: JobEvent) -> Deferred[bool]:
         return self._db.write(sql.cancel_queued, job, event)
@@ -199,6 +233,11 @@ class ClusterNode:
                             f"= {self.takeover_after:g}): another roller may have taken its jobs over")
 
     def _fence(self, why: str) -> None:
+        for listener in list(self._fence_listeners):
+            try:
+                listener(why)
+            except Exception:  # noqa: BLE001 -- one listener's bug must not keep the jobs running
+                log.failure("Cluster fence listener failed")
         if self._queue is not None:
             stopped = self._queue.interrupt_running(why)
             if stopped:

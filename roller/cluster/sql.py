@@ -200,3 +200,74 @@ def events_after(c: Cursor, after: int, limit: int) -> list[tuple[Job, JobEvent,
                          json.loads(r["data"]) if r["data"] else {}, id=r["event_id"])
         out.append((_job(r), event, r["roller_id"]))
     return out
+
+
+# -- fleet health divided between rollers (roller.health.watcher)
+
+#: the advisory lock that makes remediation decisions take turns across rollers
+REMEDIATION_LOCK = 0x726F6C6C
+
+
+def reserve_remediation(c: Cursor, key: tuple[str, str], policy: str, task: str, time: float, dry_run: bool,
+                        reason: str, pool: str, seen: int, own: tuple[int, ...]) -> int | None:
+    """
+    Record a remediation about to start, unless another roller recorded one
+    after remediation C{seen} (the last this roller had read when it
+    decided) for the same machine, or under the same policy in the same
+    pool: then this roller decided on stale history (None; it decides
+    again at its next tick).  C{own}: the ids this roller recorded since.
+    """
+    c.execute("SELECT pg_advisory_xact_lock(?)", (REMEDIATION_LOCK,))
+    mine = f" AND r.id NOT IN ({', '.join('?' * len(own))})" if own else ""
+    row = c.execute(
+        "SELECT r.id FROM remediations r LEFT JOIN machines m ON m.worker_group = r.worker_group"
+        f" AND m.worker_id = r.worker_id WHERE r.id > ?{mine} AND ((r.worker_group = ? AND r.worker_id = ?)"
+        " OR (r.policy = ? AND r.dry_run = 0 AND coalesce(m.pool, '') = ?)) LIMIT 1",
+        (seen, *own, *key, policy, pool)).fetchone()
+    if row is not None:
+        return None
+    return int(c.execute("INSERT INTO remediations (worker_group, worker_id, policy, task, time, dry_run, job_id,"
+                         " reason) VALUES (?, ?, ?, ?, ?, ?, NULL, ?) RETURNING id",
+                         (*key, policy, task, time, int(dry_run), reason)).fetchone()[0])
+
+
+def remediation_job(c: Cursor, remediation_id: int, job_id: str | None) -> None:
+    """The job a reserved remediation started; None: it did not start (the reservation goes)."""
+    if job_id is None:
+        c.execute("DELETE FROM remediations WHERE id = ?", (remediation_id,))
+    else:
+        c.execute("UPDATE remediations SET job_id = ? WHERE id = ?", (job_id, remediation_id))
+
+
+def active_remediations(c: Cursor, reserved_since: float) -> set[int]:
+    """Remediations whose job is queued or running, and those reserved since C{reserved_since} without a job yet."""
+    rows = c.execute("SELECT r.id FROM remediations r JOIN jobs j ON j.id = r.job_id"
+                     " WHERE j.state IN ('queued', 'running')").fetchall()
+    rows += c.execute("SELECT id FROM remediations WHERE job_id IS NULL AND dry_run = 0 AND time >= ?",
+                      (reserved_since,)).fetchall()
+    return {int(r[0]) for r in rows}
+
+
+def machines_with_jobs(c: Cursor) -> set[tuple[str, str]]:
+    """Every machine with a job queued or running, on any roller."""
+    return {(r[0], r[1]) for r in c.execute("SELECT DISTINCT worker_group, worker_id FROM jobs"
+                                            " WHERE state IN ('queued', 'running')").fetchall()}
+
+
+# -- batches: one roller drives each (roller.batches.service)
+
+
+def adopt_batches(c: Cursor, roller_id: str) -> list[str]:
+    """
+    The unfinished batches this roller drives from now on: its own, and
+    those whose owner left the rollers (stopped, or taken over as dead) or
+    was never recorded.
+    """
+    return [str(r[0]) for r in c.execute(
+        "UPDATE batches SET owner = ? WHERE finished_at IS NULL AND (owner IS NULL OR owner = ?"
+        " OR owner NOT IN (SELECT id FROM rollers)) RETURNING id", (roller_id, roller_id)).fetchall()]
+
+
+def batch_owner(c: Cursor, batch_id: str) -> str | None:
+    row = c.execute("SELECT owner FROM batches WHERE id = ?", (batch_id,)).fetchone()
+    return None if row is None or row[0] is None else str(row[0])

@@ -154,7 +154,8 @@ def parse_policies(value: Any, known_tasks: Iterable[str]) -> tuple[Policy, ...]
 
 def plan(policies: Sequence[Policy], machines: Iterable[MachineHealth], *, now: float, paused: bool,
          busy: Callable[[Key], bool], history: Sequence[Remediation],
-         pool_sizes: Mapping[str, int]) -> tuple[list[Action], list[str]]:
+         pool_sizes: Mapping[str, int],
+         mine: Callable[[Key], bool] | None = None) -> tuple[list[Action], list[str]]:
     """
     The remediations to start now, and why others were held back (lines
     for the log and the API).
@@ -162,6 +163,8 @@ def plan(policies: Sequence[Policy], machines: Iterable[MachineHealth], *, now: 
     @param busy: whether a machine has a job queued or running.
     @param history: remediations of the last day at least (and every
         active one), any order.
+    @param mine: with several rollers, the machines this one acts on (the
+        others' still count in their pools' limits).
     """
     if paused:
         return [], ["remediation is paused"]
@@ -180,7 +183,7 @@ def plan(policies: Sequence[Policy], machines: Iterable[MachineHealth], *, now: 
             pool = pool_of.get(r.key, "")
             active[(r.policy, pool)] = active.get((r.policy, pool), 0) + 1
     for h in candidates:
-        if h.state in OVERRIDES:
+        if h.state in OVERRIDES or (mine is not None and not mine(h.key)):
             continue
         for policy in policies:
             if not policy.matches_pool(h.pool):

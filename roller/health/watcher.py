@@ -14,6 +14,18 @@ The health watcher: one per roller, in the reactor.
     remediation is not paused, L{plan} picks remediations within the rails,
     each submitted as an ordinary job (requester C{roller/health}, a reason
     naming the finding, audited) — or, for a dry-run policy, only recorded.
+
+With several rollers on one database (L{roller.cluster}), each probes,
+polls and remediates only its share of the fleet: the machines whose
+owner, by rendezvous hashing over the live rollers that reach their worker
+group (L{roller.cluster.shares}), is this roller.  It records only those;
+every tick it reads the others' machines from the database (so its API and
+dashboard show the whole fleet) and the remediations they started (so the
+rails count them), and a remediation is recorded in the database before
+its job is submitted, under a lock all rollers take, and only if nobody
+remediated the machine, or its pool under that policy, since the history
+it decided on.  A machine no live roller reaches is probed by nobody: the
+first of the live rollers records an C{unknown} finding saying so.
 """
 
 from __future__ import annotations
@@ -29,13 +41,15 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.client import HTTPConnectionPool
 
+from roller.cluster import sql as cluster_sql
+from roller.cluster.node import Shares
 from roller.config import ConfigError, Settings
 from roller.drivers.liveness import IcmpPing, ILiveness, LivenessResult, TcpConnect
 from roller.drivers.reactor import IDriverReactor
 from roller.errors import RollerError
 from roller.health.fitness import FitnessPoller, FitnessRules
 from roller.health.icmp import IcmpEcho, IcmpReactor
-from roller.health.model import Health, HealthTracker, MachineHealth, Transition
+from roller.health.model import Finding, Health, HealthTracker, MachineHealth, Transition
 from roller.health.policy import Action, Policy, Remediation, parse_policies, plan
 from roller.health.sweep import LivenessSweep
 from roller.http_client import close_pool, pooled_client
@@ -69,6 +83,18 @@ def policies_from_settings(settings: Settings, tasks: Iterable[str]) -> tuple[Po
         raise ConfigError("health.policies", str(e)) from None
 
 
+class HealthCluster(Protocol):
+    """What the watcher asks of L{roller.cluster.node.ClusterNode}."""
+
+    id: str
+
+    def shares(self) -> Shares: ...
+
+
+#: seconds a remediation recorded without its job yet counts as in flight (its roller may have died meanwhile)
+RESERVED_FOR = 300.0
+
+
 class IHealthReactor(IDriverReactor, IcmpReactor):
     """What the watcher uses: the drivers' reactor (TCP and ping probes, Taskcluster) and a reader (ICMP)."""
 
@@ -78,8 +104,16 @@ class HealthWatcher:
                  policies: tuple[Policy, ...] = (),
                  credential: Callable[[str], tuple[str, str] | None] = lambda name: None,
                  notifier: _Notifier | None = None, metrics: Any = None,
-                 probe: Callable[[Machine], Deferred[LivenessResult]] | None = None):
+                 probe: Callable[[Machine], Deferred[LivenessResult]] | None = None,
+                 cluster: HealthCluster | None = None):
         self.reactor = reactor
+        self.cluster = cluster
+        self._shares: Shares | None = None
+        self.share: dict[str, Any] | None = None  # this roller's share of the fleet (several rollers)
+        self._rem_seen = 0  # the newest remediation id read from the database
+        self._rem_ids: dict[int, int] = {}  # history index -> remediation id (several rollers)
+        self._own_rem: set[int] = set()  # remediation ids this roller recorded
+        self._active_rem: set[int] = set()  # remediation ids whose job is in flight, on any roller
         self.clock: IReactorTime = reactor
         self.store = store
         self.queue = queue
@@ -94,7 +128,7 @@ class HealthWatcher:
                                      on_transition=self._transition)
         self._icmp: IcmpEcho | None = None
         self._probe = probe or self._default_probe
-        self.sweep = LivenessSweep(reactor, self._machines, self._probe, self._probed,
+        self.sweep = LivenessSweep(reactor, self._swept, self._probe, self._probed,
                                    interval=settings.health_sweep_interval,
                                    concurrency=settings.health_sweep_concurrency)
         self._fitness: FitnessPoller | None = None
@@ -125,6 +159,8 @@ class HealthWatcher:
         for r in await self.store.health.remediations(now - 2 * 86400):
             self._history.append(Remediation((r.worker_group, r.worker_id), r.policy, r.task, r.time, r.dry_run))
             self._jobs_of[len(self._history) - 1] = r.job_id
+            self._rem_ids[len(self._history) - 1] = r.id
+            self._rem_seen = max(self._rem_seen, r.id)
         await self._refresh_loans()
         if not self.settings.health_enabled:
             return
@@ -161,6 +197,94 @@ class HealthWatcher:
 
     def _machines(self) -> list[Machine]:
         return self.store.machines.snapshot()
+
+    # -- this roller's share of the fleet (several rollers)
+
+    def _refresh_shares(self) -> Shares | None:
+        if self.cluster is not None:
+            self._shares = self.cluster.shares()
+        return self._shares
+
+    def _owns(self, key: Key) -> bool:
+        """Whether this roller probes, polls and remediates the machine."""
+        shares = self._shares if self._shares is not None else self._refresh_shares()
+        return shares is None or shares.mine(*key)
+
+    def _records(self, key: Key) -> bool:
+        """Whether this roller writes the machine's health: its own, or one nobody reaches if it is the first."""
+        shares = self._shares if self._shares is not None else self._refresh_shares()
+        if shares is None:
+            return True
+        who = shares.owner(*key)
+        return who == shares.me or (who is None and shares.ids[:1] == (shares.me,))
+
+    def _swept(self) -> list[Machine]:
+        """The machines of this round: the whole fleet, or with several rollers this roller's share."""
+        machines = self._machines()
+        shares = self._refresh_shares()
+        if shares is None:
+            return machines
+        mine: list[Machine] = []
+        unreached: list[Machine] = []
+        for m in machines:
+            who = shares.owner(m.worker_group, m.worker_id)
+            if who == shares.me:
+                mine.append(m)
+            elif who is None:
+                unreached.append(m)
+        share = {"roller": shares.me, "rollers": len(shares.ids), "machines": len(mine), "fleet": len(machines),
+                 "unreached": len(unreached)}
+        if share != self.share:
+            groups = sorted({m.worker_group for m in unreached})
+            log.info("Health: this roller probes {mine} of {fleet} machines ({rollers} live roller(s) share them)"
+                     "{unreached}", mine=len(mine), fleet=len(machines), rollers=len(shares.ids),
+                     unreached=f"; {len(unreached)} machine(s) of worker group(s) {', '.join(groups[:10])} are "
+                               "probed by no roller (no running roller reaches them)" if unreached else "")
+            self.share = share
+        if unreached and shares.ids[:1] == (shares.me,):
+            for m in unreached:
+                self.tracker.liveness(m.key, None, f"no running roller reaches worker group {m.worker_group} "
+                                                   "(cluster.reach): nobody probes it", m.pool or "")
+                self._mark(m.key)
+        return mine
+
+    async def _import_others(self) -> None:
+        """The health of the machines other rollers record, as they last wrote it."""
+        try:
+            rows = await self.store.health.all()
+        except StoreError as e:
+            log.warn("Health: the other rollers' machines could not be read ({error})", error=e)
+            return
+        for row in rows:
+            key = (row.worker_group, row.worker_id)
+            if self._records(key):
+                continue
+            machine = self.store.machines.cached(key)
+            h = self.tracker.get(key, (machine.pool if machine is not None else None) or "")
+            h.state, h.since, h.maintenance = Health(row.state), row.since, row.maintenance
+            h.findings = {(f["source"], f["kind"]): Finding(f["source"], f["kind"], f["since"], f["detail"])
+                          for f in row.findings}
+            # so that a machine this roller takes over goes on from where its previous owner left it
+            h.liveness_known = row.state != Health.unknown.value
+            h.liveness_failures = self.tracker.down_after if ("liveness", "down") in h.findings else 0
+            self._saved[key] = (h.state.value, frozenset(h.findings), h.maintenance)
+            self._dirty.pop(key, None)
+
+    async def _sync_remediations(self, now: float) -> None:
+        """The remediations other rollers started since the last look, and which remediations are in flight."""
+        try:
+            rows = await self.store.health.remediations_after(self._rem_seen)
+            self._active_rem = await self.store.db.read(cluster_sql.active_remediations, now - RESERVED_FOR)
+        except StoreError as e:
+            log.warn("Health: the other rollers' remediations could not be read ({error})", error=e)
+            return
+        for r in rows:
+            self._rem_seen = max(self._rem_seen, r.id)
+            if r.id in self._own_rem:
+                continue
+            self._history.append(Remediation((r.worker_group, r.worker_id), r.policy, r.task, r.time, r.dry_run))
+            self._jobs_of[len(self._history) - 1] = r.job_id
+            self._rem_ids[len(self._history) - 1] = r.id
 
     def _default_probe(self, machine: Machine) -> Deferred[LivenessResult]:
         address = machine.address
@@ -207,8 +331,9 @@ class HealthWatcher:
     async def _poll_taskcluster(self) -> None:
         tc = self._tc()
         pools: dict[tuple[str, str], list[Machine]] = {}
+        self._refresh_shares()
         for m in self._machines():
-            if not m.pool:
+            if not m.pool or not self._owns(m.key):
                 continue
             try:
                 pools.setdefault(worker_pool(m, self.settings.loans_provisioner_id), []).append(m)
@@ -300,6 +425,8 @@ class HealthWatcher:
     # -- recording
 
     def _transition(self, t: Transition) -> None:
+        if not self._records(t.key):
+            return  # another roller's machine: it records (and announces) the change
         self._dirty[t.key] = t
         if t.old is not t.new:
             log.info("Health: {group}/{worker} {old} -> {new}: {reason}", group=t.key[0], worker=t.key[1],
@@ -312,7 +439,7 @@ class HealthWatcher:
 
     def _mark(self, key: Key) -> None:
         h = self.tracker.machines.get(key)
-        if h is None:
+        if h is None or not self._records(key):
             return
         signature = (h.state.value, frozenset(h.findings), h.maintenance)
         if self._saved.get(key) != signature and key not in self._dirty:
@@ -330,7 +457,7 @@ class HealthWatcher:
         dirty, self._dirty = self._dirty, {}
         for key, t in dirty.items():
             h = self.tracker.machines.get(key)
-            if h is None:
+            if h is None or not self._records(key):
                 continue
             row = None if t is None else TransitionRow(t.time, t.old.value, t.new.value, t.reason)
             try:
@@ -352,7 +479,13 @@ class HealthWatcher:
         job = self.queue.active(job_id)
         return job is not None and not job.state.final
 
+    def _active_anywhere(self, index: int) -> bool:
+        return self._active(index) or (self.cluster is not None and self._rem_ids.get(index) in self._active_rem)
+
     async def _tick(self) -> None:
+        if self.cluster is not None:
+            self._refresh_shares()
+            await self._import_others()
         await self._refresh_loans()
         await self._refresh_flags()
         if self._dirty:
@@ -361,15 +494,22 @@ class HealthWatcher:
             self.held = ["health.remediate is off"] if not self.settings.health_remediate else ["no policies"]
             return
         now = self.clock.seconds()
-        self._history = self._history[-100_000:]
-        history = [Remediation(r.key, r.policy, r.task, r.time, r.dry_run, self._active(i))
+        busy = self.queue.machines_with_jobs()
+        if self.cluster is not None:
+            await self._sync_remediations(now)
+            try:
+                busy |= await self.store.db.read(cluster_sql.machines_with_jobs)  # on any roller
+            except StoreError as e:
+                self.held = [f"the jobs of the other rollers could not be read: {e}"]
+                return
+        history = [Remediation(r.key, r.policy, r.task, r.time, r.dry_run, self._active_anywhere(i))
                    for i, r in enumerate(self._history)]
         sizes: dict[str, int] = {}
         for m in self._machines():
             sizes[m.pool or ""] = sizes.get(m.pool or "", 0) + 1
-        busy = self.queue.machines_with_jobs()
         actions, self.held = plan(self.policies, self.tracker.machines.values(), now=now, paused=self.paused,
-                                  busy=lambda k: k in busy, history=history, pool_sizes=sizes)
+                                  busy=lambda k: k in busy, history=history, pool_sizes=sizes,
+                                  mine=self._owns if self.cluster is not None else None)
         for action in actions:
             if self.paused:  # paused while earlier actions of this tick were submitted
                 break
@@ -382,6 +522,24 @@ class HealthWatcher:
             return
         policy = action.policy
         job_id: str | None = None
+        reserved: int | None = None
+        if self.cluster is not None:
+            # recorded first, under the lock every roller takes: only if nobody acted since the history read
+            h = self.tracker.machines.get(action.key)
+            try:
+                reserved = await self.store.db.write(
+                    cluster_sql.reserve_remediation, action.key, policy.name, action.task, now, policy.dry_run,
+                    action.reason, (h.pool if h is not None else "") or machine.pool or "", self._rem_seen,
+                    tuple(sorted(i for i in self._own_rem if i > self._rem_seen)))
+            except StoreError as e:
+                log.warn("Health: {policy} on {group}/{worker} not started ({error})", policy=policy.name,
+                         group=group, worker=worker, error=e)
+                return
+            if reserved is None:
+                log.info("Health: {policy} on {group}/{worker} left for the next tick: another roller remediated "
+                         "it or its pool meanwhile", policy=policy.name, group=group, worker=worker)
+                return
+            self._own_rem.add(reserved)
         if policy.dry_run:
             outcome = "dry_run"
             log.info("Health (dry run): {policy} would run {task} on {group}/{worker}: {reason}",
@@ -399,6 +557,8 @@ class HealthWatcher:
                 log.warn("Health: {policy} could not queue {task} on {group}/{worker}: {error}",
                          policy=policy.name, task=action.task, group=group, worker=worker, error=e)
                 self._count(policy.name, action.task, outcome)
+                if reserved is not None:
+                    await self._settle_reserved(reserved, None)
                 return
             job_id, outcome = job.id, "queued"
             log.info("Health: {policy} queued {task} on {group}/{worker} (job {job}): {reason}",
@@ -407,12 +567,23 @@ class HealthWatcher:
         self._history.append(Remediation(action.key, policy.name, action.task, now, policy.dry_run))
         self._jobs_of[len(self._history) - 1] = job_id
         self._count(policy.name, action.task, outcome)
+        if reserved is not None:
+            self._rem_ids[len(self._history) - 1] = reserved
+            if job_id is not None:
+                await self._settle_reserved(reserved, job_id)
+            return
         try:
             await self.store.health.add_remediation(action.key, policy.name, action.task, now, policy.dry_run,
                                                     job_id, action.reason)
         except StoreError as e:
             log.warn("Health: remediation of {group}/{worker} not recorded ({error})", group=group, worker=worker,
                      error=e)
+
+    async def _settle_reserved(self, remediation_id: int, job_id: str | None) -> None:
+        try:
+            await self.store.db.write(cluster_sql.remediation_job, remediation_id, job_id)
+        except StoreError as e:
+            log.warn("Health: remediation {id} not updated ({error})", id=remediation_id, error=e)
 
     def _count(self, policy: str, task: str, outcome: str) -> None:
         self.remediated.append((policy, task, outcome))
@@ -431,7 +602,7 @@ class HealthWatcher:
             "enabled": self.settings.health_enabled, "paused": self.paused, "paused_by": self.paused_by or None,
             "remediate": self.settings.health_remediate, "policies": [p.name for p in self.policies],
             "pools": pools, "taskcluster": dict(sorted(self.tc_status.items())),
-            "held": self.held[:100],
+            "held": self.held[:100], "share": self.share,
             "sweep": None if last is None else {
                 "round": last.number, "started": last.started, "machines": last.machines, "probed": last.probed,
                 "errors": last.errors, "late": last.late, "skipped": last.skipped, "duration": last.duration,

@@ -96,10 +96,12 @@ class BatchTable:
         self._db = db
 
     def insert(self, batch: Batch, members: Iterable[Member], *, excluded: Iterable[Excluded] = (),
-               pool_sizes: dict[str, int] | None = None, audit: AuditEntry | None = None) -> Deferred[Batch]:
+               pool_sizes: dict[str, int] | None = None, audit: AuditEntry | None = None,
+               owner: str | None = None) -> Deferred[Batch]:
         """
         Persist a new batch, all its members and the audit entry of its
-        request in one transaction; the batch with its C{seq}.
+        request in one transaction; the batch with its C{seq}.  C{owner}:
+        the roller that drives it, with several rollers (L{roller.cluster}).
         """
         rows = [_member_row(m) for m in members]
         excluded_json = json.dumps([e.to_json() for e in excluded])
@@ -112,6 +114,8 @@ class BatchTable:
                  json.dumps(batch.rollout.to_json()), batch.requester, batch.origin_ip, batch.reason,
                  batch.priority, batch.state.value, batch.created_at, batch.finished_at, batch.halt_reason,
                  batch.total, excluded_json, sizes_json)).fetchone()[0]
+            if owner is not None:
+                c.execute("UPDATE batches SET owner = ? WHERE id = ?", (owner, batch.id))
             if rows:
                 insert_rows(c, f"batch_members ({_MEMBER_COLUMNS})", rows)
             if audit is not None:

@@ -146,6 +146,16 @@ class HealthTable:
 
         return self._db.read(run)
 
+    def remediations_after(self, after_id: int, *, limit: int = 10_000) -> Deferred[builtins.list[RemediationRow]]:
+        """Remediations recorded after the one with id C{after_id}, oldest first (another roller's too)."""
+
+        def run(c: Cursor) -> builtins.list[RemediationRow]:
+            rows = c.execute("SELECT id, worker_group, worker_id, policy, task, time, dry_run, job_id, reason"
+                             " FROM remediations WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit)).fetchall()
+            return [RemediationRow(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]), r[7], r[8]) for r in rows]
+
+        return self._db.read(run)
+
     # -- flags
 
     def flag(self, name: str) -> Deferred[str | None]:

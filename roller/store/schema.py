@@ -268,4 +268,10 @@ MIGRATIONS: list[str] = [
     -- postgresql only
     ALTER TABLE jobs ADD COLUMN cancel_requested TEXT;
     """,
+    # 12: the roller that drives each unfinished batch (roller.cluster); a survivor
+    #     adopts the batches of a roller that left or was taken over
+    """
+    -- postgresql only
+    ALTER TABLE batches ADD COLUMN owner TEXT;
+    """,
 ]
