@@ -25,6 +25,7 @@ from roller.jobs import State
 from roller.store import Store
 from roller.store.db import Cursor, data_version
 from roller.store.dialect import SQLITE
+from roller.store.fleet_rows import MachineRows
 from roller.store.where import Where
 
 #: the state filter value for machines that never had a job
@@ -198,6 +199,41 @@ def extras_of(c: Cursor, keys: list[tuple[str, str]]) -> dict[tuple[str, str], E
     return out
 
 
+_ROW_COLS = ("j.id AS job_id, j.task_name, j.state, j.created_at, j.started_at, j.finished_at, j.error,"
+             " j.result, j.requester")
+
+
+def fetch_rows(c: Cursor, keys: list[tuple[str, str]]) -> dict[tuple[str, str], FleetRow]:
+    """
+    The rows of machines C{keys}: one statement for the machines and their
+    newest jobs and one (L{extras_of}) for their loans, pings and health, in
+    chunks of 400; machines that do not exist are left out.
+    """
+    found: list[Any] = []
+    for i in range(0, len(keys), 400):
+        chunk = keys[i:i + 400]
+        values = ", ".join(["(?, ?)"] * len(chunk))
+        found += c.execute(
+            f"WITH page(g, w) AS (VALUES {values})"
+            f" SELECT f.worker_group, f.worker_id, f.fqdn, f.ip, f.pool, {_ROW_COLS} FROM page"
+            " JOIN machines f ON f.worker_group = page.g AND f.worker_id = page.w"
+            f" LEFT JOIN jobs j ON j.seq = {_LAST_SEQ.replace('m.', 'f.')}",
+            [v for key in chunk for v in key]).fetchall()
+    extras = extras_of(c, [(r[0], r[1]) for r in found]) if found else {}
+    out: dict[tuple[str, str], FleetRow] = {}
+    for r in found:
+        loan, liveness, health = extras[(r[0], r[1])]
+        out[(r[0], r[1])] = FleetRow(
+            worker_group=r[0], worker_id=r[1], fqdn=r[2], ip=r[3], pool=r[4],
+            last=None if r[5] is None else LastJob(
+                id=r[5], task_name=r[6], state=r[7], created_at=r[8], started_at=r[9],
+                finished_at=r[10], error=r[11], result=r[12], requester=r[13],
+            ),
+            loan=loan, liveness=liveness, health=health,
+        )
+    return out
+
+
 def machine_where(f: FleetFilter, now: float | None = None, postgresql: bool = False) -> Where:
     """The conditions on machine C{m} of a filter (all but its last-job state)."""
     w = Where().equal("m.worker_group", f.group).equal("m.pool", f.pool)
@@ -255,6 +291,8 @@ class FleetQueries:
         self._cache: dict[tuple, Any] = {}
         self._settled: dict[tuple, tuple[float, Any]] = {}
         self._fresh_until = float("-inf")  # until then nothing is reused
+        #: each machine's row as read, forgotten when a commit touched the machine (L{MachineRows})
+        self.rows = MachineRows(fetch_rows)
 
     def forget(self) -> None:
         """
@@ -323,19 +361,12 @@ class FleetQueries:
         extras = (f", {_HEALTH_OF} AS hs, {_PING_OF} AS ps, {_LOAN_OF} AS lu" if sort in _NEEDS_EXTRAS else "")
         base = (f"SELECT m.worker_group, m.worker_id, m.fqdn, m.ip, m.pool, {_LAST_SEQ} AS last_seq{extras}"
                 f" FROM machines m{cond}")
-        cols = ("j.id AS job_id, j.task_name, j.state, j.created_at, j.started_at, j.finished_at, j.error,"
-                " j.result, j.requester")
         if sort in ("name", "group") and f.state is None:
             # Page through the primary key first; look up the newest job of
             # those machines only.
             second = d if sort == "name" else "ASC"
-            rows_sql = (
-                f"SELECT f.worker_group, f.worker_id, f.fqdn, f.ip, f.pool, {cols} FROM"
-                f" (SELECT m.worker_group, m.worker_id, m.fqdn, m.ip, m.pool FROM machines m{cond}"
-                f" ORDER BY m.worker_group {d}, m.worker_id {second} LIMIT ? OFFSET ?) f"
-                f" LEFT JOIN jobs j ON j.seq = {_LAST_SEQ.replace('m.', 'f.')}"
-                f" ORDER BY f.worker_group {d}, f.worker_id {second}"
-            )
+            rows_sql = (f"SELECT m.worker_group, m.worker_id FROM machines m{cond}"
+                        f" ORDER BY m.worker_group {d}, m.worker_id {second} LIMIT ? OFFSET ?")
             rows_args = [*args, limit, offset]
         else:
             state_where, state_args = "", []
@@ -368,39 +399,8 @@ class FleetQueries:
             return counts, groups, pools
 
         def ordered(c: Cursor) -> tuple[int, list[tuple[str, str]]]:
-            """The machines in order, numbered (the pages cut from it are cached under that number)."""
+            """The machines in order, numbered (a new number for each ordering)."""
             return next(self._orders), [(r[0], r[1]) for r in c.execute(order_sql, order_args)]
-
-        def page_of(c: Cursor, keys: list[tuple[str, str]]) -> list[Any]:
-            if not keys:
-                return []
-            found: list[Any] = []
-            for i in range(0, len(keys), 400):
-                chunk = keys[i:i + 400]
-                values = ", ".join(["(?, ?, ?)"] * len(chunk))
-                found += c.execute(
-                    f"WITH page(n, g, w) AS (VALUES {values})"
-                    f" SELECT f.worker_group, f.worker_id, f.fqdn, f.ip, f.pool, {cols} FROM page"
-                    " JOIN machines f ON f.worker_group = page.g AND f.worker_id = page.w"
-                    f" LEFT JOIN jobs j ON j.seq = {_LAST_SEQ.replace('m.', 'f.')} ORDER BY page.n",
-                    [v for n, key in enumerate(chunk, i) for v in (n, *key)]).fetchall()
-            return found
-
-        def fetch_rows(c: Cursor, keys: list[tuple[str, str]] | None = None) -> list[FleetRow]:
-            found = c.execute(rows_sql, rows_args).fetchall() if keys is None else page_of(c, keys)
-            extras = extras_of(c, [(r[0], r[1]) for r in found]) if found else {}
-            return [
-                FleetRow(
-                    worker_group=r[0], worker_id=r[1], fqdn=r[2], ip=r[3], pool=r[4],
-                    last=None if r[5] is None else LastJob(
-                        id=r[5], task_name=r[6], state=r[7], created_at=r[8], started_at=r[9],
-                        finished_at=r[10], error=r[11], result=r[12], requester=r[13],
-                    ),
-                    loan=extras[(r[0], r[1])][0], liveness=extras[(r[0], r[1])][1],
-                    health=extras[(r[0], r[1])][2],
-                )
-                for r in found
-            ]
 
         def run(c: Cursor) -> FleetPage:
             with self._lock:
@@ -411,15 +411,17 @@ class FleetQueries:
             if version != self._version:
                 self._cache.clear()
                 self._version = version
+            self.rows.sync(c, version)
             (counts, groups, pools), _ = self._settling(c, filter_key, lambda: summary(c))
             if rows_sql:
-                rows = self._cached(c, ("rows", rows_sql, *rows_args), lambda: fetch_rows(c))
+                keys = self._cached(c, ("keys", rows_sql, *rows_args),
+                                    lambda: [(r[0], r[1]) for r in c.execute(rows_sql, rows_args)])
             else:
-                # a page of this order, as the database is now (its rows are current even when the
-                # order is a moment old)
-                (number, order), _ = self._settling(c, ("order", order_sql, *order_args), lambda: ordered(c))
-                rows = self._cached(c, ("rows", number, offset, limit),
-                                    lambda: fetch_rows(c, order[offset:offset + limit]))
+                # a page of this order, its rows as the database is now (current even when the order is a
+                # moment old): each machine's row is read again only after a commit touched it
+                (_, order), _ = self._settling(c, ("order", order_sql, *order_args), lambda: ordered(c))
+                keys = order[offset:offset + limit]
+            rows = self.rows.get(c, keys)
             total = counts.get(f.state, 0) if f.state is not None else sum(counts.values())
             return FleetPage(rows=rows, total=total, counts=counts, groups=groups, pools=pools)
 

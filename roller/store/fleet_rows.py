@@ -1,0 +1,164 @@
+"""
+The fleet page's rows, kept per machine between commits.
+
+A busy fleet commits all the time (jobs start and end, the health sweep
+records findings), and the fleet page used to read its 200 rows again after
+every commit: a few index lookups per machine, per view.  L{MachineRows}
+keeps each machine's row as it was read and, when the database changed,
+works out which machines the change touched with a few cheap statements
+(L{MachineRows.sync}), forgetting only those:
+
+- jobs: those added since (C{seq} above the highest seen) and those whose
+  queued or running state changed (the C{jobs_state} index holds the
+  unfinished ones): the machine's last job or newest ping;
+- loans: the active ones (a handful, by index): lent, returned, extended;
+- health: a checksum of the C{health} table's states (count, sum of
+  C{since}, and C{since} weighted by state); when it moved, every machine's
+  recorded state is read once and compared;
+- anything else that can change rows wholesale (a machine added, edited or
+  removed: count and sums of C{updated_at} and of the documents' lengths;
+  the history pruned: the oldest finished job of each state rose) forgets
+  every row.
+
+A row is read again only when it is shown after that.  Everything runs on
+the database thread, under the caller's lock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, Generic, TypeVar
+
+from roller.store.db import Cursor
+
+__all__ = ["MachineRows"]
+
+Key = tuple[str, str]
+R = TypeVar("R")
+
+_HEALTH_SUM = (
+    "SELECT count(*), COALESCE(sum(since), 0), COALESCE(sum(since * CASE state WHEN 'healthy' THEN 1"
+    " WHEN 'degraded' THEN 2 WHEN 'down' THEN 3 WHEN 'unknown' THEN 4 WHEN 'loaned' THEN 5"
+    " WHEN 'quarantined' THEN 6 WHEN 'maintenance' THEN 7 ELSE 8 END), 0) FROM health"
+)
+_MACHINES_SUM = "SELECT count(*), COALESCE(sum(updated_at), 0), COALESCE(sum(length(data)), 0) FROM machines"
+#: the oldest finished job of each state, through the jobs_state index: one that rose means jobs were
+#: deleted (the history pruned, oldest first); finished jobs never change state
+_LOWEST = "SELECT " + ", ".join(
+    f"(SELECT min(seq) FROM jobs WHERE state = '{s}')"
+    for s in ("succeeded", "failed", "cancelled", "timed_out", "interrupted"))
+
+
+class MachineRows(Generic[R]):
+    """
+    Rows by machine C{(worker_group, worker_id)}, read with C{fetch(cursor,
+    keys) -> {key: row}} when missing and forgotten when L{sync} finds their
+    machine changed.
+    """
+
+    def __init__(self, fetch: Callable[[Cursor, list[Key]], dict[Key, R]], size: int = 100_000):
+        self._fetch = fetch
+        self.size = size
+        self._rows: dict[Key, R] = {}
+        self._version: Any = None
+        self._max_seq: int | None = None
+        self._min_seq: tuple[Any, ...] | None = None
+        self._active: dict[int, tuple[str, Key]] = {}
+        self._loans: dict[Key, tuple[Any, ...]] = {}
+        self._health_sum: tuple[Any, ...] | None = None
+        self._health: dict[Key, str] | None = None
+        self._machines_sum: tuple[Any, ...] | None = None
+        #: machines forgotten because they changed, and times every row was forgotten (for tests and benchmarks)
+        self.changed = 0
+        self.cleared = 0
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def forget_all(self) -> None:
+        self._rows.clear()
+        self.cleared += 1
+
+    def sync(self, c: Cursor, version: Any) -> None:
+        """
+        Forget the rows of the machines changed since the last call.
+        C{version} (L{roller.store.db.data_version}, read before this) says
+        whether anything was committed at all.
+        """
+        if version == self._version:
+            return
+        first = self._version is None
+        self._version = version
+        dirty: set[Key] = set()
+        wholesale = False
+        # jobs added since, and the unfinished ones that moved on
+        if self._max_seq is None:
+            top = c.execute("SELECT max(seq) FROM jobs").fetchone()[0]
+            self._max_seq = top if top is not None else 0
+        else:
+            for seq, g, w in c.execute("SELECT seq, worker_group, worker_id FROM jobs WHERE seq > ?",
+                                       (self._max_seq,)).fetchall():
+                dirty.add((g, w))
+                self._max_seq = max(self._max_seq, seq)
+        active = {r[0]: (r[1], (r[2], r[3])) for r in c.execute(
+            "SELECT seq, state, worker_group, worker_id FROM jobs WHERE state IN ('queued', 'running')").fetchall()}
+        for seq in self._active.keys() | active.keys():
+            before, now = self._active.get(seq), active.get(seq)
+            if before != now:
+                dirty.add((before or now)[1])  # type: ignore[index]  # (one of them is set)
+        self._active = active
+        low = tuple(c.execute(_LOWEST).fetchone())
+        if self._min_seq is not None and any(
+                before is not None and (now is None or now > before) for before, now in zip(self._min_seq, low, strict=True)):
+            wholesale = True
+        self._min_seq = low
+        # active loans
+        loans = {(r[0], r[1]): tuple(r[2:]) for r in c.execute(
+            "SELECT worker_group, worker_id, id, borrower, expires_at FROM loans WHERE returned_at IS NULL").fetchall()}
+        for key in self._loans.keys() | loans.keys():
+            if self._loans.get(key) != loans.get(key):
+                dirty.add(key)
+        self._loans = loans
+        # recorded health
+        health_sum = tuple(c.execute(_HEALTH_SUM).fetchone())
+        if health_sum != self._health_sum:
+            self._health_sum = health_sum
+            health = {(r[0], r[1]): r[2] for r in c.execute(
+                "SELECT worker_group, worker_id, state FROM health").fetchall()}
+            if self._health is not None:
+                for key in self._health.keys() | health.keys():
+                    if self._health.get(key) != health.get(key):
+                        dirty.add(key)
+            else:
+                wholesale = wholesale or not first
+            self._health = health
+        # the inventory
+        machines_sum = tuple(c.execute(_MACHINES_SUM).fetchone())
+        if machines_sum != self._machines_sum:
+            wholesale = wholesale or self._machines_sum is not None
+            self._machines_sum = machines_sum
+        if wholesale:
+            self.forget_all()
+            return
+        for key in dirty:
+            if self._rows.pop(key, None) is not None:
+                self.changed += 1
+
+    def get(self, c: Cursor, keys: Iterable[Key]) -> list[R]:
+        """The rows of C{keys}, in order (reading those not kept); machines that do not exist are left out."""
+        keys = list(keys)
+        missing = [k for k in keys if k not in self._rows]
+        if missing:
+            found = self._fetch(c, missing)
+            if len(self._rows) + len(found) > self.size:
+                self._rows.clear()
+            self._rows.update(found)
+            out = []
+            for k in keys:
+                row = self._rows.get(k)
+                if row is None:
+                    row = found.get(k)
+                if row is not None:
+                    out.append(row)
+            return out
+        return [self._rows[k] for k in keys]
