@@ -108,8 +108,8 @@ class MachineRows(Generic[R]):
                 dirty.add((before or now)[1])  # type: ignore[index]  # (one of them is set)
         self._active = active
         low = tuple(c.execute(_LOWEST).fetchone())
-        if self._min_seq is not None and any(
-                before is not None and (now is None or now > before) for before, now in zip(self._min_seq, low, strict=True)):
+        if self._min_seq is not None and any(before is not None and (now is None or now > before)
+                                             for before, now in zip(self._min_seq, low, strict=True)):
             wholesale = True
         self._min_seq = low
         # active loans
