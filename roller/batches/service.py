@@ -240,9 +240,10 @@ class BatchService:
         finally:
             self._adopting = False
 
-    def _let_go(self, why: str) -> None:
+    def _let_go(self, why: str, batches: Iterable[_Live] | None = None) -> None:
         """Taken over (another roller adopts these batches): stop driving them here."""
-        unfinished = [live for live in self._live.values() if live.batch.finished_at is None]
+        unfinished = [live for live in (self._live.values() if batches is None else batches)
+                      if live.batch.finished_at is None and self._live.get(live.id) is live]
         for live in unfinished:
             if live.wake is not None and live.wake.active():
                 live.wake.cancel()
@@ -593,6 +594,18 @@ class BatchService:
         log.failure("Batch {batch_id}: starting member {pos} failed", failure, batch_id=batch_id, pos=pos)
 
     async def _submit(self, live: _Live, pos: int, now: float) -> None:
+        if self.cluster is not None:
+            # several rollers: only the batch's owner starts its members (one taken over while slow lets go)
+            try:
+                owner = await self.store.db.read(cluster_sql.batch_owner, live.id)
+            except StorageUnavailable:
+                owner = self.cluster.id  # the submission meets the same fault, and is tried again
+            if owner != self.cluster.id:
+                live.starting.discard(pos)
+                self._remove_inflight(live, pos)
+                self._repend(live, pos)
+                self._let_go(f"roller {owner} drives batch {live.id} now", [live])
+                return
         m = live.members[pos]
         b = live.batch
         machine = self.store.machines.cached(m.key)
