@@ -18,6 +18,7 @@ import attrs
 from roller.inventory import Machine
 from roller.jobs import Job, State
 from roller.store.fleet import SORTS, FleetFilter, FleetQueries, fetch_rows
+from roller.store.health import TransitionRow
 from roller.store.loans import Loan
 from roller.testing.postgres import postgres_server, store_path  # noqa: F401 -- fixtures
 from roller.testing.syncdb import SyncClock, result_of, sync_store
@@ -46,6 +47,8 @@ class Fleet:
         self.keys: list[tuple[str, str]] = []
         self.open_jobs: dict[str, Job] = {}
         self.loans: dict[tuple[str, str], Loan] = {}
+        self.health: dict[tuple[str, str], str] = {}
+        self.since: dict[tuple[str, str], float] = {}
         self.n = 0
         for i in range(24):
             self.add_machine(f"m{i:02d}", GROUPS[i % 2])
@@ -94,8 +97,12 @@ class Fleet:
             result_of(self.store.jobs.update(job))
         elif what == "finished":
             result_of(self.store.jobs.insert(self.job(key, rnd.choice(FINAL))))
-        elif what == "health":
-            result_of(self.store.health.save(key, rnd.choice(HEALTH), now, [], None))
+        elif what == "health":  # as the health watcher records it: a new state with its transition
+            old, new = self.health.get(key, "unknown"), rnd.choice(HEALTH)
+            since = now if new != old else self.since.get(key, now)
+            transition = TransitionRow(now, old, new, "test") if new != old else None
+            result_of(self.store.health.save(key, new, since, [{"kind": rnd.choice("ab")}], transition))
+            self.health[key], self.since[key] = new, since
         elif what == "lend" and key not in self.loans:
             self.loans[key] = result_of(self.store.loans.insert(Loan(
                 worker_group=key[0], worker_id=key[1], borrower=rnd.choice(("ann", "bob")), reason="r",
@@ -183,11 +190,20 @@ def test_a_commit_reads_only_the_machines_it_touched() -> None:
             result_of(fleet.store.jobs.update(attrs.evolve(job, state=State.running, started_at=fleet.tick())))
         page = result_of(queries.page(FleetFilter(), limit=100, now=fleet.clock.seconds()))
         assert {r.worker_id: r.last.state for r in page.rows if r.last}[key[1]] == step
-    result_of(fleet.store.health.save(fleet.keys[5], "down", fleet.tick(), [], None))
-    page = result_of(queries.page(FleetFilter(), limit=100, now=fleet.clock.seconds()))
-    # the heartbeat-like write (health findings without a new state) reads nothing again
-    result_of(fleet.store.health.save(fleet.keys[5], "down", fleet.clock.seconds(), [{"kind": "x"}], None))
+    result_of(fleet.store.health.save(fleet.keys[5], "down", fleet.tick(), [], None))  # a first health row
     result_of(queries.page(FleetFilter(), limit=100, now=fleet.clock.seconds()))
-    assert reads == [24, 1, 1, 1]
-    assert {r.worker_id: r.health for r in page.rows}[fleet.keys[5][1]] == "down"
+    # what the health sweep writes all the time (findings, the same state) reads nothing again
+    for _ in range(3):
+        result_of(fleet.store.health.save(fleet.keys[5], "down", fleet.clock.seconds(), [{"kind": "x"}], None))
+        result_of(queries.page(FleetFilter(), limit=100, now=fleet.clock.seconds()))
+    # a change of state, with its transition
+    result_of(fleet.store.health.save(fleet.keys[5], "healthy", fleet.tick(), [],
+                                      TransitionRow(fleet.clock.seconds(), "down", "healthy", "t")))
+    page = result_of(queries.page(FleetFilter(), limit=100, now=fleet.clock.seconds()))
+    # an inventory edit through roller
+    result_of(fleet.store.machines.put(attrs.evolve(fleet.store.machines.cached(fleet.keys[7]), ip="192.0.2.99")))
+    edited = result_of(queries.page(FleetFilter(), limit=100, now=fleet.clock.seconds()))
+    assert reads == [24, 1, 1, 1, 1, 1]
+    assert {r.worker_id: r.ip for r in edited.rows}[fleet.keys[7][1]] == "192.0.2.99"
+    assert {r.worker_id: r.health for r in page.rows}[fleet.keys[5][1]] == "healthy"
     assert queries.rows.cleared == 0

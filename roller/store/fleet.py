@@ -292,7 +292,7 @@ class FleetQueries:
         self._settled: dict[tuple, tuple[float, Any]] = {}
         self._fresh_until = float("-inf")  # until then nothing is reused
         #: each machine's row as read, forgotten when a commit touched the machine (L{MachineRows})
-        self.rows = MachineRows(fetch_rows)
+        self.rows = MachineRows(fetch_rows, inventory=store.machines.cached)
 
     def forget(self) -> None:
         """

@@ -12,12 +12,14 @@ works out which machines the change touched with a few cheap statements
   queued or running state changed (the C{jobs_state} index holds the
   unfinished ones): the machine's last job or newest ping;
 - loans: the active ones (a handful, by index): lent, returned, extended;
-- health: a checksum of the C{health} table's states (count, sum of
-  C{since}, and C{since} weighted by state); when it moved, every machine's
-  recorded state is read once and compared;
-- anything else that can change rows wholesale (a machine added, edited or
-  removed: count and sums of C{updated_at} and of the documents' lengths;
-  the history pruned: the oldest finished job of each state rose) forgets
+- health: the transitions recorded since (the health watcher records one
+  with every change of state); when the number of machines with a health
+  row changed, every recorded state is read once and compared;
+- the inventory: each row remembers the machine it was read for
+  (C{store.machines.cached}, which follows roller's own changes at once and
+  other processes' at the next inventory refresh), and is read again when
+  that machine is no longer equal;
+- the history pruned (the oldest finished job of some state rose) forgets
   every row.
 
 A row is read again only when it is shown after that.  Everything runs on
@@ -36,12 +38,7 @@ __all__ = ["MachineRows"]
 Key = tuple[str, str]
 R = TypeVar("R")
 
-_HEALTH_SUM = (
-    "SELECT count(*), COALESCE(sum(since), 0), COALESCE(sum(since * CASE state WHEN 'healthy' THEN 1"
-    " WHEN 'degraded' THEN 2 WHEN 'down' THEN 3 WHEN 'unknown' THEN 4 WHEN 'loaned' THEN 5"
-    " WHEN 'quarantined' THEN 6 WHEN 'maintenance' THEN 7 ELSE 8 END), 0) FROM health"
-)
-_MACHINES_SUM = "SELECT count(*), COALESCE(sum(updated_at), 0), COALESCE(sum(length(data)), 0) FROM machines"
+_HEALTH_ROWS = "SELECT count(*) FROM health"
 #: the oldest finished job of each state, through the jobs_state index: one that rose means jobs were
 #: deleted (the history pruned, oldest first); finished jobs never change state
 _LOWEST = "SELECT " + ", ".join(
@@ -56,18 +53,21 @@ class MachineRows(Generic[R]):
     machine changed.
     """
 
-    def __init__(self, fetch: Callable[[Cursor, list[Key]], dict[Key, R]], size: int = 100_000):
+    def __init__(self, fetch: Callable[[Cursor, list[Key]], dict[Key, R]], size: int = 100_000, *,
+                 inventory: Callable[[Key], Any] | None = None):
         self._fetch = fetch
         self.size = size
+        self._inventory = inventory
         self._rows: dict[Key, R] = {}
+        self._machines: dict[Key, Any] = {}  # the inventory's machine each row was read for
         self._version: Any = None
         self._max_seq: int | None = None
         self._min_seq: tuple[Any, ...] | None = None
         self._active: dict[int, tuple[str, Key]] = {}
         self._loans: dict[Key, tuple[Any, ...]] = {}
-        self._health_sum: tuple[Any, ...] | None = None
-        self._health: dict[Key, str] | None = None
-        self._machines_sum: tuple[Any, ...] | None = None
+        self._health_rows: int | None = None
+        self._health: dict[Key, str] = {}
+        self._transition: int | None = None
         #: machines forgotten because they changed, and times every row was forgotten (for tests and benchmarks)
         self.changed = 0
         self.cleared = 0
@@ -77,6 +77,7 @@ class MachineRows(Generic[R]):
 
     def forget_all(self) -> None:
         self._rows.clear()
+        self._machines.clear()
         self.cleared += 1
 
     def sync(self, c: Cursor, version: Any) -> None:
@@ -87,7 +88,6 @@ class MachineRows(Generic[R]):
         """
         if version == self._version:
             return
-        first = self._version is None
         self._version = version
         dirty: set[Key] = set()
         wholesale = False
@@ -119,40 +119,52 @@ class MachineRows(Generic[R]):
             if self._loans.get(key) != loans.get(key):
                 dirty.add(key)
         self._loans = loans
-        # recorded health
-        health_sum = tuple(c.execute(_HEALTH_SUM).fetchone())
-        if health_sum != self._health_sum:
-            self._health_sum = health_sum
+        # recorded health: the transitions since, or every state when machines gained or lost their row
+        if self._transition is None:
+            top = c.execute("SELECT max(id) FROM health_transitions").fetchone()[0]
+            self._transition = top if top is not None else 0
+        else:
+            for tid, g, w in c.execute("SELECT id, worker_group, worker_id FROM health_transitions WHERE id > ?",
+                                       (self._transition,)).fetchall():
+                dirty.add((g, w))
+                self._transition = max(self._transition, tid)
+        health_rows = c.execute(_HEALTH_ROWS).fetchone()[0]
+        if health_rows != self._health_rows:
             health = {(r[0], r[1]): r[2] for r in c.execute(
                 "SELECT worker_group, worker_id, state FROM health").fetchall()}
-            if self._health is not None:
+            if self._health_rows is not None:
                 for key in self._health.keys() | health.keys():
                     if self._health.get(key) != health.get(key):
                         dirty.add(key)
-            else:
-                wholesale = wholesale or not first
-            self._health = health
-        # the inventory
-        machines_sum = tuple(c.execute(_MACHINES_SUM).fetchone())
-        if machines_sum != self._machines_sum:
-            wholesale = wholesale or self._machines_sum is not None
-            self._machines_sum = machines_sum
+            self._health_rows, self._health = health_rows, health
         if wholesale:
             self.forget_all()
             return
         for key in dirty:
+            self._machines.pop(key, None)
             if self._rows.pop(key, None) is not None:
                 self.changed += 1
 
     def get(self, c: Cursor, keys: Iterable[Key]) -> list[R]:
         """The rows of C{keys}, in order (reading those not kept); machines that do not exist are left out."""
         keys = list(keys)
+        inventory, kept = self._inventory, self._machines
+        if inventory is not None:  # a row read for a machine since edited (or removed) is read again
+            for k in keys:
+                if k in self._rows:
+                    m = inventory(k)
+                    if m is not kept.get(k) and m != kept.get(k):
+                        del self._rows[k]
+                        self.changed += 1
         missing = [k for k in keys if k not in self._rows]
         if missing:
             found = self._fetch(c, missing)
             if len(self._rows) + len(found) > self.size:
-                self._rows.clear()
+                self.forget_all()
             self._rows.update(found)
+            if inventory is not None:
+                for k in found:
+                    kept[k] = inventory(k)
             out = []
             for k in keys:
                 row = self._rows.get(k)
