@@ -283,11 +283,15 @@ class Pruner:
     @param max_rows: rows deleted per transaction at most.
     @param target_hold: a transaction that held the write lock longer than
         this makes the next ones smaller (down to C{min_rows}).
+    @param vacuum_pages: pages one incremental-vacuum step gives back at
+        most; steps start at a quarter and adapt to C{target_hold} like the
+        deletes (moving a page costs up to ten times more in some steps:
+        the cap keeps those under the 50 ms a submission may wait).
     """
 
     def __init__(self, db: Database, *, clock: IReactorTime | None = None, pause: float = 0.0,
                  max_rows: int = 500, min_rows: int = 20, target_hold: float = 0.015,
-                 vacuum_pages: int = 1024):
+                 vacuum_pages: int = 256):
         self._db = db
         self._clock = clock
         self.pause = pause
