@@ -53,8 +53,8 @@ POLICY = [{"name": "revive", "pools": ["p"], "when": ["down"], "after": 0, "do":
 
 
 class Watching(Roller):
-    def __init__(self, url: str, host: str, ctl: Controlled):
-        super().__init__(url, host, ctl)
+    def __init__(self, url: str, host: str, ctl: Controlled, **env: str):
+        super().__init__(url, host, ctl, **env)
         env = {"ROLLER_HEALTH_ENABLED": "false", "ROLLER_HEALTH_REMEDIATE": "true", "ROLLER_HEALTH_DOWN_AFTER": "1"}
         settings = evolve(load_settings(environ=env), health_policies=tuple(POLICY))
         self.probed: list[tuple[str, str]] = []
@@ -146,3 +146,31 @@ def policies_plan(watcher: HealthWatcher, target: Machine) -> tuple[list[Action]
 
     return plan(watcher.policies, [watcher.tracker.machines[target.key]], now=watcher.clock.seconds(), paused=False,
                 busy=lambda k: False, history=[], pool_sizes={"p": MACHINES})
+
+
+def test_a_machine_no_live_roller_reaches_is_probed_by_nobody_and_says_so(postgres_server: PostgresServer) -> None:
+    url = postgres_server.create_database()
+    ctl = Controlled()
+    a = Watching(url, "host-a", ctl, ROLLER_CLUSTER_REACH="g")
+    b = Watching(url, "host-b", ctl, ROLLER_CLUSTER_REACH="g")
+    try:
+        for worker, group in (("m1", "g"), ("m2", "g"), ("far-1", "far")):
+            result_of(a.store.machines.put(Machine.from_json({"worker_id": worker, "worker_group": group,
+                                                             "ip": "127.0.0.1", "pool": "p"})))
+        result_of(b.store.machines.refresh())
+        a.look()
+        b.look()
+        swept = {m.worker_id for m in a.sweep(alive=True)} | {m.worker_id for m in b.sweep(alive=True)}
+        assert swept == {"m1", "m2"}
+        assert a.watcher.share is not None and a.watcher.share["unreached"] == 1
+        first = min((a, b), key=lambda r: r.node.id)  # the first live roller records it
+        h = first.watcher.health_of(("far", "far-1"))
+        assert h is not None and h.state.value == "unknown"
+        assert [f.detail for f in h.finding_list()] == [
+            "liveness could not be checked: no running roller reaches worker group far (cluster.reach): nobody "
+            "probes it"]
+        rows = pg_rows(url, "SELECT state, findings FROM health WHERE worker_id = 'far-1'")
+        assert rows and rows[0][0] == "unknown" and "nobody probes it" in rows[0][1], rows
+    finally:
+        a.close()
+        b.close()
