@@ -183,8 +183,8 @@ def run_client(spec: dict[str, Any], pid: int) -> dict[str, Any]:
 BENCH_USER, BENCH_PASSWORD = "bench", "bench-dashboard-password"
 
 
-def sign_in(port: int) -> str:
-    """Sign in to roller's dashboard as the bench account; the Cookie header to send."""
+def sign_in(port: int, user: str = BENCH_USER, password: str = BENCH_PASSWORD) -> str:
+    """Sign in to roller's dashboard (as the bench account); the Cookie header to send."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     try:
         conn.request("GET", "/login")
@@ -194,7 +194,7 @@ def sign_in(port: int) -> str:
         m = re.search(r'name="csrf_token" value="([^"]+)"', page)
         if r.status != 200 or m is None:
             raise SystemExit(f"GET /login: {r.status}, no sign-in form")
-        body = urlencode({"csrf_token": m.group(1), "user": BENCH_USER, "password": BENCH_PASSWORD})
+        body = urlencode({"csrf_token": m.group(1), "user": user, "password": password})
         conn.request("POST", "/login", body=body, headers={
             "Content-Type": "application/x-www-form-urlencoded", "Cookie": "; ".join(cookies.values())})
         r = conn.getresponse()

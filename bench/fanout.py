@@ -6,7 +6,7 @@ bench/README.md.
 
     python bench/fanout.py [--count N] [--down-for S] [--reboot-delay S] [--seed-sample M]
                            [--seed-workers W] [--hung PCT] [--rate R] [--skip roller,seed,hung]
-                           [--quick] [--keep]
+                           [--viewers V] [--viewer-interval S] [--quick] [--keep]
 
 Three scenarios, each on its own fleet simulator process
 (C{python -m roller.sim.fleet}) and, for roller, a fresh roller
@@ -31,6 +31,12 @@ C{POST /api/v1/machines}:
 3. roller with 10% hung machines (a second fleet whose last 10% accept TCP
    and never speak): every job must still end -- the hung ones C{failed}
    after the SSH connect timeout -- and the API must stay responsive.
+With C{--viewers V} (goal: 20), scenario 1 also has V dashboard viewers
+(a signed-in account, one session each) each GETting the fleet page (C{/},
+page 1) every C{--viewer-interval} seconds (5), staggered, from before the
+first POST to the end, in a process of their own: the API's p99 is then
+measured under that load, and the page's p50/p99 is printed beside it.
+
 4. xargs + asyncio, on the first fleet once it is back up: what a capable
    operator writes without roller, the honest baseline for wall time.
    C{xargs -P 64} runs C{ssh ... reboot} (OpenSSH, with the curve25519 key
@@ -65,7 +71,8 @@ import time
 from datetime import datetime
 from typing import Any
 
-from common import REPO, Procs, child_mode, cpu_seconds, free_port, machine_busy, percentile, report, tail
+from common import (REPO, Procs, child_mode, cpu_seconds, free_port, machine_busy, percentile, report, roller_env,
+                    tail)
 
 sys.path.insert(0, REPO)
 
@@ -243,6 +250,53 @@ def sampler(spec: dict[str, Any]) -> dict[str, Any]:
             "slowest": [(round(t, 1), round(1000 * v)) for v, t in slowest]}
 
 
+VIEWER, VIEWER_PASSWORD = "viewer", "bench-fanout-viewer-password"
+
+
+def viewers(spec: dict[str, Any]) -> dict[str, Any]:
+    """
+    C{count} viewers (threads, one signed-in session each) GET the fleet
+    page every C{interval} seconds, staggered, until stdin closes.
+    """
+    from dashboard import sign_in  # bench/dashboard.py: POST /login with the form's CSRF token
+
+    stop = threading.Event()
+    threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+    lock = threading.Lock()
+    lat: list[float] = []
+    statuses: dict[int, int] = {}
+    errors: list[str] = []
+    cookies = [sign_in(spec["port"], VIEWER, VIEWER_PASSWORD) for _ in range(spec["count"])]
+
+    def viewer(i: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", spec["port"], timeout=60)
+        next_at = time.monotonic() + spec["interval"] * i / spec["count"]
+        while not stop.wait(max(0.0, next_at - time.monotonic())):
+            next_at += spec["interval"]
+            t = time.monotonic()
+            try:
+                conn.request("GET", "/", headers={"Cookie": cookies[i]})
+                r = conn.getresponse()
+                r.read()
+            except OSError as e:
+                with lock:
+                    errors.append(repr(e))
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", spec["port"], timeout=60)
+                continue
+            with lock:
+                lat.append(time.monotonic() - t)
+                statuses[r.status] = statuses.get(r.status, 0) + 1
+        conn.close()
+
+    threads = [threading.Thread(target=viewer, args=(i,)) for i in range(spec["count"])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"latencies": lat, "statuses": statuses, "errors": errors[:5], "cpu": time.process_time()}
+
+
 # -- scenarios
 
 
@@ -267,9 +321,14 @@ def roller_run(procs: Procs, workdir: str, name: str, fleet: Fleet, args: argpar
             up_timeout=f"{args.up_timeout:g}", poll=f"{args.poll:g}"))
     roller = Roller(["--auth", "none", "--config", config], state_dir=state,
                            log_path=os.path.join(workdir, f"{name}-roller.log"))
+    view = args.viewers if name == "roller" else 0
+    if view:  # a dashboard account for the viewers
+        subprocess.run([sys.executable, "-m", "roller.cli", "--state-dir", state, "--config", config, "user", "add",
+                        VIEWER, "--role", "viewer", "--password-stdin"], input=VIEWER_PASSWORD + "\n", text=True,
+                       env=roller_env(), cwd=state, check=True, stdout=subprocess.DEVNULL)
     roller.start(timeout=60)
     out: dict[str, Any] = {"name": name, "count": fleet.count, "hung": fleet.hang}
-    sampler_proc = None
+    sampler_proc = viewers_proc = None
     try:
         api = Http(roller.port)
         t = time.monotonic()
@@ -288,7 +347,13 @@ def roller_run(procs: Procs, workdir: str, name: str, fleet: Fleet, args: argpar
              json.dumps({"port": roller.port, "ids_file": ids_file, "rate": args.rate})],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         procs.procs.append(sampler_proc)
-        time.sleep(0.5)  # the sampler's interpreter starts
+        if view:
+            viewers_proc = subprocess.Popen(
+                [sys.executable, os.path.abspath(__file__), "--viewers-proc",
+                 json.dumps({"port": roller.port, "count": view, "interval": args.viewer_interval})],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            procs.procs.append(viewers_proc)
+        time.sleep(0.5 if not view else 2.0)  # the sampler's interpreter starts (and the viewers sign in)
         workers = [m["worker_id"] for m in fleet.inventory]
         lock = threading.Lock()
 
@@ -329,8 +394,19 @@ def roller_run(procs: Procs, workdir: str, name: str, fleet: Fleet, args: argpar
         sampler_out, _ = sampler_proc.communicate("stop\n", timeout=60)
         procs.procs.remove(sampler_proc)
         s = json.loads(sampler_out)
-        # the bench's clients: this process (POSTs, heartbeat polls) and the sampler
-        out["bench_cpu_s"] = own + s["cpu"]
+        viewers_cpu = 0.0
+        if viewers_proc is not None:
+            viewers_out, _ = viewers_proc.communicate("stop\n", timeout=120)
+            procs.procs.remove(viewers_proc)
+            v = json.loads(viewers_out)
+            viewers_cpu = v["cpu"]
+            out["viewers"] = {"count": view, "interval": args.viewer_interval, "n": len(v["latencies"]),
+                              "p50_ms": 1000 * percentile(v["latencies"], 0.50),
+                              "p99_ms": 1000 * percentile(v["latencies"], 0.99),
+                              "max_ms": 1000 * max(v["latencies"], default=float("nan")),
+                              "statuses": v["statuses"], "errors": v["errors"]}
+        # the bench's clients: this process (POSTs, heartbeat polls), the sampler and the viewers
+        out["bench_cpu_s"] = own + s["cpu"] + viewers_cpu
         # CPU the rest of the machine used meanwhile (other people's work)
         out["others_cores"] = max(0.0, busy - out["roller_cpu_s"] - out["fleet_cpu_s"] - out["bench_cpu_s"]) / elapsed
         out["sampler"] = {k: v for k, v in s.items() if k != "latencies"}
@@ -361,9 +437,10 @@ def roller_run(procs: Procs, workdir: str, name: str, fleet: Fleet, args: argpar
         out["normal_succeeded"] = sum(1 for j in jobs if j["worker_id"] not in hung_ids and j["state"] == "succeeded")
         out["errors_in_log"] = roller.log_text().count("Traceback")
     finally:
-        if sampler_proc is not None and sampler_proc.poll() is None:
-            sampler_proc.kill()
-            sampler_proc.wait()
+        for proc in (sampler_proc, viewers_proc):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
         roller.stop(timeout=30)
     return out
 
@@ -526,10 +603,14 @@ def main() -> None:
     parser.add_argument("--skip", default="", help="comma-separated scenarios to skip: roller,seed,hung,xargs")
     parser.add_argument("--quick", action="store_true", help="smoke run, about 1 min: 100 machines, down 3 s")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, databases)")
+    parser.add_argument("--viewers", type=int, default=0,
+                        help="dashboard viewers on the fleet page during scenario 1 (0; the goal: 20)")
+    parser.add_argument("--viewer-interval", type=float, default=5.0, help="seconds between a viewer's views (5)")
     parser.add_argument("--sampler", help=argparse.SUPPRESS)
+    parser.add_argument("--viewers-proc", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    if child_mode(args.sampler, sampler):
+    if child_mode(args.sampler, sampler) or child_mode(args.viewers_proc, viewers):
         return
     if args.quick:
         args.count = min(args.count, 100)
@@ -593,6 +674,13 @@ def main() -> None:
             problems.append(f"roller run: {fmt_s(r['wall_s'])} > target {target:g} s")
         if not r["get_p99_ms"] < 100:
             problems.append(f"roller run: GET p99 {r['get_p99_ms']:.0f} ms >= 100 ms")
+        if "viewers" in r:
+            v = r["viewers"]
+            label = f"  with {v['count']} viewers every {v['interval']:g} s"
+            print(f"{label:<36} {'':>9} {v['p50_ms']:6.1f}ms {v['p99_ms']:6.1f}ms  fleet page (/), {v['n']} views, "
+                  f"max {v['max_ms']:.0f} ms; the API's GET p99 above is under this load")
+            if set(v["statuses"]) != {"200"} or v["errors"]:
+                problems.append(f"viewers: statuses {v['statuses']} errors {v['errors']}")
     if "seed" in results:
         s = results["seed"]
         label = f"seed: {s['workers']} workers x ssh, projected"
