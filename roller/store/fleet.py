@@ -234,6 +234,14 @@ def fetch_rows(c: Cursor, keys: list[tuple[str, str]]) -> dict[tuple[str, str], 
     return out
 
 
+_STRIP_SQL = (
+    "SELECT m.pool, COALESCE(h.state, 'unknown'), count(*), count(l.id) FROM machines m"
+    " LEFT JOIN health h ON h.worker_group = m.worker_group AND h.worker_id = m.worker_id"
+    " LEFT JOIN loans l ON l.worker_group = m.worker_group AND l.worker_id = m.worker_id"
+    " AND l.returned_at IS NULL WHERE m.pool IS NOT NULL GROUP BY 1, 2 ORDER BY 1"
+)
+
+
 def machine_where(f: FleetFilter, now: float | None = None, postgresql: bool = False) -> Where:
     """The conditions on machine C{m} of a filter (all but its last-job state)."""
     w = Where().equal("m.worker_group", f.group).equal("m.pool", f.pool)
@@ -267,6 +275,8 @@ class FleetPage:
     counts: dict[str, int]  # last-job state -> machines, for the filter without its state
     groups: list[str]
     pools: list[str]
+    #: the pool strip (L{FleetQueries.pools}), read with the page
+    strip: dict[str, dict[str, int]] | None = None
 
 
 class FleetQueries:
@@ -423,7 +433,8 @@ class FleetQueries:
                 keys = order[offset:offset + limit]
             rows = self.rows.get(c, keys)
             total = counts.get(f.state, 0) if f.state is not None else sum(counts.values())
-            return FleetPage(rows=rows, total=total, counts=counts, groups=groups, pools=pools)
+            return FleetPage(rows=rows, total=total, counts=counts, groups=groups, pools=pools,
+                             strip=self._strip(c))
 
         return self.db.read(run)
 
@@ -432,34 +443,30 @@ class FleetQueries:
         The pool strip: for each pool (machines without one are left out),
         how many machines are in each health state and how many are on loan
         (C{"loaned"}: an active loan, whatever the health watcher says).
-        Cached until the next commit, like L{page}.
+        Cached like L{page}'s order and counts (L{FleetPage.strip} has it too).
         """
-        sql = ("SELECT m.pool, COALESCE(h.state, 'unknown'), count(*), count(l.id) FROM machines m"
-               " LEFT JOIN health h ON h.worker_group = m.worker_group AND h.worker_id = m.worker_id"
-               " LEFT JOIN loans l ON l.worker_group = m.worker_group AND l.worker_id = m.worker_id"
-               " AND l.returned_at IS NULL WHERE m.pool IS NOT NULL GROUP BY 1, 2 ORDER BY 1")
 
-        def compute(c: Cursor) -> dict[str, dict[str, int]]:
+        def run(c: Cursor) -> dict[str, dict[str, int]]:
+            with self._lock:
+                version = self.version(c)
+                if version != self._version:
+                    self._cache.clear()
+                    self._version = version
+                return self._strip(c)
+
+        return self.db.read(run)
+
+    def _strip(self, c: Cursor) -> dict[str, dict[str, int]]:
+        def compute() -> dict[str, dict[str, int]]:
             out: dict[str, dict[str, int]] = {}
-            for pool, state, n, loaned in c.execute(sql):
+            for pool, state, n, loaned in c.execute(_STRIP_SQL):
                 counts = out.setdefault(pool, {"total": 0, "loaned_now": 0})
                 counts[state] = counts.get(state, 0) + n
                 counts["total"] += n
                 counts["loaned_now"] += loaned
             return out
 
-        def run(c: Cursor) -> dict[str, dict[str, int]]:
-            with self._lock:
-                return locked(c)
-
-        def locked(c: Cursor) -> dict[str, dict[str, int]]:
-            version = self.version(c)
-            if version != self._version:
-                self._cache.clear()
-                self._version = version
-            return self._settling(c, ("pools",), lambda: compute(c))[0]
-
-        return self.db.read(run)
+        return self._settling(c, ("pools",), compute)[0]
 
     def machine_extras(self, worker_group: str, worker_id: str) -> Deferred[Extras]:
         """C{(LoanState | None, Liveness | None)} of one machine (the machine page)."""

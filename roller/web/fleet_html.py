@@ -109,14 +109,16 @@ def _parts(row: FleetRow) -> _Parts:
 class RowCache:
     """
     The fixed parts of rows already shown, by row: the fleet queries hand
-    out the same (immutable) row objects until the database changes, and
-    equal ones after (a row compares by value), so a page seen again only
-    adds its states and times.
+    out the same (immutable) row object for a machine until a commit touches
+    it (L{roller.store.fleet_rows.MachineRows}), found here by identity
+    without hashing it, and equal ones after (a row compares by value), so a
+    page seen again only adds its states and times.
     """
 
     def __init__(self, size: int = 20000):
         self.size = size
         self._parts: dict[FleetRow, _Parts] = {}
+        self._same: dict[int, tuple[FleetRow, _Parts]] = {}  # by id(row), holding the row (its id stays its own)
         self._ago: dict[float, str] = {}  # "5 min ago" by time, for the current second
         self._ago_second: int | None = None
 
@@ -132,12 +134,17 @@ class RowCache:
         return text
 
     def parts(self, row: FleetRow) -> _Parts:
-        hit = self._parts.get(row)
-        if hit is not None:
-            return hit
-        if len(self._parts) >= self.size:
-            self._parts.clear()
-        parts = self._parts[row] = _parts(row)
+        same = self._same.get(id(row))
+        if same is not None and same[0] is row:
+            return same[1]
+        parts = self._parts.get(row)
+        if parts is None:
+            if len(self._parts) >= self.size:
+                self._parts.clear()
+            parts = self._parts[row] = _parts(row)
+        if len(self._same) >= self.size:
+            self._same.clear()
+        self._same[id(row)] = (row, parts)
         return parts
 
 
