@@ -63,9 +63,13 @@ class Shares:
         self.me = me
         self.rollers = rollers
         self.ids = tuple(sorted(r["id"] for r in rollers))
+        self._owners: dict[tuple[str, str], str | None] = {}
 
     def owner(self, worker_group: str, worker_id: str) -> str | None:
-        return owner(worker_group, worker_id, self.rollers)
+        key = (worker_group, worker_id)
+        if key not in self._owners:
+            self._owners[key] = owner(worker_group, worker_id, self.rollers)
+        return self._owners[key]
 
     def mine(self, worker_group: str, worker_id: str) -> bool:
         return self.owner(worker_group, worker_id) == self.me

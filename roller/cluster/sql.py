@@ -263,9 +263,10 @@ def adopt_batches(c: Cursor, roller_id: str) -> list[str]:
     those whose owner left the rollers (stopped, or taken over as dead) or
     was never recorded.
     """
-    return [str(r[0]) for r in c.execute(
-        "UPDATE batches SET owner = ? WHERE finished_at IS NULL AND (owner IS NULL OR owner = ?"
-        " OR owner NOT IN (SELECT id FROM rollers)) RETURNING id", (roller_id, roller_id)).fetchall()]
+    c.execute("UPDATE batches SET owner = ? WHERE finished_at IS NULL AND (owner IS NULL"
+              " OR owner NOT IN (SELECT id FROM rollers))", (roller_id,))
+    return [str(r[0]) for r in c.execute("SELECT id FROM batches WHERE finished_at IS NULL AND owner = ?"
+                                         " ORDER BY seq", (roller_id,)).fetchall()]
 
 
 def batch_owner(c: Cursor, batch_id: str) -> str | None:
