@@ -261,7 +261,9 @@ class HealthWatcher:
                 continue
             machine = self.store.machines.cached(key)
             h = self.tracker.get(key, (machine.pool if machine is not None else None) or "")
-            h.state, h.since, h.maintenance = Health(row.state), row.since, row.maintenance
+            # (a flag set through this roller shows before the owner records the state it makes)
+            h.state = Health.maintenance if row.maintenance else Health(row.state)
+            h.since, h.maintenance = row.since, row.maintenance
             h.findings = {(f["source"], f["kind"]): Finding(f["source"], f["kind"], f["since"], f["detail"])
                           for f in row.findings}
             # so that a machine this roller takes over goes on from where its previous owner left it
