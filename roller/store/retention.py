@@ -133,6 +133,8 @@ class PruneReport:
     counts: dict[str, int] = field(factory=lambda: dict.fromkeys(COUNTED, 0))
     transactions: int = 0
     max_hold: float = 0.0  # seconds: the longest a transaction held the write lock
+    max_hold_in: str = ""  # which step that was: "delete" or "vacuum"
+    holds_over_50ms: int = 0  # transactions that held it 50 ms or more
     seconds: float = 0.0
     pages_freed: int = 0
     bytes_freed: int = 0
@@ -142,13 +144,17 @@ class PruneReport:
     def total(self) -> int:
         return sum(self.counts.values())
 
-    def note_hold(self, held: float) -> None:
+    def note_hold(self, held: float, step: str = "delete") -> None:
         self.transactions += 1
-        self.max_hold = max(self.max_hold, held)
+        if held > self.max_hold:
+            self.max_hold, self.max_hold_in = held, step
+        if held >= 0.050:
+            self.holds_over_50ms += 1
 
     def to_json(self) -> dict[str, Any]:
         return {"dry_run": self.dry_run, "counts": dict(self.counts), "transactions": self.transactions,
-                "max_hold_ms": round(self.max_hold * 1000, 2), "seconds": round(self.seconds, 3),
+                "max_hold_ms": round(self.max_hold * 1000, 2), "max_hold_in": self.max_hold_in,
+                "holds_over_50ms": self.holds_over_50ms, "seconds": round(self.seconds, 3),
                 "pages_freed": self.pages_freed, "bytes_freed": self.bytes_freed, "stopped": self.stopped}
 
     def summary(self) -> str:
@@ -423,7 +429,7 @@ class Pruner:
             if step is None:  # not an incremental-vacuum database
                 return
             freed, held, page_size = step
-            report.note_hold(held)
+            report.note_hold(held, "vacuum")
             report.pages_freed += freed
             report.bytes_freed += freed * page_size
             if held > self.target_hold:  # moving pages costs more towards the end of a big file: fewer
