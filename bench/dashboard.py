@@ -42,11 +42,13 @@ Sequential keep-alive requests (one connection) and, for page 1, C
 concurrent connections.  Rounds alternate roller and static.
 
 Cache misses as well as hits: the fleet cases run twice, as they are and
-"+ commit", where before every GET (untimed) the client commits one
-finished ping job of a random machine to roller's database (sqlite3, its
-own connection: what jobs ending all the time look like to the page), so
-every request finds the database changed.  The static side gets the same
-commits.
+"+ commit", where before every GET (untimed) the client submits a `reboot`
+job for a random machine through the API (`POST /api/v1/workers/<id>/group
+/bench/jobs`, answered 201 once the job is committed); the bench machines
+have no reboot method, so each job runs at once and fails, committing its
+start and its end too: jobs finishing all the time, written by roller
+itself, and every GET finds the database changed since the last one.  The
+static side gets the same submissions.
 
 The client is this file run as a separate process (--client): stdlib
 http.client, one thread per connection.  127.0.0.1 only.
@@ -62,7 +64,6 @@ import os
 import re
 import random
 import shutil
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -80,7 +81,7 @@ PAGE_SIZE = 200  # roller.web.dashboard.Dashboard.page_size (not configurable)
 ROLLER_CONFIG = """\
 # bench/dashboard.py: nothing runs; the jobs in the database are all finished.
 [tasks]
-allowed = ["ping"]
+allowed = ["ping", "reboot"]
 """
 
 
@@ -101,11 +102,11 @@ def client(spec: dict[str, Any]) -> dict[str, Any]:
     statuses: dict[int, int] = {}
     sizes: set[int] = set()
     errors: list[str] = []
-    commit = spec.get("commit")  # {"db": path, "machines": N}: a finished job committed before every GET
+    commit = spec.get("commit")  # {"machines": N}: a job submitted (and committed) before every GET
 
     def worker() -> None:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        db = sqlite3.connect(commit["db"], timeout=60, isolation_level=None) if commit else None
+        api = http.client.HTTPConnection("127.0.0.1", port, timeout=60) if commit else None
         rnd = random.Random(threading.get_ident())
         mine, st, sz = [], {}, set()
         try:
@@ -116,8 +117,8 @@ def client(spec: dict[str, Any]) -> dict[str, Any]:
                     state["next"] += 1
                 spent = 0.0
                 for p in paths:
-                    if db is not None:
-                        finish_a_job(db, rnd, commit["machines"])
+                    if api is not None:
+                        submit_a_job(api, rnd, commit["machines"])
                     t0 = time.perf_counter()
                     conn.request("GET", p, headers=headers)
                     r = conn.getresponse()
@@ -130,8 +131,8 @@ def client(spec: dict[str, Any]) -> dict[str, Any]:
             errors.append(repr(e))
         finally:
             conn.close()
-            if db is not None:
-                db.close()
+            if api is not None:
+                api.close()
         with lock:
             lat.extend(mine)
             for k, v in st.items():
@@ -149,16 +150,14 @@ def client(spec: dict[str, Any]) -> dict[str, Any]:
             "statuses": statuses, "sizes": sorted(sizes), "errors": errors}
 
 
-def finish_a_job(db: sqlite3.Connection, rnd: random.Random, machines: int) -> None:
-    """Commit one finished ping job of a random bench machine (its newest job, and its liveness)."""
-    now = time.time()
-    failed = rnd.random() < 0.1
-    db.execute("INSERT INTO jobs (id, task_name, worker_group, worker_id, params, requester, priority, state,"
-               " created_at, started_at, finished_at, result, error) VALUES (?, 'ping', 'bench', ?, '{\"count\": 3}',"
-               " 'bench-commit', 0, ?, ?, ?, ?, ?, ?)",
-               (f"00000000-0000-7000-9000-{rnd.getrandbits(48):012x}", f"bd{rnd.randrange(machines)}",
-                "failed" if failed else "succeeded", now - 2.1, now - 2, now,
-                None if failed else "3/3 replies, rtt 0.05 ms", "0/3 replies" if failed else None))
+def submit_a_job(api: http.client.HTTPConnection, rnd: random.Random, machines: int) -> None:
+    """A reboot job for a random bench machine, through the API: answered once committed (it then fails at once)."""
+    api.request("POST", f"/api/v1/workers/bd{rnd.randrange(machines)}/group/bench/jobs?task_name=reboot",
+                body=b"", headers={"Content-Length": "0"})
+    r = api.getresponse()
+    body = r.read()
+    if r.status not in (200, 201):  # 200: a job was already queued for the machine
+        raise RuntimeError(f"job submission: {r.status} {body[:200]!r}")
 
 
 def run_client(spec: dict[str, Any], pid: int) -> dict[str, Any]:
@@ -401,7 +400,7 @@ def main() -> None:
             raise SystemExit(f"GET /bench-static/page1.html: {status}, not the saved page")
         if fetch_page(rport, "/bench-static/page1.html", "")[0] != 401:
             raise SystemExit("GET /bench-static/page1.html without a session: not refused")
-        commit = {"db": os.path.join(workdir, "roller", "roller.db"), "machines": args.machines}
+        commit = {"machines": args.machines}
         print(f"  page 1: {sizes[1]} bytes, last page ({pages}): {sizes[pages]} bytes, all {pages} pages: "
               f"{sum(v for k, v in sizes.items() if isinstance(k, int))} bytes; "
               + ", ".join(f"{history_pages[k]}: {sizes[k]} bytes" for k in history_pages), flush=True)
