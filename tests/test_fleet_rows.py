@@ -78,7 +78,7 @@ class Fleet:
         rnd, now = self.rnd, self.tick()
         key = rnd.choice(self.keys)
         what = rnd.choice(("submit", "submit", "advance", "advance", "finished", "health", "health", "lend",
-                           "return", "extend", "edit", "add", "remove", "prune"))
+                           "return", "extend", "edit", "add", "remove", "prune", "unhealth"))
         running = {(j.worker_group, j.worker_id) for j in self.open_jobs.values() if j.state is State.running}
         if what == "submit":  # (at most one running job per machine, as roller keeps it)
             job = self.job(key, rnd.choice((State.queued, State.running)) if key not in running else State.queued)
@@ -103,6 +103,9 @@ class Fleet:
             transition = TransitionRow(now, old, new, "test") if new != old else None
             result_of(self.store.health.save(key, new, since, [{"kind": rnd.choice("ab")}], transition))
             self.health[key], self.since[key] = new, since
+        elif what == "unhealth" and key in self.health:  # a machine's health forgotten
+            result_of(self.store.health.forget(key))
+            del self.health[key]
         elif what == "lend" and key not in self.loans:
             self.loans[key] = result_of(self.store.loans.insert(Loan(
                 worker_group=key[0], worker_id=key[1], borrower=rnd.choice(("ann", "bob")), reason="r",
@@ -165,7 +168,7 @@ def test_rows_follow_every_change_exactly(store_path: str) -> None:  # noqa: F81
                 assert result_of(queries.page(f, **kw)) == result_of(full.page(f, **kw)), (seed, step, f, sort)  # type: ignore[arg-type]
                 assert result_of(queries.pools()) == result_of(full.pools())
         assert {"submit", "advance", "finished", "health", "lend", "return", "edit", "add", "remove",
-                "prune"} <= seen
+                "prune", "unhealth"} <= seen
 
 
 def test_a_commit_reads_only_the_machines_it_touched() -> None:

@@ -13,8 +13,9 @@ works out which machines the change touched with a few cheap statements
   unfinished ones): the machine's last job or newest ping;
 - loans: the active ones (a handful, by index): lent, returned, extended;
 - health: the transitions recorded since (the health watcher records one
-  with every change of state); when the number of machines with a health
-  row changed, every recorded state is read once and compared;
+  with every change of state); when more machines have a health row, the
+  recorded state of the rows kept without one is read (fewer: every row is
+  forgotten);
 - the inventory: each row remembers the machine it was read for
   (C{store.machines.cached}, which follows roller's own changes at once and
   other processes' at the next inventory refresh), and is read again when
@@ -66,7 +67,6 @@ class MachineRows(Generic[R]):
         self._active: dict[int, tuple[str, Key]] = {}
         self._loans: dict[Key, tuple[Any, ...]] = {}
         self._health_rows: int | None = None
-        self._health: dict[Key, str] = {}
         self._transition: int | None = None
         #: machines forgotten because they changed, and times every row was forgotten (for tests and benchmarks)
         self.changed = 0
@@ -129,14 +129,11 @@ class MachineRows(Generic[R]):
                 dirty.add((g, w))
                 self._transition = max(self._transition, tid)
         health_rows = c.execute(_HEALTH_ROWS).fetchone()[0]
-        if health_rows != self._health_rows:
-            health = {(r[0], r[1]): r[2] for r in c.execute(
-                "SELECT worker_group, worker_id, state FROM health").fetchall()}
-            if self._health_rows is not None:
-                for key in self._health.keys() | health.keys():
-                    if self._health.get(key) != health.get(key):
-                        dirty.add(key)
-            self._health_rows, self._health = health_rows, health
+        if self._health_rows is not None and health_rows < self._health_rows:
+            wholesale = True
+        elif self._health_rows is not None and health_rows > self._health_rows:
+            dirty.update(self._gained_health(c))
+        self._health_rows = health_rows
         if wholesale:
             self.forget_all()
             return
@@ -144,6 +141,19 @@ class MachineRows(Generic[R]):
             self._machines.pop(key, None)
             if self._rows.pop(key, None) is not None:
                 self.changed += 1
+
+    def _gained_health(self, c: Cursor) -> set[Key]:
+        """The machines kept with no recorded health (a row's C{health} None) that have some now."""
+        keys = [k for k, row in self._rows.items() if getattr(row, "health", None) is None]
+        out: set[Key] = set()
+        for i in range(0, len(keys), 400):
+            chunk = keys[i:i + 400]
+            values = ", ".join(["(?, ?)"] * len(chunk))
+            out.update((r[0], r[1]) for r in c.execute(
+                f"WITH k(g, w) AS (VALUES {values}) SELECT h.worker_group, h.worker_id FROM k"
+                " JOIN health h ON h.worker_group = k.g AND h.worker_id = k.w",
+                [v for key in chunk for v in key]).fetchall())
+        return out
 
     def get(self, c: Cursor, keys: Iterable[Key]) -> list[R]:
         """The rows of C{keys}, in order (reading those not kept); machines that do not exist are left out."""
@@ -153,9 +163,12 @@ class MachineRows(Generic[R]):
             for k in keys:
                 if k in self._rows:
                     m = inventory(k)
-                    if m is not kept.get(k) and m != kept.get(k):
-                        del self._rows[k]
-                        self.changed += 1
+                    if m is not kept.get(k):
+                        if m == kept.get(k):
+                            kept[k] = m  # (the inventory reloaded: the same machine, a new object)
+                        else:
+                            del self._rows[k]
+                            self.changed += 1
         missing = [k for k in keys if k not in self._rows]
         if missing:
             found = self._fetch(c, missing)
