@@ -3,9 +3,10 @@ Batches driven by one roller at a time, in process: two rollers' batch
 services on one real PostgreSQL database (each its own store, node, queue
 and clock, tasks the test finishes).  The creator is the batch's recorded
 owner and the only one starting members; the other shows it from the
-database and refuses to cancel it (naming the owner); a roller taken over
-while it was only slow lets its batch go, the other adopts it, counts the
-members in flight from their jobs and goes on within the limit.
+database; cancelling it there takes it over (the first lets it go and its
+writes no longer land); a roller taken over while it was only slow lets
+its batch go, the other adopts it, counts the members in flight from
+their jobs and goes on within the limit.
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from attrs import evolve
 from test_cluster_queue import Roller
 from test_queue import Controlled
 
-from roller.batches.model import BatchRequest, Limit, Rollout, Selector
+from roller.batches.model import BatchRequest, BatchState, Limit, MemberState, Rollout, Selector
 from roller.batches.service import BatchService
-from roller.errors import Conflict
 from roller.inventory import Machine
 from roller.tasks import TaskRegistry
 from roller.testing.postgres import PostgresServer, pg_rows
@@ -76,14 +77,11 @@ def test_one_roller_drives_a_batch_and_the_other_adopts_it_when_the_first_is_tak
     a.turn()
     assert pg_rows(url, "SELECT owner FROM batches WHERE id = ?", batch_id) == [(a.node.id,)]
     assert len(ctl.running_ids()) == 2 and running_at_once(url, batch_id) == 2
-    # B shows it from the database, does not drive it, and will not cancel it: A does
+    # B shows it from the database and does not drive it
     run(b.batches._adopt())
     assert b.batches.live(batch_id) is None
     shown = run(b.batches.view(batch_id))
     assert shown is not None and shown["total"] == MEMBERS and shown["state"] == "running"
-    with pytest.raises(Conflict) as refused:
-        run(b.batches.cancel(batch_id, by="bob"))
-    assert refused.value.code == "batch_elsewhere" and a.node.id in str(refused.value)
 
     # one member ends; A was slow and B took it over meanwhile (its row left the table)
     ctl.finish(ctl.running_ids()[0])
@@ -117,3 +115,49 @@ def test_one_roller_drives_a_batch_and_the_other_adopts_it_when_the_first_is_tak
     final = run(b.batches.view(batch_id))
     assert final is not None and final["state"] == "succeeded", final
     assert pg_rows(url, "SELECT owner FROM batches WHERE id = ?", batch_id) == [(b.node.id,)]
+
+
+def test_a_batch_cancelled_through_the_other_roller_is_taken_over_there(pair: Any) -> None:
+    url, ctl, a, b = pair
+    request = BatchRequest(task_name="a", selector=Selector(group="g"), rollout=Rollout(max_concurrent=Limit(2)),
+                           reason="test")
+    batch_id = run(a.batches.create(request, requester="alice"))["batch_id"]
+    a.turn()
+    first = ctl.running_ids()
+    assert len(first) == 2
+    view = run(b.batches.cancel(batch_id, by="bob"))
+    b.turn()
+    assert view["state"] == "cancelled" and view["halt_reason"] == "cancelled by bob", view
+    assert pg_rows(url, "SELECT owner, state FROM batches WHERE id = ?", batch_id) == [(b.node.id, "cancelled")]
+    # A lets it go at its next look; a member ending there writes nothing any more
+    run(a.batches._adopt())
+    assert a.batches.live(batch_id) is None
+    for job_id in first:
+        ctl.finish(job_id)
+    a.turn()
+    b.look()
+    b.turn()
+    final = run(b.batches.view(batch_id))
+    assert final is not None and final["state"] == "cancelled" and final["finished"] is not None, final
+    states = sorted(m["state"] for m in final["members"])
+    assert states == ["skipped"] * (MEMBERS - 2) + ["succeeded"] * 2, states
+    assert pg_rows(url, "SELECT state FROM batches WHERE id = ?", batch_id) == [("cancelled",)]
+    assert run(a.batches.view(batch_id))["state"] == "cancelled"
+
+
+def test_only_the_owner_of_a_batch_writes_it(pair: Any) -> None:
+    url, _, a, b = pair
+    request = BatchRequest(task_name="a", selector=Selector(group="g"), rollout=Rollout(max_concurrent=Limit(1)),
+                           reason="test")
+    batch_id = run(a.batches.create(request, requester="alice"))["batch_id"]
+    a.turn()
+    record = result_of(b.store.batches.get(batch_id))
+    changed = ([evolve(record.batch, state=BatchState.failed)], [evolve(record.members[-1], state=MemberState.failed)])
+    result_of(b.store.batches.save(*changed, owner=b.node.id))  # B does not drive it: nothing lands
+    assert pg_rows(url, "SELECT state FROM batches WHERE id = ?", batch_id) == [("running",)]
+    assert pg_rows(url, "SELECT state FROM batch_members WHERE batch_id = ? AND position = ?", batch_id,
+                   MEMBERS - 1) == [("pending",)]
+    result_of(b.store.batches.save(*changed, owner=a.node.id))
+    assert pg_rows(url, "SELECT state FROM batches WHERE id = ?", batch_id) == [("failed",)]
+    assert pg_rows(url, "SELECT state FROM batch_members WHERE batch_id = ? AND position = ?", batch_id,
+                   MEMBERS - 1) == [("failed",)]

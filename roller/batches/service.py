@@ -230,7 +230,11 @@ class BatchService:
             return
         self._adopting = True
         try:
-            ids = set(await self.store.db.write(cluster_sql.adopt_batches, self.cluster.id)) - set(self._live)
+            owned = set(await self.store.db.write(cluster_sql.adopt_batches, self.cluster.id))
+            # another roller took over one of these (to cancel it): it drives it from now on
+            self._let_go("another roller drives it now", [live for live in list(self._live.values())
+                                                           if live.id not in owned])
+            ids = owned - set(self._live)
             if ids:
                 records = [r for r in await self.store.batches.unfinished() if r.batch.id in ids]
                 if self._running:
@@ -239,6 +243,18 @@ class BatchService:
             pass  # logged by the store; the next look tries again
         finally:
             self._adopting = False
+
+    async def _take_to_cancel(self, batch_id: str, by: str) -> _Live | None:
+        """Several rollers: drive a batch another roller drives from now on, to cancel it here."""
+        assert self.cluster is not None
+        previous = await self.store.db.read(cluster_sql.batch_owner, batch_id)
+        if not await self.store.db.write(cluster_sql.take_batch, batch_id, self.cluster.id):
+            return self._live.get(batch_id)  # it ended meanwhile (or is already here)
+        record = await self.store.batches.get(batch_id)
+        if record is None:
+            return None
+        await self._resume([record], f"taken over from roller {previous or '(none)'} to be cancelled by {by}")
+        return self._live.get(batch_id)
 
     def _let_go(self, why: str, batches: Iterable[_Live] | None = None) -> None:
         """Taken over (another roller adopts these batches): stop driving them here."""
@@ -449,10 +465,8 @@ class BatchService:
             if record is None:
                 raise NotFound(f"no batch {batch_id[:64]}", code="unknown_batch")
             live = self._live.get(batch_id)
-            if live is None and record.batch.finished_at is None and self.cluster is not None:
-                owner = await self.store.db.read(cluster_sql.batch_owner, batch_id)
-                raise Conflict(f"batch {batch_id} is driven by roller {owner or '(none yet)'}: cancel it through "
-                               "that roller (or again once another roller adopted it)", code="batch_elsewhere")
+            if live is None and record.batch.finished_at is None and self.cluster is not None and self._running:
+                live = await self._take_to_cancel(batch_id, by)
             if live is None:
                 raise Conflict(f"batch {batch_id} already ended: {record.batch.state.value}", code="batch_finished")
         if live.ended == len(live.members):
@@ -875,7 +889,11 @@ class BatchService:
         members = [self._live[i].members[p] for i, ps in member_keys.items() if i in self._live for p in sorted(ps)]
         if not batches and not members:
             return
-        self._writing = d = self.store.batches.save(batches, members)
+        # several rollers: only the batch's owner writes it (one that lost it writes nothing)
+        if self.cluster is None:
+            self._writing = d = self.store.batches.save(batches, members)
+        else:
+            self._writing = d = self.store.batches.save(batches, members, owner=self.cluster.id)
         try:
             await d
         except StorageUnavailable as e:

@@ -124,23 +124,30 @@ class BatchTable:
 
         return self._db.write(run)
 
-    def save(self, batches: Iterable[Batch] = (), members: Iterable[Member] = ()) -> Deferred[None]:
+    def save(self, batches: Iterable[Batch] = (), members: Iterable[Member] = (),
+             owner: str | None = None) -> Deferred[None]:
         """
         Write the state of C{batches} and C{members} (their changing
-        columns) in one transaction.
+        columns) in one transaction; with C{owner} (several rollers), only
+        those of batches that roller drives.
         """
-        batch_rows = [(b.state.value, b.finished_at, b.halt_reason, b.id) for b in batches]
+        mine = () if owner is None else (owner,)
+        batch_rows = [(b.state.value, b.finished_at, b.halt_reason, b.id, *mine) for b in batches]
         member_rows = [(m.state.value, m.job_id, int(m.joined), m.attempts, m.started_at, m.finished_at, m.error,
-                        m.batch_id, m.position) for m in members]
+                        m.batch_id, m.position, *mine) for m in members]
+        batch_owned = member_owned = ""
+        if owner is not None:
+            batch_owned = " AND owner = ?"
+            member_owned = " AND EXISTS (SELECT 1 FROM batches b WHERE b.id = batch_members.batch_id AND b.owner = ?)"
 
         def run(c: Cursor) -> None:
             if batch_rows:
-                c.executemany("UPDATE batches SET state = ?, finished_at = ?, halt_reason = ? WHERE id = ?",
-                              batch_rows)
+                c.executemany("UPDATE batches SET state = ?, finished_at = ?, halt_reason = ? WHERE id = ?"
+                              + batch_owned, batch_rows)
             if member_rows:
                 c.executemany("UPDATE batch_members SET state = ?, job_id = ?, joined = ?, attempts = ?,"
-                              " started_at = ?, finished_at = ?, error = ? WHERE batch_id = ? AND position = ?",
-                              member_rows)
+                              " started_at = ?, finished_at = ?, error = ? WHERE batch_id = ? AND position = ?"
+                              + member_owned, member_rows)
 
         return self._db.write(run)
 
