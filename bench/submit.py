@@ -378,7 +378,10 @@ def us_per_request(r: dict[str, Any], key: str = "server_cpu") -> float:
 
 def describe(name: str, r: dict[str, Any]) -> str:
     db = f"  database server CPU {r['db_cpu_us']:4.0f} us/req" if r.get("db_cpu_us") is not None else ""
-    return (f"  {name:<10} {r['rate']:6.0f} req/s  p50 {r['p50_ms']:5.1f} ms  p99 {r['p99_ms']:6.1f} ms  "
+    def ms(v: float | None, width: int) -> str:
+        return f"{v:{width}.1f}" if v is not None else f"{'-':>{width}}"
+
+    return (f"  {name:<10} {r['rate']:6.0f} req/s  p50 {ms(r['p50_ms'], 5)} ms  p99 {ms(r['p99_ms'], 6)} ms  "
             f"server CPU {us_per_request(r):4.0f} us/req (reactor thread {us_per_request(r, 'server_main_cpu'):4.0f})"
             f"  cores used: server {r['server_cpu']:.2f}  client {r['client_cpu']:.2f}  others {r['other_cpu']:.2f}"
             + db)
@@ -447,7 +450,8 @@ def run_target(target: Target, args: argparse.Namespace) -> dict[str, Any]:
         for key in ("rate", "sent", "server_cpu", "server_main_cpu", "client_cpu", "reconnects"):
             r[key] = sum(x[key] for x in results)
         for key in ("p50_ms", "p99_ms"):
-            r[key] = max(x[key] for x in results)
+            values = [x[key] for x in results if x[key] is not None]
+            r[key] = max(values) if values else None
         r["exhausted"] = any(x["exhausted"] for x in results)
         r["errors"] = [e for x in results for e in x["errors"]][:5]
         r["statuses"] = {}
@@ -654,7 +658,7 @@ def main() -> None:
         best = max(thr[target.name], key=lambda r: r["rate"])
         label = {"roller-pg": "one roller on PostgreSQL", "roller-pg2": "two rollers on one PostgreSQL"}[target.name]
         print(f"{label:<31} {best['rate']:.0f} req/s ({best['rate'] / best_roller['rate']:.2f}x roller on SQLite, "
-              f"{best['rate'] / best_bare['rate']:.2f}x bare klein), p99 {best['p99_ms']:.1f} ms; CPU per request: "
+              f"{best['rate'] / best_bare['rate']:.2f}x bare klein), p99 {best['p99_ms'] or 0:.1f} ms; CPU per request: "
               f"roller(s) {min(us_per_request(r) for r in thr[target.name]):.0f} us, database server "
               f"{min(r['db_cpu_us'] for r in thr[target.name]):.0f} us")
     line = (f"memory              idle {memory['idle_mb']:.1f} MB   {memory['jobs']} queued "
