@@ -174,3 +174,24 @@ def test_a_machine_no_live_roller_reaches_is_probed_by_nobody_and_says_so(postgr
     finally:
         a.close()
         b.close()
+
+
+def test_a_roller_without_health_sweeps_takes_no_share_and_shows_the_fleet(pair: Any) -> None:
+    url, ctl, a, b = pair
+    c = Watching(url, "host-c", ctl, ROLLER_HEALTH_ENABLED="false")
+    try:
+        for r in (a, b, c):
+            r.look()
+        assert c.node.sweeps is False
+        assert pg_rows(url, "SELECT sweeps FROM rollers WHERE id = ?", c.node.id) == [(0,)]
+        mine_a = {m.key for m in a.sweep(alive=False)}
+        mine_b = {m.key for m in b.sweep(alive=True)}
+        assert len(mine_a | mine_b) == MACHINES and a.watcher.share is not None
+        assert a.watcher.share["rollers"] == 2  # C is live, but does not sweep
+        run(c.watcher.start())
+        run(c.watcher._follow())
+        assert {k for k in mine_a | mine_b if c.watcher.state_of(k) == "down"} == mine_a
+        assert {k for k in mine_a | mine_b if c.watcher.state_of(k) == "healthy"} == mine_b
+        run(c.watcher.stop())
+    finally:
+        c.close()

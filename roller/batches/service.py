@@ -229,11 +229,11 @@ class BatchService:
         if not self._running or self.cluster is None or self._adopting:
             return
         self._adopting = True
+        before = dict(self._live)  # (not a batch created or taken over while the database answers)
         try:
             owned = set(await self.store.db.write(cluster_sql.adopt_batches, self.cluster.id))
             # another roller took over one of these (to cancel it): it drives it from now on
-            self._let_go("another roller drives it now", [live for live in list(self._live.values())
-                                                           if live.id not in owned])
+            self._let_go("another roller drives it now", [live for i, live in before.items() if i not in owned])
             ids = owned - set(self._live)
             if ids:
                 records = [r for r in await self.store.batches.unfinished() if r.batch.id in ids]

@@ -97,6 +97,7 @@ class ClusterNode:
         self.endpoint_max_running = settings.endpoint_max_running
         self.endpoint_min_interval = settings.endpoint_min_interval
         self.host = host or settings.cluster_host or socket.gethostname()
+        self.sweeps = settings.health_enabled  # whether it takes a share of the health sweeps
         self.pid = os.getpid() if pid is None else pid
         self.id = f"{self.host}/{self.pid}/{uuid.uuid4().hex[:8]}"
         self._pid_alive = pid_alive
@@ -154,12 +155,12 @@ class ClusterNode:
     def live(self) -> list[dict[str, Any]]:
         """The rollers alive as of the last look (this one always among them, with its reach)."""
         out = [r for r in self._rollers if r["id"] != self.id and not self._dead(r)]
-        out.append({"id": self.id, "reach": list(self.reach)})
+        out.append({"id": self.id, "reach": list(self.reach), "sweeps": self.sweeps})
         return out
 
     def shares(self) -> Shares:
-        """Who looks after which machine now (health sweeps, fitness polls, remediation)."""
-        return Shares(self.id, self.live())
+        """Who looks after which machine now (health sweeps, fitness polls, remediation): the live sweepers."""
+        return Shares(self.id, [r for r in self.live() if r.get("sweeps", True)])
 
     def cancel_queued(self, job: Job, event: JobEvent) -> Deferred[bool]:
         return self._db.write(sql.cancel_queued, job, event)
@@ -174,7 +175,8 @@ class ClusterNode:
     # -- membership
 
     async def join(self) -> None:
-        await self._db.write(sql.register, self.id, self.host, self.pid, self.reach)
+        await self._db.write(sql.register, self.id, self.host, self.pid, self.reach,
+                             self.sweeps)
         self._events_after = self._floor = await self._db.read(sql.last_event_id)
         self._rollers = await self._db.read(sql.rollers)
         self._joined = True
@@ -226,7 +228,8 @@ class ClusterNode:
                           "were marked interrupted; stopping them here and joining again", id=self.id,
                           after=self.takeover_after)
                 self._fence("another roller took this one over (its heartbeat stopped for cluster.takeover_after)")
-                await self._db.write(sql.register, self.id, self.host, self.pid, self.reach)
+                await self._db.write(sql.register, self.id, self.host, self.pid, self.reach,
+                                     self.sweeps)
             self._beat_ok = now
             await self._take_over_dead()
         except StorageUnavailable:

@@ -120,10 +120,10 @@ def cancels_for(c: Cursor, roller_id: str) -> list[tuple[str, str]]:
 # -- membership
 
 
-def register(c: Cursor, roller_id: str, host: str, pid: int, reach: tuple[str, ...]) -> float:
+def register(c: Cursor, roller_id: str, host: str, pid: int, reach: tuple[str, ...], sweeps: bool = True) -> float:
     now = server_now(c)
-    c.execute("INSERT INTO rollers (id, host, pid, started, heartbeat, reach) VALUES (?, ?, ?, ?, ?, ?)",
-              (roller_id, host, pid, now, now, json.dumps(list(reach))))
+    c.execute("INSERT INTO rollers (id, host, pid, started, heartbeat, reach, sweeps) VALUES (?, ?, ?, ?, ?, ?, ?)",
+              (roller_id, host, pid, now, now, json.dumps(list(reach)), int(sweeps)))
     return now
 
 
@@ -139,9 +139,9 @@ def leave(c: Cursor, roller_id: str) -> None:
 def rollers(c: Cursor) -> list[dict[str, Any]]:
     """Every registered roller, with the seconds since its heartbeat (the server's clock)."""
     return [{"id": r["id"], "host": r["host"], "pid": r["pid"], "started": r["started"],
-             "silent": float(r["silent"]), "reach": json.loads(r["reach"])}
-            for r in c.execute(f"SELECT id, host, pid, started, reach, {_NOW} - heartbeat AS silent FROM rollers"
-                               " ORDER BY started").fetchall()]
+             "silent": float(r["silent"]), "reach": json.loads(r["reach"]), "sweeps": bool(r["sweeps"])}
+            for r in c.execute(f"SELECT id, host, pid, started, reach, sweeps, {_NOW} - heartbeat AS silent"
+                               " FROM rollers ORDER BY started").fetchall()]
 
 
 def take_over(c: Cursor, roller_id: str, why: str, now: float, silent_for: float = 0.0) -> list[Job] | None:

@@ -163,6 +163,11 @@ class HealthWatcher:
             self._rem_seen = max(self._rem_seen, r.id)
         await self._refresh_loans()
         if not self.settings.health_enabled:
+            if self.cluster is not None:  # the rollers that sweep record the fleet's health: shown here too
+                self._tick_loop = LoopingCall(self._follow)
+                self._tick_loop.clock = self.clock
+                self._tick_loop.start(self.settings.health_tick, now=True).addErrback(
+                    lambda f: log.failure("Health import loop stopped", f))
             return
         if self._probe == self._default_probe:
             self._icmp = IcmpEcho.open(self.reactor, timeout=self.settings.health_probe_timeout, count=1)
@@ -271,6 +276,12 @@ class HealthWatcher:
             h.liveness_failures = self.tracker.down_after if ("liveness", "down") in h.findings else 0
             self._saved[key] = (h.state.value, frozenset(h.findings), h.maintenance)
             self._dirty.pop(key, None)
+
+    async def _follow(self) -> None:
+        """A roller that does not sweep (health.enabled off) shows the health the others record."""
+        self._refresh_shares()
+        await self._import_others()
+        await self._refresh_flags()
 
     async def _sync_remediations(self, now: float) -> None:
         """The remediations other rollers started since the last look, and which remediations are in flight."""

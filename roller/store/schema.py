@@ -274,4 +274,10 @@ MIGRATIONS: list[str] = [
     -- postgresql only
     ALTER TABLE batches ADD COLUMN owner TEXT;
     """,
+    # 13: whether a roller runs health sweeps (health.enabled): only those share
+    #     the fleet's probes and remediation (roller.cluster.shares)
+    """
+    -- postgresql only
+    ALTER TABLE rollers ADD COLUMN sweeps INTEGER NOT NULL DEFAULT 1;
+    """,
 ]
