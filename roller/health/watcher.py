@@ -16,16 +16,10 @@ The health watcher: one per roller, in the reactor.
     naming the finding, audited) — or, for a dry-run policy, only recorded.
 
 With several rollers on one database (L{roller.cluster}), each probes,
-polls and remediates only its share of the fleet: the machines whose
-owner, by rendezvous hashing over the live rollers that reach their worker
-group (L{roller.cluster.shares}), is this roller.  It records only those;
-every tick it reads the others' machines from the database (so its API and
-dashboard show the whole fleet) and the remediations they started (so the
-rails count them), and a remediation is recorded in the database before
-its job is submitted, under a lock all rollers take, and only if nobody
-remediated the machine, or its pool under that policy, since the history
-it decided on.  A machine no live roller reaches is probed by nobody: the
-first of the live rollers records an C{unknown} finding saying so.
+polls, records and remediates only its share of the fleet, and every tick
+reads the others' machines and remediations from the database, so its API
+and dashboard show the whole fleet and the rails count every roller's
+remediations (L{roller.health.division}).
 """
 
 from __future__ import annotations
@@ -41,15 +35,14 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.client import HTTPConnectionPool
 
-from roller.cluster import sql as cluster_sql
-from roller.cluster.node import Shares
 from roller.config import ConfigError, Settings
 from roller.drivers.liveness import IcmpPing, ILiveness, LivenessResult, TcpConnect
 from roller.drivers.reactor import IDriverReactor
 from roller.errors import RollerError
+from roller.health.division import Division, HealthCluster
 from roller.health.fitness import FitnessPoller, FitnessRules
 from roller.health.icmp import IcmpEcho, IcmpReactor
-from roller.health.model import Finding, Health, HealthTracker, MachineHealth, Transition
+from roller.health.model import Health, HealthTracker, MachineHealth, Transition
 from roller.health.policy import Action, Policy, Remediation, parse_policies, plan
 from roller.health.sweep import LivenessSweep
 from roller.http_client import close_pool, pooled_client
@@ -83,18 +76,6 @@ def policies_from_settings(settings: Settings, tasks: Iterable[str]) -> tuple[Po
         raise ConfigError("health.policies", str(e)) from None
 
 
-class HealthCluster(Protocol):
-    """What the watcher asks of L{roller.cluster.node.ClusterNode}."""
-
-    id: str
-
-    def shares(self) -> Shares: ...
-
-
-#: seconds a remediation recorded without its job yet counts as in flight (its roller may have died meanwhile)
-RESERVED_FOR = 300.0
-
-
 class IHealthReactor(IDriverReactor, IcmpReactor):
     """What the watcher uses: the drivers' reactor (TCP and ping probes, Taskcluster) and a reader (ICMP)."""
 
@@ -108,12 +89,7 @@ class HealthWatcher:
                  cluster: HealthCluster | None = None):
         self.reactor = reactor
         self.cluster = cluster
-        self._shares: Shares | None = None
-        self.share: dict[str, Any] | None = None  # this roller's share of the fleet (several rollers)
-        self._rem_seen = 0  # the newest remediation id read from the database
         self._rem_ids: dict[int, int] = {}  # history index -> remediation id (several rollers)
-        self._own_rem: set[int] = set()  # remediation ids this roller recorded
-        self._active_rem: set[int] = set()  # remediation ids whose job is in flight, on any roller
         self.clock: IReactorTime = reactor
         self.store = store
         self.queue = queue
@@ -126,6 +102,8 @@ class HealthWatcher:
         self.paused_by = ""
         self.tracker = HealthTracker(reactor, down_after=settings.health_down_after,
                                      on_transition=self._transition)
+        #: several rollers: this roller's share of the fleet
+        self.division = Division(cluster, store, self.tracker) if cluster is not None else None
         self._icmp: IcmpEcho | None = None
         self._probe = probe or self._default_probe
         self.sweep = LivenessSweep(reactor, self._swept, self._probe, self._probed,
@@ -160,7 +138,8 @@ class HealthWatcher:
             self._history.append(Remediation((r.worker_group, r.worker_id), r.policy, r.task, r.time, r.dry_run))
             self._jobs_of[len(self._history) - 1] = r.job_id
             self._rem_ids[len(self._history) - 1] = r.id
-            self._rem_seen = max(self._rem_seen, r.id)
+            if self.division is not None:
+                self.division.loaded(r.id)
         await self._refresh_loans()
         if not self.settings.health_enabled:
             if self.cluster is not None:  # the rollers that sweep record the fleet's health: shown here too
@@ -205,96 +184,51 @@ class HealthWatcher:
 
     # -- this roller's share of the fleet (several rollers)
 
-    def _refresh_shares(self) -> Shares | None:
-        if self.cluster is not None:
-            self._shares = self.cluster.shares()
-        return self._shares
+    @property
+    def share(self) -> dict[str, Any] | None:
+        return self.division.share if self.division is not None else None
 
     def _owns(self, key: Key) -> bool:
         """Whether this roller probes, polls and remediates the machine."""
-        shares = self._shares if self._shares is not None else self._refresh_shares()
-        return shares is None or shares.mine(*key)
+        return self.division is None or self.division.owns(key)
 
     def _records(self, key: Key) -> bool:
-        """Whether this roller writes the machine's health: its own, or one nobody reaches if it is the first."""
-        shares = self._shares if self._shares is not None else self._refresh_shares()
-        if shares is None:
-            return True
-        who = shares.owner(*key)
-        return who == shares.me or (who is None and shares.ids[:1] == (shares.me,))
+        """Whether this roller writes the machine's health."""
+        return self.division is None or self.division.records(key)
 
     def _swept(self) -> list[Machine]:
         """The machines of this round: the whole fleet, or with several rollers this roller's share."""
         machines = self._machines()
-        shares = self._refresh_shares()
-        if shares is None:
+        if self.division is None:
             return machines
-        mine: list[Machine] = []
-        unreached: list[Machine] = []
-        for m in machines:
-            who = shares.owner(m.worker_group, m.worker_id)
-            if who == shares.me:
-                mine.append(m)
-            elif who is None:
-                unreached.append(m)
-        share = {"roller": shares.me, "rollers": len(shares.ids), "machines": len(mine), "fleet": len(machines),
-                 "unreached": len(unreached)}
-        if share != self.share:
-            groups = sorted({m.worker_group for m in unreached})
-            log.info("Health: this roller probes {mine} of {fleet} machines ({rollers} live roller(s) share them)"
-                     "{unreached}", mine=len(mine), fleet=len(machines), rollers=len(shares.ids),
-                     unreached=f"; {len(unreached)} machine(s) of worker group(s) {', '.join(groups[:10])} are "
-                               "probed by no roller (no running roller reaches them)" if unreached else "")
-            self.share = share
-        if unreached and shares.ids[:1] == (shares.me,):
-            for m in unreached:
-                self.tracker.liveness(m.key, None, f"no running roller reaches worker group {m.worker_group} "
-                                                   "(cluster.reach): nobody probes it", m.pool or "")
-                self._mark(m.key)
+        mine, unreached = self.division.split(machines)
+        for m in unreached:  # recorded here: nobody probes them
+            self.tracker.liveness(m.key, None, f"no running roller reaches worker group {m.worker_group} "
+                                               "(cluster.reach): nobody probes it", m.pool or "")
+            self._mark(m.key)
         return mine
 
     async def _import_others(self) -> None:
         """The health of the machines other rollers record, as they last wrote it."""
-        try:
-            rows = await self.store.health.all()
-        except StoreError as e:
-            log.warn("Health: the other rollers' machines could not be read ({error})", error=e)
+        if self.division is None:
             return
-        for row in rows:
-            key = (row.worker_group, row.worker_id)
-            if self._records(key):
-                continue
-            machine = self.store.machines.cached(key)
-            h = self.tracker.get(key, (machine.pool if machine is not None else None) or "")
-            # (a flag set through this roller shows before the owner records the state it makes)
-            h.state = Health.maintenance if row.maintenance else Health(row.state)
-            h.since, h.maintenance = row.since, row.maintenance
-            h.findings = {(f["source"], f["kind"]): Finding(f["source"], f["kind"], f["since"], f["detail"])
-                          for f in row.findings}
-            # so that a machine this roller takes over goes on from where its previous owner left it
-            h.liveness_known = row.state != Health.unknown.value
-            h.liveness_failures = self.tracker.down_after if ("liveness", "down") in h.findings else 0
+        for key in await self.division.import_others():
+            h = self.tracker.machines[key]
             self._saved[key] = (h.state.value, frozenset(h.findings), h.maintenance)
             self._dirty.pop(key, None)
 
     async def _follow(self) -> None:
         """A roller that does not sweep (health.enabled off) shows the health the others record."""
-        self._refresh_shares()
+        if self.division is not None:
+            self.division.refresh()
         await self._import_others()
         await self._refresh_flags()
 
     async def _sync_remediations(self, now: float) -> None:
-        """The remediations other rollers started since the last look, and which remediations are in flight."""
-        try:
-            rows = await self.store.health.remediations_after(self._rem_seen)
-            self._active_rem = await self.store.db.read(cluster_sql.active_remediations, now - RESERVED_FOR)
-        except StoreError as e:
-            log.warn("Health: the other rollers' remediations could not be read ({error})", error=e)
+        """The remediations other rollers started since the last look."""
+        if self.division is None:
             return
-        for r in rows:
-            self._rem_seen = max(self._rem_seen, r.id)
-            if r.id in self._own_rem:
-                continue
+        for r in await self.division.others_remediations(now):
             self._history.append(Remediation((r.worker_group, r.worker_id), r.policy, r.task, r.time, r.dry_run))
             self._jobs_of[len(self._history) - 1] = r.job_id
             self._rem_ids[len(self._history) - 1] = r.id
@@ -344,7 +278,8 @@ class HealthWatcher:
     async def _poll_taskcluster(self) -> None:
         tc = self._tc()
         pools: dict[tuple[str, str], list[Machine]] = {}
-        self._refresh_shares()
+        if self.division is not None:
+            self.division.refresh()
         for m in self._machines():
             if not m.pool or not self._owns(m.key):
                 continue
@@ -493,11 +428,11 @@ class HealthWatcher:
         return job is not None and not job.state.final
 
     def _active_anywhere(self, index: int) -> bool:
-        return self._active(index) or (self.cluster is not None and self._rem_ids.get(index) in self._active_rem)
+        return self._active(index) or (self.division is not None and self.division.in_flight(self._rem_ids.get(index)))
 
     async def _tick(self) -> None:
-        if self.cluster is not None:
-            self._refresh_shares()
+        if self.division is not None:
+            self.division.refresh()
             await self._import_others()
         await self._refresh_loans()
         await self._refresh_flags()
@@ -508,10 +443,10 @@ class HealthWatcher:
             return
         now = self.clock.seconds()
         busy = self.queue.machines_with_jobs()
-        if self.cluster is not None:
+        if self.division is not None:
             await self._sync_remediations(now)
             try:
-                busy |= await self.store.db.read(cluster_sql.machines_with_jobs)  # on any roller
+                busy |= await self.division.machines_with_jobs()  # on any roller
             except StoreError as e:
                 self.held = [f"the jobs of the other rollers could not be read: {e}"]
                 return
@@ -522,7 +457,7 @@ class HealthWatcher:
             sizes[m.pool or ""] = sizes.get(m.pool or "", 0) + 1
         actions, self.held = plan(self.policies, self.tracker.machines.values(), now=now, paused=self.paused,
                                   busy=lambda k: k in busy, history=history, pool_sizes=sizes,
-                                  mine=self._owns if self.cluster is not None else None)
+                                  mine=self._owns if self.division is not None else None)
         for action in actions:
             if self.paused:  # paused while earlier actions of this tick were submitted
                 break
@@ -536,14 +471,12 @@ class HealthWatcher:
         policy = action.policy
         job_id: str | None = None
         reserved: int | None = None
-        if self.cluster is not None:
+        if self.division is not None:
             # recorded first, under the lock every roller takes: only if nobody acted since the history read
             h = self.tracker.machines.get(action.key)
             try:
-                reserved = await self.store.db.write(
-                    cluster_sql.reserve_remediation, action.key, policy.name, action.task, now, policy.dry_run,
-                    action.reason, (h.pool if h is not None else "") or machine.pool or "", self._rem_seen,
-                    tuple(sorted(i for i in self._own_rem if i > self._rem_seen)))
+                reserved = await self.division.reserve(action, (h.pool if h is not None else "") or machine.pool or "",
+                                                       now)
             except StoreError as e:
                 log.warn("Health: {policy} on {group}/{worker} not started ({error})", policy=policy.name,
                          group=group, worker=worker, error=e)
@@ -552,7 +485,6 @@ class HealthWatcher:
                 log.info("Health: {policy} on {group}/{worker} left for the next tick: another roller remediated "
                          "it or its pool meanwhile", policy=policy.name, group=group, worker=worker)
                 return
-            self._own_rem.add(reserved)
         if policy.dry_run:
             outcome = "dry_run"
             log.info("Health (dry run): {policy} would run {task} on {group}/{worker}: {reason}",
@@ -570,8 +502,8 @@ class HealthWatcher:
                 log.warn("Health: {policy} could not queue {task} on {group}/{worker}: {error}",
                          policy=policy.name, task=action.task, group=group, worker=worker, error=e)
                 self._count(policy.name, action.task, outcome)
-                if reserved is not None:
-                    await self._settle_reserved(reserved, None)
+                if self.division is not None and reserved is not None:
+                    await self.division.settle(reserved, None)
                 return
             job_id, outcome = job.id, "queued"
             log.info("Health: {policy} queued {task} on {group}/{worker} (job {job}): {reason}",
@@ -580,10 +512,10 @@ class HealthWatcher:
         self._history.append(Remediation(action.key, policy.name, action.task, now, policy.dry_run))
         self._jobs_of[len(self._history) - 1] = job_id
         self._count(policy.name, action.task, outcome)
-        if reserved is not None:
+        if self.division is not None and reserved is not None:
             self._rem_ids[len(self._history) - 1] = reserved
             if job_id is not None:
-                await self._settle_reserved(reserved, job_id)
+                await self.division.settle(reserved, job_id)
             return
         try:
             await self.store.health.add_remediation(action.key, policy.name, action.task, now, policy.dry_run,
@@ -591,12 +523,6 @@ class HealthWatcher:
         except StoreError as e:
             log.warn("Health: remediation of {group}/{worker} not recorded ({error})", group=group, worker=worker,
                      error=e)
-
-    async def _settle_reserved(self, remediation_id: int, job_id: str | None) -> None:
-        try:
-            await self.store.db.write(cluster_sql.remediation_job, remediation_id, job_id)
-        except StoreError as e:
-            log.warn("Health: remediation {id} not updated ({error})", id=remediation_id, error=e)
 
     def _count(self, policy: str, task: str, outcome: str) -> None:
         self.remediated.append((policy, task, outcome))
