@@ -15,6 +15,7 @@ import pytest
 from attrs import evolve
 from test_cluster_queue import Roller
 from test_queue import Controlled
+from twisted.internet.defer import succeed
 
 from roller.cluster.shares import owner
 from roller.config import load_settings
@@ -26,6 +27,7 @@ from roller.testing.postgres import PostgresServer, pg_rows
 from roller.testing.syncdb import result_of, run
 
 MACHINES = 12
+FLEET = 40  # (one test: machines enough that some of a joining roller's are always still due)
 
 
 def test_rendezvous_shares_move_only_the_machines_of_a_roller_that_joins_or_leaves() -> None:
@@ -195,3 +197,42 @@ def test_a_roller_without_health_sweeps_takes_no_share_and_shows_the_fleet(pair:
         run(c.watcher.stop())
     finally:
         c.close()
+
+
+def test_a_machine_that_moves_to_a_joining_roller_mid_round_is_not_probed_again_by_the_first(
+        postgres_server: PostgresServer) -> None:
+    url = postgres_server.create_database()
+    ctl = Controlled()
+    a = Roller(url, "host-a", ctl)
+    try:
+        for i in range(FLEET):
+            result_of(a.store.machines.put(Machine.from_json({"worker_id": f"m{i:02d}", "worker_group": "g",
+                                                             "ip": "127.0.0.1", "pool": "p"})))
+        a.look()
+        probed: list[tuple[str, str]] = []
+
+        def probe(m: Machine) -> Any:
+            probed.append(m.key)
+            return succeed(LivenessResult(alive=True, detail="answered"))
+
+        settings = load_settings(environ={"ROLLER_HEALTH_SWEEP_INTERVAL": "40"})
+        watcher = HealthWatcher(a.clock, a.store, a.queue, settings, probe=probe,  # type: ignore[arg-type]
+                                cluster=a.node)
+        run(watcher.start())  # alone: the whole fleet, one machine a second
+        a.clock.advance(5.5)
+        first = list(probed)
+        assert len(first) == 6
+        b = Roller(url, "host-b", ctl)  # joins mid-round
+        try:
+            a.look()
+            shares = a.node.shares()
+            moved = {k for k in (("g", f"m{i:02d}") for i in range(FLEET)) if not shares.mine(*k)}
+            assert moved - set(first), (moved, first)  # some of B's machines were still due in A's round
+            a.clock.advance(34.0)  # the rest of the round
+            assert not (set(probed[len(first):]) & moved), (probed, moved)
+            assert watcher.sweep.rounds[0].moved == len(moved - set(first)) and len(watcher.sweep.rounds) == 1
+        finally:
+            run(watcher.stop())
+            b.close()
+    finally:
+        a.close()

@@ -113,6 +113,8 @@ class ClusterNode:
         self._rollers: list[dict[str, Any]] = []  # as last read (every heartbeat)
         self._beat_ok = clock.seconds()  # when a heartbeat was last written
         self._fence_listeners: list[Callable[[str], None]] = []
+        self.membership = 0  # bumped whenever the live rollers (or what they reach or do) change
+        self._live_seen: list[tuple[str, tuple[str, ...], bool]] = []
 
     def on_fence(self, listener: Callable[[str], None]) -> None:
         """C{listener(why)} when this roller learns the others may have taken its work over (batches let go)."""
@@ -152,6 +154,13 @@ class ClusterNode:
         return (f"waiting: no running roller reaches worker group {worker_group} ({reaches}); the job stays queued "
                 "until a roller whose cluster.reach includes it runs")
 
+    def _set_rollers(self, rollers: list[dict[str, Any]]) -> None:
+        self._rollers = rollers
+        seen = sorted((r["id"], tuple(r.get("reach") or ()), bool(r.get("sweeps", True))) for r in self.live())
+        if seen != self._live_seen:
+            self._live_seen = seen
+            self.membership += 1
+
     def live(self) -> list[dict[str, Any]]:
         """The rollers alive as of the last look (this one always among them, with its reach)."""
         out = [r for r in self._rollers if r["id"] != self.id and not self._dead(r)]
@@ -178,7 +187,7 @@ class ClusterNode:
         await self._db.write(sql.register, self.id, self.host, self.pid, self.reach,
                              self.sweeps)
         self._events_after = self._floor = await self._db.read(sql.last_event_id)
-        self._rollers = await self._db.read(sql.rollers)
+        self._set_rollers(await self._db.read(sql.rollers))
         self._joined = True
         log.info("Joined the rollers sharing {db} as {id} (reach: {reach}; takeover after {after:g} s)",
                  db=self._db.path, id=self.id, reach=", ".join(self.reach) or "all worker groups",
@@ -260,7 +269,7 @@ class ClusterNode:
         return None
 
     async def _take_over_dead(self) -> None:
-        self._rollers = await self._db.read(sql.rollers)
+        self._set_rollers(await self._db.read(sql.rollers))
         for r in self._rollers:
             if r["id"] == self.id:
                 continue
@@ -285,7 +294,7 @@ class ClusterNode:
             return
         try:
             await self._store.machines.refresh()  # machines another roller added
-            self._rollers = await self._db.read(sql.rollers)  # who runs, and what they reach
+            self._set_rollers(await self._db.read(sql.rollers))  # who runs, and what they reach
             jobs = await self._db.read(sql.queued, self.reach, QUEUED_PER_POLL)
             queue.adopt(jobs)
             for job_id, by in await self._db.read(sql.cancels_for, self.id):

@@ -46,6 +46,7 @@ class HealthCluster(Protocol):
     """What the watcher asks of L{roller.cluster.node.ClusterNode}."""
 
     id: str
+    membership: int  # changes whenever the live rollers do
 
     def shares(self) -> Shares: ...
 
@@ -56,6 +57,7 @@ class Division:
         self.store = store
         self.tracker = tracker
         self._shares: Shares | None = None
+        self._membership = -1
         self.share: dict[str, Any] | None = None  # as last swept: this roller's machines of the fleet
         self.seen = 0  # the newest remediation id read from the database
         self._own: set[int] = set()  # remediation ids this roller recorded
@@ -65,11 +67,14 @@ class Division:
 
     def refresh(self) -> Shares:
         """Look at the live rollers again (at each round, poll and tick)."""
+        self._membership = self.cluster.membership
         self._shares = self.cluster.shares()
         return self._shares
 
     def _now(self) -> Shares:
-        return self._shares if self._shares is not None else self.refresh()
+        if self._shares is None or self._membership != self.cluster.membership:
+            return self.refresh()
+        return self._shares
 
     def owns(self, key: Key) -> bool:
         """Whether this roller probes, polls and remediates the machine."""

@@ -46,6 +46,7 @@ class RoundStats:
     machines: int
     probed: int = 0
     skipped: int = 0  # the previous probe of the machine was still in flight
+    moved: int = 0  # another roller looks after it since the round began
     late: int = 0  # still waiting for a slot when the next round began
     errors: int = 0  # the probe could not be carried out
     ended: float | None = None
@@ -62,6 +63,8 @@ class LivenessSweep:
     probe: Callable[[Machine], Deferred[LivenessResult]]
     report: Report
     interval: float = 300.0
+    #: machines not to probe after all when their turn comes (with several rollers: moved to another)
+    skip: Callable[[Machine], bool] | None = None
     concurrency: int = 100
     rounds: deque[RoundStats] = field(factory=lambda: deque(maxlen=20))
     _round: RoundStats | None = None
@@ -148,6 +151,9 @@ class LivenessSweep:
             key = (machine.worker_group, machine.worker_id)
             if key in self._in_flight:
                 r.skipped += 1
+                continue
+            if self.skip is not None and self.skip(machine):
+                r.moved += 1
                 continue
             try:
                 d = self.probe(machine)

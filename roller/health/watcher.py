@@ -108,7 +108,8 @@ class HealthWatcher:
         self._probe = probe or self._default_probe
         self.sweep = LivenessSweep(reactor, self._swept, self._probe, self._probed,
                                    interval=settings.health_sweep_interval,
-                                   concurrency=settings.health_sweep_concurrency)
+                                   concurrency=settings.health_sweep_concurrency,
+                                   skip=(lambda m: not self._owns(m.key)) if cluster is not None else None)
         self._fitness: FitnessPoller | None = None
         self._tc_client: tuple[HTTPClient, HTTPConnectionPool] | None = None
         self._tc_loop: LoopingCall | None = None
@@ -544,7 +545,8 @@ class HealthWatcher:
             "held": self.held[:100], "share": self.share,
             "sweep": None if last is None else {
                 "round": last.number, "started": last.started, "machines": last.machines, "probed": last.probed,
-                "errors": last.errors, "late": last.late, "skipped": last.skipped, "duration": last.duration,
+                "errors": last.errors, "late": last.late, "skipped": last.skipped, "moved": last.moved,
+                "duration": last.duration,
                 "probe": "in-process ICMP" if self._icmp is not None else "ping binary",
                 "recent": [{"round": r.number, "started": r.started, "machines": r.machines, "probed": r.probed,
                             "late": r.late, "duration": r.duration} for r in list(self.sweep.rounds)[-10:]]},
