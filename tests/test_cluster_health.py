@@ -9,6 +9,7 @@ the pool limits counted across rollers.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -236,3 +237,35 @@ def test_a_machine_that_moves_to_a_joining_roller_mid_round_is_not_probed_again_
             b.close()
     finally:
         a.close()
+
+
+class RecordingFitness:
+    """Stands in for the Taskcluster fitness poller: records the machines each poll asks about."""
+
+    def __init__(self) -> None:
+        self.tc: Any = None
+        self.asked: list[tuple[str, str]] = []
+
+    async def poll(self, provisioner: str, worker_type: str, keys: list[tuple[str, str]], now: float) -> Any:
+        self.asked.extend(keys)
+        return SimpleNamespace(findings={})
+
+
+def test_taskcluster_fitness_polls_are_divided_by_machine(pair: Any) -> None:
+    _, _, a, b = pair
+    asked = []
+    for r in (a, b):
+        settings = evolve(r.watcher.settings, health_root_url="http://127.0.0.1:9")
+        w = HealthWatcher(r.clock, r.store, r.queue, settings, cluster=r.node,  # type: ignore[arg-type]
+                          credential=lambda name: ("project/releng/roller", "token"))
+        fitness = RecordingFitness()
+        w._fitness = fitness  # type: ignore[assignment]
+        try:
+            run(w._poll_taskcluster())
+        finally:
+            run(w.stop())
+        asked.append(set(fitness.asked))
+        assert w.tc_status == {f"{settings.loans_provisioner_id}/p": "ok"}
+    everyone = {("g", f"m{i:02d}") for i in range(MACHINES)}
+    assert asked[0] and asked[1] and not asked[0] & asked[1] and asked[0] | asked[1] == everyone
+    assert asked[0] == {k for k in everyone if a.node.shares().mine(*k)}
