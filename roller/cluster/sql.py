@@ -271,8 +271,8 @@ def adopt_batches(c: Cursor, roller_id: str) -> list[str]:
 
 def take_batch(c: Cursor, batch_id: str, roller_id: str) -> bool:
     """Drive an unfinished batch from now on, whoever drove it (to cancel it here); False: it ended."""
-    return bool(c.execute("UPDATE batches SET owner = ? WHERE id = ? AND finished_at IS NULL AND owner IS DISTINCT"
-                          " FROM ?", (roller_id, batch_id, roller_id)).rowcount)
+    return bool(c.execute("UPDATE batches SET owner = ? WHERE id = ? AND finished_at IS NULL",
+                          (roller_id, batch_id)).rowcount)
 
 
 def batch_owner(c: Cursor, batch_id: str) -> str | None:
