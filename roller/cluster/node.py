@@ -17,7 +17,8 @@ every C{poll_interval} the node reads the shared queue and offers the jobs
 it can reach to its L{JobQueue}, which claims them (L{roller.cluster.sql.claim}).
 It also reads the events other rollers wrote and hands them to the queue's
 listeners, so the API's live streams and the dashboard show jobs that run
-elsewhere as they happen.
+elsewhere as they happen.  L{ClusterNode.shares} says which live roller
+looks after which machine's health (L{roller.cluster.shares}).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from roller.cluster import sql
-from roller.cluster.shares import owner
+from roller.cluster.shares import Shares
 from roller.config import Settings
 from roller.jobs import Job, JobEvent
 from roller.store import StorageUnavailable, Store
@@ -51,28 +52,6 @@ EVENTS_PER_POLL = 2000
 EVENT_LOOKBACK = 500
 #: queued jobs read per poll
 QUEUED_PER_POLL = 2000
-
-
-class Shares:
-    """
-    A snapshot of the live rollers: the owner of each machine by rendezvous
-    hashing (L{roller.cluster.shares}); None when no live roller reaches it.
-    """
-
-    def __init__(self, me: str, rollers: list[dict[str, Any]]):
-        self.me = me
-        self.rollers = rollers
-        self.ids = tuple(sorted(r["id"] for r in rollers))
-        self._owners: dict[tuple[str, str], str | None] = {}
-
-    def owner(self, worker_group: str, worker_id: str) -> str | None:
-        key = (worker_group, worker_id)
-        if key not in self._owners:
-            self._owners[key] = owner(worker_group, worker_id, self.rollers)
-        return self._owners[key]
-
-    def mine(self, worker_group: str, worker_id: str) -> bool:
-        return self.owner(worker_group, worker_id) == self.me
 
 
 def _pid_alive(pid: int) -> bool:

@@ -15,7 +15,7 @@ import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-__all__ = ["owner", "weight"]
+__all__ = ["Shares", "owner", "weight"]
 
 
 def weight(roller_id: str, worker_group: str, worker_id: str) -> int:
@@ -39,3 +39,25 @@ def owner(worker_group: str, worker_id: str, rollers: Iterable[Mapping[str, Any]
         if best is None or w > best:
             best = w
     return None if best is None else best[1]
+
+
+class Shares:
+    """
+    A snapshot of the live rollers (L{roller.cluster.node.ClusterNode.shares}):
+    the owner of each machine by L{owner}, computed once per machine.
+    """
+
+    def __init__(self, me: str, rollers: list[dict[str, Any]]):
+        self.me = me
+        self.rollers = rollers
+        self.ids = tuple(sorted(r["id"] for r in rollers))
+        self._owners: dict[tuple[str, str], str | None] = {}
+
+    def owner(self, worker_group: str, worker_id: str) -> str | None:
+        key = (worker_group, worker_id)
+        if key not in self._owners:
+            self._owners[key] = owner(worker_group, worker_id, self.rollers)
+        return self._owners[key]
+
+    def mine(self, worker_group: str, worker_id: str) -> bool:
+        return self.owner(worker_group, worker_id) == self.me

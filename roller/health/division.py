@@ -25,7 +25,7 @@ from typing import Any, Protocol
 from twisted.logger import Logger
 
 from roller.cluster import sql as cluster_sql
-from roller.cluster.node import Shares
+from roller.cluster.shares import Shares
 from roller.health.model import Finding, Health, HealthTracker
 from roller.health.policy import Action
 from roller.inventory import Machine
