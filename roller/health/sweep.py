@@ -11,7 +11,9 @@ when the next round starts run on: their answers are reported and counted in
 the round that started them, never as late or failed.
 
 The sweep only probes and reports (C{report(machine, result, error)}); what
-a failed probe means is the health tracker's business.
+a failed probe means is the health tracker's business.  With several
+rollers, C{machines()} is this roller's share, and C{skip} drops a machine
+that moved to another roller since the round began (counted as C{moved}).
 """
 
 from __future__ import annotations
