@@ -354,11 +354,13 @@ class FleetQueries:
     def page(self, f: FleetFilter, *, sort: str = PROBLEMS, direction: str | None = None,
              limit: int = 200, offset: int = 0, now: float | None = None) -> Deferred[FleetPage]:
         """
-        One page of the fleet.  Results are cached until the next commit to
-        the database (any job event, inventory change or import; see
-        L{version}): a page viewed again, the state counts over the whole
-        fleet and the filter values cost one C{PRAGMA} until then.  C{now}
-        decides which loans are overdue (the C{loan="overdue"} filter).
+        One page of the fleet.  Each machine's row is kept until a commit
+        touches that machine (L{MachineRows}: its jobs, loan, recorded
+        health or inventory entry); the order, the state counts and the
+        filter values are cached until the next commit (L{version}) and,
+        with a clock, reused for C{settle} seconds while commits keep
+        coming (unless L{forget} was called).  C{now} decides which loans
+        are overdue (the C{loan="overdue"} filter).
         """
         if sort not in SORTS:
             raise ValueError(f"unknown sort {sort!r}")
