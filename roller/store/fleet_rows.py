@@ -61,6 +61,7 @@ class MachineRows(Generic[R]):
         self._inventory = inventory
         self._rows: dict[Key, R] = {}
         self._machines: dict[Key, Any] = {}  # the inventory's machine each row was read for
+        self._no_health: set[Key] = set()  # the rows kept with no recorded health
         self._version: Any = None
         self._max_seq: int | None = None
         self._min_seq: tuple[Any, ...] | None = None
@@ -78,6 +79,7 @@ class MachineRows(Generic[R]):
     def forget_all(self) -> None:
         self._rows.clear()
         self._machines.clear()
+        self._no_health.clear()
         self.cleared += 1
 
     def sync(self, c: Cursor, version: Any) -> None:
@@ -139,12 +141,13 @@ class MachineRows(Generic[R]):
             return
         for key in dirty:
             self._machines.pop(key, None)
+            self._no_health.discard(key)
             if self._rows.pop(key, None) is not None:
                 self.changed += 1
 
     def _gained_health(self, c: Cursor) -> set[Key]:
         """The machines kept with no recorded health (a row's C{health} None) that have some now."""
-        keys = [k for k, row in self._rows.items() if getattr(row, "health", None) is None]
+        keys = list(self._no_health)
         out: set[Key] = set()
         for i in range(0, len(keys), 400):
             chunk = keys[i:i + 400]
@@ -168,6 +171,7 @@ class MachineRows(Generic[R]):
                             kept[k] = m  # (the inventory reloaded: the same machine, a new object)
                         else:
                             del self._rows[k]
+                            self._no_health.discard(k)
                             self.changed += 1
         missing = [k for k in keys if k not in self._rows]
         if missing:
@@ -175,6 +179,7 @@ class MachineRows(Generic[R]):
             if len(self._rows) + len(found) > self.size:
                 self.forget_all()
             self._rows.update(found)
+            self._no_health.update(k for k, row in found.items() if getattr(row, "health", None) is None)
             if inventory is not None:
                 for k in found:
                     kept[k] = inventory(k)
