@@ -115,6 +115,7 @@ class HealthWatcher:
         self._tc_loop: LoopingCall | None = None
         self._tick_loop: LoopingCall | None = None
         self._dirty: dict[Key, Transition | None] = {}
+        self._unwritten: dict[Key, list[TransitionRow]] = {}  # transitions being written
         self._saved: dict[Key, tuple[str, frozenset[tuple[str, str]], bool]] = {}
         self._flush_call: IDelayedCall | None = None
         self._history: list[Remediation] = []
@@ -409,6 +410,8 @@ class HealthWatcher:
             if h is None or not self._records(key):
                 continue
             row = None if t is None else TransitionRow(t.time, t.old.value, t.new.value, t.reason)
+            if row is not None:
+                self._unwritten.setdefault(key, []).append(row)
             try:
                 await self.store.health.save(key, h.state.value, h.since, [f.to_json() for f in h.finding_list()],
                                              row)
@@ -417,7 +420,25 @@ class HealthWatcher:
                          "tick", group=key[0], worker=key[1], error=e)
                 self._dirty.setdefault(key, t)
                 continue
+            finally:
+                if row is not None:
+                    self._written(key, row)
             self._saved[key] = (h.state.value, frozenset(h.findings), h.maintenance)
+
+    def _written(self, key: Key, row: TransitionRow) -> None:
+        rows = self._unwritten.get(key, [])
+        if row in rows:
+            rows.remove(row)
+        if not rows:
+            self._unwritten.pop(key, None)
+
+    def _pending(self, key: Key) -> list[TransitionRow]:
+        """A machine's transitions not in the database yet (being written, or to be), oldest first."""
+        rows = list(self._unwritten.get(key, []))
+        t = self._dirty.get(key)
+        if t is not None:
+            rows.append(TransitionRow(t.time, t.old.value, t.new.value, t.reason))
+        return rows
 
     # -- remediation
 
@@ -561,7 +582,19 @@ class HealthWatcher:
         return h.state.value if h is not None else Health.unknown.value
 
     def transitions(self, key: Key, limit: int = 50) -> Deferred[list[TransitionRow]]:
-        return self.store.health.transitions(key, limit) if self.store is not None else succeed([])
+        """
+        A machine's transitions, newest first: those recorded, and those
+        still being written (so they agree with L{health_of} at once).
+        """
+        if self.store is None:
+            return succeed([])
+        before = self._pending(key)
+
+        def merge(rows: list[TransitionRow]) -> list[TransitionRow]:
+            pending = before + [r for r in self._pending(key) if r not in before]
+            return ([r for r in reversed(pending) if r not in rows] + rows)[:limit]
+
+        return self.store.health.transitions(key, limit).addCallback(merge)
 
 
 def _ipv4(address: str) -> bool:
