@@ -690,7 +690,14 @@ def _health_schemas() -> dict[str, Schema]:
                             "description": "worker pool -> `ok` or why Taskcluster could not be asked"},
             "held": {"type": "array", "items": {"type": "string"},
                      "description": "why remediations were held back at the last decision"},
-            "sweep": {"type": ["object", "null"], "description": "the latest liveness round"},
+            "sweep": {"type": ["object", "null"], "description": "the latest liveness round (its `moved`: machines "
+                      "another roller took over during the round; `skipped`: not probed this round)"},
+            "share": {"type": ["object", "null"],
+                      "description": "several rollers on PostgreSQL: this roller's share of the fleet (its id "
+                                     "`roller`, the `machines` it "
+                                     "probes, polls and remediates, of the `fleet`, the live `rollers` dividing it, "
+                                     "and `unreached` machines of worker groups no sweeping roller reaches); null "
+                                     "with one roller"},
         }, ["enabled", "paused", "pools"], closed=False),
         "MachineHealth": _object({
             "worker_group": {"type": "string"}, "worker_id": {"type": "string"},
