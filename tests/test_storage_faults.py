@@ -475,8 +475,10 @@ def test_full_disk_503_heartbeat_fails_final_state_kept_and_recovery(tmpfs: Tmpf
         assert roller.get("/__heartbeat__").status == 200
         job_id = roller.json("POST", "/api/v1/workers/full-1/group/full/jobs?task_name=ping",
                              {"params": {"count": 5}}, expect=201)["task_id"]
-        wait_for(lambda: roller.json("GET", f"/api/v1/jobs/{job_id}")["state"] == "running", 20,
-                 "the ping job to run", describe=roller.log_tail)
+        # the task acts only once "running" is committed: wait for its first output line (not just the
+        # state a read shows at once), so the disk fills while the ping runs, not before it may start
+        wait_for(lambda: any(e["kind"] == "log" for e in roller.json("GET", f"/api/v1/jobs/{job_id}")["events"]),
+                 20, "the ping job to run", describe=roller.log_tail)
         tmpfs.fill()
 
         for _ in range(3):
