@@ -428,7 +428,7 @@ def postmaster_pid(data_dir: str) -> int:
 def run_target(target: Target, args: argparse.Namespace) -> dict[str, Any]:
     """The round's load on C{target}: split over its rollers, run at once, the figures added up."""
     n = len(target.rollers)
-    share = (target.machines - target.next) // n
+    share = target.machines // args.rounds // n  # machines of this round, each roller its own range
     specs = []
     for i, (proc, port) in enumerate(target.rollers):
         specs.append({"host": "127.0.0.1", "concurrency": args.concurrency // n, "method": "POST",
@@ -442,7 +442,7 @@ def run_target(target: Target, args: argparse.Namespace) -> dict[str, Any]:
     for t in threads:
         t.join()
     db_cpu = (tree_cpu(target.db_pid) - db_cpu0) if target.db_pid else 0.0
-    target.next += n * share
+    target.next += n * share  # the next round's ranges start after this round's
     if n == 1:
         r = results[0]
     else:  # one figure for the pair: rates and CPU added; latencies the worse of the two
