@@ -778,10 +778,10 @@ class Database:
         checkpointer's connection; on the writer's for an in-memory one);
         nothing on PostgreSQL.
         """
-        if self.dialect.postgresql:
+        if self._checkpoints is None:  # PostgreSQL, or an in-memory database: no WAL
             return succeed(None)
-        if self._checkpoints is None or self._closed:
-            return self.on_writer(lambda c: c.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall() and None)
+        if self._closed:
+            return fail(StoreError("the database is closed"))
         return self._checkpoints.runWithConnection(_passive_checkpoint).addErrback(self._fault_of)
 
     def _committed(self) -> None:
@@ -792,6 +792,11 @@ class Database:
         if self._checkpointing or self._closed or self._commits < CHECKPOINT_EVERY:
             return
         self._commits = 0
+        self._checkpoint_in_background()
+
+    def _checkpoint_in_background(self) -> None:
+        """One passive checkpoint on the checkpointer's connection; close waits for it."""
+        assert self._checkpoints is not None
         self._checkpointing = True
 
         def done(result: Any) -> None:
@@ -913,13 +918,8 @@ class Database:
         if self._checkpoints is not None and not self._last_checkpoint:
             # one last passive checkpoint, so the file is whole (and shrunk after pruning) at close even
             # when another process still has the database open (then no close folds the WAL back)
-            self._last_checkpoint = self._checkpointing = True
-
-            def done(result: Any) -> None:
-                self._checkpointing = False
-                self._maybe_finish_close()
-
-            self._checkpoints.runWithConnection(_passive_checkpoint).addBoth(done)
+            self._last_checkpoint = True
+            self._checkpoint_in_background()
             return
         self._pool_closed = True
         for pool in self.pools:

@@ -499,11 +499,6 @@ def incremental_vacuum(c: Cursor, pages: int) -> tuple[int, float, int] | None:
     return before - after, held, c.execute("PRAGMA page_size").fetchone()[0]
 
 
-def checkpoint(c: Cursor) -> None:
-    """A passive WAL checkpoint: never waits for the roller's readers or writer."""
-    c.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-
-
 def start_vacuum_needed(c: Cursor) -> tuple[str, int]:
     """(auto_vacuum mode, file bytes): whether start-up should convert the database (see L{START_VACUUM_MAX_BYTES})."""
     size = c.execute("PRAGMA page_count").fetchone()[0] * c.execute("PRAGMA page_size").fetchone()[0]
