@@ -47,7 +47,7 @@ import time
 from typing import Any
 
 from common import (HERE, ROLLER_TWISTD, TWISTD, Procs, bench_ip, child_mode, cpu_seconds, fetch, free_port, machine_busy, percentile,
-                    report, roller_env, seed_db, wait_ready)
+                    report, roller_env, seed_db, tree_cpu, wait_ready)
 
 ROLLER_CONFIG = """\
 # bench/submit.py: one job runs at a time, the others stay queued; jobs are
@@ -401,23 +401,24 @@ class Target:
         self.db_pid: int | None = None  # the PostgreSQL server's postmaster
 
 
-def tree_cpu(pid: int) -> float:
-    """CPU seconds of process C{pid} and its children (a PostgreSQL server: the postmaster and its backends)."""
-    total = 0.0
+def db_server_cpu(pid: int) -> float:
+    """
+    CPU seconds of a server process C{pid} (a PostgreSQL postmaster): its own, its reaped
+    children's, and its live children's (the backends serving roller's connections).
+    """
+    total = tree_cpu(pid)
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(entry) == pid or int(fields[1]) == pid:
-            total += (int(fields[11]) + int(fields[12])) / CLK_TCK
+        if entry.isdigit() and _parent(int(entry)) == pid:
+            total += cpu_seconds(int(entry))
     return total
 
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
+def _parent(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def postmaster_pid(data_dir: str) -> int:
@@ -434,14 +435,14 @@ def run_target(target: Target, args: argparse.Namespace) -> dict[str, Any]:
         specs.append({"host": "127.0.0.1", "concurrency": args.concurrency // n, "method": "POST",
                       "path": SUBMIT_PATH, "prefix": "bt", "warmup": args.warmup, "seconds": args.seconds,
                       "port": port, "pid": proc.pid, "first": target.next + i * share, "count": share})
-    db_cpu0 = tree_cpu(target.db_pid) if target.db_pid else 0.0
+    db_cpu0 = db_server_cpu(target.db_pid) if target.db_pid else 0.0
     results: list[dict[str, Any]] = [{} for _ in specs]
     threads = [threading.Thread(target=lambda i=i: results[i].update(run_loadgen(specs[i]))) for i in range(n)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    db_cpu = (tree_cpu(target.db_pid) - db_cpu0) if target.db_pid else 0.0
+    db_cpu = (db_server_cpu(target.db_pid) - db_cpu0) if target.db_pid else 0.0
     target.next += n * share  # the next round's ranges start after this round's
     if n == 1:
         r = results[0]
