@@ -280,4 +280,16 @@ MIGRATIONS: list[str] = [
     -- postgresql only
     ALTER TABLE rollers ADD COLUMN sweeps INTEGER NOT NULL DEFAULT 1;
     """,
+    # 14: which machines each change of the machines table touched (its
+    #     change_counters version), so another roller reloads only those
+    #     (roller.store.machines); the oldest rows are pruned as new ones come
+    """
+    -- postgresql only
+    CREATE TABLE machine_changes (
+        version      INTEGER NOT NULL,
+        worker_group TEXT NOT NULL,
+        worker_id    TEXT NOT NULL,
+        PRIMARY KEY (version, worker_group, worker_id)
+    );
+    """,
 ]
