@@ -709,6 +709,19 @@ class JobQueue:
         if len(self._mine_order) > MINE_REMEMBERED:
             self._mine.discard(self._mine_order.popleft())
 
+    def unknown(self, queued: list[tuple[str, str, str]]) -> list[str]:
+        """
+        Of the shared queue's C{(id, worker_group, worker_id)}, the ids of
+        the jobs L{adopt} would take: not held or ended here, of a group
+        this roller reaches, on a machine it knows.
+        """
+        if self._cluster is None or not self._accepting:
+            return []
+        cached = self._store.machines.cached
+        return [job_id for job_id, group, worker_id in queued
+                if job_id not in self._jobs and job_id not in self._ended
+                and self._cluster.reaches(group) and cached((group, worker_id)) is not None]
+
     def adopt(self, jobs: list[Job]) -> int:
         """
         Queued jobs read from the shared queue (in the order to run them):

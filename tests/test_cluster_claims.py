@@ -178,8 +178,9 @@ def test_reach_and_why_a_job_waits(postgres_server: PostgresServer) -> None:
         assert why is not None and why.startswith("waiting: no running roller reaches worker group mdc9 (")
         assert f"{a.id}: mdc1" in why and f"{b.id}: mdc2, mdc3" in why
         j1, j9 = queued(a, "w1", "mdc1"), queued(a, "w9", "mdc9")
-        assert [j.id for j in result_of(a._db.read(sql.queued, a.reach, 100))] == [j1.id]
-        assert {j.id for j in result_of(a._db.read(sql.queued, (), 100))} == {j1.id, j9.id}
+        assert [q[0] for q in result_of(a._db.read(sql.queued, a.reach, 100))] == [j1.id]
+        assert {q[0] for q in result_of(a._db.read(sql.queued, (), 100))} == {j1.id, j9.id}
+        assert [j.id for j in result_of(a._db.read(sql.queued_jobs, [j9.id, j1.id, "nope"]))] == [j1.id, j9.id]
     finally:
         for n in (a, b):
             result_of(n._store.close())

@@ -15,6 +15,7 @@ No test sleeps.
 
 from __future__ import annotations
 
+import random
 import sqlite3
 from pathlib import Path
 from typing import Any, Callable
@@ -1086,6 +1087,69 @@ def test_machines_written_elsewhere_appear_after_refresh(durable_path: str) -> N
     result_of(daemon.machines.put(machine("w10")))
     assert result_of(daemon.machines.get("mdc1", "w10")) is not None
     assert result_of(daemon.machines.refresh()) is False
+
+
+def _inventory(store: Store) -> dict[tuple[str, str], dict[str, Any]]:
+    return {m.key: m.to_json() for m in store.machines.snapshot()}
+
+
+def test_postgresql_rollers_reload_only_the_machines_another_changed(request: pytest.FixtureRequest,
+                                                                     tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from roller.store import machines as machines_module
+
+    url = database("postgresql", request, tmp_path)
+    a, _ = sync_store(url)
+    b, _ = sync_store(url)  # another roller on the same database
+    try:
+        result_of(a.machines.put_many([machine(f"w{i}") for i in range(50)]))
+        assert result_of(b.machines.refresh()) is True
+        full_loads: list[int] = []
+        real_load = b.machines._load
+
+        async def counting_load() -> int:
+            full_loads.append(1)
+            return await real_load()
+
+        monkeypatch.setattr(b.machines, "_load", counting_load)
+        rng = random.Random(7)
+        for step in range(60):
+            choice = rng.randrange(4)
+            wid = f"w{rng.randrange(70)}"
+            if choice == 0:
+                result_of(a.machines.delete("mdc1", wid))
+            elif choice == 1:
+                result_of(a.machines.put(machine(wid, pool=f"p{step}")))
+            elif choice == 2:
+                result_of(b.machines.put(machine(wid, fqdn=f"{wid}.example.com")))
+            else:
+                result_of(a.machines.put(machine(wid, "mdc2")))
+            if rng.random() < 0.4:
+                result_of(b.machines.refresh())
+        result_of(b.machines.refresh())
+        result_of(a.machines.refresh())  # b's changes
+        assert full_loads == []  # only the changed machines were read
+        fresh, _ = sync_store(url)
+        assert _inventory(b) == _inventory(a) == _inventory(fresh)
+        result_of(fresh.close())
+        assert result_of(b.machines.refresh()) is False
+
+        # an import of more machines than one change records: one "everything" row, a full reload
+        result_of(a.machines.put_many([machine(f"bulk{i}") for i in range(machines_module.CHANGES_PER_WRITE + 1)]))
+        assert result_of(b.machines.refresh()) is True
+        assert full_loads == [1]
+        assert _inventory(b) == _inventory(a)
+
+        # further behind than the kept changes: a full reload too
+        monkeypatch.setattr(machines_module, "CHANGES_KEPT", 2)
+        for i in range(100):  # the 100th version prunes the older ones
+            result_of(a.machines.put(machine("w1", pool=f"again{i}")))
+        assert result_of(b.machines.refresh()) is True
+        assert full_loads == [1, 1]
+        assert _inventory(b) == _inventory(a)
+    finally:
+        result_of(a.close())
+        result_of(b.close())
 
 
 def test_job_ids_are_uuid7_time_ordered_and_unguessable(monkeypatch):

@@ -274,8 +274,9 @@ class ClusterNode:
         try:
             await self._store.machines.refresh()  # machines another roller added
             self._set_rollers(await self._db.read(sql.rollers))  # who runs, and what they reach
-            jobs = await self._db.read(sql.queued, self.reach, QUEUED_PER_POLL)
-            queue.adopt(jobs)
+            new = queue.unknown(await self._db.read(sql.queued, self.reach, QUEUED_PER_POLL))
+            if new:
+                queue.adopt(await self._db.read(sql.queued_jobs, new))
             for job_id, by in await self._db.read(sql.cancels_for, self.id):
                 queue.cancel_here(job_id, by)
             await self._relay_events(queue)

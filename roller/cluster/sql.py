@@ -169,16 +169,34 @@ def take_over(c: Cursor, roller_id: str, why: str, now: float, silent_for: float
 # -- what other rollers do
 
 
-def queued(c: Cursor, reach: tuple[str, ...], limit: int) -> list[Job]:
-    """The queued jobs (of the groups in C{reach}, if any), in the order to run them."""
+def queued(c: Cursor, reach: tuple[str, ...], limit: int) -> list[tuple[str, str, str]]:
+    """
+    The queued jobs (of the groups in C{reach}, if any), in the order to run
+    them: only each one's C{(id, worker_group, worker_id)}, so a poll that
+    finds nothing new decodes nothing (L{queued_jobs} reads the new ones).
+    """
     if reach:
         marks = ", ".join("?" * len(reach))
-        rows = c.execute(f"SELECT seq, {_COLUMNS} FROM jobs WHERE state = 'queued' AND worker_group IN ({marks})"
-                         " ORDER BY priority DESC, seq LIMIT ?", (*reach, limit)).fetchall()
+        rows = c.execute(f"SELECT id, worker_group, worker_id FROM jobs WHERE state = 'queued'"
+                         f" AND worker_group IN ({marks}) ORDER BY priority DESC, seq LIMIT ?",
+                         (*reach, limit)).fetchall()
     else:
-        rows = c.execute(f"SELECT seq, {_COLUMNS} FROM jobs WHERE state = 'queued' ORDER BY priority DESC, seq"
-                         " LIMIT ?", (limit,)).fetchall()
-    return [_job(r) for r in rows]
+        rows = c.execute("SELECT id, worker_group, worker_id FROM jobs WHERE state = 'queued'"
+                         " ORDER BY priority DESC, seq LIMIT ?", (limit,)).fetchall()
+    return [(r[0], r[1], r[2]) for r in rows]
+
+
+def queued_jobs(c: Cursor, ids: list[str]) -> list[Job]:
+    """The jobs C{ids} that are still queued, in the order to run them."""
+    out: list[tuple[int, int, Job]] = []
+    for i in range(0, len(ids), 500):
+        chunk = ids[i:i + 500]
+        marks = ", ".join("?" * len(chunk))
+        for r in c.execute(f"SELECT seq, {_COLUMNS} FROM jobs WHERE state = 'queued' AND id IN ({marks})",
+                           chunk).fetchall():
+            out.append((-r["priority"], r["seq"], _job(r)))
+    out.sort(key=lambda t: (t[0], t[1]))
+    return [job for _, _, job in out]
 
 
 _JOB_COLUMNS = ", ".join(f"j.{name.strip()}" for name in _COLUMNS.split(","))

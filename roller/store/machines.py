@@ -6,9 +6,18 @@ submission makes cost no trip to the database thread.  Writes through this
 table update the cache once committed; writes by another process (the
 C{roller import} command) are picked up by L{MachineTable.refresh}, which
 the service calls every few seconds and which reloads only when SQLite's
-C{data_version} says another connection committed (on PostgreSQL, where
-several rollers may share the table, when the C{change_counters} row that
-every write here bumps moved on).
+C{data_version} says another connection committed.
+
+On PostgreSQL, where several rollers share the table, every write here
+bumps the C{change_counters} row and records the machines it touched in
+C{machine_changes} under that version, in the write's transaction.  The
+counter's row lock makes writers take turns, so versions are given out in
+commit order without gaps: a roller that last saw version I{v} and now sees
+I{w} reloads just the machines of versions I{v}+1..I{w}.  A write of more
+than L{CHANGES_PER_WRITE} machines (an import) records "everything"
+instead, and only the last L{CHANGES_KEPT} versions are kept: a roller
+further behind than that, or facing more than L{RELOAD_ALL_OVER} changed
+machines, reloads the whole table as before.
 """
 
 from __future__ import annotations
@@ -24,6 +33,15 @@ from roller.errors import Conflict
 from roller.inventory import Machine
 from roller.store.db import Cursor, Database, StoreError
 from roller.store.where import Where
+
+#: a write touching more machines than this records "everything changed" (one row) instead of each
+CHANGES_PER_WRITE = 1000
+#: versions of C{machine_changes} kept; older ones are deleted by the write that passes this many
+CHANGES_KEPT = 10_000
+#: more changed machines than this since the last refresh: the whole table is read instead
+RELOAD_ALL_OVER = 5_000
+#: the C{machine_changes} row that stands for every machine (no machine has an empty worker group)
+EVERYTHING = ("", "")
 
 
 def _row(row: Any) -> Machine:
@@ -61,10 +79,48 @@ class MachineTable:
         return len(machines)
 
     async def _refresh(self) -> bool:
+        if self._db.dialect.postgresql and self._data_version is not None:
+            return await self._refresh_changed(self._data_version)
         version = await self._db.read_on_writer(self._version)
         if version == self._data_version:
             return False
         await self._load()
+        return True
+
+    async def _refresh_changed(self, seen: int) -> bool:
+        """PostgreSQL: reload only the machines changed since version C{seen} (or all, when that is cheaper)."""
+
+        def q(c: Cursor) -> tuple[int, builtins.list[tuple[str, str]] | None, builtins.list[Machine]]:
+            version = self._version(c)
+            if version == seen:
+                return version, [], []
+            rows = c.execute("SELECT version, worker_group, worker_id FROM machine_changes"
+                             " WHERE version > ? AND version <= ?", (seen, version)).fetchall()
+            keys = {(r[1], r[2]) for r in rows}
+            if (len({r[0] for r in rows}) != version - seen  # pruned (or never recorded): too far behind
+                    or EVERYTHING in keys or len(keys) > RELOAD_ALL_OVER):
+                return version, None, []
+            found: builtins.list[Machine] = []
+            ordered = sorted(keys)
+            for i in range(0, len(ordered), 500):
+                chunk = ordered[i:i + 500]
+                marks = ", ".join("(?, ?)" for _ in chunk)
+                found += [_row(r) for r in c.execute(
+                    f"SELECT data FROM machines WHERE (worker_group, worker_id) IN ({marks})",
+                    [v for key in chunk for v in key]).fetchall()]
+            return version, ordered, found
+
+        version, keys, found = await self._db.read_on_writer(q)
+        if keys is None:
+            await self._load()
+            return True
+        if version == seen or (self._data_version is not None and version <= self._data_version):
+            return False  # nothing new (or a write of ours moved the version on meanwhile)
+        for key in keys:
+            self._forget(*key)
+        for m in found:
+            self._remember(m)
+        self._data_version = version
         return True
 
     def _version(self, c: Cursor) -> int:
@@ -73,12 +129,21 @@ class MachineTable:
             return int(c.execute("SELECT version FROM change_counters WHERE name = 'machines'").fetchone()[0])
         return int(c.execute("PRAGMA data_version").fetchone()[0])
 
-    def _bump(self, c: Cursor) -> int:
-        """On PostgreSQL, count a change (in the write's transaction); the counter's new value."""
+    def _bump(self, c: Cursor, keys: builtins.list[tuple[str, str]]) -> int:
+        """
+        On PostgreSQL, count a change of the machines C{keys} (in the write's
+        transaction) and record which they were; the counter's new value.
+        """
         if not self._db.dialect.postgresql:
             return 0
-        return int(c.execute("UPDATE change_counters SET version = version + 1 WHERE name = 'machines'"
-                             " RETURNING version").fetchone()[0])
+        version = int(c.execute("UPDATE change_counters SET version = version + 1 WHERE name = 'machines'"
+                                " RETURNING version").fetchone()[0])
+        touched = sorted(set(keys)) if len(keys) <= CHANGES_PER_WRITE else [EVERYTHING]
+        c.executemany("INSERT INTO machine_changes (version, worker_group, worker_id) VALUES (?, ?, ?)",
+                      [(version, *key) for key in touched])
+        if version % 100 == 0:
+            c.execute("DELETE FROM machine_changes WHERE version <= ?", (version - CHANGES_KEPT,))
+        return version
 
     def _own_change(self, version: int) -> None:
         """
@@ -154,7 +219,7 @@ class MachineTable:
                     code="machine_exists",
                 )
             self._upsert(c, machine, now)
-            return self._bump(c)
+            return self._bump(c, [machine.key])
 
         def committed(version: int) -> Machine:
             self._own_change(version)
@@ -171,7 +236,7 @@ class MachineTable:
                 "SELECT 1 FROM machines WHERE worker_group = ? AND worker_id = ?", machine.key
             ).fetchone()
             self._upsert(c, machine, now)
-            return existed is None, self._bump(c)
+            return existed is None, self._bump(c, [machine.key])
 
         def committed(result: tuple[bool, int]) -> bool:
             created, version = result
@@ -187,7 +252,7 @@ class MachineTable:
         def run(c: Cursor) -> tuple[int, int]:
             for m in machines:
                 self._upsert(c, m, now)
-            return len(machines), self._bump(c)
+            return len(machines), self._bump(c, [m.key for m in machines])
 
         def committed(result: tuple[int, int]) -> int:
             count, version = result
@@ -215,7 +280,7 @@ class MachineTable:
                 "DELETE FROM machines WHERE worker_group = ? AND worker_id = ?", (worker_group, worker_id)
             )
             deleted = c.rowcount > 0
-            return deleted, self._bump(c) if deleted else None
+            return deleted, self._bump(c, [(worker_group, worker_id)]) if deleted else None
 
         def committed(result: tuple[bool, int | None]) -> bool:
             deleted, version = result
