@@ -117,6 +117,12 @@ MAX_BATCH = 64
 CHECKPOINT_EVERY = 32
 #: SQLite: after a checkpoint let the writer restart the WAL, its file is cut back to this size
 WAL_SIZE_LIMIT = 64 << 20
+#: SQLite: the page cache of the writer's and the reader's connection, in KiB (SQLite's default is
+#: 2 MB).  A long history's working set is the indexes every submission writes into at scattered
+#: places (jobs_machine, jobs_machine_task, audit_target) and the pages the lookups read; with 2 MB
+#: each of those is a read from the file.  Pages are allocated as they are used: a small database
+#: costs no more; at most 2 x 64 MB (the checkpointer's connection keeps the default).
+CACHE_KIB = 64 << 10
 
 #: rows per multi-row INSERT (16 parameters a row stays far below SQLite's 32766)
 ROWS_PER_INSERT = 256
@@ -460,6 +466,7 @@ def _open_connection(conn: sqlite3.Connection, synchronous: str = "NORMAL", *, a
     conn.execute(f"PRAGMA synchronous={synchronous}")
     conn.execute("PRAGMA foreign_keys=ON")
     conn.execute("PRAGMA busy_timeout=5000")
+    conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
     if not autocheckpoint:  # L{Database} checkpoints on a connection of its own
         conn.execute("PRAGMA wal_autocheckpoint=0")
         conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
@@ -481,6 +488,7 @@ def _open_reader(conn: sqlite3.Connection) -> None:
     conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA query_only=ON")
     conn.execute("PRAGMA busy_timeout=5000")
+    conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
 
 
 class Database:

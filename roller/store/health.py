@@ -137,11 +137,11 @@ class HealthTable:
         return self._db.write(run)
 
     def remediations(self, since: float, *, limit: int = 100_000) -> Deferred[builtins.list[RemediationRow]]:
-        """Remediations at or after C{since}, oldest first."""
+        """Remediations at or after C{since}, oldest first (through C{remediations_time})."""
 
         def run(c: Cursor) -> builtins.list[RemediationRow]:
             rows = c.execute("SELECT id, worker_group, worker_id, policy, task, time, dry_run, job_id, reason"
-                             " FROM remediations WHERE time >= ? ORDER BY id LIMIT ?", (since, limit)).fetchall()
+                             " FROM remediations WHERE time >= ? ORDER BY time, id LIMIT ?", (since, limit)).fetchall()
             return [RemediationRow(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]), r[7], r[8]) for r in rows]
 
         return self._db.read(run)

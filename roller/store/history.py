@@ -9,11 +9,12 @@ requested, so a time bound becomes a C{seq} bound by a binary search over
 the primary key (L{first_seq_at}: a few dozen index probes, whatever the
 size of the history).
 
-Filters an index answers (a machine, a batch, states alone) are one
-statement.  Others (task, pool, group, requester) walk C{seq} backwards in
-spans of L{SPAN} jobs and look at no more than C{max_scan} jobs per page:
-when a rare filter has not filled the page by then, the page says how far
-back it looked and its "older" cursor continues from there.  So no page
+Filters an index answers (a machine, a batch, a task, states) are read
+through it (L{roller.store.job_lookup}: a walk per state or group, merged).
+Others (pool, requester, a group without a machine) walk C{seq} backwards
+in spans of L{SPAN} jobs and look at no more than C{max_scan} jobs per
+page: when a rare filter has not filled the page by then, the page says how
+far back it looked and its "older" cursor continues from there.  So no page
 ever reads the whole history.
 """
 
@@ -21,12 +22,13 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from attrs import evolve, frozen
+from attrs import frozen
 from twisted.internet.defer import Deferred
 
 from roller.jobs import Job
 from roller.store import Store
 from roller.store.db import Cursor
+from roller.store.job_lookup import JobFilter, newest
 from roller.store.where import Where
 
 __all__ = ["JobQuery", "JobRow", "HistoryPage", "HistoryQueries", "first_seq_at", "SPAN"]
@@ -54,11 +56,16 @@ class JobQuery:
 
     @property
     def indexed(self) -> bool:
-        """Whether one index answers the filters (no bounded walk needed)."""
+        """Whether indexes answer the filters (L{roller.store.job_lookup}; no bounded walk needed)."""
         if self.batch is not None or self.worker is not None:  # jobs_batch; jobs_machine (worker_id, ...)
             return True
-        others = (self.task, self.pool, self.group, self.worker, self.requester)
-        return all(v is None for v in others)
+        return self.pool is None and self.group is None and self.requester is None
+
+    @property
+    def filter(self) -> JobFilter:
+        """The filters L{roller.store.job_lookup} leads with an index."""
+        return JobFilter(worker_id=self.worker, worker_group=self.group, task_name=self.task, states=self.states,
+                         batch_id=self.batch)
 
 
 class JobRow(NamedTuple):
@@ -132,14 +139,10 @@ def first_seq_at(c: Cursor, when: float, lo: int | None = None, hi: int | None =
     return lo
 
 
-def _where(q: JobQuery) -> Where:
+def _rest(q: JobQuery) -> Where:
+    """The filters no index answers: checked on the rows read."""
     w = Where()
-    w.one_of("state", q.states)
-    w.equal("task_name", q.task)
-    w.equal("worker_group", q.group)
-    w.equal("worker_id", q.worker)
-    w.equal("requester", q.requester)
-    w.equal("batch_id", q.batch)
+    w.equal("CAST(requester AS TEXT)", q.requester)
     if q.pool is not None:
         w.add("EXISTS (SELECT 1 FROM machines m WHERE m.worker_group = jobs.worker_group"
               " AND m.worker_id = jobs.worker_id AND m.pool = ?)", q.pool)
@@ -150,9 +153,21 @@ def _where(q: JobQuery) -> Where:
     return w
 
 
-def _select(q: JobQuery) -> tuple[str, list]:
-    """The page's statement for C{q}, and its arguments before the range's (seq < ?, seq >= ?, limit)."""
-    w = _where(q)
+def _walk(q: JobQuery) -> tuple[str, list]:
+    """
+    The statement of one span of a bounded walk, and its arguments before
+    the span's (seq < ?, seq >= ?, limit): every filter is checked on the
+    rows of the span (expressions, so SQLite walks the primary key).
+    """
+    w = Where()
+    w.one_of("CAST(state AS TEXT)", q.states)
+    w.equal("CAST(task_name AS TEXT)", q.task)
+    w.equal("CAST(worker_group AS TEXT)", q.group)
+    w.equal("CAST(worker_id AS TEXT)", q.worker)
+    w.equal("CAST(batch_id AS TEXT)", q.batch)
+    rest = _rest(q)
+    w.conditions += rest.conditions
+    w.args += rest.args
     return (f"SELECT {_ROW_COLUMNS} FROM jobs{w.clause}{' AND' if w.conditions else ' WHERE'}"
             " seq < ? AND seq >= ? ORDER BY seq DESC LIMIT ?", w.args)
 
@@ -168,20 +183,12 @@ def history_page(c: Cursor, q: JobQuery, limit: int, max_scan: int) -> HistoryPa
         hi = min(hi, first_seq_at(c, q.until, lo_all, hi_all))
     lo = lo_all if q.since is None else first_seq_at(c, q.since, lo_all, hi_all)
     rows: list[JobRow] = []
-    if q.indexed and len(q.states) > 1:
-        # one walk of jobs_state (state, seq) per state, merged: IN over several states would
-        # read every matching entry of the range and sort them
-        for state in q.states:
-            sql, args = _select(evolve(q, states=(state,)))
-            rows += [JobRow._make(r) for r in c.execute(sql, [*args, hi, lo, limit + 1])]
-        rows = sorted(rows, key=lambda r: r.seq, reverse=True)[:limit + 1]
-        cursor = lo
-    elif q.indexed:
-        sql, args = _select(q)
-        rows = [JobRow._make(r) for r in c.execute(sql, [*args, hi, lo, limit + 1])]
+    if q.indexed:
+        rows = [JobRow._make(r) for r in newest(c, f"SELECT {_ROW_COLUMNS} FROM jobs", q.filter, before=hi, since=lo,
+                                                limit=limit + 1, extra=_rest(q))]
         cursor = lo
     else:
-        sql, args = _select(q)
+        sql, args = _walk(q)
         cursor, scanned = hi, 0
         while len(rows) <= limit and cursor > lo and scanned < max_scan:
             start = max(lo, cursor - min(SPAN, max_scan - scanned))

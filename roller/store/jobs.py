@@ -13,6 +13,7 @@ from twisted.internet.defer import Deferred
 from roller.jobs import Job, JobEvent, State
 from roller.store.audit import AuditEntry, add_audits
 from roller.store.db import Cursor, Database, insert_rows
+from roller.store.job_lookup import JobFilter, newest
 from roller.store.where import Where
 
 _COLUMNS = (
@@ -137,15 +138,15 @@ class JobTable:
         limit: int = 50,
         batch_id: str | None = None,
     ) -> Deferred[builtins.list[Job]]:
-        """Newest first; C{before} is a C{seq} cursor for the next page."""
-        w = Where().equal("worker_id", worker_id).equal("worker_group", worker_group).equal("task_name", task_name)
-        w.equal("batch_id", batch_id)
-        w.one_of("state", [s.value for s in states])
-        if before is not None:
-            w.add("seq < ?", before)
-        sql = f"SELECT seq, {_COLUMNS} FROM jobs{w.clause} ORDER BY seq DESC LIMIT ?"
-        args = [*w.args, limit]
-        return self._db.read(lambda c: [_job(r) for r in c.execute(sql, args).fetchall()])
+        """
+        Newest first; C{before} is a C{seq} cursor for the next page.  Each
+        filter is read through an index (L{roller.store.job_lookup}), but a
+        worker group alone, through the primary key.
+        """
+        f = JobFilter(worker_id=worker_id, worker_group=worker_group, task_name=task_name,
+                      states=tuple(s.value for s in states), batch_id=batch_id)
+        select = f"SELECT seq, {_COLUMNS} FROM jobs"
+        return self._db.read(lambda c: [_job(r) for r in newest(c, select, f, before=before, limit=limit)])
 
     def jobs_of_batch(self, batch_id: str) -> Deferred[builtins.list[Job]]:
         """Every job of batch C{batch_id} (through the partial C{jobs_batch} index), oldest first."""

@@ -292,4 +292,15 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (version, worker_group, worker_id)
     );
     """,
+    # 15: history lookups by index (tests/test_query_plans.py shows each plan):
+    #     jobs_task_state serves a task filter across the fleet, alone or with
+    #     states (one walk per state, newest first, merged: a filter with no rows
+    #     reads nothing; jobs_task, dropped by 4, left that to a walk over the
+    #     whole history); audit_target serves the audit log of one target (the
+    #     machine page, C{/audit?target=}), which scanned the table.  Each costs a
+    #     submission one index insert at the end of a short range of keys.
+    """
+    CREATE INDEX jobs_task_state ON jobs (task_name, state, seq);
+    CREATE INDEX audit_target ON audit (target, id);
+    """,
 ]

@@ -113,11 +113,14 @@ def jobs_by_state(c: Cursor, since: int, until: int, width: int) -> Buckets:
 def failures_by_pool(c: Cursor, since: float, until: float) -> list[PoolFailures]:
     """Per pool (the machines' current pools), the jobs that ended in [since, until) and how many failed."""
     marks = ", ".join("?" * len(FAILED))
-    # counted per machine first, then one machines lookup per machine rather than per job
+    # counted per machine first, then one machines lookup per machine rather than per job; grouped by
+    # expressions, so SQLite reads the window's range of the primary key rather than all of jobs_machine
+    # (which is in the machines' order)
     rows = c.execute(
-        "SELECT m.pool, sum(x.n), sum(x.f) FROM (SELECT worker_group AS g, worker_id AS w, count(*) AS n,"
+        "SELECT m.pool, sum(x.n), sum(x.f) FROM (SELECT CAST(worker_group AS TEXT) AS g,"
+        " CAST(worker_id AS TEXT) AS w, count(*) AS n,"
         f" sum(CASE WHEN state IN ({marks}) THEN 1 ELSE 0 END) AS f FROM jobs"
-        " WHERE seq >= ? AND finished_at >= ? AND finished_at < ? GROUP BY worker_group, worker_id) x"
+        " WHERE seq >= ? AND finished_at >= ? AND finished_at < ? GROUP BY 1, 2) x"
         " LEFT JOIN machines m ON m.worker_group = x.g AND m.worker_id = x.w GROUP BY m.pool",
         (*FAILED, _window_seq(c, since), since, until)).fetchall()
     out = [PoolFailures(pool, finished, failed or 0) for pool, finished, failed in rows]
