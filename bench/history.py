@@ -4,14 +4,16 @@ their events, side by side with the same roller on a database without
 history (the same machines), measured in the same run.  Manual; not part
 of CI.  See bench/README.md.
 
-    python bench/history.py [--jobs N] [--events N] [--machines N] [--requests N] [--quick] [--keep]
+    python bench/history.py [--jobs N] [--events N] [--machines N] [--requests N] [--lookups N] [--quick] [--keep]
 
 Both databases are made by roller (`roller jobs` creates and migrates
 one), get the same machines through roller's own store (common.seed_db)
-and a dashboard account; the full one then gets N finished `ping` jobs with
-E events each (queued, running, log lines, the end), written straight into
-the file with executemany in this process: 90% of them ended 100 to 465
-days ago, the rest in the last 10 days.  Then, for each database:
+and two dashboard accounts (a viewer, and an admin, who sees a machine
+page's audit log); the full one then gets N finished `ping` jobs with E
+events each (queued, running, log lines, the end) and the audit entry of
+each one's request, and a returned loan every 1000 jobs, written straight
+into the file with executemany in this process: 90% of them ended 100 to
+465 days ago, the rest in the last 10 days.  Then, for each database:
 
 - start-up: `twistd roller` started 3 times, until `/__lbheartbeat__`
   answers (the median is reported);
@@ -20,6 +22,12 @@ days ago, the rest in the last 10 days.  Then, for each database:
   caches its queries until the next commit, so this process commits to the
   database (the heartbeat row) before each fleet request: every one is
   computed afresh, the worst case;
+- the history's lookups (goal: p50 under 5 ms and p99 under 20 ms on the
+  full database), sequential keep-alive requests, p50 and p99, each over
+  the machines in turn: the machine page (as the admin), the audit log of a
+  machine and of a target with no entries, jobs by task (one with no jobs,
+  and `ping`), by state (`failed`, and `running`: none), by worker, the
+  `/jobs` page of a task with no jobs, loans (newest, active);
 - pruning: `roller db prune --json` with the default history.* settings
   (roller stopped): the 90% older than history.keep_days go, with their
   events; its time, transactions and longest write-lock hold;
@@ -41,10 +49,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 from common import ROLLER_TWISTD, Procs, free_port, percentile, report, roller_env, seed_db, wait_ready
 from dashboard import BENCH_PASSWORD, BENCH_USER, sign_in
+
+#: the account that sees a machine page's audit log
+ADMIN_USER = "bench-admin"
 
 DAY = 86400.0
 ROLLER_CONFIG = """\
@@ -63,21 +75,26 @@ def make_db(state: str, config: str, machines: int) -> str:
     env = roller_env()
     db = os.path.join(state, "roller.db")
     seed_db(db, "bh", machines, env=env, cwd=state)
-    subprocess.run([sys.executable, "-m", "roller.cli", "--state-dir", state, "--config", config, "user", "add",
-                    BENCH_USER, "--role", "viewer", "--password-stdin"], input=BENCH_PASSWORD + "\n", text=True,
-                   env=env, cwd=state, check=True, stdout=subprocess.DEVNULL)
+    for user, role in ((BENCH_USER, "viewer"), (ADMIN_USER, "admin")):
+        subprocess.run([sys.executable, "-m", "roller.cli", "--state-dir", state, "--config", config, "user", "add",
+                        user, "--role", role, "--password-stdin"], input=BENCH_PASSWORD + "\n", text=True,
+                       env=env, cwd=state, check=True, stdout=subprocess.DEVNULL)
     return db
 
 
 def seed_history(db: str, jobs: int, events: int, machines: int) -> None:
-    """C{jobs} finished pings with C{events} events each, by executemany in one transaction per 50 000 jobs."""
+    """
+    C{jobs} finished pings with C{events} events each, the audit entry of
+    each one's request, and a returned loan every 1000 jobs, by executemany
+    in one transaction per 50 000 jobs.
+    """
     now = time.time()
     old = int(jobs * 0.9)
     conn = sqlite3.connect(db, isolation_level=None)
     conn.execute("PRAGMA synchronous=OFF")
     chunk = 50_000
     for start in range(0, jobs, chunk):
-        job_rows, event_rows = [], []
+        job_rows, event_rows, audit_rows, loan_rows = [], [], [], []
         for n in range(start, min(jobs, start + chunk)):
             if n < old:  # spread over 100 .. 465 days ago, oldest first
                 end = now - (465 - 365 * n / old) * DAY
@@ -91,6 +108,10 @@ def seed_history(db: str, jobs: int, events: int, machines: int) -> None:
                              None if failed else "3/3 replies, rtt 0.05 ms",
                              f"no reply from {worker} (3 pings)" if failed else None))
             event_rows.append((jid, end - 3, "state", "queued", '{"state": "queued"}'))
+            audit_rows.append((end - 3, "bench", "127.0.0.1", "job.create:ping", f"bench/{worker}",
+                               f"queued {jid}"))
+            if n % 1000 == 999:
+                loan_rows.append(("bench", worker, "bench", "a bench loan", end - 3, end + DAY, end + 3600))
             if events > 1:
                 event_rows.append((jid, end - 2.9, "state", "running", '{"state": "running"}'))
             for i in range(max(0, events - 3)):
@@ -105,6 +126,10 @@ def seed_history(db: str, jobs: int, events: int, machines: int) -> None:
                          " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", job_rows)
         conn.executemany("INSERT INTO job_events (job_id, time, kind, message, data) VALUES (?, ?, ?, ?, ?)",
                          event_rows)
+        conn.executemany("INSERT INTO audit (time, actor, source_ip, action, target, result) VALUES (?, ?, ?, ?, ?, ?)",
+                         audit_rows)
+        conn.executemany("INSERT INTO loans (worker_group, worker_id, borrower, reason, started_at, expires_at,"
+                         " returned_at) VALUES (?, ?, ?, ?, ?, ?, ?)", loan_rows)
         conn.execute("COMMIT")
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.close()
@@ -124,17 +149,19 @@ def start(servers: Procs, state: str, config: str) -> tuple[subprocess.Popen, in
     return proc, port, time.perf_counter() - t0
 
 
-def timed_gets(port: int, path: str, n: int, cookie: str = "", before: Any = None) -> dict[str, Any]:
+def timed_gets(port: int, path: str | Callable[[int], str], n: int, cookie: str = "",
+               before: Any = None) -> dict[str, Any]:
+    """C{n} sequential GETs of C{path} (or of C{path(i)} for the i-th): p50 and p99 in ms, statuses, size."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     lat: list[float] = []
     statuses: dict[int, int] = {}
     size = 0
     try:
-        for _ in range(n):
+        for i in range(n):
             if before is not None:
                 before()
             t0 = time.perf_counter()
-            conn.request("GET", path, headers={"Cookie": cookie} if cookie else {})
+            conn.request("GET", path(i) if callable(path) else path, headers={"Cookie": cookie} if cookie else {})
             r = conn.getresponse()
             body = r.read()
             lat.append(time.perf_counter() - t0)
@@ -146,7 +173,25 @@ def timed_gets(port: int, path: str, n: int, cookie: str = "", before: Any = Non
             "size": size}
 
 
-def measure(name: str, state: str, config: str, db: str, requests: int, servers: Procs) -> dict[str, Any]:
+def lookups(machines: int) -> dict[str, tuple[Callable[[int], str], bool]]:
+    """The history's lookups: label -> (the path of the i-th request, whether it needs the admin's session)."""
+    return {
+        "machine page": (lambda i: f"/machines/bench/bh{i * 7 % machines}", True),
+        "audit by target": (lambda i: f"/api/v1/audit?target=bench/bh{i * 7 % machines}&limit=50", False),
+        "audit, target with none": (lambda i: "/api/v1/audit?target=nobody&limit=50", False),
+        "jobs by task, none": (lambda i: "/api/v1/jobs?task_name=nope&limit=50", False),
+        "jobs by task": (lambda i: "/api/v1/jobs?task_name=ping&limit=50", False),
+        "jobs by state": (lambda i: "/api/v1/jobs?state=failed&limit=50", False),
+        "jobs by state, none": (lambda i: "/api/v1/jobs?state=running&limit=50", False),
+        "jobs by worker": (lambda i: f"/api/v1/jobs?worker_id=bh{i * 7 % machines}&limit=50", False),
+        "/jobs page, task with none": (lambda i: "/jobs?task=nope", True),
+        "loans": (lambda i: "/api/v1/loans?limit=100", False),
+        "loans, active": (lambda i: "/api/v1/loans?active=true", False),
+    }
+
+
+def measure(name: str, state: str, config: str, db: str, requests: int, servers: Procs, n_lookups: int,
+            machines: int) -> dict[str, Any]:
     out: dict[str, Any] = {"size_before": file_size(db)}
     starts = []
     for _ in range(3):
@@ -170,6 +215,12 @@ def measure(name: str, state: str, config: str, db: str, requests: int, servers:
         commits.close()
         print(f"  {name}: GET /api/v1/jobs?limit=50 p50 {out['jobs']['p50']:.1f} ms p99 {out['jobs']['p99']:.1f} ms;"
               f" fleet page p50 {out['fleet']['p50']:.1f} ms p99 {out['fleet']['p99']:.1f} ms", flush=True)
+        admin = sign_in(port, ADMIN_USER)
+        out["lookups"] = {}
+        for label, (path, as_admin) in lookups(machines).items():
+            timed_gets(port, path, 3, admin)  # warm up
+            out["lookups"][label] = r = timed_gets(port, path, n_lookups, admin if as_admin else "")
+            print(f"  {name}: {label} p50 {r['p50']:.1f} ms p99 {r['p99']:.1f} ms", flush=True)
     finally:
         servers.stop(proc)
     t0 = time.perf_counter()
@@ -196,11 +247,14 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=5, help="events per job: queued, running, log lines, end (5)")
     parser.add_argument("--machines", type=int, default=1000, help="machines in both databases (1000)")
     parser.add_argument("--requests", type=int, default=300, help="sequential GETs of /api/v1/jobs?limit=50 (300)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 20 000 jobs, 200 machines, 50 requests")
+    parser.add_argument("--lookups", type=int, default=200, help="sequential GETs of each history lookup (200)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 20 000 jobs, 200 machines, 50 requests, 30 of each lookup")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, databases)")
     args = parser.parse_args()
     if args.quick:
         args.jobs, args.machines, args.requests = min(args.jobs, 20_000), min(args.machines, 200), 50
+        args.lookups = min(args.lookups, 30)
 
     workdir = tempfile.mkdtemp(prefix="roller-bench-history-")
     config = os.path.join(workdir, "bench.toml")
@@ -220,7 +274,8 @@ def main() -> None:
         print(f"  full: {args.jobs:,} jobs and {args.jobs * args.events:,} events written in "
               f"{time.perf_counter() - t0:.0f} s ({file_size(dbs['full']) / 1e6:.0f} MB)", flush=True)
         for name in ("empty", "full"):
-            results[name] = measure(name, os.path.join(workdir, name), config, dbs[name], args.requests, servers)
+            results[name] = measure(name, os.path.join(workdir, name), config, dbs[name], args.requests, servers,
+                                    args.lookups, args.machines)
     finally:
         servers.stop_all()
         if not args.keep:
@@ -240,6 +295,9 @@ def main() -> None:
         ("file before (MB)", f["size_before"] / 1e6, e["size_before"] / 1e6, "{:.1f}"),
         ("file after prune (MB)", f["size_after"] / 1e6, e["size_after"] / 1e6, "{:.1f}"),
     ]
+    for label in f["lookups"]:
+        for p in ("p50", "p99"):
+            rows.append((f"{label} {p} (ms)", f["lookups"][label][p], e["lookups"][label][p], "{:.1f}"))
     for label, full, empty, fmt in rows:
         ratio = f"{full / empty:6.2f}x" if empty else "     -"
         print(f"{label:<36} {fmt.format(full):>22} {fmt.format(empty):>14}   {ratio}")
@@ -250,6 +308,13 @@ def main() -> None:
         for what in ("jobs", "fleet"):
             if set(r[what]["statuses"]) != {200}:
                 problems.append(f"{name}: {what} statuses {r[what]['statuses']}")
+        for label, got in r["lookups"].items():
+            if set(got["statuses"]) != {200}:
+                problems.append(f"{name}: {label} statuses {got['statuses']}")
+    for label, got in f["lookups"].items():  # goal 3 of issue 18
+        if got["p50"] >= 5 or got["p99"] >= 20:
+            problems.append(f"{label}: p50 {got['p50']:.1f} ms, p99 {got['p99']:.1f} ms on the full database "
+                            "(goal: under 5 and 20 ms)")
     expected = int(args.jobs * 0.9)
     if f["prune"]["counts"]["jobs"] != expected:
         problems.append(f"pruned {f['prune']['counts']['jobs']} jobs, expected {expected}")
