@@ -372,6 +372,7 @@ FILTERS = [
     {"worker_id": "m1", "states": ["failed", "queued"]}, {"worker_id": "m7", "worker_group": "g1"},
     {"worker_id": "m1", "worker_group": "g2", "task_name": "ping"}, {"batch_id": "batch-1"},
     {"batch_id": "batch-1", "states": ["failed"], "worker_group": "g1"}, {"worker_group": "g2"},
+    {"states": ["failed", "failed"]}, {"task_name": "ping", "states": ["queued", "queued", "running"]},
 ]
 
 

@@ -76,20 +76,21 @@ def leads(c: Cursor, f: JobFilter) -> tuple[list[Where], Where] | None:
     leads (a worker group alone).
     """
     rest = Where()
+    states = list(dict.fromkeys(f.states))  # (a state asked for twice is walked once)
     if f.batch_id is not None:
         walks = [Where().equal("batch_id", f.batch_id)]
         rest.equal(_checked("worker_id"), f.worker_id).equal(_checked("worker_group"), f.worker_group)
-        rest.equal(_checked("task_name"), f.task_name).one_of(_checked("state"), f.states)
+        rest.equal(_checked("task_name"), f.task_name).one_of(_checked("state"), states)
     elif f.worker_id is not None:
         groups = [f.worker_group] if f.worker_group is not None else groups_of(c, f.worker_id)
         walks = [Where().equal("worker_id", f.worker_id).equal("worker_group", g).equal("task_name", f.task_name)
                  for g in groups]
-        rest.one_of(_checked("state"), f.states)
+        rest.one_of(_checked("state"), states)
     elif f.task_name is not None:
-        walks = [Where().equal("task_name", f.task_name).equal("state", s) for s in (f.states or STATES)]
+        walks = [Where().equal("task_name", f.task_name).equal("state", s) for s in (states or STATES)]
         rest.equal(_checked("worker_group"), f.worker_group)
-    elif f.states:
-        walks = [Where().equal("state", s) for s in f.states]
+    elif states:
+        walks = [Where().equal("state", s) for s in states]
         rest.equal(_checked("worker_group"), f.worker_group)
     elif f.worker_group is not None:
         return None
