@@ -121,7 +121,9 @@ WAL_SIZE_LIMIT = 64 << 20
 #: 2 MB).  A long history's working set is the indexes every submission writes into at scattered
 #: places (jobs_machine, jobs_machine_task, audit_target) and the pages the lookups read; with 2 MB
 #: each of those is a read from the file.  Pages are allocated as they are used: a small database
-#: costs no more; at most 2 x 64 MB (the checkpointer's connection keeps the default).
+#: costs no more; at most 2 x 64 MB (the checkpointer's connection keeps the default).  No
+#: mmap_size: a read error on a mapped page kills the process (SIGBUS) instead of becoming the
+#: storage fault roller reports and outlives (StorageUnavailable).
 CACHE_KIB = 64 << 10
 
 #: rows per multi-row INSERT (16 parameters a row stays far below SQLite's 32766)
