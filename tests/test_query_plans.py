@@ -349,7 +349,7 @@ def test_the_check_catches_scans_and_sorts(planned: tuple[Store, Recorder]) -> N
     assert plan("SELECT m.worker_id FROM machines m ORDER BY m.fqdn") == []  # the fleet, not the history
 
 
-# -- the index walks answer what the single statement did
+# -- the index walks answer what the single statement did, on both engines
 
 
 def _expected(jobs: list[dict[str, Any]], limit: int, before: int | None = None, **f: Any) -> list[str]:
@@ -377,8 +377,8 @@ FILTERS = [
 
 
 @pytest.mark.parametrize("f", FILTERS, ids=[",".join(f"{k}={v}" for k, v in f.items()) or "all" for f in FILTERS])
-def test_job_list_matches_the_filter(tmp_path: Any, f: dict[str, Any]) -> None:
-    store, _ = sync_store(str(tmp_path / "roller.db"))
+def test_job_list_matches_the_filter(store_path: str, f: dict[str, Any]) -> None:
+    store, _ = sync_store(store_path)
     try:
         jobs = history(1500)
         fill(store, jobs)
