@@ -23,7 +23,11 @@ Klein app, on this machine.  Manual; not part of CI.  See bench/README.md.
    database (postgresql-2: half the connections and half the machines
    each, the two rates added), in the same rounds; the database server's
    own CPU per request is printed beside roller's.
-2. Memory: a fresh roller's VmRSS idle (10 000 machines POSTed) and holding
+   These rollers run no liveness sweeps (their machines are new: a first
+   round over all of them would load the machine while the others are
+   measured).  After the rounds, each target's CPU with no load, holding
+   its queued jobs, is printed ("idle"): rollers sharing a queue poll it.
+2. Memory (liveness sweeps on, as configured by default): a fresh roller's VmRSS idle (10 000 machines POSTed) and holding
    10 000 queued jobs (max_running = 1, ping count 10: one runs, the rest wait).
 
 The load generator is this file run as a separate process (--loadgen): stdlib
@@ -57,6 +61,15 @@ max_running = 1
 
 [tasks]
 allowed = ["ping"]
+"""
+
+#: for the throughput runs (the memory run keeps them)
+NO_SWEEPS = """
+# No liveness sweeps: the machines are new, and a first round over 120 000 of
+# them (each probed once and its first health written) would keep each roller
+# about 0.1 core busy while the others are measured.
+[health]
+enabled = false
 """
 
 MACHINE_BODY = '{"worker_id": "{id}", "worker_group": "bench", "ip": "{ip}"}'
@@ -315,7 +328,7 @@ def get_json(port: int, path: str) -> Any:
 
 
 def start_roller(servers: Procs, workdir: str, name: str, seed: int = 0, prefix: str = "bt",
-                 db_url: str | None = None) -> tuple[subprocess.Popen, int, str]:
+                 db_url: str | None = None, sweeps: bool = False) -> tuple[subprocess.Popen, int, str]:
     """
     A roller from the source tree on a fresh state dir; C{seed} machines
     C{prefix}0.. written to its database first, through roller's own store.
@@ -326,7 +339,7 @@ def start_roller(servers: Procs, workdir: str, name: str, seed: int = 0, prefix:
     os.makedirs(state)
     config = os.path.join(state, "bench.toml")
     with open(config, "w") as f:
-        f.write(ROLLER_CONFIG)
+        f.write(ROLLER_CONFIG if sweeps else ROLLER_CONFIG + NO_SWEEPS)
     db_path = db_url or os.path.join(state, "roller.db")
     env = roller_env()
     if db_url:
@@ -399,6 +412,7 @@ class Target:
         self.sent = self.created = 0
         self.before = db_counts(db_path)
         self.db_pid: int | None = None  # the PostgreSQL server's postmaster
+        self.idle = (0.0, 0.0)  # cores used by the rollers and the database server under no load
 
 
 def db_server_cpu(pid: int) -> float:
@@ -491,6 +505,21 @@ def start_targets(servers: Procs, workdir: str, engines: list[str], machines: in
     return targets
 
 
+IDLE_SECONDS = 10.0
+
+
+def idle_cost(target: Target, seconds: float) -> tuple[float, float]:
+    """Cores used by C{target}'s rollers and by its database server over C{seconds} of no load."""
+    def sample() -> tuple[float, float]:
+        return (sum(cpu_seconds(proc.pid) for proc, _ in target.rollers),
+                db_server_cpu(target.db_pid) if target.db_pid else 0.0)
+
+    before = sample()
+    time.sleep(seconds)
+    after = sample()
+    return (after[0] - before[0]) / seconds, (after[1] - before[1]) / seconds
+
+
 def bench_throughput(servers: Procs, workdir: str, args: argparse.Namespace) -> dict[str, Any]:
     """Rounds of bare klein and each engine's roller(s), in turn, same load; every figure kept."""
     port = free_port()
@@ -532,6 +561,8 @@ def bench_throughput(servers: Procs, workdir: str, args: argparse.Namespace) -> 
         first = targets[0]
         out["sent"], out["created"], out["db_jobs"] = first.sent, first.created, first.db_jobs
         out["db_states"], out["queue"] = first.db_states, first.queue
+        for target in targets:  # what each costs doing nothing but holding its queued jobs
+            target.idle = idle_cost(target, IDLE_SECONDS / 5 if args.quick else IDLE_SECONDS)
     finally:
         for target in targets:
             for proc, _ in target.rollers:
@@ -545,7 +576,7 @@ def bench_throughput(servers: Procs, workdir: str, args: argparse.Namespace) -> 
 def bench_memory(servers: Procs, workdir: str, args: argparse.Namespace) -> dict[str, Any]:
     jobs = args.jobs
     settle = 0.3 if args.quick else 1.0
-    proc, port, db_path = start_roller(servers, workdir, "memory")
+    proc, port, db_path = start_roller(servers, workdir, "memory", sweeps=True)
     try:
         out: dict[str, Any] = {"jobs": jobs, "start_mb": rss_mb(proc.pid)}
         made = create_machines(port, "bm", 0, jobs, args.concurrency)
@@ -662,6 +693,12 @@ def main() -> None:
               f"{best['rate'] / best_bare['rate']:.2f}x bare klein), p99 {best['p99_ms'] or 0:.1f} ms; CPU per request: "
               f"roller(s) {min(us_per_request(r) for r in thr[target.name]):.0f} us, database server "
               f"{min(r['db_cpu_us'] for r in thr[target.name]):.0f} us")
+    for target in thr["targets"]:
+        queued = sum(v for k, v in target.db_states.items() if k == "queued")
+        label = {"roller": "roller on SQLite", "roller-pg": "one roller on PostgreSQL",
+                 "roller-pg2": "two rollers on one PostgreSQL"}[target.name]
+        db = f", database server {target.idle[1]:.3f}" if target.db_pid else ""
+        print(f"idle, {queued} jobs queued: {label:<31} {target.idle[0]:.3f} cores (roller(s)){db}")
     line = (f"memory              idle {memory['idle_mb']:.1f} MB   {memory['jobs']} queued "
             f"{memory['loaded_mb']:.1f} MB   +{grow:.1f} MB")
     if scale != 1:
