@@ -9,10 +9,10 @@ requested, so a time bound becomes a C{seq} bound by a binary search over
 the primary key (L{first_seq_at}: a few dozen index probes, whatever the
 size of the history).
 
-Filters an index answers (a machine, a batch, a task, states) are read
-through it (L{roller.store.job_lookup}: a walk per state or group, merged).
-Others (pool, requester, a group without a machine) walk C{seq} backwards
-in spans of L{SPAN} jobs and look at no more than C{max_scan} jobs per
+Filters an index answers (a machine, a batch, a task, states, a group
+alone) are read through it (L{roller.store.job_lookup}: a walk per state or
+group, merged).  Others (pool, requester, a group with a task or states but
+no machine) walk C{seq} backwards in spans of L{SPAN} jobs and look at no more than C{max_scan} jobs per
 page: when a rare filter has not filled the page by then, the page says how
 far back it looked and its "older" cursor continues from there.  So no page
 ever reads the whole history.
@@ -59,7 +59,9 @@ class JobQuery:
         """Whether indexes answer the filters (L{roller.store.job_lookup}; no bounded walk needed)."""
         if self.batch is not None or self.worker is not None:  # jobs_batch; jobs_machine (worker_id, ...)
             return True
-        return self.pool is None and self.group is None and self.requester is None
+        if self.pool is not None or self.requester is not None:
+            return False
+        return self.group is None or (self.task is None and not self.states)  # a group alone: jobs_group
 
     @property
     def filter(self) -> JobFilter:

@@ -14,14 +14,13 @@ several walks are merged (L{newest}):
 - a task: C{jobs_task_state} (task_name, state, seq), one walk per state
   asked for (every state when none is);
 - states: C{jobs_state} (state, seq), one walk per state;
+- a worker group alone: C{jobs_group} (worker_group, seq);
 - nothing: the primary key.
 
 The other filters are checked on the rows a walk reads (within one
 machine's, one batch's, one task's or one state's jobs).  They are written
 as expressions (C{CAST(state AS TEXT)}) so that SQLite's planner, which has
-no statistics, never walks their index instead of the leading one's.  A
-worker group alone has no index (L{leads} says so): the API reads it
-through the primary key, the C{/jobs} page walks a bounded span.
+no statistics, never walks their index instead of the leading one's.
 """
 
 from __future__ import annotations
@@ -69,11 +68,10 @@ def groups_of(c: Cursor, worker_id: str) -> list[str]:
     return groups
 
 
-def leads(c: Cursor, f: JobFilter) -> tuple[list[Where], Where] | None:
+def leads(c: Cursor, f: JobFilter) -> tuple[list[Where], Where]:
     """
     The index walks answering C{f} (their leading equalities) and the
-    conditions left to check on the rows they read; C{None} when no index
-    leads (a worker group alone).
+    conditions left to check on the rows they read.
     """
     rest = Where()
     states = list(dict.fromkeys(f.states))  # (a state asked for twice is walked once)
@@ -92,10 +90,8 @@ def leads(c: Cursor, f: JobFilter) -> tuple[list[Where], Where] | None:
     elif states:
         walks = [Where().equal("state", s) for s in states]
         rest.equal(_checked("worker_group"), f.worker_group)
-    elif f.worker_group is not None:
-        return None
     else:
-        walks = [Where()]
+        walks = [Where().equal("worker_group", f.worker_group)]  # (no group: the primary key)
     return walks, rest
 
 
@@ -106,8 +102,7 @@ def newest(c: Cursor, select: str, f: JobFilter, *, before: int | None = None, s
     of the jobs matching C{f} and C{extra}, with C{since <= seq < before},
     newest first, at most C{limit}.
     """
-    found = leads(c, f)
-    walks, rest = found if found is not None else ([Where().equal("worker_group", f.worker_group)], Where())
+    walks, rest = leads(c, f)
     rows: list[Any] = []
     for walk in walks:
         conditions: list[str] = [*walk.conditions, *rest.conditions, *(extra.conditions if extra else ())]

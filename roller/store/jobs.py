@@ -140,8 +140,7 @@ class JobTable:
     ) -> Deferred[builtins.list[Job]]:
         """
         Newest first; C{before} is a C{seq} cursor for the next page.  Each
-        filter is read through an index (L{roller.store.job_lookup}), but a
-        worker group alone, through the primary key.
+        filter is read through an index (L{roller.store.job_lookup}).
         """
         f = JobFilter(worker_id=worker_id, worker_group=worker_group, task_name=task_name,
                       states=tuple(s.value for s in states), batch_id=batch_id)

@@ -303,4 +303,11 @@ MIGRATIONS: list[str] = [
     CREATE INDEX jobs_task_state ON jobs (task_name, state, seq);
     CREATE INDEX audit_target ON audit (target, id);
     """,
+    # 16: jobs_group serves the API's job list by worker group alone, the last
+    #     filter that read the history through the primary key (a group with no
+    #     jobs read all of it); like 15's, its insert lands at the end of a
+    #     group's range of keys (about 2 us a submission)
+    """
+    CREATE INDEX jobs_group ON jobs (worker_group, seq);
+    """,
 ]
