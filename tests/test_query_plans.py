@@ -39,7 +39,8 @@ On PostgreSQL (C{EXPLAIN} with C{enable_seqscan} off) the planner always
 has statistics, and rightly walks the primary key for a filter most rows
 match; so there the lookups whose filter matches nothing are judged
 (L{PG_CASES}): each must be answered by an index on the filter's columns,
-not a sequential scan nor an index walked whole with a filter.
+not a sequential scan nor an index walked whole (with a filter, or for a
+later column than its first).
 """
 
 from __future__ import annotations
