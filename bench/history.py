@@ -28,6 +28,9 @@ into the file with executemany in this process: 90% of them ended 100 to
   machine and of a target with no entries, jobs by task (one with no jobs,
   and `ping`), by state (`failed`, and `running`: none), by worker, the
   `/jobs` page of a task with no jobs, loans (newest, active);
+- job submissions: one new `ping` job per machine through the API (16
+  connections; one runs at a time): rate, p50/p99 and roller's CPU per
+  submission (goal: within 1.2x of the empty database's);
 - pruning: `roller db prune --json` with the default history.* settings
   (roller stopped): the 90% older than history.keep_days go, with their
   events; its time, transactions and longest write-lock hold;
@@ -52,7 +55,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from common import ROLLER_TWISTD, Procs, free_port, percentile, report, roller_env, seed_db, wait_ready
+from common import ROLLER_TWISTD, Procs, cpu_seconds, free_port, percentile, report, roller_env, seed_db, wait_ready
+from submit import SUBMIT_PATH, run_loadgen
 from dashboard import BENCH_PASSWORD, BENCH_USER, sign_in
 
 #: the account that sees a machine page's audit log
@@ -60,7 +64,10 @@ ADMIN_USER = "bench-admin"
 
 DAY = 86400.0
 ROLLER_CONFIG = """\
-# bench/history.py: nothing runs; every job in the database is finished.
+# bench/history.py: every job in the database is finished; of the jobs the
+# submission run adds, one runs at a time (pings to 127.0.0.x).
+[queue]
+max_running = 1
 [tasks]
 allowed = ["ping"]
 [health]
@@ -190,6 +197,16 @@ def lookups(machines: int) -> dict[str, tuple[Callable[[int], str], bool]]:
     }
 
 
+def submissions(pid: int, port: int, machines: int) -> dict[str, Any]:
+    """One new job per machine through the API, 16 connections: rate, p50/p99, roller CPU per submission."""
+    cpu0 = cpu_seconds(pid)
+    r = run_loadgen({"host": "127.0.0.1", "port": port, "concurrency": 16, "method": "POST", "path": SUBMIT_PATH,
+                     "prefix": "bh", "first": 0, "count": machines})
+    cpu = cpu_seconds(pid) - cpu0
+    return {"rate": r["rate"], "p50": r["p50_ms"] or 0.0, "p99": r["p99_ms"] or 0.0,
+            "cpu_us": 1e6 * cpu / machines, "statuses": r["statuses"]}
+
+
 def measure(name: str, state: str, config: str, db: str, requests: int, servers: Procs, n_lookups: int,
             machines: int) -> dict[str, Any]:
     out: dict[str, Any] = {"size_before": file_size(db)}
@@ -221,6 +238,10 @@ def measure(name: str, state: str, config: str, db: str, requests: int, servers:
             timed_gets(port, path, 3, admin)  # warm up
             out["lookups"][label] = r = timed_gets(port, path, n_lookups, admin if as_admin else "")
             print(f"  {name}: {label} p50 {r['p50']:.1f} ms p99 {r['p99']:.1f} ms", flush=True)
+        out["submit"] = submissions(proc.pid, port, machines)
+        r = out["submit"]
+        print(f"  {name}: {machines} job submissions {r['rate']:.0f}/s p50 {r['p50']:.1f} ms p99 {r['p99']:.1f} ms,"
+              f" roller CPU {r['cpu_us']:.0f} us each", flush=True)
     finally:
         servers.stop(proc)
     t0 = time.perf_counter()
@@ -290,6 +311,9 @@ def main() -> None:
         ("GET /api/v1/jobs?limit=50 p99 (ms)", f["jobs"]["p99"], e["jobs"]["p99"], "{:.1f}"),
         ("fleet page p50 (ms)", f["fleet"]["p50"], e["fleet"]["p50"], "{:.1f}"),
         ("fleet page p99 (ms)", f["fleet"]["p99"], e["fleet"]["p99"], "{:.1f}"),
+        ("job submissions/s", f["submit"]["rate"], e["submit"]["rate"], "{:.0f}"),
+        ("job submission p99 (ms)", f["submit"]["p99"], e["submit"]["p99"], "{:.1f}"),
+        ("job submission, roller CPU (us)", f["submit"]["cpu_us"], e["submit"]["cpu_us"], "{:.0f}"),
         ("prune (s)", f["prune"]["seconds"], e["prune"]["seconds"], "{:.1f}"),
         ("prune, longest write-lock hold (ms)", f["prune"]["max_hold_ms"], e["prune"]["max_hold_ms"], "{:.1f}"),
         ("file before (MB)", f["size_before"] / 1e6, e["size_before"] / 1e6, "{:.1f}"),
@@ -308,6 +332,8 @@ def main() -> None:
         for what in ("jobs", "fleet"):
             if set(r[what]["statuses"]) != {200}:
                 problems.append(f"{name}: {what} statuses {r[what]['statuses']}")
+        if r["submit"]["statuses"] != {201: args.machines}:
+            problems.append(f"{name}: submissions answered {r['submit']['statuses']}, not {args.machines} x 201")
         for label, got in r["lookups"].items():
             if set(got["statuses"]) != {200}:
                 problems.append(f"{name}: {label} statuses {got['statuses']}")
@@ -315,6 +341,9 @@ def main() -> None:
         if got["p50"] >= 5 or got["p99"] >= 20:
             problems.append(f"{label}: p50 {got['p50']:.1f} ms, p99 {got['p99']:.1f} ms on the full database "
                             "(goal: under 5 and 20 ms)")
+    if f["submit"]["cpu_us"] > 1.2 * e["submit"]["cpu_us"]:  # goal 3 of issue 18
+        problems.append(f"a job submission costs {f['submit']['cpu_us']:.0f} us of roller CPU on the full database, "
+                        f"{f['submit']['cpu_us'] / e['submit']['cpu_us']:.2f}x the empty one's (goal: within 1.2x)")
     expected = int(args.jobs * 0.9)
     if f["prune"]["counts"]["jobs"] != expected:
         problems.append(f"pruned {f['prune']['counts']['jobs']} jobs, expected {expected}")
