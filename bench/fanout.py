@@ -582,7 +582,7 @@ def describe(r: dict[str, Any]) -> str:
             f"x{r['get_n']} p50 {r['get_p50_ms']:.1f} ms p99 {r['get_p99_ms']:.1f} ms max {r['get_max_ms']:.0f} ms "
             f"(late {r['sampler']['late']}, statuses {r['sampler']['statuses']}; slowest (s after the "
             f"first job was created, ms) {r['sampler']['slowest']}); CPU roller "
-            f"{r['roller_cpu_s']:.1f} s fleet {r['fleet_cpu_s']:.1f} s bench clients {r['bench_cpu_s']:.1f} s, "
+            f"{r['roller_cpu_s']:.1f} s ({1000 * r['roller_cpu_s'] / r['count']:.2f} ms per job) fleet {r['fleet_cpu_s']:.1f} s bench clients {r['bench_cpu_s']:.1f} s, "
             f"others {r['others_cores']:.2f} cores; "
             f"roller peak RSS "
             f"{r['roller_peak_rss_mb']:.0f} MB")
@@ -668,6 +668,9 @@ def main() -> None:
         r = results["roller"]
         print(f"{'roller, all at once':<36} {fmt_s(r['wall_s']):>9} {r['get_p50_ms']:6.1f}ms {r['get_p99_ms']:6.1f}ms"
               f"  {r['states'].get('succeeded', 0)}/{r['count']} verified (target <= {target:g} s, p99 < 100 ms)")
+        print(f"{'  roller CPU per reboot':<36} {1000 * r['roller_cpu_s'] / r['count']:7.2f}ms {'':>8} {'':>8}  "
+              f"{r['roller_cpu_s']:.1f} s of roller CPU / {r['count']} reboots, from after the import to the end "
+              f"(submissions, SSH, liveness polls, the store, the sampler's GETs)")
         if r["states"].get("succeeded", 0) != r["count"]:
             problems.append(f"roller run: states {r['states']}: {r['failed_examples']}")
         if not r["wall_s"] <= target:

@@ -9,7 +9,9 @@ towards 127.0.0.0/8 and ::1.
 
 from __future__ import annotations
 
+import errno
 import os
+import select
 import shutil
 import socket
 import stat
@@ -24,7 +26,7 @@ from twisted.internet.interfaces import IReactorProcess
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
@@ -38,6 +40,7 @@ from roller.drivers.liveness import (
     liveness_for,
     validate_address,
 )
+from roller.drivers.liveness_socket import describe_errno
 from roller.testing.process import ping_skip_reason
 from roller.testing.results import eventually
 
@@ -592,6 +595,152 @@ class TcpConnectTests(SynchronousTestCase):
         failure = self.failureResultOf(d, LivenessError)
         self.assertIn("does not resolve", str(failure.value))
         self.assertEqual(self.reactor.tcpClients, [])
+
+
+# ------------------------------------------------------------ TcpConnect on a plain socket
+
+
+class PlainSocketTests(SynchronousTestCase):
+    """
+    L{TcpConnect} with C{plain_socket=True} on a L{MemoryReactorClock}: real
+    non-blocking sockets towards loopback; the test plays the reactor
+    (calls C{doWrite}/C{connectionLost} on the registered descriptor).
+    """
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.seen: list[str] = []
+        self.tcp = TcpConnect(self.reactor, 22, on_line=self.seen.append, plain_socket=True)
+        self.server = socket.socket()
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen(8)
+        self.addCleanup(self.server.close)
+        self.listening = self.server.getsockname()[1]
+        closed = socket.socket()
+        closed.bind(("127.0.0.1", 0))
+        self.closed = closed.getsockname()[1]
+        closed.close()
+
+    def start(self, port: int, address: str = "127.0.0.1") -> tuple[Deferred, Any]:
+        self.tcp.port = port
+        d = self.tcp.check(address)
+        self.assertNoResult(d)
+        [attempt] = self.reactor.getWriters()
+        return d, attempt
+
+    def writable(self, attempt: Any) -> None:
+        """Wait (on the real socket, up to 5 s) until the kernel has decided the connect."""
+        select.select([], [attempt.fileno()], [], 5.0)
+
+    def assert_released(self, attempt: Any) -> None:
+        self.assertEqual(self.reactor.getWriters(), [])
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        self.assertEqual(attempt.fileno(), -1)
+        self.assertEqual(attempt.sock.fileno(), -1)  # closed
+
+    def test_listening_port_is_alive_and_closed(self) -> None:
+        d, attempt = self.start(self.listening)
+        self.writable(attempt)
+        self.reactor.advance(0.25)
+        attempt.doWrite()
+        result = self.successResultOf(d)
+        where = f"127.0.0.1:{self.listening}"
+        self.assertTrue(result.alive)
+        self.assertEqual(result.detail, f"connected to {where} in 250.0 ms")
+        self.assertEqual(result.lines, (f"connecting to {where}", result.detail))
+        self.assertEqual(self.seen, list(result.lines))
+        self.assert_released(attempt)
+        # the server saw a connection, closed by the probe at once
+        self.server.settimeout(5)
+        accepted, _ = self.server.accept()
+        with accepted:
+            accepted.settimeout(5)
+            self.assertEqual(accepted.recv(10), b"")
+        self.assertEqual(self.reactor.tcpClients, [])  # no Twisted TCP client
+
+    def test_refused_is_not_alive(self) -> None:
+        d, attempt = self.start(self.closed)
+        self.writable(attempt)
+        attempt.doWrite()
+        result = self.successResultOf(d)
+        self.assertFalse(result.alive)
+        self.assertEqual(result.detail, f"connection refused by 127.0.0.1:{self.closed}")
+        self.assertEqual(self.seen[-1], result.detail)
+        self.assert_released(attempt)
+
+    def test_refused_seen_as_connection_lost(self) -> None:
+        """epoll reports a refused connect as an error: the reactor calls connectionLost."""
+        d, attempt = self.start(self.closed)
+        self.writable(attempt)
+        self.reactor.removeWriter(attempt)  # what the reactor does before connectionLost
+        attempt.connectionLost(Failure(error.ConnectionLost()))
+        self.assertEqual(self.successResultOf(d).detail, f"connection refused by 127.0.0.1:{self.closed}")
+        self.assert_released(attempt)
+        attempt.doWrite()  # a late second call changes nothing
+
+    def test_timeout_is_not_alive_and_closes(self) -> None:
+        d, attempt = self.start(self.listening)
+        self.reactor.advance(4.9)
+        self.assertNoResult(d)
+        self.reactor.advance(0.1)
+        result = self.successResultOf(d)
+        self.assertFalse(result.alive)
+        self.assertEqual(result.detail, f"no connection to 127.0.0.1:{self.listening} within 5 s")
+        self.assert_released(attempt)
+
+    def test_cancel_closes(self) -> None:
+        d, attempt = self.start(self.listening)
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.assert_released(attempt)
+
+    def test_ipv6_literal(self) -> None:
+        if not _have_ipv6_loopback():
+            raise SkipTest("no IPv6 loopback")
+        d, attempt = self.start(self.closed, "::1")
+        self.writable(attempt)
+        attempt.doWrite()
+        self.assertEqual(self.successResultOf(d).detail, f"connection refused by [::1]:{self.closed}")
+
+    def test_hostname_uses_twisted_client(self) -> None:
+        d = self.tcp.check("ssh.example.com")
+        self.assertEqual(self.reactor.getWriters(), [])
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+
+    def test_default_only_on_a_real_reactor(self) -> None:
+        self.assertIsNone(TcpConnect(self.reactor, 22).plain_socket)
+        memory = TcpConnect(self.reactor, self.closed)
+        d = memory.check("127.0.0.1")
+        self.assertEqual((memory.plain_socket, len(self.reactor.tcpClients)), (False, 1))
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        real = TcpConnect(_real_reactor(), self.closed)
+        self.assertEqual((real._plain("example.com"), real._plain("127.0.0.1"), real._plain("::1")),
+                         (False, True, True))
+
+
+@pytest.mark.parametrize("code,detail", [
+    (errno.ECONNREFUSED, "connection refused by h:1"),
+    (errno.EHOSTUNREACH, "no route to h:1"),
+    (errno.ENETUNREACH, "no route to h:1"),
+    (errno.ETIMEDOUT, "no connection to h:1 within 3 s"),
+    (errno.EMFILE, "cannot connect to h:1: Too many open files"),
+])
+def test_describe_errno(code: int, detail: str) -> None:
+    assert describe_errno(code, "h:1", 3.0) == detail
+
+
+def test_validate_address_remembered_answers_and_unhashable_input() -> None:
+    """Answers are remembered per string; a list or dict is still a ValueError, not a TypeError."""
+    for _ in range(2):
+        assert validate_address("2001:DB8::1") == "2001:db8::1"
+        with pytest.raises(ValueError):
+            validate_address("-oProxyCommand=x")
+    for bad in (["10.0.0.5"], {"a": 1}, None):
+        with pytest.raises(ValueError):
+            validate_address(bad)
 
 
 # ------------------------------------------------------------ liveness_for
