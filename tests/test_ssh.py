@@ -167,6 +167,21 @@ class KnownHostsTests(SynchronousTestCase):
         self.path.write_text(_line("[127.0.0.1]:2222", self.key) + "\n")
         self.assertEqual(self.lookup("1", 2222).status, kh.UNKNOWN)
 
+    def test_literal_hosts_build_no_pattern(self) -> None:
+        """
+        A fleet's literal lines are compared as strings: no regular
+        expression per host (thousands of hosts would overflow the cache of
+        compiled patterns and compile one per handshake).
+        """
+        self.path.write_text("".join(_line(f"[10.0.{i // 250}.{i % 250}]:2222", self.key) + "\n"
+                                     for i in range(300)) + _line("WEB-1", self.key) + "\n")
+        before = kh._glob.cache_info()
+        self.assertEqual(self.lookup("10.0.1.7", 2222).status, kh.KNOWN)
+        self.assertEqual(self.lookup("web-1").status, kh.KNOWN)
+        self.assertEqual(self.lookup("10.0.1.7", 2223).status, kh.UNKNOWN)
+        after = kh._glob.cache_info()
+        self.assertEqual((after.hits, after.misses), (before.hits, before.misses))
+
     def test_patterns(self) -> None:
         self.path.write_text(
             "# comment\n\n"

@@ -115,6 +115,8 @@ def _pattern_matches(pattern: str, name: str) -> bool:
             return False
         mac = hmac.new(salt_b, name.encode("utf-8"), hashlib.sha1).digest()
         return hmac.compare_digest(mac, digest_b)
+    if "*" not in pattern and "?" not in pattern:  # a literal: no regular expression to build
+        return pattern.lower() == name
     return _glob(pattern.lower()).fullmatch(name) is not None
 
 
