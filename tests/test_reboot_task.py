@@ -35,6 +35,7 @@ class Host:
         self.up_after = up_after
         self.answers = answers or {}
         self.commands: list[str] = []
+        self.checks: list[float] = []  # when liveness was checked
 
     def run(self, target, command, on_line=None) -> Deferred:
         self.commands.append(command)
@@ -59,14 +60,15 @@ class Host:
         self.clock.callLater(self.down_after, down)
 
     def check(self, address: str) -> Deferred:
+        self.checks.append(self.clock.seconds())
         return succeed(LivenessResult(alive=self.alive, detail="", lines=()))
 
 
-def context(clock: Clock, host: Host, machine: Machine | None = None, **settings: Any):
+def context(clock: Clock, host: Host, machine: Machine | None = None, worker_id: str = "w1", **settings: Any):
     s = load_settings(None, {}, {})
     s = evolve(s, reboot_down_timeout=60.0, reboot_up_timeout=300.0, reboot_poll_interval=1.0,
                ssh_credential="key", **settings)
-    machine = machine or Machine.from_json({"worker_id": "w1", "worker_group": "g", "ip": "127.0.0.9",
+    machine = machine or Machine.from_json({"worker_id": worker_id, "worker_group": "g", "ip": "127.0.0.9",
                                             "ssh": {"user": "u", "port": 2222}})
     events: list[tuple[str, dict]] = []
     secrets = Secrets({"key": Credential(name="key", kind="ssh-key", path="/dev/null")})
@@ -226,3 +228,85 @@ def test_ssh_fails_then_next_method_is_verified(monkeypatch):
     assert calls == ["w1"]
     outcomes = [(d["method"], d["outcome"]) for _, d in events if "outcome" in d]
     assert outcomes == [("ssh_reboot", "failed"), ("ipmi_cycle", "succeeded")]
+
+
+def test_first_down_look_is_one_interval_after_the_reboot_was_sent():
+    """The host was up a moment ago: no check right after the command, the next one a poll interval later."""
+    clock = Clock()
+    host = Host(clock, down_after=2.0, up_after=5.0)
+    ctx, _ = context(clock, host, reboot_methods=("ssh_reboot",))
+    d = start(ctx)
+    assert host.checks == [0.0]  # only the look before the reboot (was it down already?)
+    clock.pump([1.0] * 10)
+    assert outcome(d).startswith("ssh_reboot: ssh reboot sent")
+    assert host.checks == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
+
+
+def reboot_once(clock: Clock, worker_id: str, up_after: float, machine: Machine | None = None):
+    host = Host(clock, down_after=2.0, up_after=up_after)
+    ctx, events = context(clock, host, machine, worker_id=worker_id, reboot_methods=("ssh_reboot",))
+    d = start(ctx)
+    clock.pump([1.0] * 80)
+    assert outcome(d).startswith("ssh_reboot: ssh reboot sent"), outcome(d)
+    return host, [m for m, _ in events]
+
+
+def test_machines_of_a_kind_are_not_polled_while_they_cannot_be_back_yet():
+    """
+    After three verified reboots of a kind (pool, task, method), a machine
+    just seen down is first looked at after half the shortest recent time
+    down, then polled as usual: seen up as soon as before, with fewer checks.
+    """
+    clock = Clock()
+    for i, up_after in enumerate((30.0, 20.0, 40.0)):
+        host, messages = reboot_once(clock, f"w{i}", up_after)
+        ups = [t for t in host.checks if t >= host.checks[2]]  # from the look that saw it down
+        assert len(ups) == up_after + 1  # polled every second
+        assert f"up after {up_after:.0f} s" in messages
+    host, messages = reboot_once(clock, "w3", 30.0)
+    assert "down after 2 s; waiting for up (up to 300 s; first look after 10 s: machines like it took 20 s or more " \
+           "lately)" in messages
+    assert "up after 30 s" in messages  # as soon as before
+    seen_down = host.checks[2]
+    looks = [t - seen_down for t in host.checks[3:]]
+    assert looks == [float(s) for s in range(10, 31)]  # 21 looks instead of 31
+
+
+def test_a_fast_machine_of_a_slow_kind_is_seen_up_at_the_first_look():
+    clock = Clock()
+    for i in range(3):
+        reboot_once(clock, f"w{i}", 40.0)
+    _, messages = reboot_once(clock, "fast", 5.0)
+    assert "up after 20 s" in messages  # the first look, half of 40 s after it was seen down
+
+
+def test_other_kinds_still_polled_every_interval():
+    clock = Clock()
+    for i in range(3):
+        reboot_once(clock, f"w{i}", 30.0)
+    pooled = Machine.from_json({"worker_id": "p1", "worker_group": "g", "ip": "127.0.0.9", "pool": "other",
+                                "ssh": {"user": "u", "port": 2222}})
+    host, messages = reboot_once(clock, "p1", 30.0, machine=pooled)
+    assert len([t for t in host.checks if t >= host.checks[2]]) == 31
+    assert not any("first look" in m for m in messages)
+    # a fresh clock (another process) has learnt nothing
+    host, messages = reboot_once(Clock(), "w9", 30.0)
+    assert not any("first look" in m for m in messages)
+
+
+def test_down_times_remember_the_last_few_per_kind():
+    from roller.tasks.down_times import KEEP, MIN_SEEN, DownTimes, down_times
+
+    times = DownTimes()
+    for _ in range(MIN_SEEN - 1):
+        times.note("a", 10.0)
+    assert times.quiet("a") == 0.0  # not enough seen yet
+    times.note("a", 12.0)
+    assert times.quiet("a") == 5.0
+    assert times.quiet("b") == 0.0
+    for _ in range(KEEP):
+        times.note("a", 40.0)
+    assert times.quiet("a") == 20.0  # the old short ones are forgotten
+    clock = Clock()
+    assert down_times(clock) is down_times(clock)
+    assert down_times(clock) is not down_times(Clock())
