@@ -901,3 +901,60 @@ def test_a_changed_conch_internal_is_reported(monkeypatch):
     assert problems[0] == "twisted.conch.endpoints._CommandChannel.extReceived is missing"
     assert problems[1] == ("twisted.conch.ssh.connection.SSHConnection.sendEOF takes (self, channel, flush), "
                            "not (self, channel)")
+
+
+# ------------------------------------------------------------ authentication in one request
+
+
+class _RecordingTransport:
+    sessionID = b"session-id"
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[int, bytes]] = []
+
+    def sendPacket(self, kind: int, data: bytes) -> None:
+        self.sent.append((kind, data))
+
+
+def test_the_signed_public_key_request_is_sent_at_once(keys: dict) -> None:
+    """
+    No C{none} request and no "would this key do?" query first: the one
+    request carries the key and its signature over the session id, as
+    RFC 4252 section 7 defines it (verified here with the public key).
+    """
+    from twisted.conch.endpoints import _ConnectionReady
+    from twisted.conch.ssh.common import getNS
+    from twisted.conch.ssh.userauth import MSG_USERAUTH_REQUEST
+
+    from roller.drivers import ssh
+
+    key = Key.fromFile(str(keys["user"]))
+    auth = ssh._QuickUserAuth(b"roller", _ConnectionReady(Deferred()))
+    auth.keys = [key]
+    transport = auth.transport = _RecordingTransport()
+    auth.serviceStarted()
+    [(kind, data)] = transport.sent
+    assert kind == MSG_USERAUTH_REQUEST
+    user, rest = getNS(data)
+    service, rest = getNS(rest)
+    method, rest = getNS(rest)
+    assert (user, service, method, rest[:1]) == (b"roller", b"ssh-connection", b"publickey", b"\x01")
+    key_type, rest = getNS(rest[1:])
+    blob, rest = getNS(rest)
+    signature, rest = getNS(rest)
+    assert (key_type, blob, rest) == (key.sshType(), key.public().blob(), b"")
+    signed = (NS(b"session-id") + bytes((MSG_USERAUTH_REQUEST,)) + NS(b"roller") + NS(b"ssh-connection")
+              + NS(b"publickey") + b"\x01" + NS(key_type) + NS(blob))
+    assert key.public().verify(signature, signed)
+    assert auth.lastAuth == b"publickey"
+
+
+def test_without_a_key_authentication_starts_as_conch_does() -> None:
+    from twisted.conch.endpoints import _ConnectionReady
+
+    from roller.drivers import ssh
+
+    auth = ssh._QuickUserAuth(b"roller", _ConnectionReady(Deferred()))
+    transport = auth.transport = _RecordingTransport()
+    auth.serviceStarted()
+    assert [data for _, data in transport.sent] == [NS(b"roller") + NS(b"ssh-connection") + NS(b"none")]
