@@ -357,11 +357,14 @@ def roller_run(procs: Procs, workdir: str, name: str, fleet: Fleet, args: argpar
         workers = [m["worker_id"] for m in fleet.inventory]
         lock = threading.Lock()
 
+        post_latencies: list[float] = []
         with open(ids_file, "a") as ids_out:
             def post(worker: str) -> str:
+                t = time.monotonic()
                 task_id = api.json("POST", f"/api/v1/workers/{worker}/group/sim/jobs?task_name=reboot",
                                    expect=(201,))["task_id"]
                 with lock:
+                    post_latencies.append(time.monotonic() - t)
                     ids_out.write(task_id + "\n")
                     ids_out.flush()
                 return task_id
@@ -369,6 +372,8 @@ def roller_run(procs: Procs, workdir: str, name: str, fleet: Fleet, args: argpar
             t0_wall, t0 = time.time(), time.monotonic()
             ids = parallel(post, workers)
         out["submit_s"] = time.monotonic() - t0
+        out["post_p50_ms"] = 1000 * percentile(post_latencies, 0.50)
+        out["post_p99_ms"] = 1000 * percentile(post_latencies, 0.99)
 
         # Wait until nothing is queued or running (heartbeat: in-memory counts).
         limit = args.down_for + args.reboot_delay + args.up_timeout + args.down_timeout + 120
@@ -576,7 +581,8 @@ def fmt_s(s: float) -> str:
 
 def describe(r: dict[str, Any]) -> str:
     return (f"  {r['name']}: {r['count']} machines ({r['hung']} hung) imported in {r['import_s']:.1f} s; "
-            f"{r['count']} jobs POSTed in {r['submit_s']:.1f} s; all ended after {fmt_s(r['wall_s'])} "
+            f"{r['count']} jobs POSTed in {r['submit_s']:.1f} s ({r['count'] / r['submit_s']:.0f}/s, 32 connections, "
+            f"POST p50 {r['post_p50_ms']:.0f} ms p99 {r['post_p99_ms']:.0f} ms); all ended after {fmt_s(r['wall_s'])} "
             f"(observed {fmt_s(r['observed_s'])}); states {r['states']}; succeeded job duration p50 "
             f"{r['ok_duration_p50_s']:.1f} s max {r['ok_duration_max_s']:.1f} s; GET /api/v1/jobs/<id> "
             f"x{r['get_n']} p50 {r['get_p50_ms']:.1f} ms p99 {r['get_p99_ms']:.1f} ms max {r['get_max_ms']:.0f} ms "
@@ -668,6 +674,9 @@ def main() -> None:
         r = results["roller"]
         print(f"{'roller, all at once':<36} {fmt_s(r['wall_s']):>9} {r['get_p50_ms']:6.1f}ms {r['get_p99_ms']:6.1f}ms"
               f"  {r['states'].get('succeeded', 0)}/{r['count']} verified (target <= {target:g} s, p99 < 100 ms)")
+        print(f"{'  submissions':<36} {r['count'] / r['submit_s']:7.0f}/s {r['post_p50_ms']:6.1f}ms "
+              f"{r['post_p99_ms']:6.1f}ms  {r['count']} POSTs in {r['submit_s']:.1f} s over 32 connections "
+              f"(p50/p99 of a POST)")
         print(f"{'  roller CPU per reboot':<36} {1000 * r['roller_cpu_s'] / r['count']:7.2f}ms {'':>8} {'':>8}  "
               f"{r['roller_cpu_s']:.1f} s of roller CPU / {r['count']} reboots, from after the import to the end "
               f"(submissions, SSH, liveness polls, the store, the sampler's GETs)")
