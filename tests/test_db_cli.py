@@ -173,9 +173,14 @@ def test_check_finds_corruption_and_restore_refuses_a_bad_backup(tmp_path: Path)
     assert roller_cli(state, "db", "backup", str(good)).returncode == 0
     bad = tmp_path / "bad.db"
     data = bytearray(good.read_bytes())
-    page = 4096
-    for p in range(3, len(data) // page, 2):  # damage every other page past the schema
-        data[p * page + 100:p * page + 400] = os.urandom(300)
+    conn = sqlite3.connect(good)
+    page = conn.execute("PRAGMA page_size").fetchone()[0]
+    schema = {n for (n,) in conn.execute(  # (the schema's pages stay readable: a file whose schema is
+        "SELECT pageno FROM dbstat WHERE name IN ('sqlite_schema', 'sqlite_master')")}  # gone is "not a database")
+    conn.close()
+    for p in range(3, len(data) // page, 2):  # damage every other page (numbered from 1) of the tables and indexes
+        if p + 1 not in schema:
+            data[p * page + 100:p * page + 400] = os.urandom(300)
     bad.write_bytes(bytes(data))
     other = tmp_path / "other"
     r = roller_cli(other, "--db", str(bad), "db", "check")
