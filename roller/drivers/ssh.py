@@ -105,6 +105,7 @@ import os
 import struct
 import time
 import typing
+from collections.abc import Callable
 from typing import Any, cast
 
 from attrs import field, frozen
@@ -142,6 +143,7 @@ from roller.drivers.known_hosts import (
 )
 from roller.drivers.liveness import LineCallback, call_on_line, validate_address
 from roller.drivers.reactor import ITcpReactor
+from roller.drivers.ssh_pacing import HandshakePacer
 from roller.inventory import Machine
 from roller.secrets import Secrets, UnknownCredential
 
@@ -797,7 +799,8 @@ class _Run:
         # connecting -> authenticating (host key accepted) -> running
         self.phase = "connecting"
 
-    def start(self) -> Deferred[CommandResult]:
+    def start(self, handshake_over: Callable[[], object] = lambda: None) -> Deferred[CommandResult]:
+        """Connect and run; C{handshake_over} is called once, when the command started or the connection failed."""
         t = self.target
         command = self.command.encode("utf-8")
         # what SSHCommandClientEndpoint.newConnection builds, with roller's helper
@@ -819,6 +822,12 @@ class _Run:
         d = endpoint.connect(_OneProtocolFactory(self.protocol))
         d.addTimeout(self.shell.connect_timeout, self.shell.reactor,
                      onTimeoutCancel=self._connect_timed_out)
+
+        def over(result: Any) -> Any:
+            handshake_over()
+            return result
+
+        d.addBoth(over)
         d.addErrback(self._connect_failed)
         d.addCallback(self._running)
         return d
@@ -996,6 +1005,8 @@ class ConchShell:
         # exchanges would hold the reactor for seconds.  The connect timeout
         # starts when a session gets its slot, not while it waits for one.
         self._sessions = DeferredSemaphore(max_sessions)
+        # Of those, the handshakes in progress: as many as the reactor keeps up with.
+        self._handshakes = HandshakePacer(reactor, max_sessions)
         # Parsed keys by (file identity, passphrase): decrypting an OpenSSH
         # key costs ~0.1 s of bcrypt; stat()ing it again notices a new file.
         self._keys: dict[tuple, Key] = {}
@@ -1021,14 +1032,15 @@ class ConchShell:
                            on_line: LineCallback | None) -> CommandResult:
         await self._sessions.acquire()  # cancelled while waiting: no slot was taken
         try:
-            return await _Run(self, target, command, key, on_line).start()
+            await self._handshakes.acquire()
+            return await _Run(self, target, command, key, on_line).start(self._handshakes.release)
         finally:
             self._sessions.release()
 
     @property
     def sessions_waiting(self) -> int:
-        """Runs waiting for a session slot."""
-        return len(self._sessions.waiting)
+        """Runs waiting for a session slot, or for a handshake slot once they have one."""
+        return len(self._sessions.waiting) + self._handshakes.waiting
 
     def load_key(self, target: SshTarget) -> Key:
         """
