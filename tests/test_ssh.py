@@ -958,3 +958,14 @@ def test_without_a_key_authentication_starts_as_conch_does() -> None:
     transport = auth.transport = _RecordingTransport()
     auth.serviceStarted()
     assert [data for _, data in transport.sent] == [NS(b"roller") + NS(b"ssh-connection") + NS(b"none")]
+
+
+def test_roller_s_conch_subclasses_stay_as_quiet_as_conch() -> None:
+    """Their log events keep Conch's namespaces (quieted by roller's log observer); no factory lines."""
+    from roller.drivers import ssh
+    from roller.logs import QUIET_NAMESPACES
+
+    for cls in (ssh._Transport, ssh._QuickUserAuth):
+        namespace = cls.__new__(cls)._log.namespace
+        assert namespace.startswith(QUIET_NAMESPACES), namespace
+    assert ssh._OneProtocolFactory(Protocol()).noisy is False

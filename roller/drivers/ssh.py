@@ -702,11 +702,26 @@ class _CommandProtocol(Protocol):
 
 
 class _OneProtocolFactory(Factory):
+    noisy = False  # no "Starting factory" line per connection
+
     def __init__(self, protocol: Protocol):
         self._protocol = protocol
 
     def buildProtocol(self, addr: Any) -> Protocol:
         return self._protocol
+
+
+def _conch_logger(namespace: str) -> Any:
+    """
+    A C{_log} for a subclass of a Conch class: Conch's own namespace, which
+    roller's log observer quiets (a C{Logger} class attribute would name the
+    subclass's module instead, and every connection would log its chatter).
+    """
+
+    def get(self: object) -> Logger:
+        return Logger(namespace=namespace, source=self)
+
+    return property(get)
 
 
 class _QuickUserAuth(_UserAuth):
@@ -718,6 +733,8 @@ class _QuickUserAuth(_UserAuth):
     handling of that failure (no other key, no password: authentication
     failed) is unchanged.
     """
+
+    _log = _conch_logger("twisted.conch.endpoints._UserAuth")
 
     def serviceStarted(self) -> None:
         if self.agent is not None or not self.keys:
@@ -733,6 +750,8 @@ class _QuickUserAuth(_UserAuth):
 
 class _Transport(_CommandTransport):
     """Conch's command transport, authenticating with L{_QuickUserAuth} (roller never uses an agent)."""
+
+    _log = _conch_logger("twisted.conch.endpoints._CommandTransport")
 
     def connectionSecure(self) -> None:
         self._state = b"AUTHENTICATING"
