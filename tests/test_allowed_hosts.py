@@ -53,6 +53,22 @@ def test_default_names_are_the_address_reached_loopback_and_the_machine() -> Non
     assert hosts.allows("localhost", 80, unix) and not hosts.allows("roller1", 80, unix)
 
 
+def test_remembered_answers_stay_right_and_bounded() -> None:
+    from roller.web import hosts as hosts_module
+
+    hosts = AllowedHosts(["alias.example"], machine_names=["roller1"])
+    for _ in range(2):  # the second time from memory: the same answers
+        assert hosts.allows("alias.example", 1234, PUBLIC_IP)
+        assert hosts.allows("127.0.0.1", 8000, LOOP) and not hosts.allows("127.0.0.1", 8001, LOOP)
+        assert hosts.allows("roller1", 8000, PUBLIC_IP) and not hosts.allows("roller1", 8000, IPv4Address("TCP", "127.0.0.1", 9))
+        assert not hosts.allows("evil.example", 8000, PUBLIC_IP)
+        assert not hosts.allows("localhost", 8000, PUBLIC_IP)  # loopback names only on a loopback connection
+    for i in range(3 * hosts_module.ANSWERS_KEPT):  # a client trying many names
+        assert not hosts.allows(f"n{i}.example", 8000, PUBLIC_IP)
+    assert len(hosts._answers) <= hosts_module.ANSWERS_KEPT
+    assert hosts.allows("alias.example", 1234, PUBLIC_IP) and not hosts.allows("evil.example", 8000, PUBLIC_IP)
+
+
 def test_public_url_and_allowed_hosts() -> None:
     hosts = AllowedHosts(["alias.example", "other.example:8443", "[2001:db8::1]:8000"],
                          public_url="https://Roller.Example.com", machine_names=[])

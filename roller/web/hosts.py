@@ -35,6 +35,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections.abc import Iterable, Sequence
+from functools import lru_cache
 from urllib.parse import urlsplit
 
 from twisted.internet.interfaces import IAddress
@@ -50,10 +51,14 @@ from roller.web.site import security_headers
 
 __all__ = ["AllowedHosts", "HostCheck", "host_check_from_settings"]
 
+#: L{AllowedHosts.allows} answers remembered at most
+ANSWERS_KEPT = 1024
+
 #: answered whatever the Host (load balancers' health checks use all sorts)
 EXEMPT_PATHS = frozenset({b"/__lbheartbeat__", b"/__heartbeat__", b"/__version__"})
 
 
+@lru_cache(maxsize=1024)
 def _name(text: str) -> str:
     """Lower case, no trailing dot, no IPv6 brackets; an IP literal in its normal form."""
     text = text.strip().lower().rstrip(".")
@@ -112,6 +117,8 @@ class AllowedHosts:
             machine_names = [socket.gethostname()]
         self.machine_names = {_name(n) for n in machine_names if n}
         self.trusted_proxies: Sequence[Network] = parse_trusted_proxies(trusted_proxies)
+        #: answers of L{allows} by (host, port, local address): a few names make every request
+        self._answers: dict[tuple[str, int, str | None, object], bool] = {}
 
     def allows(self, host: str, port: int, local: IAddress | None = None) -> bool:
         """
@@ -120,6 +127,15 @@ class AllowedHosts:
         """
         if self.any:
             return True
+        key = (host, port, getattr(local, "host", None), getattr(local, "port", None))
+        answer = self._answers.get(key)
+        if answer is None:
+            if len(self._answers) >= ANSWERS_KEPT:  # (a client sending many names cannot grow it)
+                self._answers.clear()
+            answer = self._answers[key] = self._allows(host, port, local)
+        return answer
+
+    def _allows(self, host: str, port: int, local: IAddress | None) -> bool:
         host = _name(host)
         if (host, port) in self.fixed or (host, None) in self.fixed:
             return True

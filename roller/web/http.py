@@ -543,6 +543,15 @@ class RollerHTTPChannel(http.HTTPChannel):
     _readStarted = False
     #: No longer counted by the site (lost, or aborted to make room).
     _countedOut = False
+    #: L{isSecure}, worked out once: a connection's transport is TLS or not for its whole life
+    _secure: bool | None = None
+
+    def isSecure(self) -> bool:
+        # (HTTPChannel adapts the transport to ISSLTransport on every call, and a request asks
+        # several times: the Host check, Klein's URL, the Hawk target)
+        if self._secure is None:
+            self._secure = bool(super().isSecure())
+        return self._secure
 
     _host = None
 
