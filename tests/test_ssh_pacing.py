@@ -57,15 +57,33 @@ def test_a_quarter_fewer_slots_while_the_reactor_lags():
     pacer = HandshakePacer(clock, 100, start=16, minimum=4)
     ds = [pacer.acquire() for _ in range(20)]
     assert sum(taken(d) for d in ds) == 16
-    clock.advance(0.050)
+    clock.advance(0.050)  # the zero-delay call ran 50 ms late
     assert pacer.limit == 12
     for _ in range(5):
         pacer.release()
     assert pacer.running == 12 and pacer.waiting == 3  # 16 - 5, then one more: up to the new limit
-    for _ in range(6):
+    for _ in range(10):  # lagging again and again: never below the minimum
+        pacer._measured(clock.seconds() - 0.050)
+    assert pacer.limit == 4
+
+
+def test_slots_held_by_silent_hosts_are_made_up_for():
+    """
+    Handshakes that wait on hosts that never answer cost no CPU: while runs
+    wait and the reactor keeps up, a slot more every 50 ms, with no
+    handshake ending meanwhile.
+    """
+    clock = Clock()
+    pacer = HandshakePacer(clock, 100, start=4, minimum=1)
+    ds = [pacer.acquire() for _ in range(20)]
+    assert sum(taken(d) for d in ds) == 4
+    clock.advance(0)
+    assert sum(taken(d) for d in ds) == 5
+    for _ in range(15):
         clock.advance(0.050)
-        pacer.release()
-    assert pacer.limit == 4  # never below the minimum
+    assert all(taken(d) for d in ds) and pacer.limit == 20
+    clock.advance(1.0)
+    assert pacer.limit == 20 and clock.getDelayedCalls() == []  # nobody waits: no more measuring
 
 
 def test_bounds_and_a_lag_in_between_changes_nothing():

@@ -13,10 +13,11 @@ GET p99 135 ms, all verified after 26.2 s; 16 at once, 826/s, 46 ms,
 trips, and a small fixed limit would make them queue for nothing.
 
 So L{HandshakePacer} adapts between C{minimum} and C{maximum}: when a run
-has to wait for a handshake slot, and when a slot is given back while
-runs wait, it measures how late a zero-delay call runs (the reactor's
-lag; one measurement at a time), then allows one more handshake if the
-lag was under C{low}, a quarter fewer if it was over C{high}.
+has to wait for a handshake slot, it measures how late a zero-delay call
+runs (the reactor's lag), then allows one more handshake if the lag was
+under C{low}, a quarter fewer if it was over C{high}; and again every
+C{again} seconds while runs wait (one measurement at a time), so slots
+held by hosts that never answer (no CPU) are soon made up for.
 """
 
 from __future__ import annotations
@@ -38,12 +39,12 @@ class HandshakePacer:
     """
 
     def __init__(self, clock: IReactorTime, maximum: int, *, start: int = 16, minimum: int = 4,
-                 low: float = 0.003, high: float = 0.010) -> None:
+                 low: float = 0.003, high: float = 0.010, again: float = 0.050) -> None:
         self.clock = clock
         self.maximum = max(1, maximum)
         self.minimum = max(1, min(minimum, self.maximum))
         self.limit = max(self.minimum, min(start, self.maximum))
-        self.low, self.high = low, high
+        self.low, self.high, self.again = low, high, again
         self.running = 0
         self._waiting: deque[Deferred[None]] = deque()
         self._probe: IDelayedCall | None = None
@@ -87,3 +88,12 @@ class HandshakePacer:
         elif lag < self.low:
             self.limit = min(self.maximum, self.limit + 1)
         self._admit()
+        if self._waiting:
+            # again soon even if no handshake ends meanwhile: slots held by hosts that
+            # never answer cost no CPU, and must not keep the others waiting
+            self._probe = self.clock.callLater(self.again, self._measure_again)
+
+    def _measure_again(self) -> None:
+        self._probe = None
+        if self._waiting:
+            self._measure()
