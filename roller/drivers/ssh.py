@@ -1021,10 +1021,11 @@ class ConchShell:
         if isinstance(max_sessions, bool) or not isinstance(max_sessions, int) or max_sessions < 1:
             raise ValueError(f"max_sessions must be a positive integer, not {max_sessions!r}")
         # At most this many SSH sessions at once: a thousand simultaneous key
-        # exchanges would hold the reactor for seconds.  The connect timeout
-        # starts when a session gets its slot, not while it waits for one.
+        # exchanges would hold the reactor for seconds.  Of those, the
+        # handshakes in progress: as many as the reactor keeps up with
+        # (roller.drivers.ssh_pacing).  The connect timeout starts when a run
+        # gets both slots, not while it waits for one.
         self._sessions = DeferredSemaphore(max_sessions)
-        # Of those, the handshakes in progress: as many as the reactor keeps up with.
         self._handshakes = HandshakePacer(reactor, max_sessions)
         # Parsed keys by (file identity, passphrase): decrypting an OpenSSH
         # key costs ~0.1 s of bcrypt; stat()ing it again notices a new file.
