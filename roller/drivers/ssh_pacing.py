@@ -39,7 +39,7 @@ class HandshakePacer:
     """
 
     def __init__(self, clock: IReactorTime, maximum: int, *, start: int = 16, minimum: int = 4,
-                 low: float = 0.0015, high: float = 0.005, again: float = 0.050) -> None:
+                 low: float = 0.003, high: float = 0.010, again: float = 0.050) -> None:
         self.clock = clock
         self.maximum = max(1, maximum)
         self.minimum = max(1, min(minimum, self.maximum))
