@@ -24,7 +24,7 @@ import errno
 import os
 import socket
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorFDSet, IReactorTime, IWriteDescriptor
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -131,7 +131,7 @@ def probe(reactor: IFdReactor, address: str, port: int, timeout: float) -> Defer
     try:
         sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
     except OSError as e:  # out of file descriptors, ...: like a connect error
-        return _fired((False, describe_errno(e.errno or errno.EIO, where, timeout)))
+        return succeed((False, describe_errno(e.errno or errno.EIO, where, timeout)))
     try:
         code = sock.connect_ex((address, port))
     except OSError as e:
@@ -139,15 +139,9 @@ def probe(reactor: IFdReactor, address: str, port: int, timeout: float) -> Defer
     if code not in _IN_PROGRESS:
         sock.close()
         if code == 0:
-            return _fired((True, f"connected to {where} in {(reactor.seconds() - started) * 1000:.1f} ms"))
-        return _fired((False, describe_errno(code, where, timeout)))
+            return succeed((True, f"connected to {where} in {(reactor.seconds() - started) * 1000:.1f} ms"))
+        return succeed((False, describe_errno(code, where, timeout)))
     attempt = _Connecting(reactor, sock, where, timeout, started)
     attempt.timer = reactor.callLater(timeout, attempt.timed_out)
     reactor.addWriter(attempt)
     return attempt.deferred
-
-
-def _fired(outcome: Outcome) -> Deferred[Outcome]:
-    d: Deferred[Outcome] = Deferred()
-    d.callback(outcome)
-    return d
