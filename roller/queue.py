@@ -717,10 +717,16 @@ class JobQueue:
         """
         if self._cluster is None or not self._accepting:
             return []
-        cached = self._store.machines.cached
         return [job_id for job_id, group, worker_id in queued
-                if job_id not in self._jobs and job_id not in self._ended
-                and self._cluster.reaches(group) and cached((group, worker_id)) is not None]
+                if self._adoptable(job_id, group, worker_id) is not None]
+
+    def _adoptable(self, job_id: str, worker_group: str, worker_id: str) -> Machine | None:
+        """The machine of a shared-queue job this roller would take (None: not held here, reached, known)."""
+        assert self._cluster is not None
+        if job_id in self._jobs or job_id in self._ended or not self._cluster.reaches(worker_group):
+            return None
+        # (a machine not in this roller's inventory (yet): another roller may run it)
+        return self._store.machines.cached((worker_group, worker_id))
 
     def adopt(self, jobs: list[Job]) -> int:
         """
@@ -732,13 +738,9 @@ class JobQueue:
             return 0
         added = 0
         for job in jobs:
-            if job.id in self._jobs or job.id in self._ended or job.state is not State.queued:
+            machine = self._adoptable(job.id, job.worker_group, job.worker_id)
+            if machine is None or job.state is not State.queued:
                 continue
-            if not self._cluster.reaches(job.worker_group):
-                continue
-            machine = self._store.machines.cached((job.worker_group, job.worker_id))
-            if machine is None:
-                continue  # not in this roller's inventory (yet): another roller may run it
             self._enqueue(job, machine)
             added += 1
         if added:
