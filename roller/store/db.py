@@ -128,6 +128,19 @@ CACHE_KIB = 64 << 10
 
 #: rows per multi-row INSERT (16 parameters a row stays far below SQLite's 32766)
 ROWS_PER_INSERT = 256
+#: machine keys per C{VALUES} list (L{key_values})
+KEYS_PER_STATEMENT = 400
+
+
+def key_values(keys: list[tuple[str, str]]) -> Iterator[tuple[str, list[str]]]:
+    """
+    Machine keys C{(worker_group, worker_id)} a statement at a time: each
+    chunk's C{(?, ?), (?, ?), ...} (for C{WITH k(g, w) AS (VALUES ...)})
+    and its parameters.
+    """
+    for i in range(0, len(keys), KEYS_PER_STATEMENT):
+        chunk = keys[i:i + KEYS_PER_STATEMENT]
+        yield ", ".join(["(?, ?)"] * len(chunk)), [v for key in chunk for v in key]
 
 
 def insert_rows(c: Cursor, into: str, rows: list[tuple], returning: str = "") -> list[Any]:

@@ -23,7 +23,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from roller.jobs import State
 from roller.store import Store
-from roller.store.db import Cursor, data_version
+from roller.store.db import Cursor, data_version, key_values
 from roller.store.dialect import SQLITE
 from roller.store.fleet_rows import MachineRows
 from roller.store.where import Where
@@ -180,9 +180,7 @@ def extras_of(c: Cursor, keys: list[tuple[str, str]]) -> dict[tuple[str, str], E
     (an index lookup per machine in C{loans} and C{jobs}).
     """
     out: dict[tuple[str, str], Extras] = {}
-    for i in range(0, len(keys), 400):
-        chunk = keys[i:i + 400]
-        values = ", ".join(["(?, ?)"] * len(chunk))
+    for values, args in key_values(keys):
         sql = (f"WITH page(g, w) AS (VALUES {values})"
                " SELECT page.g, page.w, l.borrower, l.expires_at, p.id, p.state,"
                " COALESCE(p.finished_at, p.started_at, p.created_at), COALESCE(p.result, p.error), hh.state"
@@ -190,7 +188,7 @@ def extras_of(c: Cursor, keys: list[tuple[str, str]]) -> dict[tuple[str, str], E
                " AND l.returned_at IS NULL"
                " LEFT JOIN health hh ON hh.worker_group = page.g AND hh.worker_id = page.w"
                f" LEFT JOIN jobs p ON p.seq = {_LAST_PING}")
-        for r in c.execute(sql, [v for key in chunk for v in key]):
+        for r in c.execute(sql, args):
             out[(r[0], r[1])] = (
                 None if r[2] is None else LoanState(borrower=r[2], expires_at=r[3]),
                 None if r[4] is None else Liveness(job_id=r[4], state=r[5], at=r[6], detail=r[7]),
@@ -207,18 +205,15 @@ def fetch_rows(c: Cursor, keys: list[tuple[str, str]]) -> dict[tuple[str, str], 
     """
     The rows of machines C{keys}: one statement for the machines and their
     newest jobs and one (L{extras_of}) for their loans, pings and health, in
-    chunks of 400; machines that do not exist are left out.
+    chunks (L{key_values}); machines that do not exist are left out.
     """
     found: list[Any] = []
-    for i in range(0, len(keys), 400):
-        chunk = keys[i:i + 400]
-        values = ", ".join(["(?, ?)"] * len(chunk))
+    for values, args in key_values(keys):
         found += c.execute(
             f"WITH page(g, w) AS (VALUES {values})"
             f" SELECT f.worker_group, f.worker_id, f.fqdn, f.ip, f.pool, {_ROW_COLS} FROM page"
             " JOIN machines f ON f.worker_group = page.g AND f.worker_id = page.w"
-            f" LEFT JOIN jobs j ON j.seq = {_LAST_SEQ.replace('m.', 'f.')}",
-            [v for key in chunk for v in key]).fetchall()
+            f" LEFT JOIN jobs j ON j.seq = {_LAST_SEQ.replace('m.', 'f.')}", args).fetchall()
     extras = extras_of(c, [(r[0], r[1]) for r in found]) if found else {}
     out: dict[tuple[str, str], FleetRow] = {}
     for r in found:

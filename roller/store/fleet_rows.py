@@ -32,7 +32,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any, Generic, TypeVar
 
-from roller.store.db import Cursor
+from roller.store.db import Cursor, key_values
 
 __all__ = ["MachineRows"]
 
@@ -147,15 +147,11 @@ class MachineRows(Generic[R]):
 
     def _gained_health(self, c: Cursor) -> set[Key]:
         """The machines kept with no recorded health (a row's C{health} None) that have some now."""
-        keys = list(self._no_health)
         out: set[Key] = set()
-        for i in range(0, len(keys), 400):
-            chunk = keys[i:i + 400]
-            values = ", ".join(["(?, ?)"] * len(chunk))
+        for values, args in key_values(list(self._no_health)):
             out.update((r[0], r[1]) for r in c.execute(
                 f"WITH k(g, w) AS (VALUES {values}) SELECT h.worker_group, h.worker_id FROM k"
-                " JOIN health h ON h.worker_group = k.g AND h.worker_id = k.w",
-                [v for key in chunk for v in key]).fetchall())
+                " JOIN health h ON h.worker_group = k.g AND h.worker_id = k.w", args).fetchall())
         return out
 
     def get(self, c: Cursor, keys: Iterable[Key]) -> list[R]:

@@ -31,7 +31,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from roller.errors import Conflict
 from roller.inventory import Machine
-from roller.store.db import Cursor, Database, StoreError
+from roller.store.db import Cursor, Database, StoreError, key_values
 from roller.store.where import Where
 
 #: a write touching more machines than this records "everything changed" (one row) instead of each
@@ -102,12 +102,10 @@ class MachineTable:
                 return version, None, []
             found: builtins.list[Machine] = []
             ordered = sorted(keys)
-            for i in range(0, len(ordered), 500):
-                chunk = ordered[i:i + 500]
-                marks = ", ".join("(?, ?)" for _ in chunk)
+            for values, args in key_values(ordered):
                 found += [_row(r) for r in c.execute(
-                    f"SELECT data FROM machines WHERE (worker_group, worker_id) IN ({marks})",
-                    [v for key in chunk for v in key]).fetchall()]
+                    f"WITH k(g, w) AS (VALUES {values}) SELECT m.data FROM k"
+                    " JOIN machines m ON m.worker_group = k.g AND m.worker_id = k.w", args).fetchall()]
             return version, ordered, found
 
         version, keys, found = await self._db.read_on_writer(q)
