@@ -35,7 +35,6 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections.abc import Iterable, Sequence
-from functools import lru_cache
 from urllib.parse import urlsplit
 
 from twisted.internet.interfaces import IAddress
@@ -58,7 +57,6 @@ ANSWERS_KEPT = 1024
 EXEMPT_PATHS = frozenset({b"/__lbheartbeat__", b"/__heartbeat__", b"/__version__"})
 
 
-@lru_cache(maxsize=1024)
 def _name(text: str) -> str:
     """Lower case, no trailing dot, no IPv6 brackets; an IP literal in its normal form."""
     text = text.strip().lower().rstrip(".")
