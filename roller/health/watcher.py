@@ -211,9 +211,10 @@ class HealthWatcher:
         return mine
 
     async def _import_others(self) -> None:
-        """The health of the machines other rollers record, as they last wrote it."""
+        """The health of the machines other rollers record, as they last wrote it (their owners looked up again)."""
         if self.division is None:
             return
+        self.division.refresh()
         for key in await self.division.import_others():
             h = self.tracker.machines[key]
             self._saved[key] = (h.state.value, frozenset(h.findings), h.maintenance)
@@ -221,8 +222,6 @@ class HealthWatcher:
 
     async def _follow(self) -> None:
         """A roller that does not sweep (health.enabled off) shows the health the others record."""
-        if self.division is not None:
-            self.division.refresh()
         await self._import_others()
         await self._refresh_flags()
 
@@ -453,9 +452,7 @@ class HealthWatcher:
         return self._active(index) or (self.division is not None and self.division.in_flight(self._rem_ids.get(index)))
 
     async def _tick(self) -> None:
-        if self.division is not None:
-            self.division.refresh()
-            await self._import_others()
+        await self._import_others()
         await self._refresh_loans()
         await self._refresh_flags()
         if self._dirty:
