@@ -79,7 +79,7 @@ class Env:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: Any) -> Any:
     tmp = tmp_path_factory.mktemp("batches-cli")
-    fleet = FleetProcess(tmp / "fleet", 10, "127.0.17.", hang=2, down_for=0.4, reboot_delay=0.05)
+    fleet = FleetProcess(tmp / "fleet", 10, "127.0.17.", hang=2, down_for=1.0, reboot_delay=0.05)
     roller = None
     try:
         fleet.start()

@@ -97,7 +97,7 @@ def peaks(jobs: list[dict], pool_of: dict[str, str]) -> tuple[int, dict[str, int
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: Any) -> Any:
     tmp = tmp_path_factory.mktemp("batches-e2e")
-    fleet = FleetProcess(tmp / "fleet", COUNT, "127.0.15.", hang=HUNG, never_down=1, down_for=0.4,
+    fleet = FleetProcess(tmp / "fleet", COUNT, "127.0.15.", hang=HUNG, never_down=1, down_for=1.0,
                          reboot_delay=0.05)
     roller = None
     try:
