@@ -11,11 +11,12 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from datetime import UTC, datetime
 from enum import Enum
 from typing import Any, overload
 
 from attrs import evolve, field, frozen
+
+from roller import timetext
 
 
 class State(str, Enum):  # noqa: UP042 -- a StrEnum would change str(state) ("State.queued") in messages
@@ -52,9 +53,7 @@ def iso(ts: float) -> str: ...
 @overload
 def iso(ts: float | None) -> str | None: ...
 def iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return None if ts is None else timetext.iso(ts)
 
 
 def new_job_id() -> str:

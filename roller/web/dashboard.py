@@ -45,7 +45,6 @@ import re
 import secrets
 import sys
 import sysconfig
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, urlencode, urlsplit
@@ -91,6 +90,7 @@ from roller.web.batches_html import FILTER_FIELDS, MEMBERS_SHOWN, filter_selecto
 from roller.web.events import EventHub
 from roller.web.fleet_html import RowCache, fleet_rows_html, pool_strip
 from roller.web.http import query_arg
+from roller.web.machine_html import audit_rows_html, job_rows_html
 from roller.web.proxy import client_ip, parse_trusted_proxies
 from roller.web.runnable import why_not
 from roller.web.times import utc
@@ -311,7 +311,7 @@ def template_environment(templates_dir: str | None = None,
     )
     env.filters["iso"] = iso
     env.filters["duration"] = duration
-    env.filters["hms"] = lambda ts: datetime.fromtimestamp(ts, UTC).strftime("%H:%M:%S")
+    env.filters["hms"] = lambda ts: utc(ts, "time")
     env.filters["utc"] = utc
     env.filters["compact_json"] = lambda v: json.dumps(v, sort_keys=True, separators=(", ", ": "))
     env.globals["machine_url"] = machine_url
@@ -834,6 +834,8 @@ class Dashboard:
                 unavailable.append((b, reason))
         return self.render(
             request, "machine.html", viewer, section="fleet", machine=machine, jobs=jobs, audit=audit,
+            job_rows=job_rows_html(jobs, lambda ts: ago(ts, now), duration),
+            audit_rows=audit_rows_html(audit or (), lambda ts: ago(ts, now)),
             health=health, health_state=self.health.state_of(machine.key) if self.health is not None else None,
             may_admin_health=viewer.may(self.scope_prefix + "health:admin"),
             loan=loan, loan_overdue=loan is not None and loan.overdue(now), liveness=liveness,

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from roller.timetext import utc_text
+
 __all__ = ["FORMATS", "utc"]
 
 #: C{data-format} values: what of the time is shown
@@ -36,6 +38,5 @@ def utc(value: float | str | None, format: str = "full") -> str:
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=UTC)
         moment = moment.astimezone(UTC)
-    else:
-        moment = datetime.fromtimestamp(value, UTC)
-    return moment.strftime(FORMATS.get(format, FORMATS["full"]))
+        return moment.strftime(FORMATS.get(format, FORMATS["full"]))
+    return utc_text(value, FORMATS.get(format, FORMATS["full"]))
