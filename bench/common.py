@@ -136,10 +136,21 @@ def tree_cpu(pid: int) -> float:
 
 
 def machine_busy() -> float:
-    """CPU seconds all CPUs of the machine have spent not idle since boot."""
+    """CPU seconds all CPUs of the machine have spent not idle since boot (steal included)."""
     with open("/proc/stat") as f:
         fields = [int(v) for v in f.readline().split()[1:]]
     return (sum(fields[:8]) - fields[3] - fields[4]) / CLK_TCK
+
+
+def machine_steal() -> float:
+    """
+    CPU seconds the hypervisor gave this virtual machine's CPUs to others
+    since boot (/proc/stat "steal"): when it grows during a run, the run's
+    figures measure a slower machine, whatever roller does.
+    """
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    return fields[7] / CLK_TCK if len(fields) > 7 else 0.0
 
 
 # -- figures and the report

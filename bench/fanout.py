@@ -43,6 +43,12 @@ measured under that load, and the page's p50/p99 is printed beside it.
    exchange roller's Conch negotiates) over every machine, while one
    asyncio loop in this process polls each machine's SSH port every
    second (TCP connect, 1 s timeout) until it was seen down and then up.
+   As roller does, a machine is first looked at one interval after its
+   own C{ssh ... reboot} returned (each one's command prints its host when
+   it has; a failed or timed-out connect counts as down, as for roller):
+   a poll loop started at once took a connect that timed out under the
+   load of 64 ssh processes for "down", and had machines "verified" up to
+   40 s before xargs had rebooted them.
    Wall time from the start until the last machine is seen up again.
 
 Everything listens on loopback addresses only (127.0.5.x, 127.0.9.x).
@@ -71,8 +77,8 @@ import time
 from datetime import datetime
 from typing import Any
 
-from common import (REPO, Procs, child_mode, cpu_seconds, free_port, machine_busy, percentile, report, roller_env,
-                    tail)
+from common import (REPO, Procs, child_mode, cpu_seconds, free_port, machine_busy, machine_steal, percentile, report,
+                    roller_env, tail)
 
 sys.path.insert(0, REPO)
 
@@ -336,7 +342,7 @@ def roller_run(procs: Procs, workdir: str, name: str, fleet: Fleet, args: argpar
         out["import_s"] = time.monotonic() - t
         t_import = time.monotonic()
         cpu_roller0, cpu_fleet0 = cpu_seconds(roller.pid), fleet.cpu()
-        busy0, own0 = machine_busy(), time.process_time()
+        busy0, own0, steal0 = machine_busy(), time.process_time(), machine_steal()
 
         # The sampler runs from before the first POST; it GETs the jobs created so
         # far, whose ids are appended to a file as their POSTs are answered.
@@ -414,6 +420,7 @@ def roller_run(procs: Procs, workdir: str, name: str, fleet: Fleet, args: argpar
         out["bench_cpu_s"] = own + s["cpu"] + viewers_cpu
         # CPU the rest of the machine used meanwhile (other people's work)
         out["others_cores"] = max(0.0, busy - out["roller_cpu_s"] - out["fleet_cpu_s"] - out["bench_cpu_s"]) / elapsed
+        out["steal_cores"] = (machine_steal() - steal0) / elapsed  # part of "others": the hypervisor's
         out["sampler"] = {k: v for k, v in s.items() if k != "latencies"}
         out["get_n"] = len(s["latencies"])
         out["get_p50_ms"] = 1000 * percentile(s["latencies"], 0.50)
@@ -516,20 +523,22 @@ def xargs_run(fleet: Fleet, workdir: str, args: argparse.Namespace) -> dict[str,
            "-o", "KexAlgorithms=curve25519-sha256", "-o", f"ConnectTimeout={args.connect_timeout:g}",
            "-o", "LogLevel=ERROR", "-p", str(fleet.port)]
     # ssh exits 255 when the simulated machine drops the connection as it reboots: not an error here
-    argv = ["xargs", "-P", str(args.xargs_parallel), "-I{}", "sh", "-c", " ".join(ssh) + " {} reboot || true"]
+    # each command prints its host once its ssh returned: the reboot was sent (or failed) then
+    argv = ["xargs", "-P", str(args.xargs_parallel), "-I{}", "sh", "-c",
+            " ".join(ssh) + " {} reboot; echo {}"]
     children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     self0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.monotonic()
     with open(hosts) as stdin:
-        xargs = subprocess.Popen(argv, stdin=stdin, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        xargs = subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         ended: list[float] = []
         err: list[str] = []
-        waiter = threading.Thread(target=lambda: (err.append(xargs.communicate(timeout=600)[1]),
-                                                  ended.append(time.monotonic())), daemon=True)
-        waiter.start()
+        errors = threading.Thread(target=lambda: err.append(xargs.stderr.read()), daemon=True)  # type: ignore[union-attr]
+        errors.start()
         seen = asyncio.run(_poll_all(ips, fleet.port, poll=1.0, down_timeout=args.down_timeout + 300,
-                                     up_timeout=args.up_timeout))
-        waiter.join(600)
+                                     up_timeout=args.up_timeout, sent_from=xargs.stdout, ended=ended))
+        xargs.wait(600)
+        errors.join(60)
     xargs_s = (ended[0] if ended else time.monotonic()) - t0
     children1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     self1 = resource.getrusage(resource.RUSAGE_SELF)
@@ -542,9 +551,27 @@ def xargs_run(fleet: Fleet, workdir: str, args: argparse.Namespace) -> dict[str,
     }
 
 
-async def _poll_all(ips: list[str], port: int, *, poll: float, down_timeout: float,
-                    up_timeout: float) -> dict[str, float | None]:
-    """Poll every machine at once: when (monotonic) each was seen up after having been seen down."""
+async def _poll_all(ips: list[str], port: int, *, poll: float, down_timeout: float, up_timeout: float,
+                    sent_from: Any, ended: list[float]) -> dict[str, float | None]:
+    """
+    Poll every machine at once, each from one C{poll} interval after its
+    host (C{user@ip}) was read from C{sent_from} (the reboot was sent): when
+    (monotonic) each was seen up after having been seen down.  The time
+    C{sent_from} ends is appended to C{ended}.
+    """
+    loop = asyncio.get_running_loop()
+    sent = {ip: asyncio.Event() for ip in ips}
+
+    def read_sent() -> None:
+        for line in sent_from:
+            event = sent.get(line.strip().rpartition("@")[2])
+            if event is not None:
+                loop.call_soon_threadsafe(event.set)
+        ended.append(time.monotonic())
+        for event in sent.values():  # a host never printed: xargs is over, so is its reboot
+            loop.call_soon_threadsafe(event.set)
+
+    threading.Thread(target=read_sent, daemon=True).start()
 
     async def alive(ip: str) -> bool:
         try:
@@ -555,6 +582,8 @@ async def _poll_all(ips: list[str], port: int, *, poll: float, down_timeout: flo
         return True
 
     async def one(ip: str) -> tuple[str, float | None]:
+        await sent[ip].wait()
+        await asyncio.sleep(poll)  # it was up a moment ago: the first look is one interval later
         for want, limit in ((False, down_timeout), (True, up_timeout)):
             start = time.monotonic()
             while await alive(ip) is not want:
@@ -589,7 +618,7 @@ def describe(r: dict[str, Any]) -> str:
             f"(late {r['sampler']['late']}, statuses {r['sampler']['statuses']}; slowest (s after the "
             f"first job was created, ms) {r['sampler']['slowest']}); CPU roller "
             f"{r['roller_cpu_s']:.1f} s ({1000 * r['roller_cpu_s'] / r['count']:.2f} ms per job) fleet {r['fleet_cpu_s']:.1f} s bench clients {r['bench_cpu_s']:.1f} s, "
-            f"others {r['others_cores']:.2f} cores; "
+            f"others {r['others_cores']:.2f} cores (of which stolen by the hypervisor {r.get('steal_cores', 0.0):.2f}); "
             f"roller peak RSS "
             f"{r['roller_peak_rss_mb']:.0f} MB")
 
@@ -730,8 +759,9 @@ def main() -> None:
             problems.append(f"{name} run: {results[name]['errors_in_log']} tracebacks in roller's log (--keep)")
     others = max((results[n]["others_cores"] for n in ("roller", "hung") if n in results), default=0.0)
     if others > 0.25:
-        print(f"NOTE: other processes used up to {others:.2f} of {os.cpu_count()} CPUs during the runs: "
-              "the figures are noisy (a quiet machine, or run again)")
+        steal = max((results[n].get("steal_cores", 0.0) for n in ("roller", "hung") if n in results), default=0.0)
+        print(f"NOTE: other processes used up to {others:.2f} of {os.cpu_count()} CPUs during the runs (the "
+              f"hypervisor's steal up to {steal:.2f}): the figures are noisy (a quiet machine, or run again)")
     report(problems)
 
 
