@@ -252,7 +252,9 @@ def test_kill_9_mid_batch_resumes_within_its_limits(env: Fleet) -> None:
     interrupted = [j for j in jobs if j["state"] == "interrupted"]
     assert interrupted, "nothing was running at the kill"
     retried = {j["worker_id"] for j in interrupted}
-    assert all(m["attempts"] == 2 for m in done["members"] if m["worker_id"] in retried)
+    assert all(m["attempts"] == 2 for m in done["members"] if m["worker_id"] in retried), (
+        [(m["worker_id"], m["attempts"], m["state"]) for m in done["members"] if m["worker_id"] in retried],
+        [(j["worker_id"], j["state"], j["error"]) for j in jobs if j["worker_id"] in retried])
     assert {j["state"] for j in jobs} == {"succeeded", "interrupted"}
     # over the whole run, before and after the kill (an interrupted job was in flight until the restart)
     top, by_pool = peaks(jobs, env.pool_of)

@@ -64,7 +64,7 @@ async def start(tmp_path, agents: dict[str, SnmpAgent]) -> ApiHarness:
     write_secrets(secrets_file, creds)
     s = load_settings(None, {}, {"auth.mode": "none", "server.listen": "tcp:0:interface=127.0.0.1",
                                  "state_dir": str(tmp_path / "state")})
-    s = evolve(s, secrets_file=str(secrets_file), snmp_timeout=1.0, snmp_retries=1, snmp_min_interval=0.0,
+    s = evolve(s, secrets_file=str(secrets_file), snmp_timeout=3.0, snmp_retries=1, snmp_min_interval=0.0,
                snmp_settle_timeout=5.0, snmp_reboot_timeout=5.0, snmp_poll_interval=0.03)
     service = RollerService(s, reactor)
     service.startService()
