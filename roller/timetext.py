@@ -47,16 +47,21 @@ def _split(ts: float) -> tuple[int, int] | None:
     return int(whole), us
 
 
+def _clock(secs: int) -> tuple[str, int, int, int]:
+    """(date text, hours, minutes, seconds) of whole seconds since the epoch."""
+    days, rest = divmod(secs, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return _day(days), hours, minutes, seconds
+
+
 def iso(ts: float) -> str:
     """C{ts} as ISO-8601 UTC with milliseconds: C{2026-12-06T20:03:05.123Z}."""
     parts = _split(ts)
     if parts is None:
         return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    secs, us = parts
-    days, rest = divmod(secs, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, seconds = divmod(rest, 60)
-    return f"{_day(days)}T{hours:02d}:{minutes:02d}:{seconds:02d}.{us // 1000:03d}Z"
+    day, hours, minutes, seconds = _clock(parts[0])
+    return f"{day}T{hours:02d}:{minutes:02d}:{seconds:02d}.{parts[1] // 1000:03d}Z"
 
 
 def iso_and_full(ts: float) -> tuple[str, str]:
@@ -64,12 +69,9 @@ def iso_and_full(ts: float) -> tuple[str, str]:
     parts = _split(ts)
     if parts is None:
         return iso(ts), utc_text(ts, "%Y-%m-%d %H:%M:%S UTC")
-    secs, us = parts
-    days, rest = divmod(secs, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, seconds = divmod(rest, 60)
-    day, clock = _day(days), f"{hours:02d}:{minutes:02d}:{seconds:02d}"
-    return f"{day}T{clock}.{us // 1000:03d}Z", f"{day} {clock} UTC"
+    day, hours, minutes, seconds = _clock(parts[0])
+    clock = f"{hours:02d}:{minutes:02d}:{seconds:02d}"
+    return f"{day}T{clock}.{parts[1] // 1000:03d}Z", f"{day} {clock} UTC"
 
 
 def utc_text(ts: float, fmt: str) -> str:
@@ -81,10 +83,7 @@ def utc_text(ts: float, fmt: str) -> str:
     parts = _split(ts)
     if parts is None or fmt not in _SHAPES:
         return datetime.fromtimestamp(ts, UTC).strftime(fmt)
-    days, rest = divmod(parts[0], 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, seconds = divmod(rest, 60)
-    return _SHAPES[fmt](_day(days), hours, minutes, seconds)
+    return _SHAPES[fmt](*_clock(parts[0]))
 
 
 _SHAPES = {

@@ -40,9 +40,14 @@ _DASH = '<span class="muted">—</span>'
 _PLAIN = re.compile(r"[-_.:0-9A-Za-z]*")
 
 
-def _h(text: str) -> str:
-    """HTML-escaped C{text} (the common case, plain text, costs one match)."""
-    return text if _PLAIN.fullmatch(text) else str(escape(text))
+#: characters HTML-escaping changes
+_SPECIAL = re.compile("[&<>\"']")
+
+
+def _h(value: object) -> str:
+    """C{value} HTML-escaped as a template shows it (None as "None"; plain text costs one search)."""
+    text = str(value)
+    return text if _SPECIAL.search(text) is None else str(escape(text))
 
 
 def _q(text: str) -> str:
