@@ -336,6 +336,7 @@ class LocalBackend:
         if self.queue is not None:
             await self.queue.stop("roller batch (in process) ended while the job was running")
         if self.service is not None:
+            await self.service.flush()  # the members whose jobs' ends were recorded just now
             self.service.close()
         if self.store is not None:
             await self.store.close()

@@ -403,6 +403,10 @@ class JobQueue:
     def depth(self) -> int:
         return len(self._jobs) - len(self._running)
 
+    def end_unrecorded(self, job_id: str) -> bool:
+        """Job C{job_id} ended here and its end is not written yet (L{wait} fires once it is)."""
+        return job_id in self._ended
+
     def wait(self, job_id: str) -> Deferred[Job | None]:
         """
         Fires with the job once it has reached a final state and been

@@ -566,3 +566,66 @@ def test_join_is_not_held_back_by_the_pools_limit(env):
     e.turn()
     assert e.view(view["batch_id"])["members"][0]["state"] == "running"
     assert drain(e, view["batch_id"])["state"] == "succeeded"
+
+
+def _refuse_job_ends(e: Env, monkeypatch: pytest.MonkeyPatch) -> dict[str, bool]:
+    """The database refuses to record a job's end while C{refusing['on']}."""
+    from twisted.internet.defer import fail
+    real = e.store.jobs.update
+    refusing = {"on": True}
+
+    def update(job: Any, event: Any) -> Deferred:
+        if refusing["on"] and job.state.final:
+            return fail(StorageUnavailable("locked", "the database is locked", 5))
+        return real(job, event)
+
+    monkeypatch.setattr(e.store.jobs, "update", update)
+    return refusing
+
+
+def test_a_member_end_is_not_written_before_its_jobs_end(env, monkeypatch):
+    e = env({"p1": 2})
+    bid = e.create(Selector(pool="p1"), Rollout(max_concurrent=Limit(1)))["batch_id"]
+    refusing = _refuse_job_ends(e, monkeypatch)
+    first = e.fleet.running()
+    assert len(first) == 1
+    e.fleet.finish(first[0])
+    e.turn()
+    members = e.view(bid)["members"]
+    assert [m["state"] for m in members] == ["succeeded", "running"]  # served from memory
+    stored = result_of(e.store.batches.get(bid))
+    # the second member's start is written; the first one's end waits for its job's end
+    assert [m.state for m in stored.members] == [MemberState.running, MemberState.running]
+    refusing["on"] = False
+    e.turn(10)  # the queue's retry records the job's end: then the member's
+    stored = result_of(e.store.batches.get(bid))
+    assert [m.state for m in stored.members] == [MemberState.succeeded, MemberState.running]
+    assert result_of(e.store.jobs.get(first[0])).state is State.succeeded
+    e.fleet.finish(e.fleet.running()[0])
+    e.turn()
+    stored = result_of(e.store.batches.get(bid))
+    assert stored.batch.state is BatchState.succeeded
+    assert [(m.state, m.attempts) for m in stored.members] == [(MemberState.succeeded, 1)] * 2
+
+
+def test_killed_before_a_jobs_end_is_written_its_member_runs_again_within_the_limit(env, monkeypatch):
+    e = env({"p1": 3})
+    bid = e.create(Selector(pool="p1"), Rollout(max_concurrent=Limit(1)))["batch_id"]
+    _refuse_job_ends(e, monkeypatch)
+    for _ in range(3):  # every job ends in memory; none of their ends reaches the database
+        e.clock.advance(1)
+        e.fleet.finish(e.fleet.running()[0])
+        e.turn()
+    assert e.view(bid)["state"] == "succeeded"
+    stored = result_of(e.store.batches.get(bid))
+    assert stored.batch.state is BatchState.running  # not written finished while its members' jobs are not
+    assert all(m.state is MemberState.running for m in stored.members)
+    e.service.close()
+    e.restart()  # kill -9: the jobs are interrupted, their members started once more, one at a time
+    assert len(e.fleet.running()) == 1
+    final = drain(e, bid)
+    assert final["state"] == "succeeded"
+    assert [m["attempts"] for m in final["members"]] == [2, 2, 2]
+    assert e.fleet.max_overlap() == 1
+    jobs = result_of(e.store.jobs.list(batch_id=bid, limit=100))
+    assert sorted(j.state.value for j in jobs) == ["interrupted"] * 3 + ["succeeded"] * 3

@@ -168,6 +168,10 @@ class BatchService:
         self._plan_call: IDelayedCall | None = None
         self._dirty_batches: set[str] = set()
         self._dirty_members: dict[str, set[int]] = {}
+        # a member's end is written only after its job's end is: held here until then
+        self._held_members: dict[str, set[int]] = {}  # batch id -> positions
+        self._held_batches: set[str] = set()  # finished batches with members held
+        self._awaiting: dict[str, builtins.list[tuple[str, int]]] = {}  # job id -> its held members
         self._flush_call: IDelayedCall | None = None
         self._writing: Deferred | None = None
         self._write_delay = WRITE_RETRY_FIRST
@@ -265,6 +269,8 @@ class BatchService:
                 live.wake.cancel()
             self._dirty_batches.discard(live.id)
             self._dirty_members.pop(live.id, None)
+            self._held_members.pop(live.id, None)
+            self._held_batches.discard(live.id)
             self._forget(live)
         if unfinished:
             log.warn("Let {count} unfinished batch(es) go to the other rollers: {why}", count=len(unfinished), why=why)
@@ -885,6 +891,7 @@ class BatchService:
             return
         batch_ids, self._dirty_batches = self._dirty_batches, set()
         member_keys, self._dirty_members = self._dirty_members, {}
+        self._hold_unrecorded_ends(batch_ids, member_keys)
         batches = [self._live[i].batch for i in sorted(batch_ids) if i in self._live]
         members = [self._live[i].members[p] for i, ps in member_keys.items() if i in self._live for p in sorted(ps)]
         if not batches and not members:
@@ -919,6 +926,52 @@ class BatchService:
                     and live.id not in self._dirty_batches and not self._dirty_members.get(live.id):
                 self._forget(live)
         if self._dirty_batches or self._dirty_members:
+            self._schedule_write()
+
+    def _hold_unrecorded_ends(self, batch_ids: set[str], member_keys: dict[str, set[int]]) -> None:
+        """
+        Take out of this write the members that ended with a job whose end
+        the queue has not recorded yet, and the finished batches they belong
+        to; they are written once it is.  Killed in between, roller finds
+        the member still in flight and its job interrupted, and starts it
+        once more, as for any member running at a kill: never a member
+        recorded as ended beside a job that was not (its in-flight count
+        after a restart or a takeover would be short of what ran).
+        """
+        for batch_id, positions in member_keys.items():
+            live = self._live.get(batch_id)
+            if live is None:
+                continue
+            for pos in list(positions):
+                m = live.members[pos]
+                if m.state.final and m.job_id is not None and self.queue.end_unrecorded(m.job_id):
+                    positions.discard(pos)
+                    self._held_members.setdefault(batch_id, set()).add(pos)
+                    waiting = self._awaiting.setdefault(m.job_id, [])
+                    waiting.append((batch_id, pos))
+                    if len(waiting) == 1:
+                        self.queue.wait(m.job_id).addBoth(self._end_recorded, m.job_id)
+        for batch_id in list(batch_ids):
+            live = self._live.get(batch_id)
+            if batch_id in self._held_members and live is not None and live.batch.finished_at is not None:
+                batch_ids.discard(batch_id)
+                self._held_batches.add(batch_id)
+
+    def _end_recorded(self, result: Any, job_id: str) -> None:
+        """A held member's job end is written (or given up at shutdown: the member stays unwritten)."""
+        for batch_id, pos in self._awaiting.pop(job_id, []):
+            held = self._held_members.get(batch_id)
+            if held is None or pos not in held:
+                continue
+            held.discard(pos)
+            if not held:
+                del self._held_members[batch_id]
+            if isinstance(result, Failure) or batch_id not in self._live:
+                continue
+            self._dirty_members.setdefault(batch_id, set()).add(pos)
+            if batch_id not in self._held_members and batch_id in self._held_batches:
+                self._held_batches.discard(batch_id)
+                self._dirty_batches.add(batch_id)
             self._schedule_write()
 
     def _forget(self, live: _Live) -> None:
