@@ -236,10 +236,31 @@ def test_first_down_look_is_one_interval_after_the_reboot_was_sent():
     host = Host(clock, down_after=2.0, up_after=5.0)
     ctx, _ = context(clock, host, reboot_methods=("ssh_reboot",))
     d = start(ctx)
-    assert host.checks == [0.0]  # only the look before the reboot (was it down already?)
+    assert host.checks == []  # no look before it either: the host ran the command, so it was up
     clock.pump([1.0] * 10)
     assert outcome(d).startswith("ssh_reboot: ssh reboot sent")
-    assert host.checks == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
+    assert host.checks == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
+
+
+def test_a_power_method_looks_first_and_a_host_already_down_only_has_to_come_up(monkeypatch):
+    clock = Clock()
+    host = Host(clock, down_after=0.0, up_after=6.0)
+    host.alive = False  # dead before anything was sent
+
+    async def power_on(ctx):
+        clock.callLater(6.0, setattr, host, "alive", True)
+        return "chassis power on sent"
+
+    monkeypatch.setitem(reboot.METHODS, "ipmi_cycle", reboot.Method("ipmi_cycle", lambda machine: None, power_on))
+    ctx, events = context(clock, host, reboot_methods=("ipmi_cycle",))
+    d = start(ctx)
+    assert host.checks == [0.0, 0.0]  # the look before (was it down already?), then for up at once
+    clock.pump([1.0] * 10)
+    assert outcome(d) == "ipmi_cycle: chassis power on sent. Completed in 6 seconds"
+    messages = [m for m, _ in events]
+    assert "ipmi_cycle: starting (the host is down now)" in messages
+    assert "ipmi_cycle succeeded: up after 6 s (it was down before)" in messages
+    assert not any("waiting for down" in m for m in messages)
 
 
 def reboot_once(clock: Clock, worker_id: str, up_after: float, machine: Machine | None = None):
@@ -260,15 +281,15 @@ def test_machines_of_a_kind_are_not_polled_while_they_cannot_be_back_yet():
     clock = Clock()
     for i, up_after in enumerate((30.0, 20.0, 40.0)):
         host, messages = reboot_once(clock, f"w{i}", up_after)
-        ups = [t for t in host.checks if t >= host.checks[2]]  # from the look that saw it down
+        ups = [t for t in host.checks if t >= host.checks[1]]  # from the look that saw it down
         assert len(ups) == up_after + 1  # polled every second
         assert f"up after {up_after:.0f} s" in messages
     host, messages = reboot_once(clock, "w3", 30.0)
     assert "down after 2 s; waiting for up (up to 300 s; first look after 10 s: machines like it took 20 s or more " \
            "lately)" in messages
     assert "up after 30 s" in messages  # as soon as before
-    seen_down = host.checks[2]
-    looks = [t - seen_down for t in host.checks[3:]]
+    seen_down = host.checks[1]
+    looks = [t - seen_down for t in host.checks[2:]]
     assert looks == [float(s) for s in range(10, 31)]  # 21 looks instead of 31
 
 
@@ -287,7 +308,7 @@ def test_other_kinds_still_polled_every_interval():
     pooled = Machine.from_json({"worker_id": "p1", "worker_group": "g", "ip": "127.0.0.9", "pool": "other",
                                 "ssh": {"user": "u", "port": 2222}})
     host, messages = reboot_once(clock, "p1", 30.0, machine=pooled)
-    assert len([t for t in host.checks if t >= host.checks[2]]) == 31
+    assert len([t for t in host.checks if t >= host.checks[1]]) == 31
     assert not any("first look" in m for m in messages)
     # a fresh clock (another process) has learnt nothing
     host, messages = reboot_once(Clock(), "w9", 30.0)

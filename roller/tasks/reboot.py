@@ -35,10 +35,12 @@ class Method:
     name: str
     not_applicable: Callable[[Machine], str | None]
     initiate: Callable[[TaskContext], Awaitable[str]]
+    #: initiating it proves the host was up (it ran the command): no liveness look before it
+    proves_up: bool = False
 
 
 METHODS: dict[str, Method] = {
-    "ssh_reboot": Method("ssh_reboot", ssh_reboot.not_applicable, ssh_reboot.initiate),
+    "ssh_reboot": Method("ssh_reboot", ssh_reboot.not_applicable, ssh_reboot.initiate, proves_up=True),
     "ipmi_reset": Method("ipmi_reset", ipmi_task.not_applicable, ipmi_task.initiate_reset),
     "ipmi_cycle": Method("ipmi_cycle", ipmi_task.not_applicable, ipmi_task.initiate_cycle),
     "snmp_reboot": Method("snmp_reboot", pdu_task.not_applicable, pdu_task.initiate),
@@ -101,8 +103,9 @@ async def run(ctx: TaskContext, params: Mapping[str, Any]) -> str:
         if reason:
             record(Attempt(name, "skipped", reason))
             continue
-        # a machine that is down already (dead, powered off) only has to come back up
-        was_down = not await is_alive(checker, address)
+        # a machine that is down already (dead, powered off) only has to come back up; one
+        # that ran the command was up (a down one fails the attempt: the next method looks)
+        was_down = False if method.proves_up else not await is_alive(checker, address)
         ctx.log(f"{name}: starting" + (" (the host is down now)" if was_down else ""), method=name, step="initiate")
         try:
             detail = await method.initiate(ctx)
