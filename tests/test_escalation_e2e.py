@@ -25,7 +25,7 @@ BASE = "127.0.6."
 
 
 async def _start(tmp_path: Any, *, ipmi: tuple[int, ...], redfish: tuple[int, ...], count: int) -> ApiHarness:
-    fleet = Fleet(reactor, count, BASE, free_port(BASE + "1"), reboot_delay=0.1, down_for=0.6,
+    fleet = Fleet(reactor, count, BASE, free_port(BASE + "1"), reboot_delay=0.1, down_for=1.5,
                   behaviour="refuse-reboot", ipmi=ipmi, redfish=redfish, bmc_dir=tmp_path / "bmc")
     await fleet.start()
     return await start_roller(

@@ -26,7 +26,7 @@ POLICY = {"name": "revive", "pools": ["sim"], "when": ["down"], "after": 0, "do"
 
 
 async def _start(tmp_path: Any, count: int, **settings: Any) -> ApiHarness:
-    fleet = Fleet(reactor, count, BASE, free_port(BASE + "1"), reboot_delay=0.1, down_for=0.6,
+    fleet = Fleet(reactor, count, BASE, free_port(BASE + "1"), reboot_delay=0.1, down_for=1.5,
                   redfish=tuple(range(count)), bmc_dir=tmp_path / "bmc")
     await fleet.start()
     options = dict(health_sweep_interval=0.25, health_down_after=2, health_probe_timeout=0.5, health_tick=0.1,
@@ -197,7 +197,7 @@ async def test_taskcluster_fitness_findings_and_nothing_acts_while_it_is_down(tm
     tc.add_runs(pool, "sim", "sim-001", ["failed", "completed"] * 4 + ["failed", "failed"])  # 6 of 10 failed
     tc.add_runs(pool, "sim", "sim-002", ["completed"] * 10)
     tc.down = True  # Taskcluster is down from the start
-    fleet = Fleet(reactor, 2, BASE, free_port(BASE + "1"), reboot_delay=0.1, down_for=0.6)
+    fleet = Fleet(reactor, 2, BASE, free_port(BASE + "1"), reboot_delay=0.1, down_for=1.5)
     await fleet.start()
     h = await start_roller(
         tmp_path, fleet, reactor,

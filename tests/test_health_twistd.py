@@ -129,7 +129,7 @@ class Roller:
 
 
 async def _setup(tmp_path: Path, count: int) -> tuple[Roller, Fleet, FakeTaskclusterQueue, Any]:
-    fleet = Fleet(reactor, count, BASE, free_port(BASE + "1"), reboot_delay=0.1, down_for=0.6,
+    fleet = Fleet(reactor, count, BASE, free_port(BASE + "1"), reboot_delay=0.1, down_for=1.5,
                   redfish=tuple(range(count)), bmc_dir=tmp_path / "bmc")
     await fleet.start()
     tc = FakeTaskclusterQueue(clients={TC_CLIENT: TC_TOKEN})

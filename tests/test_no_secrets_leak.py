@@ -160,7 +160,7 @@ async def _run(tmp_path, log: list[str]) -> None:
         "bugzilla api key": rnd("bzkey-", 16),
         "webhook secret": rnd("hooksecret-", 16),
     }
-    fleet = Fleet(reactor, 3, BASE, free_port(BASE + "1"), reboot_delay=0.05, down_for=0.3,
+    fleet = Fleet(reactor, 3, BASE, free_port(BASE + "1"), reboot_delay=0.05, down_for=1.0,
                   ipmi=(0, 1), redfish=(0, 1), bmc_password=secrets["bmc password"], bmc_dir=tmp_path / "bmc")
     key_path = tmp_path / "fleet_key_encrypted"
     key_path.write_bytes(fleet.user_key.toString("openssh", subtype="v1",

@@ -25,7 +25,7 @@ from roller.testing.harness import ApiHarness, free_port, start_roller
 async def start(tmp_path, count: int, overrides: dict | None = None, extra_credentials: dict | None = None,
                 **settings: Any) -> ApiHarness:
     base = "127.0.4."
-    fleet = Fleet(reactor, count, base, free_port(base + "1"), reboot_delay=0.1, down_for=0.6,
+    fleet = Fleet(reactor, count, base, free_port(base + "1"), reboot_delay=0.1, down_for=1.5,
                   overrides=overrides)
     await fleet.start()
     return await start_roller(tmp_path, fleet, reactor, credentials=extra_credentials or {}, **settings)
@@ -118,7 +118,8 @@ async def test_many_machines_rebooted_at_once(tmp_path):
     try:
         ids = [(await h.post(f"sim-{n:03d}"))["task_id"] for n in range(1, count + 1)]
         jobs = [await h.wait(i) for i in ids]
-        assert [j["state"] for j in jobs] == ["succeeded"] * count
+        assert [j["state"] for j in jobs] == ["succeeded"] * count, [
+            (j["worker_id"], j["error"]) for j in jobs if j["state"] != "succeeded"]
         assert all([e for _, e in m.power.transitions()] == ["down", "up"] for m in h.fleet.machines)
     finally:
         await stop(h)

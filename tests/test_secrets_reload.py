@@ -186,7 +186,7 @@ async def test_every_credential_kind_follows_the_secrets_file_on_reload(tmp_path
             "bugzilla": "bz-" + os.urandom(12).hex()}
     bad = {"bmc": "bad-" + os.urandom(5).hex(), "community": "guess-" + os.urandom(6).hex(),
            "bugzilla": "bzbad-" + os.urandom(12).hex()}
-    fleet = Fleet(reactor, 1, BASE, free_port(BASE + "1"), reboot_delay=0.05, down_for=0.2,
+    fleet = Fleet(reactor, 1, BASE, free_port(BASE + "1"), reboot_delay=0.05, down_for=1.0,
                   ipmi=(0,), redfish=(0,), bmc_password=good["bmc"], bmc_dir=tmp_path / "bmc")
     await fleet.start()
     pdu = SimulatedPdu(reactor, "sentry3", community=good["community"], name="pdu1")

@@ -66,7 +66,7 @@ async def start(tmp_path, machines: list[dict]) -> Harness:
     """
     base = "127.0.7."
     overrides = {i: m["fleet"] for i, m in enumerate(machines) if "fleet" in m}
-    fleet = Fleet(reactor, len(machines), base, free_port(base + "1"), reboot_delay=0.05, down_for=0.3,
+    fleet = Fleet(reactor, len(machines), base, free_port(base + "1"), reboot_delay=0.05, down_for=1.0,
                   overrides=overrides)
     await fleet.start()
     rw, ro = "rw-" + os.urandom(6).hex(), "ro-" + os.urandom(6).hex()

@@ -262,7 +262,7 @@ def test_twistd_roller_refuses_an_unreachable_server_in_one_line(tmp_path: Path)
     roller = RollerProcess(["--auth", "none"], state_dir=tmp_path / "state",
                            env=_env(f"postgresql://roller@127.0.0.1:{port}/nothing"))
     with pytest.raises(RollerStartError, match="roller exited with status 2 before answering"):
-        roller.start(timeout=15)
+        roller.start(timeout=60)
     text = roller.log_text()
     roller.close()
     assert f"cannot connect to the database postgresql://roller@127.0.0.1:{port}/nothing" in text, text
@@ -327,7 +327,7 @@ def test_the_password_from_the_secrets_file_logs_in_and_never_shows(postgres_ser
         write_secrets(secrets, {"roller-db": Credential(name="roller-db", kind="password", username="ignored",
                                                         password="not-the-password")})
         with pytest.raises(RollerStartError):
-            roller.start(timeout=15)
+            roller.start(timeout=60)
         text = roller.log_text()
         assert f"cannot connect to the database {app_url}" in text and "password authentication failed" in text
         assert password not in text and "not-the-password" not in text and "Traceback" not in text, text

@@ -149,7 +149,7 @@ def db_states(db_path: str | os.PathLike) -> dict[str, str]:
         con.close()
 
 
-def read_until(stream: Any, marker: str, timeout: float = 15.0) -> str:
+def read_until(stream: Any, marker: str, timeout: float = 60.0) -> str:
     """
     The lines of a child's text C{stream} up to the first holding C{marker}
     (or its end, or C{timeout} seconds): all of them, for the caller to
@@ -300,7 +300,7 @@ class RollerProcess:
 
     # -- lifecycle
 
-    def start(self, timeout: float = 15.0) -> RollerProcess:
+    def start(self, timeout: float = 60.0) -> RollerProcess:
         """
         Start it and wait until C{/__lbheartbeat__} answers 200.  If the
         port was picked here and someone took it meanwhile, pick another.

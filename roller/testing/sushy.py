@@ -263,7 +263,7 @@ class SushyEmulator(DaemonProcess):
             systems=repr(self.systems),
             extra="\n".join(extra), delay_file=str(self.delay_file)))
 
-    def start(self, timeout: float = 15.0) -> SushyEmulator:
+    def start(self, timeout: float = 60.0) -> SushyEmulator:
         if self.executable is None:
             raise SushyStartError("sushy-emulator is not installed (pip install sushy-tools)")
         if self.running:
