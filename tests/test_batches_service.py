@@ -14,7 +14,7 @@ from roller.batches.model import BatchRequest, BatchState, Limit, MemberState, R
 from roller.batches.service import BatchService
 from roller.errors import BadRequest, Conflict, NotFound
 from roller.inventory import Machine
-from roller.jobs import State
+from roller.jobs import JobEvent, State
 from roller.queue import JobQueue, QueueLimits
 from roller.store import AuditEntry, StorageUnavailable
 from roller.store.loans import Loan
@@ -629,3 +629,51 @@ def test_killed_before_a_jobs_end_is_written_its_member_runs_again_within_the_li
     assert e.fleet.max_overlap() == 1
     jobs = result_of(e.store.jobs.list(batch_id=bid, limit=100))
     assert sorted(j.state.value for j in jobs) == ["interrupted"] * 3 + ["succeeded"] * 3
+
+
+def test_a_late_event_of_a_members_interrupted_job_does_not_end_its_retry(env):
+    # several rollers: the survivor marks a dead roller's jobs interrupted, and their events reach it by the
+    # relay, possibly after it adopted the batch, while the member waits to be started once more
+    e = env({"p1": 2})
+    bid = e.create(Selector(pool="p1"), Rollout(pause_between=60.0))["batch_id"]
+    (first,) = e.fleet.running()
+    e.turn(1)
+    e.service.close()
+    e.restart()  # interrupted, pending again: waits out the pause after the last start
+    old = result_of(e.store.jobs.get(first))
+    assert old.state is State.interrupted and e.fleet.running() == []
+    assert [m["state"] for m in e.view(bid)["members"]] == ["pending", "pending"]
+    e.queue.relay(old, JobEvent(old.id, old.finished_at, "state", "interrupted: roller left",
+                                {"state": "interrupted"}))
+    e.turn()
+    m0 = e.view(bid)["members"][0]
+    assert (m0["state"], m0["task_id"], m0["attempts"]) == ("pending", None, 1)
+    e.turn(60)
+    (retry,) = e.fleet.running()
+    assert e.fleet.machine_of[retry] == e.fleet.machine_of[first]
+    m0 = e.view(bid)["members"][0]
+    assert (m0["state"], m0["task_id"], m0["attempts"]) == ("running", retry, 2)
+    e.fleet.finish(retry)
+    e.turn(60)
+    final = drain(e, bid)
+    assert final["state"] == "succeeded", final["members"]
+    assert [m["attempts"] for m in final["members"]] == [2, 1]
+
+
+def test_a_member_pending_again_after_an_interruption_is_started_once_more_after_a_restart(env):
+    # killed after the member's "pending again" was written and before its second job was: not a second
+    # interruption (its interrupted job is not taken for a job whose member write was lost)
+    e = env({"p1": 1})
+    bid = e.create(Selector(pool="p1"))["batch_id"]
+    (first,) = e.fleet.running()
+    e.service.close()
+    result_of(e.store.db.write(lambda c: c.execute(
+        "UPDATE batch_members SET state = 'pending', job_id = NULL, attempts = 1 WHERE batch_id = ?", (bid,))))
+    e.restart()
+    (second,) = e.fleet.running()
+    assert second != first
+    assert result_of(e.store.jobs.get(first)).state is State.interrupted
+    m0 = e.view(bid)["members"][0]
+    assert (m0["state"], m0["task_id"], m0["attempts"]) == ("running", second, 2)
+    final = drain(e, bid)
+    assert final["state"] == "succeeded" and final["members"][0]["attempts"] == 2

@@ -130,6 +130,7 @@ class _Live:
     inflight_by_pool: Counter[str] = field(factory=Counter)
     starting: set[int] = field(factory=set)  # positions whose submit is under way
     job_ids: set[str] = field(factory=set)  # the members' current jobs
+    retired: set[str] = field(factory=set)  # jobs members were done with (interrupted, started once more)
     failures: int = 0
     ended: int = 0  # members in a final state
     last_start: float | None = None
@@ -298,11 +299,15 @@ class BatchService:
             await self._write()
 
     def close(self) -> None:
-        """Stop following the queue (after it stopped)."""
+        """Stop following the queue (after it stopped); nothing more is started or written from here."""
+        self._running = False
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
-        for call in (self._flush_call, self._notify_call, self._plan_call):
+        if self._adopt_loop is not None and self._adopt_loop.running:
+            self._adopt_loop.stop()
+        calls = [self._flush_call, self._notify_call, self._plan_call, *(live.wake for live in self._live.values())]
+        for call in calls:
             if call is not None and call.active():
                 call.cancel()
 
@@ -535,9 +540,10 @@ class BatchService:
         for m in list(live.members):
             jobs = own.get((live.id, m.key), [])
             newest = jobs[-1] if jobs else None
-            known = {j.id: j for j in jobs}
+            # each job of the member is one of its attempts: a job more than its attempts (or one still to
+            # end) is one whose member write was lost; an interrupted job it is pending again after is not
             if newest is not None and newest.id != m.job_id and (
-                    m.job_id is None or m.job_id not in known or (known[m.job_id].seq or 0) < (newest.seq or 0)):
+                    len(jobs) > m.attempts or not newest.state.final):
                 log.info("Batch {batch_id}: adopting job {job_id} of {group}/{worker} (its member was not "
                          "recorded before roller stopped)", batch_id=live.id, job_id=newest.id,
                          group=m.worker_group, worker=m.worker_id)
@@ -546,6 +552,7 @@ class BatchService:
                 self._attach(live, m.position, newest, joined=False, attempts=m.attempts + 1,
                              started_at=newest.created_at)
                 m = live.members[m.position]
+            live.retired.update(j.id for j in jobs if j.id != m.job_id)
             if m.job_id is None or m.state.final:
                 continue
             job = self.queue.active(m.job_id)
@@ -709,6 +716,7 @@ class BatchService:
             # roller stopped under it: started once more (after the restart, if it is stopping)
             self._unmap(job.id, live.id, pos)
             live.job_ids.discard(job.id)
+            live.retired.add(job.id)  # its events, relayed late from another roller, are not the retry's
             self._remove_inflight(live, pos)
             self._set_member(live, pos, state=MemberState.pending, job_id=None, error=job.error)
             self._repend(live, pos)
@@ -833,7 +841,7 @@ class BatchService:
         if job.batch_id is not None:
             live = self._live.get(job.batch_id)
             pos = live.by_key.get(job.machine_key) if live is not None else None
-            if live is not None and pos is not None and (live.id, pos) not in targets:
+            if live is not None and pos is not None and (live.id, pos) not in targets and job.id not in live.retired:
                 m = live.members[pos]
                 if not m.state.final and (pos in live.starting or m.job_id is None):
                     # its submit has not returned yet: the job is the member's
