@@ -117,6 +117,32 @@ def test_faults_map_to_storage_unavailable() -> None:
     assert storage_fault(errors.UniqueViolation("duplicate key")) is None  # a bug or a conflict, not the storage
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_heartbeat_is_not_held_behind_a_write_waiting_on_a_lock(postgres_server: PostgresServer) -> None:
+    # under load, a roller's writes can wait on the other rollers' locks (or a deadlock's detection): its
+    # heartbeat, queued behind them, went silent and the others took it over while it ran its jobs
+    import psycopg
+
+    from roller.cluster import sql as cluster_sql
+
+    url = postgres_server.create_database()
+    store = await open_store(url, _reactor())
+    try:
+        await store.db.write(cluster_sql.register, "r1", "host-a", 1, ())
+        before = pg_rows(url, "SELECT heartbeat FROM rollers WHERE id = ?", "r1")[0][0]
+        with psycopg.connect(url) as other:
+            other.execute("LOCK TABLE loans IN ACCESS EXCLUSIVE MODE")  # held until this block commits
+            waiting = store.db.write(lambda c: c.execute("SELECT count(*) FROM loans").fetchone()[0])
+            # (queued behind the write, it would never answer while the lock is held: fail, not hang)
+            renewed = await store.db.beat(cluster_sql.heartbeat, "r1").addTimeout(60, _reactor())
+            assert renewed is True and not waiting.called  # the write still waits on the lock
+            after = pg_rows(url, "SELECT heartbeat FROM rollers WHERE id = ?", "r1")[0][0]
+            assert after > before
+        assert await waiting == 0  # the lock released: the write goes through
+    finally:
+        await store.close()
+
+
 # -- the store on a server that goes away and comes back
 
 

@@ -211,7 +211,7 @@ class ClusterNode:
     async def _heartbeat(self) -> None:
         now = self._clock.seconds()
         try:
-            if not await self._db.write(sql.heartbeat, self.id):
+            if not await self._db.beat(sql.heartbeat, self.id):  # not queued behind writes waiting on locks
                 log.error("Another roller took this one ({id}) over (no heartbeat for {after:g} s): its running jobs "
                           "were marked interrupted; stopping them here and joining again", id=self.id,
                           after=self.takeover_after)
