@@ -260,5 +260,7 @@ def test_kill_9_mid_batch_resumes_within_its_limits(env: Fleet) -> None:
     assert {j["state"] for j in jobs} == {"succeeded", "interrupted"}
     # over the whole run, before and after the kill (an interrupted job was in flight until the restart)
     top, by_pool = peaks(jobs, env.pool_of)
-    assert top <= 5 and by_pool["gamma"] <= 8 and by_pool["delta"] <= 2, (top, by_pool)
+    spans = sorted((j["created"], j["finished"], j["worker_id"], j["state"]) for j in jobs)
+    assert top <= 5 and by_pool["gamma"] <= 8 and by_pool["delta"] <= 2, (top, by_pool, spans, [
+        line for line in env.roller.log_text().splitlines() if "roller.access" not in line][-80:])
     assert "resumed" in env.roller.log_text()

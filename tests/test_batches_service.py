@@ -583,7 +583,7 @@ def _refuse_job_ends(e: Env, monkeypatch: pytest.MonkeyPatch) -> dict[str, bool]
     return refusing
 
 
-def test_a_member_end_is_not_written_before_its_jobs_end(env, monkeypatch):
+def test_a_member_end_and_its_slot_wait_for_its_jobs_end_to_be_recorded(env, monkeypatch):
     e = env({"p1": 2})
     bid = e.create(Selector(pool="p1"), Rollout(max_concurrent=Limit(1)))["batch_id"]
     refusing = _refuse_job_ends(e, monkeypatch)
@@ -592,43 +592,50 @@ def test_a_member_end_is_not_written_before_its_jobs_end(env, monkeypatch):
     e.fleet.finish(first[0])
     e.turn()
     members = e.view(bid)["members"]
-    assert [m["state"] for m in members] == ["succeeded", "running"]  # served from memory
+    assert [m["state"] for m in members] == ["succeeded", "pending"]  # served from memory
+    assert e.fleet.running() == []  # the slot is still the first's: its job reads running in the database
     stored = result_of(e.store.batches.get(bid))
-    # the second member's start is written; the first one's end waits for its job's end
-    assert [m.state for m in stored.members] == [MemberState.running, MemberState.running]
+    assert [m.state for m in stored.members] == [MemberState.running, MemberState.pending]
     refusing["on"] = False
-    e.turn(10)  # the queue's retry records the job's end: then the member's
+    e.turn(10)  # the queue's retry records the job's end: then the member's, and the next one starts
     stored = result_of(e.store.batches.get(bid))
     assert [m.state for m in stored.members] == [MemberState.succeeded, MemberState.running]
     assert result_of(e.store.jobs.get(first[0])).state is State.succeeded
-    e.fleet.finish(e.fleet.running()[0])
+    (second,) = e.fleet.running()
+    e.fleet.finish(second)
     e.turn()
     stored = result_of(e.store.batches.get(bid))
     assert stored.batch.state is BatchState.succeeded
     assert [(m.state, m.attempts) for m in stored.members] == [(MemberState.succeeded, 1)] * 2
+    # what the database recorded never had two jobs in flight at once
+    jobs = sorted(result_of(e.store.jobs.list(batch_id=bid, limit=100)), key=lambda j: j.created_at)
+    assert jobs[0].finished_at <= jobs[1].created_at
 
 
 def test_killed_before_a_jobs_end_is_written_its_member_runs_again_within_the_limit(env, monkeypatch):
     e = env({"p1": 3})
     bid = e.create(Selector(pool="p1"), Rollout(max_concurrent=Limit(1)))["batch_id"]
     _refuse_job_ends(e, monkeypatch)
-    for _ in range(3):  # every job ends in memory; none of their ends reaches the database
-        e.clock.advance(1)
-        e.fleet.finish(e.fleet.running()[0])
-        e.turn()
-    assert e.view(bid)["state"] == "succeeded"
+    (first,) = e.fleet.running()
+    e.clock.advance(1)
+    e.fleet.finish(first)  # ends in memory; its end never reaches the database
+    e.turn(30)
+    assert e.view(bid)["counts"]["succeeded"] == 1
+    assert e.fleet.running() == []  # nothing starts beside a job recorded as running
     stored = result_of(e.store.batches.get(bid))
-    assert stored.batch.state is BatchState.running  # not written finished while its members' jobs are not
-    assert all(m.state is MemberState.running for m in stored.members)
+    assert stored.batch.state is BatchState.running
+    assert [m.state for m in stored.members] == [MemberState.running, MemberState.pending, MemberState.pending]
     e.service.close()
-    e.restart()  # kill -9: the jobs are interrupted, their members started once more, one at a time
+    e.restart()  # kill -9: the job is interrupted, its member started once more, one at a time
     assert len(e.fleet.running()) == 1
     final = drain(e, bid)
     assert final["state"] == "succeeded"
-    assert [m["attempts"] for m in final["members"]] == [2, 2, 2]
+    assert [m["attempts"] for m in final["members"]] == [2, 1, 1]
     assert e.fleet.max_overlap() == 1
-    jobs = result_of(e.store.jobs.list(batch_id=bid, limit=100))
-    assert sorted(j.state.value for j in jobs) == ["interrupted"] * 3 + ["succeeded"] * 3
+    jobs = sorted(result_of(e.store.jobs.list(batch_id=bid, limit=100)), key=lambda j: j.created_at)
+    assert [j.state.value for j in jobs] == ["interrupted"] + ["succeeded"] * 3
+    for before, after in zip(jobs, jobs[1:], strict=False):  # as recorded: one at a time
+        assert before.finished_at <= after.created_at, (before, after)
 
 
 def test_a_late_event_of_a_members_interrupted_job_does_not_end_its_retry(env):

@@ -730,7 +730,10 @@ class BatchService:
             return
         if m.state is MemberState.pending:
             self._unpend(live, pos)
-        self._remove_inflight(live, pos)
+        if m.job_id is not None and self.queue.end_unrecorded(m.job_id):
+            self._release_when_recorded(live, pos, m.job_id)
+        else:
+            self._remove_inflight(live, pos)
         self._set_member(live, pos, state=state, finished_at=now, error=error)
         live.ended += 1
         if state.failure:
@@ -740,6 +743,23 @@ class BatchService:
                 self._halt(live)
         self._check_end(live)
         self._plan_soon(live.id)
+
+    def _release_when_recorded(self, live: _Live, pos: int, job_id: str) -> None:
+        """
+        The member's slot is given back once its job's end is recorded, not
+        when it is announced: killed in between, the job reads as running
+        until the restart interrupts it, and no other member may have been
+        started beside it past the limits (the recorded history never shows
+        more in flight than the rollout allows).  A refused write keeps the
+        slot until the queue's retry gets it through.
+        """
+        def recorded(result: Any) -> None:
+            if isinstance(result, Failure) or self._live.get(live.id) is not live:
+                return  # given up at shutdown (nothing more starts), or no longer driven here
+            self._remove_inflight(live, pos)
+            self._plan_soon(live.id)
+
+        self.queue.wait(job_id).addBoth(recorded)
 
     def _halt(self, live: _Live) -> None:
         last = live.last_failure
