@@ -256,7 +256,9 @@ def test_kill_9_mid_batch_resumes_within_its_limits(env: Fleet) -> None:
     retried = {j["worker_id"] for j in interrupted}
     assert all(m["attempts"] == 2 for m in done["members"] if m["worker_id"] in retried), (
         [(m["worker_id"], m["attempts"], m["state"]) for m in done["members"] if m["worker_id"] in retried],
-        [(j["worker_id"], j["state"], j["error"]) for j in jobs if j["worker_id"] in retried])
+        [(j["worker_id"], j["state"], j["created"], j["finished"]) for j in jobs if j["worker_id"] in retried],
+        [line for line in env.roller.log_text().splitlines() if "roller.access" not in line
+         and "roller.drivers" not in line][-150:])
     assert {j["state"] for j in jobs} == {"succeeded", "interrupted"}
     # over the whole run, before and after the kill (an interrupted job was in flight until the restart)
     top, by_pool = peaks(jobs, env.pool_of)
