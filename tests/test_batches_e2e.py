@@ -257,12 +257,11 @@ def test_kill_9_mid_batch_resumes_within_its_limits(env: Fleet) -> None:
     assert all(m["attempts"] == 2 for m in done["members"] if m["worker_id"] in retried), (
         [(m["worker_id"], m["attempts"], m["state"]) for m in done["members"] if m["worker_id"] in retried],
         [(j["worker_id"], j["state"], j["created"], j["finished"]) for j in jobs if j["worker_id"] in retried],
-        [line for line in env.roller.log_text().splitlines() if "roller.access" not in line
-         and "roller.drivers" not in line][-150:])
+        env.roller.log_events(150, without=("[roller.access#", "[roller.drivers.")))
     assert {j["state"] for j in jobs} == {"succeeded", "interrupted"}
     # over the whole run, before and after the kill (an interrupted job was in flight until the restart)
     top, by_pool = peaks(jobs, env.pool_of)
     spans = sorted((j["created"], j["finished"], j["worker_id"], j["state"]) for j in jobs)
-    assert top <= 5 and by_pool["gamma"] <= 8 and by_pool["delta"] <= 2, (top, by_pool, spans, [
-        line for line in env.roller.log_text().splitlines() if "roller.access" not in line][-80:])
+    assert top <= 5 and by_pool["gamma"] <= 8 and by_pool["delta"] <= 2, (top, by_pool, spans,
+                                                                         env.roller.log_events())
     assert "resumed" in env.roller.log_text()

@@ -179,12 +179,6 @@ BATCH = 12
 LIMIT = 3
 
 
-def _events(roller: RollerProcess, lines: int = 80) -> str:
-    """The end of roller's log without its access lines (what it did, not who asked)."""
-    kept = [line for line in roller.log_text().splitlines() if "[roller.access#" not in line]
-    return "\n".join(kept[-lines:])
-
-
 @pytest.mark.skipif(ping_skip_reason() is not None, reason=ping_skip_reason() or "")
 @pytest.mark.parametrize("end", ["kill", "stop"])
 def test_a_batch_created_on_a_killed_roller_is_finished_by_the_survivor_within_its_limits(
@@ -227,7 +221,7 @@ def test_a_batch_created_on_a_killed_roller_is_finished_by_the_survivor_within_i
         odd = [(m["worker_id"], m["state"], m.get("attempts"), m.get("error")) for m in final["members"]
                if m["state"] != "succeeded"]
         assert final["state"] == "succeeded" and not odd, (final["state"], final.get("halt_reason"), odd,
-                                                            _events(b), _events(a))
+                                                            b.log_events(), a.log_events())
         assert pg_rows(url, "SELECT owner FROM batches WHERE id = ?", batch_id)[0][0].startswith("host-b/")
         log = b.log_text()
         assert "adopted from a roller that left" in log, b.log_tail(60)

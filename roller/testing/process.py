@@ -429,6 +429,11 @@ class RollerProcess:
         return f"---- last lines of roller's log ({self.log_path}):\n" + "\n".join(
             self.log_text().splitlines()[-lines:])
 
+    def log_events(self, lines: int = 80, without: tuple[str, ...] = ("[roller.access#",)) -> str:
+        """The end of roller's log without the lines naming any of C{without} (by default: who asked)."""
+        kept = [line for line in self.log_text().splitlines() if not any(w in line for w in without)]
+        return "\n".join(kept[-lines:])
+
     # -- HTTP
 
     def request(self, method: str, path: str, body: Any = None,
